@@ -1,0 +1,10 @@
+//! Flotilla's node agent: one process hosting tens of thousands of WASI sandboxes.
+//!
+//! Data flows one way: a [`WorkloadSpec`](flotilla_proto::agent::v1::WorkloadSpec) (from a static
+//! manifest, the admin API or the control plane) goes to the [`supervisor`], which prepares it
+//! through the [`runtime`] and keeps the desired number of sandboxes running, restarting them by
+//! their policy and publishing their status.
+
+pub mod metrics;
+pub mod runtime;
+pub mod supervisor;

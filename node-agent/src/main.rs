@@ -1,0 +1,2 @@
+//! The `flotilla-node-agent` binary (being filled in).
+fn main() {}

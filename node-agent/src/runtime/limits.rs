@@ -1,0 +1,196 @@
+//! Per-sandbox resource limits enforced inside wasmtime.
+//!
+//! Memory is limited by a [`ResourceLimiter`] that sums every linear memory and table of the
+//! sandbox, so a module with many memories hits one aggregate limit. CPU is counted in epoch ticks
+//! by the epoch deadline callback: each time the deadline passes while the guest runs, one tick of
+//! CPU was spent. Both hold from before instantiation, so a start function or a data segment
+//! cannot escape them.
+
+use std::time::Duration;
+
+use wasmtime::ResourceLimiter;
+
+/// Limits resolved for one workload from its spec and the agent's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Bytes of linear memory plus table storage one sandbox may hold.
+    pub memory_bytes: u64,
+    /// Bytes of memory the sandbox is accounted for at admission (its request).
+    pub memory_request_bytes: u64,
+    /// Epoch ticks of CPU one run may consume; `None` for no limit.
+    pub cpu_ticks: Option<u64>,
+    /// Wall-clock time one run may take; `None` for no limit.
+    pub deadline: Option<Duration>,
+    /// Bytes retained in the sandbox's log ring.
+    pub log_bytes: usize,
+    /// Elements one table may hold.
+    pub table_elements: usize,
+    /// Core instances one sandbox may create (a component holds several).
+    pub instances: usize,
+    /// Linear memories one sandbox may create.
+    pub memories: usize,
+    /// Tables one sandbox may create.
+    pub tables: usize,
+}
+
+/// The error with which a sandbox traps when it grows past its memory limit.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded: the sandbox asked for {desired} bytes in all")]
+pub struct MemoryLimitExceeded {
+    /// The limit in bytes.
+    pub limit: u64,
+    /// The total the sandbox would have held after the growth.
+    pub desired: u64,
+}
+
+/// The error with which a sandbox traps when it has used up its CPU time.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU limit of {limit_ms} ms exceeded")]
+pub struct CpuLimitExceeded {
+    /// The limit in milliseconds.
+    pub limit_ms: u64,
+}
+
+/// Store-resident state that enforces [`SandboxLimits`].
+#[derive(Debug)]
+pub struct Limiter {
+    memory_limit: u64,
+    table_elements: usize,
+    instances: usize,
+    memories: usize,
+    tables: usize,
+    /// Bytes held by all memories and tables of the sandbox.
+    used: u64,
+    /// CPU ticks spent so far in this run.
+    pub cpu_ticks: u64,
+    /// CPU tick budget of this run.
+    pub cpu_limit: Option<u64>,
+}
+
+// === impl Limiter ===
+
+impl Limiter {
+    /// Creates the limiter for one run of a sandbox.
+    pub fn new(limits: &SandboxLimits) -> Self {
+        Self {
+            memory_limit: limits.memory_bytes,
+            table_elements: limits.table_elements,
+            instances: limits.instances,
+            memories: limits.memories,
+            tables: limits.tables,
+            used: 0,
+            cpu_ticks: 0,
+            cpu_limit: limits.cpu_ticks,
+        }
+    }
+
+    fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
+        let total = self.used - current.min(self.used) + desired;
+        if total > self.memory_limit {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.memory_limit,
+                desired: total,
+            }));
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    /// Records one epoch tick of CPU; fails once the budget is spent.
+    pub fn charge_tick(&mut self, tick: Duration) -> wasmtime::Result<()> {
+        self.cpu_ticks += 1;
+        match self.cpu_limit {
+            Some(limit) if self.cpu_ticks > limit => Err(wasmtime::Error::new(CpuLimitExceeded {
+                limit_ms: limit.saturating_mul(tick.as_millis() as u64),
+            })),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.grow(current as u64, desired as u64)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            return Ok(false);
+        }
+        // A table element costs a pointer on the host.
+        let size = std::mem::size_of::<usize>() as u64;
+        self.grow(current as u64 * size, desired as u64 * size)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn memories(&self) -> usize {
+        self.memories
+    }
+
+    fn tables(&self) -> usize {
+        self.tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(memory: u64) -> SandboxLimits {
+        SandboxLimits {
+            memory_bytes: memory,
+            memory_request_bytes: 0,
+            cpu_ticks: Some(2),
+            deadline: None,
+            log_bytes: 1024,
+            table_elements: 100,
+            instances: 1,
+            memories: 2,
+            tables: 2,
+        }
+    }
+
+    #[test]
+    fn memory_limit_is_aggregate_over_memories() {
+        let mut l = Limiter::new(&limits(100));
+        assert!(l.memory_growing(0, 60, None).expect("first fits"));
+        // A second memory of 60 bytes pushes the total past 100.
+        let err = l.memory_growing(0, 60, None).expect_err("aggregate limit");
+        assert!(err.downcast_ref::<MemoryLimitExceeded>().is_some());
+        // Growing the first memory in place is accounted as a delta.
+        assert!(l.memory_growing(60, 100, None).expect("delta fits"));
+    }
+
+    #[test]
+    fn table_growth_past_element_limit_fails_softly() {
+        let mut l = Limiter::new(&limits(1 << 20));
+        assert!(!l.table_growing(0, 101, None).expect("soft failure"));
+        assert!(l.table_growing(0, 100, None).expect("fits"));
+    }
+
+    #[test]
+    fn cpu_budget_is_counted_in_ticks() {
+        let mut l = Limiter::new(&limits(1));
+        let tick = Duration::from_millis(10);
+        l.charge_tick(tick).expect("tick 1");
+        l.charge_tick(tick).expect("tick 2");
+        let err = l.charge_tick(tick).expect_err("tick 3 is over");
+        assert_eq!(
+            err.downcast_ref::<CpuLimitExceeded>().map(|e| e.limit_ms),
+            Some(20)
+        );
+    }
+}

@@ -1,0 +1,652 @@
+//! [`WasmtimeRuntime`]: the [`SandboxRuntime`] built on wasmtime.
+//!
+//! One `Engine` per process with the pooling allocator sized from [`RuntimeConfig`] and the
+//! `vm.max_map_count` ceiling, copy-on-write memory images and epoch interruption (one ticker
+//! thread holding only a weak engine reference). Compiled modules and components are cached by
+//! digest with their pre-linked `InstancePre`, in memory and, when a cache directory is set, on
+//! disk so that a restarted agent does not compile again.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_proto::agent::v1::{WorkloadSpec, module_source};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OnceCell, Semaphore};
+use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
+use wasmtime::{
+    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, TypedFunc, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::{Command, CommandPre};
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::capacity::{self, Capacity};
+use super::limits::{CpuLimitExceeded, Limiter, MemoryLimitExceeded, SandboxLimits};
+use super::logs::{LogBuffer, LogSink};
+use super::{Exit, Prepared, RuntimeConfig, SandboxError, SandboxInstance, SandboxRuntime};
+
+/// Per-store state: the guest's WASI context and its limits.
+pub struct SandboxState<W> {
+    wasi: W,
+    limiter: Limiter,
+}
+
+/// WASI state of a preview 2 component.
+pub struct P2Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for SandboxState<P2Wasi> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+type P1State = SandboxState<WasiP1Ctx>;
+type P2State = SandboxState<P2Wasi>;
+
+/// A compiled, pre-linked module or component, shared by every workload with the same digest.
+enum Artifact {
+    Module(InstancePre<P1State>),
+    Component(CommandPre<P2State>),
+}
+
+/// A workload ready to be instantiated: its artifact plus the per-workload configuration.
+pub struct PreparedWorkload {
+    digest: String,
+    artifact: Arc<Artifact>,
+    /// argv, with the workload name as argv[0].
+    args: Box<[String]>,
+    env: Box<[(String, String)]>,
+    limits: SandboxLimits,
+}
+
+impl Prepared for PreparedWorkload {
+    fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+}
+
+/// A sandbox after instantiation.
+pub enum WasmtimeInstance {
+    /// A preview 1 command module and its `_start`.
+    Module(Store<P1State>, TypedFunc<(), ()>),
+    /// A preview 2 command component.
+    Component(Store<P2State>, Command),
+}
+
+/// The wasmtime-backed sandbox runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct WasmtimeRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    module_linker: Linker<P1State>,
+    component_linker: ComponentLinker<P2State>,
+    config: RuntimeConfig,
+    capacity: Capacity,
+    compile_permits: Arc<Semaphore>,
+    artifacts: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
+}
+
+/// Why the runtime could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine rejected the configuration (a pool the host cannot map, for example).
+    #[error("creating the wasmtime engine")]
+    CreateEngine(#[source] wasmtime::Error),
+    /// WASI could not be added to a linker.
+    #[error("linking WASI")]
+    LinkWasi(#[source] wasmtime::Error),
+    /// The artifact cache directory could not be created.
+    #[error("creating cache directory {0}")]
+    CacheDir(PathBuf, #[source] std::io::Error),
+}
+
+// === impl WasmtimeRuntime ===
+
+impl WasmtimeRuntime {
+    /// Creates the engine, its pool (sized to what `vm.max_map_count` allows), the WASI linkers and
+    /// the epoch ticker.
+    ///
+    /// # Errors
+    /// Fails if the engine cannot be created with this configuration.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let capacity = capacity::derive(&config, capacity::read_max_map_count(), None);
+        Self::with_capacity(config, capacity)
+    }
+
+    /// Like [`new`](Self::new), with the capacity already derived.
+    ///
+    /// # Errors
+    /// Fails if the engine cannot be created with this configuration.
+    pub fn with_capacity(config: RuntimeConfig, capacity: Capacity) -> Result<Self, RuntimeError> {
+        let engine =
+            Engine::new(&engine_config(&config, &capacity)).map_err(RuntimeError::CreateEngine)?;
+
+        let mut module_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
+            .map_err(RuntimeError::LinkWasi)?;
+        let mut component_linker = ComponentLinker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .map_err(RuntimeError::LinkWasi)?;
+
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir).map_err(|e| RuntimeError::CacheDir(dir.clone(), e))?;
+        }
+        spawn_epoch_ticker(&engine, config.epoch_tick);
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                module_linker,
+                component_linker,
+                compile_permits: Arc::new(Semaphore::new(config.compile_concurrency.max(1))),
+                config,
+                capacity,
+                artifacts: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The engine, for tools that must share its configuration (benchmarks).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The configuration the runtime was created with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Digests whose artifacts are cached in memory.
+    pub fn cached_digests(&self) -> Vec<String> {
+        self.inner.lock_artifacts().keys().cloned().collect()
+    }
+
+    async fn artifact(&self, digest: &str, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
+        let cell = self
+            .inner
+            .lock_artifacts()
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        let artifact = cell
+            .get_or_try_init(|| self.compile(digest.to_string(), bytes))
+            .await?;
+        Ok(artifact.clone())
+    }
+
+    /// Compiles (or loads from disk) and pre-links a module, off the async workers and under the
+    /// compile concurrency limit.
+    async fn compile(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
+        let permit = self
+            .inner
+            .compile_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SandboxError::Compile("the agent is shutting down".into()))?;
+        let inner = self.inner.clone();
+        let timeout = inner.config.compile_timeout;
+        let task = tokio::task::spawn_blocking(move || {
+            // The permit lives as long as the compilation, even one the caller gave up on.
+            let _permit = permit;
+            inner.compile_blocking(&digest, &bytes)
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(result)) => result.map(Arc::new),
+            Ok(Err(join)) => Err(SandboxError::Compile(format!("compiler panicked: {join}"))),
+            Err(_) => Err(SandboxError::CompileTimeout(timeout)),
+        }
+    }
+
+    fn resolve_limits(&self, spec: &WorkloadSpec) -> Result<SandboxLimits, SandboxError> {
+        let defaults = &self.inner.config.default_limits;
+        let res = spec.resources.unwrap_or_default();
+        let memory_bytes = nonzero(res.memory_limit_bytes).unwrap_or(defaults.memory_bytes);
+        let max = self.inner.config.max_memory_per_sandbox;
+        if memory_bytes > max {
+            return Err(SandboxError::Limits(format!(
+                "resources.memory_limit_bytes: {memory_bytes} is over the agent's per-sandbox \
+                 maximum of {max}"
+            )));
+        }
+        let memory_request_bytes = match (
+            nonzero(res.memory_request_bytes),
+            nonzero(res.memory_limit_bytes),
+        ) {
+            (Some(request), _) if request > memory_bytes => {
+                return Err(SandboxError::Limits(format!(
+                    "resources.memory_request_bytes: {request} is over the memory limit of \
+                     {memory_bytes}"
+                )));
+            }
+            (Some(request), _) => request,
+            // As with a Pod, a limit without a request requests the limit.
+            (None, Some(limit)) => limit,
+            (None, None) => defaults.memory_request_bytes,
+        };
+        let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
+        Ok(SandboxLimits {
+            memory_bytes,
+            memory_request_bytes,
+            cpu_ticks: nonzero(res.cpu_limit_ms)
+                .map(|ms| ms.div_ceil(tick))
+                .or(defaults.cpu_ticks),
+            deadline: nonzero(res.deadline_ms)
+                .map(Duration::from_millis)
+                .or(defaults.deadline),
+            log_bytes: nonzero(res.log_limit_bytes).map_or(defaults.log_bytes, |b| {
+                usize::try_from(b).unwrap_or(usize::MAX)
+            }),
+            table_elements: nonzero(u64::from(res.max_table_elements))
+                .map_or(defaults.table_elements, |e| e as usize),
+            ..*defaults
+        })
+    }
+
+    fn new_store<W: Send>(&self, wasi: W, limits: &SandboxLimits) -> Store<SandboxState<W>> {
+        let mut store = Store::new(
+            &self.inner.engine,
+            SandboxState {
+                wasi,
+                limiter: Limiter::new(limits),
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        // Yield to tokio at every tick, charging the tick to the sandbox's CPU budget. The first
+        // deadline must be set explicitly or every call would yield on entry.
+        store.set_epoch_deadline(1);
+        let tick = self.inner.config.epoch_tick;
+        store.epoch_deadline_callback(move |mut cx| {
+            cx.data_mut().limiter.charge_tick(tick)?;
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+}
+
+impl SandboxRuntime for WasmtimeRuntime {
+    type Prepared = PreparedWorkload;
+    type Instance = WasmtimeInstance;
+
+    async fn prepare(&self, spec: &WorkloadSpec) -> Result<Arc<PreparedWorkload>, SandboxError> {
+        let limits = self.resolve_limits(spec)?;
+        let (digest, bytes) = self.load_module(spec).await?;
+        let artifact = self.artifact(&digest, bytes).await?;
+        let mut args = Vec::with_capacity(spec.args.len() + 1);
+        args.push(spec.name.clone());
+        args.extend(spec.args.iter().cloned());
+        Ok(Arc::new(PreparedWorkload {
+            digest,
+            artifact,
+            args: args.into(),
+            env: spec
+                .env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone()))
+                .collect(),
+            limits,
+        }))
+    }
+
+    async fn instantiate(
+        &self,
+        prepared: &Arc<PreparedWorkload>,
+        logs: Arc<LogBuffer>,
+    ) -> Result<WasmtimeInstance, Exit> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&prepared.args)
+            .envs(&prepared.env)
+            .stdout(LogSink(logs.clone()))
+            .stderr(LogSink(logs));
+        match &*prepared.artifact {
+            Artifact::Module(pre) => {
+                let mut store = self.new_store(wasi.build_p1(), &prepared.limits);
+                // Boxed: inline, this future would enlarge every long-lived sandbox task.
+                let instance = Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(classify)?;
+                Ok(WasmtimeInstance::Module(store, start))
+            }
+            Artifact::Component(pre) => {
+                let wasi = P2Wasi {
+                    ctx: wasi.build(),
+                    table: ResourceTable::new(),
+                };
+                let mut store = self.new_store(wasi, &prepared.limits);
+                let command = Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                Ok(WasmtimeInstance::Component(store, command))
+            }
+        }
+    }
+
+    fn capacity(&self) -> &Capacity {
+        &self.inner.capacity
+    }
+
+    fn evict_unused(&self) {
+        let mut artifacts = self.inner.lock_artifacts();
+        artifacts.retain(|_, cell| match cell.get() {
+            Some(artifact) => Arc::strong_count(artifact) > 1,
+            None => Arc::strong_count(cell) > 1,
+        });
+    }
+}
+
+impl SandboxInstance for WasmtimeInstance {
+    async fn run(self) -> Exit {
+        match self {
+            WasmtimeInstance::Module(mut store, start) => {
+                match Box::pin(start.call_async(&mut store, ())).await {
+                    Ok(()) => Exit::Exited(0),
+                    Err(e) => classify(e),
+                }
+            }
+            WasmtimeInstance::Component(mut store, command) => {
+                match Box::pin(command.wasi_cli_run().call_run(&mut store)).await {
+                    Ok(Ok(())) => Exit::Exited(0),
+                    Ok(Err(())) => Exit::Exited(1),
+                    Err(e) => classify(e),
+                }
+            }
+        }
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn lock_artifacts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Artifact>>>>> {
+        self.artifacts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn compile_blocking(&self, digest: &str, bytes: &[u8]) -> Result<Artifact, SandboxError> {
+        let started = Instant::now();
+        let artifact = if is_component(bytes) {
+            let component =
+                self.load_or_compile(digest, bytes, |engine, bytes| Component::new(engine, bytes))?;
+            let pre = self
+                .component_linker
+                .instantiate_pre(&component)
+                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+            let pre = CommandPre::new(pre).map_err(|e| {
+                SandboxError::Link(format!(
+                    "component does not export wasi:cli/run as a command: {e:#}"
+                ))
+            })?;
+            Artifact::Component(pre)
+        } else {
+            let module =
+                self.load_or_compile(digest, bytes, |engine, bytes| Module::new(engine, bytes))?;
+            match module.get_export("_start") {
+                Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {
+                }
+                _ => return Err(SandboxError::MissingStart),
+            }
+            let pre = self
+                .module_linker
+                .instantiate_pre(&module)
+                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+            Artifact::Module(pre)
+        };
+        tracing::info!(%digest, elapsed = ?started.elapsed(), "module prepared");
+        Ok(artifact)
+    }
+
+    /// Loads a precompiled artifact from the disk cache or compiles and stores it.
+    fn load_or_compile<T: Serialize>(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        compile: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
+    ) -> Result<T, SandboxError> {
+        let path = self.cache_path(digest);
+        if let Some(path) = &path
+            && path.exists()
+        {
+            match T::deserialize_file(&self.engine, path) {
+                Ok(artifact) => return Ok(artifact),
+                // Another wasmtime version or configuration wrote it: compile again.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring cached artifact")
+                }
+            }
+        }
+        let artifact =
+            compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+        if let Some(path) = &path
+            && let Err(e) = write_atomically(path, &artifact)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled artifact");
+        }
+        Ok(artifact)
+    }
+
+    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
+        let dir = self.config.cache_dir.as_ref()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        Some(dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish())))
+    }
+}
+
+/// A compiled artifact that can be written to and read from the disk cache.
+trait Serialize: Sized {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self>;
+}
+
+impl Serialize for Module {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+
+    #[allow(unsafe_code)]
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: the file lives in the agent's own cache directory, was written by this agent
+        // from an artifact that wasmtime compiled (atomically, via rename), and is named by the
+        // module digest and the engine's compatibility hash; wasmtime checks its version and
+        // configuration header before using it.
+        unsafe { Module::deserialize_file(engine, path) }
+    }
+}
+
+impl Serialize for Component {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+
+    #[allow(unsafe_code)]
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: as for `Module` above.
+        unsafe { Component::deserialize_file(engine, path) }
+    }
+}
+
+fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<()> {
+    let bytes = artifact
+        .serialize()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+// === module loading ===
+
+impl WasmtimeRuntime {
+    async fn load_module(&self, spec: &WorkloadSpec) -> Result<(String, Vec<u8>), SandboxError> {
+        let limit = self.inner.config.max_module_bytes;
+        let source = spec.module.as_ref().ok_or(SandboxError::MissingModule)?;
+        let bytes = match &source.source {
+            Some(module_source::Source::Path(path)) => read_bounded(Path::new(path), limit).await?,
+            Some(module_source::Source::Inline(bytes)) => bytes.clone(),
+            None => return Err(SandboxError::MissingModule),
+        };
+        check_size(bytes.len() as u64, limit)?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let expected = source.sha256.trim().to_ascii_lowercase();
+        if !expected.is_empty() && expected != digest {
+            return Err(SandboxError::DigestMismatch {
+                expected,
+                actual: digest,
+            });
+        }
+        check_binary_wasm(&bytes)?;
+        Ok((digest, bytes))
+    }
+}
+
+async fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, SandboxError> {
+    let read_err = |source| SandboxError::ReadModule {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = tokio::fs::metadata(path).await.map_err(read_err)?;
+    check_size(meta.len(), limit)?;
+    tokio::fs::read(path).await.map_err(read_err)
+}
+
+fn check_size(size: u64, limit: u64) -> Result<(), SandboxError> {
+    if size > limit {
+        return Err(SandboxError::ModuleTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// Checks the binary header: `\0asm`, then a core module (version 1) or a component (layer 1).
+fn check_binary_wasm(bytes: &[u8]) -> Result<(), SandboxError> {
+    if bytes.len() < 8 {
+        return Err(SandboxError::NotBinaryWasm("shorter than a wasm header"));
+    }
+    if &bytes[..4] != b"\0asm" {
+        return Err(SandboxError::NotBinaryWasm(
+            "missing the \\0asm magic number",
+        ));
+    }
+    if !is_component(bytes) && bytes[4..8] != [1, 0, 0, 0] {
+        return Err(SandboxError::NotBinaryWasm("unknown binary version"));
+    }
+    Ok(())
+}
+
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[6..8] == [1, 0]
+}
+
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+/// Turns a wasmtime error from a guest run into the [`Exit`] a user can act on.
+fn classify(err: wasmtime::Error) -> Exit {
+    if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        return Exit::Exited(exit.0);
+    }
+    if let Some(oom) = err.downcast_ref::<MemoryLimitExceeded>() {
+        return Exit::OutOfMemory(oom.to_string());
+    }
+    if let Some(cpu) = err.downcast_ref::<CpuLimitExceeded>() {
+        return Exit::CpuLimit(cpu.to_string());
+    }
+    let mut message = err.root_cause().to_string();
+    if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+        message.push('\n');
+        message.push_str(backtrace.to_string().trim_end());
+    }
+    Exit::Trap(message)
+}
+
+/// Frames kept in a trap's wasm backtrace.
+const MAX_BACKTRACE_FRAMES: usize = 32;
+
+fn engine_config(config: &RuntimeConfig, capacity: &Capacity) -> Config {
+    let sandboxes = capacity.max_sandboxes.max(1);
+    let defaults = &config.default_limits;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(sandboxes)
+        .total_core_instances(sandboxes.saturating_mul(2))
+        .total_memories(sandboxes.saturating_mul(2))
+        .total_tables(sandboxes.saturating_mul(2))
+        .total_stacks(sandboxes)
+        .max_memory_size(usize::try_from(config.max_memory_per_sandbox).unwrap_or(usize::MAX))
+        .max_memories_per_module(defaults.memories as u32)
+        .max_tables_per_module(defaults.tables as u32)
+        .max_memories_per_component(defaults.memories as u32)
+        .max_tables_per_component(defaults.tables as u32)
+        .max_core_instances_per_component(defaults.instances as u32)
+        .table_elements(defaults.table_elements)
+        // Reset small freed slots with memset instead of madvise: madvise's TLB shootdowns keep
+        // sandbox churn from scaling past one core.
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
+
+    let mut cfg = Config::new();
+    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        .async_stack_size(config.async_stack_size)
+        .memory_reservation(
+            config
+                .memory_reservation
+                .unwrap_or(config.max_memory_per_sandbox),
+        )
+        .memory_guard_size(config.memory_guard)
+        .memory_reservation_for_growth(0)
+        .memory_init_cow(true)
+        // A runaway recursion must not produce a megabyte of status message.
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(MAX_BACKTRACE_FRAMES))
+        // Post-MVP features that wasmtime 48 supports and Flotilla enables; threads (shared
+        // memories) and GC are compiled out and rejected with a validation error.
+        .wasm_simd(true)
+        .wasm_relaxed_simd(true)
+        .wasm_bulk_memory(true)
+        .wasm_multi_value(true)
+        .wasm_multi_memory(true)
+        .wasm_tail_call(true)
+        .wasm_extended_const(true)
+        .wasm_component_model(true);
+    cfg
+}
+
+/// Bumps the engine's epoch every `tick` until the engine is dropped.
+fn spawn_epoch_ticker(engine: &Engine, tick: Duration) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("flotilla-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the epoch ticker; guests will not be preempted");
+    }
+}

@@ -1,0 +1,742 @@
+//! The supervisor: desired workloads in, running sandboxes out.
+//!
+//! [`Supervisor::apply`] takes a [`WorkloadSpec`]. The same generation with another replica count
+//! scales the workload; a new generation replaces its sandboxes. Each sandbox is one tokio task
+//! that instantiates the prepared workload, runs it, and restarts it by its restart policy with
+//! kubelet-style crash-loop [`backoff`]. Admission refuses work beyond the runtime's
+//! [`Capacity`](crate::runtime::Capacity) instead of degrading the sandboxes already running.
+//!
+//! Status is kept per sandbox behind a small lock and published on a broadcast channel for
+//! watchers; nothing is allocated for logs until a sandbox prints.
+
+pub mod backoff;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_proto::agent::v1::{
+    Capacity as CapacityMessage, RestartPolicy, SandboxPhase, SandboxStatus, Termination,
+    WorkloadSpec,
+};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use self::backoff::{Backoff, BackoffConfig};
+use crate::metrics::Metrics;
+use crate::runtime::{
+    Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxRuntime, WasmtimeRuntime,
+};
+
+/// Supervisor settings.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// Crash-loop backoff. See [`BackoffConfig`].
+    pub backoff: BackoffConfig,
+    /// Time sandboxes get to end when stopped without an explicit grace period. Default 5 s.
+    pub default_grace: Duration,
+    /// Status events buffered for slow watchers before they must resynchronise. Default 16,384.
+    pub event_buffer: usize,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            backoff: BackoffConfig::default(),
+            default_grace: Duration::from_secs(5),
+            event_buffer: 16_384,
+        }
+    }
+}
+
+/// Why a workload was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The spec itself is invalid.
+    #[error("invalid workload: {0}")]
+    InvalidSpec(String),
+    /// The module could not be prepared; the failure is also recorded in sandbox status.
+    #[error("preparing workload {workload}")]
+    Prepare {
+        /// The workload.
+        workload: String,
+        /// The cause.
+        #[source]
+        source: SandboxError,
+    },
+    /// The agent lacks the capacity; the workloads already running are untouched.
+    #[error("admission refused: {0}")]
+    AdmissionRefused(String),
+    /// The agent is shutting down.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// What [`Supervisor::apply`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The module's SHA-256.
+    pub digest: String,
+    /// Sandboxes now desired.
+    pub replicas: u32,
+}
+
+/// How a shutdown went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sandboxes the agent held when shutdown began.
+    pub sandboxes: usize,
+    /// Of those, sandboxes whose task was still alive and was stopped.
+    pub stopped: usize,
+    /// Sandboxes that did not end within the grace period and were aborted.
+    pub aborted: usize,
+}
+
+/// Owns every sandbox of the agent. Cheap to clone.
+pub struct Supervisor<R: SandboxRuntime = WasmtimeRuntime> {
+    shared: Arc<Shared<R>>,
+}
+
+impl<R: SandboxRuntime> Clone for Supervisor<R> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<R: SandboxRuntime> {
+    runtime: R,
+    config: SupervisorConfig,
+    metrics: Metrics,
+    workloads: Mutex<HashMap<String, Workload<R>>>,
+    events: broadcast::Sender<SandboxStatus>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+struct Workload<R: SandboxRuntime> {
+    spec: WorkloadSpec,
+    /// `None` when preparing failed; its sandboxes are then placeholders that show why.
+    prepared: Option<Arc<R::Prepared>>,
+    cancel: CancellationToken,
+    sandboxes: Vec<SandboxEntry>,
+}
+
+struct SandboxEntry {
+    cell: Arc<SandboxCell>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The shared record of one sandbox: identity, status and logs.
+struct SandboxCell {
+    workload: Arc<str>,
+    replica: u32,
+    generation: u64,
+    cancel: CancellationToken,
+    logs: Arc<LogBuffer>,
+    status: Mutex<CellStatus>,
+}
+
+struct CellStatus {
+    phase: SandboxPhase,
+    reason: &'static str,
+    message: String,
+    restart_count: u32,
+    started_at_ms: i64,
+    last: Option<Box<Termination>>,
+}
+
+// === impl Supervisor ===
+
+impl<R: SandboxRuntime> Supervisor<R> {
+    /// Creates a supervisor over `runtime`.
+    pub fn new(runtime: R, config: SupervisorConfig, metrics: Metrics) -> Self {
+        let (events, _) = broadcast::channel(config.event_buffer.max(1));
+        Self {
+            shared: Arc::new(Shared {
+                runtime,
+                config,
+                metrics,
+                workloads: Mutex::new(HashMap::new()),
+                events,
+                tracker: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The runtime the supervisor drives.
+    pub fn runtime(&self) -> &R {
+        &self.shared.runtime
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Creates, scales or replaces a workload.
+    ///
+    /// # Errors
+    /// [`ApplyError::InvalidSpec`] for a bad name, [`ApplyError::Prepare`] when the module cannot
+    /// be loaded or compiled (recorded in the workload's sandbox status too),
+    /// [`ApplyError::AdmissionRefused`] beyond capacity (nothing changes).
+    pub async fn apply(&self, spec: WorkloadSpec) -> Result<Applied, ApplyError> {
+        validate_name(&spec.name).map_err(ApplyError::InvalidSpec)?;
+        if self.shared.shutdown.is_cancelled() {
+            return Err(ApplyError::ShuttingDown);
+        }
+        if let Some(applied) = self.try_scale(&spec)? {
+            return Ok(applied);
+        }
+        let prepared = match self.shared.runtime.prepare(&spec).await {
+            Ok(prepared) => prepared,
+            Err(source) => {
+                self.record_failed(spec.clone(), &source);
+                return Err(ApplyError::Prepare {
+                    workload: spec.name,
+                    source,
+                });
+            }
+        };
+
+        let mut workloads = self.shared.lock_workloads();
+        self.admit(&workloads, &spec, prepared.limits().memory_request_bytes)?;
+        if let Some(old) = workloads.remove(&spec.name) {
+            self.shared.retire(old);
+        }
+        let digest = prepared.digest().to_string();
+        let replicas = spec.replicas;
+        let mut workload = Workload {
+            cancel: self.shared.shutdown.child_token(),
+            prepared: Some(prepared),
+            sandboxes: Vec::with_capacity(replicas as usize),
+            spec,
+        };
+        self.shared.scale_to(&mut workload, replicas);
+        workloads.insert(workload.spec.name.clone(), workload);
+        Ok(Applied { digest, replicas })
+    }
+
+    /// Scales a workload in place when only its replica count changed.
+    fn try_scale(&self, spec: &WorkloadSpec) -> Result<Option<Applied>, ApplyError> {
+        let mut workloads = self.shared.lock_workloads();
+        let Some(existing) = workloads.get(&spec.name) else {
+            return Ok(None);
+        };
+        let Some(prepared) = existing.prepared.clone() else {
+            return Ok(None);
+        };
+        let mut same = existing.spec.clone();
+        same.replicas = spec.replicas;
+        if same != *spec {
+            return Ok(None);
+        }
+        self.admit(&workloads, spec, prepared.limits().memory_request_bytes)?;
+        let workload = workloads
+            .get_mut(&spec.name)
+            .expect("the workload was found under the same lock");
+        workload.spec.replicas = spec.replicas;
+        self.shared.scale_to(workload, spec.replicas);
+        Ok(Some(Applied {
+            digest: prepared.digest().to_string(),
+            replicas: spec.replicas,
+        }))
+    }
+
+    /// Checks that the agent can hold `spec` in place of its current version.
+    fn admit(
+        &self,
+        workloads: &HashMap<String, Workload<R>>,
+        spec: &WorkloadSpec,
+        memory_request: u64,
+    ) -> Result<(), ApplyError> {
+        let capacity = self.shared.runtime.capacity();
+        let (mut sandboxes, mut memory) = (0u64, 0u64);
+        for (name, w) in workloads {
+            if *name != spec.name
+                && let Some(prepared) = &w.prepared
+            {
+                let n = u64::from(w.spec.replicas);
+                sandboxes += n;
+                memory += n * prepared.limits().memory_request_bytes;
+            }
+        }
+        let wanted = u64::from(spec.replicas);
+        let free = u64::from(capacity.max_sandboxes).saturating_sub(sandboxes);
+        if wanted > free {
+            return Err(ApplyError::AdmissionRefused(format!(
+                "workload {} needs {wanted} sandboxes but only {free} of {} are free ({})",
+                spec.name, capacity.max_sandboxes, capacity.limited_by
+            )));
+        }
+        let wanted_memory = wanted.saturating_mul(memory_request);
+        let free_memory = capacity.memory_bytes.saturating_sub(memory);
+        if wanted_memory > free_memory {
+            return Err(ApplyError::AdmissionRefused(format!(
+                "workload {} requests {wanted_memory} bytes of memory but only {free_memory} of \
+                 {} are free",
+                spec.name, capacity.memory_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a workload whose module could not be prepared, so its status shows why.
+    fn record_failed(&self, spec: WorkloadSpec, error: &SandboxError) {
+        let mut workloads = self.shared.lock_workloads();
+        if let Some(old) = workloads.remove(&spec.name) {
+            self.shared.retire(old);
+        }
+        let workload_name: Arc<str> = spec.name.as_str().into();
+        let message = error_chain(error);
+        let sandboxes = (0..spec.replicas)
+            .map(|replica| {
+                let cell = Arc::new(SandboxCell::new(
+                    workload_name.clone(),
+                    replica,
+                    spec.generation,
+                    CancellationToken::new(),
+                    1,
+                ));
+                self.shared
+                    .metrics
+                    .transition(None, Some(SandboxPhase::Failed));
+                cell.update(|s| {
+                    s.phase = SandboxPhase::Failed;
+                    s.reason = error.reason();
+                    s.message = message.clone();
+                });
+                SandboxEntry { cell, task: None }
+            })
+            .collect();
+        workloads.insert(
+            spec.name.clone(),
+            Workload {
+                cancel: self.shared.shutdown.child_token(),
+                prepared: None,
+                sandboxes,
+                spec,
+            },
+        );
+    }
+
+    /// Stops every sandbox of a workload, waiting up to `grace` (the default when `None`) before
+    /// aborting the stragglers, and forgets the workload. Returns how many sandboxes it held, or
+    /// `None` for an unknown workload.
+    pub async fn stop(&self, name: &str, grace: Option<Duration>) -> Option<usize> {
+        let workload = self.shared.lock_workloads().remove(name)?;
+        let count = workload.sandboxes.len();
+        let tasks = self.shared.retire(workload);
+        let grace = grace.unwrap_or(self.shared.config.default_grace);
+        await_or_abort(tasks, grace).await;
+        self.shared.runtime.evict_unused();
+        Some(count)
+    }
+
+    /// Status of every sandbox, or of one workload's.
+    pub fn list(&self, workload: Option<&str>) -> Vec<SandboxStatus> {
+        let workloads = self.shared.lock_workloads();
+        let selected: Vec<&Workload<R>> = match workload {
+            Some(name) => workloads.get(name).into_iter().collect(),
+            None => workloads.values().collect(),
+        };
+        selected
+            .into_iter()
+            .flat_map(|w| w.sandboxes.iter().map(|s| s.cell.snapshot()))
+            .collect()
+    }
+
+    /// The log ring of one sandbox.
+    pub fn logs(&self, workload: &str, replica: u32) -> Option<Arc<LogBuffer>> {
+        let workloads = self.shared.lock_workloads();
+        let entry = workloads.get(workload)?.sandboxes.get(replica as usize)?;
+        Some(entry.cell.logs.clone())
+    }
+
+    /// Subscribes to status changes.
+    pub fn watch(&self) -> broadcast::Receiver<SandboxStatus> {
+        self.shared.events.subscribe()
+    }
+
+    /// What the agent can hold and holds now.
+    pub fn capacity(&self) -> CapacityMessage {
+        let capacity = self.shared.runtime.capacity();
+        let workloads = self.shared.lock_workloads();
+        let (mut sandboxes, mut memory) = (0u64, 0u64);
+        for w in workloads.values() {
+            if let Some(prepared) = &w.prepared {
+                let n = w.sandboxes.len() as u64;
+                sandboxes += n;
+                memory += n * prepared.limits().memory_request_bytes;
+            }
+        }
+        CapacityMessage {
+            max_sandboxes: u64::from(capacity.max_sandboxes),
+            memory_bytes: capacity.memory_bytes,
+            sandboxes,
+            memory_reserved_bytes: memory,
+            arch: capacity.arch.to_string(),
+            limited_by: capacity.limited_by.clone(),
+        }
+    }
+
+    /// Stops every sandbox: each is cancelled, and those still alive after `grace` are aborted.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.shared.shutdown.cancel();
+        let workloads: Vec<Workload<R>> = self
+            .shared
+            .lock_workloads()
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        let mut report = ShutdownReport::default();
+        let mut tasks = Vec::new();
+        for workload in workloads {
+            report.sandboxes += workload.sandboxes.len();
+            let live = self.shared.retire(workload);
+            report.stopped += live.iter().filter(|t| !t.is_finished()).count();
+            tasks.extend(live);
+        }
+        report.aborted = await_or_abort(tasks, grace).await;
+        self.shared.tracker.close();
+        report
+    }
+}
+
+// === impl Shared ===
+
+impl<R: SandboxRuntime> Shared<R> {
+    fn lock_workloads(&self) -> std::sync::MutexGuard<'_, HashMap<String, Workload<R>>> {
+        self.workloads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancels a workload's sandboxes and returns their tasks.
+    fn retire(&self, workload: Workload<R>) -> Vec<JoinHandle<()>> {
+        workload.cancel.cancel();
+        workload
+            .sandboxes
+            .into_iter()
+            .filter_map(|entry| {
+                if entry.task.is_none() {
+                    // A placeholder has no task to take it out of the metrics.
+                    let phase = entry.cell.lock().phase;
+                    self.metrics.transition(Some(phase), None);
+                }
+                entry.task
+            })
+            .collect()
+    }
+
+    /// Starts or stops sandboxes until the workload has `replicas`.
+    fn scale_to(self: &Arc<Self>, workload: &mut Workload<R>, replicas: u32) {
+        let target = replicas as usize;
+        while workload.sandboxes.len() > target {
+            if let Some(entry) = workload.sandboxes.pop() {
+                entry.cell.cancel.cancel();
+            }
+        }
+        let Some(prepared) = workload.prepared.clone() else {
+            return;
+        };
+        let name: Arc<str> = match workload.sandboxes.first() {
+            Some(entry) => entry.cell.workload.clone(),
+            None => workload.spec.name.as_str().into(),
+        };
+        let policy = restart_policy(&workload.spec);
+        let scheduled_at = Instant::now();
+        for replica in workload.sandboxes.len()..target {
+            let cell = Arc::new(SandboxCell::new(
+                name.clone(),
+                replica as u32,
+                workload.spec.generation,
+                workload.cancel.child_token(),
+                prepared.limits().log_bytes,
+            ));
+            self.metrics.transition(None, Some(SandboxPhase::Pending));
+            let span = tracing::debug_span!("sandbox", workload = %name, replica);
+            let task = self.tracker.spawn(
+                run_sandbox(
+                    self.clone(),
+                    cell.clone(),
+                    prepared.clone(),
+                    policy,
+                    scheduled_at,
+                )
+                .instrument(span),
+            );
+            workload.sandboxes.push(SandboxEntry {
+                cell,
+                task: Some(task),
+            });
+        }
+    }
+
+    fn publish(&self, cell: &SandboxCell) {
+        if self.events.receiver_count() > 0 {
+            // No receiver left between the check and the send is harmless.
+            let _ = self.events.send(cell.snapshot());
+        }
+    }
+}
+
+/// One sandbox's life: run, restart by policy with backoff, until stopped or done.
+async fn run_sandbox<R: SandboxRuntime>(
+    shared: Arc<Shared<R>>,
+    cell: Arc<SandboxCell>,
+    prepared: Arc<R::Prepared>,
+    policy: RestartPolicy,
+    mut scheduled_at: Instant,
+) {
+    let metrics = &shared.metrics;
+    let mut backoff = Backoff::default();
+    loop {
+        let run_started = Instant::now();
+        let exit = tokio::select! {
+            biased;
+            () = cell.cancel.cancelled() => Exit::Stopped,
+            exit = run_once(&shared, &cell, &prepared, scheduled_at) => exit,
+        };
+        let ran_for = run_started.elapsed();
+        metrics.exit(exit.reason());
+        let termination = Box::new(Termination {
+            reason: exit.reason().to_string(),
+            message: exit.message(),
+            exit_code: exit.exit_code(),
+            finished_at_ms: unix_ms(),
+        });
+        if exit == Exit::Stopped {
+            let phase = cell.update(|s| {
+                s.reason = "Stopped";
+                s.message = "stopped by the agent".into();
+                s.last = Some(termination);
+                s.started_at_ms = 0;
+            });
+            metrics.transition(Some(phase), None);
+            cell.logs.close();
+            shared.publish(&cell);
+            return;
+        }
+        let restart = match policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !exit.is_success(),
+            RestartPolicy::Always | RestartPolicy::Unspecified => true,
+        };
+        if !restart {
+            let phase = if exit.is_success() {
+                SandboxPhase::Succeeded
+            } else {
+                SandboxPhase::Failed
+            };
+            let old = cell.update(|s| {
+                s.phase = phase;
+                s.reason = exit.reason();
+                s.message = termination.message.clone();
+                s.last = Some(termination);
+                s.started_at_ms = 0;
+            });
+            metrics.transition(Some(old), Some(phase));
+            cell.logs.close();
+            shared.publish(&cell);
+            return;
+        }
+        let delay = backoff.next_delay(&shared.config.backoff, ran_for);
+        let old = cell.update(|s| {
+            s.phase = SandboxPhase::Pending;
+            s.reason = "CrashLoopBackOff";
+            s.message = format!(
+                "back-off {delay:?} restarting; last run: {}: {}",
+                termination.reason, termination.message
+            );
+            s.last = Some(termination);
+            s.started_at_ms = 0;
+        });
+        metrics.transition(Some(old), Some(SandboxPhase::Pending));
+        shared.publish(&cell);
+        tokio::select! {
+            biased;
+            () = cell.cancel.cancelled() => {
+                metrics.transition(Some(SandboxPhase::Pending), None);
+                cell.update(|s| s.reason = "Stopped");
+                cell.logs.close();
+                shared.publish(&cell);
+                return;
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+        cell.update(|s| s.restart_count += 1);
+        scheduled_at = Instant::now();
+    }
+}
+
+/// Instantiates and runs a sandbox once, under its wall-clock deadline.
+async fn run_once<R: SandboxRuntime>(
+    shared: &Shared<R>,
+    cell: &SandboxCell,
+    prepared: &Arc<R::Prepared>,
+    scheduled_at: Instant,
+) -> Exit {
+    let run = async {
+        let instance = match shared
+            .runtime
+            .instantiate(prepared, cell.logs.clone())
+            .await
+        {
+            Ok(instance) => instance,
+            Err(exit) => return exit,
+        };
+        shared
+            .metrics
+            .start_latency
+            .observe(scheduled_at.elapsed().as_secs_f64());
+        shared.metrics.starts.inc();
+        let old = cell.update(|s| {
+            s.phase = SandboxPhase::Running;
+            s.reason = "";
+            s.message.clear();
+            s.started_at_ms = unix_ms();
+        });
+        shared
+            .metrics
+            .transition(Some(old), Some(SandboxPhase::Running));
+        cell.logs.reopen();
+        shared.publish(cell);
+        instance.run().await
+    };
+    match prepared.limits().deadline {
+        Some(deadline) => tokio::time::timeout(deadline, run)
+            .await
+            .unwrap_or(Exit::DeadlineExceeded(deadline)),
+        None => run.await,
+    }
+}
+
+/// Waits for tasks up to `grace`, then aborts the rest. Returns how many were aborted.
+async fn await_or_abort(tasks: Vec<JoinHandle<()>>, grace: Duration) -> usize {
+    let deadline = Instant::now() + grace;
+    let mut aborted = 0;
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            abort.abort();
+            aborted += 1;
+        }
+    }
+    aborted
+}
+
+// === impl SandboxCell ===
+
+impl SandboxCell {
+    fn new(
+        workload: Arc<str>,
+        replica: u32,
+        generation: u64,
+        cancel: CancellationToken,
+        log_bytes: usize,
+    ) -> Self {
+        Self {
+            workload,
+            replica,
+            generation,
+            cancel,
+            logs: Arc::new(LogBuffer::new(log_bytes)),
+            status: Mutex::new(CellStatus {
+                phase: SandboxPhase::Pending,
+                reason: "",
+                message: String::new(),
+                restart_count: 0,
+                started_at_ms: 0,
+                last: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CellStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `f` to the status and returns the phase it had before.
+    fn update(&self, f: impl FnOnce(&mut CellStatus)) -> SandboxPhase {
+        let mut status = self.lock();
+        let before = status.phase;
+        f(&mut status);
+        before
+    }
+
+    fn snapshot(&self) -> SandboxStatus {
+        let s = self.lock();
+        SandboxStatus {
+            workload: self.workload.to_string(),
+            replica: self.replica,
+            generation: self.generation,
+            sandbox_id: format!("{}-{}-{}", self.workload, self.generation, self.replica),
+            phase: s.phase as i32,
+            reason: s.reason.to_string(),
+            message: s.message.clone(),
+            restart_count: s.restart_count,
+            started_at_ms: s.started_at_ms,
+            last_termination: s.last.as_deref().cloned(),
+        }
+    }
+}
+
+fn restart_policy(spec: &WorkloadSpec) -> RestartPolicy {
+    RestartPolicy::try_from(spec.restart_policy).unwrap_or(RestartPolicy::Always)
+}
+
+/// Workload names follow Kubernetes object names (RFC 1123 subdomains).
+fn validate_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let alnum_ends = name
+        .bytes()
+        .next()
+        .zip(name.bytes().last())
+        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 253 || !valid_chars || !alnum_ends {
+        return Err(format!(
+            "name {name:?}: must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.'; \
+             alphanumeric at both ends; at most 253 characters)"
+        ));
+    }
+    Ok(())
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kubernetes_rules() {
+        for ok in ["hello", "a", "web-1", "a.b-c"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Hello", "-a", "a-", "a_b", &"x".repeat(254)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Sandboxes end to end through the supervisor and a real wasmtime runtime.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use flotilla_node_agent::supervisor::ApplyError;
+use flotilla_proto::agent::v1::{
+    ModuleSource, Resources, SandboxPhase, SandboxStatus, module_source,
+};
+
+fn only(statuses: &[SandboxStatus]) -> &SandboxStatus {
+    assert_eq!(statuses.len(), 1, "{statuses:#?}");
+    &statuses[0]
+}
+
+fn termination(status: &SandboxStatus) -> (&str, &str, Option<i32>) {
+    let t = status.last_termination.as_ref().expect("terminated");
+    (t.reason.as_str(), t.message.as_str(), t.exit_code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_world_p1_module_logs_its_output() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("hello", fixture("hello")))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "hello", "hello to finish", all_ended()).await;
+    let status = only(&statuses);
+    assert_eq!(status.phase, SandboxPhase::Succeeded as i32);
+    assert_eq!(
+        termination(status),
+        ("Completed", "exited with code 0", Some(0))
+    );
+    assert_eq!(logs(&sup, "hello", 0), "hello from flotilla\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_world_p2_component_logs_its_output() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("hello-p2", component_fixture("hello")))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "hello-p2", "component to finish", all_ended()).await;
+    assert_eq!(termination(only(&statuses)).0, "Completed");
+    assert_eq!(logs(&sup, "hello-p2", 0), "hello from flotilla\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn args_and_env_reach_the_guest() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("echo", fixture("echo_args"));
+    s.args = vec!["--greeting".into(), "hi there".into()];
+    s.env = vec![env("COLOR", "blue"), env("EMPTY", "")];
+    sup.apply(s).await.expect("applied");
+    wait_for(&sup, "echo", "echo to finish", all_ended()).await;
+    assert_eq!(
+        logs(&sup, "echo", 0),
+        "echo\0--greeting\0hi there\0|COLOR=blue\0EMPTY=\0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_code_is_reported_and_stderr_logged() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("exit3", fixture("exit3")))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "exit3", "exit", all_ended()).await;
+    let status = only(&statuses);
+    assert_eq!(status.phase, SandboxPhase::Failed as i32);
+    assert_eq!(
+        termination(status),
+        ("Error", "exited with code 3", Some(3))
+    );
+    assert_eq!(logs(&sup, "exit3", 0), "giving up\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_reports_message_and_wasm_backtrace() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("trap", fixture("trap")))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "trap", "trap", all_ended()).await;
+    let (reason, message, code) = termination(only(&statuses));
+    assert_eq!(reason, "Trap");
+    assert_eq!(code, None);
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(
+        message.contains("explode"),
+        "backtrace names the function: {message}"
+    );
+    assert!(
+        message.contains("middle"),
+        "backtrace names the caller: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_recursion_traps_with_stack_overflow() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("recurse", fixture("recurse")))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "recurse", "overflow", all_ended()).await;
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "Trap");
+    assert!(message.contains("call stack exhausted"), "{message}");
+    assert!(
+        message.lines().count() <= 40,
+        "backtrace is capped: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_stops_at_its_limit() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("bomb", fixture("membomb"));
+    s.resources = Some(Resources {
+        memory_limit_bytes: 8 << 20,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "bomb", "oom", all_ended()).await;
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "OutOfMemory");
+    assert!(message.contains("8388608"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_memories_hit_one_aggregate_limit() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("memories", fixture("many_memories"));
+    s.resources = Some(Resources {
+        memory_limit_bytes: 40 << 20,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "memories", "oom", all_ended()).await;
+    assert_eq!(termination(only(&statuses)).0, "OutOfMemory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_guest_is_stopped_by_cpu_limit() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("spin", fixture("spin"));
+    s.resources = Some(Resources {
+        cpu_limit_ms: 100,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "spin", "cpu limit", all_ended()).await;
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "CpuLimit");
+    assert!(message.contains("100 ms"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_holds_during_instantiation() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("spin-start", fixture("spin_in_start"));
+    s.resources = Some(Resources {
+        deadline_ms: 200,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "spin-start", "deadline", all_ended()).await;
+    assert_eq!(termination(only(&statuses)).0, "DeadlineExceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_covers_a_guest_blocked_in_wasi() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("sleeper", fixture("sleep"));
+    s.resources = Some(Resources {
+        deadline_ms: 200,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "sleeper", "deadline", all_ended()).await;
+    assert_eq!(termination(only(&statuses)).0, "DeadlineExceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_a_spinning_guest() {
+    let sup = supervisor(runtime_config());
+    sup.apply(spec("spin", fixture("spin")))
+        .await
+        .expect("applied");
+    wait_for(&sup, "spin", "running", all_in(SandboxPhase::Running)).await;
+    let started = Instant::now();
+    let stopped = sup
+        .stop("spin", Some(Duration::from_secs(5)))
+        .await
+        .expect("workload known");
+    assert_eq!(stopped, 1);
+    assert!(sup.list(Some("spin")).is_empty());
+    // The sandbox ends at its next epoch yield, long before the grace period runs out.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sup.metrics().in_phase(SandboxPhase::Running), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_flood_is_bounded_by_the_ring() {
+    let sup = supervisor(runtime_config());
+    let mut s = spec("flood", fixture("flood"));
+    s.resources = Some(Resources {
+        log_limit_bytes: 4096,
+        cpu_limit_ms: 200,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    wait_for(&sup, "flood", "cpu limit", all_ended()).await;
+    let buffer = sup.logs("flood", 0).expect("sandbox");
+    let read = buffer.read_from(0);
+    assert_eq!(read.data.len(), 4096);
+    assert!(read.skipped > 0);
+    assert!(buffer.allocated_bytes() <= 8192);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_modules_are_rejected_with_clear_errors() {
+    let mut config = runtime_config();
+    config.max_module_bytes = 1 << 20;
+    let sup = supervisor(config);
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "garbage",
+            b"this is not wasm".to_vec(),
+            "InvalidModule",
+            "\\0asm magic",
+        ),
+        (
+            "text",
+            b"(module (func (export \"_start\")))".to_vec(),
+            "InvalidModule",
+            "WAT text is not accepted",
+        ),
+        (
+            "truncated",
+            fixture("hello")[..20].to_vec(),
+            "InvalidModule",
+            "invalid module",
+        ),
+        (
+            "oversize",
+            {
+                let mut m = fixture("hello");
+                m.resize(2 << 20, 0);
+                m
+            },
+            "InvalidModule",
+            "over the agent's limit",
+        ),
+        ("library", fixture("no_start"), "InvalidModule", "_start"),
+        (
+            "threads",
+            fixture("shared_memory"),
+            "InvalidModule",
+            "threads",
+        ),
+    ];
+    for (name, module, reason, needle) in cases {
+        let err = sup.apply(spec(name, module)).await.expect_err(name);
+        let ApplyError::Prepare { source, .. } = &err else {
+            panic!("{name}: unexpected error {err:?}");
+        };
+        assert_eq!(source.reason(), reason, "{name}");
+        let shown = format!("{source}");
+        assert!(shown.contains(needle), "{name}: {shown}");
+        // The failure is visible in the workload's status too.
+        let status = only(&sup.list(Some(name))).clone();
+        assert_eq!(status.phase, SandboxPhase::Failed as i32, "{name}");
+        assert_eq!(status.reason, reason, "{name}");
+    }
+    // A wrong digest is caught before compiling.
+    let mut s = spec("digest", fixture("hello"));
+    s.module = Some(ModuleSource {
+        source: Some(module_source::Source::Inline(fixture("hello"))),
+        sha256: "00".repeat(32),
+    });
+    let err = sup.apply(s).await.expect_err("digest mismatch");
+    assert!(format!("{:?}", err).contains("DigestMismatch"), "{err:?}");
+    // The agent keeps serving good workloads.
+    sup.apply(spec("hello", fixture("hello")))
+        .await
+        .expect("applied");
+    wait_for(&sup, "hello", "hello", all_in(SandboxPhase::Succeeded)).await;
+}

@@ -1,0 +1,15 @@
+//! Flotilla's wire contract: the protobuf messages and gRPC services shared by the control plane,
+//! the node agent and the CLI.
+//!
+//! The Rust code under `src/gen` is generated from `proto/` and committed, so building needs no
+//! `protoc`. `tests/bootstrap.rs` regenerates it with the pure-Rust `protox` compiler and fails when
+//! the committed code is stale.
+
+/// The node agent's API and the types every component shares.
+pub mod agent {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!("gen/flotilla.agent.v1.rs");
+    }
+}

@@ -1,0 +1,48 @@
+//! Regenerates `src/gen` from `proto/` and fails if the committed code differs.
+
+use std::path::{Path, PathBuf};
+
+#[test]
+fn generated_code_is_up_to_date() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let proto_dir = root.join("proto");
+    let files: Vec<PathBuf> = [
+        "flotilla/agent/v1/types.proto",
+        "flotilla/agent/v1/admin.proto",
+    ]
+    .iter()
+    .map(|f| proto_dir.join(f))
+    .collect();
+    let descriptors = protox::compile(&files, [&proto_dir]).expect("protos compile");
+
+    let out_dir = tempfile_dir();
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(&out_dir)
+        .compile_fds(descriptors)
+        .expect("code generation succeeds");
+
+    let gen_dir = root.join("src/gen");
+    let mut stale = Vec::new();
+    for entry in std::fs::read_dir(&out_dir).expect("read generated dir") {
+        let entry = entry.expect("dir entry");
+        let fresh = std::fs::read_to_string(entry.path()).expect("read fresh file");
+        let committed_path = gen_dir.join(entry.file_name());
+        let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+        if fresh != committed {
+            std::fs::write(&committed_path, fresh).expect("write regenerated file");
+            stale.push(committed_path.display().to_string());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "generated code was stale and has been rewritten; commit it: {stale:?}"
+    );
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flotilla-proto-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
