@@ -1,10 +1,28 @@
 //! Flotilla's node agent: one process hosting tens of thousands of WASI sandboxes.
 //!
 //! Data flows one way: a [`WorkloadSpec`](flotilla_proto::agent::v1::WorkloadSpec) (from a static
-//! manifest, the admin API or the control plane) goes to the [`supervisor`], which prepares it
-//! through the [`runtime`] and keeps the desired number of sandboxes running, restarting them by
-//! their policy and publishing their status.
+//! [`manifest`], the [`admin`] API or the control plane) goes to the [`supervisor`], which
+//! prepares it through the [`runtime`] and keeps the desired number of sandboxes running,
+//! restarting them by their policy and publishing their status. [`agent::Agent`] assembles the
+//! pieces into a running process.
 
+pub mod admin;
+pub mod agent;
+pub mod config;
+pub mod manifest;
 pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
+pub mod telemetry;
+
+/// Formats an error with its chain of causes on one line: `outer: inner: root`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -1,2 +1,65 @@
-//! The `flotilla-node-agent` binary (being filled in).
-fn main() {}
+//! `flotilla-node-agent`: parse configuration, start the agent, run until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use flotilla_node_agent::agent::Agent;
+use flotilla_node_agent::config::{Args, Config};
+use flotilla_node_agent::telemetry;
+
+/// BSD's EX_USAGE: the configuration is invalid.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init();
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("flotilla-node-agent: {error}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flotilla-node-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotilla-node-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let agent = Agent::start(config).await?;
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    let report = agent.shutdown().await;
+    tracing::info!(
+        sandboxes = report.sandboxes,
+        stopped = report.stopped,
+        aborted = report.aborted,
+        "all sandboxes accounted for"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

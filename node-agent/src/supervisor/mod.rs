@@ -294,7 +294,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
             self.shared.retire(old);
         }
         let workload_name: Arc<str> = spec.name.as_str().into();
-        let message = error_chain(error);
+        let message = crate::error_chain(error);
         let sandboxes = (0..spec.replicas)
             .map(|replica| {
                 let cell = Arc::new(SandboxCell::new(
@@ -707,17 +707,6 @@ fn validate_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 fn unix_ms() -> i64 {

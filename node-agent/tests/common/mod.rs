@@ -88,7 +88,7 @@ pub async fn wait_for(
     pred: impl Fn(&[SandboxStatus]) -> bool,
 ) -> Vec<SandboxStatus> {
     let mut events = supervisor.watch();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let statuses = supervisor.list(Some(workload));
         if pred(&statuses) {

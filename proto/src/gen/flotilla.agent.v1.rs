@@ -295,6 +295,17 @@ pub mod agent_admin_client {
     pub struct AgentAdminClient<T> {
         inner: tonic::client::Grpc<T>,
     }
+    impl AgentAdminClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
     impl<T> AgentAdminClient<T>
     where
         T: tonic::client::GrpcService<tonic::body::Body>,

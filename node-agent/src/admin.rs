@@ -1,0 +1,192 @@
+//! The agent's local admin gRPC service (`flotilla.agent.v1.AgentAdmin`) over the supervisor.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use flotilla_proto::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer};
+use flotilla_proto::agent::v1::{
+    Capacity, GetCapacityRequest, ListSandboxesRequest, ListSandboxesResponse, LogChunk,
+    LogsRequest, RunWorkloadRequest, RunWorkloadResponse, SandboxStatus, StopWorkloadRequest,
+    StopWorkloadResponse, WatchRequest,
+};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::supervisor::{ApplyError, Supervisor};
+
+/// Messages buffered per stream before the sender waits for the client.
+const STREAM_BUFFER: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Implements [`AgentAdmin`] on a [`Supervisor`].
+#[derive(Clone)]
+pub struct AdminService {
+    supervisor: Supervisor,
+}
+
+impl AdminService {
+    /// Creates the service.
+    pub fn new(supervisor: Supervisor) -> Self {
+        Self { supervisor }
+    }
+
+    /// Wraps the service for a tonic server.
+    pub fn into_server(self) -> AgentAdminServer<Self> {
+        AgentAdminServer::new(self)
+    }
+}
+
+impl From<ApplyError> for Status {
+    fn from(err: ApplyError) -> Self {
+        let message = crate::error_chain(&err);
+        match err {
+            ApplyError::InvalidSpec(_) | ApplyError::Prepare { .. } => {
+                Status::invalid_argument(message)
+            }
+            ApplyError::AdmissionRefused(_) => Status::resource_exhausted(message),
+            ApplyError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentAdmin for AdminService {
+    async fn run_workload(
+        &self,
+        request: Request<RunWorkloadRequest>,
+    ) -> Result<Response<RunWorkloadResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        let applied = self.supervisor.apply(spec).await?;
+        Ok(Response::new(RunWorkloadResponse {
+            sha256: applied.digest,
+            replicas: applied.replicas,
+        }))
+    }
+
+    async fn stop_workload(
+        &self,
+        request: Request<StopWorkloadRequest>,
+    ) -> Result<Response<StopWorkloadResponse>, Status> {
+        let request = request.into_inner();
+        let grace =
+            (request.grace_period_ms > 0).then(|| Duration::from_millis(request.grace_period_ms));
+        let stopped = self
+            .supervisor
+            .stop(&request.name, grace)
+            .await
+            .ok_or_else(|| Status::not_found(format!("workload {:?} not found", request.name)))?;
+        Ok(Response::new(StopWorkloadResponse {
+            stopped: u32::try_from(stopped).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        let workload = request.into_inner().workload;
+        let filter = (!workload.is_empty()).then_some(workload.as_str());
+        Ok(Response::new(ListSandboxesResponse {
+            sandboxes: self.supervisor.list(filter),
+        }))
+    }
+
+    type WatchStream = BoxStream<SandboxStatus>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let workload = request.into_inner().workload;
+        let mut events = self.supervisor.watch();
+        let supervisor = self.supervisor.clone();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let status = match events.recv().await {
+                    Ok(status) => status,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow to see every change: resend the current state instead.
+                        let filter = (!workload.is_empty()).then_some(workload.as_str());
+                        for status in supervisor.list(filter) {
+                            if tx.send(Ok(status)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if (workload.is_empty() || status.workload == workload)
+                    && tx.send(Ok(status)).await.is_err()
+                {
+                    // The client has gone.
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type LogsStream = BoxStream<LogChunk>;
+
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let buffer = self
+            .supervisor
+            .logs(&request.workload, request.replica)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "sandbox {} of workload {:?} not found",
+                    request.replica, request.workload
+                ))
+            })?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let notify = buffer.notifier();
+            let mut offset = 0;
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let read = buffer.read_from(offset);
+                offset = read.next_offset;
+                if (!read.data.is_empty() || read.skipped > 0)
+                    && tx
+                        .send(Ok(LogChunk {
+                            data: read.data,
+                            skipped: read.skipped,
+                        }))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                if !request.follow || read.closed {
+                    return;
+                }
+                tokio::select! {
+                    () = notified => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_capacity(
+        &self,
+        _request: Request<GetCapacityRequest>,
+    ) -> Result<Response<Capacity>, Status> {
+        Ok(Response::new(self.supervisor.capacity()))
+    }
+}

@@ -1,0 +1,182 @@
+//! Assembles a running agent: runtime, supervisor, admin gRPC server, metrics endpoint and
+//! static manifests. `main.rs` and `flotilla dev` both start agents through [`Agent::start`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminService;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::runtime::{WasmtimeRuntime, capacity};
+use crate::supervisor::{ShutdownReport, Supervisor};
+
+/// A running node agent.
+pub struct Agent {
+    supervisor: Supervisor,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shutdown: CancellationToken,
+    servers: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl Agent {
+    /// Creates the runtime, binds both listeners, starts serving and applies the static
+    /// manifests in the background.
+    ///
+    /// # Errors
+    /// Fails if the engine cannot be created or a listener cannot be bound.
+    pub async fn start(config: Config) -> anyhow::Result<Agent> {
+        let capacity = capacity::derive(
+            &config.runtime,
+            capacity::read_max_map_count(),
+            config.memory,
+        );
+        if capacity.max_sandboxes < config.runtime.max_sandboxes {
+            tracing::warn!(
+                max_sandboxes = capacity.max_sandboxes,
+                "{}",
+                capacity.limited_by
+            );
+        }
+        tracing::info!(
+            max_sandboxes = capacity.max_sandboxes,
+            memory = capacity.memory_bytes,
+            arch = capacity.arch,
+            "capacity"
+        );
+        let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
+            .context("creating the sandbox runtime")?;
+        let metrics = Metrics::new();
+        let supervisor = Supervisor::new(runtime, config.supervisor.clone(), metrics.clone());
+        let shutdown = CancellationToken::new();
+
+        let admin = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding the admin API on {}", config.listen))?;
+        let admin_addr = admin.local_addr()?;
+        let metrics_listener = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| format!("binding metrics on {}", config.metrics_listen))?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        tracing::info!(%admin_addr, %metrics_addr, "serving");
+
+        let mut servers = Vec::new();
+        let service = AdminService::new(supervisor.clone()).into_server();
+        let token = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(admin),
+                    token.cancelled_owned(),
+                )
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "admin API stopped");
+            }
+        }));
+        let token = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.encode(),
+                        )
+                    }
+                }),
+            );
+            let result = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "metrics endpoint stopped");
+            }
+        }));
+
+        if let Some(dir) = config.manifests.clone() {
+            let supervisor = supervisor.clone();
+            servers.push(tokio::spawn(apply_manifests(supervisor, dir)));
+        }
+
+        Ok(Agent {
+            supervisor,
+            admin_addr,
+            metrics_addr,
+            shutdown,
+            servers,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// The supervisor, for embedding (e.g. `flotilla dev`).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Where the metrics endpoint listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Stops serving, then stops every sandbox within the grace period.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.shutdown.cancel();
+        let report = self.supervisor.shutdown(self.grace).await;
+        for server in self.servers {
+            server.abort();
+            // A cancelled or finished server task has nothing more to report.
+            let _ = server.await;
+        }
+        report
+    }
+}
+
+async fn apply_manifests(supervisor: Supervisor, dir: std::path::PathBuf) {
+    let specs = match crate::manifest::load_dir(&dir) {
+        Ok(specs) => specs,
+        Err(error) => {
+            tracing::error!(dir = %dir.display(), %error, "cannot read the manifests directory");
+            return;
+        }
+    };
+    for spec in specs {
+        match spec {
+            Ok(spec) => {
+                let name = spec.name.clone();
+                match supervisor.apply(spec).await {
+                    Ok(applied) => tracing::info!(
+                        workload = %name,
+                        replicas = applied.replicas,
+                        sha256 = %applied.digest,
+                        "static workload applied"
+                    ),
+                    Err(error) => tracing::error!(
+                        workload = %name,
+                        error = %crate::error_chain(&error),
+                        "static workload rejected"
+                    ),
+                }
+            }
+            Err(error) => tracing::error!(error = %crate::error_chain(&error), "invalid manifest"),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Command-line and environment configuration of the node agent; validated before anything binds.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::manifest::parse_quantity;
+use crate::runtime::RuntimeConfig;
+use crate::supervisor::SupervisorConfig;
+use crate::supervisor::backoff::BackoffConfig;
+
+/// `flotilla-node-agent`: hosts WASI sandboxes with wasmtime.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Address of the admin gRPC API.
+    #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(
+        long,
+        env = "FLOTILLA_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Directory of static WasmWorkload manifests (*.yaml) to run at startup.
+    #[arg(long, env = "FLOTILLA_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Most sandboxes this agent holds; lowered to what vm.max_map_count allows.
+    #[arg(long, env = "FLOTILLA_MAX_SANDBOXES", default_value_t = 100_000)]
+    pub max_sandboxes: u32,
+    /// Memory the agent admits, summed over sandbox requests (default: the host's memory).
+    #[arg(long, env = "FLOTILLA_MEMORY")]
+    pub memory: Option<String>,
+    /// Largest linear memory one sandbox may have (the pool's slot size).
+    #[arg(long, env = "FLOTILLA_MAX_MEMORY_PER_SANDBOX", default_value = "256Mi")]
+    pub max_memory_per_sandbox: String,
+    /// Memory limit of sandboxes whose workload sets none.
+    #[arg(long, env = "FLOTILLA_DEFAULT_MEMORY_LIMIT", default_value = "64Mi")]
+    pub default_memory_limit: String,
+    /// Virtual address space reserved per linear memory (default: the slot size).
+    #[arg(long, env = "FLOTILLA_MEMORY_RESERVATION")]
+    pub memory_reservation: Option<String>,
+    /// Guard region after each linear memory.
+    #[arg(long, env = "FLOTILLA_MEMORY_GUARD", default_value = "0")]
+    pub memory_guard: String,
+    /// Epoch tick: the CPU time slice after which a guest yields.
+    #[arg(long, env = "FLOTILLA_EPOCH_TICK", default_value = "10ms")]
+    pub epoch_tick: humantime::Duration,
+    /// Largest module accepted.
+    #[arg(long, env = "FLOTILLA_MAX_MODULE_SIZE", default_value = "32Mi")]
+    pub max_module_size: String,
+    /// Longest a module may take to compile before it is rejected as too costly.
+    #[arg(long, env = "FLOTILLA_COMPILE_TIMEOUT", default_value = "60s")]
+    pub compile_timeout: humantime::Duration,
+    /// Where compiled modules are cached across restarts (default: $XDG_CACHE_HOME/flotilla or
+    /// ~/.cache/flotilla).
+    #[arg(long, env = "FLOTILLA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Disable the on-disk compiled module cache.
+    #[arg(long, env = "FLOTILLA_NO_CACHE")]
+    pub no_cache: bool,
+    /// First crash-loop restart delay; doubles up to --backoff-max.
+    #[arg(long, env = "FLOTILLA_BACKOFF_INITIAL", default_value = "10s")]
+    pub backoff_initial: humantime::Duration,
+    /// Longest crash-loop restart delay.
+    #[arg(long, env = "FLOTILLA_BACKOFF_MAX", default_value = "5m")]
+    pub backoff_max: humantime::Duration,
+    /// A run this long resets the crash-loop delay.
+    #[arg(long, env = "FLOTILLA_BACKOFF_RESET", default_value = "10m")]
+    pub backoff_reset: humantime::Duration,
+    /// Time sandboxes get to end on shutdown before they are aborted.
+    #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "10s")]
+    pub shutdown_grace: humantime::Duration,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Admin gRPC address.
+    pub listen: SocketAddr,
+    /// Metrics address.
+    pub metrics_listen: SocketAddr,
+    /// Static manifests directory.
+    pub manifests: Option<PathBuf>,
+    /// Admitted memory.
+    pub memory: Option<u64>,
+    /// Runtime settings.
+    pub runtime: RuntimeConfig,
+    /// Supervisor settings.
+    pub supervisor: SupervisorConfig,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+}
+
+/// An invalid setting; the binary exits with status 64 (EX_USAGE).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: --{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let bytes = |flag: &'static str, value: &str| {
+            parse_quantity(value).map_err(|message| ConfigError { flag, message })
+        };
+        let mut runtime = RuntimeConfig {
+            max_sandboxes: args.max_sandboxes,
+            max_memory_per_sandbox: bytes("max-memory-per-sandbox", &args.max_memory_per_sandbox)?,
+            memory_reservation: args
+                .memory_reservation
+                .as_deref()
+                .map(|v| bytes("memory-reservation", v))
+                .transpose()?,
+            memory_guard: bytes("memory-guard", &args.memory_guard)?,
+            epoch_tick: *args.epoch_tick,
+            max_module_bytes: bytes("max-module-size", &args.max_module_size)?,
+            compile_timeout: *args.compile_timeout,
+            cache_dir: if args.no_cache {
+                None
+            } else {
+                args.cache_dir.or_else(default_cache_dir)
+            },
+            ..RuntimeConfig::default()
+        };
+        runtime.default_limits.memory_bytes =
+            bytes("default-memory-limit", &args.default_memory_limit)?;
+        if args.max_sandboxes == 0 {
+            return Err(ConfigError {
+                flag: "max-sandboxes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if runtime.default_limits.memory_bytes > runtime.max_memory_per_sandbox {
+            return Err(ConfigError {
+                flag: "default-memory-limit",
+                message: "must not exceed --max-memory-per-sandbox".into(),
+            });
+        }
+        if runtime.epoch_tick.is_zero() {
+            return Err(ConfigError {
+                flag: "epoch-tick",
+                message: "must be positive".into(),
+            });
+        }
+        Ok(Config {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            manifests: args.manifests,
+            memory: args
+                .memory
+                .as_deref()
+                .map(|v| bytes("memory", v))
+                .transpose()?,
+            runtime,
+            supervisor: SupervisorConfig {
+                backoff: BackoffConfig {
+                    initial: *args.backoff_initial,
+                    max: *args.backoff_max,
+                    reset_after: *args.backoff_reset,
+                },
+                ..SupervisorConfig::default()
+            },
+            shutdown_grace: *args.shutdown_grace,
+        })
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("flotilla").join("modules"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["flotilla-node-agent", "--no-cache"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).expect("valid");
+        assert_eq!(config.runtime.max_memory_per_sandbox, 256 << 20);
+        assert_eq!(config.runtime.epoch_tick, Duration::from_millis(10));
+        assert_eq!(config.supervisor.backoff, BackoffConfig::default());
+        assert!(config.runtime.cache_dir.is_none());
+    }
+
+    #[test]
+    fn invalid_values_name_their_flag() {
+        for (flags, flag) in [
+            (
+                &["--max-memory-per-sandbox", "lots"][..],
+                "max-memory-per-sandbox",
+            ),
+            (
+                &["--default-memory-limit", "1Gi"][..],
+                "default-memory-limit",
+            ),
+            (&["--max-sandboxes", "0"][..], "max-sandboxes"),
+            (&["--epoch-tick", "0s"][..], "epoch-tick"),
+        ] {
+            let err = parse(flags).expect_err(flag);
+            assert_eq!(err.flag, flag);
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The agent binary as a real process: static manifests, the admin gRPC API, metrics, SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::fixture;
+use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
+use flotilla_proto::agent::v1::{
+    GetCapacityRequest, ListSandboxesRequest, LogsRequest, ModuleSource, RunWorkloadRequest,
+    SandboxPhase, SandboxStatus, WatchRequest, WorkloadSpec, module_source,
+};
+use tokio_stream::StreamExt;
+
+struct AgentProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    admin: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl AgentProcess {
+    fn start(manifests: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-node-agent"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--max-sandboxes",
+                "1000",
+                "--no-cache",
+                "--shutdown-grace",
+                "5s",
+            ])
+            .arg("--manifests")
+            .arg(manifests)
+            .env("FLOTILLA_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let serving = wait_line(&lines, "serving");
+        let addr = |key: &str| -> SocketAddr {
+            let start = serving.find(key).expect("address logged") + key.len();
+            let rest = &serving[start..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            rest[..end].parse().expect("socket address")
+        };
+        let (admin, metrics) = (addr("admin_addr="), addr("metrics_addr="));
+        Self {
+            child,
+            lines,
+            admin,
+            metrics,
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // Reap the child if a test failed before SIGTERM.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if strip_ansi(&line).contains(needle) => return strip_ansi(&line),
+            Ok(_) => {}
+            Err(e) => panic!("agent never logged {needle:?}: {e}"),
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn write_manifests(dir: &std::path::Path) {
+    std::fs::write(dir.join("hello.wasm"), fixture("hello")).expect("write");
+    std::fs::write(dir.join("sleep.wasm"), fixture("sleep")).expect("write");
+    std::fs::write(dir.join("broken.wasm"), b"\0asm\x01\0\0\0garbage").expect("write");
+    let manifest = |name: &str, module: &str, replicas: u32, policy: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: {name}\n\
+             spec:\n  module:\n    path: {module}\n  replicas: {replicas}\n  restartPolicy: {policy}\n"
+        )
+    };
+    std::fs::write(
+        dir.join("hello.yaml"),
+        manifest("hello", "hello.wasm", 2, "Never"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("idle.yaml"),
+        manifest("idle", "sleep.wasm", 3, "Always"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("broken.yaml"),
+        manifest("broken", "broken.wasm", 1, "Always"),
+    )
+    .expect("write");
+    std::fs::write(dir.join("typo.yaml"), "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {name: typo}\nspec: {modul: {path: x.wasm}}\n").expect("write");
+}
+
+async fn wait_until(
+    client: &mut AgentAdminClient<tonic::transport::Channel>,
+    what: &str,
+    pred: impl Fn(&[SandboxStatus]) -> bool,
+) -> Vec<SandboxStatus> {
+    let mut events = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = client
+            .list_sandboxes(ListSandboxesRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .sandboxes;
+        if pred(&list) {
+            return list;
+        }
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(_)) => {}
+            other => panic!("waiting for {what}: {other:?}; last list {list:#?}"),
+        }
+    }
+}
+
+fn count(list: &[SandboxStatus], workload: &str, phase: SandboxPhase) -> usize {
+    list.iter()
+        .filter(|s| s.workload == workload && s.phase == phase as i32)
+        .count()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_manifests(dir.path());
+    let mut agent = AgentProcess::start(dir.path());
+    let mut client = AgentAdminClient::connect(format!("http://{}", agent.admin))
+        .await
+        .expect("connect admin API");
+
+    let list = wait_until(&mut client, "manifests to run", |l| {
+        count(l, "hello", SandboxPhase::Succeeded) == 2
+            && count(l, "idle", SandboxPhase::Running) == 3
+    })
+    .await;
+    let broken: Vec<_> = list.iter().filter(|s| s.workload == "broken").collect();
+    assert_eq!(broken.len(), 1);
+    assert_eq!(broken[0].phase, SandboxPhase::Failed as i32);
+    assert_eq!(broken[0].reason, "InvalidModule");
+    assert!(list.iter().all(|s| s.workload != "typo"));
+    wait_line(&agent.lines, "unknown field `modul`");
+
+    let mut logs = client
+        .logs(LogsRequest {
+            workload: "hello".into(),
+            replica: 1,
+            follow: false,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut output = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        output.extend(chunk.expect("chunk").data);
+    }
+    assert_eq!(output, b"hello from flotilla\n");
+
+    // Malformed wasm over the API: a clear InvalidArgument, and the agent keeps serving.
+    let err = client
+        .run_workload(RunWorkloadRequest {
+            spec: Some(WorkloadSpec {
+                name: "malformed".into(),
+                generation: 1,
+                replicas: 1,
+                module: Some(ModuleSource {
+                    source: Some(module_source::Source::Inline(
+                        b"\0asm\x01\0\0\0\x01".to_vec(),
+                    )),
+                    sha256: String::new(),
+                }),
+                ..WorkloadSpec::default()
+            }),
+        })
+        .await
+        .expect_err("malformed module rejected");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("invalid module"),
+        "{}",
+        err.message()
+    );
+
+    let capacity = client
+        .get_capacity(GetCapacityRequest {})
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(capacity.max_sandboxes, 1000);
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(capacity.arch, "amd64");
+
+    let metrics = http_get(agent.metrics, "/metrics");
+    assert!(
+        metrics.contains("flotilla_sandboxes{phase=\"Running\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flotilla_sandbox_starts_total"),
+        "{metrics}"
+    );
+
+    // SIGTERM: every sandbox is stopped and accounted for, and the agent exits cleanly.
+    let pid = i32::try_from(agent.child.id()).expect("pid fits");
+    // SAFETY-free: kill(2) through libc with a valid pid and signal number.
+    assert_eq!(unsafe_kill(pid, libc::SIGTERM), 0);
+    let summary = wait_line(&agent.lines, "all sandboxes accounted for");
+    assert!(summary.contains("stopped=3"), "{summary}");
+    assert!(summary.contains("aborted=0"), "{summary}");
+    let status = agent.child.wait().expect("agent exits");
+    assert!(status.success(), "{status:?}");
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, signal: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) }
+}
