@@ -1,1 +1,429 @@
-fn main() {}
+//! Flotilla's benchmarks. Each scenario runs Flotilla (through the node agent's supervisor) and
+//! bare wasmtime (same engine configuration, a fresh WASI context per instance, a cached
+//! `InstancePre`, nothing around it) and prints `RESULT <metric> <value> <unit>` lines, including
+//! Flotilla's figure as a ratio to bare wasmtime.
+//!
+//! Memory is measured in a fresh child process per variant so that one variant's freed heap does
+//! not flatter the other.
+//!
+//! ```text
+//! cargo run --release -p flotilla-bench -- density --sandboxes 100000
+//! cargo run --release -p flotilla-bench -- startup --sandboxes 100000
+//! cargo run --release -p flotilla-bench -- churn --runs 100000
+//! ```
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_node_agent::metrics::Metrics;
+use flotilla_node_agent::runtime::{RuntimeConfig, WasmtimeRuntime, capacity};
+use flotilla_node_agent::supervisor::{Supervisor, SupervisorConfig};
+use flotilla_proto::agent::v1::{
+    ModuleSource, RestartPolicy, SandboxPhase, WorkloadSpec, module_source,
+};
+use wasmtime::{InstancePre, Linker, Module, Store};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+// The agent binary's allocator, so both variants run as the agent would.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// An idle guest: sleeps an hour in `poll_oneoff`.
+const IDLE_GUEST: &str = include_str!("../../node-agent/tests/fixtures/sleep.wat");
+/// A guest that returns from `_start` at once.
+const EXIT_GUEST: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+#[derive(Parser)]
+#[command(about = "Flotilla benchmarks; results are printed as `RESULT <metric> <value> <unit>`")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Live idle sandboxes: RSS per sandbox, host overhead, time to start them all.
+    Density {
+        /// Idle sandboxes to start.
+        #[arg(long, default_value_t = 100_000)]
+        sandboxes: u32,
+    },
+    /// Start latency (p50/p99) and starts per second for a cached module.
+    Startup {
+        /// Sandboxes to start.
+        #[arg(long, default_value_t = 100_000)]
+        sandboxes: u32,
+    },
+    /// Short-lived sandboxes run to exit per second, against spawning `/bin/true`.
+    Churn {
+        /// Sandbox runs per variant.
+        #[arg(long, default_value_t = 100_000)]
+        runs: u32,
+        /// `/bin/true` processes to spawn.
+        #[arg(long, default_value_t = 2_000)]
+        processes: u32,
+    },
+    /// One measurement in this process (used by the scenarios above).
+    #[command(hide = true)]
+    Child {
+        #[arg(long)]
+        variant: Variant,
+        #[arg(long)]
+        guest: Guest,
+        #[arg(long)]
+        count: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Variant {
+    Flotilla,
+    Bare,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Guest {
+    Idle,
+    Exit,
+}
+
+/// What one child measurement reports.
+#[derive(Debug, Default)]
+struct Measurement {
+    count: f64,
+    elapsed_s: f64,
+    rss_delta_bytes: f64,
+    p50_ns: f64,
+    p99_ns: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().scenario {
+        Scenario::Density { sandboxes } => density(sandboxes),
+        Scenario::Startup { sandboxes } => startup(sandboxes),
+        Scenario::Churn { runs, processes } => churn(runs, processes),
+        Scenario::Child {
+            variant,
+            guest,
+            count,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let m = runtime.block_on(child(variant, guest, count))?;
+            println!(
+                "MEASURE {} {} {} {} {}",
+                m.count, m.elapsed_s, m.rss_delta_bytes, m.p50_ns, m.p99_ns
+            );
+            // Leave without tearing down 100,000 sandboxes one by one.
+            std::process::exit(0);
+        }
+    }
+}
+
+fn result(metric: &str, value: f64, unit: &str) {
+    println!("RESULT {metric} {value:.2} {unit}");
+}
+
+fn machine() {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = capacity::read_mem_total().unwrap_or(0) >> 30;
+    let maps = capacity::read_max_map_count().unwrap_or(0);
+    println!(
+        "# machine: {} {cpus} CPUs, {mem} GiB, vm.max_map_count={maps}",
+        std::env::consts::ARCH
+    );
+}
+
+fn density(sandboxes: u32) -> anyhow::Result<()> {
+    machine();
+    let flotilla = run_child(Variant::Flotilla, Guest::Idle, sandboxes)?;
+    let bare = run_child(Variant::Bare, Guest::Idle, sandboxes)?;
+    // The idle guest writes its poll_oneoff subscription and event into one 4 KiB page.
+    let guest_page = 4096.0;
+    let f_per = flotilla.rss_delta_bytes / flotilla.count;
+    let b_per = bare.rss_delta_bytes / bare.count;
+    result("density_live_sandboxes", flotilla.count, "sandboxes");
+    result("density_rss_per_sandbox", f_per / 1024.0, "KiB");
+    result(
+        "density_host_overhead_per_sandbox",
+        (f_per - guest_page) / 1024.0,
+        "KiB",
+    );
+    result("density_time_to_start_all", flotilla.elapsed_s, "s");
+    result("density_bare_live_sandboxes", bare.count, "sandboxes");
+    result("density_bare_rss_per_sandbox", b_per / 1024.0, "KiB");
+    result(
+        "density_bare_host_overhead_per_sandbox",
+        (b_per - guest_page) / 1024.0,
+        "KiB",
+    );
+    result("density_bare_time_to_start_all", bare.elapsed_s, "s");
+    result("density_rss_ratio_to_bare", f_per / b_per, "x");
+    Ok(())
+}
+
+fn startup(sandboxes: u32) -> anyhow::Result<()> {
+    machine();
+    let flotilla = run_child(Variant::Flotilla, Guest::Idle, sandboxes)?;
+    let bare = run_child(Variant::Bare, Guest::Idle, sandboxes)?;
+    let f_rate = flotilla.count / flotilla.elapsed_s;
+    let b_rate = bare.count / bare.elapsed_s;
+    result("startup_sandboxes", flotilla.count, "sandboxes");
+    result("startup_p50", flotilla.p50_ns / 1000.0, "us");
+    result("startup_p99", flotilla.p99_ns / 1000.0, "us");
+    result("startup_rate", f_rate, "starts/s");
+    result("startup_bare_p50", bare.p50_ns / 1000.0, "us");
+    result("startup_bare_p99", bare.p99_ns / 1000.0, "us");
+    result("startup_bare_rate", b_rate, "starts/s");
+    result(
+        "startup_p50_ratio_to_bare",
+        flotilla.p50_ns / bare.p50_ns,
+        "x",
+    );
+    result(
+        "startup_p99_ratio_to_bare",
+        flotilla.p99_ns / bare.p99_ns,
+        "x",
+    );
+    result("startup_rate_ratio_to_bare", f_rate / b_rate, "x");
+    Ok(())
+}
+
+fn churn(runs: u32, processes: u32) -> anyhow::Result<()> {
+    machine();
+    let flotilla = run_child(Variant::Flotilla, Guest::Exit, runs)?;
+    let bare = run_child(Variant::Bare, Guest::Exit, runs)?;
+    let true_rate = spawn_true(processes)?;
+    let f_rate = flotilla.count / flotilla.elapsed_s;
+    let b_rate = bare.count / bare.elapsed_s;
+    result("churn_rate", f_rate, "runs/s");
+    result("churn_bare_rate", b_rate, "runs/s");
+    result("churn_bin_true_rate", true_rate, "processes/s");
+    result("churn_ratio_to_bin_true", f_rate / true_rate, "x");
+    result("churn_bare_ratio_to_bin_true", b_rate / true_rate, "x");
+    result("churn_ratio_to_bare", f_rate / b_rate, "x");
+    Ok(())
+}
+
+/// Spawns `/bin/true` from one thread per CPU and returns processes per second.
+fn spawn_true(processes: u32) -> anyhow::Result<f64> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                for _ in 0..processes / threads {
+                    Command::new("/bin/true").status()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for handle in handles {
+        match handle.join() {
+            Ok(result) => result.context("spawning /bin/true")?,
+            Err(_) => bail!("a spawning thread panicked"),
+        }
+    }
+    Ok(f64::from(processes / threads * threads) / started.elapsed().as_secs_f64())
+}
+
+fn run_child(variant: Variant, guest: Guest, count: u32) -> anyhow::Result<Measurement> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["child", "--variant"])
+        .arg(format!("{variant:?}").to_lowercase())
+        .args(["--guest", &format!("{guest:?}").to_lowercase()])
+        .args(["--count", &count.to_string()])
+        .output()
+        .context("running the measurement child")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().find(|l| l.starts_with("MEASURE ")) else {
+        bail!(
+            "{variant:?} measurement failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [count, elapsed_s, rss_delta_bytes, p50_ns, p99_ns] = v[..] else {
+        bail!("malformed measurement {line:?}");
+    };
+    Ok(Measurement {
+        count,
+        elapsed_s,
+        rss_delta_bytes,
+        p50_ns,
+        p99_ns,
+    })
+}
+
+fn runtime_config(count: u32) -> RuntimeConfig {
+    let mut config = RuntimeConfig {
+        max_sandboxes: count,
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    };
+    config.default_limits.memory_bytes = 1 << 20;
+    config
+}
+
+async fn child(variant: Variant, guest: Guest, count: u32) -> anyhow::Result<Measurement> {
+    let config = runtime_config(count);
+    let capacity = capacity::derive(&config, capacity::read_max_map_count(), None);
+    if capacity.max_sandboxes < count {
+        bail!(
+            "this host holds {} sandboxes: {}",
+            capacity.max_sandboxes,
+            capacity.limited_by
+        );
+    }
+    let runtime = WasmtimeRuntime::with_capacity(config, capacity)?;
+    let wasm = wat::parse_str(match guest {
+        Guest::Idle => IDLE_GUEST,
+        Guest::Exit => EXIT_GUEST,
+    })?;
+    match variant {
+        Variant::Flotilla => flotilla(runtime, wasm, guest, count).await,
+        Variant::Bare => bare(runtime, wasm, guest, count).await,
+    }
+}
+
+async fn flotilla(
+    runtime: WasmtimeRuntime,
+    wasm: Vec<u8>,
+    guest: Guest,
+    count: u32,
+) -> anyhow::Result<Measurement> {
+    let metrics = Metrics::new().with_latency_samples(count as usize);
+    let supervisor = Supervisor::new(runtime, SupervisorConfig::default(), metrics.clone());
+    let spec = |replicas| WorkloadSpec {
+        name: "bench".into(),
+        generation: 1,
+        module: Some(ModuleSource {
+            source: Some(module_source::Source::Inline(wasm.clone())),
+            sha256: String::new(),
+        }),
+        replicas,
+        restart_policy: RestartPolicy::Never as i32,
+        ..WorkloadSpec::default()
+    };
+    // Compile once (a cached module), then measure the starts alone.
+    supervisor.apply(spec(0)).await?;
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    supervisor.apply(spec(count)).await?;
+    let done_phase = match guest {
+        Guest::Idle => SandboxPhase::Running,
+        Guest::Exit => SandboxPhase::Succeeded,
+    };
+    while metrics.in_phase(done_phase) < i64::from(count) {
+        if metrics.in_phase(SandboxPhase::Failed) > 0 {
+            bail!("sandboxes failed: {:?}", supervisor.list(None).first());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let rss_delta = rss_bytes().saturating_sub(rss_before);
+    let samples = metrics.take_latency_samples();
+    Ok(measurement(count, elapsed, rss_delta, samples))
+}
+
+async fn bare(
+    runtime: WasmtimeRuntime,
+    wasm: Vec<u8>,
+    guest: Guest,
+    count: u32,
+) -> anyhow::Result<Measurement> {
+    let engine = runtime.engine().clone();
+    let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx| cx)?;
+    let module = Module::new(&engine, &wasm)?;
+    let pre: InstancePre<WasiP1Ctx> = linker.instantiate_pre(&module)?;
+    let pre = Arc::new(pre);
+    let done = Arc::new(AtomicUsize::new(0));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
+
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    for _ in 0..count {
+        let (pre, engine, done, samples) =
+            (pre.clone(), engine.clone(), done.clone(), samples.clone());
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            let mut store = Store::new(&engine, WasiCtxBuilder::new().build_p1());
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_async_yield_and_update(1);
+            let Ok(instance) = Box::pin(pre.instantiate_async(&mut store)).await else {
+                return;
+            };
+            let Ok(start) = instance.get_typed_func::<(), ()>(&mut store, "_start") else {
+                return;
+            };
+            let latency = begun.elapsed();
+            if let Ok(mut samples) = samples.lock() {
+                samples.push(u32::try_from(latency.as_nanos()).unwrap_or(u32::MAX));
+            }
+            match guest {
+                Guest::Idle => {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    let _ = Box::pin(start.call_async(&mut store, ())).await;
+                }
+                Guest::Exit => {
+                    let _ = Box::pin(start.call_async(&mut store, ())).await;
+                    drop(store);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while done.load(Ordering::Relaxed) < count as usize {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let rss_delta = rss_bytes().saturating_sub(rss_before);
+    let samples = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(measurement(count, elapsed, rss_delta, samples))
+}
+
+fn measurement(
+    count: u32,
+    elapsed: Duration,
+    rss_delta: u64,
+    mut samples: Vec<u32>,
+) -> Measurement {
+    samples.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        f64::from(samples[i])
+    };
+    Measurement {
+        count: f64::from(count),
+        elapsed_s: elapsed.as_secs_f64(),
+        rss_delta_bytes: rss_delta as f64,
+        p50_ns: pct(0.50),
+        p99_ns: pct(0.99),
+    }
+}
+
+/// Resident set size of this process, from `VmRSS` in `/proc/self/status`.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}

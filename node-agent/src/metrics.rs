@@ -1,6 +1,7 @@
 //! Prometheus metrics of the node agent, served at `/metrics`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -18,11 +19,11 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct Metrics {
     registry: Arc<Registry>,
     phases: [Gauge; 5],
-    /// Sandbox runs started (instantiated).
-    pub starts: Counter,
-    /// Seconds from a sandbox being scheduled to its guest running.
-    pub start_latency: Histogram,
+    starts: Counter,
+    start_latency: Histogram,
     exits: Family<Labels, Counter>,
+    /// Exact start latencies in nanoseconds, kept only when a benchmark asks for them.
+    latency_samples: Option<Arc<Mutex<Vec<u32>>>>,
 }
 
 impl Metrics {
@@ -52,7 +53,7 @@ impl Metrics {
         let start_latency = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
         registry.register(
             "sandbox_start_latency_seconds",
-            "Time from a sandbox being scheduled to its guest running",
+            "Time from a sandbox run beginning (fresh store, instantiation) to its guest running",
             start_latency.clone(),
         );
         let exits = Family::<Labels, Counter>::default();
@@ -67,7 +68,42 @@ impl Metrics {
             starts,
             start_latency,
             exits,
+            latency_samples: None,
         }
+    }
+
+    /// Also keeps every start latency exactly, for benchmarks; see [`Self::take_latency_samples`].
+    #[must_use]
+    pub fn with_latency_samples(mut self, capacity: usize) -> Self {
+        self.latency_samples = Some(Arc::new(Mutex::new(Vec::with_capacity(capacity))));
+        self
+    }
+
+    /// Takes the start latencies recorded so far, in nanoseconds.
+    pub fn take_latency_samples(&self) -> Vec<u32> {
+        self.latency_samples
+            .as_ref()
+            .map_or_else(Vec::new, |samples| {
+                std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()))
+            })
+    }
+
+    /// Records a sandbox run that reached its guest after `latency`.
+    pub fn started(&self, latency: Duration) {
+        self.starts.inc();
+        self.start_latency.observe(latency.as_secs_f64());
+        if let Some(samples) = &self.latency_samples {
+            let nanos = u32::try_from(latency.as_nanos()).unwrap_or(u32::MAX);
+            samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(nanos);
+        }
+    }
+
+    /// Sandbox runs started so far.
+    pub fn starts(&self) -> u64 {
+        self.starts.get()
     }
 
     /// Moves one sandbox from phase `from` to phase `to` (`None` for entering or leaving).

@@ -449,7 +449,6 @@ impl<R: SandboxRuntime> Shared<R> {
             None => workload.spec.name.as_str().into(),
         };
         let policy = restart_policy(&workload.spec);
-        let scheduled_at = Instant::now();
         for replica in workload.sandboxes.len()..target {
             let cell = Arc::new(SandboxCell::new(
                 name.clone(),
@@ -461,14 +460,7 @@ impl<R: SandboxRuntime> Shared<R> {
             self.metrics.transition(None, Some(SandboxPhase::Pending));
             let span = tracing::debug_span!("sandbox", workload = %name, replica);
             let task = self.tracker.spawn(
-                run_sandbox(
-                    self.clone(),
-                    cell.clone(),
-                    prepared.clone(),
-                    policy,
-                    scheduled_at,
-                )
-                .instrument(span),
+                run_sandbox(self.clone(), cell.clone(), prepared.clone(), policy).instrument(span),
             );
             workload.sandboxes.push(SandboxEntry {
                 cell,
@@ -491,7 +483,6 @@ async fn run_sandbox<R: SandboxRuntime>(
     cell: Arc<SandboxCell>,
     prepared: Arc<R::Prepared>,
     policy: RestartPolicy,
-    mut scheduled_at: Instant,
 ) {
     let metrics = &shared.metrics;
     let mut backoff = Backoff::default();
@@ -500,10 +491,24 @@ async fn run_sandbox<R: SandboxRuntime>(
         let exit = tokio::select! {
             biased;
             () = cell.cancel.cancelled() => Exit::Stopped,
-            exit = run_once(&shared, &cell, &prepared, scheduled_at) => exit,
+            exit = run_once(&shared, &cell, &prepared) => exit,
         };
         let ran_for = run_started.elapsed();
         metrics.exit(exit.reason());
+        if exit != Exit::Stopped {
+            let level_is_failure = !exit.is_success();
+            if level_is_failure {
+                tracing::warn!(
+                    workload = %cell.workload,
+                    replica = cell.replica,
+                    reason = exit.reason(),
+                    message = %exit.message(),
+                    "sandbox failed"
+                );
+            } else {
+                tracing::info!(workload = %cell.workload, replica = cell.replica, "sandbox completed");
+            }
+        }
         let termination = Box::new(Termination {
             reason: exit.reason().to_string(),
             message: exit.message(),
@@ -570,7 +575,6 @@ async fn run_sandbox<R: SandboxRuntime>(
             () = tokio::time::sleep(delay) => {}
         }
         cell.update(|s| s.restart_count += 1);
-        scheduled_at = Instant::now();
     }
 }
 
@@ -579,9 +583,9 @@ async fn run_once<R: SandboxRuntime>(
     shared: &Shared<R>,
     cell: &SandboxCell,
     prepared: &Arc<R::Prepared>,
-    scheduled_at: Instant,
 ) -> Exit {
     let run = async {
+        let begun = Instant::now();
         let instance = match shared
             .runtime
             .instantiate(prepared, cell.logs.clone())
@@ -590,11 +594,7 @@ async fn run_once<R: SandboxRuntime>(
             Ok(instance) => instance,
             Err(exit) => return exit,
         };
-        shared
-            .metrics
-            .start_latency
-            .observe(scheduled_at.elapsed().as_secs_f64());
-        shared.metrics.starts.inc();
+        shared.metrics.started(begun.elapsed());
         let old = cell.update(|s| {
             s.phase = SandboxPhase::Running;
             s.reason = "";
