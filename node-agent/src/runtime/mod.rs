@@ -23,7 +23,9 @@ use flotilla_proto::agent::v1::WorkloadSpec;
 pub use self::capacity::Capacity;
 pub use self::limits::SandboxLimits;
 pub use self::logs::LogBuffer;
-pub use self::wasmtime::{PreparedWorkload, WasmtimeInstance, WasmtimeRuntime};
+pub use self::wasmtime::{
+    CacheStats, PreparedWorkload, WasmtimeInstance, WasmtimeRuntime, precompile_for_target,
+};
 
 /// Compiles workloads and runs their sandboxes.
 pub trait SandboxRuntime: Send + Sync + 'static {

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,19 @@ struct Inner {
     capacity: Capacity,
     compile_permits: Arc<Semaphore>,
     artifacts: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
+    compiled: AtomicU64,
+    loaded: AtomicU64,
+}
+
+/// How modules were obtained since the runtime started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Modules and components compiled by Cranelift.
+    pub compiled: u64,
+    /// Modules and components loaded from the on-disk artifact cache.
+    pub loaded_from_disk: u64,
+    /// Digests whose artifacts are held in memory.
+    pub in_memory: usize,
 }
 
 /// Why the runtime could not be created.
@@ -135,8 +149,11 @@ impl WasmtimeRuntime {
     /// # Errors
     /// Fails if the engine cannot be created with this configuration.
     pub fn with_capacity(config: RuntimeConfig, capacity: Capacity) -> Result<Self, RuntimeError> {
-        let engine =
-            Engine::new(&engine_config(&config, &capacity)).map_err(RuntimeError::CreateEngine)?;
+        let mut engine_config = engine_config(&config);
+        engine_config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+            &config, &capacity,
+        )));
+        let engine = Engine::new(&engine_config).map_err(RuntimeError::CreateEngine)?;
 
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
@@ -159,6 +176,8 @@ impl WasmtimeRuntime {
                 config,
                 capacity,
                 artifacts: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                loaded: AtomicU64::new(0),
             }),
         })
     }
@@ -173,9 +192,13 @@ impl WasmtimeRuntime {
         &self.inner.config
     }
 
-    /// Digests whose artifacts are cached in memory.
-    pub fn cached_digests(&self) -> Vec<String> {
-        self.inner.lock_artifacts().keys().cloned().collect()
+    /// How modules were obtained so far.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            loaded_from_disk: self.inner.loaded.load(Ordering::Relaxed),
+            in_memory: self.inner.lock_artifacts().len(),
+        }
     }
 
     async fn artifact(&self, digest: &str, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
@@ -428,7 +451,10 @@ impl Inner {
             && path.exists()
         {
             match T::deserialize_file(&self.engine, path) {
-                Ok(artifact) => return Ok(artifact),
+                Ok(artifact) => {
+                    self.loaded.fetch_add(1, Ordering::Relaxed);
+                    return Ok(artifact);
+                }
                 // Another wasmtime version or configuration wrote it: compile again.
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "ignoring cached artifact")
@@ -437,6 +463,7 @@ impl Inner {
         }
         let artifact =
             compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+        self.compiled.fetch_add(1, Ordering::Relaxed);
         if let Some(path) = &path
             && let Err(e) = write_atomically(path, &artifact)
         {
@@ -488,6 +515,8 @@ impl Serialize for Component {
     }
 }
 
+/// Writes an artifact to a temporary file and renames it into place. Loaded artifacts are
+/// memory-mapped from their file, so a file must never be rewritten in place.
 fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<()> {
     let bytes = artifact
         .serialize()
@@ -585,7 +614,8 @@ fn classify(err: wasmtime::Error) -> Exit {
 /// Frames kept in a trap's wasm backtrace.
 const MAX_BACKTRACE_FRAMES: usize = 32;
 
-fn engine_config(config: &RuntimeConfig, capacity: &Capacity) -> Config {
+/// The pooling allocator, sized for `capacity`.
+fn pool_config(config: &RuntimeConfig, capacity: &Capacity) -> PoolingAllocationConfig {
     let sandboxes = capacity.max_sandboxes.max(1);
     let defaults = &config.default_limits;
     let mut pool = PoolingAllocationConfig::new();
@@ -605,10 +635,13 @@ fn engine_config(config: &RuntimeConfig, capacity: &Capacity) -> Config {
         // sandbox churn from scaling past one core.
         .linear_memory_keep_resident(64 << 10)
         .table_keep_resident(16 << 10);
+    pool
+}
 
+/// Everything but the allocator: shared by the host engine and cross-compiling engines.
+fn engine_config(config: &RuntimeConfig) -> Config {
     let mut cfg = Config::new();
-    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .epoch_interruption(true)
+    cfg.epoch_interruption(true)
         .max_wasm_stack(config.max_wasm_stack)
         .async_stack_size(config.async_stack_size)
         .memory_reservation(
@@ -632,6 +665,29 @@ fn engine_config(config: &RuntimeConfig, capacity: &Capacity) -> Config {
         .wasm_extended_const(true)
         .wasm_component_model(true);
     cfg
+}
+
+/// Compiles a module or component for another architecture (a target triple such as
+/// `aarch64-unknown-linux-gnu`) with the agent's engine settings, for nodes of that architecture.
+///
+/// # Errors
+/// Fails for an unknown target or an invalid module.
+pub fn precompile_for_target(
+    config: &RuntimeConfig,
+    target: &str,
+    wasm: &[u8],
+) -> Result<Vec<u8>, SandboxError> {
+    check_binary_wasm(wasm)?;
+    let mut cfg = engine_config(config);
+    cfg.target(target)
+        .map_err(|e| SandboxError::Compile(format!("target {target}: {e:#}")))?;
+    let engine = Engine::new(&cfg).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+    let compiled = if is_component(wasm) {
+        engine.precompile_component(wasm)
+    } else {
+        engine.precompile_module(wasm)
+    };
+    compiled.map_err(|e| SandboxError::Compile(format!("{e:#}")))
 }
 
 /// Bumps the engine's epoch every `tick` until the engine is dropped.
