@@ -1,7 +1,10 @@
-//! Flotilla's control plane. It keeps the desired state of `WasmWorkload` objects, knows the
-//! connected node agents and schedules workload replicas onto them.
+//! Flotilla's control plane. It keeps the desired state of `WasmWorkload` objects in a
+//! [`store`], knows the connected node agents and [`scheduler`]s workload replicas onto them.
 //!
-//! This crate is a placeholder until the control-plane work lands; the node agent runs on its own
-//! with static manifests in the meantime.
+//! [`model`] holds the domain types shared by every part; nothing here depends on Kubernetes or
+//! gRPC except at the edges.
+
+pub mod model;
+pub mod store;
 
 pub use flotilla_proto as proto;

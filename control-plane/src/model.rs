@@ -1,0 +1,601 @@
+//! Domain types of the control plane: `WasmWorkload` objects and the nodes they are placed on.
+//!
+//! The schema is the one the Kubernetes CRD uses (API group `flotilla.dev`, version `v1alpha1`):
+//! the embedded store, the CLI and the operator all read and write these types. No kube, no tonic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// `apiVersion` of every Flotilla object.
+pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
+/// `kind` of a workload.
+pub const WORKLOAD_KIND: &str = "WasmWorkload";
+/// Namespace of objects that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A `WasmWorkload`: desired state (`spec`) and observed state (`status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    /// Always [`API_VERSION`].
+    pub api_version: String,
+    /// Always [`WORKLOAD_KIND`].
+    pub kind: String,
+    /// Identity and versioning.
+    pub metadata: ObjectMeta,
+    /// Desired state.
+    pub spec: WorkloadSpec,
+    /// Observed state, written by the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<WorkloadStatus>,
+}
+
+/// Object metadata, Kubernetes-style.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Object name (an RFC 1123 subdomain).
+    pub name: String,
+    /// Namespace; [`DEFAULT_NAMESPACE`] when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// Unique id assigned on creation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Incremented by the store whenever `spec` changes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// Incremented by the store on every write; used for optimistic concurrency.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, RFC 3339.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub creation_timestamp: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Identifies a workload: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl WorkloadKey {
+    /// A key; an empty namespace means [`DEFAULT_NAMESPACE`].
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `spec` of a `WasmWorkload`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// The module to run.
+    pub module: ModuleRef,
+    /// Arguments after argv[0].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Sandboxes to run across the cluster. Default 1.
+    #[serde(default = "one")]
+    pub replicas: i64,
+    /// Requests and limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// `Always` (default), `OnFailure` or `Never`.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Wall-clock limit of one run, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<i64>,
+    /// Labels a node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints this workload tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Where a module comes from: pinned by digest, fetched from `url` or the module store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ModuleRef {
+    /// Lower-case hex SHA-256 of the module; agents verify it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
+    /// An `http`/`https` URL to fetch the module from; without it the control plane's module
+    /// store serves the blob pushed under `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A local file, only in manifests given to `flotilla apply`, which pushes it and replaces it
+    /// with `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// One environment variable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    /// Name.
+    pub name: String,
+    /// Value.
+    #[serde(default)]
+    pub value: String,
+}
+
+/// What a sandbox requests (for placement) and may use (enforced by the agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Placement requests.
+    #[serde(default)]
+    pub requests: ResourceList,
+    /// Enforced limits.
+    #[serde(default)]
+    pub limits: ResourceList,
+}
+
+/// Kubernetes quantities per resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResourceList {
+    /// Memory, e.g. `16Mi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU, e.g. `100m` or `0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// CPU time of one run, e.g. `2s` (limits only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time: Option<String>,
+    /// Log ring size, e.g. `64Ki` (limits only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
+}
+
+/// Restart policy of a workload's sandboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Restart whenever a sandbox ends.
+    #[default]
+    Always,
+    /// Restart sandboxes that fail.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// A toleration, as on a Pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key; empty with `Exists` tolerates every taint.
+    #[serde(default)]
+    pub key: String,
+    /// `Equal` (default) or `Exists`.
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// Value for `Equal`.
+    #[serde(default)]
+    pub value: String,
+    /// Effect tolerated; empty tolerates every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+/// How a toleration matches a taint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TolerationOperator {
+    /// Key and value must match.
+    #[default]
+    Equal,
+    /// The key must exist.
+    Exists,
+}
+
+/// What a taint does to workloads that do not tolerate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaintEffect {
+    /// Not placed on the node.
+    NoSchedule,
+    /// Avoided when possible.
+    PreferNoSchedule,
+    /// Not placed, and evicted.
+    NoExecute,
+}
+
+/// A node taint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taint {
+    /// Key.
+    pub key: String,
+    /// Value.
+    #[serde(default)]
+    pub value: String,
+    /// Effect.
+    pub effect: TaintEffect,
+}
+
+impl Toleration {
+    /// Whether this toleration tolerates `taint`.
+    pub fn tolerates(&self, taint: &Taint) -> bool {
+        if self.effect.is_some_and(|e| e != taint.effect) {
+            return false;
+        }
+        match self.operator {
+            TolerationOperator::Exists => self.key.is_empty() || self.key == taint.key,
+            TolerationOperator::Equal => self.key == taint.key && self.value == taint.value,
+        }
+    }
+}
+
+/// Observed state of a workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// The generation this status describes.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Sandboxes placed.
+    #[serde(default)]
+    pub replicas: u64,
+    /// Sandboxes running.
+    #[serde(default)]
+    pub ready_replicas: u64,
+    /// Sandboxes running for at least `minReadySeconds`.
+    #[serde(default)]
+    pub available_replicas: u64,
+    /// Conditions such as `Scheduled`, `Available`, `Progressing`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Sandboxes placed per node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placements: BTreeMap<String, u64>,
+}
+
+/// A status condition, Kubernetes-style.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Scheduled`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason, e.g. `Unschedulable`.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed, RFC 3339.
+    #[serde(default)]
+    pub last_transition_time: String,
+}
+
+/// One invalid field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path such as `spec.replicas`.
+    pub field: String,
+    /// What is wrong, e.g. `must be >= 0`.
+    pub message: String,
+}
+
+/// Every invalid field of an object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+pub struct ValidationError(pub Vec<FieldError>);
+
+/// Placement requests of one sandbox, parsed from its quantities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// Bytes of memory.
+    pub memory: u64,
+    /// Millicores of CPU.
+    pub cpu_millis: u64,
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// A new workload object.
+    pub fn new(namespace: &str, name: &str, spec: WorkloadSpec) -> Self {
+        Self {
+            api_version: API_VERSION.to_string(),
+            kind: WORKLOAD_KIND.to_string(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                ..ObjectMeta::default()
+            },
+            spec,
+            status: None,
+        }
+    }
+
+    /// This workload's key.
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey::new(&self.metadata.namespace, &self.metadata.name)
+    }
+
+    /// Parses every document of a YAML manifest. Unknown fields are errors.
+    ///
+    /// # Errors
+    /// The first document that does not parse or validate, with its field path.
+    pub fn from_yaml(text: &str) -> Result<Vec<Workload>, ValidationError> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|doc| {
+                let workload = Workload::deserialize(doc).map_err(|e| {
+                    ValidationError(vec![FieldError {
+                        field: e
+                            .location()
+                            .map_or("manifest".into(), |l| format!("line {}", l.line())),
+                        message: e.to_string(),
+                    }])
+                })?;
+                workload.validate()?;
+                Ok(workload)
+            })
+            .collect()
+    }
+
+    /// Checks everything that can be checked without the cluster.
+    ///
+    /// # Errors
+    /// Every invalid field, each with its path.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let mut errors = Vec::new();
+        let mut fail = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.to_string(),
+                message,
+            });
+        };
+        if self.api_version != API_VERSION {
+            fail("apiVersion", format!("must be {API_VERSION}"));
+        }
+        if self.kind != WORKLOAD_KIND {
+            fail("kind", format!("must be {WORKLOAD_KIND}"));
+        }
+        if let Err(message) = validate_name(&self.metadata.name) {
+            fail("metadata.name", message);
+        }
+        if !self.metadata.namespace.is_empty()
+            && let Err(message) = validate_name(&self.metadata.namespace)
+        {
+            fail("metadata.namespace", message);
+        }
+        let spec = &self.spec;
+        if spec.replicas < 0 {
+            fail("spec.replicas", "must be >= 0".into());
+        }
+        let module = &spec.module;
+        if module.path.is_some() {
+            fail(
+                "spec.module.path",
+                "local paths are resolved by `flotilla apply`, which pushes the file; the \
+                 server needs spec.module.sha256"
+                    .into(),
+            );
+        } else if !is_sha256(&module.sha256) {
+            fail(
+                "spec.module.sha256",
+                format!("{:?}: must be 64 lower-case hex digits", module.sha256),
+            );
+        }
+        if let Some(url) = &module.url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            fail(
+                "spec.module.url",
+                format!("{url:?}: must be an http or https URL"),
+            );
+        }
+        for (i, env) in spec.env.iter().enumerate() {
+            if env.name.is_empty() || env.name.contains('=') {
+                fail(
+                    &format!("spec.env[{i}].name"),
+                    "must be non-empty and contain no '='".into(),
+                );
+            }
+        }
+        for (path, list) in [
+            ("spec.resources.requests", &spec.resources.requests),
+            ("spec.resources.limits", &spec.resources.limits),
+        ] {
+            if let Some(memory) = &list.memory
+                && let Err(message) = parse_bytes(memory)
+            {
+                fail(&format!("{path}.memory"), message);
+            }
+            if let Some(cpu) = &list.cpu
+                && let Err(message) = parse_cpu_millis(cpu)
+            {
+                fail(&format!("{path}.cpu"), message);
+            }
+        }
+        if spec.resources.requests.cpu_time.is_some() || spec.resources.requests.logs.is_some() {
+            fail(
+                "spec.resources.requests",
+                "cpuTime and logs are limits, not requests".into(),
+            );
+        }
+        if let Some(t) = &spec.resources.limits.cpu_time
+            && let Err(e) = humantime::parse_duration(t)
+        {
+            fail("spec.resources.limits.cpuTime", format!("{t:?}: {e}"));
+        }
+        if let Some(logs) = &spec.resources.limits.logs
+            && let Err(message) = parse_bytes(logs)
+        {
+            fail("spec.resources.limits.logs", message);
+        }
+        if let (Ok(request), Ok(limit)) = (
+            spec.resources
+                .requests
+                .memory
+                .as_deref()
+                .map_or(Ok(0), parse_bytes),
+            spec.resources
+                .limits
+                .memory
+                .as_deref()
+                .map_or(Ok(u64::MAX), parse_bytes),
+        ) && request > limit
+        {
+            fail(
+                "spec.resources.requests.memory",
+                "must be <= spec.resources.limits.memory".into(),
+            );
+        }
+        if spec.active_deadline_seconds.is_some_and(|s| s <= 0) {
+            fail("spec.activeDeadlineSeconds", "must be > 0".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError(errors))
+        }
+    }
+}
+
+impl WorkloadSpec {
+    /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
+    /// requests its limit. Call on a validated spec; unparsable quantities count as zero.
+    pub fn requests(&self) -> Requests {
+        let pick = |request: &Option<String>, limit: &Option<String>| {
+            request.as_ref().or(limit.as_ref()).cloned()
+        };
+        let r = &self.resources;
+        Requests {
+            memory: pick(&r.requests.memory, &r.limits.memory)
+                .and_then(|q| parse_bytes(&q).ok())
+                .unwrap_or(0),
+            cpu_millis: pick(&r.requests.cpu, &r.limits.cpu)
+                .and_then(|q| parse_cpu_millis(&q).ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Object names follow Kubernetes: lowercase RFC 1123 subdomains.
+///
+/// # Errors
+/// A message saying what the name must look like.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let alnum_ends = name
+        .bytes()
+        .next()
+        .zip(name.bytes().last())
+        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 253 || !valid_chars || !alnum_ends {
+        return Err(format!(
+            "{name:?}: must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.'; alphanumeric \
+             at both ends; at most 253 characters)"
+        ));
+    }
+    Ok(())
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Parses a Kubernetes byte quantity: `123`, `64Ki`, `16Mi`, `1Gi`, `1k`, `5M`, `2G`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?}: not a quantity (e.g. 64Mi)"))?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return Err(format!("{value:?}: unknown suffix {suffix:?}")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{value:?}: too large"))
+}
+
+/// Parses a CPU quantity into millicores: `250m`, `1`, `0.5`, `2.25`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_cpu_millis(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let bad = || format!("{value:?}: not a CPU quantity (e.g. 250m or 0.5)");
+    if let Some(millis) = value.strip_suffix('m') {
+        return millis.parse().map_err(|_| bad());
+    }
+    let (whole, frac) = value.split_once('.').unwrap_or((value, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<3}").parse().map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(1000)
+        .and_then(|w| w.checked_add(frac))
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+use super::*;
+
+const DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000abc";
+
+fn manifest(extra_spec: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: web\n\
+         spec:\n  module:\n    sha256: \"{DIGEST}\"\n{extra_spec}"
+    )
+}
+
+#[test]
+fn parses_a_full_manifest() {
+    let text = manifest(
+        "  replicas: 3\n  args: [a]\n  env: [{name: A, value: b}]\n  restartPolicy: OnFailure\n\
+         \x20 nodeSelector: {kubernetes.io/arch: arm64}\n\
+         \x20 tolerations: [{key: dedicated, operator: Equal, value: wasm, effect: NoSchedule}]\n\
+         \x20 resources:\n    requests: {memory: 1Mi, cpu: 100m}\n    limits: {memory: 16Mi, cpuTime: 2s}\n",
+    );
+    let workloads = Workload::from_yaml(&text).expect("valid");
+    let w = &workloads[0];
+    assert_eq!(w.key(), WorkloadKey::new("default", "web"));
+    assert_eq!(w.spec.replicas, 3);
+    assert_eq!(w.spec.restart_policy, RestartPolicy::OnFailure);
+    assert_eq!(
+        w.spec.requests(),
+        Requests {
+            memory: 1 << 20,
+            cpu_millis: 100
+        }
+    );
+}
+
+#[test]
+fn bad_manifests_get_field_pointed_errors() {
+    let cases = [
+        ("  replicas: -1\n", "spec.replicas: must be >= 0"),
+        ("  replicaz: 1\n", "unknown field `replicaz`"),
+        (
+            "  resources: {limits: {memory: 16Mo}}\n",
+            "spec.resources.limits.memory",
+        ),
+        (
+            "  resources: {requests: {cpu: fast}}\n",
+            "spec.resources.requests.cpu",
+        ),
+        (
+            "  resources: {requests: {memory: 2Gi}, limits: {memory: 1Gi}}\n",
+            "spec.resources.requests.memory: must be <= spec.resources.limits.memory",
+        ),
+        ("  env: [{name: \"\"}]\n", "spec.env[0].name"),
+        (
+            "  restartPolicy: Sometimes\n",
+            "unknown variant `Sometimes`",
+        ),
+        (
+            "  activeDeadlineSeconds: 0\n",
+            "spec.activeDeadlineSeconds: must be > 0",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let err = Workload::from_yaml(&manifest(extra)).expect_err(needle);
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    let bad_digest = manifest("").replace(DIGEST, "abc");
+    let err = Workload::from_yaml(&bad_digest).expect_err("bad digest");
+    assert!(err.to_string().contains("spec.module.sha256"), "{err}");
+    let url = manifest("").replace(
+        &format!("    sha256: \"{DIGEST}\"\n"),
+        &format!("    sha256: \"{DIGEST}\"\n    url: ftp://x/y.wasm\n"),
+    );
+    let err = Workload::from_yaml(&url).expect_err("bad url");
+    assert!(err.to_string().contains("spec.module.url"), "{err}");
+    let name = manifest("").replace("name: web", "name: Web_1");
+    let err = Workload::from_yaml(&name).expect_err("bad name");
+    assert!(err.to_string().contains("metadata.name"), "{err}");
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let text = manifest("  replicas: -2\n  activeDeadlineSeconds: -1\n");
+    let err = Workload::from_yaml(&text).expect_err("invalid");
+    assert_eq!(err.0.len(), 2, "{err}");
+}
+
+#[test]
+fn limits_alone_request_the_limit() {
+    let mut spec = WorkloadSpec::default();
+    spec.resources.limits.memory = Some("8Mi".into());
+    spec.resources.limits.cpu = Some("0.5".into());
+    assert_eq!(
+        spec.requests(),
+        Requests {
+            memory: 8 << 20,
+            cpu_millis: 500
+        }
+    );
+}
+
+#[test]
+fn cpu_quantities() {
+    for (q, m) in [("250m", 250), ("1", 1000), ("0.5", 500), ("2.125", 2125)] {
+        assert_eq!(parse_cpu_millis(q), Ok(m), "{q}");
+    }
+    for bad in ["", "m", "1.2345", "abc", "-1"] {
+        assert!(parse_cpu_millis(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn tolerations_match_taints() {
+    let taint = Taint {
+        key: "dedicated".into(),
+        value: "wasm".into(),
+        effect: TaintEffect::NoSchedule,
+    };
+    let equal = Toleration {
+        key: "dedicated".into(),
+        value: "wasm".into(),
+        ..Toleration::default()
+    };
+    assert!(equal.tolerates(&taint));
+    let other_value = Toleration {
+        value: "gpu".into(),
+        ..equal.clone()
+    };
+    assert!(!other_value.tolerates(&taint));
+    let exists_all = Toleration {
+        operator: TolerationOperator::Exists,
+        ..Toleration::default()
+    };
+    assert!(exists_all.tolerates(&taint));
+    let wrong_effect = Toleration {
+        effect: Some(TaintEffect::NoExecute),
+        ..equal
+    };
+    assert!(!wrong_effect.tolerates(&taint));
+}

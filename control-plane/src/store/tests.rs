@@ -1,0 +1,220 @@
+//! One conformance suite for every [`WorkloadStore`] backend.
+
+use std::time::Duration;
+
+use super::*;
+use crate::model::{Condition, WorkloadSpec};
+
+const DIGEST: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+fn workload(name: &str, replicas: i64) -> Workload {
+    let mut spec = WorkloadSpec {
+        replicas,
+        ..WorkloadSpec::default()
+    };
+    spec.module.sha256 = DIGEST.into();
+    Workload::new("", name, spec)
+}
+
+async fn next_event(watch: &mut Watch) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("a watch event within 5 s")
+        .expect("watch open")
+        .expect("event ok")
+}
+
+/// The suite: every backend must pass it.
+async fn conformance<S: WorkloadStore>(store: &S) {
+    // Empty store: the watch starts with an empty snapshot.
+    let mut watch = store.watch().await.expect("watch");
+    assert_eq!(next_event(&mut watch).await, WatchEvent::Restarted(vec![]));
+
+    // Create: generation 1, a uid, a resource version, namespace defaulted.
+    let created = store.apply(workload("web", 2)).await.expect("create");
+    assert_eq!(created.metadata.generation, 1);
+    assert_eq!(created.metadata.namespace, "default");
+    assert!(!created.metadata.uid.is_empty());
+    assert!(!created.metadata.resource_version.is_empty());
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Applied(created.clone())
+    );
+    let key = created.key();
+    assert_eq!(store.get(&key).await.expect("get"), Some(created.clone()));
+
+    // Re-applying the same spec bumps the resource version, not the generation.
+    let same = store.apply(workload("web", 2)).await.expect("reapply");
+    assert_eq!(same.metadata.generation, 1);
+    assert_eq!(same.metadata.uid, created.metadata.uid);
+    assert_ne!(
+        same.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    next_event(&mut watch).await;
+
+    // A spec change bumps the generation.
+    let scaled = store.apply(workload("web", 5)).await.expect("scale");
+    assert_eq!(scaled.metadata.generation, 2);
+    next_event(&mut watch).await;
+
+    // A stale write conflicts and changes nothing.
+    let mut stale = workload("web", 9);
+    stale.metadata.resource_version = created.metadata.resource_version.clone();
+    let err = store.apply(stale).await.expect_err("stale write");
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        store.get(&key).await.expect("get").map(|w| w.spec.replicas),
+        Some(5)
+    );
+
+    // An invalid object is refused with its field errors and changes nothing.
+    let err = store.apply(workload("web", -1)).await.expect_err("invalid");
+    assert!(err.to_string().contains("invalid"), "{err}");
+    let Error::Invalid(fields) = err else {
+        panic!("not a validation error")
+    };
+    assert_eq!(fields.0[0].field, "spec.replicas");
+
+    // Status is its own subresource: the spec and generation stay.
+    let status = WorkloadStatus {
+        observed_generation: 2,
+        replicas: 5,
+        conditions: vec![Condition {
+            type_: "Scheduled".into(),
+            status: "True".into(),
+            ..Condition::default()
+        }],
+        ..WorkloadStatus::default()
+    };
+    let patched = store
+        .patch_status(&key, status.clone())
+        .await
+        .expect("status");
+    assert_eq!(patched.status.as_ref(), Some(&status));
+    assert_eq!(patched.metadata.generation, 2);
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Applied(patched.clone())
+    );
+    // Applying a spec keeps the status.
+    let reapplied = store.apply(workload("web", 5)).await.expect("reapply");
+    assert_eq!(reapplied.status.as_ref(), Some(&status));
+    next_event(&mut watch).await;
+
+    let unknown = WorkloadKey::new("default", "nope");
+    let err = store
+        .patch_status(&unknown, status)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+
+    // A second workload; list is sorted by key.
+    store.apply(workload("api", 1)).await.expect("create api");
+    next_event(&mut watch).await;
+    let names: Vec<String> = store
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|w| w.metadata.name)
+        .collect();
+    assert_eq!(names, ["api", "web"]);
+
+    // A new watcher starts from a snapshot with both.
+    let mut late = store.watch().await.expect("watch");
+    let WatchEvent::Restarted(snapshot) = next_event(&mut late).await else {
+        panic!("a watch starts with Restarted");
+    };
+    assert_eq!(snapshot.len(), 2);
+
+    // Delete returns the last state and emits Deleted; deleting again is a no-op.
+    let deleted = store.delete(&key).await.expect("delete").expect("existed");
+    assert_eq!(deleted.metadata.name, "web");
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Deleted(deleted.clone())
+    );
+    assert_eq!(next_event(&mut late).await, WatchEvent::Deleted(deleted));
+    assert_eq!(store.delete(&key).await.expect("delete again"), None);
+    assert_eq!(store.get(&key).await.expect("get"), None);
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(&dir.path().join("flotilla.redb")).expect("open");
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_store_survives_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("flotilla.redb");
+    let (before, version) = {
+        let store = EmbeddedStore::open(&path).expect("open");
+        for i in 0..50 {
+            store
+                .apply(workload(&format!("w{i:02}"), i))
+                .await
+                .expect("create");
+        }
+        let last = store.apply(workload("w07", 70)).await.expect("update");
+        store
+            .patch_status(
+                &last.key(),
+                WorkloadStatus {
+                    replicas: 70,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("status");
+        (
+            store.list().await.expect("list"),
+            last.metadata.resource_version,
+        )
+    };
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    let after = store.list().await.expect("list");
+    assert_eq!(before, after);
+    assert_eq!(after.len(), 50);
+    // Resource versions keep growing across restarts.
+    let next = store.apply(workload("w08", 1)).await.expect("update");
+    let (next, version): (u64, u64) = (
+        next.metadata.resource_version.parse().expect("number"),
+        version.parse().expect("number"),
+    );
+    assert!(next > version + 1, "{next} after {version}");
+}
+
+#[tokio::test]
+async fn a_lagging_watcher_resynchronises() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(&dir.path().join("flotilla.redb")).expect("open");
+    let mut watch = store.watch().await.expect("watch");
+    next_event(&mut watch).await;
+    // More writes than the event buffer holds, without reading.
+    for i in 0..(super::embedded::EVENT_BUFFER + 10) {
+        store
+            .apply(workload("busy", (i % 7) as i64))
+            .await
+            .expect("apply");
+    }
+    let WatchEvent::Restarted(snapshot) = next_event(&mut watch).await else {
+        panic!("a lagging watcher gets a fresh snapshot");
+    };
+    assert_eq!(snapshot.len(), 1);
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_store_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("garbage.redb");
+    std::fs::write(&path, b"this is not a database").expect("write");
+    let err = match EmbeddedStore::open(&path) {
+        Err(err) => err,
+        Ok(_) => panic!("garbage opened as a store"),
+    };
+    assert!(matches!(err, Error::Open(_)), "{err:?}");
+}
