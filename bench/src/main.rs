@@ -10,6 +10,7 @@
 //! cargo run --release -p flotilla-bench -- density --sandboxes 100000
 //! cargo run --release -p flotilla-bench -- startup --sandboxes 100000
 //! cargo run --release -p flotilla-bench -- churn --runs 100000
+//! cargo run --release -p flotilla-bench -- scheduler --nodes 1000 --replicas 100000
 //! ```
 
 use std::process::Command;
@@ -68,6 +69,15 @@ enum Scenario {
         #[arg(long, default_value_t = 2_000)]
         processes: u32,
     },
+    /// Placements per second: simulated nodes, workloads of mixed sizes, in-process.
+    Scheduler {
+        /// Simulated nodes (10% arm64, 5% tainted).
+        #[arg(long, default_value_t = 1_000)]
+        nodes: u32,
+        /// Replicas in all, over workloads of 1 to 5,000 replicas.
+        #[arg(long, default_value_t = 100_000)]
+        replicas: u64,
+    },
     /// One measurement in this process (used by the scenarios above).
     #[command(hide = true)]
     Child {
@@ -107,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Density { sandboxes } => density(sandboxes),
         Scenario::Startup { sandboxes } => startup(sandboxes),
         Scenario::Churn { runs, processes } => churn(runs, processes),
+        Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::Child {
             variant,
             guest,
@@ -208,6 +219,87 @@ fn churn(runs: u32, processes: u32) -> anyhow::Result<()> {
     result("churn_ratio_to_bin_true", f_rate / true_rate, "x");
     result("churn_bare_ratio_to_bin_true", b_rate / true_rate, "x");
     result("churn_ratio_to_bare", f_rate / b_rate, "x");
+    Ok(())
+}
+
+fn scheduler(node_count: u32, replicas: u64) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+
+    use flotilla_control_plane::model::{Requests, Taint, TaintEffect};
+    use flotilla_control_plane::scheduler::framework::{NodeInfo, NodeResources, WorkloadRequest};
+    use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
+
+    machine();
+    let mut nodes: Vec<NodeInfo> = (0..node_count)
+        .map(|i| {
+            let arch = if i % 10 == 0 { "arm64" } else { "amd64" };
+            NodeInfo {
+                name: format!("node-{i:05}"),
+                ready: true,
+                labels: [("kubernetes.io/arch".to_string(), arch.to_string())].into(),
+                taints: if i % 20 == 1 {
+                    vec![Taint {
+                        key: "dedicated".into(),
+                        value: "batch".into(),
+                        effect: TaintEffect::NoSchedule,
+                    }]
+                } else {
+                    vec![]
+                },
+                allocatable: NodeResources {
+                    memory: 64 << 30,
+                    cpu_millis: 64_000,
+                    sandboxes: 100_000,
+                },
+                allocated: NodeResources::default(),
+            }
+        })
+        .collect();
+    let scheduler = Scheduler::new(&SchedulerConfig::default())?;
+    let sizes = [1u64, 10, 100, 1_000, 5_000];
+    let (mut placed, mut workloads, mut i) = (0u64, 0u64, 0usize);
+    let started = Instant::now();
+    while placed < replicas {
+        let count = sizes[i % sizes.len()].min(replicas - placed);
+        let mut request = WorkloadRequest {
+            key: format!("default/w{i}"),
+            requests: Requests {
+                memory: 1 << (16 + i % 8),
+                cpu_millis: 10 * (1 + i as u64 % 5),
+            },
+            ..WorkloadRequest::default()
+        };
+        if i % 7 == 0 {
+            request
+                .node_selector
+                .insert("kubernetes.io/arch".into(), "arm64".into());
+        }
+        let placement = scheduler.schedule(&request, &nodes, &BTreeMap::new(), count)?;
+        if placement.unschedulable > 0 {
+            bail!("unexpectedly unschedulable: {:?}", placement.message);
+        }
+        // Commit the placements to the snapshot, as the control plane does between cycles.
+        for node in &mut nodes {
+            if let Some(&n) = placement.assigned.get(&node.name) {
+                node.allocated.memory += n * request.requests.memory;
+                node.allocated.cpu_millis += n * request.requests.cpu_millis;
+                node.allocated.sandboxes += n;
+            }
+        }
+        placed += count;
+        workloads += 1;
+        i += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    result("scheduler_nodes", f64::from(node_count), "nodes");
+    result("scheduler_replicas", placed as f64, "replicas");
+    result("scheduler_workloads", workloads as f64, "workloads");
+    result("scheduler_elapsed", elapsed, "s");
+    result(
+        "scheduler_placements_per_second",
+        placed as f64 / elapsed,
+        "placements/s",
+    );
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! gRPC except at the edges.
 
 pub mod model;
+pub mod scheduler;
 pub mod store;
 
 pub use flotilla_proto as proto;
