@@ -1,22 +1,25 @@
-//! `flotilla`: a kubectl-like client. For now it drives one node agent's admin API; control-plane
-//! commands (`apply`, `get workloads`, `dev`) arrive with the control plane.
+//! `flotilla`: a kubectl-like client for the control plane (`apply`, `get workloads`,
+//! `delete workload`) and for one node agent (`get sandboxes`, `logs`, `capacity`).
 
-use std::io::Write;
+mod agent;
+mod control;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
-use flotilla_proto::agent::v1::{
-    GetCapacityRequest, ListSandboxesRequest, LogsRequest, SandboxPhase, SandboxStatus,
-    StopWorkloadRequest,
-};
-use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "Drive Flotilla node agents")]
+#[command(name = "flotilla", version, about = "Drive Flotilla")]
 struct Cli {
-    /// Admin API of the node agent.
+    /// The control plane's API.
+    #[arg(
+        long,
+        env = "FLOTILLA_SERVER",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
+    server: String,
+    /// A node agent's admin API (for sandbox-level commands).
     #[arg(
         long,
         env = "FLOTILLA_AGENT",
@@ -30,15 +33,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Lists sandboxes, optionally of one workload.
+    /// Creates or updates workloads from manifests; local module paths are pushed first.
+    Apply {
+        /// A manifest file, a directory of them, or `-` for standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// Lists workloads (control plane) or sandboxes (agent).
     Get {
-        /// Only this workload's sandboxes.
-        workload: Option<String>,
+        /// `workloads` or `sandboxes`.
+        resource: Resource,
+        /// One workload's name.
+        name: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Prints a sandbox's stdout and stderr.
+    /// Deletes a workload (control plane) or stops its sandboxes on the agent.
+    Delete {
+        /// `workload` or `sandboxes`.
+        resource: Resource,
+        /// The workload's name.
+        name: String,
+        /// Seconds sandboxes get to end (agent).
+        #[arg(long, default_value_t = 5)]
+        grace_period: u64,
+    },
+    /// Prints a sandbox's stdout and stderr (agent).
     Logs {
         /// The workload.
         workload: String,
@@ -49,22 +70,28 @@ enum Commands {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Stops and removes a workload's sandboxes.
-    Delete {
-        /// The workload.
-        workload: String,
-        /// Seconds the sandboxes get to end.
-        #[arg(long, default_value_t = 5)]
-        grace_period: u64,
-    },
     /// Shows what the agent can hold and holds.
     Capacity,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// What a command acts on.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Resource {
+    /// WasmWorkload objects in the control plane.
+    #[value(alias = "workload", alias = "wasmworkloads", alias = "ww")]
+    Workloads,
+    /// Sandboxes on one node agent.
+    #[value(alias = "sandbox")]
+    Sandboxes,
+}
+
+/// Output formats, as kubectl's `-o`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
     Wide,
+    Yaml,
+    Json,
 }
 
 #[tokio::main]
@@ -80,123 +107,42 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = connect(&cli.agent).await?;
     match cli.command {
-        Commands::Get { workload, output } => {
-            let sandboxes = client
-                .list_sandboxes(ListSandboxesRequest {
-                    workload: workload.unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .sandboxes;
-            print_sandboxes(&sandboxes, output);
-        }
+        Commands::Apply { files } => control::apply(&cli.server, &files).await,
+        Commands::Get {
+            resource: Resource::Workloads,
+            name,
+            output,
+        } => control::get(&cli.server, name.as_deref(), output).await,
+        Commands::Get {
+            resource: Resource::Sandboxes,
+            name,
+            output,
+        } => agent::get(&cli.agent, name, output).await,
+        Commands::Delete {
+            resource: Resource::Workloads,
+            name,
+            ..
+        } => control::delete(&cli.server, &name).await,
+        Commands::Delete {
+            resource: Resource::Sandboxes,
+            name,
+            grace_period,
+        } => agent::delete(&cli.agent, &name, grace_period).await,
         Commands::Logs {
             workload,
             replica,
             follow,
-        } => {
-            let mut stream = client
-                .logs(LogsRequest {
-                    workload,
-                    replica,
-                    follow,
-                })
-                .await?
-                .into_inner();
-            let mut stdout = std::io::stdout().lock();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                if chunk.skipped > 0 {
-                    writeln!(
-                        stdout,
-                        "[{} bytes dropped from the log ring]",
-                        chunk.skipped
-                    )?;
-                }
-                stdout.write_all(&chunk.data)?;
-                stdout.flush()?;
-            }
-        }
-        Commands::Delete {
-            workload,
-            grace_period,
-        } => {
-            let stopped = client
-                .stop_workload(StopWorkloadRequest {
-                    name: workload.clone(),
-                    grace_period_ms: grace_period.saturating_mul(1000),
-                })
-                .await?
-                .into_inner()
-                .stopped;
-            println!("workload {workload} deleted ({stopped} sandboxes stopped)");
-        }
-        Commands::Capacity => {
-            let c = client
-                .get_capacity(GetCapacityRequest {})
-                .await?
-                .into_inner();
-            println!("arch:           {}", c.arch);
-            println!("sandboxes:      {} / {}", c.sandboxes, c.max_sandboxes);
-            println!(
-                "memory:         {} / {} bytes requested",
-                c.memory_reserved_bytes, c.memory_bytes
-            );
-            println!("limited by:     {}", c.limited_by);
-        }
+        } => agent::logs(&cli.agent, workload, replica, follow).await,
+        Commands::Capacity => agent::capacity(&cli.agent).await,
     }
-    Ok(())
 }
 
-async fn connect(agent: &str) -> anyhow::Result<AgentAdminClient<Channel>> {
-    let endpoint = if agent.contains("://") {
-        agent.to_string()
+/// Adds `http://` when an address has no scheme.
+fn endpoint(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
     } else {
-        format!("http://{agent}")
-    };
-    AgentAdminClient::connect(endpoint.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {endpoint}: {e}"))
-}
-
-fn phase_name(phase: i32) -> &'static str {
-    match SandboxPhase::try_from(phase) {
-        Ok(SandboxPhase::Pending) => "Pending",
-        Ok(SandboxPhase::Running) => "Running",
-        Ok(SandboxPhase::Succeeded) => "Succeeded",
-        Ok(SandboxPhase::Failed) => "Failed",
-        _ => "Unknown",
-    }
-}
-
-fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) {
-    let mut sorted: Vec<&SandboxStatus> = sandboxes.iter().collect();
-    sorted.sort_by(|a, b| (&a.workload, a.replica).cmp(&(&b.workload, b.replica)));
-    match output {
-        Output::Table => println!(
-            "{:<40} {:<10} {:<18} {:>8}",
-            "SANDBOX", "PHASE", "REASON", "RESTARTS"
-        ),
-        Output::Wide => println!(
-            "{:<40} {:<10} {:<18} {:>8}  LAST TERMINATION",
-            "SANDBOX", "PHASE", "REASON", "RESTARTS"
-        ),
-    }
-    for s in sorted {
-        let reason = if s.reason.is_empty() { "-" } else { &s.reason };
-        print!(
-            "{:<40} {:<10} {:<18} {:>8}",
-            s.sandbox_id,
-            phase_name(s.phase),
-            reason,
-            s.restart_count
-        );
-        if let (Output::Wide, Some(t)) = (output, &s.last_termination) {
-            let first_line = t.message.lines().next().unwrap_or("");
-            print!("  {}: {first_line}", t.reason);
-        }
-        println!();
+        format!("http://{address}")
     }
 }

@@ -4,8 +4,11 @@
 //! [`model`] holds the domain types shared by every part; nothing here depends on Kubernetes or
 //! gRPC except at the edges.
 
+pub mod grpc;
 pub mod model;
+pub mod modules;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;
 
 pub use flotilla_proto as proto;

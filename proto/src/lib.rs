@@ -13,3 +13,12 @@ pub mod agent {
         include!("gen/flotilla.agent.v1.rs");
     }
 }
+
+/// The control plane's APIs.
+pub mod control {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!("gen/flotilla.control.v1.rs");
+    }
+}

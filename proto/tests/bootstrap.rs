@@ -6,13 +6,9 @@ use std::path::{Path, PathBuf};
 fn generated_code_is_up_to_date() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let proto_dir = root.join("proto");
-    let files: Vec<PathBuf> = [
-        "flotilla/agent/v1/types.proto",
-        "flotilla/agent/v1/admin.proto",
-    ]
-    .iter()
-    .map(|f| proto_dir.join(f))
-    .collect();
+    let mut files = Vec::new();
+    find_protos(&proto_dir, &mut files);
+    files.sort();
     let descriptors = protox::compile(&files, [&proto_dir]).expect("protos compile");
 
     let out_dir = tempfile_dir();
@@ -39,6 +35,18 @@ fn generated_code_is_up_to_date() {
         stale.is_empty(),
         "generated code was stale and has been rewritten; commit it: {stale:?}"
     );
+}
+
+/// Every `.proto` file under `dir`, so that a new one cannot be left out of generation.
+fn find_protos(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read proto dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            find_protos(&path, out);
+        } else if path.extension().and_then(|e| e.to_str()) == Some("proto") {
+            out.push(path);
+        }
+    }
 }
 
 fn tempfile_dir() -> PathBuf {

@@ -1,0 +1,91 @@
+//! Model ↔ wire conversions and error mapping for the user API.
+
+use flotilla_proto::control::v1::WorkloadObject;
+use serde::Deserialize;
+use tonic::Status;
+
+use crate::model::{FieldError, ValidationError, Workload};
+use crate::modules::ModuleError;
+use crate::store;
+
+/// Parses one object from JSON or YAML bytes (YAML is a superset of JSON).
+///
+/// # Errors
+/// A [`ValidationError`] naming the position or field that is wrong.
+pub fn parse_manifest(bytes: &[u8]) -> Result<Workload, ValidationError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ValidationError(vec![FieldError {
+            field: "manifest".into(),
+            message: format!("not UTF-8: {e}"),
+        }])
+    })?;
+    let mut docs = serde_yaml::Deserializer::from_str(text);
+    let doc = docs.next().ok_or_else(|| {
+        ValidationError(vec![FieldError {
+            field: "manifest".into(),
+            message: "empty".into(),
+        }])
+    })?;
+    Workload::deserialize(doc).map_err(|e| {
+        ValidationError(vec![FieldError {
+            field: e.location().map_or("manifest".into(), |l| {
+                format!("line {} column {}", l.line(), l.column())
+            }),
+            message: e.to_string(),
+        }])
+    })
+}
+
+/// Encodes an object for the wire.
+pub fn to_object(workload: &Workload) -> Result<WorkloadObject, Status> {
+    serde_json::to_vec(workload)
+        .map(|json| WorkloadObject { json })
+        .map_err(|e| Status::internal(format!("encoding workload: {e}")))
+}
+
+/// Decodes an object from the wire.
+///
+/// # Errors
+/// The JSON does not match the schema.
+pub fn from_object(object: &WorkloadObject) -> Result<Workload, serde_json::Error> {
+    serde_json::from_slice(&object.json)
+}
+
+/// Maps store errors to gRPC codes a client can act on.
+pub fn store_status(error: store::Error) -> Status {
+    let message = error_chain(&error);
+    match error {
+        store::Error::Invalid(_) => Status::invalid_argument(message),
+        store::Error::Conflict { .. } => Status::aborted(message),
+        store::Error::NotFound(_) => Status::not_found(message),
+        store::Error::Decode { .. } => Status::internal(message),
+        store::Error::Open(_)
+        | store::Error::Read(_)
+        | store::Error::Write(_)
+        | store::Error::Task(_) => Status::unavailable(message),
+    }
+}
+
+/// Maps module store errors to gRPC codes.
+pub fn module_status(error: ModuleError) -> Status {
+    let message = error_chain(&error);
+    match error {
+        ModuleError::NotWasm | ModuleError::DigestMismatch { .. } => {
+            Status::invalid_argument(message)
+        }
+        ModuleError::TooLarge { .. } => Status::resource_exhausted(message),
+        ModuleError::NotFound(_) => Status::not_found(message),
+        ModuleError::Io { .. } => Status::unavailable(message),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

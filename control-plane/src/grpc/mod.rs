@@ -1,0 +1,10 @@
+//! The control plane's gRPC services. Only `flotilla-proto` types cross this boundary;
+//! conversions to and from the model live in [`convert`].
+
+pub mod convert;
+pub mod server;
+
+pub use self::server::WorkloadService;
+
+#[cfg(test)]
+mod tests;

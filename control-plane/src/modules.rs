@@ -1,0 +1,173 @@
+//! The content-addressed module store: wasm blobs pushed by `flotilla apply`, kept on disk under
+//! their SHA-256 and served to agents by digest.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Largest module accepted by default: 64 MiB.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// Why a module was not stored or found.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    /// The blob is not binary wasm.
+    #[error("not a binary WebAssembly module or component (missing the \\0asm magic number)")]
+    NotWasm,
+    /// The blob is larger than allowed.
+    #[error("module is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The blob's digest is not the one the caller pinned.
+    #[error("module digest mismatch: expected sha256 {expected}, got {actual}")]
+    DigestMismatch {
+        /// Pinned.
+        expected: String,
+        /// Computed.
+        actual: String,
+    },
+    /// Nothing is stored under this digest.
+    #[error("no module with sha256 {0} was pushed")]
+    NotFound(String),
+    /// Reading or writing the blob failed.
+    #[error("module store I/O on {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Blobs in a directory, one file per digest.
+#[derive(Clone, Debug)]
+pub struct ModuleStore {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl ModuleStore {
+    /// Opens (creating) the store in `dir`.
+    ///
+    /// # Errors
+    /// [`ModuleError::Io`] if the directory cannot be created.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, ModuleError> {
+        std::fs::create_dir_all(dir).map_err(|source| ModuleError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+        })
+    }
+
+    fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.wasm"))
+    }
+
+    /// Stores a blob and returns its digest. Storing the same blob twice is a no-op.
+    ///
+    /// # Errors
+    /// Oversize, non-wasm or mis-digested blobs, and I/O failures.
+    pub fn put(&self, bytes: &[u8], expected: Option<&str>) -> Result<String, ModuleError> {
+        let size = bytes.len() as u64;
+        if size > self.max_bytes {
+            return Err(ModuleError::TooLarge {
+                size,
+                limit: self.max_bytes,
+            });
+        }
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(ModuleError::NotWasm);
+        }
+        let digest = hex::encode(Sha256::digest(bytes));
+        if let Some(expected) = expected.filter(|e| !e.is_empty())
+            && expected != digest
+        {
+            return Err(ModuleError::DigestMismatch {
+                expected: expected.to_string(),
+                actual: digest,
+            });
+        }
+        let path = self.path(&digest);
+        if !path.exists() {
+            let io = |source| ModuleError::Io {
+                path: path.clone(),
+                source,
+            };
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        Ok(digest)
+    }
+
+    /// Whether a blob is stored under `sha256`.
+    pub fn contains(&self, sha256: &str) -> bool {
+        is_hex_digest(sha256) && self.path(sha256).exists()
+    }
+
+    /// The blob stored under `sha256`.
+    ///
+    /// # Errors
+    /// [`ModuleError::NotFound`] or an I/O failure.
+    pub fn get(&self, sha256: &str) -> Result<Vec<u8>, ModuleError> {
+        if !is_hex_digest(sha256) {
+            return Err(ModuleError::NotFound(sha256.to_string()));
+        }
+        let path = self.path(sha256);
+        std::fs::read(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ModuleError::NotFound(sha256.to_string()),
+            _ => ModuleError::Io { path, source },
+        })
+    }
+}
+
+fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WASM: &[u8] = b"\0asm\x01\0\0\0";
+
+    #[test]
+    fn blobs_are_stored_by_digest_and_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = ModuleStore::open(dir.path(), 1024).expect("open");
+        let digest = store.put(WASM, None).expect("stored");
+        assert_eq!(store.put(WASM, Some(&digest)).expect("idempotent"), digest);
+        assert!(store.contains(&digest));
+        assert_eq!(store.get(&digest).expect("read"), WASM);
+        assert!(matches!(
+            store.put(b"hello world", None),
+            Err(ModuleError::NotWasm)
+        ));
+        assert!(matches!(
+            store.put(WASM, Some(&"0".repeat(64))),
+            Err(ModuleError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            store.put(&vec![0; 2048], None),
+            Err(ModuleError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            store.get(&"f".repeat(64)),
+            Err(ModuleError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.get("../etc/passwd"),
+            Err(ModuleError::NotFound(_))
+        ));
+    }
+}
