@@ -5,10 +5,9 @@
 //! gRPC except at the edges.
 
 pub mod grpc;
-pub mod model;
 pub mod modules;
 pub mod scheduler;
 pub mod store;
-pub mod telemetry;
 
+pub use flotilla_model as model;
 pub use flotilla_proto as proto;

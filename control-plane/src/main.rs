@@ -10,7 +10,6 @@ use clap::{Parser, ValueEnum};
 use flotilla_control_plane::grpc::WorkloadService;
 use flotilla_control_plane::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
 use flotilla_control_plane::store::EmbeddedStore;
-use flotilla_control_plane::telemetry;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// BSD's EX_USAGE: the configuration is invalid.
@@ -43,7 +42,7 @@ enum StoreKind {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init();
+    flotilla_telemetry::init("flotilla_control_plane");
     let Some(data_dir) = args.data_dir.clone().or_else(default_data_dir) else {
         eprintln!("flotilla-control-plane: --data-dir: no default (HOME is unset); set it");
         return ExitCode::from(EX_USAGE);

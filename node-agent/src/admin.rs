@@ -41,7 +41,7 @@ impl AdminService {
 
 impl From<ApplyError> for Status {
     fn from(err: ApplyError) -> Self {
-        let message = crate::error_chain(&err);
+        let message = flotilla_telemetry::error_chain(&err);
         match err {
             ApplyError::InvalidSpec(_) | ApplyError::Prepare { .. } => {
                 Status::invalid_argument(message)

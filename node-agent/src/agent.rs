@@ -171,12 +171,14 @@ async fn apply_manifests(supervisor: Supervisor, dir: std::path::PathBuf) {
                     ),
                     Err(error) => tracing::error!(
                         workload = %name,
-                        error = %crate::error_chain(&error),
+                        error = %flotilla_telemetry::error_chain(&error),
                         "static workload rejected"
                     ),
                 }
             }
-            Err(error) => tracing::error!(error = %crate::error_chain(&error), "invalid manifest"),
+            Err(error) => {
+                tracing::error!(error = %flotilla_telemetry::error_chain(&error), "invalid manifest")
+            }
         }
     }
 }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::manifest::parse_quantity;
 use crate::runtime::RuntimeConfig;
 use crate::supervisor::SupervisorConfig;
 use crate::supervisor::backoff::BackoffConfig;
+use flotilla_model::parse_bytes;
 
 /// `flotilla-node-agent`: hosts WASI sandboxes with wasmtime.
 #[derive(Debug, Clone, Parser)]
@@ -110,7 +110,7 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
         let bytes = |flag: &'static str, value: &str| {
-            parse_quantity(value).map_err(|message| ConfigError { flag, message })
+            parse_bytes(value).map_err(|message| ConfigError { flag, message })
         };
         let mut runtime = RuntimeConfig {
             max_sandboxes: args.max_sandboxes,

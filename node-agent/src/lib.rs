@@ -13,16 +13,3 @@ pub mod manifest;
 pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
-pub mod telemetry;
-
-/// Formats an error with its chain of causes on one line: `outer: inner: root`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}

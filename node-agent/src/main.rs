@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use flotilla_node_agent::agent::Agent;
 use flotilla_node_agent::config::{Args, Config};
-use flotilla_node_agent::telemetry;
 
 // glibc grows a worker thread's arena one page per `mprotect`, under the process-wide mmap lock;
 // with tens of thousands of sandbox stores allocated from tokio workers that halves start rates.
@@ -17,7 +16,7 @@ const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init();
+    flotilla_telemetry::init("flotilla_node_agent");
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(error) => {

@@ -106,6 +106,18 @@ async fn admission_refuses_work_beyond_capacity_and_spares_the_rest() {
     let err = sup.apply(hungry).await.expect_err("over the memory");
     assert!(err.to_string().contains("requests 83886080 bytes"), "{err}");
 
+    let err = sup
+        .apply(idle("Bad_Name", 1))
+        .await
+        .expect_err("invalid name");
+    let ApplyError::InvalidSpec(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        reason.starts_with("name \"Bad_Name\": must be a lowercase RFC 1123"),
+        "{reason}"
+    );
+
     // Nothing else changed: the 8 sandboxes still run, the refused workloads do not exist.
     assert_eq!(sup.list(Some("a")).len(), 8);
     assert!(sup.list(Some("b")).is_empty() && sup.list(Some("c")).is_empty());

@@ -53,7 +53,7 @@ pub fn from_object(object: &WorkloadObject) -> Result<Workload, serde_json::Erro
 
 /// Maps store errors to gRPC codes a client can act on.
 pub fn store_status(error: store::Error) -> Status {
-    let message = error_chain(&error);
+    let message = flotilla_telemetry::error_chain(&error);
     match error {
         store::Error::Invalid(_) => Status::invalid_argument(message),
         store::Error::Conflict { .. } => Status::aborted(message),
@@ -68,7 +68,7 @@ pub fn store_status(error: store::Error) -> Status {
 
 /// Maps module store errors to gRPC codes.
 pub fn module_status(error: ModuleError) -> Status {
-    let message = error_chain(&error);
+    let message = flotilla_telemetry::error_chain(&error);
     match error {
         ModuleError::NotWasm | ModuleError::DigestMismatch { .. } => {
             Status::invalid_argument(message)
@@ -77,15 +77,4 @@ pub fn module_status(error: ModuleError) -> Status {
         ModuleError::NotFound(_) => Status::not_found(message),
         ModuleError::Io { .. } => Status::unavailable(message),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

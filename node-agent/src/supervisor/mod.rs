@@ -187,7 +187,8 @@ impl<R: SandboxRuntime> Supervisor<R> {
     /// be loaded or compiled (recorded in the workload's sandbox status too),
     /// [`ApplyError::AdmissionRefused`] beyond capacity (nothing changes).
     pub async fn apply(&self, spec: WorkloadSpec) -> Result<Applied, ApplyError> {
-        validate_name(&spec.name).map_err(ApplyError::InvalidSpec)?;
+        flotilla_model::validate_name(&spec.name)
+            .map_err(|message| ApplyError::InvalidSpec(format!("name {message}")))?;
         if self.shared.shutdown.is_cancelled() {
             return Err(ApplyError::ShuttingDown);
         }
@@ -294,7 +295,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
             self.shared.retire(old);
         }
         let workload_name: Arc<str> = spec.name.as_str().into();
-        let message = crate::error_chain(error);
+        let message = flotilla_telemetry::error_chain(error);
         let sandboxes = (0..spec.replicas)
             .map(|replica| {
                 let cell = Arc::new(SandboxCell::new(
@@ -690,42 +691,8 @@ fn restart_policy(spec: &WorkloadSpec) -> RestartPolicy {
     RestartPolicy::try_from(spec.restart_policy).unwrap_or(RestartPolicy::Always)
 }
 
-/// Workload names follow Kubernetes object names (RFC 1123 subdomains).
-fn validate_name(name: &str) -> Result<(), String> {
-    let valid_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-    let alnum_ends = name
-        .bytes()
-        .next()
-        .zip(name.bytes().last())
-        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > 253 || !valid_chars || !alnum_ends {
-        return Err(format!(
-            "name {name:?}: must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.'; \
-             alphanumeric at both ends; at most 253 characters)"
-        ));
-    }
-    Ok(())
-}
-
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_follow_kubernetes_rules() {
-        for ok in ["hello", "a", "web-1", "a.b-c"] {
-            assert!(validate_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "Hello", "-a", "a-", "a_b", &"x".repeat(254)] {
-            assert!(validate_name(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -1,7 +1,8 @@
-//! Domain types of the control plane: `WasmWorkload` objects and the nodes they are placed on.
+//! Flotilla's domain types: `WasmWorkload` objects, their validation, and Kubernetes quantities.
 //!
 //! The schema is the one the Kubernetes CRD uses (API group `flotilla.dev`, version `v1alpha1`):
-//! the embedded store, the CLI and the operator all read and write these types. No kube, no tonic.
+//! the control plane's stores, the CLI, the node agent's static manifests and the operator all
+//! read and write these types. No kube, no tonic: serde only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -307,6 +308,16 @@ pub struct Condition {
     pub last_transition_time: String,
 }
 
+/// Where a workload's module may come from, which depends on who reads the manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleRule {
+    /// The control plane: pinned by `sha256`, pushed or fetched from `url`. Local paths must
+    /// have been resolved by `flotilla apply`.
+    Pinned,
+    /// A node agent's static manifest: a local `path`, optionally pinned by `sha256`.
+    LocalPath,
+}
+
 /// One invalid field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
@@ -374,11 +385,20 @@ impl Workload {
             .collect()
     }
 
-    /// Checks everything that can be checked without the cluster.
+    /// Checks everything that can be checked without the cluster, with the control plane's
+    /// module rule ([`ModuleRule::Pinned`]).
     ///
     /// # Errors
     /// Every invalid field, each with its path.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_with(ModuleRule::Pinned)
+    }
+
+    /// Like [`validate`](Self::validate), with the given rule for `spec.module`.
+    ///
+    /// # Errors
+    /// Every invalid field, each with its path.
+    pub fn validate_with(&self, rule: ModuleRule) -> Result<(), ValidationError> {
         let mut errors = Vec::new();
         let mut fail = |field: &str, message: String| {
             errors.push(FieldError {
@@ -405,26 +425,47 @@ impl Workload {
             fail("spec.replicas", "must be >= 0".into());
         }
         let module = &spec.module;
-        if module.path.is_some() {
-            fail(
-                "spec.module.path",
-                "local paths are resolved by `flotilla apply`, which pushes the file; the \
-                 server needs spec.module.sha256"
-                    .into(),
-            );
-        } else if !is_sha256(&module.sha256) {
-            fail(
-                "spec.module.sha256",
-                format!("{:?}: must be 64 lower-case hex digits", module.sha256),
-            );
-        }
-        if let Some(url) = &module.url
-            && !(url.starts_with("https://") || url.starts_with("http://"))
-        {
-            fail(
-                "spec.module.url",
-                format!("{url:?}: must be an http or https URL"),
-            );
+        match rule {
+            ModuleRule::Pinned => {
+                if module.path.is_some() {
+                    fail(
+                        "spec.module.path",
+                        "local paths are resolved by `flotilla apply`, which pushes the file; \
+                         the server needs spec.module.sha256"
+                            .into(),
+                    );
+                } else if !is_sha256(&module.sha256) {
+                    fail(
+                        "spec.module.sha256",
+                        format!("{:?}: must be 64 lower-case hex digits", module.sha256),
+                    );
+                }
+                if let Some(url) = &module.url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    fail(
+                        "spec.module.url",
+                        format!("{url:?}: must be an http or https URL"),
+                    );
+                }
+            }
+            ModuleRule::LocalPath => {
+                if module.path.as_deref().is_none_or(str::is_empty) {
+                    fail("spec.module.path", "required in a static manifest".into());
+                }
+                if !module.sha256.is_empty() && !is_sha256(&module.sha256) {
+                    fail(
+                        "spec.module.sha256",
+                        format!("{:?}: must be 64 lower-case hex digits", module.sha256),
+                    );
+                }
+                if module.url.is_some() {
+                    fail(
+                        "spec.module.url",
+                        "not supported in static manifests; use spec.module.path".into(),
+                    );
+                }
+            }
         }
         for (i, env) in spec.env.iter().enumerate() {
             if env.name.is_empty() || env.name.contains('=') {
