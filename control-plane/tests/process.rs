@@ -1,24 +1,24 @@
 //! The control-plane binary as a real process: serve, stop on SIGTERM, restart with its data.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
+
+use flotilla_tests::{Process, logged_addr};
 
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{ApplyRequest, GetRequest, PushModuleRequest};
 
+/// The control-plane binary with its API address, read from its log.
 struct ControlPlane {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    process: Process,
     addr: SocketAddr,
 }
 
 impl ControlPlane {
     fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-control-plane"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-control-plane"));
+        command
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -26,61 +26,17 @@ impl ControlPlane {
                 "1s",
                 "--data-dir",
             ])
-            .arg(data_dir)
-            .env("FLOTILLA_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("control plane starts");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[control-plane] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let serving = wait_line(&lines, "serving");
-        let start = serving.find("addr=").expect("address logged") + "addr=".len();
-        let rest = &serving[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let addr = rest[..end].parse().expect("socket address");
-        Self { child, lines, addr }
+            .arg(data_dir);
+        let process = Process::spawn(command, "control-plane");
+        let addr = logged_addr(&process.wait_line("serving"), "addr");
+        Self { process, addr }
     }
 
     fn stop(mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        assert_eq!(kill(pid, libc::SIGTERM), 0);
-        wait_line(&self.lines, "stopped");
-        let status = self.child.wait().expect("exits");
+        self.process.signal(libc::SIGTERM);
+        self.process.wait_line("stopped");
+        let status = self.process.wait();
         assert!(status.success(), "{status:?}");
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[allow(unsafe_code)]
-fn kill(pid: i32, signal: i32) -> i32 {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) }
-}
-
-fn wait_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("never logged {needle:?}: {e}"),
-        }
     }
 }
 

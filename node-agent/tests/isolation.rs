@@ -68,10 +68,16 @@ async fn faulty_sandboxes_do_not_harm_healthy_ones() {
         );
     }
 
-    // The faulty ones really were failing, each for its own reason.
+    // The faulty ones really were failing, each for its own reason. Spinners need a few ticks
+    // of CPU each before their limit ends them, so wait for every workload's first failure.
     let mut reasons = std::collections::BTreeSet::new();
     for fault in faults {
-        for status in sup.list(Some(&fault.replace('_', "-"))) {
+        let name = fault.replace('_', "-");
+        let statuses = wait_for(&sup, &name, "a faulty sandbox to fail", |s| {
+            s.iter().any(|s| s.last_termination.is_some())
+        })
+        .await;
+        for status in statuses {
             if let Some(t) = status.last_termination {
                 reasons.insert(t.reason);
             }

@@ -2,10 +2,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use common::fixture;
@@ -14,18 +13,20 @@ use flotilla_proto::agent::v1::{
     GetCapacityRequest, ListSandboxesRequest, LogsRequest, ModuleSource, RunWorkloadRequest,
     SandboxPhase, SandboxStatus, WatchRequest, WorkloadSpec, module_source,
 };
+use flotilla_tests::{Process, logged_addr};
 use tokio_stream::StreamExt;
 
+/// The agent binary with its admin and metrics addresses, read from its log.
 struct AgentProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    process: Process,
     admin: SocketAddr,
     metrics: SocketAddr,
 }
 
 impl AgentProcess {
     fn start(manifests: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-node-agent"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-node-agent"));
+        command
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args([
                 "--max-sandboxes",
@@ -35,74 +36,15 @@ impl AgentProcess {
                 "5s",
             ])
             .arg("--manifests")
-            .arg(manifests)
-            .env("FLOTILLA_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let serving = wait_line(&lines, "serving");
-        let addr = |key: &str| -> SocketAddr {
-            let start = serving.find(key).expect("address logged") + key.len();
-            let rest = &serving[start..];
-            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            rest[..end].parse().expect("socket address")
-        };
-        let (admin, metrics) = (addr("admin_addr="), addr("metrics_addr="));
+            .arg(manifests);
+        let process = Process::spawn(command, "agent");
+        let serving = process.wait_line("serving");
         Self {
-            child,
-            lines,
-            admin,
-            metrics,
+            admin: logged_addr(&serving, "admin_addr"),
+            metrics: logged_addr(&serving, "metrics_addr"),
+            process,
         }
     }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        // Reap the child if a test failed before SIGTERM.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if strip_ansi(&line).contains(needle) => return strip_ansi(&line),
-            Ok(_) => {}
-            Err(e) => panic!("agent never logged {needle:?}: {e}"),
-        }
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn write_manifests(dir: &std::path::Path) {
@@ -197,7 +139,7 @@ async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
     assert_eq!(broken[0].phase, SandboxPhase::Failed as i32);
     assert_eq!(broken[0].reason, "InvalidModule");
     assert!(list.iter().all(|s| s.workload != "typo"));
-    wait_line(&agent.lines, "unknown field `modul`");
+    agent.process.wait_line("unknown field `modul`");
 
     let mut logs = client
         .logs(LogsRequest {
@@ -259,18 +201,10 @@ async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
     );
 
     // SIGTERM: every sandbox is stopped and accounted for, and the agent exits cleanly.
-    let pid = i32::try_from(agent.child.id()).expect("pid fits");
-    // SAFETY-free: kill(2) through libc with a valid pid and signal number.
-    assert_eq!(unsafe_kill(pid, libc::SIGTERM), 0);
-    let summary = wait_line(&agent.lines, "all sandboxes accounted for");
+    agent.process.signal(libc::SIGTERM);
+    let summary = agent.process.wait_line("all sandboxes accounted for");
     assert!(summary.contains("stopped=3"), "{summary}");
     assert!(summary.contains("aborted=0"), "{summary}");
-    let status = agent.child.wait().expect("agent exits");
+    let status = agent.process.wait();
     assert!(status.success(), "{status:?}");
-}
-
-#[allow(unsafe_code)]
-fn unsafe_kill(pid: i32, signal: i32) -> i32 {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) }
 }

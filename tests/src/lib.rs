@@ -1,1 +1,151 @@
-//! placeholder
+//! Support for Flotilla's process-level tests: start a real binary, read its log, signal it.
+//!
+//! The cross-component tests under `tests/tests/` and the crates' own process tests share it.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a test waits for a log line before it fails.
+pub const LOG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A binary started for a test; killed and reaped when dropped.
+pub struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `command` with stderr captured (and echoed, prefixed by `name`, for failed tests)
+    /// and `FLOTILLA_LOG=info`, without colours.
+    ///
+    /// # Panics
+    /// If the binary cannot be started.
+    pub fn spawn(mut command: Command, name: &'static str) -> Self {
+        let mut child = command
+            .env("FLOTILLA_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} starts: {e}"));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+                if tx.send(strip_ansi(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    ///
+    /// # Panics
+    /// If no such line arrives within [`LOG_TIMEOUT`] or the process closes its log.
+    pub fn wait_line(&self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(LOG_TIMEOUT) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("never logged {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    ///
+    /// # Panics
+    /// If the signal cannot be sent.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
+        assert_eq!(kill(pid, signal), 0, "kill({pid}, {signal})");
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Panics
+    /// If waiting fails.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("process exits")
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Reap the child if a test failed before stopping it; errors mean it is gone already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The socket address logged as `key=ADDR` in `line` (tracing's plain format).
+///
+/// # Panics
+/// If the line has no such field.
+pub fn logged_addr(line: &str, key: &str) -> SocketAddr {
+    let needle = format!("{key}=");
+    let start = line
+        .find(&needle)
+        .unwrap_or_else(|| panic!("{key} in {line:?}"))
+        + needle.len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {line:?}: {e}"))
+}
+
+#[allow(unsafe_code)]
+fn kill(pid: i32, signal: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_logged_addresses_and_strips_colours() {
+        let line = strip_ansi(
+            "\u{1b}[2mINFO\u{1b}[0m serving admin_addr=127.0.0.1:7070 metrics_addr=[::1]:9090",
+        );
+        assert_eq!(
+            logged_addr(&line, "admin_addr"),
+            "127.0.0.1:7070".parse().expect("addr")
+        );
+        assert_eq!(
+            logged_addr(&line, "metrics_addr"),
+            "[::1]:9090".parse().expect("addr")
+        );
+    }
+}
