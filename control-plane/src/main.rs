@@ -7,8 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use std::sync::Arc;
+
+use flotilla_control_plane::controller::Controller;
 use flotilla_control_plane::grpc::WorkloadService;
 use flotilla_control_plane::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
+use flotilla_control_plane::nodes::NodeRegistry;
+use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
 use flotilla_control_plane::store::EmbeddedStore;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -29,6 +34,9 @@ struct Args {
     /// Time open requests and streams get to finish after SIGTERM before the process exits.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "5s")]
     shutdown_grace: humantime::Duration,
+    /// A node that has not heartbeated for this long is not ready; its replicas move elsewhere.
+    #[arg(long, env = "FLOTILLA_NODE_HEARTBEAT_TIMEOUT", default_value = "5s")]
+    node_heartbeat_timeout: humantime::Duration,
     /// Where desired state is kept. The Kubernetes store arrives with Kubernetes mode.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -79,6 +87,16 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
     let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
+    let nodes = Arc::new(NodeRegistry::default());
+    let controller = Controller::new(
+        store.clone(),
+        Scheduler::new(&SchedulerConfig::default())?,
+        nodes,
+    );
+    let mut controller_stop = stop_seen.clone();
+    let controller = tokio::spawn(controller.run(*args.node_heartbeat_timeout, async move {
+        let _ = controller_stop.wait_for(|stopping| *stopping).await;
+    }));
     let serve = tonic::transport::Server::builder()
         .add_service(WorkloadService::new(store, modules).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -95,6 +113,10 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
             let _ = stop_seen.wait_for(|stopping| *stopping).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "connections still open after the grace period; closing them"),
+    }
+    // The controller saw the same signal; a panic in it is reported, not hidden.
+    if let Err(error) = controller.await {
+        tracing::error!(%error, "the controller task failed");
     }
     tracing::info!("stopped");
     Ok(())

@@ -7,7 +7,10 @@ use std::process::Command;
 use flotilla_tests::{Process, logged_addr};
 
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
-use flotilla_proto::control::v1::{ApplyRequest, GetRequest, PushModuleRequest};
+use std::time::Duration;
+
+use flotilla_proto::control::v1::{ApplyRequest, GetRequest, PushModuleRequest, WatchRequest};
+use tokio_stream::StreamExt;
 
 /// The control-plane binary with its API address, read from its log.
 struct ControlPlane {
@@ -82,7 +85,43 @@ async fn a_restarted_control_plane_loses_nothing() {
         .await
         .expect("still there")
         .into_inner();
-    assert_eq!(got.json, created.json);
+    // Same object, same spec and generation; with no agent registered the controller reports
+    // why nothing is placed.
+    let got: serde_json::Value = serde_json::from_slice(&got.json).expect("json");
+    let created: serde_json::Value = serde_json::from_slice(&created.json).expect("json");
+    assert_eq!(got["metadata"]["uid"], created["metadata"]["uid"]);
+    assert_eq!(got["spec"], created["spec"]);
+    assert_eq!(got["metadata"]["generation"], 1);
+    // With no agent registered, the controller in the new process reports why nothing is
+    // placed. Wait for its status write through the Watch API.
+    let mut events = client
+        .watch(WatchRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let scheduled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = events.next().await.expect("watch open").expect("event");
+            for object in event.objects {
+                let w: serde_json::Value = serde_json::from_slice(&object.json).expect("json");
+                let found = w["status"]["conditions"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == "Scheduled").cloned());
+                if let Some(condition) = found {
+                    return condition;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the controller writes a Scheduled condition");
+    assert_eq!(scheduled["status"], "False");
+    assert!(
+        scheduled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no node agent is registered")),
+        "{scheduled}"
+    );
     // The pushed module survived too: a workload naming it is accepted.
     let again = format!(
         "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: api}}\n\

@@ -152,11 +152,15 @@ impl Scheduler {
                 .into_iter()
                 .map(|(reason, count)| format!("{count} {reason}"))
                 .collect();
-            placement.message = Some(format!(
-                "0/{} nodes are available: {}",
-                nodes.len(),
-                reasons.join(", ")
-            ));
+            placement.message = Some(if nodes.is_empty() {
+                "0/0 nodes are available: no node agent is registered".to_string()
+            } else {
+                format!(
+                    "0/{} nodes are available: {}",
+                    nodes.len(),
+                    reasons.join(", ")
+                )
+            });
         }
         Ok(placement)
     }

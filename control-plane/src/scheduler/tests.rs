@@ -158,3 +158,15 @@ fn large_batches_are_one_cycle() {
         placement.assigned
     );
 }
+
+#[test]
+fn no_nodes_says_so() {
+    let placement = scheduler()
+        .schedule(&workload(0), &[], &BTreeMap::new(), 3)
+        .expect("schedules");
+    assert_eq!(placement.unschedulable, 3);
+    assert_eq!(
+        placement.message.as_deref(),
+        Some("0/0 nodes are available: no node agent is registered")
+    );
+}

@@ -1,0 +1,283 @@
+//! The controller: keeps every workload's placements in line with its spec and the live nodes.
+//!
+//! A pass lists the workloads, rebuilds what each node has allocated from the placements in
+//! their status, and for each workload drops replicas on nodes that are gone or not ready,
+//! removes surplus replicas from the most loaded nodes, and places missing ones with the
+//! [`Scheduler`]. It writes `status.placements`, `status.replicas`, `observedGeneration` and the
+//! `Scheduled` condition (with the scheduler's reasons when replicas do not fit) only when they
+//! change, so its own writes settle after one more pass.
+//!
+//! [`Controller::run`] runs a pass on every store change and node change (coalescing bursts),
+//! and expires nodes that missed their heartbeats.
+//!
+//! # Guarantees
+//! - A pass is idempotent: a second pass over unchanged input writes nothing.
+//! - Replicas are only moved off a node when it is gone or not ready; scaling down takes from
+//!   gone, then unready, then the most loaded nodes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::model::{Condition, Workload, WorkloadStatus};
+use crate::nodes::NodeRegistry;
+use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
+use crate::scheduler::{PluginError, Scheduler};
+use crate::store::{self, WorkloadStore};
+
+/// The condition type the controller owns.
+pub const SCHEDULED: &str = "Scheduled";
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the store failed.
+    #[error("reconciling workloads")]
+    Store(#[from] store::Error),
+    /// A scheduler plugin failed.
+    #[error("scheduling workload {workload}")]
+    Schedule {
+        /// The workload.
+        workload: String,
+        /// The cause.
+        #[source]
+        source: PluginError,
+    },
+}
+
+/// Reconciles workloads against nodes.
+pub struct Controller<S> {
+    store: S,
+    scheduler: Scheduler,
+    nodes: Arc<NodeRegistry>,
+}
+
+impl<S: WorkloadStore> Controller<S> {
+    /// A controller over `store` and `nodes`.
+    pub fn new(store: S, scheduler: Scheduler, nodes: Arc<NodeRegistry>) -> Self {
+        Self {
+            store,
+            scheduler,
+            nodes,
+        }
+    }
+
+    /// Reconciles every workload once; returns how many statuses it wrote.
+    ///
+    /// # Errors
+    /// A store failure or a failing plugin; workloads before it are reconciled.
+    pub async fn reconcile_all(&self) -> Result<usize, Error> {
+        let workloads = self.store.list().await?;
+        let mut nodes = self.nodes.snapshot();
+        let index: BTreeMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        for workload in &workloads {
+            let request = WorkloadRequest::from_workload(workload);
+            for (node, &count) in placements_of(workload) {
+                if let Some(&i) = index.get(node) {
+                    allocate(&mut nodes[i], &request, count as i64);
+                }
+            }
+        }
+
+        let mut written = 0;
+        for workload in workloads {
+            let status = self.reconcile(&workload, &mut nodes, &index)?;
+            if workload.status.as_ref() != Some(&status) {
+                self.store.patch_status(&workload.key(), status).await?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Computes a workload's next status, updating `nodes`' allocations with its changes.
+    fn reconcile(
+        &self,
+        workload: &Workload,
+        nodes: &mut [NodeInfo],
+        index: &BTreeMap<String, usize>,
+    ) -> Result<WorkloadStatus, Error> {
+        let request = WorkloadRequest::from_workload(workload);
+        let mut placements = placements_of(workload).clone();
+
+        // Replicas on nodes that are gone or not ready are lost; place them again.
+        placements.retain(|node, count| match index.get(node) {
+            Some(&i) if nodes[i].ready => true,
+            Some(&i) => {
+                allocate(&mut nodes[i], &request, -(*count as i64));
+                false
+            }
+            None => false,
+        });
+        let desired = u64::try_from(workload.spec.replicas).unwrap_or(0);
+        let placed: u64 = placements.values().sum();
+        let mut unschedulable = None;
+        if placed > desired {
+            let removals =
+                self.scheduler
+                    .select_removals(&request, nodes, &placements, placed - desired);
+            for (node, count) in removals {
+                if let Some(left) = placements.get_mut(&node) {
+                    *left -= count;
+                }
+                if let Some(&i) = index.get(&node) {
+                    allocate(&mut nodes[i], &request, -(count as i64));
+                }
+            }
+            placements.retain(|_, count| *count > 0);
+        } else if placed < desired {
+            let placement = self
+                .scheduler
+                .schedule(&request, nodes, &placements, desired - placed)
+                .map_err(|source| Error::Schedule {
+                    workload: request.key.clone(),
+                    source,
+                })?;
+            for (node, count) in placement.assigned {
+                if let Some(&i) = index.get(&node) {
+                    allocate(&mut nodes[i], &request, count as i64);
+                }
+                *placements.entry(node).or_default() += count;
+            }
+            if placement.unschedulable > 0 {
+                unschedulable = Some((placement.unschedulable, placement.message));
+            }
+        }
+
+        let mut status = workload.status.clone().unwrap_or_default();
+        status.replicas = placements.values().sum();
+        status.placements = placements;
+        status.observed_generation = workload.metadata.generation;
+        let condition = match unschedulable {
+            None => Condition {
+                type_: SCHEDULED.into(),
+                status: "True".into(),
+                reason: "AllReplicasScheduled".into(),
+                message: format!("{} of {desired} replicas placed", status.replicas),
+                last_transition_time: String::new(),
+            },
+            Some((count, message)) => Condition {
+                type_: SCHEDULED.into(),
+                status: "False".into(),
+                reason: "Unschedulable".into(),
+                message: format!(
+                    "{count} of {desired} replicas cannot be placed: {}",
+                    message.unwrap_or_default()
+                ),
+                last_transition_time: String::new(),
+            },
+        };
+        set_condition(&mut status.conditions, condition);
+        Ok(status)
+    }
+
+    /// Runs passes on every store or node change until `shutdown` completes, expiring nodes
+    /// that have not heartbeated for `heartbeat_timeout`.
+    pub async fn run(self, heartbeat_timeout: Duration, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut node_changes = self.nodes.subscribe();
+        let mut expiry =
+            tokio::time::interval((heartbeat_timeout / 2).max(Duration::from_millis(10)));
+        let mut retry_delay = Duration::from_millis(100);
+        'watch: loop {
+            let mut watch = match self.store.watch().await {
+                Ok(watch) => watch,
+                Err(error) => {
+                    tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "cannot watch workloads; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(retry_delay) => {}
+                    }
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    event = watch.next() => match event {
+                        None => continue 'watch,
+                        Some(Err(error)) => {
+                            tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "watch failed; restarting it");
+                            continue 'watch;
+                        }
+                        // Coalesce a burst (our own status writes among them) into one pass.
+                        Some(Ok(_)) => while let Ok(Some(_)) =
+                            tokio::time::timeout(Duration::ZERO, watch.next()).await {},
+                    },
+                    changed = node_changes.changed() => if changed.is_err() { return },
+                    _ = expiry.tick() => {
+                        let expired = self.nodes.expire(heartbeat_timeout);
+                        if expired.is_empty() {
+                            continue;
+                        }
+                        tracing::warn!(nodes = ?expired, "nodes missed their heartbeats; rescheduling their replicas");
+                        node_changes.mark_unchanged();
+                    }
+                }
+                match self.reconcile_all().await {
+                    Ok(written) => {
+                        retry_delay = Duration::from_millis(100);
+                        if written > 0 {
+                            tracing::debug!(written, "workloads reconciled");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "reconcile pass failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn placements_of(workload: &Workload) -> &BTreeMap<String, u64> {
+    static EMPTY: BTreeMap<String, u64> = BTreeMap::new();
+    workload.status.as_ref().map_or(&EMPTY, |s| &s.placements)
+}
+
+/// Adds (or, for a negative count, removes) `count` replicas of `request` to a node's allocation.
+fn allocate(node: &mut NodeInfo, request: &WorkloadRequest, count: i64) {
+    let apply = |value: u64, per: u64| {
+        let delta = per.saturating_mul(count.unsigned_abs());
+        if count >= 0 {
+            value.saturating_add(delta)
+        } else {
+            value.saturating_sub(delta)
+        }
+    };
+    node.allocated.memory = apply(node.allocated.memory, request.requests.memory);
+    node.allocated.cpu_millis = apply(node.allocated.cpu_millis, request.requests.cpu_millis);
+    node.allocated.sandboxes = apply(node.allocated.sandboxes, 1);
+}
+
+/// Replaces the condition of the same type, keeping its transition time when its status did not
+/// change, as Kubernetes does.
+fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == condition.type_) {
+        Some(existing) => {
+            condition.last_transition_time = if existing.status == condition.status {
+                existing.last_transition_time.clone()
+            } else {
+                now()
+            };
+            *existing = condition;
+        }
+        None => {
+            condition.last_transition_time = now();
+            conditions.push(condition);
+        }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests;

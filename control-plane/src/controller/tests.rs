@@ -1,0 +1,265 @@
+//! The controller against the embedded store and a registry of simulated nodes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::model::{Workload, WorkloadKey, WorkloadSpec};
+use crate::scheduler::SchedulerConfig;
+use crate::scheduler::framework::NodeResources;
+use crate::store::{EmbeddedStore, WatchEvent};
+
+const DIGEST: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+struct Harness {
+    store: EmbeddedStore,
+    nodes: Arc<NodeRegistry>,
+    controller: Controller<EmbeddedStore>,
+    _dir: tempfile::TempDir,
+}
+
+fn node(name: &str, arch: &str, sandboxes: u64) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        ready: true,
+        labels: [("kubernetes.io/arch".to_string(), arch.to_string())].into(),
+        taints: vec![],
+        allocatable: NodeResources {
+            memory: 1 << 30,
+            cpu_millis: 8000,
+            sandboxes,
+        },
+        allocated: NodeResources::default(),
+    }
+}
+
+fn harness(nodes: &[NodeInfo]) -> Harness {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
+    let registry = Arc::new(NodeRegistry::default());
+    for n in nodes {
+        registry.upsert(n.clone());
+    }
+    let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
+    Harness {
+        controller: Controller::new(store.clone(), scheduler, registry.clone()),
+        store,
+        nodes: registry,
+        _dir: dir,
+    }
+}
+
+fn workload(name: &str, replicas: i64) -> Workload {
+    let mut spec = WorkloadSpec {
+        replicas,
+        ..WorkloadSpec::default()
+    };
+    spec.module.sha256 = DIGEST.into();
+    spec.resources.requests.memory = Some("1Mi".into());
+    Workload::new("", name, spec)
+}
+
+async fn status(h: &Harness, name: &str) -> WorkloadStatus {
+    h.store
+        .get(&WorkloadKey::new("", name))
+        .await
+        .expect("get")
+        .expect("exists")
+        .status
+        .expect("status written")
+}
+
+fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+}
+
+fn scheduled(status: &WorkloadStatus) -> &Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == SCHEDULED)
+        .expect("Scheduled condition")
+}
+
+#[tokio::test]
+async fn places_spreads_settles_moves_off_lost_nodes_and_scales_down() {
+    let h = harness(&[
+        node("n0", "amd64", 1000),
+        node("n1", "amd64", 1000),
+        node("n2", "amd64", 1000),
+    ]);
+    h.store.apply(workload("web", 300)).await.expect("apply");
+
+    assert_eq!(h.controller.reconcile_all().await.expect("pass"), 1);
+    let s = status(&h, "web").await;
+    assert_eq!(
+        s.placements,
+        counts(&[("n0", 100), ("n1", 100), ("n2", 100)])
+    );
+    assert_eq!((s.replicas, s.observed_generation), (300, 1));
+    assert_eq!(scheduled(&s).status, "True");
+
+    // Idempotent: nothing changed, nothing written.
+    assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
+
+    // A lost node's replicas move to the others; the rest stay where they are.
+    h.nodes.mark_lost("n1");
+    h.controller.reconcile_all().await.expect("pass");
+    let s = status(&h, "web").await;
+    assert_eq!(s.placements, counts(&[("n0", 150), ("n2", 150)]));
+
+    // The node comes back: nothing moves back (no needless restarts).
+    assert!(h.nodes.heartbeat("n1"));
+    assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
+
+    // Scaling down takes from the most loaded nodes; scaling up fills the emptiest.
+    h.store
+        .apply(workload("web", 30))
+        .await
+        .expect("scale down");
+    h.controller.reconcile_all().await.expect("pass");
+    let s = status(&h, "web").await;
+    assert_eq!(s.replicas, 30);
+    assert_eq!(s.observed_generation, 2);
+    h.store.apply(workload("web", 60)).await.expect("scale up");
+    h.controller.reconcile_all().await.expect("pass");
+    let s = status(&h, "web").await;
+    assert_eq!(s.replicas, 60);
+    // The revived node takes the new replicas until the spread is even again.
+    assert_eq!(s.placements.len(), 3, "{:?}", s.placements);
+    let (min, max) = (
+        s.placements.values().min().copied().unwrap_or(0),
+        s.placements.values().max().copied().unwrap_or(0),
+    );
+    assert!(max - min <= 1, "{:?}", s.placements);
+}
+
+#[tokio::test]
+async fn unschedulable_replicas_get_a_condition_with_the_reasons() {
+    let h = harness(&[
+        node("x0", "amd64", 1000),
+        node("x1", "amd64", 1000),
+        node("a0", "arm64", 5),
+    ]);
+    let mut arm = workload("arm-only", 8);
+    arm.spec
+        .node_selector
+        .insert("kubernetes.io/arch".into(), "arm64".into());
+    h.store.apply(arm).await.expect("apply");
+    h.controller.reconcile_all().await.expect("pass");
+    let s = status(&h, "arm-only").await;
+    assert_eq!(s.placements, counts(&[("a0", 5)]));
+    let condition = scheduled(&s);
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "Unschedulable")
+    );
+    assert_eq!(
+        condition.message,
+        "3 of 8 replicas cannot be placed: 0/3 nodes are available: \
+         2 node(s) didn't match the node selector, 1 too many sandboxes"
+    );
+    let first_transition = condition.last_transition_time.clone();
+    // Still unschedulable on the next pass: the transition time stays.
+    assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
+
+    // An arm64 node joins: the rest are placed and the condition flips.
+    h.nodes.upsert(node("a1", "arm64", 100));
+    h.controller.reconcile_all().await.expect("pass");
+    let s = status(&h, "arm-only").await;
+    assert_eq!(s.placements, counts(&[("a0", 5), ("a1", 3)]));
+    assert_eq!(scheduled(&s).status, "True");
+    assert!(!first_transition.is_empty());
+}
+
+#[tokio::test]
+async fn allocations_of_other_workloads_are_respected() {
+    let h = harness(&[node("n0", "amd64", 10), node("n1", "amd64", 10)]);
+    h.store.apply(workload("first", 15)).await.expect("apply");
+    h.controller.reconcile_all().await.expect("pass");
+    h.store.apply(workload("second", 10)).await.expect("apply");
+    h.controller.reconcile_all().await.expect("pass");
+    let second = status(&h, "second").await;
+    assert_eq!(second.replicas, 5);
+    assert_eq!(scheduled(&second).status, "False");
+    let first = status(&h, "first").await;
+    assert_eq!(
+        first.replicas, 15,
+        "the first workload keeps its placements"
+    );
+}
+
+#[tokio::test]
+async fn the_run_loop_reacts_to_applies_and_to_missed_heartbeats() {
+    let h = harness(&[node("n0", "amd64", 1000), node("n1", "amd64", 1000)]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let store = h.store.clone();
+    let nodes = h.nodes.clone();
+    let mut watch = store.watch().await.expect("watch");
+    let controller = Controller::new(
+        store.clone(),
+        Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
+        nodes.clone(),
+    );
+    // Both nodes heartbeat until the first placement; then n1 falls silent.
+    let beating = Arc::new(std::sync::Mutex::new(vec!["n0", "n1"]));
+    let beat = {
+        let (nodes, beating) = (nodes.clone(), beating.clone());
+        tokio::spawn(async move {
+            loop {
+                let names = beating.lock().map(|b| b.clone()).unwrap_or_default();
+                for name in names {
+                    nodes.heartbeat(name);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let task = tokio::spawn(controller.run(Duration::from_millis(300), async {
+        let _ = stopped.await;
+    }));
+
+    store.apply(workload("web", 10)).await.expect("apply");
+    let placed = wait_for(&mut watch, |s| s.replicas == 10).await;
+    assert_eq!(placed.placements.len(), 2, "{:?}", placed.placements);
+
+    // n1's replicas move to n0 once it misses its heartbeats.
+    if let Ok(mut b) = beating.lock() {
+        b.retain(|n| *n == "n0");
+    }
+    let moved = wait_for(&mut watch, |s| s.placements == counts(&[("n0", 10)])).await;
+    assert_eq!(moved.replicas, 10);
+    beat.abort();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the controller stops")
+        .expect("no panic");
+}
+
+async fn wait_for(
+    watch: &mut crate::store::Watch,
+    pred: impl Fn(&WorkloadStatus) -> bool,
+) -> WorkloadStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .expect("status within 10 s")
+            .expect("watch open")
+            .expect("event");
+        let candidates = match event {
+            WatchEvent::Applied(w) => vec![w],
+            WatchEvent::Restarted(all) => all,
+            WatchEvent::Deleted(_) => vec![],
+        };
+        for w in candidates {
+            if let Some(status) = w.status
+                && pred(&status)
+            {
+                return status;
+            }
+        }
+    }
+}

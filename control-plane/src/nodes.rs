@@ -1,0 +1,149 @@
+//! The node registry: which agents are known, what they offer, and whether they are alive.
+//!
+//! Agents register and heartbeat through the agent protocol; the registry turns missed
+//! heartbeats into a node that is not ready, so the reconciler moves its replicas elsewhere.
+//! Every change bumps a version on a `watch` channel that the reconciler waits on.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::scheduler::framework::NodeInfo;
+
+/// Known nodes. Cheap to share behind an `Arc`.
+pub struct NodeRegistry {
+    nodes: Mutex<BTreeMap<String, Entry>>,
+    changed: watch::Sender<u64>,
+}
+
+struct Entry {
+    info: NodeInfo,
+    last_seen: Instant,
+}
+
+impl Default for NodeRegistry {
+    fn default() -> Self {
+        Self {
+            nodes: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl NodeRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Adds or replaces a node; it is ready and seen now.
+    pub fn upsert(&self, mut info: NodeInfo) {
+        info.ready = true;
+        self.lock().insert(
+            info.name.clone(),
+            Entry {
+                info,
+                last_seen: Instant::now(),
+            },
+        );
+        self.bump();
+    }
+
+    /// Records a heartbeat; a node that was not ready becomes ready again. Returns whether the
+    /// node is known.
+    pub fn heartbeat(&self, name: &str) -> bool {
+        let mut nodes = self.lock();
+        let Some(entry) = nodes.get_mut(name) else {
+            return false;
+        };
+        entry.last_seen = Instant::now();
+        let revived = !entry.info.ready;
+        entry.info.ready = true;
+        drop(nodes);
+        if revived {
+            self.bump();
+        }
+        true
+    }
+
+    /// Marks nodes not seen for `timeout` as not ready; returns their names.
+    pub fn expire(&self, timeout: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for entry in self.lock().values_mut() {
+            if entry.info.ready && now.duration_since(entry.last_seen) >= timeout {
+                entry.info.ready = false;
+                expired.push(entry.info.name.clone());
+            }
+        }
+        if !expired.is_empty() {
+            self.bump();
+        }
+        expired
+    }
+
+    /// Marks a node not ready at once (its agent disconnected).
+    pub fn mark_lost(&self, name: &str) {
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.info.ready = false;
+        }
+        self.bump();
+    }
+
+    /// Forgets a node.
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
+        self.bump();
+    }
+
+    /// A snapshot of every node, sorted by name.
+    pub fn snapshot(&self) -> Vec<NodeInfo> {
+        self.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Wakes when the set of nodes or their readiness changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            ..NodeInfo::default()
+        }
+    }
+
+    #[test]
+    fn missed_heartbeats_make_a_node_not_ready_and_a_heartbeat_revives_it() {
+        let registry = NodeRegistry::default();
+        let mut changes = registry.subscribe();
+        registry.upsert(node("a"));
+        registry.upsert(node("b"));
+        assert!(changes.has_changed().expect("open"));
+        changes.mark_unchanged();
+
+        assert_eq!(
+            registry.expire(Duration::from_secs(3600)),
+            Vec::<String>::new()
+        );
+        assert!(!changes.has_changed().expect("open"));
+        assert_eq!(registry.expire(Duration::ZERO), vec!["a", "b"]);
+        assert!(changes.has_changed().expect("open"));
+        assert!(registry.snapshot().iter().all(|n| !n.ready));
+
+        assert!(registry.heartbeat("a"));
+        assert!(!registry.heartbeat("unknown"));
+        let ready: Vec<bool> = registry.snapshot().iter().map(|n| n.ready).collect();
+        assert_eq!(ready, [true, false]);
+    }
+}
