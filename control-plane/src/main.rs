@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use std::sync::Arc;
 
 use flotilla_control_plane::controller::Controller;
-use flotilla_control_plane::grpc::WorkloadService;
+use flotilla_control_plane::grpc::{AgentService, WorkloadService};
 use flotilla_control_plane::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
 use flotilla_control_plane::nodes::NodeRegistry;
 use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
@@ -91,14 +91,17 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let controller = Controller::new(
         store.clone(),
         Scheduler::new(&SchedulerConfig::default())?,
-        nodes,
+        nodes.clone(),
     );
+    // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
+    let agents = AgentService::new(store.clone(), nodes, *args.node_heartbeat_timeout / 3);
     let mut controller_stop = stop_seen.clone();
     let controller = tokio::spawn(controller.run(*args.node_heartbeat_timeout, async move {
         let _ = controller_stop.wait_for(|stopping| *stopping).await;
     }));
     let serve = tonic::transport::Server::builder()
         .add_service(WorkloadService::new(store, modules).into_server())
+        .add_service(agents.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown_signal().await;
             // Nobody listening any more is fine.

@@ -535,7 +535,44 @@ impl Workload {
     }
 }
 
+/// A sandbox's limits as numbers, resolved from a validated spec; 0 means "not set" (the agent's
+/// default applies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// `resources.limits.memory` in bytes.
+    pub memory_limit_bytes: u64,
+    /// `resources.requests.memory` in bytes.
+    pub memory_request_bytes: u64,
+    /// `resources.limits.cpuTime` in milliseconds.
+    pub cpu_time_ms: u64,
+    /// `activeDeadlineSeconds` in milliseconds.
+    pub deadline_ms: u64,
+    /// `resources.limits.logs` in bytes.
+    pub log_bytes: u64,
+}
+
 impl WorkloadSpec {
+    /// The limits an agent enforces, as numbers. Call on a validated spec; unparsable
+    /// quantities count as unset.
+    pub fn sandbox_limits(&self) -> SandboxLimits {
+        let bytes =
+            |q: &Option<String>| q.as_deref().and_then(|q| parse_bytes(q).ok()).unwrap_or(0);
+        let limits = &self.resources.limits;
+        SandboxLimits {
+            memory_limit_bytes: bytes(&limits.memory),
+            memory_request_bytes: bytes(&self.resources.requests.memory),
+            cpu_time_ms: limits
+                .cpu_time
+                .as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            deadline_ms: self
+                .active_deadline_seconds
+                .map_or(0, |s| u64::try_from(s).unwrap_or(0).saturating_mul(1000)),
+            log_bytes: bytes(&limits.logs),
+        }
+    }
+
     /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
     /// requests its limit. Call on a validated spec; unparsable quantities count as zero.
     pub fn requests(&self) -> Requests {

@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flotilla_model::{ModuleRule, RestartPolicy, ValidationError, Workload, parse_bytes};
+use flotilla_model::{ModuleRule, RestartPolicy, ValidationError, Workload};
 use flotilla_proto::agent::v1::{
     EnvVar, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
     module_source,
@@ -87,21 +87,13 @@ pub fn parse(text: &str, file: &Path) -> Vec<Result<WorkloadSpec, ManifestError>
 /// Converts a validated workload into the agent's spec.
 fn to_spec(workload: &Workload, file: &Path) -> WorkloadSpec {
     let spec = &workload.spec;
-    let limits = &spec.resources.limits;
-    // Validation has checked every quantity; a zero means "the agent's default".
-    let bytes = |q: &Option<String>| q.as_deref().and_then(|q| parse_bytes(q).ok()).unwrap_or(0);
+    let limits = spec.sandbox_limits();
     let resources = Resources {
-        memory_limit_bytes: bytes(&limits.memory),
-        memory_request_bytes: bytes(&spec.resources.requests.memory),
-        cpu_limit_ms: limits
-            .cpu_time
-            .as_deref()
-            .and_then(|t| humantime::parse_duration(t).ok())
-            .map_or(0, |d| d.as_millis() as u64),
-        deadline_ms: spec
-            .active_deadline_seconds
-            .map_or(0, |s| (s.max(0) as u64).saturating_mul(1000)),
-        log_limit_bytes: bytes(&limits.logs),
+        memory_limit_bytes: limits.memory_limit_bytes,
+        memory_request_bytes: limits.memory_request_bytes,
+        cpu_limit_ms: limits.cpu_time_ms,
+        deadline_ms: limits.deadline_ms,
+        log_limit_bytes: limits.log_bytes,
         max_table_elements: 0,
     };
     let base = file.parent().unwrap_or(Path::new("."));
