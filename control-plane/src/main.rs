@@ -94,7 +94,12 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         nodes.clone(),
     );
     // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
-    let agents = AgentService::new(store.clone(), nodes, *args.node_heartbeat_timeout / 3);
+    let agents = AgentService::new(
+        store.clone(),
+        modules.clone(),
+        nodes,
+        *args.node_heartbeat_timeout / 3,
+    );
     let mut controller_stop = stop_seen.clone();
     let controller = tokio::spawn(controller.run(*args.node_heartbeat_timeout, async move {
         let _ = controller_stop.wait_for(|stopping| *stopping).await;

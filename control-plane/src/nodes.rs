@@ -21,6 +21,8 @@ pub struct NodeRegistry {
 struct Entry {
     info: NodeInfo,
     last_seen: Instant,
+    /// Running sandboxes per workload key and generation, from the last heartbeat.
+    running: BTreeMap<String, (u64, u64)>,
 }
 
 impl Default for NodeRegistry {
@@ -49,6 +51,7 @@ impl NodeRegistry {
             Entry {
                 info,
                 last_seen: Instant::now(),
+                running: BTreeMap::new(),
             },
         );
         self.bump();
@@ -69,6 +72,39 @@ impl NodeRegistry {
             self.bump();
         }
         true
+    }
+
+    /// Records what a node reported running: workload key → (generation, running sandboxes).
+    /// Counts as a heartbeat.
+    pub fn report(&self, name: &str, running: BTreeMap<String, (u64, u64)>) {
+        let changed = {
+            let mut nodes = self.lock();
+            let Some(entry) = nodes.get_mut(name) else {
+                return;
+            };
+            entry.last_seen = Instant::now();
+            let changed = entry.running != running || !entry.info.ready;
+            entry.running = running;
+            entry.info.ready = true;
+            changed
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Running sandboxes per workload key and generation, summed over ready nodes.
+    pub fn running(&self) -> BTreeMap<String, BTreeMap<u64, u64>> {
+        let mut out: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+        for entry in self.lock().values().filter(|e| e.info.ready) {
+            for (key, &(generation, count)) in &entry.running {
+                *out.entry(key.clone())
+                    .or_default()
+                    .entry(generation)
+                    .or_default() += count;
+            }
+        }
+        out
     }
 
     /// Marks nodes not seen for `timeout` as not ready; returns their names.

@@ -107,6 +107,13 @@ impl Agent {
             }
         }));
 
+        if let Some(control) = config.control.clone() {
+            let supervisor = supervisor.clone();
+            let token = shutdown.clone();
+            servers.push(tokio::spawn(crate::control::run(
+                control, supervisor, token,
+            )));
+        }
         if let Some(dir) = config.manifests.clone() {
             let supervisor = supervisor.clone();
             servers.push(tokio::spawn(apply_manifests(supervisor, dir)));

@@ -71,6 +71,16 @@ pub struct Args {
     /// A run this long resets the crash-loop delay.
     #[arg(long, env = "FLOTILLA_BACKOFF_RESET", default_value = "10m")]
     pub backoff_reset: humantime::Duration,
+    /// The control plane to join, e.g. `http://127.0.0.1:7080`; without it the agent runs only
+    /// its static manifests and admin API.
+    #[arg(long, env = "FLOTILLA_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "FLOTILLA_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Node labels, `key=value,...`.
+    #[arg(long, env = "FLOTILLA_NODE_LABELS", value_delimiter = ',')]
+    pub node_labels: Vec<String>,
     /// Time sandboxes get to end on shutdown before they are aborted.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: humantime::Duration,
@@ -93,6 +103,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// The control plane to join, if any.
+    pub control: Option<crate::control::ControlConfig>,
 }
 
 /// An invalid setting; the binary exits with status 64 (EX_USAGE).
@@ -170,8 +182,55 @@ impl TryFrom<Args> for Config {
                 ..SupervisorConfig::default()
             },
             shutdown_grace: *args.shutdown_grace,
+            control: control_config(args.control_plane, args.node_name, &args.node_labels)?,
         })
     }
+}
+
+fn control_config(
+    url: Option<String>,
+    node_name: Option<String>,
+    labels: &[String],
+) -> Result<Option<crate::control::ControlConfig>, ConfigError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError {
+            flag: "control-plane",
+            message: format!("{url:?}: must be an http:// or https:// URL"),
+        });
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_default();
+    let node_name = node_name.unwrap_or_else(|| host.clone());
+    flotilla_model::validate_name(&node_name).map_err(|message| ConfigError {
+        flag: "node-name",
+        message,
+    })?;
+    let mut parsed = std::collections::BTreeMap::new();
+    for label in labels.iter().filter(|l| !l.is_empty()) {
+        let Some((key, value)) = label.split_once('=') else {
+            return Err(ConfigError {
+                flag: "node-labels",
+                message: format!("{label:?}: must be key=value"),
+            });
+        };
+        parsed.insert(key.to_string(), value.to_string());
+    }
+    // Stable for this host and node name, so a restarted agent gets its node back at once while
+    // an agent elsewhere cannot take it over.
+    use sha2::Digest;
+    let agent_id = hex::encode(&sha2::Sha256::digest(format!("{host}/{node_name}"))[..16]);
+    Ok(Some(crate::control::ControlConfig {
+        url,
+        node_name,
+        agent_id,
+        labels: parsed,
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(10),
+    }))
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -213,6 +272,15 @@ mod tests {
             ),
             (&["--max-sandboxes", "0"][..], "max-sandboxes"),
             (&["--epoch-tick", "0s"][..], "epoch-tick"),
+            (&["--control-plane", "ftp://x"][..], "control-plane"),
+            (
+                &["--control-plane", "http://x", "--node-name", "Bad_Name"][..],
+                "node-name",
+            ),
+            (
+                &["--control-plane", "http://x", "--node-labels", "zone"][..],
+                "node-labels",
+            ),
         ] {
             let err = parse(flags).expect_err(flag);
             assert_eq!(err.flag, flag);

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod manifest;
 pub mod metrics;
 pub mod runtime;

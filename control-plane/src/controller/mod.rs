@@ -69,6 +69,7 @@ impl<S: WorkloadStore> Controller<S> {
     /// A store failure or a failing plugin; workloads before it are reconciled.
     pub async fn reconcile_all(&self) -> Result<usize, Error> {
         let workloads = self.store.list().await?;
+        let running = self.nodes.running();
         let mut nodes = self.nodes.snapshot();
         let index: BTreeMap<String, usize> = nodes
             .iter()
@@ -86,7 +87,15 @@ impl<S: WorkloadStore> Controller<S> {
 
         let mut written = 0;
         for workload in workloads {
-            let status = self.reconcile(&workload, &mut nodes, &index)?;
+            let mut status = self.reconcile(&workload, &mut nodes, &index)?;
+            // Sandboxes of the current generation that agents report running.
+            let ready = running
+                .get(&workload.key().to_string())
+                .and_then(|generations| generations.get(&workload.metadata.generation))
+                .copied()
+                .unwrap_or(0);
+            status.ready_replicas = ready;
+            status.available_replicas = ready;
             if workload.status.as_ref() != Some(&status) {
                 self.store.patch_status(&workload.key(), status).await?;
                 written += 1;

@@ -16,8 +16,8 @@ use flotilla_proto::agent::v1::{
 };
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
-    AgentMessage, ControlMessage, DesiredState, DesiredWorkload, RegisterRequest, RegisterResponse,
-    agent_message, control_message,
+    AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
+    FetchModuleResponse, RegisterRequest, RegisterResponse, agent_message, control_message,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -25,8 +25,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::store_status;
+use super::convert::{module_status, store_status};
 use crate::model::{RestartPolicy, TaintEffect, Workload, validate_name};
+use crate::modules::ModuleStore;
 use crate::nodes::NodeRegistry;
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::{WatchEvent, WorkloadStore};
@@ -34,6 +35,7 @@ use crate::store::{WatchEvent, WorkloadStore};
 /// The agent protocol over a store and a node registry.
 pub struct AgentService<S> {
     store: S,
+    modules: ModuleStore,
     nodes: Arc<NodeRegistry>,
     heartbeat_interval: Duration,
     /// Node name → (agent id, session id) of the agent that registered it last.
@@ -42,9 +44,15 @@ pub struct AgentService<S> {
 
 impl<S: WorkloadStore + Clone> AgentService<S> {
     /// Creates the service; agents are asked to heartbeat every `heartbeat_interval`.
-    pub fn new(store: S, nodes: Arc<NodeRegistry>, heartbeat_interval: Duration) -> Self {
+    pub fn new(
+        store: S,
+        modules: ModuleStore,
+        nodes: Arc<NodeRegistry>,
+        heartbeat_interval: Duration,
+    ) -> Self {
         Self {
             store,
+            modules,
             nodes,
             heartbeat_interval,
             sessions: Arc::default(),
@@ -53,7 +61,7 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
 
     /// Wraps the service for a tonic server.
     pub fn into_server(self) -> AgentsServer<Self> {
-        AgentsServer::new(self)
+        AgentsServer::new(self).max_encoding_message_size(super::MAX_MODULE_MESSAGE_BYTES)
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, String)>> {
@@ -215,9 +223,14 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             while let Some(message) = inbound.next().await {
                 match message {
                     Ok(AgentMessage {
-                        kind: Some(agent_message::Kind::Heartbeat(_)),
+                        kind: Some(agent_message::Kind::Heartbeat(beat)),
                     }) => {
-                        nodes.heartbeat(&node);
+                        let running = beat
+                            .workloads
+                            .into_iter()
+                            .map(|w| (w.key, (w.generation, u64::from(w.running))))
+                            .collect();
+                        nodes.report(&node, running);
                     }
                     Ok(_) => {}
                     Err(status) => {
@@ -231,6 +244,19 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             down.abort();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_module(
+        &self,
+        request: Request<FetchModuleRequest>,
+    ) -> Result<Response<FetchModuleResponse>, Status> {
+        let sha256 = request.into_inner().sha256;
+        let modules = self.modules.clone();
+        let module = tokio::task::spawn_blocking(move || modules.get(&sha256))
+            .await
+            .map_err(|e| Status::internal(format!("module store task failed: {e}")))?
+            .map_err(module_status)?;
+        Ok(Response::new(FetchModuleResponse { module }))
     }
 }
 

@@ -42,8 +42,10 @@ async fn cluster() -> Cluster {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(WorkloadService::new(store.clone(), modules).into_server())
-            .add_service(AgentService::new(store, nodes, Duration::from_secs(1)).into_server())
+            .add_service(WorkloadService::new(store.clone(), modules.clone()).into_server())
+            .add_service(
+                AgentService::new(store, modules, nodes, Duration::from_secs(1)).into_server(),
+            )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let url = format!("http://{addr}");

@@ -6,6 +6,11 @@ pub mod convert;
 pub mod server;
 
 pub use self::agents::AgentService;
+
+/// Largest gRPC message the control plane takes or sends: a module of the module store's
+/// default limit plus room for the envelope (tonic's own default is 4 MiB).
+pub const MAX_MODULE_MESSAGE_BYTES: usize =
+    crate::modules::DEFAULT_MAX_MODULE_BYTES as usize + (1 << 20);
 pub use self::server::WorkloadService;
 
 #[cfg(test)]

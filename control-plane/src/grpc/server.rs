@@ -31,7 +31,7 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
 
     /// Wraps the service for a tonic server.
     pub fn into_server(self) -> WorkloadsServer<Self> {
-        WorkloadsServer::new(self)
+        WorkloadsServer::new(self).max_decoding_message_size(super::MAX_MODULE_MESSAGE_BYTES)
     }
 }
 

@@ -353,6 +353,13 @@ impl<R: SandboxRuntime> Supervisor<R> {
             .collect()
     }
 
+    /// The module digest of a workload, once prepared.
+    pub fn module_digest(&self, workload: &str) -> Option<String> {
+        let workloads = self.shared.lock_workloads();
+        let prepared = workloads.get(workload)?.prepared.as_ref()?;
+        Some(prepared.digest().to_string())
+    }
+
     /// The log ring of one sandbox.
     pub fn logs(&self, workload: &str, replica: u32) -> Option<Arc<LogBuffer>> {
         let workloads = self.shared.lock_workloads();

@@ -1,0 +1,160 @@
+//! The core loop in one process over loopback gRPC: a control plane (embedded store,
+//! controller, user API, agent protocol) and two agents with real wasmtime supervisors.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use flotilla_control_plane::controller::Controller;
+use flotilla_control_plane::grpc::{AgentService, WorkloadService};
+use flotilla_control_plane::model::WorkloadKey;
+use flotilla_control_plane::modules::ModuleStore;
+use flotilla_control_plane::nodes::NodeRegistry;
+use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
+use flotilla_control_plane::store::{EmbeddedStore, WatchEvent, WorkloadStore};
+use flotilla_node_agent::control::{self, ControlConfig};
+use flotilla_node_agent::supervisor::Supervisor;
+use flotilla_proto::agent::v1::SandboxPhase;
+use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
+use flotilla_proto::control::v1::{ApplyRequest, PushModuleRequest};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+async fn control_plane(dir: &std::path::Path) -> (String, EmbeddedStore) {
+    let store = EmbeddedStore::open(&dir.join("store.redb")).expect("store");
+    let modules = ModuleStore::open(&dir.join("modules"), 1 << 20).expect("modules");
+    let nodes = Arc::new(NodeRegistry::default());
+    let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
+    let controller = Controller::new(store.clone(), scheduler, nodes.clone());
+    tokio::spawn(controller.run(Duration::from_secs(3), std::future::pending()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let agents = AgentService::new(
+        store.clone(),
+        modules.clone(),
+        nodes,
+        Duration::from_millis(200),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WorkloadService::new(store.clone(), modules).into_server())
+            .add_service(agents.into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (format!("http://{addr}"), store)
+}
+
+fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
+    let sup = supervisor(runtime_config());
+    let token = CancellationToken::new();
+    let config = ControlConfig {
+        url: url.to_string(),
+        node_name: node.to_string(),
+        agent_id: format!("test-{node}"),
+        labels: Default::default(),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_secs(1),
+    };
+    tokio::spawn(control::run(config, sup.clone(), token.clone()));
+    (sup, token)
+}
+
+fn running(sup: &Supervisor) -> usize {
+    sup.list(Some("default.idle"))
+        .iter()
+        .filter(|s| s.phase == SandboxPhase::Running as i32)
+        .count()
+}
+
+/// Waits (bounded) until `pred` holds, re-checking on every sandbox status change.
+async fn until(sups: &[&Supervisor], what: &str, pred: impl Fn() -> bool) {
+    let mut watches: Vec<_> = sups.iter().map(|s| s.watch()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Subscribed before the first check, so no change between check and wait is missed.
+    while !pred() {
+        let any = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.recv())));
+        if tokio::time::timeout_at(deadline, any).await.is_err() {
+            panic!("timed out waiting for {what}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_workloads_run_on_agents_and_move_when_an_agent_leaves() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (url, store) = control_plane(dir.path()).await;
+    let (a, _a_token) = join(&url, "node-a");
+    let (b, b_token) = join(&url, "node-b");
+
+    let mut client = WorkloadsClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let sha = client
+        .push_module(PushModuleRequest {
+            module: fixture("sleep"),
+            sha256: String::new(),
+        })
+        .await
+        .expect("push")
+        .into_inner()
+        .sha256;
+    let manifest = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: idle}}\n\
+         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 6, resources: {{limits: {{memory: 1Mi}}}}}}\n"
+    );
+    client
+        .apply(ApplyRequest {
+            manifest: manifest.into_bytes(),
+        })
+        .await
+        .expect("apply");
+
+    until(&[&a, &b], "6 sandboxes across both agents", || {
+        running(&a) + running(&b) == 6 && running(&a) > 0 && running(&b) > 0
+    })
+    .await;
+
+    // The agents' heartbeats reach the workload's status.
+    let key = WorkloadKey::new("", "idle");
+    let mut watch = store.watch().await.expect("watch");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ready = match watch.next().await.expect("open").expect("event") {
+                WatchEvent::Applied(w) if w.key() == key => {
+                    w.status.map_or(0, |s| s.ready_replicas)
+                }
+                WatchEvent::Restarted(all) => all
+                    .into_iter()
+                    .find(|w| w.key() == key)
+                    .and_then(|w| w.status)
+                    .map_or(0, |s| s.ready_replicas),
+                _ => 0,
+            };
+            if ready == 6 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("status.readyReplicas reaches 6");
+
+    // node-b's agent leaves the control plane: its share moves to node-a.
+    b_token.cancel();
+    until(&[&a], "all 6 sandboxes on node-a", || running(&a) == 6).await;
+    let status = store
+        .get(&key)
+        .await
+        .expect("get")
+        .and_then(|w| w.status)
+        .expect("status");
+    assert_eq!(
+        status.placements.get("node-a"),
+        Some(&6),
+        "{:?}",
+        status.placements
+    );
+}
