@@ -92,7 +92,8 @@ pub async fn capacity(agent: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn phase_name(phase: i32) -> &'static str {
+/// The name of a sandbox phase.
+pub fn phase_name(phase: i32) -> &'static str {
     match SandboxPhase::try_from(phase) {
         Ok(SandboxPhase::Pending) => "Pending",
         Ok(SandboxPhase::Running) => "Running",

@@ -27,8 +27,8 @@ struct Document {
     workload: Workload,
 }
 
-/// `flotilla apply -f FILE|DIR|-`.
-pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
+/// `flotilla apply -f FILE|DIR|-`; returns the applied workloads.
+pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workload>> {
     let mut documents = Vec::new();
     for file in files {
         read_documents(file, &mut documents)?;
@@ -37,6 +37,7 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
         bail!("no manifests found in {files:?}");
     }
     let mut client = connect(server).await?;
+    let mut applied_all = Vec::with_capacity(documents.len());
     for mut doc in documents {
         if let Some(path) = doc.workload.spec.module.path.take() {
             let path = doc.base.join(path);
@@ -75,8 +76,9 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
             "wasmworkload.flotilla.dev/{} applied (generation {})",
             applied.metadata.name, applied.metadata.generation
         );
+        applied_all.push(applied);
     }
-    Ok(())
+    Ok(applied_all)
 }
 
 fn read_documents(file: &str, out: &mut Vec<Document>) -> anyhow::Result<()> {

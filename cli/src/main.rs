@@ -3,6 +3,11 @@
 
 mod agent;
 mod control;
+mod dev;
+
+// The all-in-one mode hosts sandboxes; see the node agent's main.rs for why not glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
@@ -72,6 +77,9 @@ enum Commands {
     },
     /// Shows what the agent can hold and holds.
     Capacity,
+    /// Runs a control plane, its embedded store and one node agent in this process, applies
+    /// the examples and shows them running.
+    Dev(dev::DevArgs),
 }
 
 /// What a command acts on.
@@ -97,6 +105,7 @@ enum Output {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    flotilla_telemetry::init("flotilla");
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -108,7 +117,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Commands::Apply { files } => control::apply(&cli.server, &files).await,
+        Commands::Apply { files } => control::apply(&cli.server, &files).await.map(drop),
         Commands::Get {
             resource: Resource::Workloads,
             name,
@@ -135,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
         } => agent::logs(&cli.agent, workload, replica, follow).await,
         Commands::Capacity => agent::capacity(&cli.agent).await,
+        Commands::Dev(args) => dev::run(args).await,
     }
 }
 

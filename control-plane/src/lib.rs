@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod modules;
 pub mod nodes;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 
 pub use flotilla_model as model;

@@ -5,17 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use std::sync::Arc;
-
-use flotilla_control_plane::controller::Controller;
-use flotilla_control_plane::grpc::{AgentService, WorkloadService};
-use flotilla_control_plane::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
-use flotilla_control_plane::nodes::NodeRegistry;
-use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
-use flotilla_control_plane::store::EmbeddedStore;
-use tokio_stream::wrappers::TcpListenerStream;
+use flotilla_control_plane::server::{ControlPlane, ServerConfig};
 
 /// BSD's EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
@@ -76,58 +67,15 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let StoreKind::Embedded = args.store;
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let store = EmbeddedStore::open(&data_dir.join("store.redb")).context("opening the store")?;
-    let modules = ModuleStore::open(&data_dir.join("modules"), DEFAULT_MAX_MODULE_BYTES)
-        .context("opening the module store")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the API on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
-    let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
-    let nodes = Arc::new(NodeRegistry::default());
-    let controller = Controller::new(
-        store.clone(),
-        Scheduler::new(&SchedulerConfig::default())?,
-        nodes.clone(),
-    );
-    // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
-    let agents = AgentService::new(
-        store.clone(),
-        modules.clone(),
-        nodes,
-        *args.node_heartbeat_timeout / 3,
-    );
-    let mut controller_stop = stop_seen.clone();
-    let controller = tokio::spawn(controller.run(*args.node_heartbeat_timeout, async move {
-        let _ = controller_stop.wait_for(|stopping| *stopping).await;
-    }));
-    let serve = tonic::transport::Server::builder()
-        .add_service(WorkloadService::new(store, modules).into_server())
-        .add_service(agents.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown_signal().await;
-            // Nobody listening any more is fine.
-            let _ = stopping.send(true);
-        });
-    // Graceful shutdown waits for every connection to close; watch streams never would, so
-    // the grace period bounds it.
-    let grace = *args.shutdown_grace;
-    tokio::select! {
-        result = serve => result.context("serving the API")?,
-        () = async {
-            let _ = stop_seen.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(?grace, "connections still open after the grace period; closing them"),
-    }
-    // The controller saw the same signal; a panic in it is reported, not hidden.
-    if let Err(error) = controller.await {
-        tracing::error!(%error, "the controller task failed");
-    }
-    tracing::info!("stopped");
-    Ok(())
+    let control_plane = ControlPlane::start(ServerConfig {
+        listen: args.listen,
+        data_dir,
+        node_heartbeat_timeout: *args.node_heartbeat_timeout,
+        shutdown_grace: *args.shutdown_grace,
+    })
+    .await?;
+    shutdown_signal().await;
+    control_plane.shutdown().await
 }
 
 async fn shutdown_signal() {

@@ -18,8 +18,8 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `command` with stderr captured (and echoed, prefixed by `name`, for failed tests)
-    /// and `FLOTILLA_LOG=info`, without colours.
+    /// Starts `command` with stdout and stderr captured as one stream of lines (and echoed,
+    /// prefixed by `name`, for failed tests) and `FLOTILLA_LOG=info`, without colours.
     ///
     /// # Panics
     /// If the binary cannot be started.
@@ -28,20 +28,15 @@ impl Process {
             .env("FLOTILLA_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("{name} starts: {e}"));
-        let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{name}] {line}");
-                if tx.send(strip_ansi(&line)).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        forward(stdout, name, tx.clone());
+        forward(stderr, name, tx);
         Self { child, lines }
     }
 
@@ -105,6 +100,22 @@ pub fn logged_addr(line: &str, key: &str) -> SocketAddr {
     rest[..end]
         .parse()
         .unwrap_or_else(|e| panic!("{key} in {line:?}: {e}"))
+}
+
+/// Sends each line of `stream` to `tx` (without colour codes) and echoes it for test output.
+fn forward(
+    stream: impl std::io::Read + Send + 'static,
+    name: &'static str,
+    tx: mpsc::Sender<String>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[{name}] {line}");
+            if tx.send(strip_ansi(&line)).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 #[allow(unsafe_code)]

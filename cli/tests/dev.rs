@@ -1,0 +1,45 @@
+//! `flotilla dev` as a real process: control plane, store and agent in one, the examples
+//! applied and running, then a clean stop on SIGTERM.
+
+use std::path::Path;
+use std::process::Command;
+
+use flotilla_tests::Process;
+
+#[test]
+fn dev_runs_the_examples_and_stops_cleanly() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0", "--manifests"])
+        .arg(&examples);
+    let mut dev = Process::spawn(command, "flotilla dev");
+    dev.wait_line("wasmworkload.flotilla.dev/idle applied (generation 1)");
+    let crash = dev.wait_line("  default.crashloop ");
+    assert!(
+        crash.contains("last: Trap: wasm trap: integer divide by zero"),
+        "{crash}"
+    );
+    let hello = dev.wait_line("  default.hello ");
+    assert!(hello.contains("2 Succeeded"), "{hello}");
+    let idle = dev.wait_line("  default.idle ");
+    assert!(idle.contains("1000 Running"), "{idle}");
+    dev.wait_line("hello from flotilla");
+    dev.wait_line("Ahoy from C and welcome aboard");
+    dev.wait_line("flotilla dev: running");
+
+    dev.signal(libc::SIGTERM);
+    let stopped = dev.wait_line("flotilla dev: stopped");
+    assert!(
+        stopped.contains("stopped 1004 sandboxes (0 aborted)"),
+        "{stopped}"
+    );
+    assert!(dev.wait().success());
+}

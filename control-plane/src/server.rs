@@ -1,0 +1,128 @@
+//! Assembles a running control plane: embedded store, module store, node registry, controller
+//! and both gRPC services on one listener. `main.rs` and `flotilla dev` start it the same way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::controller::Controller;
+use crate::grpc::{AgentService, WorkloadService};
+use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
+use crate::nodes::NodeRegistry;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::store::EmbeddedStore;
+
+/// Settings of a control plane.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// gRPC address (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Where the store file and module blobs live.
+    pub data_dir: PathBuf,
+    /// A node silent this long is not ready; agents heartbeat three times per timeout.
+    pub node_heartbeat_timeout: Duration,
+    /// Time open streams get after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    addr: SocketAddr,
+    stopping: tokio::sync::watch::Sender<bool>,
+    server: JoinHandle<anyhow::Result<()>>,
+    controller: JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Opens the stores, binds the listener and starts serving and reconciling.
+    ///
+    /// # Errors
+    /// The data directory, the store or the listener cannot be opened.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("creating the data directory {}", config.data_dir.display())
+        })?;
+        let store = EmbeddedStore::open(&config.data_dir.join("store.redb"))
+            .context("opening the store")?;
+        let modules = ModuleStore::open(&config.data_dir.join("modules"), DEFAULT_MAX_MODULE_BYTES)
+            .context("opening the module store")?;
+        let nodes = Arc::new(NodeRegistry::default());
+        let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+
+        let controller = Controller::new(
+            store.clone(),
+            Scheduler::new(&SchedulerConfig::default())?,
+            nodes.clone(),
+        );
+        let mut controller_stop = stop_seen.clone();
+        let controller = tokio::spawn(controller.run(config.node_heartbeat_timeout, async move {
+            let _ = controller_stop.wait_for(|stopping| *stopping).await;
+        }));
+
+        // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
+        let agents = AgentService::new(
+            store.clone(),
+            modules.clone(),
+            nodes,
+            config.node_heartbeat_timeout / 3,
+        );
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding the API on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+
+        let mut server_stop = stop_seen.clone();
+        let mut grace_stop = stop_seen;
+        let grace = config.shutdown_grace;
+        let server = tokio::spawn(async move {
+            let serve = tonic::transport::Server::builder()
+                .add_service(WorkloadService::new(store, modules).into_server())
+                .add_service(agents.into_server())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = server_stop.wait_for(|stopping| *stopping).await;
+                });
+            // Graceful shutdown waits for every connection to close; watch streams never would,
+            // so the grace period bounds it.
+            tokio::select! {
+                result = serve => result.context("serving the API")?,
+                () = async {
+                    let _ = grace_stop.wait_for(|stopping| *stopping).await;
+                    tokio::time::sleep(grace).await;
+                } => tracing::warn!(?grace, "connections still open after the grace period; closing them"),
+            }
+            Ok(())
+        });
+        Ok(Self {
+            addr,
+            stopping,
+            server,
+            controller,
+        })
+    }
+
+    /// Where the API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and reconciling.
+    ///
+    /// # Errors
+    /// The server failed while running.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        // Nobody listening any more is fine.
+        let _ = self.stopping.send(true);
+        if let Err(error) = self.controller.await {
+            tracing::error!(%error, "the controller task failed");
+        }
+        self.server.await.context("the server task failed")??;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
