@@ -7,7 +7,7 @@ use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
     AgentMessage, ApplyRequest, ControlMessage, DesiredState, Heartbeat, Hello, NodeResources,
-    PushModuleRequest, RegisterRequest, agent_message, control_message,
+    RegisterRequest, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -141,16 +141,7 @@ async fn agents_get_their_share_and_a_departed_agents_share_moves() {
     let mut a = FakeAgent::join(&mut cluster, "node-a").await;
     let mut b = FakeAgent::join(&mut cluster, "node-b").await;
 
-    let sha = cluster
-        .workloads
-        .push_module(PushModuleRequest {
-            module: b"\0asm\x01\0\0\0".to_vec(),
-            sha256: String::new(),
-        })
-        .await
-        .expect("push")
-        .into_inner()
-        .sha256;
+    let sha = super::tests::push(&mut cluster.workloads).await;
     let manifest = format!(
         "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
          spec: {{module: {{sha256: \"{sha}\"}}, replicas: 10, args: [serve]}}\n"

@@ -52,11 +52,9 @@ fn manifest(name: &str, sha256: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-#[tokio::test]
-async fn apply_get_list_watch_delete() {
-    let mut h = serve().await;
-    let sha = h
-        .client
+/// Pushes a minimal module and returns its digest.
+pub(super) async fn push(client: &mut WorkloadsClient<Channel>) -> String {
+    client
         .push_module(PushModuleRequest {
             module: MODULE.to_vec(),
             sha256: String::new(),
@@ -64,7 +62,13 @@ async fn apply_get_list_watch_delete() {
         .await
         .expect("push")
         .into_inner()
-        .sha256;
+        .sha256
+}
+
+#[tokio::test]
+async fn apply_get_list_watch_delete() {
+    let mut h = serve().await;
+    let sha = push(&mut h.client).await;
     let mut watch = h
         .client
         .watch(WatchRequest {})
@@ -144,16 +148,7 @@ async fn apply_get_list_watch_delete() {
 #[tokio::test]
 async fn bad_manifests_get_the_error_the_user_needs_and_change_nothing() {
     let mut h = serve().await;
-    let sha = h
-        .client
-        .push_module(PushModuleRequest {
-            module: MODULE.to_vec(),
-            sha256: String::new(),
-        })
-        .await
-        .expect("push")
-        .into_inner()
-        .sha256;
+    let sha = push(&mut h.client).await;
     h.client
         .apply(ApplyRequest {
             manifest: manifest("good", &sha, ""),
