@@ -39,6 +39,8 @@ pub struct DevArgs {
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    // Installed first: a signal during startup must still stop everything cleanly.
+    let shutdown = shutdown_signal()?;
     let temp;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -98,7 +100,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          `flotilla logs default.hello`. Ctrl-C stops everything."
     );
 
-    shutdown_signal().await?;
+    shutdown.await;
     println!("flotilla dev: stopping");
     let report = agent.shutdown().await;
     control_plane.shutdown().await?;
@@ -168,13 +170,15 @@ async fn print_output(agent_url: &str, sandboxes: &[SandboxStatus]) {
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -43,3 +43,23 @@ fn dev_runs_the_examples_and_stops_cleanly() {
     );
     assert!(dev.wait().success());
 }
+
+#[test]
+fn a_signal_during_startup_still_stops_cleanly() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0", "--manifests", "none"]);
+    let mut dev = Process::spawn(command, "flotilla dev");
+    // As early as the first line: before "running", while the agent may still be starting.
+    dev.wait_line("flotilla dev: control plane at");
+    dev.signal(libc::SIGTERM);
+    dev.wait_line("flotilla dev: stopped");
+    assert!(dev.wait().success());
+}

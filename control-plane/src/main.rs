@@ -67,6 +67,8 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let StoreKind::Embedded = args.store;
+    // Installed first: a signal during startup must still stop the server cleanly.
+    let shutdown = shutdown_signal()?;
     let control_plane = ControlPlane::start(ServerConfig {
         listen: args.listen,
         data_dir,
@@ -74,27 +76,21 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         shutdown_grace: *args.shutdown_grace,
     })
     .await?;
-    shutdown_signal().await;
+    shutdown.await;
     control_plane.shutdown().await
 }
 
-async fn shutdown_signal() {
+/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }
 
 fn default_data_dir() -> Option<PathBuf> {

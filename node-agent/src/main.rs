@@ -44,8 +44,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed first: a signal during startup must still stop every sandbox cleanly.
+    let shutdown = shutdown_signal()?;
     let agent = Agent::start(config).await?;
-    shutdown_signal().await?;
+    shutdown.await;
     tracing::info!("shutting down");
     let report = agent.shutdown().await;
     tracing::info!(
@@ -57,13 +59,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
