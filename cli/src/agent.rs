@@ -29,8 +29,7 @@ pub async fn get(agent: &str, workload: Option<String>, output: Output) -> anyho
         .await?
         .into_inner()
         .sandboxes;
-    print_sandboxes(&sandboxes, output);
-    Ok(())
+    print_sandboxes(&sandboxes, output)
 }
 
 /// `flotilla delete sandboxes WORKLOAD`.
@@ -103,9 +102,73 @@ pub fn phase_name(phase: i32) -> &'static str {
     }
 }
 
-fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) {
+/// A sandbox as `-o json|yaml` prints it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxView<'a> {
+    sandbox_id: &'a str,
+    workload: &'a str,
+    replica: u32,
+    generation: u64,
+    phase: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reason: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    message: &'a str,
+    restart_count: u32,
+    /// Unix milliseconds; absent when not running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_termination: Option<TerminationView<'a>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TerminationView<'a> {
+    reason: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    finished_at_ms: i64,
+}
+
+fn view(s: &SandboxStatus) -> SandboxView<'_> {
+    SandboxView {
+        sandbox_id: &s.sandbox_id,
+        workload: &s.workload,
+        replica: s.replica,
+        generation: s.generation,
+        phase: phase_name(s.phase),
+        reason: &s.reason,
+        message: &s.message,
+        restart_count: s.restart_count,
+        started_at_ms: (s.started_at_ms != 0).then_some(s.started_at_ms),
+        last_termination: s.last_termination.as_ref().map(|t| TerminationView {
+            reason: &t.reason,
+            message: &t.message,
+            exit_code: t.exit_code,
+            finished_at_ms: t.finished_at_ms,
+        }),
+    }
+}
+
+fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) -> anyhow::Result<()> {
     let mut sorted: Vec<&SandboxStatus> = sandboxes.iter().collect();
     sorted.sort_by(|a, b| (&a.workload, a.replica).cmp(&(&b.workload, b.replica)));
+    match output {
+        Output::Json => {
+            let items: Vec<SandboxView<'_>> = sorted.iter().map(|s| view(s)).collect();
+            println!("{}", serde_json::to_string_pretty(&items)?);
+            return Ok(());
+        }
+        Output::Yaml => {
+            let items: Vec<SandboxView<'_>> = sorted.iter().map(|s| view(s)).collect();
+            print!("{}", serde_yaml::to_string(&items)?);
+            return Ok(());
+        }
+        Output::Table | Output::Wide => {}
+    }
     let wide = output == Output::Wide;
     print!(
         "{:<40} {:<10} {:<18} {:>8}",
@@ -127,4 +190,5 @@ fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) {
         }
         println!();
     }
+    Ok(())
 }

@@ -133,6 +133,7 @@ fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {
 /// `flotilla get workloads [NAME]`.
 pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
+    let single = name.is_some();
     let workloads: Vec<Workload> = match name {
         Some(name) => vec![decode(
             &client
@@ -155,10 +156,16 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
             .collect::<anyhow::Result<_>>()?,
     };
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&workloads)?),
-        Output::Yaml => {
-            for w in &workloads {
-                println!("---\n{}", serde_yaml::to_string(w)?.trim_end());
+        // As kubectl: one named object prints as itself, anything else as a List.
+        Output::Json | Output::Yaml => {
+            let value = match (single, workloads.as_slice()) {
+                (true, [one]) => serde_json::to_value(one)?,
+                _ => serde_json::json!({"apiVersion": "v1", "kind": "List", "items": workloads}),
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", serde_yaml::to_string(&value)?);
             }
         }
         Output::Table | Output::Wide => {

@@ -53,6 +53,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir: data_dir.join("control-plane"),
         node_heartbeat_timeout: Duration::from_secs(5),
+        // The one agent lives in this process and reconnects at once.
+        node_startup_grace: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(2),
     })
     .await?;

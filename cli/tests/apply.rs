@@ -56,7 +56,14 @@ async fn apply_pushes_local_modules_and_get_shows_them() {
     }
     let (ok, json, stderr) = flotilla(&server, &["get", "workloads", "-o", "json"]).await;
     assert!(ok, "{stderr}");
-    let workloads: Vec<Workload> = serde_json::from_str(&json).expect("json list");
+    #[derive(serde::Deserialize)]
+    struct List {
+        kind: String,
+        items: Vec<Workload>,
+    }
+    let list: List = serde_json::from_str(&json).expect("json list");
+    assert_eq!(list.kind, "List");
+    let workloads = list.items;
     assert_eq!(workloads.len(), 4);
     let hello_c = workloads
         .iter()

@@ -28,6 +28,10 @@ struct Args {
     /// A node that has not heartbeated for this long is not ready; its replicas move elsewhere.
     #[arg(long, env = "FLOTILLA_NODE_HEARTBEAT_TIMEOUT", default_value = "5s")]
     node_heartbeat_timeout: humantime::Duration,
+    /// After a restart, how long replicas stay on nodes whose agents have not reconnected yet
+    /// before they count as lost and move.
+    #[arg(long, env = "FLOTILLA_NODE_STARTUP_GRACE", default_value = "15s")]
+    node_startup_grace: humantime::Duration,
     /// Where desired state is kept. The Kubernetes store arrives with Kubernetes mode.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -73,6 +77,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir,
         node_heartbeat_timeout: *args.node_heartbeat_timeout,
+        node_startup_grace: *args.node_startup_grace,
         shutdown_grace: *args.shutdown_grace,
     })
     .await?;

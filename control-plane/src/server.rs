@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// A node silent this long is not ready; agents heartbeat three times per timeout.
     pub node_heartbeat_timeout: Duration,
+    /// After a start, how long placements on nodes that have not reconnected yet are kept.
+    pub node_startup_grace: Duration,
     /// Time open streams get after shutdown begins.
     pub shutdown_grace: Duration,
 }
@@ -58,7 +60,8 @@ impl ControlPlane {
             store.clone(),
             Scheduler::new(&SchedulerConfig::default())?,
             nodes.clone(),
-        );
+        )
+        .with_startup_grace(config.node_startup_grace);
         let mut controller_stop = stop_seen.clone();
         let controller = tokio::spawn(controller.run(config.node_heartbeat_timeout, async move {
             let _ = controller_stop.wait_for(|stopping| *stopping).await;

@@ -204,7 +204,7 @@ fn control_config(
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_lowercase())
         .unwrap_or_default();
-    let node_name = node_name.unwrap_or_else(|| host.clone());
+    let node_name = node_name.unwrap_or(host);
     flotilla_model::validate_name(&node_name).map_err(|message| ConfigError {
         flag: "node-name",
         message,
@@ -219,10 +219,9 @@ fn control_config(
         };
         parsed.insert(key.to_string(), value.to_string());
     }
-    // Stable for this host and node name, so a restarted agent gets its node back at once while
-    // an agent elsewhere cannot take it over.
-    use sha2::Digest;
-    let agent_id = hex::encode(&sha2::Sha256::digest(format!("{host}/{node_name}"))[..16]);
+    // Random per process: a second agent claiming a live node's name is refused, while a
+    // restarted agent takes its node back as soon as the old session is gone.
+    let agent_id = uuid::Uuid::new_v4().to_string();
     Ok(Some(crate::control::ControlConfig {
         url,
         node_name,

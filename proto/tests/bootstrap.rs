@@ -11,17 +11,18 @@ fn generated_code_is_up_to_date() {
     files.sort();
     let descriptors = protox::compile(&files, [&proto_dir]).expect("protos compile");
 
-    let out_dir = tempfile_dir();
+    let out = tempfile::tempdir().expect("create temp dir");
+    let out_dir = out.path();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .out_dir(&out_dir)
+        .out_dir(out_dir)
         .compile_fds(descriptors)
         .expect("code generation succeeds");
 
     let gen_dir = root.join("src/gen");
     let mut stale = Vec::new();
-    for entry in std::fs::read_dir(&out_dir).expect("read generated dir") {
+    for entry in std::fs::read_dir(out_dir).expect("read generated dir") {
         let entry = entry.expect("dir entry");
         let fresh = std::fs::read_to_string(entry.path()).expect("read fresh file");
         let committed_path = gen_dir.join(entry.file_name());
@@ -47,10 +48,4 @@ fn find_protos(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(path);
         }
     }
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flotilla-proto-gen-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
 }

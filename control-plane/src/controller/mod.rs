@@ -14,11 +14,13 @@
 //! - A pass is idempotent: a second pass over unchanged input writes nothing.
 //! - Replicas are only moved off a node when it is gone or not ready; scaling down takes from
 //!   gone, then unready, then the most loaded nodes.
+//! - After a restart, nodes named in placements but not yet reconnected keep their replicas for
+//!   a startup grace period, so restarting the control plane restarts no sandbox.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::model::{Condition, Workload, WorkloadStatus};
 use crate::nodes::NodeRegistry;
@@ -51,6 +53,8 @@ pub struct Controller<S> {
     store: S,
     scheduler: Scheduler,
     nodes: Arc<NodeRegistry>,
+    /// Until then, placements on nodes the registry does not know yet are kept.
+    grace_until: Option<Instant>,
 }
 
 impl<S: WorkloadStore> Controller<S> {
@@ -60,7 +64,20 @@ impl<S: WorkloadStore> Controller<S> {
             store,
             scheduler,
             nodes,
+            grace_until: None,
         }
+    }
+
+    /// Keeps placements on nodes that have not (re)registered yet for `grace` from now, as
+    /// agents reconnect after a control-plane restart; later they count as lost.
+    #[must_use]
+    pub fn with_startup_grace(mut self, grace: Duration) -> Self {
+        self.grace_until = Some(Instant::now() + grace);
+        self
+    }
+
+    fn in_startup_grace(&self) -> bool {
+        self.grace_until.is_some_and(|until| Instant::now() < until)
     }
 
     /// Reconciles every workload once; returns how many statuses it wrote.
@@ -85,15 +102,20 @@ impl<S: WorkloadStore> Controller<S> {
             }
         }
 
+        let in_grace = self.in_startup_grace();
         let mut written = 0;
         for workload in workloads {
-            let mut status = self.reconcile(&workload, &mut nodes, &index)?;
-            // Sandboxes of the current generation that agents report running.
-            let ready = running
+            let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
+            // Sandboxes of the current generation that agents report running; while agents
+            // are still reconnecting, a count does not drop for want of their reports.
+            let mut ready = running
                 .get(&workload.key().to_string())
                 .and_then(|generations| generations.get(&workload.metadata.generation))
                 .copied()
                 .unwrap_or(0);
+            if in_grace {
+                ready = ready.max(status.ready_replicas).min(status.replicas);
+            }
             status.ready_replicas = ready;
             status.available_replicas = ready;
             if workload.status.as_ref() != Some(&status) {
@@ -110,6 +132,7 @@ impl<S: WorkloadStore> Controller<S> {
         workload: &Workload,
         nodes: &mut [NodeInfo],
         index: &BTreeMap<String, usize>,
+        in_grace: bool,
     ) -> Result<WorkloadStatus, Error> {
         let request = WorkloadRequest::from_workload(workload);
         let mut placements = placements_of(workload).clone();
@@ -121,7 +144,7 @@ impl<S: WorkloadStore> Controller<S> {
                 allocate(&mut nodes[i], &request, -(*count as i64));
                 false
             }
-            None => false,
+            None => in_grace,
         });
         let desired = u64::try_from(workload.spec.replicas).unwrap_or(0);
         let placed: u64 = placements.values().sum();
@@ -193,6 +216,13 @@ impl<S: WorkloadStore> Controller<S> {
         let mut expiry =
             tokio::time::interval((heartbeat_timeout / 2).max(Duration::from_millis(10)));
         let mut retry_delay = Duration::from_millis(100);
+        // One pass when the startup grace ends drops the nodes that never came back.
+        let grace_end = tokio::time::sleep_until(
+            self.grace_until
+                .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
+        tokio::pin!(grace_end);
+        let mut grace_pending = self.grace_until.is_some();
         'watch: loop {
             let mut watch = match self.store.watch().await {
                 Ok(watch) => watch,
@@ -220,6 +250,10 @@ impl<S: WorkloadStore> Controller<S> {
                             tokio::time::timeout(Duration::ZERO, watch.next()).await {},
                     },
                     changed = node_changes.changed() => if changed.is_err() { return },
+                    () = &mut grace_end, if grace_pending => {
+                        grace_pending = false;
+                        tracing::info!("startup grace over; nodes that did not reconnect are lost");
+                    }
                     _ = expiry.tick() => {
                         let expired = self.nodes.expire(heartbeat_timeout);
                         if expired.is_empty() {

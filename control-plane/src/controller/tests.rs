@@ -263,3 +263,35 @@ async fn wait_for(
         }
     }
 }
+
+#[tokio::test]
+async fn after_a_restart_placements_wait_for_their_nodes_during_the_grace_period() {
+    // The first control plane placed the replicas on n0 and n1.
+    let before = harness(&[node("n0", "amd64", 1000), node("n1", "amd64", 1000)]);
+    before
+        .store
+        .apply(workload("web", 10))
+        .await
+        .expect("apply");
+    before.controller.reconcile_all().await.expect("pass");
+    let placed = status(&before, "web").await.placements;
+    assert_eq!(placed, counts(&[("n0", 5), ("n1", 5)]));
+
+    // Restarted: only n0 has reconnected so far. Within the grace period n1 keeps its share.
+    let registry = Arc::new(NodeRegistry::default());
+    registry.upsert(node("n0", "amd64", 1000));
+    let scheduler = || Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
+    let restarted = Controller::new(before.store.clone(), scheduler(), registry.clone())
+        .with_startup_grace(Duration::from_secs(3600));
+    restarted.reconcile_all().await.expect("pass");
+    assert_eq!(status(&before, "web").await.placements, placed);
+
+    // Once the grace period is over, a node that never came back is lost.
+    let expired = Controller::new(before.store.clone(), scheduler(), registry)
+        .with_startup_grace(Duration::ZERO);
+    expired.reconcile_all().await.expect("pass");
+    assert_eq!(
+        status(&before, "web").await.placements,
+        counts(&[("n0", 10)])
+    );
+}
