@@ -4,10 +4,10 @@
 //! [`model`] holds the domain types shared by every part; nothing here depends on Kubernetes or
 //! gRPC except at the edges.
 
+pub mod cluster;
 pub mod controller;
 pub mod grpc;
 pub mod modules;
-pub mod nodes;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -10,10 +10,10 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::grpc::{AgentService, WorkloadService};
 use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
-use crate::nodes::NodeRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::EmbeddedStore;
 
@@ -53,13 +53,13 @@ impl ControlPlane {
             .context("opening the store")?;
         let modules = ModuleStore::open(&config.data_dir.join("modules"), DEFAULT_MAX_MODULE_BYTES)
             .context("opening the module store")?;
-        let nodes = Arc::new(NodeRegistry::default());
+        let cluster = Arc::new(Cluster::default());
         let (stopping, stop_seen) = tokio::sync::watch::channel(false);
 
         let controller = Controller::new(
             store.clone(),
             Scheduler::new(&SchedulerConfig::default())?,
-            nodes.clone(),
+            cluster.clone(),
         )
         .with_startup_grace(config.node_startup_grace);
         let mut controller_stop = stop_seen.clone();
@@ -71,7 +71,7 @@ impl ControlPlane {
         let agents = AgentService::new(
             store.clone(),
             modules.clone(),
-            nodes,
+            cluster.clone(),
             config.node_heartbeat_timeout / 3,
         );
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -85,7 +85,11 @@ impl ControlPlane {
         let grace = config.shutdown_grace;
         let server = tokio::spawn(async move {
             let serve = tonic::transport::Server::builder()
-                .add_service(WorkloadService::new(store, modules).into_server())
+                .add_service(
+                    WorkloadService::new(store, modules)
+                        .with_cluster(cluster)
+                        .into_server(),
+                )
                 .add_service(agents.into_server())
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = server_stop.wait_for(|stopping| *stopping).await;

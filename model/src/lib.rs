@@ -280,6 +280,17 @@ pub struct WorkloadStatus {
     /// Sandboxes running for at least `minReadySeconds`.
     #[serde(default)]
     pub available_replicas: u64,
+    /// Sandboxes that ran to completion and, by their restart policy, stay done.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub succeeded_replicas: u64,
+    /// The generation at which the sandbox template (everything agents run, not the replica
+    /// count or placement rules) last changed; sandboxes of older templates are replaced, and
+    /// scaling alone restarts nothing.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub template_generation: u64,
+    /// A digest of that template, to notice when it changes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template_hash: String,
     /// Conditions such as `Scheduled`, `Available`, `Progressing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

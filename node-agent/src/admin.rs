@@ -1,6 +1,7 @@
 //! The agent's local admin gRPC service (`flotilla.agent.v1.AgentAdmin`) over the supervisor.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer};
@@ -11,9 +12,11 @@ use flotilla_proto::agent::v1::{
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::runtime::logs::LogBuffer;
 use crate::supervisor::{ApplyError, Supervisor};
 
 /// Messages buffered per stream before the sender waits for the client.
@@ -150,37 +153,8 @@ impl AgentAdmin for AdminService {
                     request.replica, request.workload
                 ))
             })?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            let notify = buffer.notifier();
-            let mut offset = 0;
-            loop {
-                let notified = notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let read = buffer.read_from(offset);
-                offset = read.next_offset;
-                if (!read.data.is_empty() || read.skipped > 0)
-                    && tx
-                        .send(Ok(LogChunk {
-                            data: read.data,
-                            skipped: read.skipped,
-                        }))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                if !request.follow || read.closed {
-                    return;
-                }
-                tokio::select! {
-                    () = notified => {}
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let chunks = ReceiverStream::new(stream_logs(buffer, request.follow)).map(Ok);
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn get_capacity(
@@ -189,4 +163,40 @@ impl AgentAdmin for AdminService {
     ) -> Result<Response<Capacity>, Status> {
         Ok(Response::new(self.supervisor.capacity()))
     }
+}
+
+/// A sandbox's output from the start of its ring buffer, then (when `follow`) as it arrives,
+/// until the sandbox ends for good or the receiver is dropped.
+pub fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receiver<LogChunk> {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let notify = buffer.notifier();
+        let mut offset = 0;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let read = buffer.read_from(offset);
+            offset = read.next_offset;
+            if (!read.data.is_empty() || read.skipped > 0)
+                && tx
+                    .send(LogChunk {
+                        data: read.data,
+                        skipped: read.skipped,
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            if !follow || read.closed {
+                return;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
 }

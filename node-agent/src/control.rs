@@ -1,19 +1,21 @@
 //! The agent's side of the agent protocol: dial the control plane, register the node, hold a
-//! `Session`, apply each desired set to the [`Supervisor`], and heartbeat with per-workload
-//! counts (never one message per sandbox).
+//! `Session`, apply the desired set and its deltas to the [`Supervisor`], heartbeat with
+//! per-workload counts and aggregated failures (never one message per sandbox), and answer log
+//! requests by uploading a sandbox's output.
 //!
 //! A lost session is retried with jittered exponential backoff. On reconnect the control plane
 //! sends the full desired set again; workloads still wanted keep their generation and spec, so
 //! the supervisor scales them in place and restarts nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use flotilla_proto::agent::v1::{ModuleSource, SandboxPhase, module_source};
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ControlMessage, DesiredState, FetchModuleRequest, Heartbeat, Hello,
-    NodeResources, RegisterRequest, WorkloadCounts, agent_message, control_message,
+    AgentMessage, ControlMessage, DesiredState, FetchModuleRequest, Heartbeat, Hello, LogUpload,
+    LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts,
+    agent_message, control_message, log_upload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -21,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::admin::stream_logs;
 use crate::supervisor::Supervisor;
 
 /// Largest message the agent accepts: a module of up to 64 MiB plus its envelope.
@@ -94,6 +97,8 @@ struct AgentState {
     modules: HashMap<String, Vec<u8>>,
     /// Workloads applied from the control plane: agent workload name → control-plane key.
     managed: BTreeMap<String, String>,
+    /// Workloads that could not be applied since the last heartbeat, as events.
+    not_applied: Vec<SandboxEvent>,
 }
 
 async fn session(
@@ -144,7 +149,7 @@ async fn session(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let beat = heartbeat(supervisor, &state.managed);
+                let beat = heartbeat(supervisor, state);
                 if up.send(beat).await.is_err() {
                     return Err(SessionError::Closed);
                 }
@@ -155,25 +160,65 @@ async fn session(
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Desired(desired)) })) => {
                     apply_desired(&mut client, supervisor, state, desired).await;
                 }
+                Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
+                    let name = state
+                        .managed
+                        .iter()
+                        .find(|(_, key)| **key == request.key)
+                        .map(|(name, _)| name.clone());
+                    upload_logs(client.clone(), supervisor, name, request);
+                }
                 Some(Ok(_)) => {}
             },
         }
     }
 }
 
-/// Makes the supervisor run exactly the desired set (of the workloads the control plane owns).
+/// Applies a desired set, or a delta of one, to the supervisor (for the workloads the control
+/// plane owns; workloads from static manifests are left alone).
 async fn apply_desired(
     client: &mut AgentsClient<Channel>,
     supervisor: &Supervisor,
     state: &mut AgentState,
     desired: DesiredState,
 ) {
-    let mut wanted = BTreeMap::new();
+    let mut stop = Vec::new();
+    if desired.incremental {
+        for key in &desired.removed {
+            if let Some(name) = state
+                .managed
+                .iter()
+                .find(|(_, k)| *k == key)
+                .map(|(name, _)| name.clone())
+            {
+                state.managed.remove(&name);
+                stop.push(name);
+            }
+        }
+    } else {
+        // A complete set: whatever it does not list should stop.
+        let listed: BTreeSet<&str> = desired
+            .workloads
+            .iter()
+            .filter_map(|w| w.spec.as_ref().map(|s| s.name.as_str()))
+            .collect();
+        let (kept, dropped) = std::mem::take(&mut state.managed)
+            .into_iter()
+            .partition(|(name, _)| listed.contains(name.as_str()));
+        state.managed = kept;
+        stop.extend(dropped.into_keys());
+    }
+    for name in stop {
+        supervisor.stop(&name, None).await;
+    }
+
     for workload in desired.workloads {
         let Some(mut spec) = workload.spec else {
             continue;
         };
-        wanted.insert(spec.name.clone(), workload.key.clone());
+        state
+            .managed
+            .insert(spec.name.clone(), workload.key.clone());
         let sha256 = spec
             .module
             .as_ref()
@@ -193,6 +238,12 @@ async fn apply_desired(
                 }
                 Err(status) => {
                     tracing::warn!(workload = %workload.key, %status, "cannot fetch module");
+                    state.not_applied.push(event(
+                        &workload.key,
+                        spec.generation,
+                        "ModuleUnavailable",
+                        format!("fetching module {sha256}: {}", status.message()),
+                    ));
                     continue;
                 }
             }
@@ -204,22 +255,23 @@ async fn apply_desired(
                 .map(|bytes| module_source::Source::Inline(bytes.clone())),
             sha256,
         });
+        let generation = spec.generation;
         if let Err(error) = supervisor.apply(spec).await {
             tracing::warn!(
                 workload = %workload.key,
                 error = %flotilla_telemetry::error_chain(&error),
                 "desired workload not applied"
             );
+            state.not_applied.push(event(
+                &workload.key,
+                generation,
+                error.reason(),
+                flotilla_telemetry::error_chain(&error).to_string(),
+            ));
         }
     }
-    for name in state.managed.keys() {
-        if !wanted.contains_key(name) {
-            supervisor.stop(name, None).await;
-        }
-    }
-    state.managed = wanted;
     // Forget module blobs that no wanted workload uses.
-    let in_use: std::collections::BTreeSet<String> = state
+    let in_use: BTreeSet<String> = state
         .managed
         .keys()
         .filter_map(|name| supervisor.module_digest(name))
@@ -227,9 +279,77 @@ async fn apply_desired(
     state.modules.retain(|digest, _| in_use.contains(digest));
 }
 
-/// Counts per workload the control plane owns.
-fn heartbeat(supervisor: &Supervisor, managed: &BTreeMap<String, String>) -> AgentMessage {
-    let workloads = managed
+fn event(key: &str, generation: u64, reason: &str, message: String) -> SandboxEvent {
+    SandboxEvent {
+        key: key.to_string(),
+        generation,
+        reason: reason.to_string(),
+        message,
+        count: 1,
+        last_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+    }
+}
+
+/// Answers a log request: opens `UploadLogs`, sends the header, then the sandbox's output
+/// until it ends or the control plane ends the call (the user stopped reading).
+fn upload_logs(
+    mut client: AgentsClient<Channel>,
+    supervisor: &Supervisor,
+    name: Option<String>,
+    request: StreamLogs,
+) {
+    let buffer = name
+        .as_deref()
+        .and_then(|name| supervisor.logs(name, request.replica));
+    tokio::spawn(async move {
+        let (tx, rx) = mpsc::channel(16);
+        let header = |error: String| LogUpload {
+            kind: Some(log_upload::Kind::Header(LogUploadHeader {
+                request_id: request.request_id.clone(),
+                error,
+            })),
+        };
+        let forward = match buffer {
+            None => {
+                let error = format!(
+                    "sandbox {} of workload {} not found on this node",
+                    request.replica, request.key
+                );
+                // The channel has room: the header cannot wait.
+                let _ = tx.try_send(header(error));
+                drop(tx);
+                None
+            }
+            Some(buffer) => {
+                let _ = tx.try_send(header(String::new()));
+                let mut chunks = stream_logs(buffer, request.follow);
+                Some(tokio::spawn(async move {
+                    while let Some(chunk) = chunks.recv().await {
+                        let message = LogUpload {
+                            kind: Some(log_upload::Kind::Chunk(chunk)),
+                        };
+                        if tx.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }))
+            }
+        };
+        if let Err(status) = client.upload_logs(ReceiverStream::new(rx)).await {
+            tracing::debug!(%status, request = %request.request_id, "log upload ended");
+        }
+        if let Some(forward) = forward {
+            forward.abort();
+        }
+    });
+}
+
+/// Counts per workload the control plane owns, and the failures since the last heartbeat.
+fn heartbeat(supervisor: &Supervisor, state: &mut AgentState) -> AgentMessage {
+    let workloads = state
+        .managed
         .iter()
         .map(|(name, key)| {
             let statuses = supervisor.list(Some(name));
@@ -242,10 +362,28 @@ fn heartbeat(supervisor: &Supervisor, managed: &BTreeMap<String, String>) -> Age
                 running: count(SandboxPhase::Running),
                 pending: count(SandboxPhase::Pending),
                 failed: count(SandboxPhase::Failed),
+                succeeded: count(SandboxPhase::Succeeded),
             }
         })
         .collect();
+    let mut events = std::mem::take(&mut state.not_applied);
+    for failures in supervisor.take_failures() {
+        // Failures of workloads from static manifests stay local.
+        if let Some(key) = state.managed.get(&failures.workload) {
+            events.push(SandboxEvent {
+                key: key.clone(),
+                generation: failures.generation,
+                reason: failures.reason.to_string(),
+                message: failures.message,
+                count: failures.count,
+                last_at_ms: failures.last_at_ms,
+            });
+        }
+    }
     AgentMessage {
-        kind: Some(agent_message::Kind::Heartbeat(Heartbeat { workloads })),
+        kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+            workloads,
+            events,
+        })),
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use flotilla_control_plane::cluster::Cluster;
 use flotilla_control_plane::controller::Controller;
 use flotilla_control_plane::grpc::{AgentService, WorkloadService};
 use flotilla_control_plane::model::WorkloadKey;
 use flotilla_control_plane::modules::ModuleStore;
-use flotilla_control_plane::nodes::NodeRegistry;
 use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
 use flotilla_control_plane::store::{EmbeddedStore, WatchEvent, WorkloadStore};
 use flotilla_node_agent::control::{self, ControlConfig};
@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 async fn control_plane(dir: &std::path::Path) -> (String, EmbeddedStore) {
     let store = EmbeddedStore::open(&dir.join("store.redb")).expect("store");
     let modules = ModuleStore::open(&dir.join("modules"), 1 << 20).expect("modules");
-    let nodes = Arc::new(NodeRegistry::default());
+    let cluster = Arc::new(Cluster::default());
     let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
-    let controller = Controller::new(store.clone(), scheduler, nodes.clone());
+    let controller = Controller::new(store.clone(), scheduler, cluster.clone());
     tokio::spawn(controller.run(Duration::from_secs(3), std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -36,12 +36,16 @@ async fn control_plane(dir: &std::path::Path) -> (String, EmbeddedStore) {
     let agents = AgentService::new(
         store.clone(),
         modules.clone(),
-        nodes,
+        cluster.clone(),
         Duration::from_millis(200),
     );
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(WorkloadService::new(store.clone(), modules).into_server())
+            .add_service(
+                WorkloadService::new(store.clone(), modules)
+                    .with_cluster(cluster)
+                    .into_server(),
+            )
             .add_service(agents.into_server())
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
@@ -102,13 +106,17 @@ async fn applied_workloads_run_on_agents_and_move_when_an_agent_leaves() {
         .expect("push")
         .into_inner()
         .sha256;
-    let manifest = format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: idle}}\n\
-         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 6, resources: {{limits: {{memory: 1Mi}}}}}}\n"
-    );
+    let manifest = |replicas: u32| {
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: idle}}\n\
+             spec: {{module: {{sha256: \"{sha}\"}}, replicas: {replicas}, \
+             resources: {{limits: {{memory: 1Mi}}}}}}\n"
+        )
+        .into_bytes()
+    };
     client
         .apply(ApplyRequest {
-            manifest: manifest.into_bytes(),
+            manifest: manifest(6),
         })
         .await
         .expect("apply");
@@ -157,4 +165,27 @@ async fn applied_workloads_run_on_agents_and_move_when_an_agent_leaves() {
         "{:?}",
         status.placements
     );
+
+    // Scaling keeps the template: the six sandboxes keep running and three join them.
+    let before = started(&a);
+    client
+        .apply(ApplyRequest {
+            manifest: manifest(9),
+        })
+        .await
+        .expect("scale");
+    until(&[&a], "9 sandboxes on node-a", || running(&a) == 9).await;
+    let after = started(&a);
+    for (id, at) in &before {
+        assert_eq!(after.get(id), Some(at), "{id} was restarted by scaling");
+    }
+}
+
+/// Running sandboxes of the workload: id → start time.
+fn started(sup: &Supervisor) -> std::collections::BTreeMap<String, i64> {
+    sup.list(Some("default.idle"))
+        .into_iter()
+        .filter(|s| s.phase == SandboxPhase::Running as i32)
+        .map(|s| (s.sandbox_id, s.started_at_ms))
+        .collect()
 }

@@ -22,14 +22,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::cluster::Cluster;
 use crate::model::{Condition, Workload, WorkloadStatus};
-use crate::nodes::NodeRegistry;
 use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
 use crate::scheduler::{PluginError, Scheduler};
 use crate::store::{self, WorkloadStore};
 
-/// The condition type the controller owns.
+/// The condition saying whether every replica has a node.
 pub const SCHEDULED: &str = "Scheduled";
+
+/// The condition saying whether every replica runs (or, for run-to-completion workloads, has
+/// completed), and if not, the latest failure agents reported.
+pub const READY: &str = "Ready";
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,18 +56,18 @@ pub enum Error {
 pub struct Controller<S> {
     store: S,
     scheduler: Scheduler,
-    nodes: Arc<NodeRegistry>,
+    cluster: Arc<Cluster>,
     /// Until then, placements on nodes the registry does not know yet are kept.
     grace_until: Option<Instant>,
 }
 
 impl<S: WorkloadStore> Controller<S> {
-    /// A controller over `store` and `nodes`.
-    pub fn new(store: S, scheduler: Scheduler, nodes: Arc<NodeRegistry>) -> Self {
+    /// A controller over `store` and the nodes of `cluster`.
+    pub fn new(store: S, scheduler: Scheduler, cluster: Arc<Cluster>) -> Self {
         Self {
             store,
             scheduler,
-            nodes,
+            cluster,
             grace_until: None,
         }
     }
@@ -86,8 +90,8 @@ impl<S: WorkloadStore> Controller<S> {
     /// A store failure or a failing plugin; workloads before it are reconciled.
     pub async fn reconcile_all(&self) -> Result<usize, Error> {
         let workloads = self.store.list().await?;
-        let running = self.nodes.running();
-        let mut nodes = self.nodes.snapshot();
+        let running = self.cluster.nodes.running();
+        let mut nodes = self.cluster.nodes.snapshot();
         let index: BTreeMap<String, usize> = nodes
             .iter()
             .enumerate()
@@ -102,22 +106,36 @@ impl<S: WorkloadStore> Controller<S> {
             }
         }
 
+        let keys = workloads.iter().map(|w| w.key().to_string()).collect();
+        self.cluster.events.retain(&keys);
         let in_grace = self.in_startup_grace();
         let mut written = 0;
         for workload in workloads {
             let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
             // Sandboxes of the current generation that agents report running; while agents
             // are still reconnecting, a count does not drop for want of their reports.
-            let mut ready = running
-                .get(&workload.key().to_string())
-                .and_then(|generations| generations.get(&workload.metadata.generation))
+            let key = workload.key().to_string();
+            let counts = running
+                .get(&key)
+                .and_then(|generations| generations.get(&status.template_generation))
                 .copied()
-                .unwrap_or(0);
+                .unwrap_or_default();
+            let mut ready = counts.running;
+            let mut succeeded = counts.succeeded;
             if in_grace {
                 ready = ready.max(status.ready_replicas).min(status.replicas);
+                succeeded = succeeded
+                    .max(status.succeeded_replicas)
+                    .min(status.replicas);
             }
             status.ready_replicas = ready;
             status.available_replicas = ready;
+            status.succeeded_replicas = succeeded;
+            let latest_failure = self.cluster.events.latest(&key, status.template_generation);
+            set_condition(
+                &mut status.conditions,
+                ready_condition(&workload, ready, succeeded, latest_failure),
+            );
             if workload.status.as_ref() != Some(&status) {
                 self.store.patch_status(&workload.key(), status).await?;
                 written += 1;
@@ -182,6 +200,11 @@ impl<S: WorkloadStore> Controller<S> {
         }
 
         let mut status = workload.status.clone().unwrap_or_default();
+        let template = template_hash(&workload.spec);
+        if status.template_hash != template || status.template_generation == 0 {
+            status.template_generation = workload.metadata.generation;
+            status.template_hash = template;
+        }
         status.replicas = placements.values().sum();
         status.placements = placements;
         status.observed_generation = workload.metadata.generation;
@@ -212,7 +235,8 @@ impl<S: WorkloadStore> Controller<S> {
     /// that have not heartbeated for `heartbeat_timeout`.
     pub async fn run(self, heartbeat_timeout: Duration, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut node_changes = self.nodes.subscribe();
+        let mut node_changes = self.cluster.nodes.subscribe();
+        let mut new_events = self.cluster.events.subscribe();
         let mut expiry =
             tokio::time::interval((heartbeat_timeout / 2).max(Duration::from_millis(10)));
         let mut retry_delay = Duration::from_millis(100);
@@ -250,12 +274,13 @@ impl<S: WorkloadStore> Controller<S> {
                             tokio::time::timeout(Duration::ZERO, watch.next()).await {},
                     },
                     changed = node_changes.changed() => if changed.is_err() { return },
+                    changed = new_events.changed() => if changed.is_err() { return },
                     () = &mut grace_end, if grace_pending => {
                         grace_pending = false;
                         tracing::info!("startup grace over; nodes that did not reconnect are lost");
                     }
                     _ = expiry.tick() => {
-                        let expired = self.nodes.expire(heartbeat_timeout);
+                        let expired = self.cluster.nodes.expire(heartbeat_timeout);
                         if expired.is_empty() {
                             continue;
                         }
@@ -276,6 +301,69 @@ impl<S: WorkloadStore> Controller<S> {
                 }
             }
         }
+    }
+}
+
+/// A digest of what agents run for `spec`: all of it but the replica count and the placement
+/// rules, so that scaling or moving replicas keeps the template (and the sandboxes) as they are.
+pub fn template_hash(spec: &crate::model::WorkloadSpec) -> String {
+    use sha2::Digest;
+    let mut template = spec.clone();
+    template.replicas = 0;
+    template.node_selector.clear();
+    template.tolerations.clear();
+    // Field order and map order are fixed, so the JSON is canonical.
+    let json = serde_json::to_vec(&template).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&json)[..8])
+}
+
+/// `Ready`: every wanted replica runs or completed; otherwise the latest failure, if any.
+fn ready_condition(
+    workload: &Workload,
+    ready: u64,
+    succeeded: u64,
+    latest_failure: Option<crate::cluster::Event>,
+) -> Condition {
+    let desired = u64::try_from(workload.spec.replicas).unwrap_or(0);
+    let (status, reason, message) = if ready + succeeded >= desired {
+        let reason = if succeeded > 0 && ready == 0 {
+            "Completed"
+        } else {
+            "AllReplicasReady"
+        };
+        (
+            "True",
+            reason.to_string(),
+            format!("{ready} running, {succeeded} completed of {desired} replicas"),
+        )
+    } else if let Some(event) = latest_failure {
+        let first_line = event.message.lines().next().unwrap_or_default();
+        (
+            "False",
+            event.reason,
+            format!(
+                "{ready} of {desired} replicas running; sandboxes on node {} ended with {}",
+                event.node,
+                if first_line.is_empty() {
+                    "no message".to_string()
+                } else {
+                    first_line.to_string()
+                }
+            ),
+        )
+    } else {
+        (
+            "False",
+            "ReplicasNotReady".to_string(),
+            format!("{ready} of {desired} replicas running"),
+        )
+    };
+    Condition {
+        type_: READY.into(),
+        status: status.into(),
+        reason,
+        message,
+        last_transition_time: String::new(),
     }
 }
 

@@ -14,7 +14,7 @@ const DIGEST: &str = "2222222222222222222222222222222222222222222222222222222222
 
 struct Harness {
     store: EmbeddedStore,
-    nodes: Arc<NodeRegistry>,
+    cluster: Arc<Cluster>,
     controller: Controller<EmbeddedStore>,
     _dir: tempfile::TempDir,
 }
@@ -37,15 +37,15 @@ fn node(name: &str, arch: &str, sandboxes: u64) -> NodeInfo {
 fn harness(nodes: &[NodeInfo]) -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
-    let registry = Arc::new(NodeRegistry::default());
+    let cluster = Arc::new(Cluster::default());
     for n in nodes {
-        registry.upsert(n.clone());
+        cluster.nodes.upsert(n.clone());
     }
     let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
     Harness {
-        controller: Controller::new(store.clone(), scheduler, registry.clone()),
+        controller: Controller::new(store.clone(), scheduler, cluster.clone()),
         store,
-        nodes: registry,
+        cluster,
         _dir: dir,
     }
 }
@@ -104,13 +104,13 @@ async fn places_spreads_settles_moves_off_lost_nodes_and_scales_down() {
     assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
 
     // A lost node's replicas move to the others; the rest stay where they are.
-    h.nodes.mark_lost("n1");
+    h.cluster.nodes.mark_lost("n1");
     h.controller.reconcile_all().await.expect("pass");
     let s = status(&h, "web").await;
     assert_eq!(s.placements, counts(&[("n0", 150), ("n2", 150)]));
 
     // The node comes back: nothing moves back (no needless restarts).
-    assert!(h.nodes.heartbeat("n1"));
+    assert!(h.cluster.nodes.heartbeat("n1"));
     assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
 
     // Scaling down takes from the most loaded nodes; scaling up fills the emptiest.
@@ -165,7 +165,7 @@ async fn unschedulable_replicas_get_a_condition_with_the_reasons() {
     assert_eq!(h.controller.reconcile_all().await.expect("pass"), 0);
 
     // An arm64 node joins: the rest are placed and the condition flips.
-    h.nodes.upsert(node("a1", "arm64", 100));
+    h.cluster.nodes.upsert(node("a1", "arm64", 100));
     h.controller.reconcile_all().await.expect("pass");
     let s = status(&h, "arm-only").await;
     assert_eq!(s.placements, counts(&[("a0", 5), ("a1", 3)]));
@@ -195,22 +195,22 @@ async fn the_run_loop_reacts_to_applies_and_to_missed_heartbeats() {
     let h = harness(&[node("n0", "amd64", 1000), node("n1", "amd64", 1000)]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let store = h.store.clone();
-    let nodes = h.nodes.clone();
+    let cluster = h.cluster.clone();
     let mut watch = store.watch().await.expect("watch");
     let controller = Controller::new(
         store.clone(),
         Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
-        nodes.clone(),
+        cluster.clone(),
     );
     // Both nodes heartbeat until the first placement; then n1 falls silent.
     let beating = Arc::new(std::sync::Mutex::new(vec!["n0", "n1"]));
     let beat = {
-        let (nodes, beating) = (nodes.clone(), beating.clone());
+        let (cluster, beating) = (cluster.clone(), beating.clone());
         tokio::spawn(async move {
             loop {
                 let names = beating.lock().map(|b| b.clone()).unwrap_or_default();
                 for name in names {
-                    nodes.heartbeat(name);
+                    cluster.nodes.heartbeat(name);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -278,8 +278,8 @@ async fn after_a_restart_placements_wait_for_their_nodes_during_the_grace_period
     assert_eq!(placed, counts(&[("n0", 5), ("n1", 5)]));
 
     // Restarted: only n0 has reconnected so far. Within the grace period n1 keeps its share.
-    let registry = Arc::new(NodeRegistry::default());
-    registry.upsert(node("n0", "amd64", 1000));
+    let registry = Arc::new(Cluster::default());
+    registry.nodes.upsert(node("n0", "amd64", 1000));
     let scheduler = || Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
     let restarted = Controller::new(before.store.clone(), scheduler(), registry.clone())
         .with_startup_grace(Duration::from_secs(3600));

@@ -1,9 +1,11 @@
 //! [`AgentService`]: the agent protocol (`flotilla.control.v1.Agents`).
 //!
-//! `Register` admits a node into the [`NodeRegistry`]; a live node's name cannot be taken by
-//! another agent. `Session` is one long-lived stream per agent: the agent says Hello, then
-//! heartbeats; the control plane sends the node's full desired set when the stream opens and
-//! whenever the placements on that node change. When the stream ends the node is marked not
+//! `Register` admits a node into the [`NodeRegistry`](crate::cluster::NodeRegistry); a live
+//! node's name cannot be taken by another agent. `Session` is one long-lived stream per agent:
+//! the agent says Hello, then heartbeats with per-workload counts and aggregated failure
+//! events; the control plane sends the node's full desired set when the stream opens, then
+//! only the workloads whose share on that node changed. The session also carries log requests,
+//! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
 use std::collections::BTreeMap;
@@ -17,7 +19,8 @@ use flotilla_proto::agent::v1::{
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
     AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
-    FetchModuleResponse, RegisterRequest, RegisterResponse, agent_message, control_message,
+    FetchModuleResponse, LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse,
+    agent_message, control_message, log_upload,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -26,9 +29,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, store_status};
+use crate::cluster::{Cluster, Reported};
 use crate::model::{RestartPolicy, TaintEffect, Workload, validate_name};
 use crate::modules::ModuleStore;
-use crate::nodes::NodeRegistry;
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::{WatchEvent, WorkloadStore};
 
@@ -36,7 +39,7 @@ use crate::store::{WatchEvent, WorkloadStore};
 pub struct AgentService<S> {
     store: S,
     modules: ModuleStore,
-    nodes: Arc<NodeRegistry>,
+    cluster: Arc<Cluster>,
     heartbeat_interval: Duration,
     /// Node name → (agent id, session id) of the agent that registered it last.
     sessions: Arc<Mutex<BTreeMap<String, (String, String)>>>,
@@ -47,13 +50,13 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     pub fn new(
         store: S,
         modules: ModuleStore,
-        nodes: Arc<NodeRegistry>,
+        cluster: Arc<Cluster>,
         heartbeat_interval: Duration,
     ) -> Self {
         Self {
             store,
             modules,
-            nodes,
+            cluster,
             heartbeat_interval,
             sessions: Arc::default(),
         }
@@ -109,6 +112,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             });
         }
         let live = self
+            .cluster
             .nodes
             .snapshot()
             .into_iter()
@@ -134,7 +138,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         labels.insert("kubernetes.io/arch".into(), r.arch.clone());
         labels.insert("kubernetes.io/hostname".into(), r.node_name.clone());
         let allocatable = r.allocatable.unwrap_or_default();
-        self.nodes.upsert(NodeInfo {
+        self.cluster.nodes.upsert(NodeInfo {
             name: r.node_name.clone(),
             ready: true,
             labels,
@@ -179,46 +183,39 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             )));
         }
         let node = hello.node_name;
-        self.nodes.heartbeat(&node);
+        let session_id = hello.session_id;
+        self.cluster.nodes.heartbeat(&node);
         let mut watch = self.store.watch().await.map_err(store_status)?;
         let (tx, rx) = mpsc::channel(16);
+        self.cluster.sessions.open(&node, &session_id, tx.clone());
 
-        // Down: the desired set, on open and whenever it changes.
+        // Down: the full desired set on open, then what changes.
         let down_node = node.clone();
         let down = tokio::spawn(async move {
-            let mut workloads: BTreeMap<String, Workload> = BTreeMap::new();
-            let mut last_sent: Option<DesiredState> = None;
+            let mut desired = NodeDesiredState::new(down_node);
             while let Some(event) = watch.next().await {
-                match event {
-                    Ok(WatchEvent::Restarted(all)) => {
-                        workloads = all.into_iter().map(|w| (w.key().to_string(), w)).collect();
-                    }
-                    Ok(WatchEvent::Applied(w)) => {
-                        workloads.insert(w.key().to_string(), w);
-                    }
-                    Ok(WatchEvent::Deleted(w)) => {
-                        workloads.remove(&w.key().to_string());
-                    }
+                let update = match event {
+                    Ok(WatchEvent::Restarted(all)) => desired.reset(&all),
+                    Ok(WatchEvent::Applied(w)) => desired.applied(&w),
+                    Ok(WatchEvent::Deleted(w)) => desired.deleted(&w),
                     Err(error) => {
                         let _ = tx.send(Err(store_status(error))).await;
                         return;
                     }
-                }
-                let desired = desired_state(&down_node, workloads.values());
-                if last_sent.as_ref() != Some(&desired) {
+                };
+                if let Some(update) = update {
                     let message = ControlMessage {
-                        kind: Some(control_message::Kind::Desired(desired.clone())),
+                        kind: Some(control_message::Kind::Desired(update)),
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         return; // The agent has gone.
                     }
-                    last_sent = Some(desired);
                 }
             }
         });
 
         // Up: heartbeats until the stream ends, then the node is lost.
-        let nodes = self.nodes.clone();
+        let cluster = self.cluster.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
@@ -228,9 +225,17 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                         let running = beat
                             .workloads
                             .into_iter()
-                            .map(|w| (w.key, (w.generation, u64::from(w.running))))
+                            .map(|w| {
+                                let reported = Reported {
+                                    generation: w.generation,
+                                    running: u64::from(w.running),
+                                    succeeded: u64::from(w.succeeded),
+                                };
+                                (w.key, reported)
+                            })
                             .collect();
-                        nodes.report(&node, running);
+                        cluster.nodes.report(&node, running);
+                        cluster.events.record(&node, beat.events);
                     }
                     Ok(_) => {}
                     Err(status) => {
@@ -240,7 +245,8 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                 }
             }
             tracing::warn!(%node, "agent disconnected; node marked not ready");
-            nodes.mark_lost(&node);
+            cluster.sessions.close(&node, &session_id);
+            cluster.nodes.mark_lost(&node);
             down.abort();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -258,24 +264,181 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             .map_err(module_status)?;
         Ok(Response::new(FetchModuleResponse { module }))
     }
+
+    async fn upload_logs(
+        &self,
+        request: Request<Streaming<LogUpload>>,
+    ) -> Result<Response<UploadLogsResponse>, Status> {
+        let mut upload = request.into_inner();
+        let header = match upload.next().await {
+            Some(Ok(LogUpload {
+                kind: Some(log_upload::Kind::Header(header)),
+            })) => header,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a header",
+                ));
+            }
+        };
+        let Some(user) = self.cluster.sessions.take_pending(&header.request_id) else {
+            return Err(Status::not_found(format!(
+                "no log request {} is waiting (it timed out or was cancelled)",
+                header.request_id
+            )));
+        };
+        if !header.error.is_empty() {
+            let _ = user.send(Err(Status::not_found(header.error))).await;
+            return Ok(Response::new(UploadLogsResponse {}));
+        }
+        loop {
+            tokio::select! {
+                message = upload.next() => match message {
+                    Some(Ok(LogUpload { kind: Some(log_upload::Kind::Chunk(chunk)) })) => {
+                        if user.send(Ok(chunk)).await.is_err() {
+                            break; // The user stopped reading.
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(status)) => {
+                        let _ = user
+                            .send(Err(Status::unavailable(format!(
+                                "the agent's log stream failed: {}",
+                                status.message()
+                            ))))
+                            .await;
+                        break;
+                    }
+                    None => break,
+                },
+                () = user.closed() => break,
+            }
+        }
+        // Ending the call tells a following agent to stop.
+        Ok(Response::new(UploadLogsResponse {}))
+    }
 }
 
-/// The workloads placed on `node`, each with the node's share of replicas, sorted by key.
-pub fn desired_state<'a>(
-    node: &str,
-    workloads: impl Iterator<Item = &'a Workload>,
-) -> DesiredState {
-    let mut desired: Vec<DesiredWorkload> = workloads
-        .filter_map(|w| {
-            let replicas = *w.status.as_ref()?.placements.get(node)?;
-            (replicas > 0).then(|| DesiredWorkload {
-                key: w.key().to_string(),
-                spec: Some(agent_spec(w, u32::try_from(replicas).unwrap_or(u32::MAX))),
+/// What one node has been told to run, turned into the next message as workloads change.
+///
+/// The first message is complete; later ones carry only workloads whose share or spec on this
+/// node changed, and the keys that left it. Each store event costs one workload's comparison,
+/// not a pass over every workload.
+pub struct NodeDesiredState {
+    node: String,
+    sent: BTreeMap<String, DesiredWorkload>,
+    started: bool,
+}
+
+impl NodeDesiredState {
+    /// Nothing sent yet to `node`.
+    pub fn new(node: String) -> Self {
+        Self {
+            node,
+            sent: BTreeMap::new(),
+            started: false,
+        }
+    }
+
+    /// Every workload, as after (re)starting a watch. The first call yields the complete set;
+    /// later calls yield the difference, if any.
+    pub fn reset(&mut self, all: &[Workload]) -> Option<DesiredState> {
+        let wanted: BTreeMap<String, DesiredWorkload> = all
+            .iter()
+            .filter_map(|w| {
+                let key = w.key().to_string();
+                // A workload the controller has not caught up with keeps what was sent.
+                let entry = if is_current(w) {
+                    desired_workload(&self.node, w)?
+                } else {
+                    self.sent.get(&key)?.clone()
+                };
+                Some((key, entry))
             })
-        })
-        .collect();
-    desired.sort_by(|a, b| a.key.cmp(&b.key));
-    DesiredState { workloads: desired }
+            .collect();
+        if !self.started {
+            self.started = true;
+            self.sent = wanted;
+            return Some(DesiredState {
+                workloads: self.sent.values().cloned().collect(),
+                incremental: false,
+                removed: vec![],
+            });
+        }
+        let removed: Vec<String> = self
+            .sent
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+            .cloned()
+            .collect();
+        let changed: Vec<DesiredWorkload> = wanted
+            .iter()
+            .filter(|(key, w)| self.sent.get(*key) != Some(*w))
+            .map(|(_, w)| w.clone())
+            .collect();
+        self.sent = wanted;
+        delta(changed, removed)
+    }
+
+    /// One workload was created or changed.
+    pub fn applied(&mut self, workload: &Workload) -> Option<DesiredState> {
+        if !self.started {
+            return None; // Watches begin with Restarted; nothing to compare with yet.
+        }
+        if !is_current(workload) {
+            // The spec changed and the controller has not placed it yet; its status write
+            // brings the change, so agents see one new template, not two.
+            return None;
+        }
+        let key = workload.key().to_string();
+        match desired_workload(&self.node, workload) {
+            Some(wanted) if self.sent.get(&key) == Some(&wanted) => None,
+            Some(wanted) => {
+                self.sent.insert(key, wanted.clone());
+                delta(vec![wanted], vec![])
+            }
+            None => self
+                .sent
+                .remove(&key)
+                .and_then(|_| delta(vec![], vec![key])),
+        }
+    }
+
+    /// One workload was deleted.
+    pub fn deleted(&mut self, workload: &Workload) -> Option<DesiredState> {
+        let key = workload.key().to_string();
+        self.sent
+            .remove(&key)
+            .and_then(|_| delta(vec![], vec![key]))
+    }
+}
+
+/// Whether the status describes the spec's generation.
+fn is_current(workload: &Workload) -> bool {
+    workload
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == workload.metadata.generation)
+}
+
+fn delta(workloads: Vec<DesiredWorkload>, removed: Vec<String>) -> Option<DesiredState> {
+    (!workloads.is_empty() || !removed.is_empty()).then_some(DesiredState {
+        workloads,
+        incremental: true,
+        removed,
+    })
+}
+
+/// The workload's share of `node`, if it has one.
+fn desired_workload(node: &str, workload: &Workload) -> Option<DesiredWorkload> {
+    let replicas = *workload.status.as_ref()?.placements.get(node)?;
+    (replicas > 0).then(|| DesiredWorkload {
+        key: workload.key().to_string(),
+        spec: Some(agent_spec(
+            workload,
+            u32::try_from(replicas).unwrap_or(u32::MAX),
+        )),
+    })
 }
 
 /// The agent's spec for a workload: named `<namespace>.<name>` (unique on the agent), the
@@ -286,7 +449,13 @@ fn agent_spec(workload: &Workload, replicas: u32) -> WorkloadSpec {
     let key = workload.key();
     WorkloadSpec {
         name: format!("{}.{}", key.namespace, key.name),
-        generation: workload.metadata.generation,
+        // The template's generation: scaling keeps it, so agents scale in place.
+        generation: workload
+            .status
+            .as_ref()
+            .map(|s| s.template_generation)
+            .filter(|&g| g > 0)
+            .unwrap_or(workload.metadata.generation),
         module: Some(ModuleSource {
             source: None,
             sha256: spec.module.sha256.clone(),

@@ -3,11 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ApplyRequest, ControlMessage, DesiredState, Heartbeat, Hello, NodeResources,
-    RegisterRequest, agent_message, control_message,
+    AgentMessage, ApplyRequest, ControlMessage, DeleteRequest, DesiredState, GetRequest, Heartbeat,
+    Hello, ListEventsRequest, ListNodesRequest, LogUpload, LogUploadHeader, NodeResources,
+    RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts, WorkloadLogsRequest, agent_message,
+    control_message, log_upload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -16,9 +19,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use super::{AgentService, WorkloadService};
+use crate::cluster::Cluster as ClusterState;
 use crate::controller::Controller;
 use crate::modules::ModuleStore;
-use crate::nodes::NodeRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::EmbeddedStore;
 
@@ -32,9 +35,9 @@ async fn cluster() -> Cluster {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
     let modules = ModuleStore::open(&dir.path().join("modules"), 1 << 20).expect("modules");
-    let nodes = Arc::new(NodeRegistry::default());
+    let cluster = Arc::new(ClusterState::default());
     let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
-    let controller = Controller::new(store.clone(), scheduler, nodes.clone());
+    let controller = Controller::new(store.clone(), scheduler, cluster.clone());
     tokio::spawn(controller.run(Duration::from_secs(30), std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -42,9 +45,13 @@ async fn cluster() -> Cluster {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(WorkloadService::new(store.clone(), modules.clone()).into_server())
             .add_service(
-                AgentService::new(store, modules, nodes, Duration::from_secs(1)).into_server(),
+                WorkloadService::new(store.clone(), modules.clone())
+                    .with_cluster(cluster.clone())
+                    .into_server(),
+            )
+            .add_service(
+                AgentService::new(store, modules, cluster, Duration::from_secs(1)).into_server(),
             )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
@@ -107,6 +114,34 @@ impl FakeAgent {
             .expect("session")
             .into_inner();
         Self { up, down }
+    }
+
+    /// The next message down the session.
+    async fn next(&mut self) -> control_message::Kind {
+        tokio::time::timeout(Duration::from_secs(10), self.down.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("open")
+            .expect("message")
+            .kind
+            .expect("a kind")
+    }
+
+    /// The next message, which must be a desired state.
+    async fn next_desired(&mut self) -> DesiredState {
+        match self.next().await {
+            control_message::Kind::Desired(desired) => desired,
+            other => panic!("expected a desired state, got {other:?}"),
+        }
+    }
+
+    async fn heartbeat(&self, beat: Heartbeat) {
+        self.up
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(beat)),
+            })
+            .await
+            .expect("heartbeat queued");
     }
 
     /// Reads desired states until one satisfies `pred`.
@@ -219,4 +254,247 @@ async fn bad_registrations_and_sessions_are_refused() {
         .await
         .expect_err("unregistered");
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+}
+
+async fn apply(cluster: &mut Cluster, name: &str, sha: &str, replicas: u32) {
+    let manifest = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: {name}}}\n\
+         spec: {{module: {{sha256: \"{sha}\"}}, replicas: {replicas}}}\n"
+    );
+    cluster
+        .workloads
+        .apply(ApplyRequest {
+            manifest: manifest.into_bytes(),
+        })
+        .await
+        .expect("apply");
+}
+
+fn keys(desired: &DesiredState) -> Vec<(&str, u32)> {
+    desired
+        .workloads
+        .iter()
+        .map(|w| (w.key.as_str(), w.spec.as_ref().map_or(0, |s| s.replicas)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_desired_set_comes_whole_then_as_deltas() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    let first = a.next_desired().await;
+    assert!(!first.incremental);
+    assert!(first.workloads.is_empty());
+
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    apply(&mut cluster, "web", &sha, 2).await;
+    let added = a.next_desired().await;
+    assert!(added.incremental);
+    assert_eq!(keys(&added), [("default/web", 2)]);
+
+    apply(&mut cluster, "api", &sha, 1).await;
+    assert_eq!(keys(&a.next_desired().await), [("default/api", 1)]);
+
+    // Scaling one workload sends only that workload.
+    apply(&mut cluster, "web", &sha, 3).await;
+    let scaled = a.next_desired().await;
+    assert_eq!(keys(&scaled), [("default/web", 3)]);
+    assert!(scaled.removed.is_empty());
+
+    cluster
+        .workloads
+        .delete(DeleteRequest {
+            namespace: String::new(),
+            name: "api".into(),
+        })
+        .await
+        .expect("delete");
+    let removed = a.next_desired().await;
+    assert!(removed.incremental && removed.workloads.is_empty());
+    assert_eq!(removed.removed, ["default/api"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_events_and_nodes_reach_the_user_through_the_control_plane() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    a.next_desired().await;
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    apply(&mut cluster, "web", &sha, 2).await;
+    a.next_desired().await;
+
+    // Logs: the request goes down the session; the agent uploads; the user reads.
+    let mut workloads = cluster.workloads.clone();
+    let reader = tokio::spawn(async move {
+        let mut stream = workloads
+            .logs(WorkloadLogsRequest {
+                name: "web".into(),
+                replica: 1,
+                ..WorkloadLogsRequest::default()
+            })
+            .await?
+            .into_inner();
+        let mut text = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            text.extend(chunk?.data);
+        }
+        Ok::<_, tonic::Status>(text)
+    });
+    let control_message::Kind::Logs(request) = a.next().await else {
+        panic!("expected a log request");
+    };
+    assert_eq!((request.key.as_str(), request.replica), ("default/web", 1));
+    let upload = |request: &StreamLogs, error: &str, data: &[u8]| {
+        let mut messages = vec![LogUpload {
+            kind: Some(log_upload::Kind::Header(LogUploadHeader {
+                request_id: request.request_id.clone(),
+                error: error.into(),
+            })),
+        }];
+        if !data.is_empty() {
+            messages.push(LogUpload {
+                kind: Some(log_upload::Kind::Chunk(LogChunk {
+                    data: data.to_vec(),
+                    skipped: 0,
+                })),
+            });
+        }
+        tokio_stream::iter(messages)
+    };
+    cluster
+        .agents
+        .upload_logs(upload(&request, "", b"hello from replica 1\n"))
+        .await
+        .expect("upload");
+    let text = reader.await.expect("reader task").expect("logs");
+    assert_eq!(text, b"hello from replica 1\n");
+
+    // The agent's error reaches the user; a replica the node does not have is refused at once.
+    let mut workloads = cluster.workloads.clone();
+    let reader = tokio::spawn(async move {
+        let mut stream = workloads
+            .logs(WorkloadLogsRequest {
+                name: "web".into(),
+                node: "node-a".into(),
+                ..WorkloadLogsRequest::default()
+            })
+            .await?
+            .into_inner();
+        stream.next().await.transpose()
+    });
+    let control_message::Kind::Logs(request) = a.next().await else {
+        panic!("expected a log request");
+    };
+    cluster
+        .agents
+        .upload_logs(upload(
+            &request,
+            "sandbox 0 of workload default/web not found",
+            b"",
+        ))
+        .await
+        .expect("upload");
+    let err = reader.await.expect("reader").expect_err("agent error");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("not found"), "{}", err.message());
+    let err = cluster
+        .workloads
+        .logs(WorkloadLogsRequest {
+            name: "web".into(),
+            replica: 7,
+            ..WorkloadLogsRequest::default()
+        })
+        .await
+        .expect_err("no replica 7");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Failures in a heartbeat become events and the Ready condition's reason.
+    a.heartbeat(Heartbeat {
+        workloads: vec![WorkloadCounts {
+            key: "default/web".into(),
+            generation: 1,
+            running: 1,
+            pending: 1,
+            ..WorkloadCounts::default()
+        }],
+        events: vec![SandboxEvent {
+            key: "default/web".into(),
+            generation: 1,
+            reason: "Trap".into(),
+            message: "wasm trap: unreachable\n  0: main".into(),
+            count: 3,
+            last_at_ms: 1_000,
+        }],
+    })
+    .await;
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let object = cluster
+                .workloads
+                .get(GetRequest {
+                    namespace: String::new(),
+                    name: "web".into(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            let workload: crate::model::Workload =
+                serde_json::from_slice(&object.json).expect("json");
+            let condition = workload
+                .status
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
+            if let Some(c) = condition.filter(|c| c.reason == "Trap") {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Ready condition with the failure");
+    assert_eq!(ready.status, "False");
+    assert_eq!(
+        ready.message,
+        "1 of 2 replicas running; sandboxes on node node-a ended with wasm trap: unreachable"
+    );
+    let events = cluster
+        .workloads
+        .list_events(ListEventsRequest {
+            namespace: String::new(),
+            name: "web".into(),
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (
+            events[0].node.as_str(),
+            events[0].reason.as_str(),
+            events[0].count
+        ),
+        ("node-a", "Trap", 3)
+    );
+
+    let nodes = cluster
+        .workloads
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        (nodes[0].name.as_str(), nodes[0].ready, nodes[0].running),
+        ("node-a", true, 1)
+    );
+    assert_eq!(nodes[0].allocated.as_ref().map(|a| a.sandboxes), Some(2));
+    assert_eq!(
+        nodes[0]
+            .labels
+            .get("kubernetes.io/arch")
+            .map(String::as_str),
+        Some("amd64")
+    );
+    drop(a.up);
 }

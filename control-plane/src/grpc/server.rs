@@ -1,11 +1,17 @@
 //! [`WorkloadService`]: the user API (`flotilla.control.v1.Workloads`) over a store.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::workloads_server::{Workloads, WorkloadsServer};
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, GetRequest, ListRequest, ListResponse, PushModuleRequest,
-    PushModuleResponse, WatchEvent as WatchEventMessage, WatchRequest, WorkloadObject, watch_event,
+    ApplyRequest, DeleteRequest, Event as EventMessage, GetRequest, ListEventsRequest,
+    ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRequest, ListResponse,
+    Node as NodeMessage, NodeResources as NodeResourcesMessage, PushModuleRequest,
+    PushModuleResponse, Taint as TaintMessage, WatchEvent as WatchEventMessage, WatchRequest,
+    WorkloadLogsRequest, WorkloadObject, watch_event,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -13,20 +19,34 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{module_status, parse_manifest, store_status, to_object};
+use crate::cluster::Cluster;
 use crate::model::WorkloadKey;
 use crate::modules::ModuleStore;
+use crate::scheduler::framework::{NodeResources, WorkloadRequest};
 use crate::store::{WatchEvent, WorkloadStore};
 
-/// Implements the user API on a [`WorkloadStore`] and a [`ModuleStore`].
+/// Implements the user API on a [`WorkloadStore`], a [`ModuleStore`] and the live [`Cluster`].
 pub struct WorkloadService<S> {
     store: S,
     modules: ModuleStore,
+    cluster: Arc<Cluster>,
 }
 
 impl<S: WorkloadStore + Clone> WorkloadService<S> {
-    /// Creates the service.
+    /// Creates the service, with no nodes until [`with_cluster`](Self::with_cluster).
     pub fn new(store: S, modules: ModuleStore) -> Self {
-        Self { store, modules }
+        Self {
+            store,
+            modules,
+            cluster: Arc::default(),
+        }
+    }
+
+    /// Serves nodes, events and logs from `cluster`, which the agent protocol fills.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Wraps the service for a tonic server.
@@ -140,5 +160,129 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         .map_err(|e| Status::internal(format!("module store task failed: {e}")))?
         .map_err(module_status)?;
         Ok(Response::new(PushModuleResponse { sha256, size }))
+    }
+
+    type LogsStream = BoxStream<LogChunk>;
+
+    async fn logs(
+        &self,
+        request: Request<WorkloadLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let key = WorkloadKey::new(&request.namespace, &request.name);
+        let workload = self
+            .store
+            .get(&key)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("workload {key} not found")))?;
+        let placements = workload
+            .status
+            .as_ref()
+            .map(|s| s.placements.clone())
+            .unwrap_or_default();
+        let node = if request.node.is_empty() {
+            placements
+                .iter()
+                .find(|(_, count)| **count > 0)
+                .map(|(node, _)| node.clone())
+                .ok_or_else(|| {
+                    Status::not_found(format!("workload {key} has no replicas placed yet"))
+                })?
+        } else {
+            request.node
+        };
+        let on_node = placements.get(&node).copied().unwrap_or(0);
+        if u64::from(request.replica) >= on_node {
+            return Err(Status::not_found(format!(
+                "workload {key} has {on_node} replicas on node {node}; replica {} does not exist",
+                request.replica
+            )));
+        }
+        let rx = self
+            .cluster
+            .sessions
+            .request_logs(&node, &key.to_string(), request.replica, request.follow)
+            .await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        // What each node has allocated, from the placements in the workloads' status.
+        let mut allocated: BTreeMap<String, NodeResources> = BTreeMap::new();
+        for workload in self.store.list().await.map_err(store_status)? {
+            let per_replica = WorkloadRequest::from_workload(&workload).requests;
+            for (node, &count) in workload.status.iter().flat_map(|s| &s.placements) {
+                let total = allocated.entry(node.clone()).or_default();
+                total.memory = total
+                    .memory
+                    .saturating_add(per_replica.memory.saturating_mul(count));
+                total.cpu_millis = total
+                    .cpu_millis
+                    .saturating_add(per_replica.cpu_millis.saturating_mul(count));
+                total.sandboxes = total.sandboxes.saturating_add(count);
+            }
+        }
+        let resources = |r: &NodeResources| NodeResourcesMessage {
+            memory_bytes: r.memory,
+            cpu_millis: r.cpu_millis,
+            sandboxes: r.sandboxes,
+        };
+        let nodes = self
+            .cluster
+            .nodes
+            .statuses()
+            .into_iter()
+            .map(|status| NodeMessage {
+                allocated: Some(resources(
+                    &allocated.remove(&status.info.name).unwrap_or_default(),
+                )),
+                allocatable: Some(resources(&status.info.allocatable)),
+                name: status.info.name,
+                ready: status.info.ready,
+                labels: status.info.labels.into_iter().collect(),
+                taints: status
+                    .info
+                    .taints
+                    .into_iter()
+                    .map(|t| TaintMessage {
+                        key: t.key,
+                        value: t.value,
+                        effect: format!("{:?}", t.effect),
+                    })
+                    .collect(),
+                running: status.running,
+                last_heartbeat_age_ms: u64::try_from(status.since_heartbeat.as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let request = request.into_inner();
+        let key = WorkloadKey::new(&request.namespace, &request.name);
+        let events = self
+            .cluster
+            .events
+            .of(&key.to_string())
+            .into_iter()
+            .map(|e| EventMessage {
+                node: e.node,
+                generation: e.generation,
+                reason: e.reason,
+                message: e.message,
+                count: e.count,
+                first_at_ms: e.first_at_ms,
+                last_at_ms: e.last_at_ms,
+            })
+            .collect();
+        Ok(Response::new(ListEventsResponse { events }))
     }
 }

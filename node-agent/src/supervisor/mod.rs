@@ -76,6 +76,18 @@ pub enum ApplyError {
     ShuttingDown,
 }
 
+impl ApplyError {
+    /// The machine-readable reason, as a sandbox status or an event shows it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApplyError::InvalidSpec(_) => "InvalidSpec",
+            ApplyError::Prepare { source, .. } => source.reason(),
+            ApplyError::AdmissionRefused(_) => "AdmissionRefused",
+            ApplyError::ShuttingDown => "ShuttingDown",
+        }
+    }
+}
+
 /// What [`Supervisor::apply`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -115,8 +127,31 @@ struct Shared<R: SandboxRuntime> {
     metrics: Metrics,
     workloads: Mutex<HashMap<String, Workload<R>>>,
     events: broadcast::Sender<SandboxStatus>,
+    /// Failed runs since the last [`Supervisor::take_failures`], one entry per workload,
+    /// generation and reason.
+    failures: Mutex<HashMap<FailureKey, Failures>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// Workload, generation and reason of aggregated failures.
+type FailureKey = (Arc<str>, u64, &'static str);
+
+/// Failed runs of one workload generation with one reason, aggregated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failures {
+    /// The workload.
+    pub workload: String,
+    /// The generation that ran.
+    pub generation: u64,
+    /// Why the runs ended: Error, Trap, OutOfMemory, CpuLimit, DeadlineExceeded.
+    pub reason: &'static str,
+    /// The latest run's message.
+    pub message: String,
+    /// How many runs.
+    pub count: u32,
+    /// Unix milliseconds of the latest.
+    pub last_at_ms: i64,
 }
 
 struct Workload<R: SandboxRuntime> {
@@ -164,10 +199,22 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 metrics,
                 workloads: Mutex::new(HashMap::new()),
                 events,
+                failures: Mutex::default(),
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
             }),
         }
+    }
+
+    /// Failed runs since the previous call, aggregated per workload, generation and reason,
+    /// so that a heartbeat carries one entry per kind of failure however many sandboxes fail.
+    pub fn take_failures(&self) -> Vec<Failures> {
+        let mut failures = self
+            .shared
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failures.drain().map(|(_, f)| f).collect()
     }
 
     /// The runtime the supervisor drives.
@@ -477,6 +524,23 @@ impl<R: SandboxRuntime> Shared<R> {
         }
     }
 
+    fn record_failure(&self, cell: &SandboxCell, reason: &'static str, message: String) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = failures
+            .entry((cell.workload.clone(), cell.generation, reason))
+            .or_insert_with(|| Failures {
+                workload: cell.workload.to_string(),
+                generation: cell.generation,
+                reason,
+                message: String::new(),
+                count: 0,
+                last_at_ms: 0,
+            });
+        entry.count = entry.count.saturating_add(1);
+        entry.message = message;
+        entry.last_at_ms = unix_ms();
+    }
+
     fn publish(&self, cell: &SandboxCell) {
         if self.events.receiver_count() > 0 {
             // No receiver left between the check and the send is harmless.
@@ -513,6 +577,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                     message = %exit.message(),
                     "sandbox failed"
                 );
+                shared.record_failure(&cell, exit.reason(), exit.message());
             } else {
                 tracing::info!(workload = %cell.workload, replica = cell.replica, "sandbox completed");
             }

@@ -87,6 +87,30 @@ pub struct Hello {
 pub struct Heartbeat {
     #[prost(message, repeated, tag = "1")]
     pub workloads: ::prost::alloc::vec::Vec<WorkloadCounts>,
+    /// Sandbox failures since the last heartbeat, one entry per workload and reason.
+    #[prost(message, repeated, tag = "2")]
+    pub events: ::prost::alloc::vec::Vec<SandboxEvent>,
+}
+/// Sandboxes of one workload that ended with one reason since the last heartbeat.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SandboxEvent {
+    /// `namespace/name`.
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    /// Error, Trap, OutOfMemory, CpuLimit, DeadlineExceeded, InvalidModule, ModuleUnavailable.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// The latest such termination's message (a trap with its backtrace, an exit code, ...).
+    #[prost(string, tag = "4")]
+    pub message: ::prost::alloc::string::String,
+    /// How many terminations this entry stands for.
+    #[prost(uint32, tag = "5")]
+    pub count: u32,
+    /// Unix time in milliseconds of the latest one.
+    #[prost(int64, tag = "6")]
+    pub last_at_ms: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WorkloadCounts {
@@ -101,10 +125,13 @@ pub struct WorkloadCounts {
     pub pending: u32,
     #[prost(uint32, tag = "5")]
     pub failed: u32,
+    /// Sandboxes that ran to completion and, by their restart policy, stay done.
+    #[prost(uint32, tag = "6")]
+    pub succeeded: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -113,14 +140,63 @@ pub mod control_message {
     pub enum Kind {
         #[prost(message, tag = "1")]
         Desired(super::DesiredState),
+        #[prost(message, tag = "2")]
+        Logs(super::StreamLogs),
     }
 }
-/// Everything the node should run; workloads not listed should stop.
+/// What the node should run. The first message of a session is complete (`incremental` false):
+/// workloads not listed should stop. Later ones carry only what changed: `workloads` to create
+/// or update and `removed` keys to stop.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DesiredState {
     #[prost(message, repeated, tag = "1")]
     pub workloads: ::prost::alloc::vec::Vec<DesiredWorkload>,
+    #[prost(bool, tag = "2")]
+    pub incremental: bool,
+    /// `namespace/name` keys that should no longer run on the node.
+    #[prost(string, repeated, tag = "3")]
+    pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
+/// Asks the agent to open UploadLogs for one sandbox's output.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamLogs {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// `namespace/name`.
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
+    /// The sandbox's replica index on this node.
+    #[prost(uint32, tag = "3")]
+    pub replica: u32,
+    #[prost(bool, tag = "4")]
+    pub follow: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LogUpload {
+    #[prost(oneof = "log_upload::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<log_upload::Kind>,
+}
+/// Nested message and enum types in `LogUpload`.
+pub mod log_upload {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Header(super::LogUploadHeader),
+        #[prost(message, tag = "2")]
+        Chunk(super::super::super::agent::v1::LogChunk),
+    }
+}
+/// First message of an UploadLogs call.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LogUploadHeader {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// Set when the agent cannot serve the request (e.g. no such sandbox); nothing follows.
+    #[prost(string, tag = "2")]
+    pub error: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UploadLogsResponse {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DesiredWorkload {
     /// `namespace/name`.
@@ -300,6 +376,32 @@ pub mod agents_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Agents", "FetchModule"));
             self.inner.unary(req, path, codec).await
         }
+        /// Answers a StreamLogs request received on the Session: a header naming the request, then
+        /// the sandbox's output. The control plane ends the call when the user stops reading.
+        pub async fn upload_logs(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::LogUpload>,
+        ) -> std::result::Result<
+            tonic::Response<super::UploadLogsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Agents/UploadLogs",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Agents", "UploadLogs"));
+            self.inner.client_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -343,6 +445,15 @@ pub mod agents_server {
             request: tonic::Request<super::FetchModuleRequest>,
         ) -> std::result::Result<
             tonic::Response<super::FetchModuleResponse>,
+            tonic::Status,
+        >;
+        /// Answers a StreamLogs request received on the Session: a header naming the request, then
+        /// the sandbox's output. The control plane ends the call when the user stops reading.
+        async fn upload_logs(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::LogUpload>>,
+        ) -> std::result::Result<
+            tonic::Response<super::UploadLogsResponse>,
             tonic::Status,
         >;
     }
@@ -557,6 +668,51 @@ pub mod agents_server {
                     };
                     Box::pin(fut)
                 }
+                "/flotilla.control.v1.Agents/UploadLogs" => {
+                    #[allow(non_camel_case_types)]
+                    struct UploadLogsSvc<T: Agents>(pub Arc<T>);
+                    impl<
+                        T: Agents,
+                    > tonic::server::ClientStreamingService<super::LogUpload>
+                    for UploadLogsSvc<T> {
+                        type Response = super::UploadLogsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::LogUpload>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agents>::upload_logs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UploadLogsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -703,6 +859,85 @@ pub struct PushModuleResponse {
     pub sha256: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
     pub size: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WorkloadLogsRequest {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// The node; empty for the first node (by name) the workload is placed on.
+    #[prost(string, tag = "3")]
+    pub node: ::prost::alloc::string::String,
+    /// The sandbox's replica index on that node.
+    #[prost(uint32, tag = "4")]
+    pub replica: u32,
+    /// Keep streaming new output.
+    #[prost(bool, tag = "5")]
+    pub follow: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListNodesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListNodesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub nodes: ::prost::alloc::vec::Vec<Node>,
+}
+/// A registered node as the control plane sees it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Node {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub ready: bool,
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    #[prost(message, repeated, tag = "4")]
+    pub taints: ::prost::alloc::vec::Vec<Taint>,
+    #[prost(message, optional, tag = "5")]
+    pub allocatable: ::core::option::Option<NodeResources>,
+    /// Summed requests of the replicas placed on the node.
+    #[prost(message, optional, tag = "6")]
+    pub allocated: ::core::option::Option<NodeResources>,
+    /// Sandboxes the agent reported running in its last heartbeat.
+    #[prost(uint64, tag = "7")]
+    pub running: u64,
+    /// Milliseconds since the last heartbeat.
+    #[prost(uint64, tag = "8")]
+    pub last_heartbeat_age_ms: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListEventsRequest {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListEventsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub events: ::prost::alloc::vec::Vec<Event>,
+}
+/// Terminations of one workload's sandboxes on one node with one reason.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Event {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub message: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub count: u64,
+    #[prost(int64, tag = "6")]
+    pub first_at_ms: i64,
+    #[prost(int64, tag = "7")]
+    pub last_at_ms: i64,
 }
 /// Generated client implementations.
 pub mod workloads_client {
@@ -936,6 +1171,84 @@ pub mod workloads_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "PushModule"));
             self.inner.unary(req, path, codec).await
         }
+        /// Streams one sandbox's stdout and stderr from the agent that runs it, through the control
+        /// plane. NOT_FOUND for an unknown workload or sandbox, UNAVAILABLE when its node is offline.
+        pub async fn logs(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WorkloadLogsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::super::super::agent::v1::LogChunk>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/Logs",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "Logs"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// The nodes whose agents have registered, sorted by name.
+        pub async fn list_nodes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListNodesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListNodesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/ListNodes",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ListNodes"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Recent sandbox failures of a workload, aggregated per node and reason, newest first.
+        pub async fn list_events(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListEventsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/ListEvents",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ListEvents"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -990,6 +1303,37 @@ pub mod workloads_server {
             request: tonic::Request<super::PushModuleRequest>,
         ) -> std::result::Result<
             tonic::Response<super::PushModuleResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the Logs method.
+        type LogsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::super::super::agent::v1::LogChunk,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams one sandbox's stdout and stderr from the agent that runs it, through the control
+        /// plane. NOT_FOUND for an unknown workload or sandbox, UNAVAILABLE when its node is offline.
+        async fn logs(
+            &self,
+            request: tonic::Request<super::WorkloadLogsRequest>,
+        ) -> std::result::Result<tonic::Response<Self::LogsStream>, tonic::Status>;
+        /// The nodes whose agents have registered, sorted by name.
+        async fn list_nodes(
+            &self,
+            request: tonic::Request<super::ListNodesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListNodesResponse>,
+            tonic::Status,
+        >;
+        /// Recent sandbox failures of a workload, aggregated per node and reason, newest first.
+        async fn list_events(
+            &self,
+            request: tonic::Request<super::ListEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListEventsResponse>,
             tonic::Status,
         >;
     }
@@ -1318,6 +1662,142 @@ pub mod workloads_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = PushModuleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/Logs" => {
+                    #[allow(non_camel_case_types)]
+                    struct LogsSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::ServerStreamingService<super::WorkloadLogsRequest>
+                    for LogsSvc<T> {
+                        type Response = super::super::super::agent::v1::LogChunk;
+                        type ResponseStream = T::LogsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WorkloadLogsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::logs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LogsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/ListNodes" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListNodesSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::ListNodesRequest>
+                    for ListNodesSvc<T> {
+                        type Response = super::ListNodesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListNodesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::list_nodes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListNodesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/ListEvents" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListEventsSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::ListEventsRequest>
+                    for ListEventsSvc<T> {
+                        type Response = super::ListEventsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListEventsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::list_events(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListEventsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

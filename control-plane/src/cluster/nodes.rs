@@ -12,6 +12,17 @@ use tokio::sync::watch;
 
 use crate::scheduler::framework::NodeInfo;
 
+/// A node as `flotilla get nodes` shows it.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    /// What the node registered, and whether it is ready.
+    pub info: NodeInfo,
+    /// Sandboxes its agent last reported running.
+    pub running: u64,
+    /// Time since its last heartbeat.
+    pub since_heartbeat: Duration,
+}
+
 /// Known nodes. Cheap to share behind an `Arc`.
 pub struct NodeRegistry {
     nodes: Mutex<BTreeMap<String, Entry>>,
@@ -21,8 +32,28 @@ pub struct NodeRegistry {
 struct Entry {
     info: NodeInfo,
     last_seen: Instant,
-    /// Running sandboxes per workload key and generation, from the last heartbeat.
-    running: BTreeMap<String, (u64, u64)>,
+    /// Sandbox counts per workload key, from the last heartbeat.
+    running: BTreeMap<String, Reported>,
+}
+
+/// What an agent reported for one workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// The generation its sandboxes run.
+    pub generation: u64,
+    /// Sandboxes running.
+    pub running: u64,
+    /// Sandboxes that completed and stay done.
+    pub succeeded: u64,
+}
+
+/// Sandbox counts of one workload generation, summed over nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Sandboxes running.
+    pub running: u64,
+    /// Sandboxes that completed and stay done.
+    pub succeeded: u64,
 }
 
 impl Default for NodeRegistry {
@@ -74,9 +105,8 @@ impl NodeRegistry {
         true
     }
 
-    /// Records what a node reported running: workload key → (generation, running sandboxes).
-    /// Counts as a heartbeat.
-    pub fn report(&self, name: &str, running: BTreeMap<String, (u64, u64)>) {
+    /// Records what a node reported per workload key. Counts as a heartbeat.
+    pub fn report(&self, name: &str, running: BTreeMap<String, Reported>) {
         let changed = {
             let mut nodes = self.lock();
             let Some(entry) = nodes.get_mut(name) else {
@@ -93,15 +123,18 @@ impl NodeRegistry {
         }
     }
 
-    /// Running sandboxes per workload key and generation, summed over ready nodes.
-    pub fn running(&self) -> BTreeMap<String, BTreeMap<u64, u64>> {
-        let mut out: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+    /// Sandbox counts per workload key and generation, summed over ready nodes.
+    pub fn running(&self) -> BTreeMap<String, BTreeMap<u64, Counts>> {
+        let mut out: BTreeMap<String, BTreeMap<u64, Counts>> = BTreeMap::new();
         for entry in self.lock().values().filter(|e| e.info.ready) {
-            for (key, &(generation, count)) in &entry.running {
-                *out.entry(key.clone())
+            for (key, reported) in &entry.running {
+                let counts = out
+                    .entry(key.clone())
                     .or_default()
-                    .entry(generation)
-                    .or_default() += count;
+                    .entry(reported.generation)
+                    .or_default();
+                counts.running += reported.running;
+                counts.succeeded += reported.succeeded;
             }
         }
         out
@@ -140,6 +173,19 @@ impl NodeRegistry {
     /// A snapshot of every node, sorted by name.
     pub fn snapshot(&self) -> Vec<NodeInfo> {
         self.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Every node with what it runs and how long ago it was heard from, sorted by name.
+    pub fn statuses(&self) -> Vec<NodeStatus> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .map(|e| NodeStatus {
+                info: e.info.clone(),
+                running: e.running.values().map(|r| r.running).sum(),
+                since_heartbeat: now.duration_since(e.last_seen),
+            })
+            .collect()
     }
 
     /// Wakes when the set of nodes or their readiness changes.

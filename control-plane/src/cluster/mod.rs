@@ -1,0 +1,22 @@
+//! What the control plane knows about its node agents, shared by the agent protocol, the user
+//! API and the controller: the [`NodeRegistry`], the live [`Sessions`] (which also relay logs)
+//! and the [`EventLog`] of sandbox failures.
+
+pub mod events;
+pub mod nodes;
+pub mod sessions;
+
+pub use self::events::{Event, EventLog};
+pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
+pub use self::sessions::Sessions;
+
+/// The live cluster, in memory. Agents rebuild it by reconnecting after a restart.
+#[derive(Default)]
+pub struct Cluster {
+    /// Registered nodes, their readiness and what they run.
+    pub nodes: NodeRegistry,
+    /// Open agent sessions and log requests in flight.
+    pub sessions: Sessions,
+    /// Recent sandbox failures.
+    pub events: EventLog,
+}

@@ -1,0 +1,113 @@
+//! [`Sessions`]: the live agent sessions, and the relay that carries a sandbox's logs from its
+//! agent to the user who asked for them.
+//!
+//! Agents dial out, so the control plane cannot call them. To read logs it sends a
+//! `StreamLogs` request down the node's session; the agent answers by opening `UploadLogs`
+//! with the request's id, and the relay joins that upload to the waiting user stream. When the
+//! user stops reading, the upload call is ended, and the agent stops following.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::agent::v1::LogChunk;
+use flotilla_proto::control::v1::{ControlMessage, StreamLogs, control_message};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Messages down one agent's session.
+pub type SessionSender = mpsc::Sender<Result<ControlMessage, Status>>;
+
+/// Chunks of a log stream on their way to the user.
+pub type LogSender = mpsc::Sender<Result<LogChunk, Status>>;
+
+/// How long an agent gets to open `UploadLogs` after it was asked.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Chunks buffered between the agent's upload and the user.
+const LOG_BUFFER: usize = 32;
+
+/// Live sessions by node, and log requests waiting for their upload.
+#[derive(Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<String, (String, SessionSender)>>,
+    pending: Arc<Mutex<HashMap<String, LogSender>>>,
+}
+
+impl Sessions {
+    /// Records the session `session_id` of `node`, replacing an older one.
+    pub fn open(&self, node: &str, session_id: &str, down: SessionSender) {
+        lock(&self.live).insert(node.to_string(), (session_id.to_string(), down));
+    }
+
+    /// Forgets `node`'s session if it is still `session_id`.
+    pub fn close(&self, node: &str, session_id: &str) {
+        let mut live = lock(&self.live);
+        if live.get(node).is_some_and(|(id, _)| id == session_id) {
+            live.remove(node);
+        }
+    }
+
+    /// Asks `node`'s agent for a sandbox's logs; the returned receiver gets the chunks once the
+    /// agent uploads them, or an error if it does not within [`UPLOAD_TIMEOUT`].
+    ///
+    /// # Errors
+    /// UNAVAILABLE when the node has no live session.
+    pub async fn request_logs(
+        &self,
+        node: &str,
+        key: &str,
+        replica: u32,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<Result<LogChunk, Status>>, Status> {
+        let down = lock(&self.live)
+            .get(node)
+            .map(|(_, down)| down.clone())
+            .ok_or_else(|| Status::unavailable(format!("node {node} is not connected")))?;
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = mpsc::channel(LOG_BUFFER);
+        lock(&self.pending).insert(request_id.clone(), tx);
+        let request = ControlMessage {
+            kind: Some(control_message::Kind::Logs(StreamLogs {
+                request_id: request_id.clone(),
+                key: key.to_string(),
+                replica,
+                follow,
+            })),
+        };
+        if down.send(Ok(request)).await.is_err() {
+            lock(&self.pending).remove(&request_id);
+            return Err(Status::unavailable(format!("node {node} disconnected")));
+        }
+        // An agent that never answers must not leave the user waiting forever.
+        let pending = self.pending.clone();
+        let node = node.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(UPLOAD_TIMEOUT).await;
+            let unanswered = lock(&pending).remove(&request_id);
+            if let Some(tx) = unanswered {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "node {node} did not send the logs within {UPLOAD_TIMEOUT:?}"
+                    ))))
+                    .await;
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Claims the user stream waiting for `request_id`; `None` when there is none (it timed
+    /// out, or the id is unknown).
+    pub fn take_pending(&self, request_id: &str) -> Option<LogSender> {
+        lock(&self.pending).remove(request_id)
+    }
+
+    /// How many nodes have a live session.
+    pub fn live_count(&self) -> usize {
+        lock(&self.live).len()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
