@@ -1,14 +1,20 @@
 //! Commands against the control plane's user API.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use flotilla_control_plane::model::Workload;
+use flotilla_control_plane::model::{Condition, Workload};
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, GetRequest, ListRequest, PushModuleRequest, WorkloadObject,
+    ApplyRequest, DeleteRequest, GetRequest, ListEventsRequest, ListNodesRequest, ListRequest,
+    Node, PushModuleRequest, WatchRequest, WorkloadLogsRequest, WorkloadObject, watch_event,
 };
 use serde::Deserialize;
+use tokio_stream::StreamExt;
+use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::{Output, endpoint};
@@ -169,20 +175,36 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
             }
         }
         Output::Table | Output::Wide => {
-            println!(
-                "{:<12} {:<32} {:>8} {:>8} {:>10}",
-                "NAMESPACE", "NAME", "READY", "REPLICAS", "GENERATION"
+            let wide = output == Output::Wide;
+            print!(
+                "{:<12} {:<24} {:>11} {:<20} {:>10}",
+                "NAMESPACE", "NAME", "READY", "STATUS", "GENERATION"
             );
+            println!("{}", if wide { "  NODES" } else { "" });
             for w in &workloads {
-                let ready = w.status.as_ref().map_or(0, |s| s.ready_replicas);
-                println!(
-                    "{:<12} {:<32} {:>8} {:>8} {:>10}",
+                let status = w.status.clone().unwrap_or_default();
+                let state = match condition(w, "Ready") {
+                    Some(c) if c.reason == "AllReplicasReady" => "Running".to_string(),
+                    Some(c) => c.reason.clone(),
+                    None => "Pending".to_string(),
+                };
+                print!(
+                    "{:<12} {:<24} {:>11} {:<20} {:>10}",
                     w.key().namespace,
                     w.metadata.name,
-                    ready,
-                    w.spec.replicas,
+                    format!("{}/{}", status.ready_replicas, w.spec.replicas),
+                    state,
                     w.metadata.generation
                 );
+                if wide {
+                    let nodes: Vec<String> = status
+                        .placements
+                        .iter()
+                        .map(|(node, n)| format!("{node}={n}"))
+                        .collect();
+                    print!("  {}", nodes.join(","));
+                }
+                println!();
             }
         }
     }
@@ -200,5 +222,393 @@ pub async fn delete(server: &str, name: &str) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("wasmworkload.flotilla.dev/{name} deleted");
+    Ok(())
+}
+
+async fn get_workload(
+    client: &mut WorkloadsClient<Channel>,
+    name: &str,
+) -> anyhow::Result<Workload> {
+    let object = client
+        .get(GetRequest {
+            namespace: String::new(),
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    decode(&object)
+}
+
+fn condition<'a>(workload: &'a Workload, type_: &str) -> Option<&'a Condition> {
+    workload
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Whether the status describes the current spec and says every replica is ready.
+fn is_ready(workload: &Workload) -> bool {
+    let current = workload
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation >= workload.metadata.generation);
+    current && condition(workload, "Ready").is_some_and(|c| c.status == "True")
+}
+
+/// `flotilla apply --wait`: follows the status of `applied` until all are ready, printing
+/// progress and failure reasons as they change.
+pub async fn wait_ready(
+    server: &str,
+    applied: &[Workload],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let mut watch = client
+        .watch(WatchRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("watching workloads: {}", s.message()))?
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut waiting: BTreeMap<String, Workload> = applied
+        .iter()
+        .map(|w| (w.key().to_string(), w.clone()))
+        .collect();
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    while !waiting.is_empty() {
+        let event = match tokio::time::timeout_at(deadline, watch.next()).await {
+            Err(_) => {
+                let left: Vec<String> = waiting
+                    .values()
+                    .map(|w| format!("{} ({})", w.metadata.name, progress(w)))
+                    .collect();
+                bail!(
+                    "timed out after {} waiting for: {}",
+                    humantime::format_duration(timeout),
+                    left.join(", ")
+                );
+            }
+            Ok(None) => bail!("the control plane closed the watch"),
+            Ok(Some(event)) => event.map_err(|s| anyhow::anyhow!("watch: {}", s.message()))?,
+        };
+        let deleted = event.r#type == watch_event::Type::Deleted as i32;
+        for object in &event.objects {
+            let workload = decode(object)?;
+            let key = workload.key().to_string();
+            let Some(target) = waiting.get(&key) else {
+                continue;
+            };
+            if deleted {
+                bail!("workload {key} was deleted while waiting");
+            }
+            if workload.metadata.generation < target.metadata.generation {
+                continue;
+            }
+            let line = progress(&workload);
+            if shown.get(&key) != Some(&line) {
+                println!("{}: {line}", workload.metadata.name);
+                shown.insert(key.clone(), line);
+            }
+            if is_ready(&workload) {
+                waiting.remove(&key);
+            } else {
+                waiting.insert(key, workload);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `3/10 ready`, with the reason when something is wrong.
+fn progress(workload: &Workload) -> String {
+    let status = workload.status.clone().unwrap_or_default();
+    let mut line = format!("{}/{} ready", status.ready_replicas, workload.spec.replicas);
+    if status.succeeded_replicas > 0 {
+        line.push_str(&format!(", {} completed", status.succeeded_replicas));
+    }
+    for type_ in ["Scheduled", "Ready"] {
+        if let Some(c) = condition(workload, type_).filter(|c| c.status == "False")
+            && c.reason != "ReplicasNotReady"
+        {
+            line.push_str(&format!(" ({}: {})", c.reason, c.message));
+        }
+    }
+    line
+}
+
+/// `flotilla scale NAME --replicas N`: changes only the replica count, retrying when the
+/// workload changed underneath.
+pub async fn scale(server: &str, name: &str, replicas: u32) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    for _ in 0..5 {
+        let mut workload = get_workload(&mut client, name).await?;
+        workload.spec.replicas = i64::from(replicas);
+        workload.status = None;
+        let manifest = serde_json::to_vec(&workload)?;
+        match client.apply(ApplyRequest { manifest }).await {
+            Ok(_) => {
+                println!("wasmworkload.flotilla.dev/{name} scaled to {replicas}");
+                return Ok(());
+            }
+            // Someone else wrote in between (resourceVersion is stale): read again.
+            Err(status) if status.code() == Code::Aborted => continue,
+            Err(status) => bail!("{}", status.message()),
+        }
+    }
+    bail!("workload {name} kept changing; try again")
+}
+
+/// `flotilla logs NAME`: one sandbox's output, through the control plane.
+pub async fn logs(
+    server: &str,
+    name: &str,
+    node: Option<String>,
+    replica: u32,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut stream = connect(server)
+        .await?
+        .logs(WorkloadLogsRequest {
+            namespace: String::new(),
+            name: name.to_string(),
+            node: node.unwrap_or_default(),
+            replica,
+            follow,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        if chunk.skipped > 0 {
+            writeln!(
+                stdout,
+                "[{} bytes dropped from the log ring]",
+                chunk.skipped
+            )?;
+        }
+        stdout.write_all(&chunk.data)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// A node as `-o json|yaml` prints it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeView<'a> {
+    name: &'a str,
+    ready: bool,
+    labels: BTreeMap<&'a str, &'a str>,
+    taints: Vec<String>,
+    allocatable: ResourcesView,
+    allocated: ResourcesView,
+    running: u64,
+    last_heartbeat_age_ms: u64,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResourcesView {
+    memory_bytes: u64,
+    cpu_millis: u64,
+    sandboxes: u64,
+}
+
+fn node_view(node: &Node) -> NodeView<'_> {
+    let resources = |r: Option<&flotilla_proto::control::v1::NodeResources>| {
+        let r = r.cloned().unwrap_or_default();
+        ResourcesView {
+            memory_bytes: r.memory_bytes,
+            cpu_millis: r.cpu_millis,
+            sandboxes: r.sandboxes,
+        }
+    };
+    NodeView {
+        name: &node.name,
+        ready: node.ready,
+        labels: node
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        taints: node
+            .taints
+            .iter()
+            .map(|t| format!("{}={}:{}", t.key, t.value, t.effect))
+            .collect(),
+        allocatable: resources(node.allocatable.as_ref()),
+        allocated: resources(node.allocated.as_ref()),
+        running: node.running,
+        last_heartbeat_age_ms: node.last_heartbeat_age_ms,
+    }
+}
+
+/// `flotilla get nodes [NAME]`.
+pub async fn get_nodes(server: &str, name: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let mut nodes = connect(server)
+        .await?
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .nodes;
+    if let Some(name) = name {
+        nodes.retain(|n| n.name == name);
+        if nodes.is_empty() {
+            bail!("node {name} not found");
+        }
+    }
+    match output {
+        Output::Json | Output::Yaml => {
+            let views: Vec<NodeView<'_>> = nodes.iter().map(node_view).collect();
+            let value = match (name.is_some(), views.as_slice()) {
+                (true, [one]) => serde_json::to_value(one)?,
+                _ => serde_json::json!({"apiVersion": "v1", "kind": "List", "items": views}),
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", serde_yaml::to_string(&value)?);
+            }
+        }
+        Output::Table | Output::Wide => {
+            let wide = output == Output::Wide;
+            print!(
+                "{:<24} {:<9} {:<6} {:>20} {:>21} {:>10}",
+                "NAME", "STATUS", "ARCH", "RUNNING/PLACED/MAX", "MEMORY PLACED/MAX", "HEARTBEAT"
+            );
+            println!("{}", if wide { "  LABELS" } else { "" });
+            for node in &nodes {
+                let view = node_view(node);
+                print!(
+                    "{:<24} {:<9} {:<6} {:>20} {:>21} {:>10}",
+                    node.name,
+                    if node.ready { "Ready" } else { "NotReady" },
+                    node.labels
+                        .get("kubernetes.io/arch")
+                        .map_or("-", String::as_str),
+                    format!(
+                        "{}/{}/{}",
+                        node.running, view.allocated.sandboxes, view.allocatable.sandboxes
+                    ),
+                    format!(
+                        "{}/{}",
+                        bytes(view.allocated.memory_bytes),
+                        bytes(view.allocatable.memory_bytes)
+                    ),
+                    format!("{:.1}s ago", node.last_heartbeat_age_ms as f64 / 1000.0),
+                );
+                if wide {
+                    let labels: Vec<String> = view
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    print!("  {}", labels.join(","));
+                }
+                println!();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binary units, as kubectl shows quantities.
+fn bytes(value: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut v = value as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value}")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+/// `flotilla describe workload NAME`.
+pub async fn describe(server: &str, name: &str) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let workload = get_workload(&mut client, name).await?;
+    let events = client
+        .list_events(ListEventsRequest {
+            namespace: String::new(),
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .events;
+    let spec = &workload.spec;
+    let status = workload.status.clone().unwrap_or_default();
+    println!("Name:           {}", workload.metadata.name);
+    println!("Namespace:      {}", workload.key().namespace);
+    println!("Generation:     {}", workload.metadata.generation);
+    let module = match (&spec.module.url, spec.module.sha256.as_str()) {
+        (Some(url), sha) => format!("{url} (sha256 {sha})"),
+        (None, sha) => format!("sha256 {sha}"),
+    };
+    println!("Module:         {module}");
+    if !spec.args.is_empty() {
+        println!("Args:           {}", spec.args.join(" "));
+    }
+    println!("Restart policy: {:?}", spec.restart_policy);
+    println!(
+        "Replicas:       {} desired | {} placed | {} ready | {} completed",
+        spec.replicas, status.replicas, status.ready_replicas, status.succeeded_replicas
+    );
+    if !spec.node_selector.is_empty() {
+        let selector: Vec<String> = spec
+            .node_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("Node selector:  {}", selector.join(","));
+    }
+    println!("Placements:");
+    if status.placements.is_empty() {
+        println!("  <none>");
+    }
+    for (node, count) in &status.placements {
+        println!("  {node:<24} {count}");
+    }
+    println!("Conditions:");
+    println!("  {:<10} {:<7} {:<22} MESSAGE", "TYPE", "STATUS", "REASON");
+    for c in &status.conditions {
+        println!(
+            "  {:<10} {:<7} {:<22} {}",
+            c.type_, c.status, c.reason, c.message
+        );
+    }
+    println!("Events:");
+    if events.is_empty() {
+        println!("  <none>");
+    } else {
+        println!(
+            "  {:<10} {:<18} {:<16} {:>6}  MESSAGE",
+            "LAST SEEN", "REASON", "NODE", "COUNT"
+        );
+    }
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for e in &events {
+        let age = Duration::from_secs(u64::try_from((now_ms - e.last_at_ms) / 1000).unwrap_or(0));
+        let first_line = e.message.lines().next().unwrap_or_default();
+        println!(
+            "  {:<10} {:<18} {:<16} {:>6}  {first_line}",
+            format!("{} ago", humantime::format_duration(age)),
+            e.reason,
+            e.node,
+            e.count
+        );
+    }
     Ok(())
 }

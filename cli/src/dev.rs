@@ -98,8 +98,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         print_output(&agent_url, &agent.supervisor().list(None)).await;
     }
     println!(
-        "flotilla dev: running. Try `flotilla get workloads`, `flotilla get sandboxes`, \
-         `flotilla logs default.hello`. Ctrl-C stops everything."
+        "flotilla dev: running. Try `flotilla get workloads`, `flotilla get nodes`, \
+         `flotilla describe workload crashloop`, `flotilla logs hello`. Ctrl-C stops everything."
     );
 
     shutdown.await;

@@ -1,5 +1,6 @@
-//! `flotilla`: a kubectl-like client for the control plane (`apply`, `get workloads`,
-//! `delete workload`) and for one node agent (`get sandboxes`, `logs`, `capacity`).
+//! `flotilla`: a kubectl-like client for the control plane (`apply`, `get workloads|nodes`,
+//! `describe`, `scale`, `logs`, `delete workload`) and for one node agent (`get sandboxes`,
+//! `delete sandboxes`, `capacity`, `logs --from-agent`).
 
 mod agent;
 mod control;
@@ -11,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "flotilla", version, about = "Drive Flotilla")]
@@ -43,16 +44,37 @@ enum Commands {
         /// A manifest file, a directory of them, or `-` for standard input.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
+        /// Wait until every applied workload is ready, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "5m", requires = "wait")]
+        timeout: humantime::Duration,
     },
-    /// Lists workloads (control plane) or sandboxes (agent).
+    /// Lists workloads or nodes (control plane), or sandboxes (agent).
     Get {
-        /// `workloads` or `sandboxes`.
+        /// `workloads`, `nodes` or `sandboxes`.
         resource: Resource,
-        /// One workload's name.
+        /// One object's name.
         name: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// Shows a workload in detail: spec, placements, conditions and recent failures.
+    Describe {
+        /// `workload`.
+        resource: Resource,
+        /// The workload's name.
+        name: String,
+    },
+    /// Sets a workload's replica count; scaling restarts no running sandbox.
+    Scale {
+        /// The workload's name.
+        name: String,
+        /// The new replica count.
+        #[arg(long)]
+        replicas: u32,
     },
     /// Deletes a workload (control plane) or stops its sandboxes on the agent.
     Delete {
@@ -64,19 +86,30 @@ enum Commands {
         #[arg(long, default_value_t = 5)]
         grace_period: u64,
     },
-    /// Prints a sandbox's stdout and stderr (agent).
+    /// Prints a sandbox's stdout and stderr, fetched through the control plane.
     Logs {
-        /// The workload.
+        /// The workload (with --from-agent: the agent's workload name, e.g. `default.hello`).
         workload: String,
-        /// The replica.
+        /// The node (default: the first node the workload runs on).
+        #[arg(long)]
+        node: Option<String>,
+        /// The sandbox's replica index on that node.
         #[arg(long, default_value_t = 0)]
         replica: u32,
         /// Keep streaming new output.
         #[arg(short, long)]
         follow: bool,
+        /// Read from the agent at --agent directly instead.
+        #[arg(long)]
+        from_agent: bool,
     },
     /// Shows what the agent can hold and holds.
     Capacity,
+    /// Prints a shell completion script, e.g. `flotilla completion bash > /etc/bash_completion.d/flotilla`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Runs a control plane, its embedded store and one node agent in this process, applies
     /// the examples and shows them running.
     Dev(dev::DevArgs),
@@ -88,6 +121,9 @@ enum Resource {
     /// WasmWorkload objects in the control plane.
     #[value(alias = "workload", alias = "wasmworkloads", alias = "ww")]
     Workloads,
+    /// Nodes registered with the control plane.
+    #[value(alias = "node", alias = "no")]
+    Nodes,
     /// Sandboxes on one node agent.
     #[value(alias = "sandbox")]
     Sandboxes,
@@ -117,34 +153,74 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Commands::Apply { files } => control::apply(&cli.server, &files).await.map(drop),
+        Commands::Apply {
+            files,
+            wait,
+            timeout,
+        } => {
+            let applied = control::apply(&cli.server, &files).await?;
+            if wait {
+                control::wait_ready(&cli.server, &applied, *timeout).await?;
+            }
+            Ok(())
+        }
         Commands::Get {
-            resource: Resource::Workloads,
+            resource,
             name,
             output,
-        } => control::get(&cli.server, name.as_deref(), output).await,
-        Commands::Get {
-            resource: Resource::Sandboxes,
-            name,
-            output,
-        } => agent::get(&cli.agent, name, output).await,
+        } => match resource {
+            Resource::Workloads => control::get(&cli.server, name.as_deref(), output).await,
+            Resource::Nodes => control::get_nodes(&cli.server, name.as_deref(), output).await,
+            Resource::Sandboxes => agent::get(&cli.agent, name, output).await,
+        },
+        Commands::Describe { resource, name } => match resource {
+            Resource::Workloads => control::describe(&cli.server, &name).await,
+            other => anyhow::bail!("describe supports workloads, not {}", resource_name(other)),
+        },
+        Commands::Scale { name, replicas } => control::scale(&cli.server, &name, replicas).await,
         Commands::Delete {
-            resource: Resource::Workloads,
-            name,
-            ..
-        } => control::delete(&cli.server, &name).await,
-        Commands::Delete {
-            resource: Resource::Sandboxes,
+            resource,
             name,
             grace_period,
-        } => agent::delete(&cli.agent, &name, grace_period).await,
+        } => match resource {
+            Resource::Workloads => control::delete(&cli.server, &name).await,
+            Resource::Sandboxes => agent::delete(&cli.agent, &name, grace_period).await,
+            Resource::Nodes => {
+                anyhow::bail!("nodes leave by stopping their agent; the control plane forgets them")
+            }
+        },
         Commands::Logs {
             workload,
+            node,
             replica,
             follow,
-        } => agent::logs(&cli.agent, workload, replica, follow).await,
+            from_agent,
+        } => {
+            if from_agent {
+                agent::logs(&cli.agent, workload, replica, follow).await
+            } else {
+                control::logs(&cli.server, &workload, node, replica, follow).await
+            }
+        }
         Commands::Capacity => agent::capacity(&cli.agent).await,
+        Commands::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "flotilla",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Commands::Dev(args) => dev::run(args).await,
+    }
+}
+
+fn resource_name(resource: Resource) -> &'static str {
+    match resource {
+        Resource::Workloads => "workloads",
+        Resource::Nodes => "nodes",
+        Resource::Sandboxes => "sandboxes",
     }
 }
 

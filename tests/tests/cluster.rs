@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,7 @@ impl Agent {
         command
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--control-plane", control_plane, "--node-name", node])
-            .args(["--max-sandboxes", "1000", "--no-cache"])
+            .args(["--max-sandboxes", "2000", "--no-cache"])
             .args(["--shutdown-grace", "1s"]);
         let process = Process::spawn(command, node);
         let admin = logged_addr(&process.wait_line("serving"), "admin_addr");
@@ -91,17 +91,23 @@ impl Agent {
 
 /// Runs the CLI; returns its stdout, failing the test on a non-zero exit.
 fn flotilla(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = try_flotilla(args);
+    assert!(ok, "flotilla {args:?}: {stderr}");
+    stdout
+}
+
+/// Runs the CLI; returns whether it succeeded, its stdout and its stderr.
+fn try_flotilla(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(workspace_binary("flotilla"))
         .args(args)
         .env("NO_COLOR", "1")
         .output()
         .expect("flotilla runs");
-    assert!(
+    (
         output.status.success(),
-        "flotilla {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Polls `get workload NAME -o json` until `done` holds, and returns that object.
@@ -232,4 +238,90 @@ fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_resta
     assert_eq!(placements(&object).values().sum::<u64>(), 300);
     assert_eq!(node_1.running(), after_1, "node-1 restarted nothing");
     assert_eq!(node_3.running(), after_3, "node-3 restarted nothing");
+}
+
+fn example(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", name]
+        .iter()
+        .collect();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn the_cli_waits_for_readiness_shows_failures_relays_logs_and_scales() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let agent = Agent::start(&url, "solo");
+    agent.process.wait_line("connected to the control plane");
+
+    // apply --wait returns once the run-to-completion workload has completed.
+    let out = flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "--wait",
+        "-f",
+        &example("hello.yaml"),
+    ]);
+    assert!(out.contains("hello: 0/2 ready, 2 completed"), "{out}");
+
+    // Logs come from the agent through the control plane.
+    let logs = flotilla(&["--server", &url, "logs", "hello", "--replica", "1"]);
+    assert_eq!(logs, "hello from flotilla\n");
+    let (ok, _, stderr) = try_flotilla(&["--server", &url, "logs", "hello", "--replica", "9"]);
+    assert!(!ok);
+    assert!(stderr.contains("replica 9 does not exist"), "{stderr}");
+
+    // A failing workload: --wait gives up with the reason, describe shows the events.
+    let (ok, stdout, stderr) = try_flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "--wait",
+        "--timeout",
+        "4s",
+        "-f",
+        &example("crashloop.yaml"),
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("timed out after 4s"), "{stderr}");
+    assert!(stdout.contains("(Trap: "), "{stdout}");
+    let described = flotilla(&["--server", &url, "describe", "workload", "crashloop"]);
+    assert!(described.contains("Ready      False   Trap"), "{described}");
+    assert!(described.contains("solo"), "{described}");
+    assert!(described.contains("integer divide by zero"), "{described}");
+
+    // Nodes, and scaling that restarts nothing.
+    let nodes: Value = serde_json::from_str(&flotilla(&[
+        "--server", &url, "get", "nodes", "solo", "-o", "json",
+    ]))
+    .expect("node as JSON");
+    assert_eq!(nodes["ready"], true);
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    assert_eq!(nodes["labels"]["kubernetes.io/arch"], arch);
+    let out = flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "--wait",
+        "-f",
+        &example("idle.yaml"),
+    ]);
+    assert!(out.contains("idle: 1000/1000 ready"), "{out}");
+    let before = agent.running();
+    flotilla(&["--server", &url, "scale", "idle", "--replicas", "1200"]);
+    wait_for(&url, "idle", "1200 ready", |o| ready(o) == 1200);
+    let after = agent.running();
+    assert!(
+        before
+            .iter()
+            .all(|(id, started)| after.get(id) == Some(started)),
+        "scaling up restarted sandboxes"
+    );
+    let completion = flotilla(&["completion", "bash"]);
+    assert!(completion.contains("flotilla"), "{completion}");
 }
