@@ -70,7 +70,7 @@ pub fn store_status(error: store::Error) -> Status {
 pub fn module_status(error: ModuleError) -> Status {
     let message = flotilla_telemetry::error_chain(&error);
     match error {
-        ModuleError::NotWasm | ModuleError::DigestMismatch { .. } => {
+        ModuleError::NotWasm | ModuleError::Invalid(_) | ModuleError::DigestMismatch { .. } => {
             Status::invalid_argument(message)
         }
         ModuleError::TooLarge { .. } => Status::resource_exhausted(message),

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{module_status, parse_manifest, store_status, to_object};
 use crate::cluster::Cluster;
 use crate::model::WorkloadKey;
-use crate::modules::ModuleStore;
+use crate::modules::{DEFAULT_FETCH_TIMEOUT, ModuleFetcher, ModuleStore};
 use crate::scheduler::framework::{NodeResources, WorkloadRequest};
 use crate::store::{WatchEvent, WorkloadStore};
 
@@ -29,15 +29,25 @@ use crate::store::{WatchEvent, WorkloadStore};
 pub struct WorkloadService<S> {
     store: S,
     modules: ModuleStore,
+    fetcher: Option<ModuleFetcher>,
     cluster: Arc<Cluster>,
 }
 
 impl<S: WorkloadStore + Clone> WorkloadService<S> {
     /// Creates the service, with no nodes until [`with_cluster`](Self::with_cluster).
     pub fn new(store: S, modules: ModuleStore) -> Self {
+        let fetcher = ModuleFetcher::new(modules.max_bytes(), DEFAULT_FETCH_TIMEOUT)
+            .map_err(|error| {
+                tracing::error!(
+                    error = %flotilla_telemetry::error_chain(&error),
+                    "module URLs cannot be fetched"
+                );
+            })
+            .ok();
         Self {
             store,
             modules,
+            fetcher,
             cluster: Arc::default(),
         }
     }
@@ -55,6 +65,30 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
     }
 }
 
+impl<S> WorkloadService<S> {
+    /// Downloads a module named by URL into the module store.
+    async fn fetch_module(&self, url: &str, sha256: &str) -> Result<(), Status> {
+        let fetcher = self
+            .fetcher
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("this control plane cannot fetch module URLs"))?;
+        let bytes = fetcher.fetch(url, sha256).await.map_err(|error| {
+            Status::failed_precondition(format!(
+                "spec.module.url: {}",
+                flotilla_telemetry::error_chain(&error)
+            ))
+        })?;
+        let modules = self.modules.clone();
+        let sha256 = sha256.to_string();
+        tokio::task::spawn_blocking(move || modules.put(&bytes, Some(&sha256)))
+            .await
+            .map_err(|e| Status::internal(format!("module store task failed: {e}")))?
+            .map_err(|e| Status::failed_precondition(format!("spec.module.url: {e}")))?;
+        tracing::info!(%url, "module fetched");
+        Ok(())
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -69,13 +103,20 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             .validate()
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
         let module = &workload.spec.module;
-        if module.url.is_none() && !self.modules.contains(&module.sha256) {
-            return Err(Status::failed_precondition(format!(
-                "spec.module.sha256: no module {} was pushed to the control plane; \
-                 `flotilla apply` pushes local files named by spec.module.path, or set \
-                 spec.module.url",
-                module.sha256
-            )));
+        if !self.modules.contains(&module.sha256) {
+            match &module.url {
+                None => {
+                    return Err(Status::failed_precondition(format!(
+                        "spec.module.sha256: no module {} was pushed to the control plane; \
+                         `flotilla apply` pushes local files named by spec.module.path, or set \
+                         spec.module.url",
+                        module.sha256
+                    )));
+                }
+                // Fetched now, so that an unreachable URL or a wrong digest fails the apply
+                // and nothing is stored.
+                Some(url) => self.fetch_module(url, &module.sha256).await?,
+            }
         }
         let stored = self.store.apply(workload).await.map_err(store_status)?;
         Ok(Response::new(to_object(&stored)?))

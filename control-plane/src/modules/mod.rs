@@ -1,5 +1,9 @@
-//! The content-addressed module store: wasm blobs pushed by `flotilla apply`, kept on disk under
-//! their SHA-256 and served to agents by digest.
+//! The content-addressed module store: wasm blobs pushed by `flotilla apply` or fetched from
+//! `spec.module.url`, kept on disk under their SHA-256 and served to agents by digest.
+
+pub mod fetch;
+
+pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +18,9 @@ pub enum ModuleError {
     /// The blob is not binary wasm.
     #[error("not a binary WebAssembly module or component (missing the \\0asm magic number)")]
     NotWasm,
+    /// The blob is binary wasm but not a valid module or component.
+    #[error("not a valid WebAssembly module or component: {0}")]
+    Invalid(String),
     /// The blob is larger than allowed.
     #[error("module is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
@@ -67,6 +74,11 @@ impl ModuleStore {
         })
     }
 
+    /// The largest blob the store accepts.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     fn path(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.wasm"))
     }
@@ -86,6 +98,10 @@ impl ModuleStore {
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
             return Err(ModuleError::NotWasm);
         }
+        // Malformed modules are refused here, where the user pushes them, not on every agent.
+        wasmparser::Validator::new()
+            .validate_all(bytes)
+            .map_err(|e| ModuleError::Invalid(e.to_string()))?;
         let digest = hex::encode(Sha256::digest(bytes));
         if let Some(expected) = expected.filter(|e| !e.is_empty())
             && expected != digest
@@ -152,6 +168,10 @@ mod tests {
         assert!(matches!(
             store.put(b"hello world", None),
             Err(ModuleError::NotWasm)
+        ));
+        assert!(matches!(
+            store.put(b"\0asm\x01\0\0\0\x01\xff", None),
+            Err(ModuleError::Invalid(_))
         ));
         assert!(matches!(
             store.put(WASM, Some(&"0".repeat(64))),
