@@ -11,7 +11,11 @@
 //! cargo run --release -p flotilla-bench -- startup --sandboxes 100000
 //! cargo run --release -p flotilla-bench -- churn --runs 100000
 //! cargo run --release -p flotilla-bench -- scheduler --nodes 1000 --replicas 100000
+//! cargo run --release -p flotilla-bench -- e2e --agents 10 --replicas 10000
+//! cargo run --release -p flotilla-bench -- fleet --agents 1000 --per-agent 100
 //! ```
+
+mod cluster;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -78,6 +82,39 @@ enum Scenario {
         #[arg(long, default_value_t = 100_000)]
         replicas: u64,
     },
+    /// Apply → replicas running across agent processes, timed until the status says so.
+    E2e {
+        /// Agent processes.
+        #[arg(long, default_value_t = 10)]
+        agents: u32,
+        /// Replicas of one workload.
+        #[arg(long, default_value_t = 10_000)]
+        replicas: u64,
+    },
+    /// Control-plane RSS and CPU with many simulated agents (real gRPC streams, one process).
+    Fleet {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1_000)]
+        agents: u32,
+        /// Replicas each agent holds.
+        #[arg(long, default_value_t = 100)]
+        per_agent: u64,
+        /// Seconds of steady state over which CPU is measured.
+        #[arg(long, default_value_t = 10)]
+        steady_seconds: u64,
+    },
+    /// Runs a control plane as `flotilla-control-plane` does (used by the scenarios above).
+    #[command(hide = true)]
+    ServeControlPlane {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
+    /// Runs a node agent as `flotilla-node-agent` does, with its flags after `--`.
+    #[command(hide = true)]
+    ServeAgent {
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
     /// One measurement in this process (used by the scenarios above).
     #[command(hide = true)]
     Child {
@@ -118,6 +155,24 @@ fn main() -> anyhow::Result<()> {
         Scenario::Startup { sandboxes } => startup(sandboxes),
         Scenario::Churn { runs, processes } => churn(runs, processes),
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
+        Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
+        Scenario::Fleet {
+            agents,
+            per_agent,
+            steady_seconds,
+        } => tokio_main(cluster::fleet(
+            agents,
+            per_agent,
+            Duration::from_secs(steady_seconds),
+        )),
+        Scenario::ServeControlPlane { data_dir } => {
+            flotilla_telemetry::init("flotilla_control_plane");
+            tokio_main(cluster::serve_control_plane(&data_dir))
+        }
+        Scenario::ServeAgent { argv } => {
+            flotilla_telemetry::init("flotilla_node_agent");
+            tokio_main(cluster::serve_agent(argv))
+        }
         Scenario::Child {
             variant,
             guest,
@@ -135,6 +190,13 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(0);
         }
     }
+}
+
+fn tokio_main(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 fn result(metric: &str, value: f64, unit: &str) {

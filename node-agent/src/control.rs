@@ -26,6 +26,10 @@ use tonic::transport::{Channel, Endpoint};
 use crate::admin::stream_logs;
 use crate::supervisor::Supervisor;
 
+/// After a sandbox changes, the control plane hears of it this soon (and no more often),
+/// rather than at the next periodic heartbeat.
+const STATUS_REPORT_DELAY: Duration = Duration::from_millis(100);
+
 /// Largest message the agent accepts: a module of up to 64 MiB plus its envelope.
 const MAX_MESSAGE_BYTES: usize = 65 << 20;
 
@@ -146,9 +150,27 @@ async fn session(
     tracing::info!(url = %config.url, node = %config.node_name, "connected to the control plane");
 
     let mut ticker = tokio::time::interval(interval);
+    let mut changes = supervisor.changes();
+    let early = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(early);
+    let mut early_pending = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                early_pending = false;
+                let beat = heartbeat(supervisor, state);
+                if up.send(beat).await.is_err() {
+                    return Err(SessionError::Closed);
+                }
+            }
+            // Changes are reported early, batched over STATUS_REPORT_DELAY.
+            Ok(()) = changes.changed(), if !early_pending => {
+                early_pending = true;
+                early.as_mut().reset(tokio::time::Instant::now() + STATUS_REPORT_DELAY);
+            }
+            () = &mut early, if early_pending => {
+                early_pending = false;
+                ticker.reset();
                 let beat = heartbeat(supervisor, state);
                 if up.send(beat).await.is_err() {
                     return Err(SessionError::Closed);

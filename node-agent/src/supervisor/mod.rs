@@ -127,6 +127,8 @@ struct Shared<R: SandboxRuntime> {
     metrics: Metrics,
     workloads: Mutex<HashMap<String, Workload<R>>>,
     events: broadcast::Sender<SandboxStatus>,
+    /// Bumped on every status change: a cheap "something changed" signal.
+    changed: tokio::sync::watch::Sender<u64>,
     /// Failed runs since the last [`Supervisor::take_failures`], one entry per workload,
     /// generation and reason.
     failures: Mutex<HashMap<FailureKey, Failures>>,
@@ -199,11 +201,18 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 metrics,
                 workloads: Mutex::new(HashMap::new()),
                 events,
+                changed: tokio::sync::watch::channel(0).0,
                 failures: Mutex::default(),
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
             }),
         }
+    }
+
+    /// Wakes after any sandbox status changes; cheaper than [`watch`](Self::watch) when only
+    /// the fact of a change matters.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changed.subscribe()
     }
 
     /// Failed runs since the previous call, aggregated per workload, generation and reason,
@@ -542,6 +551,7 @@ impl<R: SandboxRuntime> Shared<R> {
     }
 
     fn publish(&self, cell: &SandboxCell) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
         if self.events.receiver_count() > 0 {
             // No receiver left between the check and the send is harmless.
             let _ = self.events.send(cell.snapshot());
