@@ -81,6 +81,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
     let control_plane = flotilla_control_plane::server::ControlPlane::start(
         flotilla_control_plane::server::ServerConfig {
             listen: "127.0.0.1:0".parse()?,
+            metrics_listen: None,
             data_dir: data_dir.to_path_buf(),
             node_heartbeat_timeout: Duration::from_secs(5),
             node_startup_grace: Duration::from_secs(15),

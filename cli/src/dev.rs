@@ -51,6 +51,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let control_plane = ControlPlane::start(ServerConfig {
         listen: args.listen,
+        // The agent's metrics are on --metrics-listen; the control plane's are not served.
+        metrics_listen: None,
         data_dir: data_dir.join("control-plane"),
         node_heartbeat_timeout: Duration::from_secs(5),
         // The one agent lives in this process and reconnects at once.

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod controller;
 pub mod grpc;
+pub mod metrics;
 pub mod modules;
 pub mod scheduler;
 pub mod server;

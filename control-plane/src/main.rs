@@ -18,6 +18,13 @@ struct Args {
     /// Address of the gRPC API.
     #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7080")]
     listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(
+        long,
+        env = "FLOTILLA_METRICS_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    metrics_listen: SocketAddr,
     /// Where the embedded store and pushed modules live (default: $XDG_DATA_HOME/flotilla or
     /// ~/.local/share/flotilla).
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
@@ -75,6 +82,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let control_plane = ControlPlane::start(ServerConfig {
         listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
         data_dir,
         node_heartbeat_timeout: *args.node_heartbeat_timeout,
         node_startup_grace: *args.node_startup_grace,

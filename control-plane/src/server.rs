@@ -22,6 +22,8 @@ use crate::store::EmbeddedStore;
 pub struct ServerConfig {
     /// gRPC address (port 0 picks one).
     pub listen: SocketAddr,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the store file and module blobs live.
     pub data_dir: PathBuf,
     /// A node silent this long is not ready; agents heartbeat three times per timeout.
@@ -35,6 +37,7 @@ pub struct ServerConfig {
 /// A running control plane.
 pub struct ControlPlane {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stopping: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<anyhow::Result<()>>,
     controller: JoinHandle<()>,
@@ -78,7 +81,53 @@ impl ControlPlane {
             .await
             .with_context(|| format!("binding the API on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+        let metrics_listener = match config.metrics_listen {
+            Some(listen) => Some(
+                tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding metrics on {listen}"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(tokio::net::TcpListener::local_addr)
+            .transpose()?;
+        tracing::info!(
+            %addr,
+            metrics_addr = %metrics_addr.map_or_else(|| "none".to_string(), |a| a.to_string()),
+            data_dir = %config.data_dir.display(),
+            "serving"
+        );
+        if let Some(listener) = metrics_listener {
+            let cluster = cluster.clone();
+            let mut metrics_stop = stop_seen.clone();
+            tokio::spawn(async move {
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let cluster = cluster.clone();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )],
+                                cluster.metrics.encode(&cluster),
+                            )
+                        }
+                    }),
+                );
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = metrics_stop.wait_for(|stopping| *stopping).await;
+                    })
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "metrics endpoint stopped");
+                }
+            });
+        }
 
         let mut server_stop = stop_seen.clone();
         let mut grace_stop = stop_seen;
@@ -107,6 +156,7 @@ impl ControlPlane {
         });
         Ok(Self {
             addr,
+            metrics_addr,
             stopping,
             server,
             controller,
@@ -116,6 +166,11 @@ impl ControlPlane {
     /// Where the API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops serving and reconciling.

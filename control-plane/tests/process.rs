@@ -25,6 +25,8 @@ impl ControlPlane {
             .args([
                 "--listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--shutdown-grace",
                 "1s",
                 "--data-dir",

@@ -112,7 +112,8 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// # Panics
 /// If the line has no such field.
 pub fn logged_addr(line: &str, key: &str) -> SocketAddr {
-    let needle = format!("{key}=");
+    // A whole field name: `addr` must not match inside `metrics_addr`.
+    let needle = format!(" {key}=");
     let start = line
         .find(&needle)
         .unwrap_or_else(|| panic!("{key} in {line:?}"))

@@ -20,6 +20,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 struct ControlPlane {
     process: Process,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl ControlPlane {
@@ -27,17 +28,36 @@ impl ControlPlane {
         let mut command = Command::new(workspace_binary("flotilla-control-plane"));
         command
             .args(["--listen", listen, "--shutdown-grace", "1s"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--node-heartbeat-timeout", "3s"])
             .args(["--node-startup-grace", "3s"])
             .arg("--data-dir")
             .arg(data_dir);
         let process = Process::spawn(command, "control-plane");
-        let addr = logged_addr(&process.wait_line("serving"), "addr");
-        Self { process, addr }
+        let serving = process.wait_line("serving");
+        let addr = logged_addr(&serving, "addr");
+        let metrics = logged_addr(&serving, "metrics_addr");
+        Self {
+            process,
+            addr,
+            metrics,
+        }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The Prometheus text from `/metrics`.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics).expect("connect to metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: flotilla\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
     }
 
     fn stop(mut self) {
@@ -193,6 +213,18 @@ fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_resta
     assert_eq!(placements(&object), expected, "replicas spread evenly");
     for agent in &agents {
         assert_eq!(agent.running().len(), 100);
+    }
+    let metrics = control_plane.metrics();
+    for line in [
+        "flotilla_control_plane_nodes{state=\"ready\"} 3",
+        "flotilla_control_plane_agent_sessions 3",
+        "flotilla_control_plane_workloads 1",
+        "flotilla_control_plane_replicas{state=\"desired\"} 300",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in {metrics}"
+        );
     }
 
     // An agent claiming a live node's name is refused and changes nothing.

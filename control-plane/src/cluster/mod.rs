@@ -1,6 +1,6 @@
 //! What the control plane knows about its node agents, shared by the agent protocol, the user
 //! API and the controller: the [`NodeRegistry`], the live [`Sessions`] (which also relay logs)
-//! and the [`EventLog`] of sandbox failures.
+//! and the [`EventLog`] of sandbox failures, with the control plane's [`Metrics`].
 
 pub mod events;
 pub mod nodes;
@@ -9,6 +9,7 @@ pub mod sessions;
 pub use self::events::{Event, EventLog};
 pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
 pub use self::sessions::Sessions;
+use crate::metrics::Metrics;
 
 /// The live cluster, in memory. Agents rebuild it by reconnecting after a restart.
 #[derive(Default)]
@@ -19,4 +20,6 @@ pub struct Cluster {
     pub sessions: Sessions,
     /// Recent sandbox failures.
     pub events: EventLog,
+    /// Counters and gauges served at `/metrics`.
+    pub metrics: Metrics,
 }

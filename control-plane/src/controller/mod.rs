@@ -110,6 +110,8 @@ impl<S: WorkloadStore> Controller<S> {
         self.cluster.events.retain(&keys);
         let in_grace = self.in_startup_grace();
         let mut written = 0;
+        let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
+        let workload_count = workloads.len();
         for workload in workloads {
             let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
             // Sandboxes of the current generation that agents report running; while agents
@@ -136,11 +138,17 @@ impl<S: WorkloadStore> Controller<S> {
                 &mut status.conditions,
                 ready_condition(&workload, ready, succeeded, latest_failure),
             );
+            desired += u64::try_from(workload.spec.replicas).unwrap_or(0);
+            placed += status.replicas;
+            ready_total += ready;
             if workload.status.as_ref() != Some(&status) {
                 self.store.patch_status(&workload.key(), status).await?;
                 written += 1;
             }
         }
+        self.cluster
+            .metrics
+            .workloads(workload_count, desired, placed, ready_total);
         Ok(written)
     }
 
@@ -288,7 +296,13 @@ impl<S: WorkloadStore> Controller<S> {
                         node_changes.mark_unchanged();
                     }
                 }
-                match self.reconcile_all().await {
+                let pass_started = Instant::now();
+                let pass = self.reconcile_all().await;
+                self.cluster.metrics.pass(
+                    pass_started.elapsed(),
+                    pass.as_ref().map_or(0, |written| *written),
+                );
+                match pass {
                     Ok(written) => {
                         retry_delay = Duration::from_millis(100);
                         if written > 0 {

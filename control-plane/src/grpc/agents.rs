@@ -234,6 +234,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                                 (w.key, reported)
                             })
                             .collect();
+                        cluster.metrics.heartbeat();
                         cluster.nodes.report(&node, running);
                         cluster.events.record(&node, beat.events);
                     }

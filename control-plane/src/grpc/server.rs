@@ -245,6 +245,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             .sessions
             .request_logs(&node, &key.to_string(), request.replica, request.follow)
             .await?;
+        self.cluster.metrics.log_stream();
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
