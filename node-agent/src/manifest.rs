@@ -22,11 +22,9 @@
 
 use std::path::{Path, PathBuf};
 
-use flotilla_model::{ModuleRule, RestartPolicy, ValidationError, Workload};
-use flotilla_proto::agent::v1::{
-    EnvVar, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
-    module_source,
-};
+use flotilla_model::{ModuleRule, ValidationError, Workload};
+use flotilla_proto::agent::v1::{ModuleSource, WorkloadSpec, module_source};
+use flotilla_proto::from_model::agent_workload_spec;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -87,43 +85,16 @@ pub fn parse(text: &str, file: &Path) -> Vec<Result<WorkloadSpec, ManifestError>
 /// Converts a validated workload into the agent's spec.
 fn to_spec(workload: &Workload, file: &Path) -> WorkloadSpec {
     let spec = &workload.spec;
-    let limits = spec.sandbox_limits();
-    let resources = Resources {
-        memory_limit_bytes: limits.memory_limit_bytes,
-        memory_request_bytes: limits.memory_request_bytes,
-        cpu_limit_ms: limits.cpu_time_ms,
-        deadline_ms: limits.deadline_ms,
-        log_limit_bytes: limits.log_bytes,
-        max_table_elements: 0,
-    };
     let base = file.parent().unwrap_or(Path::new("."));
     let module_path = base.join(spec.module.path.as_deref().unwrap_or_default());
-    let mut out = WorkloadSpec {
-        name: workload.metadata.name.clone(),
-        generation: 0,
-        module: Some(ModuleSource {
-            source: Some(module_source::Source::Path(
-                module_path.to_string_lossy().into_owned(),
-            )),
-            sha256: spec.module.sha256.clone(),
-        }),
-        args: spec.args.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|e| EnvVar {
-                name: e.name.clone(),
-                value: e.value.clone(),
-            })
-            .collect(),
-        replicas: u32::try_from(spec.replicas).unwrap_or(u32::MAX),
-        resources: Some(resources),
-        restart_policy: match spec.restart_policy {
-            RestartPolicy::Always => RestartPolicyMessage::Always,
-            RestartPolicy::OnFailure => RestartPolicyMessage::OnFailure,
-            RestartPolicy::Never => RestartPolicyMessage::Never,
-        } as i32,
+    let module = ModuleSource {
+        source: Some(module_source::Source::Path(
+            module_path.to_string_lossy().into_owned(),
+        )),
+        sha256: spec.module.sha256.clone(),
     };
+    let replicas = u32::try_from(spec.replicas).unwrap_or(u32::MAX);
+    let mut out = agent_workload_spec(spec, workload.metadata.name.clone(), 0, replicas, module);
     out.generation = generation_of(&out);
     out
 }
@@ -166,7 +137,10 @@ spec:
         let spec = specs.into_iter().next().expect("one doc").expect("valid");
         assert_eq!(spec.name, "hello");
         assert_eq!(spec.replicas, 3);
-        assert_eq!(spec.restart_policy, RestartPolicyMessage::OnFailure as i32);
+        assert_eq!(
+            spec.restart_policy,
+            flotilla_proto::agent::v1::RestartPolicy::OnFailure as i32
+        );
         let res = spec.resources.expect("resources");
         assert_eq!(res.memory_limit_bytes, 16 << 20);
         assert_eq!(res.memory_request_bytes, 1 << 20);

@@ -14,6 +14,9 @@ pub mod agent {
     }
 }
 
+#[cfg(feature = "model")]
+pub mod from_model;
+
 /// The control plane's APIs.
 pub mod control {
     /// Version 1.

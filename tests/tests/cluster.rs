@@ -3,7 +3,8 @@
 //!
 //! One workload of 300 replicas reaches Ready across the three agents; an agent claiming a live
 //! node's name is refused; SIGKILLing an agent moves its replicas to the others; restarting the
-//! control plane loses nothing and restarts no sandbox.
+//! control plane loses nothing and restarts no sandbox. Bad manifests get the error the user
+//! needs and change nothing; the CLI waits, relays logs, describes and scales.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -356,4 +357,154 @@ fn the_cli_waits_for_readiness_shows_failures_relays_logs_and_scales() {
     );
     let completion = flotilla(&["completion", "bash"]);
     assert!(completion.contains("flotilla"), "{completion}");
+}
+
+/// Serves `routes` (path → body; anything else is 404) over HTTP/1.1 on loopback, one request
+/// per connection, on a thread that lives as long as the test process.
+fn serve_http(routes: Vec<(&'static str, Vec<u8>)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match routes.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => ("200 OK", body.clone()),
+                None => ("404 Not Found", b"not found".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn bad_manifests_fail_with_the_error_the_user_needs_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(&dir.path().join("data"), "127.0.0.1:0");
+    let server = control_plane.url();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let idle = std::fs::read(examples.join("guests/idle.wasm")).expect("guest");
+    let idle_sha = sha256_hex(&idle);
+    let web = serve_http(vec![
+        ("/idle.wasm", idle.clone()),
+        ("/other.wasm", b"\0asm\x01\0\0\0".to_vec()),
+    ]);
+    std::fs::write(
+        dir.path().join("malformed.wasm"),
+        b"\0asm\x01\0\0\0\x01\xff\xff",
+    )
+    .expect("write");
+
+    // One workload exists before; no bad apply may touch it.
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: good}}\n\
+             spec: {{module: {{url: \"{web}/idle.wasm\", sha256: \"{idle_sha}\"}}}}\n"
+        ),
+    )
+    .expect("write");
+    let (ok, stdout, stderr) =
+        try_flotilla(&["--server", &server, "apply", "-f", &good.to_string_lossy()]);
+    assert!(ok, "a module URL is fetched and verified: {stderr}");
+    assert!(stdout.contains("wasmworkload.flotilla.dev/good applied"));
+    let before = flotilla(&["--server", &server, "get", "workloads", "-o", "json"]);
+
+    let zeros = "0".repeat(64);
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "missing local module",
+            "{module: {path: missing.wasm}}".into(),
+            vec!["bad.yaml", "missing.wasm"],
+        ),
+        (
+            "unknown field",
+            "{modul: {}}".into(),
+            vec!["bad.yaml", "unknown field `modul`"],
+        ),
+        (
+            "negative replicas",
+            format!("{{module: {{sha256: \"{idle_sha}\"}}, replicas: -1}}"),
+            vec!["spec.replicas: must be >= 0"],
+        ),
+        (
+            "bad digest",
+            format!("{{module: {{url: \"{web}/idle.wasm\", sha256: \"ABC\"}}}}"),
+            vec!["spec.module.sha256", "must be 64 lower-case hex digits"],
+        ),
+        (
+            "unreachable module URL",
+            format!("{{module: {{url: \"http://127.0.0.1:1/m.wasm\", sha256: \"{zeros}\"}}}}"),
+            vec![
+                "spec.module.url: fetching http://127.0.0.1:1/m.wasm",
+                "Connection refused",
+            ],
+        ),
+        (
+            "module URL not found",
+            format!("{{module: {{url: \"{web}/nope.wasm\", sha256: \"{zeros}\"}}}}"),
+            vec!["the server answered 404 Not Found"],
+        ),
+        (
+            "module URL with another digest",
+            format!("{{module: {{url: \"{web}/other.wasm\", sha256: \"{zeros}\"}}}}"),
+            vec!["but spec.module.sha256 pins 000"],
+        ),
+        (
+            "malformed wasm",
+            "{module: {path: malformed.wasm}}".into(),
+            vec![
+                "malformed.wasm",
+                "not a valid WebAssembly module or component",
+            ],
+        ),
+    ];
+    let bad = dir.path().join("bad.yaml");
+    for (case, spec, needles) in cases {
+        std::fs::write(
+            &bad,
+            format!(
+                "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: bad}}\n\
+                 spec: {spec}\n"
+            ),
+        )
+        .expect("write");
+        let (ok, _, stderr) =
+            try_flotilla(&["--server", &server, "apply", "-f", &bad.to_string_lossy()]);
+        assert!(!ok, "{case}: applied");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{case}: {needle:?} not in {stderr}"
+            );
+        }
+    }
+    let after = flotilla(&["--server", &server, "get", "workloads", "-o", "json"]);
+    assert_eq!(before, after, "a bad apply changed something");
+
+    let (ok, _, stderr) = try_flotilla(&["--server", "http://127.0.0.1:1", "get", "workloads"]);
+    assert!(
+        !ok && stderr.contains("cannot reach the control plane"),
+        "{stderr}"
+    );
 }

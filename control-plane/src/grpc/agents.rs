@@ -13,15 +13,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::agent::v1::{
-    EnvVar, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
-};
+use flotilla_proto::agent::v1::{ModuleSource, WorkloadSpec};
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
     AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
     FetchModuleResponse, LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse,
     agent_message, control_message, log_upload,
 };
+use flotilla_proto::from_model::agent_workload_spec;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -30,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, store_status};
 use crate::cluster::{Cluster, Reported};
-use crate::model::{RestartPolicy, TaintEffect, Workload, validate_name};
+use crate::model::{TaintEffect, Workload, validate_name};
 use crate::modules::ModuleStore;
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::{WatchEvent, WorkloadStore};
@@ -445,44 +444,23 @@ fn desired_workload(node: &str, workload: &Workload) -> Option<DesiredWorkload> 
 /// The agent's spec for a workload: named `<namespace>.<name>` (unique on the agent), the
 /// module pinned by digest, and `replicas` this node's share.
 fn agent_spec(workload: &Workload, replicas: u32) -> WorkloadSpec {
-    let spec = &workload.spec;
-    let limits = spec.sandbox_limits();
     let key = workload.key();
-    WorkloadSpec {
-        name: format!("{}.{}", key.namespace, key.name),
-        // The template's generation: scaling keeps it, so agents scale in place.
-        generation: workload
-            .status
-            .as_ref()
-            .map(|s| s.template_generation)
-            .filter(|&g| g > 0)
-            .unwrap_or(workload.metadata.generation),
-        module: Some(ModuleSource {
-            source: None,
-            sha256: spec.module.sha256.clone(),
-        }),
-        args: spec.args.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|e| EnvVar {
-                name: e.name.clone(),
-                value: e.value.clone(),
-            })
-            .collect(),
+    // The template's generation: scaling keeps it, so agents scale in place.
+    let generation = workload
+        .status
+        .as_ref()
+        .map(|s| s.template_generation)
+        .filter(|&g| g > 0)
+        .unwrap_or(workload.metadata.generation);
+    let module = ModuleSource {
+        source: None,
+        sha256: workload.spec.module.sha256.clone(),
+    };
+    agent_workload_spec(
+        &workload.spec,
+        format!("{}.{}", key.namespace, key.name),
+        generation,
         replicas,
-        resources: Some(Resources {
-            memory_limit_bytes: limits.memory_limit_bytes,
-            memory_request_bytes: limits.memory_request_bytes,
-            cpu_limit_ms: limits.cpu_time_ms,
-            deadline_ms: limits.deadline_ms,
-            log_limit_bytes: limits.log_bytes,
-            max_table_elements: 0,
-        }),
-        restart_policy: match spec.restart_policy {
-            RestartPolicy::Always => RestartPolicyMessage::Always,
-            RestartPolicy::OnFailure => RestartPolicyMessage::OnFailure,
-            RestartPolicy::Never => RestartPolicyMessage::Never,
-        } as i32,
-    }
+        module,
+    )
 }
