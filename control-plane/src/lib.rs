@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod crds;
 pub mod grpc;
 pub mod metrics;
 pub mod modules;

@@ -2,12 +2,16 @@
 //!
 //! The schema is the one the Kubernetes CRD uses (API group `flotilla.dev`, version `v1alpha1`):
 //! the control plane's stores, the CLI, the node agent's static manifests and the operator all
-//! read and write these types. No kube, no tonic: serde only.
+//! read and write these types. Serde only by default; the `kube` feature adds the custom
+//! resource types (`WasmWorkload`, and [`node::WasmNode`]) with their JSON schemas, from which
+//! the CRDs are generated.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+pub mod node;
 
 /// `apiVersion` of every Flotilla object.
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
@@ -93,8 +97,54 @@ impl fmt::Display for WorkloadKey {
     }
 }
 
-/// `spec` of a `WasmWorkload`.
+/// The desired state of a WasmWorkload: its module, arguments, environment, replicas,
+/// resources, restart policy and placement rules.
+// With the `kube` feature this is also the custom resource `WasmWorkload` (namespaced, with the
+// `status` and `scale` subresources, so that `kubectl scale` and a HorizontalPodAutoscaler work).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+// Each printcolumn(...) repeats name/type_/json_path, which clippy takes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "flotilla.dev",
+        version = "v1alpha1",
+        kind = "WasmWorkload",
+        namespaced,
+        status = "WorkloadStatus",
+        shortname = "ww",
+        category = "flotilla",
+        doc = "A workload of WebAssembly sandboxes, run by Flotilla's node agents.",
+        scale(
+            spec_replicas_path = ".spec.replicas",
+            status_replicas_path = ".status.replicas"
+        ),
+        printcolumn(
+            name = "Ready",
+            type_ = "integer",
+            json_path = ".status.readyReplicas",
+            description = "Replicas running"
+        ),
+        printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+        printcolumn(
+            name = "Status",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+        ),
+        printcolumn(
+            name = "Module",
+            type_ = "string",
+            json_path = ".spec.module.sha256",
+            priority = "1"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     /// The module to run.
@@ -107,6 +157,7 @@ pub struct WorkloadSpec {
     pub env: Vec<EnvVar>,
     /// Sandboxes to run across the cluster. Default 1.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
     pub replicas: i64,
     /// Requests and limits.
     #[serde(default)]
@@ -132,6 +183,7 @@ fn one() -> i64 {
 /// Where a module comes from: pinned by digest, fetched from `url` or the module store.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct ModuleRef {
     /// Lower-case hex SHA-256 of the module; agents verify it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -149,6 +201,7 @@ pub struct ModuleRef {
 /// One environment variable.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct EnvVar {
     /// Name.
     pub name: String,
@@ -160,6 +213,7 @@ pub struct EnvVar {
 /// What a sandbox requests (for placement) and may use (enforced by the agent).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct Resources {
     /// Placement requests.
     #[serde(default)]
@@ -172,6 +226,7 @@ pub struct Resources {
 /// Kubernetes quantities per resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct ResourceList {
     /// Memory, e.g. `16Mi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +244,7 @@ pub struct ResourceList {
 
 /// Restart policy of a workload's sandboxes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum RestartPolicy {
     /// Restart whenever a sandbox ends.
     #[default]
@@ -202,6 +258,7 @@ pub enum RestartPolicy {
 /// A toleration, as on a Pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct Toleration {
     /// Taint key; empty with `Exists` tolerates every taint.
     #[serde(default)]
@@ -219,6 +276,7 @@ pub struct Toleration {
 
 /// How a toleration matches a taint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum TolerationOperator {
     /// Key and value must match.
     #[default]
@@ -229,6 +287,7 @@ pub enum TolerationOperator {
 
 /// What a taint does to workloads that do not tolerate it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum TaintEffect {
     /// Not placed on the node.
     NoSchedule,
@@ -241,6 +300,7 @@ pub enum TaintEffect {
 /// A node taint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct Taint {
     /// Key.
     pub key: String,
@@ -267,6 +327,7 @@ impl Toleration {
 /// Observed state of a workload.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct WorkloadStatus {
     /// The generation this status describes.
     #[serde(default)]
@@ -302,6 +363,7 @@ pub struct WorkloadStatus {
 /// A status condition, Kubernetes-style.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct Condition {
     /// Condition type, e.g. `Scheduled`.
     #[serde(rename = "type")]

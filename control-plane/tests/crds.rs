@@ -1,0 +1,43 @@
+//! The CRDs committed in the chart are the ones the Rust types generate.
+
+use flotilla_control_plane::crds::{chart_dir, render};
+
+#[test]
+fn committed_crds_match_the_types() {
+    let mut drifted = Vec::new();
+    for (file, yaml) in render().expect("render CRDs") {
+        let path = chart_dir().join(file);
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed != yaml {
+            drifted.push(path.display().to_string());
+        }
+    }
+    assert!(
+        drifted.is_empty(),
+        "CRDs drifted from the types; run `cargo run -p flotilla-control-plane --bin crdgen` \
+         and commit: {drifted:?}"
+    );
+}
+
+#[test]
+fn crds_are_structural_and_carry_the_subresources() {
+    for (file, yaml) in render().expect("render CRDs") {
+        assert!(!yaml.contains("additionalProperties: false"), "{file}");
+        let crd: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("yaml");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1", "{file}");
+        assert!(version["subresources"]["status"].is_mapping(), "{file}");
+        if file.starts_with("wasmworkloads") {
+            assert_eq!(crd["spec"]["scope"], "Namespaced");
+            assert_eq!(
+                version["subresources"]["scale"]["specReplicasPath"],
+                ".spec.replicas"
+            );
+            let replicas = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["replicas"];
+            assert_eq!(replicas["minimum"].as_f64(), Some(0.0), "{replicas:?}");
+        } else {
+            assert_eq!(crd["spec"]["scope"], "Cluster");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# The flotilla-control-plane image, for linux/amd64 and linux/arm64:
+#   docker buildx build --platform linux/amd64,linux/arm64 -f docker/control-plane.Dockerfile \
+#     -t ghcr.io/flotilla-dev/flotilla-control-plane:0.1.0 .
+# Each platform compiles natively (under QEMU when it is not the builder's own); Cranelift
+# generates the sandbox code for whichever architecture the binary runs on.
+FROM rust:1.95-bookworm AS build
+ARG TARGETPLATFORM
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target,id=target-$TARGETPLATFORM \
+    cargo build --release --locked -p flotilla-control-plane --bin flotilla-control-plane \
+    && install -D target/release/flotilla-control-plane /out/flotilla-control-plane
+
+# glibc and libgcc only; runs as the distroless nonroot user (65532), as the chart expects.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/flotilla-control-plane /usr/local/bin/flotilla-control-plane
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/flotilla-control-plane"]

@@ -1,0 +1,194 @@
+//! The Helm chart, with real Helm: `helm lint` and `helm template` with the default values and
+//! with every option switched on, then every rendered manifest parsed into its `k8s-openapi`
+//! type. The type's serialisation must hold every field the template wrote, so a misspelt or
+//! misplaced field fails here rather than in a cluster.
+//!
+//! Helm comes from `$HELM` or `PATH`; `.ci/setup` installs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/flotilla")
+}
+
+fn helm(args: &[&str]) -> String {
+    let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
+    let output = Command::new(&helm).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {helm:?} ({e}); install Helm with `bash .ci/setup` or set HELM")
+    });
+    assert!(
+        output.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// Paths of fields in `written` that `parsed` lacks or holds with another value.
+fn lost_fields(written: &Value, parsed: &Value, path: &str, out: &mut Vec<String>) {
+    match (written, parsed) {
+        (Value::Object(w), Value::Object(p)) => {
+            for (key, value) in w {
+                let here = format!("{path}.{key}");
+                match p.get(key) {
+                    Some(parsed_value) => lost_fields(value, parsed_value, &here, out),
+                    // Empty values a type drops on serialisation change nothing.
+                    None if value.is_null() || value == &Value::Object(Default::default()) => {}
+                    None => out.push(here),
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(p)) if w.len() == p.len() => {
+            for (i, (wv, pv)) in w.iter().zip(p).enumerate() {
+                lost_fields(wv, pv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (w, p) if w == p => {}
+        // Numbers Helm renders as floats but the type holds as integers.
+        (Value::Number(w), Value::Number(p)) if w.as_f64() == p.as_f64() => {}
+        _ => out.push(format!("{path}: {written} became {parsed}")),
+    }
+}
+
+fn check<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Vec<String> {
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{}: {e}", doc["metadata"]["name"]));
+    let parsed = serde_json::to_value(&typed).expect("serialise");
+    let mut lost = Vec::new();
+    lost_fields(doc, &parsed, "", &mut lost);
+    lost
+}
+
+/// Parses every document of a render; returns the kinds seen.
+fn parse_render(rendered: &str) -> Vec<String> {
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let yaml = serde_yaml::Value::deserialize(doc).expect("YAML");
+        if yaml.is_null() {
+            continue;
+        }
+        let doc: Value = serde_json::to_value(&yaml).expect("JSON");
+        let kind = doc["kind"].as_str().expect("kind").to_string();
+        let lost = match kind.as_str() {
+            "ServiceAccount" => check::<ServiceAccount>(&doc),
+            "ClusterRole" => check::<ClusterRole>(&doc),
+            "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc),
+            "Role" => check::<Role>(&doc),
+            "RoleBinding" => check::<RoleBinding>(&doc),
+            "Deployment" => check::<Deployment>(&doc),
+            "DaemonSet" => check::<DaemonSet>(&doc),
+            "Service" => check::<Service>(&doc),
+            "PersistentVolumeClaim" => check::<PersistentVolumeClaim>(&doc),
+            "PodDisruptionBudget" => check::<PodDisruptionBudget>(&doc),
+            "CustomResourceDefinition" => check::<CustomResourceDefinition>(&doc),
+            // Prometheus Operator kinds have no k8s-openapi type: check what can be checked.
+            "ServiceMonitor" | "PodMonitor" => {
+                assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1");
+                let _: ObjectMeta =
+                    serde_json::from_value(doc["metadata"].clone()).expect("metadata");
+                assert!(doc["spec"]["selector"]["matchLabels"].is_object(), "{doc}");
+                vec![]
+            }
+            other => panic!("the chart renders a {other} the test does not check"),
+        };
+        assert!(
+            lost.is_empty(),
+            "{kind} {}: {lost:?}",
+            doc["metadata"]["name"]
+        );
+        kinds.push(kind);
+    }
+    kinds.sort();
+    kinds
+}
+
+use serde::Deserialize;
+
+#[test]
+fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let maximal = format!("{chart}/ci/maximal-values.yaml");
+    helm(&["lint", "--strict", chart]);
+    helm(&["lint", "--strict", chart, "-f", &maximal]);
+
+    let default = helm(&[
+        "template",
+        "flotilla",
+        chart,
+        "-n",
+        "flotilla",
+        "--include-crds",
+    ]);
+    let kinds = parse_render(&default);
+    for kind in [
+        "ClusterRole",
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert!(
+        !kinds.iter().any(|k| k == "ServiceMonitor"),
+        "off by default"
+    );
+
+    let all = helm(&[
+        "template",
+        "flotilla",
+        chart,
+        "-n",
+        "flotilla",
+        "--include-crds",
+        "-f",
+        &maximal,
+    ]);
+    let kinds = parse_render(&all);
+    for kind in [
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PodMonitor",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert!(
+        all.contains("--node-labels=flotilla.dev/pool=wasm,tier=edge"),
+        "{all}"
+    );
+}
+
+#[test]
+fn values_outside_the_schema_are_refused() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let helm_bin = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
+    for bad in [
+        "controlPlane.replicas=3",
+        "controlPlane.store=etcd",
+        "agent.maxSandboxes=0",
+        "controlPlane.nodeHeartbeatTimeout=soon",
+        "notAKey=1",
+    ] {
+        let output = Command::new(&helm_bin)
+            .args(["template", "flotilla", chart, "--set", bad])
+            .output()
+            .expect("helm runs");
+        assert!(!output.status.success(), "{bad} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("schema"), "{bad}: {stderr}");
+    }
+}
