@@ -85,6 +85,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
             data_dir: data_dir.to_path_buf(),
             node_heartbeat_timeout: Duration::from_secs(5),
             node_startup_grace: Duration::from_secs(15),
+            join_token: None,
             shutdown_grace: Duration::from_secs(1),
         },
     )

@@ -57,6 +57,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         node_heartbeat_timeout: Duration::from_secs(5),
         // The one agent lives in this process and reconnects at once.
         node_startup_grace: Duration::from_secs(5),
+        // One process on loopback: the agent is the only one.
+        join_token: None,
         shutdown_grace: Duration::from_secs(2),
     })
     .await?;

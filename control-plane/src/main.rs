@@ -39,6 +39,13 @@ struct Args {
     /// before they count as lost and move.
     #[arg(long, env = "FLOTILLA_NODE_STARTUP_GRACE", default_value = "15s")]
     node_startup_grace: humantime::Duration,
+    /// The token node agents must present to join (better: --join-token-file). Without one,
+    /// any agent that reaches the address can register a node.
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// A file holding the join token, e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// Where desired state is kept. The Kubernetes store arrives with Kubernetes mode.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -77,6 +84,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
+    let join_token =
+        flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())
+            .map_err(anyhow::Error::msg)?;
     let StoreKind::Embedded = args.store;
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = shutdown_signal()?;
@@ -86,6 +96,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         data_dir,
         node_heartbeat_timeout: *args.node_heartbeat_timeout,
         node_startup_grace: *args.node_startup_grace,
+        join_token,
         shutdown_grace: *args.shutdown_grace,
     })
     .await?;

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub node_heartbeat_timeout: Duration,
     /// After a start, how long placements on nodes that have not reconnected yet are kept.
     pub node_startup_grace: Duration,
+    /// The token agents must present to join; `None` admits any agent.
+    pub join_token: Option<String>,
     /// Time open streams get after shutdown begins.
     pub shutdown_grace: Duration,
 }
@@ -76,7 +78,13 @@ impl ControlPlane {
             modules.clone(),
             cluster.clone(),
             config.node_heartbeat_timeout / 3,
-        );
+        )
+        .with_join_token(config.join_token.clone());
+        if config.join_token.is_none() {
+            tracing::warn!(
+                "no join token is set: any agent that reaches this address can register a node"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding the API on {}", config.listen))?;

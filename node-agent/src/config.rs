@@ -81,6 +81,12 @@ pub struct Args {
     /// Node labels, `key=value,...`.
     #[arg(long, env = "FLOTILLA_NODE_LABELS", value_delimiter = ',')]
     pub node_labels: Vec<String>,
+    /// The control plane's join token (better: --join-token-file).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// A file holding the join token, e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// Time sandboxes get to end on shutdown before they are aborted.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: humantime::Duration,
@@ -182,7 +188,16 @@ impl TryFrom<Args> for Config {
                 ..SupervisorConfig::default()
             },
             shutdown_grace: *args.shutdown_grace,
-            control: control_config(args.control_plane, args.node_name, &args.node_labels)?,
+            control: control_config(
+                args.control_plane,
+                args.node_name,
+                &args.node_labels,
+                flotilla_proto::auth::load_token(args.join_token, args.join_token_file.as_deref())
+                    .map_err(|message| ConfigError {
+                        flag: "join-token",
+                        message,
+                    })?,
+            )?,
         })
     }
 }
@@ -191,6 +206,7 @@ fn control_config(
     url: Option<String>,
     node_name: Option<String>,
     labels: &[String],
+    join_token: Option<String>,
 ) -> Result<Option<crate::control::ControlConfig>, ConfigError> {
     let Some(url) = url else {
         return Ok(None);
@@ -229,6 +245,7 @@ fn control_config(
         labels: parsed,
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_secs(10),
+        join_token,
     }))
 }
 

@@ -48,7 +48,28 @@ pub struct ControlConfig {
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// The token the control plane requires of agents, if any.
+    pub join_token: Option<String>,
 }
+
+/// Adds the join token to every call to the control plane.
+#[derive(Clone)]
+struct JoinToken(Option<std::sync::Arc<str>>);
+
+impl tonic::service::Interceptor for JoinToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            flotilla_proto::auth::insert_bearer(&mut request, token);
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the agent protocol that presents the join token.
+type Client = AgentsClient<tonic::service::interceptor::InterceptedService<Channel, JoinToken>>;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +138,9 @@ async fn session(
         .connect()
         .await
         .map_err(SessionError::Connect)?;
-    let mut client = AgentsClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let token = JoinToken(config.join_token.as_deref().map(std::sync::Arc::from));
+    let mut client =
+        AgentsClient::with_interceptor(channel, token).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let capacity = supervisor.capacity();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let registered = client
@@ -199,7 +222,7 @@ async fn session(
 /// Applies a desired set, or a delta of one, to the supervisor (for the workloads the control
 /// plane owns; workloads from static manifests are left alone).
 async fn apply_desired(
-    client: &mut AgentsClient<Channel>,
+    client: &mut Client,
     supervisor: &Supervisor,
     state: &mut AgentState,
     desired: DesiredState,
@@ -317,7 +340,7 @@ fn event(key: &str, generation: u64, reason: &str, message: String) -> SandboxEv
 /// Answers a log request: opens `UploadLogs`, sends the header, then the sandbox's output
 /// until it ends or the control plane ends the call (the user stopped reading).
 fn upload_logs(
-    mut client: AgentsClient<Channel>,
+    mut client: Client,
     supervisor: &Supervisor,
     name: Option<String>,
     request: StreamLogs,

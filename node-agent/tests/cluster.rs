@@ -62,6 +62,7 @@ fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
         labels: Default::default(),
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
+        join_token: None,
     };
     tokio::spawn(control::run(config, sup.clone(), token.clone()));
     (sup, token)

@@ -14,6 +14,7 @@ pub mod agent {
     }
 }
 
+pub mod auth;
 #[cfg(feature = "model")]
 pub mod from_model;
 

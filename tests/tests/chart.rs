@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -81,6 +81,7 @@ fn parse_render(rendered: &str) -> Vec<String> {
         let kind = doc["kind"].as_str().expect("kind").to_string();
         let lost = match kind.as_str() {
             "ServiceAccount" => check::<ServiceAccount>(&doc),
+            "Secret" => check::<Secret>(&doc),
             "ClusterRole" => check::<ClusterRole>(&doc),
             "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc),
             "Role" => check::<Role>(&doc),
@@ -136,6 +137,7 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "CustomResourceDefinition",
         "DaemonSet",
         "Deployment",
+        "Secret",
         "Service",
         "ServiceAccount",
     ] {
@@ -167,6 +169,13 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
     }
     assert!(
         all.contains("--node-labels=flotilla.dev/pool=wasm,tier=edge"),
+        "{all}"
+    );
+    // With an existing Secret the chart generates none and both components read that one.
+    assert!(!kinds.iter().any(|k| k == "Secret"), "{kinds:?}");
+    assert_eq!(
+        all.matches("name: flotilla-join-token-from-vault").count(),
+        2,
         "{all}"
     );
 }

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use flotilla_tests::{Process, logged_addr, workspace_binary};
 use serde_json::Value;
 
+/// The join token of the clusters these tests run.
+const JOIN_TOKEN: &str = "test-join-token-0123456789";
+
 /// How long a test waits for the cluster to reach a state.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -30,6 +33,7 @@ impl ControlPlane {
         command
             .args(["--listen", listen, "--shutdown-grace", "1s"])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
             .args(["--node-heartbeat-timeout", "3s"])
             .args(["--node-startup-grace", "3s"])
             .arg("--data-dir")
@@ -75,8 +79,13 @@ struct Agent {
 
 impl Agent {
     fn start(control_plane: &str, node: &'static str) -> Self {
+        Self::start_with_token(control_plane, node, JOIN_TOKEN)
+    }
+
+    fn start_with_token(control_plane: &str, node: &'static str, token: &str) -> Self {
         let mut command = Command::new(workspace_binary("flotilla-node-agent"));
         command
+            .env("FLOTILLA_JOIN_TOKEN", token)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--control-plane", control_plane, "--node-name", node])
             .args(["--max-sandboxes", "2000", "--no-cache"])
@@ -227,6 +236,11 @@ fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_resta
             "{line} not in {metrics}"
         );
     }
+
+    // An agent without the join token cannot register a node.
+    let stranger = Agent::start_with_token(&url, "node-4", "not-the-token");
+    stranger.process.wait_line("invalid join token");
+    drop(stranger);
 
     // An agent claiming a live node's name is refused and changes nothing.
     let before = agents[0].running();

@@ -48,6 +48,20 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "http://%s-control-plane.%s.svc:%v" (include "flotilla.fullname" .) .Release.Namespace .Values.controlPlane.port -}}
 {{- end -}}
 
+{{/* The Secret holding the join token. */}}
+{{- define "flotilla.joinTokenSecret" -}}
+{{- default (printf "%s-join-token" (include "flotilla.fullname" .)) .Values.joinToken.existingSecret -}}
+{{- end -}}
+
+{{/* The join token as an environment variable. */}}
+{{- define "flotilla.joinTokenEnv" -}}
+- name: FLOTILLA_JOIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flotilla.joinTokenSecret" . }}
+      key: token
+{{- end -}}
+
 {{/* The restricted security context every container runs with. */}}
 {{- define "flotilla.containerSecurityContext" -}}
 allowPrivilegeEscalation: false

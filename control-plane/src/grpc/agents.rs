@@ -40,6 +40,8 @@ pub struct AgentService<S> {
     modules: ModuleStore,
     cluster: Arc<Cluster>,
     heartbeat_interval: Duration,
+    /// The join token agents must present, if any.
+    join_token: Option<String>,
     /// Node name → (agent id, session id) of the agent that registered it last.
     sessions: Arc<Mutex<BTreeMap<String, (String, String)>>>,
 }
@@ -57,8 +59,37 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
             modules,
             cluster,
             heartbeat_interval,
+            join_token: None,
             sessions: Arc::default(),
         }
+    }
+
+    /// Admits only agents that present `token` as `authorization: Bearer <token>`.
+    #[must_use]
+    pub fn with_join_token(mut self, token: Option<String>) -> Self {
+        self.join_token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Checks the join token of a request, when one is required.
+    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let Some(expected) = &self.join_token else {
+            return Ok(());
+        };
+        let presented = metadata
+            .get(flotilla_proto::auth::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this control plane requires a join token; start the agent with \
+                     --join-token-file or FLOTILLA_JOIN_TOKEN",
+                )
+            })?;
+        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            return Err(Status::unauthenticated("invalid join token"));
+        }
+        Ok(())
     }
 
     /// Wraps the service for a tonic server.
@@ -79,6 +110,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        self.authenticate(request.metadata())?;
         let r = request.into_inner();
         validate_name(&r.node_name)
             .map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
@@ -163,6 +195,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        self.authenticate(request.metadata())?;
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(AgentMessage {
@@ -256,6 +289,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<FetchModuleRequest>,
     ) -> Result<Response<FetchModuleResponse>, Status> {
+        self.authenticate(request.metadata())?;
         let sha256 = request.into_inner().sha256;
         let modules = self.modules.clone();
         let module = tokio::task::spawn_blocking(move || modules.get(&sha256))
@@ -269,6 +303,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<Streaming<LogUpload>>,
     ) -> Result<Response<UploadLogsResponse>, Status> {
+        self.authenticate(request.metadata())?;
         let mut upload = request.into_inner();
         let header = match upload.next().await {
             Some(Ok(LogUpload {
@@ -463,4 +498,9 @@ fn agent_spec(workload: &Workload, replicas: u32) -> WorkloadSpec {
         replicas,
         module,
     )
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

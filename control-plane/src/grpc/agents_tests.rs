@@ -32,6 +32,10 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with_token(None).await
+}
+
+async fn cluster_with_token(join_token: Option<&str>) -> Cluster {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
     let modules = ModuleStore::open(&dir.path().join("modules"), 1 << 20).expect("modules");
@@ -51,7 +55,9 @@ async fn cluster() -> Cluster {
                     .into_server(),
             )
             .add_service(
-                AgentService::new(store, modules, cluster, Duration::from_secs(1)).into_server(),
+                AgentService::new(store, modules, cluster, Duration::from_secs(1))
+                    .with_join_token(join_token.map(str::to_string))
+                    .into_server(),
             )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
@@ -497,4 +503,40 @@ async fn logs_events_and_nodes_reach_the_user_through_the_control_plane() {
         Some("amd64")
     );
     drop(a.up);
+}
+
+#[tokio::test]
+async fn with_a_join_token_only_agents_that_present_it_register() {
+    let mut cluster = cluster_with_token(Some("s3cret-token")).await;
+    let err = cluster
+        .agents
+        .register(registration("node-a", "a", "amd64"))
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("requires a join token"),
+        "{}",
+        err.message()
+    );
+
+    for (token, ok) in [("wrong-token!", false), ("s3cret-token", true)] {
+        let mut request = tonic::Request::new(registration("node-a", "a", "amd64"));
+        flotilla_proto::auth::insert_bearer(&mut request, token);
+        let result = cluster.agents.register(request).await;
+        assert_eq!(result.is_ok(), ok, "{token}: {result:?}");
+        if let Err(err) = result {
+            assert_eq!(err.code(), Code::Unauthenticated);
+            assert_eq!(err.message(), "invalid join token");
+        }
+    }
+    // Every call of the protocol is guarded, not only Register.
+    let err = cluster
+        .agents
+        .fetch_module(flotilla_proto::control::v1::FetchModuleRequest {
+            sha256: "0".repeat(64),
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
 }

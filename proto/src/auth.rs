@@ -1,0 +1,37 @@
+//! The agent protocol's join token: agents send it as `authorization: Bearer <token>` on every
+//! call to `flotilla.control.v1.Agents`, and the control plane refuses calls without it when it
+//! has one configured.
+
+use std::path::Path;
+
+/// The metadata key carrying the token.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The token from an inline value or, failing that, a file (trimmed; e.g. a mounted Secret).
+/// `Ok(None)` when neither is given.
+///
+/// # Errors
+/// The file cannot be read, or the token is empty or not a valid header value.
+pub fn load_token(value: Option<String>, file: Option<&Path>) -> Result<Option<String>, String> {
+    let token = match (value, file) {
+        (Some(value), _) => value,
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| format!("reading the join token from {}: {e}", file.display()))?,
+        (None, None) => return Ok(None),
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err("the join token is empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the join token must be printable ASCII without spaces".into());
+    }
+    Ok(Some(token))
+}
+
+/// Adds the token to a request's metadata.
+pub fn insert_bearer<T>(request: &mut tonic::Request<T>, token: &str) {
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert(AUTHORIZATION, value);
+    }
+}
