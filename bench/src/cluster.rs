@@ -184,6 +184,30 @@ async fn until_ready(
     Ok(())
 }
 
+/// How long `e2e` waits for a workload to be ready.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Applies each workload of `want` (name → idle replicas) and returns the time until the watch
+/// shows all of them ready.
+async fn apply_until_ready(
+    client: &mut WorkloadsClient<Channel>,
+    watch: &mut tonic::Streaming<flotilla_proto::control::v1::WatchEvent>,
+    sha256: &str,
+    want: &BTreeMap<String, u64>,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for (name, &n) in want {
+        client
+            .apply(ApplyRequest {
+                manifest: manifest(name, sha256, n),
+            })
+            .await?;
+    }
+    until_ready(watch, want, limit).await?;
+    Ok(started.elapsed())
+}
+
 /// `e2e`: apply → `replicas` running across `agents` agent processes.
 pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
     machine();
@@ -218,19 +242,10 @@ pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
     let sha256 = push_idle(&mut client).await?;
 
     let mut watch = client.watch(WatchRequest {}).await?.into_inner();
-    let started = Instant::now();
-    client
-        .apply(ApplyRequest {
-            manifest: manifest("e2e", &sha256, replicas),
-        })
-        .await?;
-    until_ready(
-        &mut watch,
-        &BTreeMap::from([("e2e".to_string(), replicas)]),
-        Duration::from_secs(120),
-    )
-    .await?;
-    let elapsed = started.elapsed().as_secs_f64();
+    let want = |n: u64| BTreeMap::from([("e2e".to_string(), n)]);
+    let elapsed = apply_until_ready(&mut client, &mut watch, &sha256, &want(replicas), LIMIT)
+        .await?
+        .as_secs_f64();
     result("e2e_agents", f64::from(agents), "agents");
     result("e2e_replicas", replicas as f64, "replicas");
     result("e2e_apply_to_ready", elapsed, "s");
@@ -242,23 +257,8 @@ pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
 
     // Scaling up by half again, with the module already compiled everywhere.
     let scaled = replicas + replicas / 2;
-    let started = Instant::now();
-    client
-        .apply(ApplyRequest {
-            manifest: manifest("e2e", &sha256, scaled),
-        })
-        .await?;
-    until_ready(
-        &mut watch,
-        &BTreeMap::from([("e2e".to_string(), scaled)]),
-        Duration::from_secs(120),
-    )
-    .await?;
-    result(
-        "e2e_scale_up_to_ready",
-        started.elapsed().as_secs_f64(),
-        "s",
-    );
+    let took = apply_until_ready(&mut client, &mut watch, &sha256, &want(scaled), LIMIT).await?;
+    result("e2e_scale_up_to_ready", took.as_secs_f64(), "s");
     drop(servers);
     Ok(())
 }
@@ -416,16 +416,15 @@ pub async fn fleet(agents: u32, per_agent: u64, steady: Duration) -> anyhow::Res
         i += 1;
     }
     let mut watch = client.watch(WatchRequest {}).await?.into_inner();
-    let started = Instant::now();
-    for (name, &n) in &want {
-        client
-            .apply(ApplyRequest {
-                manifest: manifest(name, &sha256, n),
-            })
-            .await?;
-    }
-    until_ready(&mut watch, &want, Duration::from_secs(300)).await?;
-    let to_ready = started.elapsed().as_secs_f64();
+    let to_ready = apply_until_ready(
+        &mut client,
+        &mut watch,
+        &sha256,
+        &want,
+        Duration::from_secs(300),
+    )
+    .await?
+    .as_secs_f64();
     if placed.load(Ordering::Relaxed) != total {
         bail!(
             "agents hold {} replicas, not {total}",

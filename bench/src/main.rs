@@ -343,9 +343,7 @@ fn scheduler(node_count: u32, replicas: u64) -> anyhow::Result<()> {
         // Commit the placements to the snapshot, as the control plane does between cycles.
         for node in &mut nodes {
             if let Some(&n) = placement.assigned.get(&node.name) {
-                node.allocated.memory += n * request.requests.memory;
-                node.allocated.cpu_millis += n * request.requests.cpu_millis;
-                node.allocated.sandboxes += n;
+                node.allocated.allocate(&request.requests, n as i64);
             }
         }
         placed += count;

@@ -1,13 +1,10 @@
 //! Commands against one node agent's admin API.
 
-use std::io::Write;
-
 use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
 use flotilla_proto::agent::v1::{
     GetCapacityRequest, ListSandboxesRequest, LogsRequest, SandboxPhase, SandboxStatus,
     StopWorkloadRequest,
 };
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::{Output, endpoint};
@@ -49,7 +46,7 @@ pub async fn delete(agent: &str, workload: &str, grace_period: u64) -> anyhow::R
 
 /// `flotilla logs WORKLOAD`.
 pub async fn logs(agent: &str, workload: String, replica: u32, follow: bool) -> anyhow::Result<()> {
-    let mut stream = connect(agent)
+    let stream = connect(agent)
         .await?
         .logs(LogsRequest {
             workload,
@@ -58,20 +55,7 @@ pub async fn logs(agent: &str, workload: String, replica: u32, follow: bool) -> 
         })
         .await?
         .into_inner();
-    let mut stdout = std::io::stdout().lock();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        if chunk.skipped > 0 {
-            writeln!(
-                stdout,
-                "[{} bytes dropped from the log ring]",
-                chunk.skipped
-            )?;
-        }
-        stdout.write_all(&chunk.data)?;
-        stdout.flush()?;
-    }
-    Ok(())
+    crate::output::print_logs(stream).await
 }
 
 /// `flotilla capacity`.

@@ -1,7 +1,6 @@
 //! Commands against the control plane's user API.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +16,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::output::{print_logs, print_structured};
 use crate::{Output, endpoint};
 
 async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
@@ -162,18 +162,7 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
             .collect::<anyhow::Result<_>>()?,
     };
     match output {
-        // As kubectl: one named object prints as itself, anything else as a List.
-        Output::Json | Output::Yaml => {
-            let value = match (single, workloads.as_slice()) {
-                (true, [one]) => serde_json::to_value(one)?,
-                _ => serde_json::json!({"apiVersion": "v1", "kind": "List", "items": workloads}),
-            };
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                print!("{}", serde_yaml::to_string(&value)?);
-            }
-        }
+        Output::Json | Output::Yaml => print_structured(&workloads, single, output)?,
         Output::Table | Output::Wide => {
             let wide = output == Output::Wide;
             print!(
@@ -368,7 +357,7 @@ pub async fn logs(
     replica: u32,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let mut stream = connect(server)
+    let stream = connect(server)
         .await?
         .logs(WorkloadLogsRequest {
             namespace: String::new(),
@@ -380,20 +369,7 @@ pub async fn logs(
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    let mut stdout = std::io::stdout().lock();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        if chunk.skipped > 0 {
-            writeln!(
-                stdout,
-                "[{} bytes dropped from the log ring]",
-                chunk.skipped
-            )?;
-        }
-        stdout.write_all(&chunk.data)?;
-        stdout.flush()?;
-    }
-    Ok(())
+    print_logs(stream).await
 }
 
 /// A node as `-o json|yaml` prints it.
@@ -465,15 +441,7 @@ pub async fn get_nodes(server: &str, name: Option<&str>, output: Output) -> anyh
     match output {
         Output::Json | Output::Yaml => {
             let views: Vec<NodeView<'_>> = nodes.iter().map(node_view).collect();
-            let value = match (name.is_some(), views.as_slice()) {
-                (true, [one]) => serde_json::to_value(one)?,
-                _ => serde_json::json!({"apiVersion": "v1", "kind": "List", "items": views}),
-            };
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                print!("{}", serde_yaml::to_string(&value)?);
-            }
+            print_structured(&views, name.is_some(), output)?;
         }
         Output::Table | Output::Wide => {
             let wide = output == Output::Wide;

@@ -5,6 +5,7 @@
 mod agent;
 mod control;
 mod dev;
+mod output;
 
 // The all-in-one mode hosts sandboxes; see the node agent's main.rs for why not glibc's malloc.
 #[global_allocator]

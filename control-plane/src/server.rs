@@ -110,31 +110,13 @@ impl ControlPlane {
         if let Some(listener) = metrics_listener {
             let cluster = cluster.clone();
             let mut metrics_stop = stop_seen.clone();
-            tokio::spawn(async move {
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let cluster = cluster.clone();
-                        async move {
-                            (
-                                [(
-                                    axum::http::header::CONTENT_TYPE,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )],
-                                cluster.metrics.encode(&cluster),
-                            )
-                        }
-                    }),
-                );
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = metrics_stop.wait_for(|stopping| *stopping).await;
-                    })
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "metrics endpoint stopped");
-                }
-            });
+            tokio::spawn(flotilla_telemetry::serve_metrics(
+                listener,
+                move || cluster.metrics.encode(&cluster),
+                async move {
+                    let _ = metrics_stop.wait_for(|stopping| *stopping).await;
+                },
+            ));
         }
 
         let mut server_stop = stop_seen.clone();

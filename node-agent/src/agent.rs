@@ -83,29 +83,11 @@ impl Agent {
             }
         }));
         let token = shutdown.clone();
-        servers.push(tokio::spawn(async move {
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let metrics = metrics.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            metrics.encode(),
-                        )
-                    }
-                }),
-            );
-            let result = axum::serve(metrics_listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "metrics endpoint stopped");
-            }
-        }));
+        servers.push(tokio::spawn(flotilla_telemetry::serve_metrics(
+            metrics_listener,
+            move || metrics.encode(),
+            token.cancelled_owned(),
+        )));
 
         if let Some(control) = config.control.clone() {
             let supervisor = supervisor.clone();

@@ -1,5 +1,5 @@
-//! The one place Flotilla's binaries install a tracing subscriber, and the one way they print an
-//! error with its causes.
+//! The one place Flotilla's binaries install a tracing subscriber, the one way they print an
+//! error with its causes, and the one Prometheus `/metrics` endpoint they serve.
 //!
 //! `FLOTILLA_LOG` is an `EnvFilter` directive (default `warn,flotilla=info` plus the binary's own
 //! crate at `info`); `FLOTILLA_LOG_FORMAT` is `plain` (default) or `json`.
@@ -32,6 +32,36 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+/// Serves `GET /metrics` on `listener`, answering with `encode()` in the OpenMetrics text
+/// format, until `shutdown` completes. Failures are logged.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    encode: impl Fn() -> String + Clone + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let encode = encode.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    encode(),
+                )
+            }
+        }),
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "metrics endpoint stopped");
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ impl<S: WorkloadStore> Controller<S> {
             let request = WorkloadRequest::from_workload(workload);
             for (node, &count) in placements_of(workload) {
                 if let Some(&i) = index.get(node) {
-                    allocate(&mut nodes[i], &request, count as i64);
+                    nodes[i].allocated.allocate(&request.requests, count as i64);
                 }
             }
         }
@@ -167,7 +167,9 @@ impl<S: WorkloadStore> Controller<S> {
         placements.retain(|node, count| match index.get(node) {
             Some(&i) if nodes[i].ready => true,
             Some(&i) => {
-                allocate(&mut nodes[i], &request, -(*count as i64));
+                nodes[i]
+                    .allocated
+                    .allocate(&request.requests, -(*count as i64));
                 false
             }
             None => in_grace,
@@ -184,7 +186,9 @@ impl<S: WorkloadStore> Controller<S> {
                     *left -= count;
                 }
                 if let Some(&i) = index.get(&node) {
-                    allocate(&mut nodes[i], &request, -(count as i64));
+                    nodes[i]
+                        .allocated
+                        .allocate(&request.requests, -(count as i64));
                 }
             }
             placements.retain(|_, count| *count > 0);
@@ -198,7 +202,7 @@ impl<S: WorkloadStore> Controller<S> {
                 })?;
             for (node, count) in placement.assigned {
                 if let Some(&i) = index.get(&node) {
-                    allocate(&mut nodes[i], &request, count as i64);
+                    nodes[i].allocated.allocate(&request.requests, count as i64);
                 }
                 *placements.entry(node).or_default() += count;
             }
@@ -384,21 +388,6 @@ fn ready_condition(
 fn placements_of(workload: &Workload) -> &BTreeMap<String, u64> {
     static EMPTY: BTreeMap<String, u64> = BTreeMap::new();
     workload.status.as_ref().map_or(&EMPTY, |s| &s.placements)
-}
-
-/// Adds (or, for a negative count, removes) `count` replicas of `request` to a node's allocation.
-fn allocate(node: &mut NodeInfo, request: &WorkloadRequest, count: i64) {
-    let apply = |value: u64, per: u64| {
-        let delta = per.saturating_mul(count.unsigned_abs());
-        if count >= 0 {
-            value.saturating_add(delta)
-        } else {
-            value.saturating_sub(delta)
-        }
-    };
-    node.allocated.memory = apply(node.allocated.memory, request.requests.memory);
-    node.allocated.cpu_millis = apply(node.allocated.cpu_millis, request.requests.cpu_millis);
-    node.allocated.sandboxes = apply(node.allocated.sandboxes, 1);
 }
 
 /// Replaces the condition of the same type, keeping its transition time when its status did not

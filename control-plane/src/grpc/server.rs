@@ -258,14 +258,10 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         for workload in self.store.list().await.map_err(store_status)? {
             let per_replica = WorkloadRequest::from_workload(&workload).requests;
             for (node, &count) in workload.status.iter().flat_map(|s| &s.placements) {
-                let total = allocated.entry(node.clone()).or_default();
-                total.memory = total
-                    .memory
-                    .saturating_add(per_replica.memory.saturating_mul(count));
-                total.cpu_millis = total
-                    .cpu_millis
-                    .saturating_add(per_replica.cpu_millis.saturating_mul(count));
-                total.sandboxes = total.sandboxes.saturating_add(count);
+                allocated
+                    .entry(node.clone())
+                    .or_default()
+                    .allocate(&per_replica, i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
         let resources = |r: &NodeResources| NodeResourcesMessage {

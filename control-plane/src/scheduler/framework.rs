@@ -61,6 +61,24 @@ pub struct NodeResources {
     pub sandboxes: u64,
 }
 
+impl NodeResources {
+    /// Adds `count` replicas of a workload requesting `requests` each (removes them when
+    /// `count` is negative), saturating rather than overflowing.
+    pub fn allocate(&mut self, requests: &Requests, count: i64) {
+        let apply = |value: u64, per: u64| {
+            let delta = per.saturating_mul(count.unsigned_abs());
+            if count >= 0 {
+                value.saturating_add(delta)
+            } else {
+                value.saturating_sub(delta)
+            }
+        };
+        self.memory = apply(self.memory, requests.memory);
+        self.cpu_millis = apply(self.cpu_millis, requests.cpu_millis);
+        self.sandboxes = apply(self.sandboxes, 1);
+    }
+}
+
 /// A node as the scheduler sees it at the start of a cycle.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
