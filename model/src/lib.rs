@@ -61,6 +61,13 @@ pub struct ObjectMeta {
     /// Creation time, RFC 3339.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub creation_timestamp: String,
+    /// Work that must finish before the object goes: while any is listed, deleting it only
+    /// sets `deletionTimestamp`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+    /// When deletion was requested, RFC 3339; set while finalizers hold the object.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub deletion_timestamp: String,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -2,6 +2,8 @@
 //!
 //! The cross-component tests under `tests/tests/` and the crates' own process tests share it.
 
+pub mod apiserver;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -62,7 +62,9 @@ pub fn store_status(error: store::Error) -> Status {
         store::Error::Open(_)
         | store::Error::Read(_)
         | store::Error::Write(_)
-        | store::Error::Task(_) => Status::unavailable(message),
+        | store::Error::Task(_)
+        | store::Error::Kube(_)
+        | store::Error::Unavailable(_) => Status::unavailable(message),
     }
 }
 

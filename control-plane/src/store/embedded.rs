@@ -195,6 +195,7 @@ impl WorkloadStore for EmbeddedStore {
                             check_version(&key, &next.metadata.resource_version, &current)?;
                             let generation =
                                 current.metadata.generation + u64::from(current.spec != next.spec);
+                            // Identity, finalizers and deletion state are the store's.
                             let mut merged = current;
                             merged.spec = next.spec;
                             merged.metadata.labels = next.metadata.labels;
@@ -218,8 +219,47 @@ impl WorkloadStore for EmbeddedStore {
 
     async fn delete(&self, key: &WorkloadKey) -> Result<Option<Workload>, Error> {
         let key = key.clone();
-        self.blocking(move |inner| inner.write(&key, |_| Ok(None)))
-            .await
+        self.blocking(move |inner| {
+            inner.write(&key, |current| match current {
+                Some(mut held) if !held.metadata.finalizers.is_empty() => {
+                    if held.metadata.deletion_timestamp.is_empty() {
+                        held.metadata.deletion_timestamp =
+                            humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+                    }
+                    Ok(Some(held))
+                }
+                _ => Ok(None),
+            })
+        })
+        .await
+    }
+
+    async fn set_finalizers(
+        &self,
+        key: &WorkloadKey,
+        finalizers: Vec<String>,
+        resource_version: &str,
+    ) -> Result<Option<Workload>, Error> {
+        let key = key.clone();
+        let expected = resource_version.to_string();
+        self.blocking(move |inner| {
+            let mut gone = false;
+            let result = inner.write(&key, |current| {
+                let mut current = current.ok_or_else(|| Error::NotFound(key.clone()))?;
+                check_version(&key, &expected, &current)?;
+                current.metadata.finalizers = finalizers;
+                if current.metadata.finalizers.is_empty()
+                    && !current.metadata.deletion_timestamp.is_empty()
+                {
+                    gone = true;
+                    return Ok(None);
+                }
+                Ok(Some(current))
+            })?;
+            // Once the workload is gone, `write` returns its last state.
+            Ok(if gone { None } else { result })
+        })
+        .await
     }
 
     async fn patch_status(

@@ -1,24 +1,28 @@
 //! Desired state behind one trait: [`WorkloadStore`].
 //!
-//! [`EmbeddedStore`] keeps workloads in a redb database file for standalone use; the Kubernetes
-//! store (a kube reflector over the CRD) implements the same trait. `tests.rs` holds one
-//! conformance suite, generic over the trait, that every backend passes.
+//! [`EmbeddedStore`] keeps workloads in a redb database file for standalone use; [`KubeStore`]
+//! keeps them as `WasmWorkload` objects in a Kubernetes cluster. `tests.rs` holds one
+//! conformance suite, generic over the trait, that both pass.
 //!
 //! # Guarantees
 //! - `apply` validates, bumps `metadata.generation` only when `spec` changes, and bumps
 //!   `metadata.resourceVersion` on every write.
 //! - A write whose `metadata.resourceVersion` is set and stale fails with [`Error::Conflict`].
+//! - Deleting a workload with finalizers only sets `metadata.deletionTimestamp`; it goes once
+//!   [`WorkloadStore::set_finalizers`] empties them. Kubernetes does the same.
 //! - [`WorkloadStore::watch`] first yields [`WatchEvent::Restarted`] with every workload, then
 //!   each later change in commit order, with no gap between the two. A watcher that falls too far
 //!   behind gets a fresh `Restarted` instead of the changes it missed.
 
 pub mod embedded;
+pub mod kube;
 
 use std::future::Future;
 
 use tokio::sync::broadcast;
 
 pub use self::embedded::EmbeddedStore;
+pub use self::kube::KubeStore;
 use crate::model::{ValidationError, Workload, WorkloadKey, WorkloadStatus};
 
 /// A change seen by a watcher.
@@ -72,6 +76,12 @@ pub enum Error {
     /// The store's worker thread failed.
     #[error("store task failed: {0}")]
     Task(String),
+    /// A Kubernetes API request failed.
+    #[error("Kubernetes API request failed")]
+    Kube(#[source] ::kube::Error),
+    /// The store cannot answer yet, e.g. before its first sync with the Kubernetes API.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Reads and writes workloads.
@@ -97,7 +107,8 @@ pub trait WorkloadStore: Send + Sync + 'static {
     /// [`Error::Invalid`] with every bad field, [`Error::Conflict`] for a stale write.
     fn apply(&self, workload: Workload) -> impl Future<Output = Result<Workload, Error>> + Send;
 
-    /// Deletes a workload; returns its last state, or `None` if it did not exist.
+    /// Deletes a workload; returns its last state, or `None` if it did not exist. A workload
+    /// with finalizers is only marked (`deletionTimestamp`) and returned as marked.
     ///
     /// # Errors
     /// A storage failure.
@@ -115,6 +126,18 @@ pub trait WorkloadStore: Send + Sync + 'static {
         key: &WorkloadKey,
         status: WorkloadStatus,
     ) -> impl Future<Output = Result<Workload, Error>> + Send;
+
+    /// Replaces a workload's finalizers; a workload marked for deletion goes when they are
+    /// empty. `resource_version`, if not empty, must be current.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], or [`Error::Conflict`] for a stale version.
+    fn set_finalizers(
+        &self,
+        key: &WorkloadKey,
+        finalizers: Vec<String>,
+        resource_version: &str,
+    ) -> impl Future<Output = Result<Option<Workload>, Error>> + Send;
 
     /// Watches every change, starting with [`WatchEvent::Restarted`].
     ///

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use flotilla_tests::apiserver::FakeApiServer;
+
 use super::*;
 use crate::model::{Condition, WorkloadSpec};
 
@@ -43,8 +45,13 @@ async fn conformance<S: WorkloadStore>(store: &S) {
     let key = created.key();
     assert_eq!(store.get(&key).await.expect("get"), Some(created.clone()));
 
-    // Re-applying the same spec bumps the resource version, not the generation.
-    let same = store.apply(workload("web", 2)).await.expect("reapply");
+    // A metadata change bumps the resource version, not the generation.
+    let mut labelled = workload("web", 2);
+    labelled
+        .metadata
+        .labels
+        .insert("tier".into(), "front".into());
+    let same = store.apply(labelled).await.expect("relabel");
     assert_eq!(same.metadata.generation, 1);
     assert_eq!(same.metadata.uid, created.metadata.uid);
     assert_ne!(
@@ -98,7 +105,7 @@ async fn conformance<S: WorkloadStore>(store: &S) {
         WatchEvent::Applied(patched.clone())
     );
     // Applying a spec keeps the status.
-    let reapplied = store.apply(workload("web", 5)).await.expect("reapply");
+    let reapplied = store.apply(workload("web", 6)).await.expect("reapply");
     assert_eq!(reapplied.status.as_ref(), Some(&status));
     next_event(&mut watch).await;
 
@@ -138,6 +145,39 @@ async fn conformance<S: WorkloadStore>(store: &S) {
     assert_eq!(next_event(&mut late).await, WatchEvent::Deleted(deleted));
     assert_eq!(store.delete(&key).await.expect("delete again"), None);
     assert_eq!(store.get(&key).await.expect("get"), None);
+
+    // A finalizer holds a deleted workload, marked, until it is removed.
+    let api = WorkloadKey::new("default", "api");
+    let held = store
+        .set_finalizers(&api, vec!["flotilla.dev/test".into()], "")
+        .await
+        .expect("add finalizer")
+        .expect("still there");
+    assert_eq!(held.metadata.finalizers, ["flotilla.dev/test"]);
+    next_event(&mut watch).await;
+    let marked = store.delete(&api).await.expect("delete").expect("existed");
+    assert!(!marked.metadata.deletion_timestamp.is_empty());
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Applied(marked.clone())
+    );
+    assert_eq!(store.get(&api).await.expect("get"), Some(marked.clone()));
+    let err = store
+        .set_finalizers(&api, vec![], &held.metadata.resource_version)
+        .await
+        .expect_err("stale version");
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    let gone = store
+        .set_finalizers(&api, vec![], &marked.metadata.resource_version)
+        .await
+        .expect("remove finalizer");
+    assert_eq!(gone, None);
+    let WatchEvent::Deleted(last) = next_event(&mut watch).await else {
+        panic!("removing the last finalizer deletes");
+    };
+    assert_eq!(last.metadata.name, "api");
+    assert_eq!(store.get(&api).await.expect("get"), None);
+    assert!(store.list().await.expect("list").is_empty());
 }
 
 #[tokio::test]
@@ -145,6 +185,84 @@ async fn embedded_store_conforms() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(&dir.path().join("flotilla.redb")).expect("open");
     conformance(&store).await;
+}
+
+#[tokio::test]
+async fn kube_store_conforms() {
+    let server = FakeApiServer::start()
+        .await
+        .with_status_subresource("wasmworkloads");
+    let store = KubeStore::start(fake_client(&server));
+    conformance(&store).await;
+    // Status went by server-side apply, under the control plane's field manager.
+    let status_writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status"))
+        .collect();
+    assert!(!status_writes.is_empty());
+    for request in status_writes {
+        assert_eq!(request.content_type, "application/apply-patch+yaml");
+        assert_eq!(
+            request.query.get("fieldManager").map(String::as_str),
+            Some(super::kube::FIELD_MANAGER)
+        );
+        assert_eq!(request.query.get("force").map(String::as_str), Some("true"));
+    }
+}
+
+/// A client of the fake API server.
+pub(crate) fn fake_client(server: &FakeApiServer) -> ::kube::Client {
+    let url = server.url().parse().expect("a valid URL");
+    ::kube::Client::try_from(::kube::Config::new(url)).expect("a client")
+}
+
+#[tokio::test]
+async fn kube_store_skips_an_object_that_does_not_decode() {
+    let server = FakeApiServer::start()
+        .await
+        .with_status_subresource("wasmworkloads");
+    let client = fake_client(&server);
+    // What an older or foreign writer might leave behind: replicas of the wrong type.
+    let api: ::kube::Api<::kube::api::DynamicObject> = ::kube::Api::namespaced_with(
+        client.clone(),
+        "default",
+        &::kube::api::ApiResource::erase::<crate::model::WasmWorkload>(&()),
+    );
+    let bad = serde_json::from_value(serde_json::json!({
+        "apiVersion": "flotilla.dev/v1alpha1",
+        "kind": "WasmWorkload",
+        "metadata": {"name": "bad"},
+        "spec": {"replicas": "many", "module": {"sha256": DIGEST}},
+    }))
+    .expect("object");
+    api.create(&Default::default(), &bad).await.expect("create");
+    let store = KubeStore::start(client);
+    store.apply(workload("good", 1)).await.expect("apply");
+    let names: Vec<String> = store
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|w| w.metadata.name)
+        .collect();
+    assert_eq!(names, ["good"]);
+}
+
+#[tokio::test]
+async fn kube_store_reports_an_unreachable_api_server() {
+    // A port nothing listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    let client =
+        ::kube::Client::try_from(::kube::Config::new(url.parse().expect("url"))).expect("client");
+    let store = KubeStore::start(client);
+    let err = store
+        .apply(workload("web", 1))
+        .await
+        .expect_err("no API server");
+    assert!(matches!(err, Error::Kube(_)), "{err:?}");
 }
 
 #[tokio::test]
