@@ -82,6 +82,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
         flotilla_control_plane::server::ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
+            store: flotilla_control_plane::server::StoreBackend::Embedded,
             data_dir: data_dir.to_path_buf(),
             node_heartbeat_timeout: Duration::from_secs(5),
             node_startup_grace: Duration::from_secs(15),

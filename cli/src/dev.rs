@@ -53,6 +53,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: args.listen,
         // The agent's metrics are on --metrics-listen; the control plane's are not served.
         metrics_listen: None,
+        store: flotilla_control_plane::server::StoreBackend::Embedded,
         data_dir: data_dir.join("control-plane"),
         node_heartbeat_timeout: Duration::from_secs(5),
         // The one agent lives in this process and reconnects at once.

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod controller;
 pub mod crds;
 pub mod grpc;
+pub mod leader;
 pub mod metrics;
 pub mod modules;
 pub mod scheduler;

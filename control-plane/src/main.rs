@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use flotilla_control_plane::server::{ControlPlane, ServerConfig};
+use flotilla_control_plane::leader::{self, LeaseConfig};
+use flotilla_control_plane::server::{ControlPlane, ServerConfig, StoreBackend};
 
 /// BSD's EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
@@ -46,15 +48,34 @@ struct Args {
     /// A file holding the join token, e.g. a mounted Kubernetes Secret.
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
-    /// Where desired state is kept. The Kubernetes store arrives with Kubernetes mode.
+    /// Where desired state is kept.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
+    /// Serve only while holding a Lease, so that several replicas can run with one active
+    /// (needs --store kubernetes).
+    #[arg(long, env = "FLOTILLA_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "FLOTILLA_LEADER_ELECTION_ID",
+        default_value = "flotilla-control-plane"
+    )]
+    leader_election_id: String,
+    /// This replica's identity in the Lease (in a pod: the pod name); default: a random one.
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
     /// A durable redb file in the data directory.
     Embedded,
+    /// `WasmWorkload` objects in the Kubernetes cluster of the in-cluster config or KUBECONFIG.
+    Kubernetes,
 }
 
 fn main() -> ExitCode {
@@ -87,12 +108,43 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let join_token =
         flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())
             .map_err(anyhow::Error::msg)?;
-    let StoreKind::Embedded = args.store;
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = shutdown_signal()?;
+    tokio::pin!(shutdown);
+    let store = match args.store {
+        StoreKind::Embedded => StoreBackend::Embedded,
+        StoreKind::Kubernetes => StoreBackend::Kubernetes(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
+        ),
+    };
+    let mut leadership = None;
+    if args.leader_elect {
+        let StoreBackend::Kubernetes(client) = &store else {
+            anyhow::bail!("--leader-elect needs --store kubernetes");
+        };
+        let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
+            format!(
+                "flotilla-control-plane-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+        let config = LeaseConfig::new(
+            &args.leader_election_namespace,
+            &args.leader_election_id,
+            &identity,
+        );
+        tracing::info!(lease = %config.name, namespace = %config.namespace, %identity, "campaigning for leadership");
+        tokio::select! {
+            won = leader::acquire(client.clone(), config) => leadership = Some(won),
+            () = &mut shutdown => return Ok(()),
+        }
+    }
     let control_plane = ControlPlane::start(ServerConfig {
         listen: args.listen,
         metrics_listen: Some(args.metrics_listen),
+        store,
         data_dir,
         node_heartbeat_timeout: *args.node_heartbeat_timeout,
         node_startup_grace: *args.node_startup_grace,
@@ -100,8 +152,25 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         shutdown_grace: *args.shutdown_grace,
     })
     .await?;
-    shutdown.await;
-    control_plane.shutdown().await
+    let lost = async {
+        match leadership.as_mut() {
+            Some(leadership) => leadership.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let lost_leadership = tokio::select! {
+        () = &mut shutdown => false,
+        () = lost => true,
+    };
+    control_plane.shutdown().await?;
+    if lost_leadership {
+        // Another replica leads now; exiting lets the pod restart as a candidate.
+        anyhow::bail!("lost the leader-election lease");
+    }
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
+    Ok(())
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.

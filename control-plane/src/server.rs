@@ -1,5 +1,6 @@
-//! Assembles a running control plane: embedded store, module store, node registry, controller
-//! and both gRPC services on one listener. `main.rs` and `flotilla dev` start it the same way.
+//! Assembles a running control plane: a workload store (embedded or Kubernetes), module store,
+//! node registry, controller and both gRPC services on one listener. `main.rs` and
+//! `flotilla dev` start it the same way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +16,26 @@ use crate::controller::Controller;
 use crate::grpc::{AgentService, WorkloadService};
 use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::EmbeddedStore;
+use crate::store::{EmbeddedStore, KubeStore, WorkloadStore};
+
+/// Where desired state lives.
+#[derive(Clone, Default)]
+pub enum StoreBackend {
+    /// A redb file in the data directory.
+    #[default]
+    Embedded,
+    /// `WasmWorkload` objects in the cluster this client talks to.
+    Kubernetes(kube::Client),
+}
+
+impl std::fmt::Debug for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Embedded => "Embedded",
+            Self::Kubernetes(_) => "Kubernetes",
+        })
+    }
+}
 
 /// Settings of a control plane.
 #[derive(Clone, Debug)]
@@ -24,7 +44,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
-    /// Where the store file and module blobs live.
+    /// Where desired state lives.
+    pub store: StoreBackend,
+    /// Where the embedded store file and module blobs live.
     pub data_dir: PathBuf,
     /// A node silent this long is not ready; agents heartbeat three times per timeout.
     pub node_heartbeat_timeout: Duration,
@@ -54,10 +76,25 @@ impl ControlPlane {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("creating the data directory {}", config.data_dir.display())
         })?;
-        let store = EmbeddedStore::open(&config.data_dir.join("store.redb"))
-            .context("opening the store")?;
         let modules = ModuleStore::open(&config.data_dir.join("modules"), DEFAULT_MAX_MODULE_BYTES)
             .context("opening the module store")?;
+        match config.store.clone() {
+            StoreBackend::Embedded => {
+                let store = EmbeddedStore::open(&config.data_dir.join("store.redb"))
+                    .context("opening the store")?;
+                Self::start_with(config, store, modules).await
+            }
+            StoreBackend::Kubernetes(client) => {
+                Self::start_with(config, KubeStore::start(client), modules).await
+            }
+        }
+    }
+
+    async fn start_with<S: WorkloadStore + Clone>(
+        config: ServerConfig,
+        store: S,
+        modules: ModuleStore,
+    ) -> anyhow::Result<Self> {
         let cluster = Arc::new(Cluster::default());
         let (stopping, stop_seen) = tokio::sync::watch::channel(false);
 
@@ -103,6 +140,7 @@ impl ControlPlane {
             .transpose()?;
         tracing::info!(
             %addr,
+            store = ?config.store,
             metrics_addr = %metrics_addr.map_or_else(|| "none".to_string(), |a| a.to_string()),
             data_dir = %config.data_dir.display(),
             "serving"

@@ -13,9 +13,9 @@ use std::time::Duration;
 use flotilla_proto::agent::v1::{ModuleSource, SandboxPhase, module_source};
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ControlMessage, DesiredState, FetchModuleRequest, Heartbeat, Hello, LogUpload,
-    LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts,
-    agent_message, control_message, log_upload,
+    AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest, Heartbeat,
+    Hello, LogUpload, LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent, StreamLogs,
+    WorkloadCounts, agent_message, control_message, log_upload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -29,6 +29,11 @@ use crate::supervisor::Supervisor;
 /// After a sandbox changes, the control plane hears of it this soon (and no more often),
 /// rather than at the next periodic heartbeat.
 const STATUS_REPORT_DELAY: Duration = Duration::from_millis(100);
+
+/// First wait before fetching a module again after a failure; it doubles up to
+/// [`MAX_FETCH_BACKOFF`], as Kubernetes backs off image pulls.
+const FETCH_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Largest message the agent accepts: a module of up to 64 MiB plus its envelope.
 const MAX_MESSAGE_BYTES: usize = 65 << 20;
@@ -124,6 +129,29 @@ struct AgentState {
     managed: BTreeMap<String, String>,
     /// Workloads that could not be applied since the last heartbeat, as events.
     not_applied: Vec<SandboxEvent>,
+    /// Workloads whose module could not be fetched, by key: the workload, failures so far,
+    /// and when to try again.
+    unfetched: BTreeMap<String, (DesiredWorkload, u32, tokio::time::Instant)>,
+}
+
+impl AgentState {
+    /// The workloads whose next fetch attempt is due (applying them again updates `unfetched`).
+    fn due_fetches(&mut self) -> Vec<DesiredWorkload> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = self
+            .unfetched
+            .iter()
+            .filter(|(_, (_, _, at))| *at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        due.iter()
+            .filter_map(|key| self.unfetched.get(key).map(|(w, _, _)| w.clone()))
+            .collect()
+    }
+
+    fn next_fetch(&self) -> Option<tokio::time::Instant> {
+        self.unfetched.values().map(|(_, _, at)| *at).min()
+    }
 }
 
 async fn session(
@@ -199,6 +227,11 @@ async fn session(
                     return Err(SessionError::Closed);
                 }
             }
+            () = sleep_until(state.next_fetch()) => {
+                let due = state.due_fetches();
+                let retry = DesiredState { workloads: due, incremental: true, removed: vec![] };
+                apply_desired(&mut client, supervisor, state, retry).await;
+            }
             message = down.next() => match message {
                 None => return Err(SessionError::Closed),
                 Some(Err(status)) => return Err(SessionError::Rpc(status)),
@@ -256,9 +289,16 @@ async fn apply_desired(
     for name in stop {
         supervisor.stop(&name, None).await;
     }
+    if desired.incremental {
+        for key in &desired.removed {
+            state.unfetched.remove(key);
+        }
+    } else {
+        state.unfetched.clear();
+    }
 
     for workload in desired.workloads {
-        let Some(mut spec) = workload.spec else {
+        let Some(mut spec) = workload.spec.clone() else {
             continue;
         };
         state
@@ -277,12 +317,24 @@ async fn apply_desired(
                 .await
             {
                 Ok(response) => {
+                    state.unfetched.remove(&workload.key);
                     state
                         .modules
                         .insert(sha256.clone(), response.into_inner().module);
                 }
                 Err(status) => {
-                    tracing::warn!(workload = %workload.key, %status, "cannot fetch module");
+                    let failures = state.unfetched.get(&workload.key).map_or(0, |(_, n, _)| *n) + 1;
+                    let backoff =
+                        (FETCH_BACKOFF * 2u32.saturating_pow(failures - 1)).min(MAX_FETCH_BACKOFF);
+                    tracing::warn!(workload = %workload.key, %status, retry_in = ?backoff, "cannot fetch module");
+                    state.unfetched.insert(
+                        workload.key.clone(),
+                        (
+                            workload.clone(),
+                            failures,
+                            tokio::time::Instant::now() + backoff,
+                        ),
+                    );
                     state.not_applied.push(event(
                         &workload.key,
                         spec.generation,
@@ -322,6 +374,14 @@ async fn apply_desired(
         .filter_map(|name| supervisor.module_digest(name))
         .collect();
     state.modules.retain(|digest, _| in_use.contains(digest));
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn event(key: &str, generation: u64, reason: &str, message: String) -> SandboxEvent {

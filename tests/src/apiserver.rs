@@ -27,7 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, Request, Response, StatusCode, header};
+pub use axum::http::Method;
+use axum::http::{HeaderMap, Request, Response, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -193,6 +194,75 @@ impl FakeApiServer {
             .filter(|(key, _)| route.matches_collection(key))
             .map(|(_, object)| object.clone())
             .collect()
+    }
+}
+
+impl FakeApiServer {
+    /// Creates the object in the collection `path`, or replaces the stored one's spec and
+    /// labels, as `kubectl apply` would; returns the stored object or the error `Status`.
+    ///
+    /// # Errors
+    /// The API error, as a `Status` object.
+    pub async fn apply_object(&self, path: &str, object: Value) -> Result<Value, Value> {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let item = format!("{}/{name}", path.trim_end_matches('/'));
+        match self.object(&item) {
+            None => {
+                self.request(Method::POST, path, "application/json", object)
+                    .await
+            }
+            Some(mut existing) => {
+                existing["spec"] = object["spec"].clone();
+                existing["metadata"]["labels"] = object["metadata"]["labels"].clone();
+                self.request(Method::PUT, &item, "application/json", existing)
+                    .await
+            }
+        }
+    }
+
+    /// Applies a JSON merge patch to the object at `path`, as `kubectl patch --type merge`.
+    ///
+    /// # Errors
+    /// The API error, as a `Status` object.
+    pub async fn patch_object(&self, path: &str, patch: Value) -> Result<Value, Value> {
+        self.request(Method::PATCH, path, "application/merge-patch+json", patch)
+            .await
+    }
+
+    /// Deletes the object at `path`, as `kubectl delete`.
+    ///
+    /// # Errors
+    /// The API error, as a `Status` object.
+    pub async fn delete_object(&self, path: &str) -> Result<Value, Value> {
+        self.request(Method::DELETE, path, "", Value::Null).await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Value,
+    ) -> Result<Value, Value> {
+        let mut request = Request::builder().method(method).uri(path);
+        if !content_type.is_empty() {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let body = if body.is_null() {
+            Body::empty()
+        } else {
+            Body::from(body.to_string())
+        };
+        let request = request
+            .body(body)
+            .map_err(|e| json!({"message": e.to_string()}))?;
+        let response = self.state.handle(request).await;
+        let ok = response.status().is_success();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+            .await
+            .map_err(|e| json!({"message": e.to_string()}))?;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if ok { Ok(value) } else { Err(value) }
     }
 }
 

@@ -7,6 +7,13 @@
 //! `Scheduled` condition (with the scheduler's reasons when replicas do not fit) only when they
 //! change, so its own writes settle after one more pass.
 //!
+//! Status carries the conditions `Scheduled`, `Ready` (with the latest sandbox failure when not
+//! ready), `Available` and `Progressing`, as a Deployment's do.
+//!
+//! Every workload gets the [`FINALIZER`]: deleting it first empties its placements, so agents
+//! stop its sandboxes, and the finalizer goes (and with it the workload) once no ready node
+//! reports one running.
+//!
 //! [`Controller::run`] runs a pass on every store change and node change (coalescing bursts),
 //! and expires nodes that missed their heartbeats.
 //!
@@ -34,6 +41,15 @@ pub const SCHEDULED: &str = "Scheduled";
 /// The condition saying whether every replica runs (or, for run-to-completion workloads, has
 /// completed), and if not, the latest failure agents reported.
 pub const READY: &str = "Ready";
+
+/// The condition saying whether the wanted replicas are available, as a Deployment's.
+pub const AVAILABLE: &str = "Available";
+
+/// The condition saying whether the workload's current template is rolled out or on its way.
+pub const PROGRESSING: &str = "Progressing";
+
+/// Held by every workload until its sandboxes have stopped.
+pub const FINALIZER: &str = "flotilla.dev/sandboxes";
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +129,10 @@ impl<S: WorkloadStore> Controller<S> {
         let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
         let workload_count = workloads.len();
         for workload in workloads {
+            let terminating = !workload.metadata.deletion_timestamp.is_empty();
+            if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+                self.add_finalizer(&workload).await?;
+            }
             let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
             // Sandboxes of the current generation that agents report running; while agents
             // are still reconnecting, a count does not drop for want of their reports.
@@ -134,22 +154,85 @@ impl<S: WorkloadStore> Controller<S> {
             status.available_replicas = ready;
             status.succeeded_replicas = succeeded;
             let latest_failure = self.cluster.events.latest(&key, status.template_generation);
+            let wanted = desired_replicas(&workload);
             set_condition(
                 &mut status.conditions,
-                ready_condition(&workload, ready, succeeded, latest_failure),
+                ready_condition(wanted, ready, succeeded, latest_failure),
             );
-            desired += u64::try_from(workload.spec.replicas).unwrap_or(0);
+            set_condition(
+                &mut status.conditions,
+                available_condition(wanted, ready + succeeded),
+            );
+            set_condition(
+                &mut status.conditions,
+                progressing_condition(&workload, wanted, ready + succeeded),
+            );
+            desired += wanted;
             placed += status.replicas;
             ready_total += ready;
+            let mut version = workload.metadata.resource_version.clone();
+            let placed_nowhere = status.replicas == 0;
             if workload.status.as_ref() != Some(&status) {
-                self.store.patch_status(&workload.key(), status).await?;
+                let written_back = self.store.patch_status(&workload.key(), status).await?;
+                version = written_back.metadata.resource_version;
                 written += 1;
+            }
+            let still_running = running
+                .get(&key)
+                .is_some_and(|generations| generations.values().any(|c| c.running > 0));
+            if terminating && placed_nowhere && !still_running {
+                self.release(&workload, &version).await?;
             }
         }
         self.cluster
             .metrics
             .workloads(workload_count, desired, placed, ready_total);
         Ok(written)
+    }
+
+    /// Adds [`FINALIZER`]; a conflict (the workload changed meanwhile) waits for the next pass.
+    async fn add_finalizer(&self, workload: &Workload) -> Result<(), Error> {
+        let mut finalizers = workload.metadata.finalizers.clone();
+        finalizers.push(FINALIZER.into());
+        match self
+            .store
+            .set_finalizers(
+                &workload.key(),
+                finalizers,
+                &workload.metadata.resource_version,
+            )
+            .await
+        {
+            Ok(_) | Err(store::Error::Conflict { .. } | store::Error::NotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Removes [`FINALIZER`] from a deleted workload whose sandboxes have stopped, which lets
+    /// the store delete it.
+    async fn release(&self, workload: &Workload, version: &str) -> Result<(), Error> {
+        let finalizers: Vec<String> = workload
+            .metadata
+            .finalizers
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        if finalizers.len() == workload.metadata.finalizers.len() {
+            return Ok(());
+        }
+        match self
+            .store
+            .set_finalizers(&workload.key(), finalizers, version)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(workload = %workload.key(), "sandboxes stopped; workload released");
+                Ok(())
+            }
+            Err(store::Error::Conflict { .. } | store::Error::NotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Computes a workload's next status, updating `nodes`' allocations with its changes.
@@ -174,7 +257,7 @@ impl<S: WorkloadStore> Controller<S> {
             }
             None => in_grace,
         });
-        let desired = u64::try_from(workload.spec.replicas).unwrap_or(0);
+        let desired = desired_replicas(workload);
         let placed: u64 = placements.values().sum();
         let mut unschedulable = None;
         if placed > desired {
@@ -335,14 +418,69 @@ pub fn template_hash(spec: &crate::model::WorkloadSpec) -> String {
     hex::encode(&sha2::Sha256::digest(&json)[..8])
 }
 
+/// Replicas wanted now: the spec's, or none once the workload is being deleted.
+fn desired_replicas(workload: &Workload) -> u64 {
+    if workload.metadata.deletion_timestamp.is_empty() {
+        u64::try_from(workload.spec.replicas).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// `Available`: the wanted replicas run (or completed).
+fn available_condition(desired: u64, available: u64) -> Condition {
+    let (status, reason) = if available >= desired {
+        ("True", "MinimumReplicasAvailable")
+    } else {
+        ("False", "MinimumReplicasUnavailable")
+    };
+    Condition {
+        type_: AVAILABLE.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: format!("{available} of {desired} replicas available"),
+        last_transition_time: String::new(),
+    }
+}
+
+/// `Progressing`: the current template is rolled out, on its way, or being torn down.
+fn progressing_condition(workload: &Workload, desired: u64, available: u64) -> Condition {
+    let generation = workload.metadata.generation;
+    let (status, reason, message) = if !workload.metadata.deletion_timestamp.is_empty() {
+        (
+            "False",
+            "Terminating",
+            "the workload is being deleted; its sandboxes are stopping".to_string(),
+        )
+    } else if available >= desired {
+        (
+            "True",
+            "TemplateAvailable",
+            format!("generation {generation} is available on every replica"),
+        )
+    } else {
+        (
+            "True",
+            "ReplicasUpdating",
+            format!("{available} of {desired} replicas of generation {generation} available"),
+        )
+    };
+    Condition {
+        type_: PROGRESSING.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: String::new(),
+    }
+}
+
 /// `Ready`: every wanted replica runs or completed; otherwise the latest failure, if any.
 fn ready_condition(
-    workload: &Workload,
+    desired: u64,
     ready: u64,
     succeeded: u64,
     latest_failure: Option<crate::cluster::Event>,
 ) -> Condition {
-    let desired = u64::try_from(workload.spec.replicas).unwrap_or(0);
     let (status, reason, message) = if ready + succeeded >= desired {
         let reason = if succeeded > 0 && ready == 0 {
             "Completed"

@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{module_status, store_status};
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, Workload, validate_name};
-use crate::modules::ModuleStore;
+use crate::modules::{ModuleError, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::{WatchEvent, WorkloadStore};
 
@@ -38,6 +38,7 @@ use crate::store::{WatchEvent, WorkloadStore};
 pub struct AgentService<S> {
     store: S,
     modules: ModuleStore,
+    downloads: UrlModules,
     cluster: Arc<Cluster>,
     heartbeat_interval: Duration,
     /// The join token agents must present, if any.
@@ -56,6 +57,7 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     ) -> Self {
         Self {
             store,
+            downloads: UrlModules::new(modules.clone()),
             modules,
             cluster,
             heartbeat_interval,
@@ -69,6 +71,19 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     pub fn with_join_token(mut self, token: Option<String>) -> Self {
         self.join_token = token.filter(|t| !t.is_empty());
         self
+    }
+
+    async fn read_module(&self, sha256: &str) -> Result<Vec<u8>, ModuleError> {
+        let modules = self.modules.clone();
+        let sha256 = sha256.to_string();
+        tokio::task::spawn_blocking(move || modules.get(&sha256))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ModuleError::Io {
+                    path: "module store".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     /// Checks the join token of a request, when one is required.
@@ -291,11 +306,33 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
     ) -> Result<Response<FetchModuleResponse>, Status> {
         self.authenticate(request.metadata())?;
         let sha256 = request.into_inner().sha256;
-        let modules = self.modules.clone();
-        let module = tokio::task::spawn_blocking(move || modules.get(&sha256))
+        match self.read_module(&sha256).await {
+            Err(ModuleError::NotFound(_)) => {}
+            result => {
+                return Ok(Response::new(FetchModuleResponse {
+                    module: result.map_err(module_status)?,
+                }));
+            }
+        }
+        // Not here yet: a workload created straight in the cluster may name it by URL.
+        let url = self
+            .store
+            .list()
             .await
-            .map_err(|e| Status::internal(format!("module store task failed: {e}")))?
-            .map_err(module_status)?;
+            .map_err(store_status)?
+            .into_iter()
+            .find(|w| w.spec.module.sha256 == sha256)
+            .and_then(|w| w.spec.module.url)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "module {sha256} was neither pushed nor named by a workload's spec.module.url"
+                ))
+            })?;
+        self.downloads
+            .fetch_into_store(&url, &sha256)
+            .await
+            .map_err(Status::failed_precondition)?;
+        let module = self.read_module(&sha256).await.map_err(module_status)?;
         Ok(Response::new(FetchModuleResponse { module }))
     }
 

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{module_status, parse_manifest, store_status, to_object};
 use crate::cluster::Cluster;
 use crate::model::WorkloadKey;
-use crate::modules::{DEFAULT_FETCH_TIMEOUT, ModuleFetcher, ModuleStore};
+use crate::modules::{ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeResources, WorkloadRequest};
 use crate::store::{WatchEvent, WorkloadStore};
 
@@ -29,25 +29,17 @@ use crate::store::{WatchEvent, WorkloadStore};
 pub struct WorkloadService<S> {
     store: S,
     modules: ModuleStore,
-    fetcher: Option<ModuleFetcher>,
+    downloads: UrlModules,
     cluster: Arc<Cluster>,
 }
 
 impl<S: WorkloadStore + Clone> WorkloadService<S> {
     /// Creates the service, with no nodes until [`with_cluster`](Self::with_cluster).
     pub fn new(store: S, modules: ModuleStore) -> Self {
-        let fetcher = ModuleFetcher::new(modules.max_bytes(), DEFAULT_FETCH_TIMEOUT)
-            .map_err(|error| {
-                tracing::error!(
-                    error = %flotilla_telemetry::error_chain(&error),
-                    "module URLs cannot be fetched"
-                );
-            })
-            .ok();
         Self {
             store,
+            downloads: UrlModules::new(modules.clone()),
             modules,
-            fetcher,
             cluster: Arc::default(),
         }
     }
@@ -62,30 +54,6 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
     /// Wraps the service for a tonic server.
     pub fn into_server(self) -> WorkloadsServer<Self> {
         WorkloadsServer::new(self).max_decoding_message_size(super::MAX_MODULE_MESSAGE_BYTES)
-    }
-}
-
-impl<S> WorkloadService<S> {
-    /// Downloads a module named by URL into the module store.
-    async fn fetch_module(&self, url: &str, sha256: &str) -> Result<(), Status> {
-        let fetcher = self
-            .fetcher
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("this control plane cannot fetch module URLs"))?;
-        let bytes = fetcher.fetch(url, sha256).await.map_err(|error| {
-            Status::failed_precondition(format!(
-                "spec.module.url: {}",
-                flotilla_telemetry::error_chain(&error)
-            ))
-        })?;
-        let modules = self.modules.clone();
-        let sha256 = sha256.to_string();
-        tokio::task::spawn_blocking(move || modules.put(&bytes, Some(&sha256)))
-            .await
-            .map_err(|e| Status::internal(format!("module store task failed: {e}")))?
-            .map_err(|e| Status::failed_precondition(format!("spec.module.url: {e}")))?;
-        tracing::info!(%url, "module fetched");
-        Ok(())
     }
 }
 
@@ -115,7 +83,11 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                 }
                 // Fetched now, so that an unreachable URL or a wrong digest fails the apply
                 // and nothing is stored.
-                Some(url) => self.fetch_module(url, &module.sha256).await?,
+                Some(url) => self
+                    .downloads
+                    .fetch_into_store(url, &module.sha256)
+                    .await
+                    .map_err(Status::failed_precondition)?,
             }
         }
         let stored = self.store.apply(workload).await.map_err(store_status)?;

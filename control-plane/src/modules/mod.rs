@@ -3,7 +3,7 @@
 
 pub mod fetch;
 
-pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
+pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher, UrlModules};
 
 use std::path::{Path, PathBuf};
 
@@ -117,7 +117,10 @@ impl ModuleStore {
                 path: path.clone(),
                 source,
             };
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            // Unique per write: two requests may store the same blob at once.
+            static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = path.with_extension(format!("tmp{}-{write}", std::process::id()));
             std::fs::write(&tmp, bytes).map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
         }

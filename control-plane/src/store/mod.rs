@@ -188,4 +188,4 @@ impl Watch {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

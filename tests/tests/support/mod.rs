@@ -1,0 +1,187 @@
+//! What the process-level tests share: starting the control plane and agents, running the CLI,
+//! and serving module files over HTTP.
+
+// Each test binary uses a different part.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{Process, logged_addr, workspace_binary};
+use serde_json::Value;
+
+/// The join token of the clusters these tests run.
+pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
+
+/// How long a test waits for the cluster to reach a state.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct ControlPlane {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl ControlPlane {
+    pub fn start(data_dir: &Path, listen: &str) -> Self {
+        Self::start_with(data_dir, listen, |_| {})
+    }
+
+    /// Starts one with more arguments or environment from `configure`.
+    pub fn start_with(data_dir: &Path, listen: &str, configure: impl FnOnce(&mut Command)) -> Self {
+        let process = Self::spawn(data_dir, listen, configure);
+        let serving = process.wait_line("serving");
+        let addr = logged_addr(&serving, "addr");
+        let metrics = logged_addr(&serving, "metrics_addr");
+        Self {
+            process,
+            addr,
+            metrics,
+        }
+    }
+
+    /// Starts one without waiting for it to serve (a standby replica, say).
+    pub fn spawn(data_dir: &Path, listen: &str, configure: impl FnOnce(&mut Command)) -> Process {
+        let mut command = Command::new(workspace_binary("flotilla-control-plane"));
+        command
+            .args(["--listen", listen, "--shutdown-grace", "1s"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
+            .args(["--node-heartbeat-timeout", "3s"])
+            .args(["--node-startup-grace", "3s"])
+            .arg("--data-dir")
+            .arg(data_dir);
+        configure(&mut command);
+        Process::spawn(command, "control-plane")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics).expect("connect to metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: flotilla\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    }
+
+    pub fn stop(mut self) {
+        self.process.signal(libc::SIGTERM);
+        let status = self.process.wait();
+        assert!(status.success(), "control plane exit: {status:?}");
+    }
+}
+
+pub struct Agent {
+    pub process: Process,
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    pub fn start(control_plane: &str, node: &'static str) -> Self {
+        Self::start_with_token(control_plane, node, JOIN_TOKEN)
+    }
+
+    pub fn start_with_token(control_plane: &str, node: &'static str, token: &str) -> Self {
+        let mut command = Command::new(workspace_binary("flotilla-node-agent"));
+        command
+            .env("FLOTILLA_JOIN_TOKEN", token)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--control-plane", control_plane, "--node-name", node])
+            .args(["--max-sandboxes", "2000", "--no-cache"])
+            .args(["--shutdown-grace", "1s"]);
+        let process = Process::spawn(command, node);
+        let admin = logged_addr(&process.wait_line("serving"), "admin_addr");
+        Self { process, admin }
+    }
+
+    /// Running sandboxes: id → start time. Equal snapshots mean nothing was restarted.
+    pub fn running(&self) -> BTreeMap<String, i64> {
+        let json = flotilla(&[
+            "--agent",
+            &self.admin.to_string(),
+            "get",
+            "sandboxes",
+            "-o",
+            "json",
+        ]);
+        let sandboxes: Vec<Value> = serde_json::from_str(&json).expect("sandboxes as JSON");
+        sandboxes
+            .iter()
+            .filter(|s| s["phase"] == "Running")
+            .map(|s| {
+                (
+                    s["sandboxId"].as_str().expect("sandboxId").to_string(),
+                    s["startedAtMs"].as_i64().expect("startedAtMs"),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Runs the CLI; returns its stdout, failing the test on a non-zero exit.
+pub fn flotilla(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = try_flotilla(args);
+    assert!(ok, "flotilla {args:?}: {stderr}");
+    stdout
+}
+
+/// Runs the CLI; returns whether it succeeded, its stdout and its stderr.
+pub fn try_flotilla(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(workspace_binary("flotilla"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("flotilla runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Serves `routes` (path → body; anything else is 404) over HTTP/1.1 on loopback, one request
+/// per connection, on a thread that lives as long as the test process.
+pub fn serve_http(routes: Vec<(&'static str, Vec<u8>)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match routes.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => ("200 OK", body.clone()),
+                None => ("404 Not Found", b"not found".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
