@@ -51,6 +51,11 @@ pub const PROGRESSING: &str = "Progressing";
 /// Held by every workload until its sandboxes have stopped.
 pub const FINALIZER: &str = "flotilla.dev/sandboxes";
 
+/// First wait before a failed pass runs again; it doubles up to [`MAX_REQUEUE_DELAY`].
+pub const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
+/// Longest wait before a failed pass runs again.
+pub const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
+
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -342,6 +347,11 @@ impl<S: WorkloadStore> Controller<S> {
         );
         tokio::pin!(grace_end);
         let mut grace_pending = self.grace_until.is_some();
+        // A failed pass is retried with backoff even if nothing else changes.
+        let requeue = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(requeue);
+        let mut requeue_pending = false;
+        let mut requeue_delay = MIN_REQUEUE_DELAY;
         'watch: loop {
             let mut watch = match self.store.watch().await {
                 Ok(watch) => watch,
@@ -370,6 +380,7 @@ impl<S: WorkloadStore> Controller<S> {
                     },
                     changed = node_changes.changed() => if changed.is_err() { return },
                     changed = new_events.changed() => if changed.is_err() { return },
+                    () = &mut requeue, if requeue_pending => {}
                     () = &mut grace_end, if grace_pending => {
                         grace_pending = false;
                         tracing::info!("startup grace over; nodes that did not reconnect are lost");
@@ -392,12 +403,19 @@ impl<S: WorkloadStore> Controller<S> {
                 match pass {
                     Ok(written) => {
                         retry_delay = Duration::from_millis(100);
+                        requeue_delay = MIN_REQUEUE_DELAY;
+                        requeue_pending = false;
                         if written > 0 {
                             tracing::debug!(written, "workloads reconciled");
                         }
                     }
                     Err(error) => {
-                        tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "reconcile pass failed");
+                        tracing::warn!(error = %flotilla_telemetry::error_chain(&error), retry_in = ?requeue_delay, "reconcile pass failed");
+                        requeue
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + requeue_delay);
+                        requeue_pending = true;
+                        requeue_delay = (requeue_delay * 2).min(MAX_REQUEUE_DELAY);
                     }
                 }
             }
@@ -551,5 +569,7 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+#[cfg(test)]
+mod kube_tests;
 #[cfg(test)]
 mod tests;

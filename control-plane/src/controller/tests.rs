@@ -19,7 +19,7 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
-fn node(name: &str, arch: &str, sandboxes: u64) -> NodeInfo {
+pub(super) fn node(name: &str, arch: &str, sandboxes: u64) -> NodeInfo {
     NodeInfo {
         name: name.into(),
         ready: true,
