@@ -6,9 +6,8 @@
 
 pub mod cluster;
 pub mod controller;
-pub mod crds;
 pub mod grpc;
-pub mod leader;
+pub mod kubernetes;
 pub mod metrics;
 pub mod modules;
 pub mod scheduler;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use flotilla_control_plane::leader::{self, LeaseConfig};
+use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
 use flotilla_control_plane::server::{ControlPlane, ServerConfig, StoreBackend};
 
 /// BSD's EX_USAGE: the configuration is invalid.
@@ -65,7 +65,8 @@ struct Args {
         default_value = "flotilla-control-plane"
     )]
     leader_election_id: String,
-    /// This replica's identity in the Lease (in a pod: the pod name); default: a random one.
+    /// This replica's identity in the Lease and in Events (in a pod: the pod name); default: a
+    /// random one.
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
 }
@@ -111,25 +112,26 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = shutdown_signal()?;
     tokio::pin!(shutdown);
+    let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
+        format!(
+            "flotilla-control-plane-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    });
     let store = match args.store {
         StoreKind::Embedded => StoreBackend::Embedded,
-        StoreKind::Kubernetes => StoreBackend::Kubernetes(
-            kube::Client::try_default()
+        StoreKind::Kubernetes => StoreBackend::Kubernetes {
+            client: kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
-        ),
+            instance: identity.clone(),
+        },
     };
     let mut leadership = None;
     if args.leader_elect {
-        let StoreBackend::Kubernetes(client) = &store else {
+        let StoreBackend::Kubernetes { client, .. } = &store else {
             anyhow::bail!("--leader-elect needs --store kubernetes");
         };
-        let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
-            format!(
-                "flotilla-control-plane-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            )
-        });
         let config = LeaseConfig::new(
             &args.leader_election_namespace,
             &args.leader_election_id,

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::grpc::{AgentService, WorkloadService};
+use crate::kubernetes;
 use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{EmbeddedStore, KubeStore, WorkloadStore};
@@ -24,15 +25,21 @@ pub enum StoreBackend {
     /// A redb file in the data directory.
     #[default]
     Embedded,
-    /// `WasmWorkload` objects in the cluster this client talks to.
-    Kubernetes(kube::Client),
+    /// `WasmWorkload` objects in the cluster this client talks to; the control plane also
+    /// publishes `WasmNode` objects and Events there.
+    Kubernetes {
+        /// The cluster's API.
+        client: kube::Client,
+        /// This replica's name in Events (the pod name).
+        instance: String,
+    },
 }
 
 impl std::fmt::Debug for StoreBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Embedded => "Embedded",
-            Self::Kubernetes(_) => "Kubernetes",
+            Self::Kubernetes { .. } => "Kubernetes",
         })
     }
 }
@@ -65,6 +72,7 @@ pub struct ControlPlane {
     stopping: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<anyhow::Result<()>>,
     controller: JoinHandle<()>,
+    cluster: Arc<Cluster>,
 }
 
 impl ControlPlane {
@@ -84,8 +92,31 @@ impl ControlPlane {
                     .context("opening the store")?;
                 Self::start_with(config, store, modules).await
             }
-            StoreBackend::Kubernetes(client) => {
-                Self::start_with(config, KubeStore::start(client), modules).await
+            StoreBackend::Kubernetes { client, instance } => {
+                let store = KubeStore::start(client.clone());
+                let control_plane =
+                    Self::start_with(config.clone(), store.clone(), modules).await?;
+                let stop = control_plane.stopping.subscribe();
+                let stopped = move || {
+                    let mut stop = stop.clone();
+                    async move {
+                        let _ = stop.wait_for(|stopping| *stopping).await;
+                    }
+                };
+                tokio::spawn(kubernetes::nodes::publish(
+                    client.clone(),
+                    control_plane.cluster.clone(),
+                    config.node_startup_grace,
+                    stopped(),
+                ));
+                tokio::spawn(kubernetes::events::publish(
+                    client,
+                    store,
+                    control_plane.cluster.clone(),
+                    instance,
+                    stopped(),
+                ));
+                Ok(control_plane)
             }
         }
     }
@@ -160,11 +191,12 @@ impl ControlPlane {
         let mut server_stop = stop_seen.clone();
         let mut grace_stop = stop_seen;
         let grace = config.shutdown_grace;
+        let served_cluster = cluster.clone();
         let server = tokio::spawn(async move {
             let serve = tonic::transport::Server::builder()
                 .add_service(
                     WorkloadService::new(store, modules)
-                        .with_cluster(cluster)
+                        .with_cluster(served_cluster)
                         .into_server(),
                 )
                 .add_service(agents.into_server())
@@ -188,6 +220,7 @@ impl ControlPlane {
             stopping,
             server,
             controller,
+            cluster,
         })
     }
 

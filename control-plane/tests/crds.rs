@@ -1,6 +1,6 @@
 //! The CRDs committed in the chart are the ones the Rust types generate.
 
-use flotilla_control_plane::crds::{chart_dir, render};
+use flotilla_control_plane::kubernetes::crds::{chart_dir, render};
 
 #[test]
 fn committed_crds_match_the_types() {

@@ -416,7 +416,7 @@ impl State {
             {
                 self.watch(&route, &query)
             }
-            (&Method::GET, false) => self.list(&route),
+            (&Method::GET, false) => self.list(&route, query.get("labelSelector")),
             (&Method::GET, true) => self.get(&route),
             (&Method::POST, false) => self.create(&route, body),
             (&Method::PUT, true) => self.update(&route, body),
@@ -453,12 +453,21 @@ impl State {
         }
     }
 
-    fn list(&self, route: &Route) -> Response<Body> {
+    /// Lists a collection; a label selector may hold `key=value` terms only.
+    fn list(&self, route: &Route, selector: Option<&String>) -> Response<Body> {
+        let terms: Vec<(&str, &str)> = selector
+            .map(|s| s.split(',').filter_map(|t| t.split_once('=')).collect())
+            .unwrap_or_default();
         let store = lock(&self.store);
         let items: Vec<Value> = store
             .objects
             .iter()
             .filter(|(key, _)| route.matches_collection(key))
+            .filter(|(_, object)| {
+                terms
+                    .iter()
+                    .all(|(k, v)| object["metadata"]["labels"][*k].as_str() == Some(*v))
+            })
             .map(|(_, object)| object.clone())
             .collect();
         json_response(

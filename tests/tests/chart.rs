@@ -147,6 +147,35 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         !kinds.iter().any(|k| k == "ServiceMonitor"),
         "off by default"
     );
+    // Kubernetes mode by default: the CRD store, a Lease, and the pod's identity for it.
+    for expected in [
+        "--store=kubernetes",
+        "--leader-elect",
+        "--leader-election-id=flotilla-control-plane",
+        "fieldPath: metadata.namespace",
+    ] {
+        assert!(
+            default.contains(expected),
+            "no {expected} in the default render"
+        );
+    }
+    assert!(
+        !default.contains("livenessProbe"),
+        "a standby would fail it"
+    );
+
+    // The embedded store keeps one writer: Recreate, a liveness probe, no Lease.
+    let embedded = helm(&[
+        "template",
+        "flotilla",
+        chart,
+        "--set",
+        "controlPlane.store=embedded",
+    ]);
+    parse_render(&embedded);
+    assert!(embedded.contains("type: Recreate"), "{embedded}");
+    assert!(embedded.contains("livenessProbe"), "{embedded}");
+    assert!(!embedded.contains("--leader-elect"), "{embedded}");
 
     let all = helm(&[
         "template",
@@ -186,7 +215,9 @@ fn values_outside_the_schema_are_refused() {
     let chart = chart.to_str().expect("utf-8 path");
     let helm_bin = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
     for bad in [
-        "controlPlane.replicas=3",
+        "controlPlane.store=embedded,controlPlane.replicas=2",
+        "controlPlane.leaderElection.enabled=false,controlPlane.replicas=2",
+        "controlPlane.leaderElection.leaseName=Not_A_Name",
         "controlPlane.store=etcd",
         "agent.maxSandboxes=0",
         "controlPlane.nodeHeartbeatTimeout=soon",

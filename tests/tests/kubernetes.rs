@@ -101,7 +101,13 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     let idle =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/idle.wasm"))
             .expect("guest");
-    let web = serve_http(vec![("/idle.wasm", idle.clone())]);
+    let crash =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/crash.wasm"))
+            .expect("guest");
+    let web = serve_http(vec![
+        ("/idle.wasm", idle.clone()),
+        ("/crash.wasm", crash.clone()),
+    ]);
     let manifest = json!({
         "apiVersion": "flotilla.dev/v1alpha1",
         "kind": "WasmWorkload",
@@ -135,11 +141,91 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     assert_eq!(placements.get("node-a"), Some(&json!(2)), "{placements:?}");
     assert_eq!(placements.get("node-b"), Some(&json!(2)), "{placements:?}");
 
+    // `kubectl get wasmnodes`: one object per agent, Ready, with what it offers and runs.
+    for node in ["node-a", "node-b"] {
+        let path = format!("/apis/flotilla.dev/v1alpha1/wasmnodes/{node}");
+        let published = wait_object(&api, &path, "the WasmNode", |n| {
+            condition(n, "Ready")["status"] == "True" && n["status"]["sandboxes"] == 2
+        });
+        let arch = if cfg!(target_arch = "aarch64") {
+            "arm64"
+        } else {
+            "amd64"
+        };
+        assert_eq!(published["spec"]["arch"], arch);
+        assert_eq!(published["status"]["allocatable"]["sandboxes"], 2000);
+        assert_eq!(
+            published["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "flotilla-control-plane"
+        );
+        assert!(published["status"]["lastHeartbeatTime"].is_string());
+    }
+
+    // `kubectl describe`/`get events`: the scheduling decision, as an Event on the workload.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let events = api.objects("/apis/events.k8s.io/v1/namespaces/default/events");
+        let scheduled = events.iter().find(|e| {
+            e["reason"] == "Scheduled" && e["regarding"]["name"] == "web" && e["type"] == "Normal"
+        });
+        if let Some(event) = scheduled {
+            assert_eq!(event["regarding"]["kind"], "WasmWorkload");
+            assert_eq!(event["regarding"]["uid"], object["metadata"]["uid"]);
+            assert_eq!(event["reportingController"], "flotilla-control-plane");
+            assert_eq!(event["reportingInstance"], "cp-0");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Scheduled Event: {events:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A workload that traps: a Warning Event with the reason, and the Ready condition says why.
+    runtime
+        .block_on(api.apply_object(
+            WORKLOADS,
+            json!({
+                "apiVersion": "flotilla.dev/v1alpha1",
+                "kind": "WasmWorkload",
+                "metadata": {"name": "crashloop"},
+                "spec": {
+                    "restartPolicy": "Always",
+                    "module": {"url": format!("{web}/crash.wasm"), "sha256": sha256_hex(&crash)},
+                },
+            }),
+        ))
+        .expect("create");
+    let failing = wait_object(
+        &api,
+        &format!("{WORKLOADS}/crashloop"),
+        "the trap reported",
+        |o| condition(o, "Ready")["reason"] == "Trap",
+    );
+    assert!(
+        condition(&failing, "Ready")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("integer divide by zero")),
+        "{failing}"
+    );
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while !api
+        .objects("/apis/events.k8s.io/v1/namespaces/default/events")
+        .iter()
+        .any(|e| {
+            e["reason"] == "Trap" && e["type"] == "Warning" && e["regarding"]["name"] == "crashloop"
+        })
+    {
+        assert!(Instant::now() < deadline, "no Warning Event for the trap");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    runtime
+        .block_on(api.delete_object(&format!("{WORKLOADS}/crashloop")))
+        .expect("delete");
+
     // Every status write was a server-side apply under the control plane's field manager.
     let status_writes: Vec<_> = api
         .requests()
         .into_iter()
-        .filter(|r| r.path.ends_with("/status"))
+        .filter(|r| r.path.contains("/wasmworkloads/") && r.path.ends_with("/status"))
         .collect();
     assert!(!status_writes.is_empty());
     for request in &status_writes {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let to_stdout = std::env::args().any(|a| a == "--stdout");
-    let crds = match flotilla_control_plane::crds::render() {
+    let crds = match flotilla_control_plane::kubernetes::crds::render() {
         Ok(crds) => crds,
         Err(error) => {
             eprintln!("crdgen: {error}");
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             print!("---\n{yaml}");
             continue;
         }
-        let path = flotilla_control_plane::crds::chart_dir().join(file);
+        let path = flotilla_control_plane::kubernetes::crds::chart_dir().join(file);
         if let Err(error) = std::fs::write(&path, yaml) {
             eprintln!("crdgen: writing {}: {error}", path.display());
             return ExitCode::FAILURE;

@@ -1,4 +1,5 @@
-//! [`EventLog`]: recent sandbox failures per workload, as agents report them in heartbeats.
+//! [`EventLog`]: recent sandbox failures per workload, as agents report them in heartbeats, and
+//! the stream of [`Notice`]s (failures, scheduling) that Kubernetes mode turns into Events.
 //!
 //! Entries are aggregated per (node, generation, reason), as Kubernetes aggregates repeated
 //! events into one with a count, and each workload keeps at most [`MAX_EVENTS_PER_WORKLOAD`].
@@ -8,7 +9,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use flotilla_proto::control::v1::SandboxEvent;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
+
+/// Notices buffered for a slow reader before it misses some.
+const NOTICE_BUFFER: usize = 1024;
+
+/// Something a user should see about a workload, as a Kubernetes Event shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The workload's key, `namespace/name`.
+    pub key: String,
+    /// A warning (something failed) rather than a normal notice.
+    pub warning: bool,
+    /// A short CamelCase reason: Scheduled, Unschedulable, Trap, ...
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+}
 
 /// Entries kept per workload; the oldest go first.
 pub const MAX_EVENTS_PER_WORKLOAD: usize = 32;
@@ -36,6 +53,7 @@ pub struct Event {
 pub struct EventLog {
     events: Mutex<BTreeMap<String, Vec<Event>>>,
     changed: watch::Sender<u64>,
+    notices: broadcast::Sender<Notice>,
 }
 
 impl Default for EventLog {
@@ -43,6 +61,7 @@ impl Default for EventLog {
         Self {
             events: Mutex::default(),
             changed: watch::channel(0).0,
+            notices: broadcast::channel(NOTICE_BUFFER).0,
         }
     }
 }
@@ -60,6 +79,17 @@ impl EventLog {
         {
             let mut events = self.lock();
             for report in reported {
+                let count = report.count.max(1);
+                self.notify(Notice {
+                    key: report.key.clone(),
+                    warning: true,
+                    reason: report.reason.clone(),
+                    message: format!(
+                        "{count} sandbox{} on node {node} ended: {}",
+                        if count == 1 { "" } else { "es" },
+                        report.message.lines().next().unwrap_or_default()
+                    ),
+                });
                 let list = events.entry(report.key).or_default();
                 let count = u64::from(report.count.max(1));
                 match list.iter_mut().find(|e| {
@@ -94,6 +124,17 @@ impl EventLog {
             }
         }
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Publishes a notice to every reader of [`notices`](Self::notices).
+    pub fn notify(&self, notice: Notice) {
+        // No reader is fine: embedded mode keeps only the failure log.
+        let _ = self.notices.send(notice);
+    }
+
+    /// Notices from now on.
+    pub fn notices(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     /// A workload's events, newest first.

@@ -6,7 +6,7 @@ pub mod events;
 pub mod nodes;
 pub mod sessions;
 
-pub use self::events::{Event, EventLog};
+pub use self::events::{Event, EventLog, Notice};
 pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
 pub use self::sessions::Sessions;
 use crate::metrics::Metrics;

@@ -29,7 +29,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Notice};
 use crate::model::{Condition, Workload, WorkloadStatus};
 use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
 use crate::scheduler::{PluginError, Scheduler};
@@ -139,6 +139,7 @@ impl<S: WorkloadStore> Controller<S> {
                 self.add_finalizer(&workload).await?;
             }
             let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
+            self.notice_scheduling(&workload, &status);
             // Sandboxes of the current generation that agents report running; while agents
             // are still reconnecting, a count does not drop for want of their reports.
             let key = workload.key().to_string();
@@ -193,6 +194,34 @@ impl<S: WorkloadStore> Controller<S> {
             .metrics
             .workloads(workload_count, desired, placed, ready_total);
         Ok(written)
+    }
+
+    /// Tells users when the `Scheduled` condition changes: a new replica count placed, or why
+    /// replicas cannot be.
+    fn notice_scheduling(&self, workload: &Workload, status: &WorkloadStatus) {
+        let find = |status: Option<&WorkloadStatus>| {
+            status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == SCHEDULED))
+                .map(|c| (c.status.clone(), c.message.clone()))
+        };
+        let Some((now, message)) = find(Some(status)) else {
+            return;
+        };
+        if find(workload.status.as_ref()) == Some((now.clone(), message.clone())) {
+            return;
+        }
+        let warning = now != "True";
+        self.cluster.events.notify(Notice {
+            key: workload.key().to_string(),
+            warning,
+            reason: if warning {
+                "Unschedulable"
+            } else {
+                "Scheduled"
+            }
+            .into(),
+            message,
+        });
     }
 
     /// Adds [`FINALIZER`]; a conflict (the workload changed meanwhile) waits for the next pass.

@@ -1,0 +1,14 @@
+//! What Kubernetes mode adds around the [`KubeStore`](crate::store::KubeStore): the CRDs
+//! ([`crds`]), leader election on a Lease ([`leader`]), a `WasmNode` object per connected agent
+//! ([`nodes`]) and Kubernetes Events for what users should see about their workloads
+//! ([`events`]). Everything here writes under [`FIELD_MANAGER`].
+
+pub mod crds;
+pub mod events;
+pub mod leader;
+pub mod nodes;
+
+pub use crate::store::kube::FIELD_MANAGER;
+
+/// The label that marks objects the control plane owns (and may delete).
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "flotilla-control-plane");
