@@ -299,3 +299,20 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     });
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
 }
+
+#[test]
+fn the_kubectl_example_pins_the_committed_guest() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let manifest: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(examples.join("kubernetes/hello.yaml")).expect("example"),
+    )
+    .expect("YAML");
+    let guest = std::fs::read(examples.join("guests/hello.wasm")).expect("guest");
+    assert_eq!(manifest["spec"]["module"]["sha256"], sha256_hex(&guest));
+    assert!(
+        manifest["spec"]["module"]["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/examples/guests/hello.wasm")),
+        "{manifest}"
+    );
+}

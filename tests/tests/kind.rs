@@ -1,0 +1,122 @@
+//! End-to-end against a real Kubernetes cluster (kind, say): run with
+//! `KUBECONFIG=... cargo test -p flotilla-tests --test kind -- --ignored`.
+//!
+//! The test installs the CRDs with `kubectl apply --server-side`, runs the control-plane binary
+//! on this machine with `--store kubernetes` against the cluster and two node-agent binaries
+//! beside it (no images needed), then drives the workload with kubectl only: apply, wait for
+//! Ready, scale, delete, and reads `kubectl get wasmnodes`. It leaves the CRDs installed and
+//! deletes what it created.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Agent, ControlPlane, SETTLE_TIMEOUT, serve_http, sha256_hex};
+
+mod support;
+
+/// Runs kubectl; returns stdout, failing the test on a non-zero exit.
+fn kubectl(args: &[&str]) -> String {
+    let output = Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn kubectl_json(args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    serde_json::from_str(&kubectl(&args)).expect("kubectl JSON")
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} not reached");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster"]
+fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crds = root.join("charts/flotilla/crds");
+    kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
+    let namespace = format!("flotilla-e2e-{}", std::process::id());
+    kubectl(&["create", "namespace", &namespace]);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start_with(&dir.path().join("cp"), "127.0.0.1:0", |c| {
+        c.args(["--store", "kubernetes"]);
+    });
+    let server = control_plane.url();
+    let _node_a = Agent::start(&server, "e2e-node-a");
+    let _node_b = Agent::start(&server, "e2e-node-b");
+
+    let idle = std::fs::read(root.join("examples/guests/idle.wasm")).expect("guest");
+    let web = serve_http(vec![("/idle.wasm", idle.clone())]);
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: web\n  \
+             namespace: {namespace}\nspec:\n  replicas: 4\n  module:\n    url: {web}/idle.wasm\n    \
+             sha256: {}\n",
+            sha256_hex(&idle)
+        ),
+    )
+    .expect("write manifest");
+    kubectl(&["apply", "-f", &manifest.to_string_lossy()]);
+
+    let ready = |n: u64| {
+        let namespace = namespace.clone();
+        move || {
+            kubectl_json(&["-n", &namespace, "get", "wasmworkload", "web"])["status"]["readyReplicas"]
+                == n
+        }
+    };
+    wait_until("4 ready replicas", ready(4));
+    let nodes = kubectl_json(&["get", "wasmnodes"]);
+    let names: Vec<&str> = nodes["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"e2e-node-a") && names.contains(&"e2e-node-b"),
+        "{names:?}"
+    );
+
+    kubectl(&[
+        "-n",
+        &namespace,
+        "scale",
+        "wasmworkload",
+        "web",
+        "--replicas=6",
+    ]);
+    wait_until("6 ready replicas", ready(6));
+
+    kubectl(&[
+        "-n",
+        &namespace,
+        "delete",
+        "wasmworkload",
+        "web",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let left = kubectl(&["-n", &namespace, "get", "wasmworkloads", "-o", "name"]);
+    assert!(left.trim().is_empty(), "{left}");
+    kubectl(&["delete", "namespace", &namespace, "--wait=false"]);
+    control_plane.stop();
+}
