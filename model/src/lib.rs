@@ -195,8 +195,10 @@ pub struct ModuleRef {
     /// Lower-case hex SHA-256 of the module; agents verify it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
-    /// An `http`/`https` URL to fetch the module from; without it the control plane's module
-    /// store serves the blob pushed under `sha256`.
+    /// Where to fetch the module: an `http`/`https` URL, or an OCI artifact
+    /// (`oci://registry/repository@sha256:<manifest digest>` or `:tag`) whose wasm layer is the
+    /// module. Without it the control plane's module store serves the blob pushed under
+    /// `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// A local file, only in manifests given to `flotilla apply`, which pushes it and replaces it
@@ -521,11 +523,13 @@ impl Workload {
                     );
                 }
                 if let Some(url) = &module.url
-                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                    && !(url.starts_with("https://")
+                        || url.starts_with("http://")
+                        || url.starts_with("oci://"))
                 {
                     fail(
                         "spec.module.url",
-                        format!("{url:?}: must be an http or https URL"),
+                        format!("{url:?}: must be an http, https or oci URL"),
                     );
                 }
             }

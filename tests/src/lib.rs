@@ -3,6 +3,7 @@
 //! The cross-component tests under `tests/tests/` and the crates' own process tests share it.
 
 pub mod apiserver;
+pub mod registry;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

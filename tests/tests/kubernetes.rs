@@ -3,7 +3,7 @@
 //! place of the cluster this machine cannot run) reached through a kubeconfig.
 //!
 //! The test does what a user does with kubectl, through the API: apply a `WasmWorkload` that
-//! names its module by URL, scale it, delete it; and what the operator must do in return:
+//! names its module by URL (and one from an OCI registry), scale it, delete it; and what the operator must do in return:
 //! schedule onto both agents, write status by server-side apply, hold a finalizer until the
 //! sandboxes stopped, keep a second replica waiting on the Lease until the first steps down.
 
@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use flotilla_tests::apiserver::FakeApiServer;
+use flotilla_tests::registry::FakeRegistry;
 use serde_json::{Value, json};
 use support::{Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, serve_http, sha256_hex};
 
@@ -104,10 +105,11 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     let crash =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/crash.wasm"))
             .expect("guest");
-    let web = serve_http(vec![
-        ("/idle.wasm", idle.clone()),
-        ("/crash.wasm", crash.clone()),
-    ]);
+    let web = serve_http(vec![("/idle.wasm", idle.clone())]);
+    // The trapping guest comes from an OCI registry, as runwasi and SpinKube artifacts do.
+    let registry = runtime.block_on(FakeRegistry::start());
+    let crash_manifest = registry.push_wasm("flotilla/crash", "v1", &crash);
+    let crash_url = format!("oci://{}/flotilla/crash@{crash_manifest}", registry.host());
     let manifest = json!({
         "apiVersion": "flotilla.dev/v1alpha1",
         "kind": "WasmWorkload",
@@ -189,7 +191,7 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
                 "metadata": {"name": "crashloop"},
                 "spec": {
                     "restartPolicy": "Always",
-                    "module": {"url": format!("{web}/crash.wasm"), "sha256": sha256_hex(&crash)},
+                    "module": {"url": crash_url, "sha256": sha256_hex(&crash)},
                 },
             }),
         ))

@@ -53,6 +53,12 @@ pub enum FetchError {
     },
 }
 
+/// Makes ring the process's TLS crypto provider: reqwest (here and in the OCI client) is built
+/// without one. Installing it again fails harmlessly.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Downloads modules over HTTP(S). Cheap to clone.
 #[derive(Clone)]
 pub struct ModuleFetcher {
@@ -66,9 +72,7 @@ impl ModuleFetcher {
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(max_bytes: u64, timeout: Duration) -> Result<Self, FetchError> {
-        // reqwest is built without a crypto provider; ring is the process's. Installing it a
-        // second time fails harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
@@ -196,12 +200,17 @@ impl UrlModules {
         url: &str,
         sha256: &str,
     ) -> Result<(), String> {
-        let bytes = fetcher.fetch(url, sha256).await.map_err(|error| {
-            format!(
-                "spec.module.url: {}",
-                flotilla_telemetry::error_chain(&error)
-            )
-        })?;
+        let fetched = if url.starts_with("oci://") {
+            super::oci::pull(url, sha256, self.store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
+                .await
+                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+        } else {
+            fetcher
+                .fetch(url, sha256)
+                .await
+                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+        };
+        let bytes = fetched.map_err(|error| format!("spec.module.url: {error}"))?;
         let store = self.store.clone();
         let sha256 = sha256.to_string();
         tokio::task::spawn_blocking(move || store.put(&bytes, Some(&sha256)))

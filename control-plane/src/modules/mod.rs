@@ -2,6 +2,7 @@
 //! `spec.module.url`, kept on disk under their SHA-256 and served to agents by digest.
 
 pub mod fetch;
+pub mod oci;
 
 pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher, UrlModules};
 

@@ -1,0 +1,275 @@
+//! Modules from OCI registries: `oci://registry/repository@sha256:...` (or `:tag`), the wasm
+//! artifact format of runwasi, SpinKube and `wasm-to-oci`: an OCI image manifest whose layer of
+//! type [`WASM_LAYER_MEDIA_TYPES`] is the module itself.
+//!
+//! The manifest is pulled first (and checked against the reference's digest, when it has one);
+//! the wasm layer's descriptor must carry the digest `spec.module.sha256` pins and a size within
+//! the limit before a byte of it is downloaded, and the blob is checked against its digest as it
+//! arrives. Registries on loopback are spoken to over plain HTTP, as Docker and containerd treat
+//! `127.0.0.0/8`; every other registry over HTTPS. Pulls are anonymous (public artifacts).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+/// Media types of a wasm module layer: the CNCF wasm OCI artifact layer and `application/wasm`.
+pub const WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/wasm",
+];
+
+/// Why an OCI module could not be pulled.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The reference does not parse.
+    #[error("{url}: not an OCI reference")]
+    Reference {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: oci_client::ParseError,
+    },
+    /// The registry refused or failed the request.
+    #[error("pulling {reference}")]
+    Pull {
+        /// The reference.
+        reference: String,
+        /// The cause.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// The manifest has no wasm layer.
+    #[error("{reference}: the artifact has no wasm layer (layer media types: {found})")]
+    NoWasmLayer {
+        /// The reference.
+        reference: String,
+        /// The layer media types it has.
+        found: String,
+    },
+    /// The wasm layer is not the module the manifest pins.
+    #[error(
+        "{reference}: its wasm layer is {actual}, but spec.module.sha256 pins sha256:{expected}"
+    )]
+    DigestMismatch {
+        /// The reference.
+        reference: String,
+        /// Pinned.
+        expected: String,
+        /// The layer's digest.
+        actual: String,
+    },
+    /// The wasm layer is larger than the module store accepts.
+    #[error("{reference}: the wasm layer has {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// The reference.
+        reference: String,
+        /// The layer's size.
+        size: i64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The pull took longer than the timeout.
+    #[error("pulling {reference}: no answer within {timeout:?}")]
+    Timeout {
+        /// The reference.
+        reference: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+}
+
+/// Pulls the module `sha256` from the OCI artifact at `url` (`oci://...`).
+///
+/// # Errors
+/// See [`OciError`]; nothing is returned unless the layer matches `sha256`.
+pub async fn pull(
+    url: &str,
+    sha256: &str,
+    max_bytes: u64,
+    timeout: Duration,
+) -> Result<Vec<u8>, OciError> {
+    let text = url.strip_prefix("oci://").unwrap_or(url);
+    let reference: Reference = text.parse().map_err(|source| OciError::Reference {
+        url: url.to_string(),
+        source,
+    })?;
+    let shown = reference.whole();
+    tokio::time::timeout(timeout, pull_reference(&reference, sha256, max_bytes))
+        .await
+        .unwrap_or(Err(OciError::Timeout {
+            reference: shown,
+            timeout,
+        }))
+}
+
+async fn pull_reference(
+    reference: &Reference,
+    sha256: &str,
+    max_bytes: u64,
+) -> Result<Vec<u8>, OciError> {
+    let shown = reference.whole();
+    let pull_error = |source| OciError::Pull {
+        reference: shown.clone(),
+        source,
+    };
+    let registry = reference.resolve_registry().to_string();
+    let protocol = if is_loopback(&registry) {
+        ClientProtocol::HttpsExcept(vec![registry])
+    } else {
+        ClientProtocol::Https
+    };
+    super::fetch::install_crypto_provider();
+    let client = Client::new(ClientConfig {
+        protocol,
+        ..ClientConfig::default()
+    });
+    let (manifest, _digest) = client
+        .pull_image_manifest(reference, &RegistryAuth::Anonymous)
+        .await
+        .map_err(pull_error)?;
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
+        .ok_or_else(|| OciError::NoWasmLayer {
+            reference: shown.clone(),
+            found: manifest
+                .layers
+                .iter()
+                .map(|l| l.media_type.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    if layer.digest != format!("sha256:{sha256}") {
+        return Err(OciError::DigestMismatch {
+            reference: shown,
+            expected: sha256.to_string(),
+            actual: layer.digest.clone(),
+        });
+    }
+    if u64::try_from(layer.size).map_or(true, |size| size > max_bytes) {
+        return Err(OciError::TooLarge {
+            reference: shown,
+            size: layer.size,
+            limit: max_bytes,
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0));
+    client
+        .pull_blob(reference, layer, &mut bytes)
+        .await
+        .map_err(pull_error)?;
+    Ok(bytes)
+}
+
+/// Whether a registry (`host[:port]`) is on loopback.
+fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .filter(|(host, port)| !host.is_empty() && port.chars().all(|c| c.is_ascii_digit()))
+        .map_or(registry, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_tests::registry::{FakeRegistry, digest};
+
+    use super::*;
+
+    const WASM: &[u8] = b"\0asm\x01\0\0\0";
+    const LIMIT: u64 = 1 << 20;
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn sha(bytes: &[u8]) -> String {
+        digest(bytes).trim_start_matches("sha256:").to_string()
+    }
+
+    #[tokio::test]
+    async fn pulls_the_wasm_layer_by_digest_and_by_tag() {
+        let registry = FakeRegistry::start().await;
+        let manifest = registry.push_wasm("flotilla/hello", "v1", WASM);
+        let by_digest = format!("oci://{}/flotilla/hello@{manifest}", registry.host());
+        assert_eq!(
+            pull(&by_digest, &sha(WASM), LIMIT, TIMEOUT)
+                .await
+                .expect("pull"),
+            WASM
+        );
+        let by_tag = format!("oci://{}/flotilla/hello:v1", registry.host());
+        assert_eq!(
+            pull(&by_tag, &sha(WASM), LIMIT, TIMEOUT)
+                .await
+                .expect("pull"),
+            WASM
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_what_the_manifest_does_not_pin() {
+        let registry = FakeRegistry::start().await;
+        let host = registry.host();
+        registry.push_wasm("flotilla/hello", "v1", WASM);
+        registry.push(
+            "flotilla/image",
+            "v1",
+            &[("application/vnd.oci.image.layer.v1.tar", b"tar")],
+        );
+        let url = format!("oci://{host}/flotilla/hello:v1");
+
+        let err = pull(&url, &"0".repeat(64), LIMIT, TIMEOUT)
+            .await
+            .expect_err("other digest");
+        assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
+        let err = pull(&url, &sha(WASM), 4, TIMEOUT)
+            .await
+            .expect_err("over the limit");
+        assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
+        let err = pull(
+            &format!("oci://{host}/flotilla/image:v1"),
+            &sha(WASM),
+            LIMIT,
+            TIMEOUT,
+        )
+        .await
+        .expect_err("no wasm layer");
+        assert!(
+            err.to_string()
+                .contains("application/vnd.oci.image.layer.v1.tar"),
+            "{err}"
+        );
+        let err = pull(
+            &format!("oci://{host}/flotilla/missing:v1"),
+            &sha(WASM),
+            LIMIT,
+            TIMEOUT,
+        )
+        .await
+        .expect_err("unknown repository");
+        assert!(matches!(err, OciError::Pull { .. }), "{err}");
+        let err = pull("oci://UPPER CASE/x", &sha(WASM), LIMIT, TIMEOUT)
+            .await
+            .expect_err("not a reference");
+        assert!(matches!(err, OciError::Reference { .. }), "{err}");
+    }
+
+    #[test]
+    fn loopback_registries_are_recognised() {
+        for registry in [
+            "localhost:5000",
+            "127.0.0.1:5001",
+            "[::1]:5000",
+            "localhost",
+        ] {
+            assert!(is_loopback(registry), "{registry}");
+        }
+        for registry in ["ghcr.io", "registry.example.com:5000", "10.0.0.1:5000"] {
+            assert!(!is_loopback(registry), "{registry}");
+        }
+    }
+}
