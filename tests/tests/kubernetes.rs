@@ -87,6 +87,19 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
         l["spec"]["holderIdentity"] == "cp-0"
     });
     assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+    // The cluster's Nodes, with the labels a cloud gives them.
+    for (node, zone) in [("node-a", "zone-a"), ("node-b", "zone-b")] {
+        runtime
+            .block_on(api.apply_object(
+                "/api/v1/nodes",
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": zone}},
+                }),
+            ))
+            .expect("create Node");
+    }
     let server = first.url();
     let node_a = Agent::start(&server, "node-a");
     let node_b = Agent::start(&server, "node-b");
@@ -162,6 +175,46 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
         );
         assert!(published["status"]["lastHeartbeatTime"].is_string());
     }
+
+    // Node labels from the cluster steer placement, as for pods.
+    runtime
+        .block_on(api.apply_object(
+            WORKLOADS,
+            json!({
+                "apiVersion": "flotilla.dev/v1alpha1",
+                "kind": "WasmWorkload",
+                "metadata": {"name": "zonal"},
+                "spec": {
+                    "replicas": 3,
+                    "nodeSelector": {"topology.kubernetes.io/zone": "zone-b"},
+                    "module": {"url": format!("{web}/idle.wasm"), "sha256": sha256_hex(&idle)},
+                },
+            }),
+        ))
+        .expect("create");
+    let zonal = wait_object(
+        &api,
+        &format!("{WORKLOADS}/zonal"),
+        "3 zonal replicas",
+        |o| o["status"]["readyReplicas"] == 3,
+    );
+    assert_eq!(zonal["status"]["placements"], json!({"node-b": 3}));
+    let published = api
+        .object("/apis/flotilla.dev/v1alpha1/wasmnodes/node-b")
+        .expect("WasmNode");
+    assert_eq!(
+        published["metadata"]["labels"]["topology.kubernetes.io/zone"],
+        "zone-b"
+    );
+    runtime
+        .block_on(api.delete_object(&format!("{WORKLOADS}/zonal")))
+        .expect("delete");
+    wait_object(
+        &api,
+        &format!("{WORKLOADS}/zonal"),
+        "zonal gone",
+        Value::is_null,
+    );
 
     // `kubectl describe`/`get events`: the scheduling decision, as an Event on the workload.
     let deadline = Instant::now() + SETTLE_TIMEOUT;

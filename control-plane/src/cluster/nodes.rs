@@ -30,7 +30,12 @@ pub struct NodeRegistry {
 }
 
 struct Entry {
+    /// What the agent registered, with `cluster_labels` merged into its labels.
     info: NodeInfo,
+    /// The labels the agent registered (they win over the cluster's).
+    agent_labels: BTreeMap<String, String>,
+    /// Labels of the Kubernetes Node of the same name (zone, instance type, ...), if any.
+    cluster_labels: BTreeMap<String, String>,
     last_seen: Instant,
     /// Sandbox counts per workload key, from the last heartbeat.
     running: BTreeMap<String, Reported>,
@@ -74,18 +79,45 @@ impl NodeRegistry {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Adds or replaces a node; it is ready and seen now.
+    /// Adds or replaces a node; it is ready and seen now. Labels learnt from the cluster stay.
     pub fn upsert(&self, mut info: NodeInfo) {
         info.ready = true;
-        self.lock().insert(
+        let mut nodes = self.lock();
+        let cluster_labels = nodes
+            .get(&info.name)
+            .map(|e| e.cluster_labels.clone())
+            .unwrap_or_default();
+        let agent_labels = info.labels.clone();
+        info.labels = merged_labels(&agent_labels, &cluster_labels);
+        nodes.insert(
             info.name.clone(),
             Entry {
                 info,
+                agent_labels,
+                cluster_labels,
                 last_seen: Instant::now(),
                 running: BTreeMap::new(),
             },
         );
+        drop(nodes);
         self.bump();
+    }
+
+    /// Sets the labels a node has in the cluster (its Kubernetes Node's); the agent's own
+    /// labels keep precedence. Returns whether the node's labels changed.
+    pub fn set_cluster_labels(&self, name: &str, labels: BTreeMap<String, String>) -> bool {
+        let mut nodes = self.lock();
+        let Some(entry) = nodes.get_mut(name) else {
+            return false;
+        };
+        if entry.cluster_labels == labels {
+            return false;
+        }
+        entry.info.labels = merged_labels(&entry.agent_labels, &labels);
+        entry.cluster_labels = labels;
+        drop(nodes);
+        self.bump();
+        true
     }
 
     /// Records a heartbeat; a node that was not ready becomes ready again. Returns whether the
@@ -188,10 +220,24 @@ impl NodeRegistry {
             .collect()
     }
 
+    /// The names of every known node.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// Wakes when the set of nodes or their readiness changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+}
+
+fn merged_labels(
+    agent: &BTreeMap<String, String>,
+    cluster: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels = cluster.clone();
+    labels.extend(agent.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
 }
 
 #[cfg(test)]
@@ -203,6 +249,39 @@ mod tests {
             name: name.into(),
             ..NodeInfo::default()
         }
+    }
+
+    #[test]
+    fn cluster_labels_merge_under_the_agents_and_survive_reregistration() {
+        let registry = NodeRegistry::default();
+        let mut info = node("a");
+        info.labels = [("kubernetes.io/arch".to_string(), "arm64".to_string())].into();
+        registry.upsert(info.clone());
+        let cluster: BTreeMap<String, String> = [
+            ("kubernetes.io/arch", "amd64"),
+            ("topology.kubernetes.io/zone", "z1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert!(registry.set_cluster_labels("a", cluster.clone()));
+        assert!(
+            !registry.set_cluster_labels("a", cluster),
+            "no change the second time"
+        );
+        assert!(!registry.set_cluster_labels("unknown", BTreeMap::new()));
+        let labels = |r: &NodeRegistry| r.snapshot()[0].labels.clone();
+        assert_eq!(
+            labels(&registry)["kubernetes.io/arch"],
+            "arm64",
+            "the agent's label wins"
+        );
+        assert_eq!(labels(&registry)["topology.kubernetes.io/zone"], "z1");
+        // The agent reconnects: the cluster's labels stay until the next sync says otherwise.
+        registry.upsert(info);
+        assert_eq!(labels(&registry)["topology.kubernetes.io/zone"], "z1");
+        assert!(registry.set_cluster_labels("a", BTreeMap::new()));
+        assert!(!labels(&registry).contains_key("topology.kubernetes.io/zone"));
     }
 
     #[test]

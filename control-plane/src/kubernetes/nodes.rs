@@ -2,6 +2,10 @@
 //! fleet. Spec (arch, os, taints) and labels are applied with server-side apply, status
 //! (allocatable, sandboxes, the `Ready` condition, last heartbeat) on the status subresource.
 //!
+//! Nodes learn the labels of the Kubernetes Node of the same name (zone, region, instance type,
+//! ...) from a metadata-only watch, so workloads can select them as they would for pods; the
+//! agent's own labels win. Agents outside the cluster have no Node and keep their own labels.
+//!
 //! A node's object is rewritten when what it shows changes, and otherwise at most every
 //! [`HEARTBEAT_REFRESH`], so that a thousand heartbeating agents do not cost the API server a
 //! write each. Objects of nodes that left the registry are deleted, and after a restart those
@@ -12,8 +16,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 
 use super::{FIELD_MANAGER, MANAGED_BY};
 use crate::cluster::{Cluster, NodeStatus};
@@ -58,13 +67,22 @@ pub async fn publish(
             tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "listing WasmNodes failed");
         }
     }
+    let (kubernetes_nodes, node_changes, _watch) = watch_kubernetes_nodes(api_client(&api));
     let mut changes = cluster.nodes.subscribe();
     let mut resync = tokio::time::interval(RESYNC);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
             changed = changes.changed() => if changed.is_err() { return },
+            () = node_changes.notified() => {}
             _ = resync.tick() => {}
+        }
+        for name in cluster.nodes.names() {
+            let labels = kubernetes_nodes
+                .get(&ObjectRef::new(&name))
+                .and_then(|node| node.metadata.labels.clone())
+                .unwrap_or_default();
+            cluster.nodes.set_cluster_labels(&name, labels);
         }
         let statuses = cluster.nodes.statuses();
         for status in &statuses {
@@ -113,6 +131,53 @@ pub async fn publish(
             }
         }
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn api_client(api: &Api<WasmNode>) -> kube::Client {
+    api.clone().into_client()
+}
+
+/// A metadata-only reflector of the cluster's Nodes, a notification on each change, and the
+/// task that feeds them (stopped when dropped).
+fn watch_kubernetes_nodes(
+    client: kube::Client,
+) -> (
+    reflector::Store<PartialObjectMeta<Node>>,
+    Arc<Notify>,
+    AbortOnDrop,
+) {
+    let (reader, writer) = reflector::store();
+    let notify = Arc::new(Notify::new());
+    let changed = notify.clone();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(
+            Api::<PartialObjectMeta<Node>>::all(client),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(error) => {
+                    tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "watching Nodes failed; node labels may be stale");
+                }
+            }
+        }
+    });
+    (reader, notify, AbortOnDrop(task))
 }
 
 /// The object to apply, and what of it counts as a change (all but the heartbeat time).

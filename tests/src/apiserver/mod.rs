@@ -12,13 +12,25 @@
 //!   update empties its finalizers.
 //! - Watches (`?watch=true`) replay history after the given `resourceVersion`, then stream live
 //!   events; a version older than the retained history gets a 410 `Expired` error event.
+//!   Streaming lists (`sendInitialEvents=true`) end their initial events with the marked
+//!   bookmark that newer clients wait for.
 //! - Patches: JSON merge patch and strategic merge patch (treated as merge patch), JSON patch,
 //!   and server-side apply, approximated for one manager per field: each top-level field the
 //!   applied object sets replaces the stored one (and `metadata.labels`, `annotations` and
 //!   `finalizers` likewise). Managed fields are not tracked, so apply never conflicts.
 //!
+//! Discovery (`/api`, `/apis`, resource lists) covers built-in resources Flotilla touches and
+//! the custom resources registered with [`FakeApiServer::with_crds_in`], so kubectl can talk to
+//! it; `scale` subresources follow the CRD's replica paths. List and watch honour `key=value`
+//! label selectors and `metadata.name`/`metadata.namespace` field selectors. OpenAPI v3
+//! documents say only that every resource takes `fieldValidation` (so kubectl leaves
+//! validation to the server); they hold no schemas. Tables (`kubectl get` columns) are not
+//! served.
+//!
 //! It does not validate objects against schemas. [`FakeApiServer::fail_next`] injects errors,
 //! and [`FakeApiServer::requests`] records every request for assertions.
+
+mod discovery;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -93,6 +105,8 @@ struct State {
     store: Mutex<Store>,
     changes: broadcast::Sender<Change>,
     status_subresources: Mutex<Vec<String>>,
+    resources: Mutex<Vec<discovery::Resource>>,
+    address: std::sync::OnceLock<String>,
     faults: Mutex<Vec<Fault>>,
     requests: Mutex<Vec<RecordedRequest>>,
 }
@@ -114,6 +128,8 @@ impl FakeApiServer {
             store: Mutex::new(Store::default()),
             changes,
             status_subresources: Mutex::new(Vec::new()),
+            resources: Mutex::new(discovery::builtins()),
+            address: std::sync::OnceLock::new(),
             faults: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
         });
@@ -121,6 +137,7 @@ impl FakeApiServer {
             .await
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
+        let _ = state.address.set(addr.to_string());
         let app = axum::Router::new().fallback({
             let state = state.clone();
             move |request: Request<Body>| {
@@ -142,6 +159,28 @@ impl FakeApiServer {
     #[must_use]
     pub fn with_status_subresource(self, plural: &str) -> Self {
         lock(&self.state.status_subresources).push(plural.to_string());
+        self
+    }
+
+    /// Registers the custom resources of every CustomResourceDefinition (`*.yaml`) in `dir`:
+    /// discovery lists them, and their status and scale subresources work as the CRDs say.
+    ///
+    /// # Panics
+    /// If the directory or a file in it cannot be read or parsed.
+    #[must_use]
+    pub fn with_crds_in(self, dir: &std::path::Path) -> Self {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .expect("read the CRD directory")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read a CRD");
+            let crd: Value = serde_yaml::from_str(&text).expect("parse a CRD");
+            lock(&self.state.resources).extend(discovery::from_crd(&crd));
+        }
         self
     }
 
@@ -393,7 +432,10 @@ impl State {
                 .collect();
         let path = parts.uri.path().to_string();
         let content_type = content_type(&parts.headers);
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // Apply patches may come as YAML.
+        let body: Value = serde_json::from_slice(&bytes)
+            .or_else(|_| serde_yaml::from_slice(&bytes))
+            .unwrap_or(Value::Null);
         lock(&self.requests).push(RecordedRequest {
             method: parts.method.clone(),
             path: path.clone(),
@@ -404,19 +446,26 @@ impl State {
         if let Some(code) = self.take_fault(&parts.method, &path) {
             return status_error(code, "InternalError", "injected failure");
         }
+        if let Some(response) = self.discovery(&path) {
+            return response;
+        }
         let Some(route) = Route::parse(&path) else {
             return status_error(404, "NotFound", &format!("no route for {path}"));
         };
         if !bytes.is_empty() && body.is_null() {
             return status_error(400, "BadRequest", "the body is not JSON");
         }
+        if route.subresource.as_deref() == Some("scale") {
+            return self.scale(&route, &parts.method, body, &content_type);
+        }
+        let selector = Selector::parse(&query);
         match (&parts.method, route.name.is_some()) {
             (&Method::GET, false)
                 if query.get("watch").is_some_and(|w| w == "true" || w == "1") =>
             {
-                self.watch(&route, &query)
+                self.watch(&route, &query, selector)
             }
-            (&Method::GET, false) => self.list(&route, query.get("labelSelector")),
+            (&Method::GET, false) => self.list(&route, &selector),
             (&Method::GET, true) => self.get(&route),
             (&Method::POST, false) => self.create(&route, body),
             (&Method::PUT, true) => self.update(&route, body),
@@ -441,6 +490,111 @@ impl State {
         lock(&self.status_subresources)
             .iter()
             .any(|p| p == route.plural())
+            || self.resource(route).is_some_and(|r| r.status)
+    }
+
+    fn resource(&self, route: &Route) -> Option<discovery::Resource> {
+        lock(&self.resources)
+            .iter()
+            .find(|r| format!("{}/{}", r.group_version(), r.plural) == route.collection)
+            .cloned()
+    }
+
+    /// `/version`, `/api`, `/apis` and resource lists; `None` for any other path.
+    fn discovery(&self, path: &str) -> Option<Response<Body>> {
+        let path = path.trim_end_matches('/');
+        let resources = lock(&self.resources).clone();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let found = match segments.as_slice() {
+            ["version"] => Some(json!({
+                "major": "1", "minor": "33", "gitVersion": "v1.33.0-flotilla-fake",
+                "platform": "linux/amd64",
+            })),
+            ["api"] => Some(discovery::api_versions(
+                self.address.get().map_or("", String::as_str),
+            )),
+            ["apis"] => Some(discovery::group_list(&resources)),
+            ["openapi", "v3"] => Some(discovery::openapi_index(&resources)),
+            ["openapi", "v3", "api", version] => discovery::openapi_document(&resources, version),
+            ["openapi", "v3", "apis", group, version] => {
+                discovery::openapi_document(&resources, &format!("{group}/{version}"))
+            }
+            ["api", version] => discovery::resource_list(&resources, version),
+            ["apis", group, version] => {
+                discovery::resource_list(&resources, &format!("{group}/{version}"))
+            }
+            _ => return None,
+        };
+        Some(match found {
+            Some(document) => json_response(200, &document),
+            None => status_error(404, "NotFound", &format!("no group-version at {path}")),
+        })
+    }
+
+    /// The `scale` subresource: an `autoscaling/v1` Scale over the CRD's replica paths.
+    fn scale(
+        &self,
+        route: &Route,
+        method: &Method,
+        body: Value,
+        content_type: &str,
+    ) -> Response<Body> {
+        let (Some(key), Some((spec_path, status_path))) =
+            (route.key(), self.resource(route).and_then(|r| r.scale))
+        else {
+            return status_error(404, "NotFound", "no scale subresource");
+        };
+        let mut store = lock(&self.store);
+        let Some(object) = store.objects.get(&key).cloned() else {
+            return not_found(&key);
+        };
+        let scale = json!({
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                "name": key.name,
+                "namespace": key.namespace,
+                "uid": object["metadata"]["uid"],
+                "resourceVersion": object["metadata"]["resourceVersion"],
+            },
+            "spec": {"replicas": discovery::at_path(&object, &spec_path)},
+            "status": {"replicas": discovery::at_path(&object, &status_path), "selector": ""},
+        });
+        let wanted = match *method {
+            Method::GET => return json_response(200, &scale),
+            Method::PUT => body,
+            Method::PATCH if content_type == "application/json-patch+json" => {
+                let mut next = scale.clone();
+                match serde_json::from_value::<json_patch::Patch>(body) {
+                    Ok(patch) if json_patch::patch(&mut next, &patch).is_ok() => next,
+                    _ => return status_error(422, "Invalid", "bad JSON patch"),
+                }
+            }
+            Method::PATCH => {
+                let mut next = scale.clone();
+                json_patch::merge(&mut next, &body);
+                next
+            }
+            _ => return status_error(405, "MethodNotAllowed", "method not allowed"),
+        };
+        let Some(replicas) = wanted["spec"]["replicas"].as_i64() else {
+            return status_error(422, "Invalid", "spec.replicas: Required value");
+        };
+        let mut next = object;
+        discovery::set_path(&mut next, &spec_path, json!(replicas));
+        let main = Route {
+            collection: route.collection.clone(),
+            namespace: route.namespace.clone(),
+            name: route.name.clone(),
+            subresource: None,
+        };
+        let response = self.update_locked(&mut store, &main, next);
+        if !response.status().is_success() {
+            return response;
+        }
+        let mut scaled = scale;
+        scaled["spec"]["replicas"] = json!(replicas);
+        json_response(200, &scaled)
     }
 
     fn get(&self, route: &Route) -> Response<Body> {
@@ -453,21 +607,13 @@ impl State {
         }
     }
 
-    /// Lists a collection; a label selector may hold `key=value` terms only.
-    fn list(&self, route: &Route, selector: Option<&String>) -> Response<Body> {
-        let terms: Vec<(&str, &str)> = selector
-            .map(|s| s.split(',').filter_map(|t| t.split_once('=')).collect())
-            .unwrap_or_default();
+    /// Lists a collection, filtered by `selector`.
+    fn list(&self, route: &Route, selector: &Selector) -> Response<Body> {
         let store = lock(&self.store);
         let items: Vec<Value> = store
             .objects
             .iter()
-            .filter(|(key, _)| route.matches_collection(key))
-            .filter(|(_, object)| {
-                terms
-                    .iter()
-                    .all(|(k, v)| object["metadata"]["labels"][*k].as_str() == Some(*v))
-            })
+            .filter(|(key, object)| route.matches_collection(key) && selector.matches(object))
             .map(|(_, object)| object.clone())
             .collect();
         json_response(
@@ -481,7 +627,12 @@ impl State {
         )
     }
 
-    fn watch(self: &Arc<Self>, route: &Route, query: &BTreeMap<String, String>) -> Response<Body> {
+    fn watch(
+        self: &Arc<Self>,
+        route: &Route,
+        query: &BTreeMap<String, String>,
+        selector: Selector,
+    ) -> Response<Body> {
         let from: u64 = query
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
@@ -494,13 +645,29 @@ impl State {
         let (replay, mut live) = {
             let store = lock(&self.store);
             let live = self.changes.subscribe();
-            let replay: Vec<Value> = if from == 0 {
-                store
+            let initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+            let replay: Vec<Value> = if from == 0 || initial_events {
+                let mut events: Vec<Value> = store
                     .objects
                     .iter()
-                    .filter(|(key, _)| route.matches_collection(key))
+                    .filter(|(key, object)| {
+                        route.matches_collection(key) && selector.matches(object)
+                    })
                     .map(|(_, object)| json!({"type": "ADDED", "object": object}))
-                    .collect()
+                    .collect();
+                // A streaming list ends its initial events with a marked bookmark.
+                if initial_events {
+                    let resource = self.resource(route);
+                    events.push(json!({"type": "BOOKMARK", "object": {
+                        "apiVersion": resource.as_ref().map(discovery::Resource::group_version),
+                        "kind": resource.as_ref().map(|r| r.kind.clone()),
+                        "metadata": {
+                            "resourceVersion": store.version.to_string(),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    }}));
+                }
+                events
             } else if from < store.compacted {
                 vec![json!({"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -511,7 +678,11 @@ impl State {
                 store
                     .history
                     .iter()
-                    .filter(|c| c.version > from && route.matches_collection(&c.key))
+                    .filter(|c| {
+                        c.version > from
+                            && route.matches_collection(&c.key)
+                            && selector.matches(&c.object)
+                    })
                     .map(|c| json!({"type": c.kind, "object": c.object}))
                     .collect()
             };
@@ -530,7 +701,10 @@ impl State {
                 tokio::select! {
                     () = &mut deadline => return,
                     change = live.recv() => match change {
-                        Ok(change) if collection.matches_collection(&change.key) => {
+                        Ok(change)
+                            if collection.matches_collection(&change.key)
+                                && selector.matches(&change.object) =>
+                        {
                             let line = json!({"type": change.kind, "object": change.object});
                             if sender.send(line).await.is_err() {
                                 return;
@@ -791,6 +965,17 @@ impl State {
         kind: &'static str,
         mut object: Value,
     ) -> Value {
+        if key.collection == discovery::CRDS {
+            // A CRD created or changed: its resources appear in discovery, as they would.
+            let defined = discovery::from_crd(&object);
+            let mut resources = lock(&self.resources);
+            resources.retain(|r| {
+                !defined
+                    .iter()
+                    .any(|d| d.group_version() == r.group_version() && d.plural == r.plural)
+            });
+            resources.extend(defined);
+        }
         store.version += 1;
         object["metadata"]["resourceVersion"] = json!(store.version.to_string());
         store.objects.insert(key.clone(), object.clone());
@@ -821,6 +1006,47 @@ impl State {
         }
         // Nobody watching is fine.
         let _ = self.changes.send(change);
+    }
+}
+
+/// `labelSelector` terms `key=value` and `fieldSelector` terms on `metadata.name` and
+/// `metadata.namespace`.
+#[derive(Clone, Default)]
+struct Selector {
+    labels: Vec<(String, String)>,
+    fields: Vec<(String, String)>,
+}
+
+impl Selector {
+    fn parse(query: &BTreeMap<String, String>) -> Self {
+        let terms = |key: &str| -> Vec<(String, String)> {
+            query
+                .get(key)
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|t| t.split_once('='))
+                        .map(|(k, v)| (k.trim_end_matches('=').to_string(), v.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Self {
+            labels: terms("labelSelector"),
+            fields: terms("fieldSelector"),
+        }
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| object["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+            && self.fields.iter().all(|(k, v)| match k.as_str() {
+                "metadata.name" | "metadata.namespace" => {
+                    let field = k.trim_start_matches("metadata.");
+                    object["metadata"][field].as_str() == Some(v.as_str())
+                }
+                _ => true,
+            })
     }
 }
 

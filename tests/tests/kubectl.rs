@@ -1,0 +1,146 @@
+//! The README's kubectl steps, with a real kubectl, against the fake API server (real HTTP on
+//! loopback, standing in for the cluster this machine cannot run), the control-plane binary in
+//! Kubernetes mode and a node-agent binary.
+//!
+//! kubectl talks to the fake through a kubeconfig: it installs the CRDs with server-side apply,
+//! applies `examples/kubernetes/hello.yaml` (with its module URL pointed at a local copy, as the
+//! machine has no route to GitHub), lists and describes it, scales it through the `scale`
+//! subresource, lists `wasmnodes`, reads the placements with a jsonpath, and deletes it.
+//! kubectl comes from `$KUBECTL` or `PATH`; `.ci/setup` installs one where none is.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flotilla_tests::apiserver::FakeApiServer;
+use serde_json::Value;
+use support::{Agent, ControlPlane, SETTLE_TIMEOUT, serve_http};
+
+mod support;
+
+struct Kubectl {
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Kubectl {
+    /// Runs kubectl; returns (success, stdout, stderr).
+    fn try_run(&self, args: &[&str]) -> (bool, String, String) {
+        let binary = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let output = Command::new(binary)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env(
+                "HOME",
+                self.kubeconfig.parent().unwrap_or(Path::new("/tmp")),
+            )
+            .output()
+            .expect("kubectl runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.try_run(args);
+        assert!(ok, "kubectl {}: {stderr}{stdout}", args.join(" "));
+        stdout
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.run(&args)).expect("kubectl JSON")
+    }
+
+    fn wait(&self, what: &str, args: &[&str], done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let object = self.json(args);
+            if done(&object) {
+                return object;
+            }
+            assert!(Instant::now() < deadline, "{what} not reached: {object}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn the_readme_kubectl_steps_work_against_the_operator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let api = runtime.block_on(FakeApiServer::start());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig("default")).expect("write kubeconfig");
+    let kubectl = Kubectl { kubeconfig };
+
+    // The CRDs, as the README installs them outside Helm.
+    kubectl.run(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &root.join("charts/flotilla/crds").to_string_lossy(),
+    ]);
+    let crds = kubectl.json(&["get", "customresourcedefinitions"]);
+    assert_eq!(crds["items"].as_array().map(Vec::len), Some(2), "{crds}");
+
+    let kubeconfig_path = dir.path().join("kubeconfig");
+    let control_plane = ControlPlane::start_with(&dir.path().join("cp"), "127.0.0.1:0", |c| {
+        c.args(["--store", "kubernetes"])
+            .env("KUBECONFIG", &kubeconfig_path);
+    });
+    let node = Agent::start(&control_plane.url(), "node-a");
+
+    // examples/kubernetes/hello.yaml, with its module served from here.
+    let hello = std::fs::read(root.join("examples/guests/hello.wasm")).expect("guest");
+    let web = serve_http(vec![("/hello.wasm", hello)]);
+    let example =
+        std::fs::read_to_string(root.join("examples/kubernetes/hello.yaml")).expect("example");
+    let github = "https://raw.githubusercontent.com/flotilla-dev/flotilla/main/examples/guests";
+    assert!(example.contains(github), "the example's URL changed");
+    let manifest = dir.path().join("hello.yaml");
+    std::fs::write(&manifest, example.replace(github, &web)).expect("write manifest");
+
+    let applied = kubectl.run(&["apply", "-f", &manifest.to_string_lossy()]);
+    assert!(
+        applied.contains("wasmworkload.flotilla.dev/hello created"),
+        "{applied}"
+    );
+    // hello's two replicas print and complete.
+    let done = kubectl.wait("hello completed", &["get", "wasmworkload", "hello"], |o| {
+        o["status"]["succeededReplicas"] == 2
+    });
+    assert_eq!(done["metadata"]["finalizers"][0], "flotilla.dev/sandboxes");
+    let listed = kubectl.run(&["get", "wasmworkloads"]);
+    assert!(listed.contains("hello"), "{listed}");
+    let short = kubectl.run(&["get", "ww", "hello", "-o", "name"]);
+    assert_eq!(short.trim(), "wasmworkload.flotilla.dev/hello");
+    let described = kubectl.run(&["describe", "wasmworkload", "hello"]);
+    assert!(described.contains("Scheduled"), "{described}");
+
+    let scaled = kubectl.run(&["scale", "wasmworkload", "hello", "--replicas=5"]);
+    assert!(scaled.contains("scaled"), "{scaled}");
+    kubectl.wait("5 completed", &["get", "wasmworkload", "hello"], |o| {
+        o["status"]["succeededReplicas"] == 5
+    });
+    let nodes = kubectl.run(&["get", "wasmnodes"]);
+    assert!(nodes.contains("node-a"), "{nodes}");
+    let placements = kubectl.run(&[
+        "get",
+        "wasmworkload",
+        "hello",
+        "-o",
+        "jsonpath={.status.placements}",
+    ]);
+    assert_eq!(placements, r#"{"node-a":5}"#);
+
+    let deleted = kubectl.run(&["delete", "wasmworkload", "hello", "--timeout=60s"]);
+    assert!(deleted.contains("deleted"), "{deleted}");
+    let (ok, _, stderr) = kubectl.try_run(&["get", "wasmworkload", "hello"]);
+    assert!(!ok && stderr.contains("NotFound"), "{stderr}");
+    drop(node);
+    control_plane.stop();
+}
