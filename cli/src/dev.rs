@@ -40,7 +40,7 @@ pub struct DevArgs {
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Installed first: a signal during startup must still stop everything cleanly.
-    let shutdown = shutdown_signal()?;
+    let shutdown = flotilla_telemetry::shutdown_signal()?;
     let temp;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -175,17 +175,4 @@ async fn print_output(agent_url: &str, sandboxes: &[SandboxStatus]) {
             println!("  (logs unavailable: {error})");
         }
     }
-}
-
-/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }

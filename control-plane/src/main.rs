@@ -110,7 +110,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())
             .map_err(anyhow::Error::msg)?;
     // Installed first: a signal during startup must still stop the server cleanly.
-    let shutdown = shutdown_signal()?;
+    let shutdown = flotilla_telemetry::shutdown_signal()?;
     tokio::pin!(shutdown);
     let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
         format!(
@@ -173,19 +173,6 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         leadership.release().await;
     }
     Ok(())
-}
-
-/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
 
 fn default_data_dir() -> Option<PathBuf> {

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     // Installed first: a signal during startup must still stop every sandbox cleanly.
-    let shutdown = shutdown_signal()?;
+    let shutdown = flotilla_telemetry::shutdown_signal()?;
     let agent = Agent::start(config).await?;
     shutdown.await;
     tracing::info!("shutting down");
@@ -57,17 +57,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "all sandboxes accounted for"
     );
     Ok(())
-}
-
-/// Installs SIGTERM and SIGINT handlers now; the future completes on the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }

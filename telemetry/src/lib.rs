@@ -1,5 +1,6 @@
 //! The one place Flotilla's binaries install a tracing subscriber, the one way they print an
-//! error with its causes, and the one Prometheus `/metrics` endpoint they serve.
+//! error with its causes, the one Prometheus `/metrics` endpoint they serve, and the one way
+//! they wait for SIGTERM.
 //!
 //! `FLOTILLA_LOG` is an `EnvFilter` directive (default `warn,flotilla=info` plus the binary's own
 //! crate at `info`); `FLOTILLA_LOG_FORMAT` is `plain` (default) or `json`.
@@ -62,6 +63,23 @@ pub async fn serve_metrics(
     if let Err(error) = served {
         tracing::error!(%error, "metrics endpoint stopped");
     }
+}
+
+/// Installs SIGTERM and SIGINT handlers now (so a signal during startup is not lost); the
+/// future completes on the first of them. Every Flotilla process stops gracefully on it.
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

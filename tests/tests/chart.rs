@@ -232,3 +232,67 @@ fn values_outside_the_schema_are_refused() {
         assert!(stderr.contains("schema"), "{bad}: {stderr}");
     }
 }
+
+/// Runs `kubernetes-validate --strict` (the Kubernetes 1.33 schemas, offline) on a rendered
+/// chart; returns whether it passed and what it said.
+fn kubernetes_validate(rendered: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, rendered).expect("write");
+    let validator =
+        std::env::var("KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    let output = Command::new(&validator)
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {validator:?} ({e}); install it with `bash .ci/setup`")
+        });
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn rendered_manifests_pass_the_kubernetes_schemas_strictly() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let maximal = format!("{chart}/ci/maximal-values.yaml");
+    for values in [None, Some(maximal.as_str())] {
+        let mut args = vec![
+            "template",
+            "flotilla",
+            chart,
+            "-n",
+            "flotilla",
+            "--include-crds",
+        ];
+        if let Some(values) = values {
+            args.extend(["-f", values]);
+        }
+        let rendered = helm(&args);
+        let (ok, report) = kubernetes_validate(&rendered);
+        assert!(ok, "{values:?}: {report}");
+        for kind in [
+            "deployment",
+            "daemonset",
+            "customresourcedefinition",
+            "clusterrole",
+        ] {
+            assert!(
+                report.contains(&format!("passed for resource {kind}/")),
+                "{kind} not checked: {report}"
+            );
+        }
+        // A misspelt field fails, so the check is real.
+        let broken = rendered.replacen("serviceAccountName:", "serviceAcountName:", 1);
+        let (ok, report) = kubernetes_validate(&broken);
+        assert!(!ok, "a misspelt field passed: {report}");
+        assert!(report.contains("serviceAcountName"), "{report}");
+    }
+}
