@@ -20,6 +20,20 @@ fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/flotilla")
 }
 
+/// `helm template` of the chart as release `flotilla` in namespace `flotilla`, CRDs included.
+fn render(chart: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "template",
+        "flotilla",
+        chart,
+        "-n",
+        "flotilla",
+        "--include-crds",
+    ];
+    args.extend(extra);
+    helm(&args)
+}
+
 fn helm(args: &[&str]) -> String {
     let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
     let output = Command::new(&helm).args(args).output().unwrap_or_else(|e| {
@@ -123,14 +137,7 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
     helm(&["lint", "--strict", chart]);
     helm(&["lint", "--strict", chart, "-f", &maximal]);
 
-    let default = helm(&[
-        "template",
-        "flotilla",
-        chart,
-        "-n",
-        "flotilla",
-        "--include-crds",
-    ]);
+    let default = render(chart, &[]);
     let kinds = parse_render(&default);
     for kind in [
         "ClusterRole",
@@ -177,16 +184,7 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
     assert!(embedded.contains("livenessProbe"), "{embedded}");
     assert!(!embedded.contains("--leader-elect"), "{embedded}");
 
-    let all = helm(&[
-        "template",
-        "flotilla",
-        chart,
-        "-n",
-        "flotilla",
-        "--include-crds",
-        "-f",
-        &maximal,
-    ]);
+    let all = render(chart, &["-f", &maximal]);
     let kinds = parse_render(&all);
     for kind in [
         "PersistentVolumeClaim",
@@ -264,18 +262,10 @@ fn rendered_manifests_pass_the_kubernetes_schemas_strictly() {
     let chart = chart.to_str().expect("utf-8 path");
     let maximal = format!("{chart}/ci/maximal-values.yaml");
     for values in [None, Some(maximal.as_str())] {
-        let mut args = vec![
-            "template",
-            "flotilla",
-            chart,
-            "-n",
-            "flotilla",
-            "--include-crds",
-        ];
-        if let Some(values) = values {
-            args.extend(["-f", values]);
-        }
-        let rendered = helm(&args);
+        let rendered = match values {
+            None => render(chart, &[]),
+            Some(values) => render(chart, &["-f", values]),
+        };
         let (ok, report) = kubernetes_validate(&rendered);
         assert!(ok, "{values:?}: {report}");
         for kind in [

@@ -42,6 +42,21 @@ fn wait_object(
     }
 }
 
+/// `kubectl apply` of a WasmWorkload named `name` in the default namespace.
+fn apply_workload(runtime: &tokio::runtime::Runtime, api: &FakeApiServer, name: &str, spec: Value) {
+    runtime
+        .block_on(api.apply_object(
+            WORKLOADS,
+            json!({
+                "apiVersion": "flotilla.dev/v1alpha1",
+                "kind": "WasmWorkload",
+                "metadata": {"name": name},
+                "spec": spec,
+            }),
+        ))
+        .expect("apply");
+}
+
 fn condition<'a>(object: &'a Value, type_: &str) -> &'a Value {
     object["status"]["conditions"]
         .as_array()
@@ -177,21 +192,16 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     }
 
     // Node labels from the cluster steer placement, as for pods.
-    runtime
-        .block_on(api.apply_object(
-            WORKLOADS,
-            json!({
-                "apiVersion": "flotilla.dev/v1alpha1",
-                "kind": "WasmWorkload",
-                "metadata": {"name": "zonal"},
-                "spec": {
-                    "replicas": 3,
-                    "nodeSelector": {"topology.kubernetes.io/zone": "zone-b"},
-                    "module": {"url": format!("{web}/idle.wasm"), "sha256": sha256_hex(&idle)},
-                },
-            }),
-        ))
-        .expect("create");
+    apply_workload(
+        &runtime,
+        &api,
+        "zonal",
+        json!({
+            "replicas": 3,
+            "nodeSelector": {"topology.kubernetes.io/zone": "zone-b"},
+            "module": {"url": format!("{web}/idle.wasm"), "sha256": sha256_hex(&idle)},
+        }),
+    );
     let zonal = wait_object(
         &api,
         &format!("{WORKLOADS}/zonal"),
@@ -235,20 +245,15 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     }
 
     // A workload that traps: a Warning Event with the reason, and the Ready condition says why.
-    runtime
-        .block_on(api.apply_object(
-            WORKLOADS,
-            json!({
-                "apiVersion": "flotilla.dev/v1alpha1",
-                "kind": "WasmWorkload",
-                "metadata": {"name": "crashloop"},
-                "spec": {
-                    "restartPolicy": "Always",
-                    "module": {"url": crash_url, "sha256": sha256_hex(&crash)},
-                },
-            }),
-        ))
-        .expect("create");
+    apply_workload(
+        &runtime,
+        &api,
+        "crashloop",
+        json!({
+            "restartPolicy": "Always",
+            "module": {"url": crash_url, "sha256": sha256_hex(&crash)},
+        }),
+    );
     let failing = wait_object(
         &api,
         &format!("{WORKLOADS}/crashloop"),

@@ -26,6 +26,17 @@ async fn next_event(watch: &mut Watch) -> WatchEvent {
         .expect("event ok")
 }
 
+/// The names of every workload, in list order.
+async fn names<S: WorkloadStore>(store: &S) -> Vec<String> {
+    store
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|w| w.metadata.name)
+        .collect()
+}
+
 /// The suite: every backend must pass it.
 async fn conformance<S: WorkloadStore>(store: &S) {
     // Empty store: the watch starts with an empty snapshot.
@@ -119,13 +130,7 @@ async fn conformance<S: WorkloadStore>(store: &S) {
     // A second workload; list is sorted by key.
     store.apply(workload("api", 1)).await.expect("create api");
     next_event(&mut watch).await;
-    let names: Vec<String> = store
-        .list()
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|w| w.metadata.name)
-        .collect();
+    let names = names(store).await;
     assert_eq!(names, ["api", "web"]);
 
     // A new watcher starts from a snapshot with both.
@@ -239,13 +244,7 @@ async fn kube_store_skips_an_object_that_does_not_decode() {
     api.create(&Default::default(), &bad).await.expect("create");
     let store = KubeStore::start(client);
     store.apply(workload("good", 1)).await.expect("apply");
-    let names: Vec<String> = store
-        .list()
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|w| w.metadata.name)
-        .collect();
+    let names = names(&store).await;
     assert_eq!(names, ["good"]);
 }
 
