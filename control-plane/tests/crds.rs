@@ -36,6 +36,11 @@ fn crds_are_structural_and_carry_the_subresources() {
             let replicas = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
                 ["replicas"];
             assert_eq!(replicas["minimum"].as_f64(), Some(0.0), "{replicas:?}");
+            // What can be checked statically, the API server checks at `kubectl apply`.
+            let module = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["module"]["properties"];
+            assert_eq!(module["sha256"]["pattern"], "^[0-9a-f]{64}$");
+            assert_eq!(module["url"]["pattern"], "^(https?|oci)://");
         } else {
             assert_eq!(crd["spec"]["scope"], "Cluster");
         }

@@ -194,12 +194,14 @@ fn one() -> i64 {
 pub struct ModuleRef {
     /// Lower-case hex SHA-256 of the module; agents verify it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = r"^[0-9a-f]{64}$")))]
     pub sha256: String,
     /// Where to fetch the module: an `http`/`https` URL, or an OCI artifact
     /// (`oci://registry/repository@sha256:<manifest digest>` or `:tag`) whose wasm layer is the
     /// module. Without it the control plane's module store serves the blob pushed under
     /// `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(regex(pattern = r"^(https?|oci)://")))]
     pub url: Option<String>,
     /// A local file, only in manifests given to `flotilla apply`, which pushes it and replaces it
     /// with `sha256`.

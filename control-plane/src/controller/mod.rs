@@ -196,6 +196,25 @@ impl<S: WorkloadStore> Controller<S> {
         Ok(written)
     }
 
+    /// At the end of the startup grace: which nodes with replicas never came back.
+    async fn log_unreturned_nodes(&self) {
+        let Ok(workloads) = self.store.list().await else {
+            return;
+        };
+        let known: std::collections::BTreeSet<String> =
+            self.cluster.nodes.names().into_iter().collect();
+        let missing: std::collections::BTreeSet<&String> = workloads
+            .iter()
+            .flat_map(|w| placements_of(w).keys())
+            .filter(|node| !known.contains(*node))
+            .collect();
+        if missing.is_empty() {
+            tracing::info!("startup grace over; every node with replicas reconnected");
+        } else {
+            tracing::warn!(nodes = ?missing, "startup grace over; these nodes did not reconnect and their replicas move");
+        }
+    }
+
     /// Tells users when the `Scheduled` condition changes: a new replica count placed, or why
     /// replicas cannot be.
     fn notice_scheduling(&self, workload: &Workload, status: &WorkloadStatus) {
@@ -412,7 +431,7 @@ impl<S: WorkloadStore> Controller<S> {
                     () = &mut requeue, if requeue_pending => {}
                     () = &mut grace_end, if grace_pending => {
                         grace_pending = false;
-                        tracing::info!("startup grace over; nodes that did not reconnect are lost");
+                        self.log_unreturned_nodes().await;
                     }
                     _ = expiry.tick() => {
                         let expired = self.cluster.nodes.expire(heartbeat_timeout);
