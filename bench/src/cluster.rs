@@ -87,6 +87,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
             node_heartbeat_timeout: Duration::from_secs(5),
             node_startup_grace: Duration::from_secs(15),
             join_token: None,
+            tls: None,
             shutdown_grace: Duration::from_secs(1),
         },
     )

@@ -10,10 +10,10 @@ use tonic::transport::Channel;
 use crate::{Output, endpoint};
 
 async fn connect(agent: &str) -> anyhow::Result<AgentAdminClient<Channel>> {
-    let endpoint = endpoint(agent);
-    AgentAdminClient::connect(endpoint.clone())
+    crate::channel(agent)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {endpoint}: {e}"))
+        .map(AgentAdminClient::new)
+        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {}: {e}", endpoint(agent)))
 }
 
 /// `flotilla get sandboxes [WORKLOAD]`.

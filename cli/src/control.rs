@@ -20,10 +20,15 @@ use crate::output::{print_logs, print_structured};
 use crate::{Output, endpoint};
 
 async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
-    let endpoint = endpoint(server);
-    WorkloadsClient::connect(endpoint.clone())
+    crate::channel(server)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {endpoint}: {e}"))
+        .map(WorkloadsClient::new)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the control plane at {}: {e}",
+                endpoint(server)
+            )
+        })
 }
 
 /// A manifest document and the directory its relative paths resolve against.

@@ -60,6 +60,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         node_startup_grace: Duration::from_secs(5),
         // One process on loopback: the agent is the only one.
         join_token: None,
+        tls: None,
         shutdown_grace: Duration::from_secs(2),
     })
     .await?;

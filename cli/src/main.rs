@@ -34,6 +34,9 @@ struct Cli {
         global = true
     )]
     agent: String,
+    /// The CA that signs an `https://` control plane's certificate (default: the webpki roots).
+    #[arg(long, env = "FLOTILLA_TLS_CA_FILE", global = true)]
+    tls_ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -142,6 +145,7 @@ enum Output {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = TLS_CA_FILE.set(cli.tls_ca_file.clone());
     flotilla_telemetry::init("flotilla");
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,6 +230,28 @@ fn resource_name(resource: Resource) -> &'static str {
 }
 
 /// Adds `http://` when an address has no scheme.
+/// Where `--tls-ca-file` points, set once at startup for every connection.
+static TLS_CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// A channel to `address`, with TLS for `https://` (trusting `--tls-ca-file` or the webpki
+/// roots).
+async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let url = endpoint(address);
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    if url.starts_with("https://") {
+        let ca = TLS_CA_FILE.get().and_then(Option::as_deref);
+        let tls = flotilla_proto::tls::client_config(ca, None).map_err(anyhow::Error::msg)?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", flotilla_telemetry::error_chain(&e)))
+}
+
 fn endpoint(address: &str) -> String {
     if address.contains("://") {
         address.to_string()

@@ -48,6 +48,16 @@ struct Args {
     /// A file holding the join token, e.g. a mounted Kubernetes Secret.
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
+    /// Serve the gRPC API over TLS with this certificate chain (PEM; with --tls-key-file).
+    #[arg(long, env = "FLOTILLA_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Require agents to present a client certificate signed by this CA (mutual TLS). The
+    /// user API still accepts clients without one.
+    #[arg(long, env = "FLOTILLA_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    tls_client_ca_file: Option<PathBuf>,
     /// Where desired state is kept.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -109,6 +119,13 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let join_token =
         flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())
             .map_err(anyhow::Error::msg)?;
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            flotilla_proto::tls::ServerTls::load(cert, key, args.tls_client_ca_file.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = flotilla_telemetry::shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -151,6 +168,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         node_heartbeat_timeout: *args.node_heartbeat_timeout,
         node_startup_grace: *args.node_startup_grace,
         join_token,
+        tls,
         shutdown_grace: *args.shutdown_grace,
     })
     .await?;

@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub node_startup_grace: Duration,
     /// The token agents must present to join; `None` admits any agent.
     pub join_token: Option<String>,
+    /// Serve over TLS (and with mutual TLS for agents, when it has a client CA).
+    pub tls: Option<flotilla_proto::tls::ServerTls>,
     /// Time open streams get after shutdown begins.
     pub shutdown_grace: Duration,
 }
@@ -147,7 +149,13 @@ impl ControlPlane {
             cluster.clone(),
             config.node_heartbeat_timeout / 3,
         )
-        .with_join_token(config.join_token.clone());
+        .with_join_token(config.join_token.clone())
+        .with_client_certs_required(
+            config
+                .tls
+                .as_ref()
+                .is_some_and(flotilla_proto::tls::ServerTls::requires_client_certs),
+        );
         if config.join_token.is_none() {
             tracing::warn!(
                 "no join token is set: any agent that reaches this address can register a node"
@@ -172,6 +180,7 @@ impl ControlPlane {
         tracing::info!(
             %addr,
             store = ?config.store,
+            tls = ?config.tls,
             metrics_addr = %metrics_addr.map_or_else(|| "none".to_string(), |a| a.to_string()),
             data_dir = %config.data_dir.display(),
             "serving"
@@ -192,8 +201,14 @@ impl ControlPlane {
         let mut grace_stop = stop_seen;
         let grace = config.shutdown_grace;
         let served_cluster = cluster.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder
+                .tls_config(tls.config())
+                .context("configuring TLS")?;
+        }
         let server = tokio::spawn(async move {
-            let serve = tonic::transport::Server::builder()
+            let serve = builder
                 .add_service(
                     WorkloadService::new(store, modules)
                         .with_cluster(served_cluster)

@@ -87,6 +87,16 @@ pub struct Args {
     /// A file holding the join token, e.g. a mounted Kubernetes Secret.
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// The CA that signs the control plane's certificate, for an `https://` control plane
+    /// (default: the webpki roots).
+    #[arg(long, env = "FLOTILLA_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// This agent's client certificate (PEM), for a control plane that requires mutual TLS.
+    #[arg(long, env = "FLOTILLA_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     /// Time sandboxes get to end on shutdown before they are aborted.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: humantime::Duration,
@@ -127,6 +137,7 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let tls = client_tls(&args)?;
         let bytes = |flag: &'static str, value: &str| {
             parse_bytes(value).map_err(|message| ConfigError { flag, message })
         };
@@ -189,6 +200,7 @@ impl TryFrom<Args> for Config {
             },
             shutdown_grace: *args.shutdown_grace,
             control: control_config(
+                tls,
                 args.control_plane,
                 args.node_name,
                 &args.node_labels,
@@ -202,7 +214,35 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// TLS towards the control plane, when any TLS flag is given.
+fn client_tls(args: &Args) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
+    let identity = args
+        .tls_cert_file
+        .as_deref()
+        .zip(args.tls_key_file.as_deref());
+    if args.tls_ca_file.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    if !args
+        .control_plane
+        .as_deref()
+        .is_some_and(|url| url.starts_with("https://"))
+    {
+        return Err(ConfigError {
+            flag: "tls-ca-file",
+            message: "TLS flags need an https:// --control-plane".into(),
+        });
+    }
+    flotilla_proto::tls::client_config(args.tls_ca_file.as_deref(), identity)
+        .map(Some)
+        .map_err(|message| ConfigError {
+            flag: "tls-ca-file",
+            message,
+        })
+}
+
 fn control_config(
+    tls: Option<tonic::transport::ClientTlsConfig>,
     url: Option<String>,
     node_name: Option<String>,
     labels: &[String],
@@ -210,6 +250,16 @@ fn control_config(
 ) -> Result<Option<crate::control::ControlConfig>, ConfigError> {
     let Some(url) = url else {
         return Ok(None);
+    };
+    // An https URL without TLS flags trusts the webpki roots.
+    let tls = match tls {
+        None if url.starts_with("https://") => Some(
+            flotilla_proto::tls::client_config(None, None).map_err(|message| ConfigError {
+                flag: "control-plane",
+                message,
+            })?,
+        ),
+        tls => tls,
     };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ConfigError {
@@ -246,6 +296,7 @@ fn control_config(
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_secs(10),
         join_token,
+        tls,
     }))
 }
 

@@ -55,6 +55,8 @@ pub struct ControlConfig {
     pub backoff_max: Duration,
     /// The token the control plane requires of agents, if any.
     pub join_token: Option<String>,
+    /// TLS towards an `https://` control plane (trust, and a client identity for mutual TLS).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Adds the join token to every call to the control plane.
@@ -160,12 +162,15 @@ async fn session(
     state: &mut AgentState,
     established: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = Endpoint::from_shared(config.url.clone())
+    let mut endpoint = Endpoint::from_shared(config.url.clone())
         .map_err(SessionError::Connect)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(SessionError::Connect)?;
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(SessionError::Connect)?;
+    }
+    let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
     let token = JoinToken(config.join_token.as_deref().map(std::sync::Arc::from));
     let mut client =
         AgentsClient::with_interceptor(channel, token).max_decoding_message_size(MAX_MESSAGE_BYTES);

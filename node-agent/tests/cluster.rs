@@ -63,6 +63,7 @@ fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
         join_token: None,
+        tls: None,
     };
     tokio::spawn(control::run(config, sup.clone(), token.clone()));
     (sup, token)

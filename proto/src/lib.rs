@@ -17,6 +17,7 @@ pub mod agent {
 pub mod auth;
 #[cfg(feature = "model")]
 pub mod from_model;
+pub mod tls;
 
 /// The control plane's APIs.
 pub mod control {

@@ -49,11 +49,15 @@ impl Process {
     /// # Panics
     /// If no such line arrives within [`LOG_TIMEOUT`] or the process closes its log.
     pub fn wait_line(&self, needle: &str) -> String {
+        // One deadline for the whole wait: a process that keeps logging other lines (a retry
+        // loop, say) must not hold the test forever.
+        let deadline = std::time::Instant::now() + LOG_TIMEOUT;
         loop {
-            match self.lines.recv_timeout(LOG_TIMEOUT) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
-                Err(e) => panic!("never logged {needle:?}: {e}"),
+                Err(e) => panic!("never logged {needle:?} within {LOG_TIMEOUT:?}: {e}"),
             }
         }
     }

@@ -186,6 +186,18 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
 
     let all = render(chart, &["-f", &maximal]);
     let kinds = parse_render(&all);
+    // TLS from cert-manager-style Secrets: agents dial https and present client certificates.
+    for expected in [
+        "--control-plane=https://flotilla-max-control-plane.flotilla.svc:7080",
+        "--tls-client-ca-file=/etc/flotilla/tls/ca.crt",
+        "--tls-cert-file=/etc/flotilla/tls/tls.crt",
+        "secretName: flotilla-agent-tls",
+    ] {
+        assert!(
+            all.contains(expected),
+            "no {expected} in the maximal render"
+        );
+    }
     for kind in [
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
@@ -217,6 +229,7 @@ fn values_outside_the_schema_are_refused() {
         "controlPlane.leaderElection.enabled=false,controlPlane.replicas=2",
         "controlPlane.leaderElection.leaseName=Not_A_Name",
         "controlPlane.store=etcd",
+        "tls.agentSecret=agent-tls",
         "agent.maxSandboxes=0",
         "controlPlane.nodeHeartbeatTimeout=soon",
         "notAKey=1",

@@ -45,7 +45,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* The control plane's in-cluster gRPC URL, which agents dial. */}}
 {{- define "flotilla.controlPlaneURL" -}}
-{{- printf "http://%s-control-plane.%s.svc:%v" (include "flotilla.fullname" .) .Release.Namespace .Values.controlPlane.port -}}
+{{- $scheme := ternary "https" "http" (not (empty .Values.tls.controlPlaneSecret)) -}}
+{{- printf "%s://%s-control-plane.%s.svc:%v" $scheme (include "flotilla.fullname" .) .Release.Namespace .Values.controlPlane.port -}}
 {{- end -}}
 
 {{/* The Secret holding the join token. */}}

@@ -43,6 +43,8 @@ pub struct AgentService<S> {
     heartbeat_interval: Duration,
     /// The join token agents must present, if any.
     join_token: Option<String>,
+    /// Whether agents must present a verified client certificate (mutual TLS).
+    client_certs_required: bool,
     /// Node name → (agent id, session id) of the agent that registered it last.
     sessions: Arc<Mutex<BTreeMap<String, (String, String)>>>,
 }
@@ -62,6 +64,7 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
             cluster,
             heartbeat_interval,
             join_token: None,
+            client_certs_required: false,
             sessions: Arc::default(),
         }
     }
@@ -86,12 +89,27 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
             })
     }
 
-    /// Checks the join token of a request, when one is required.
-    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    /// Admits only agents that present a client certificate the TLS layer verified against
+    /// the client CA (mutual TLS).
+    #[must_use]
+    pub fn with_client_certs_required(mut self, required: bool) -> Self {
+        self.client_certs_required = required;
+        self
+    }
+
+    /// Checks a request's client certificate and join token, where they are required.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.client_certs_required && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "this control plane requires agents to present a client certificate (mutual \
+                 TLS); start the agent with --tls-cert-file and --tls-key-file",
+            ));
+        }
         let Some(expected) = &self.join_token else {
             return Ok(());
         };
-        let presented = metadata
+        let presented = request
+            .metadata()
             .get(flotilla_proto::auth::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -125,7 +143,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        self.authenticate(request.metadata())?;
+        self.authenticate(&request)?;
         let r = request.into_inner();
         validate_name(&r.node_name)
             .map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
@@ -210,7 +228,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.authenticate(request.metadata())?;
+        self.authenticate(&request)?;
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(AgentMessage {
@@ -304,7 +322,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<FetchModuleRequest>,
     ) -> Result<Response<FetchModuleResponse>, Status> {
-        self.authenticate(request.metadata())?;
+        self.authenticate(&request)?;
         let sha256 = request.into_inner().sha256;
         match self.read_module(&sha256).await {
             Err(ModuleError::NotFound(_)) => {}
@@ -340,7 +358,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         &self,
         request: Request<Streaming<LogUpload>>,
     ) -> Result<Response<UploadLogsResponse>, Status> {
-        self.authenticate(request.metadata())?;
+        self.authenticate(&request)?;
         let mut upload = request.into_inner();
         let header = match upload.next().await {
             Some(Ok(LogUpload {

@@ -92,13 +92,25 @@ impl Agent {
     }
 
     pub fn start_with_token(control_plane: &str, node: &'static str, token: &str) -> Self {
+        Self::start_with(control_plane, node, |c| {
+            c.env("FLOTILLA_JOIN_TOKEN", token);
+        })
+    }
+
+    /// Starts one with more arguments or environment from `configure`.
+    pub fn start_with(
+        control_plane: &str,
+        node: &'static str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let mut command = Command::new(workspace_binary("flotilla-node-agent"));
         command
-            .env("FLOTILLA_JOIN_TOKEN", token)
+            .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--control-plane", control_plane, "--node-name", node])
             .args(["--max-sandboxes", "2000", "--no-cache"])
             .args(["--shutdown-grace", "1s"]);
+        configure(&mut command);
         let process = Process::spawn(command, node);
         let admin = logged_addr(&process.wait_line("serving"), "admin_addr");
         Self { process, admin }

@@ -1,0 +1,82 @@
+//! TLS for the gRPC APIs, from PEM files as Kubernetes TLS Secrets and cert-manager hold them.
+//!
+//! The control plane serves with a certificate and, for mutual TLS, verifies client certificates
+//! against a CA: agents must then present one, while the user API stays open to clients without
+//! (they authenticate otherwise). Agents and the CLI trust a CA file, or the webpki roots.
+
+use std::path::Path;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The control plane's TLS: its identity, and the CA of agents' client certificates, if any.
+#[derive(Clone)]
+pub struct ServerTls {
+    identity: Identity,
+    client_ca: Option<Certificate>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
+}
+
+impl ServerTls {
+    /// Reads a certificate chain and its key, and optionally the CA that signs agents' client
+    /// certificates (which turns on mutual TLS for agents).
+    ///
+    /// # Errors
+    /// A file cannot be read.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, String> {
+        Ok(Self {
+            identity: Identity::from_pem(read(cert, "certificate")?, read(key, "key")?),
+            client_ca: client_ca
+                .map(|ca| read(ca, "client CA").map(Certificate::from_pem))
+                .transpose()?,
+        })
+    }
+
+    /// Whether agents must present a client certificate signed by the client CA.
+    pub fn requires_client_certs(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    /// The server configuration; client certificates are verified when presented, and
+    /// [`requires_client_certs`](Self::requires_client_certs) says whether agents must.
+    pub fn config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new().identity(self.identity.clone());
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(ca.clone()).client_auth_optional(true),
+            None => config,
+        }
+    }
+}
+
+/// A client configuration trusting `ca` (or the webpki roots) and presenting `identity`
+/// (certificate and key files) for mutual TLS.
+///
+/// # Errors
+/// A file cannot be read.
+pub fn client_config(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientTlsConfig, String> {
+    let mut config = ClientTlsConfig::new();
+    config = match ca {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "CA")?)),
+        None => config.with_webpki_roots(),
+    };
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(
+            read(cert, "client certificate")?,
+            read(key, "client key")?,
+        ));
+    }
+    Ok(config)
+}
