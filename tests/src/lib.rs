@@ -12,6 +12,19 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// Serves every request on `listener` with `handle` (the fake servers' one route), until the
+/// returned task is aborted.
+fn serve<F, Fut>(listener: tokio::net::TcpListener, handle: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(axum::http::Request<axum::body::Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = axum::http::Response<axum::body::Body>> + Send + 'static,
+{
+    let app = axum::Router::new().fallback(handle);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}
+
 /// How long a test waits for a log line before it fails.
 pub const LOG_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -4,7 +4,6 @@
 //! config and one `application/vnd.wasm.content.layer.v1+wasm` layer.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -47,15 +46,12 @@ impl FakeRegistry {
             .await
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
-        let app = axum::Router::new().fallback({
+        let server = crate::serve(listener, {
             let content = content.clone();
             move |request: Request<Body>| {
                 let content = content.clone();
-                async move { Ok::<_, Infallible>(serve(&content, &request)) }
+                async move { serve(&content, &request) }
             }
-        });
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
         });
         Self {
             addr,

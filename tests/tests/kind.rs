@@ -8,50 +8,20 @@
 //! deletes what it created.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::{Agent, ControlPlane, SETTLE_TIMEOUT, serve_http, sha256_hex};
+use support::{Agent, ControlPlane, Kubectl, serve_http, sha256_hex};
 
 mod support;
-
-/// Runs kubectl; returns stdout, failing the test on a non-zero exit.
-fn kubectl(args: &[&str]) -> String {
-    let output = Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn kubectl_json(args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl(&args)).expect("kubectl JSON")
-}
-
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} not reached");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 #[test]
 #[ignore = "needs a Kubernetes cluster"]
 fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
+    let kubectl = Kubectl::ambient();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let crds = root.join("charts/flotilla/crds");
-    kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
+    kubectl.run(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
     let namespace = format!("flotilla-e2e-{}", std::process::id());
-    kubectl(&["create", "namespace", &namespace]);
+    kubectl.run(&["create", "namespace", &namespace]);
 
     let dir = tempfile::tempdir().expect("temp dir");
     let control_plane = ControlPlane::start_with(&dir.path().join("cp"), "127.0.0.1:0", |c| {
@@ -74,17 +44,13 @@ fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
         ),
     )
     .expect("write manifest");
-    kubectl(&["apply", "-f", &manifest.to_string_lossy()]);
+    kubectl.run(&["apply", "-f", &manifest.to_string_lossy()]);
 
-    let ready = |n: u64| {
-        let namespace = namespace.clone();
-        move || {
-            kubectl_json(&["-n", &namespace, "get", "wasmworkload", "web"])["status"]["readyReplicas"]
-                == n
-        }
-    };
-    wait_until("4 ready replicas", ready(4));
-    let nodes = kubectl_json(&["get", "wasmnodes"]);
+    let workload = ["-n", namespace.as_str(), "get", "wasmworkload", "web"];
+    kubectl.wait("4 ready replicas", &workload, |o| {
+        o["status"]["readyReplicas"] == 4
+    });
+    let nodes = kubectl.json(&["get", "wasmnodes"]);
     let names: Vec<&str> = nodes["items"]
         .as_array()
         .expect("items")
@@ -96,7 +62,7 @@ fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
         "{names:?}"
     );
 
-    kubectl(&[
+    kubectl.run(&[
         "-n",
         &namespace,
         "scale",
@@ -104,9 +70,11 @@ fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
         "web",
         "--replicas=6",
     ]);
-    wait_until("6 ready replicas", ready(6));
+    kubectl.wait("6 ready replicas", &workload, |o| {
+        o["status"]["readyReplicas"] == 6
+    });
 
-    kubectl(&[
+    kubectl.run(&[
         "-n",
         &namespace,
         "delete",
@@ -115,8 +83,8 @@ fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
         "--wait=true",
         "--timeout=60s",
     ]);
-    let left = kubectl(&["-n", &namespace, "get", "wasmworkloads", "-o", "name"]);
+    let left = kubectl.run(&["-n", &namespace, "get", "wasmworkloads", "-o", "name"]);
     assert!(left.trim().is_empty(), "{left}");
-    kubectl(&["delete", "namespace", &namespace, "--wait=false"]);
+    kubectl.run(&["delete", "namespace", &namespace, "--wait=false"]);
     control_plane.stop();
 }

@@ -9,63 +9,11 @@
 //! kubectl comes from `$KUBECTL` or `PATH`; `.ci/setup` installs one where none is.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use flotilla_tests::apiserver::FakeApiServer;
-use serde_json::Value;
-use support::{Agent, ControlPlane, SETTLE_TIMEOUT, serve_http};
+use support::{Agent, ControlPlane, Kubectl, serve_http};
 
 mod support;
-
-struct Kubectl {
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Kubectl {
-    /// Runs kubectl; returns (success, stdout, stderr).
-    fn try_run(&self, args: &[&str]) -> (bool, String, String) {
-        let binary = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-        let output = Command::new(binary)
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env(
-                "HOME",
-                self.kubeconfig.parent().unwrap_or(Path::new("/tmp")),
-            )
-            .output()
-            .expect("kubectl runs");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let (ok, stdout, stderr) = self.try_run(args);
-        assert!(ok, "kubectl {}: {stderr}{stdout}", args.join(" "));
-        stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["-o", "json"]);
-        serde_json::from_str(&self.run(&args)).expect("kubectl JSON")
-    }
-
-    fn wait(&self, what: &str, args: &[&str], done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            let object = self.json(args);
-            if done(&object) {
-                return object;
-            }
-            assert!(Instant::now() < deadline, "{what} not reached: {object}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
 
 #[test]
 fn the_readme_kubectl_steps_work_against_the_operator() {
@@ -75,7 +23,7 @@ fn the_readme_kubectl_steps_work_against_the_operator() {
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig("default")).expect("write kubeconfig");
-    let kubectl = Kubectl { kubeconfig };
+    let kubectl = Kubectl::with_kubeconfig(&kubeconfig);
 
     // The CRDs, as the README installs them outside Helm.
     kubectl.run(&[

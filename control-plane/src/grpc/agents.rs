@@ -76,17 +76,14 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
         self
     }
 
-    async fn read_module(&self, sha256: &str) -> Result<Vec<u8>, ModuleError> {
+    /// Reads a blob from the module store off the async threads; the outer error is the
+    /// blocking task failing.
+    async fn read_module(&self, sha256: &str) -> Result<Result<Vec<u8>, ModuleError>, Status> {
         let modules = self.modules.clone();
         let sha256 = sha256.to_string();
         tokio::task::spawn_blocking(move || modules.get(&sha256))
             .await
-            .unwrap_or_else(|e| {
-                Err(ModuleError::Io {
-                    path: "module store".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })
+            .map_err(|e| Status::internal(format!("module store task failed: {e}")))
     }
 
     /// Admits only agents that present a client certificate the TLS layer verified against
@@ -324,7 +321,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
     ) -> Result<Response<FetchModuleResponse>, Status> {
         self.authenticate(&request)?;
         let sha256 = request.into_inner().sha256;
-        match self.read_module(&sha256).await {
+        match self.read_module(&sha256).await? {
             Err(ModuleError::NotFound(_)) => {}
             result => {
                 return Ok(Response::new(FetchModuleResponse {
@@ -350,7 +347,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             .fetch_into_store(&url, &sha256)
             .await
             .map_err(Status::failed_precondition)?;
-        let module = self.read_module(&sha256).await.map_err(module_status)?;
+        let module = self.read_module(&sha256).await?.map_err(module_status)?;
         Ok(Response::new(FetchModuleResponse { module }))
     }
 

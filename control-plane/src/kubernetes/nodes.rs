@@ -50,6 +50,7 @@ pub async fn publish(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let (kubernetes_nodes, node_changes, _watch) = watch_kubernetes_nodes(client.clone());
     let api: Api<WasmNode> = Api::all(client);
     let grace_until = Instant::now() + startup_grace;
     let mut published: BTreeMap<String, Option<Published>> = BTreeMap::new();
@@ -67,7 +68,6 @@ pub async fn publish(
             tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "listing WasmNodes failed");
         }
     }
-    let (kubernetes_nodes, node_changes, _watch) = watch_kubernetes_nodes(api_client(&api));
     let mut changes = cluster.nodes.subscribe();
     let mut resync = tokio::time::interval(RESYNC);
     loop {
@@ -140,10 +140,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn api_client(api: &Api<WasmNode>) -> kube::Client {
-    api.clone().into_client()
 }
 
 /// A metadata-only reflector of the cluster's Nodes, a notification on each change, and the

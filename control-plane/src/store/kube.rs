@@ -269,18 +269,20 @@ fn decode_logged(object: DynamicObject) -> Option<Workload> {
     }
 }
 
-fn decode_result(key: &WorkloadKey, object: &DynamicObject) -> Result<Workload, Error> {
-    decode(object).map_err(|source| Error::Decode {
+/// Turns a JSON failure on the workload `key` into the store's error.
+fn json_error(key: &WorkloadKey) -> impl FnOnce(serde_json::Error) -> Error + '_ {
+    move |source| Error::Decode {
         key: key.to_string(),
         source,
-    })
+    }
+}
+
+fn decode_result(key: &WorkloadKey, object: &DynamicObject) -> Result<Workload, Error> {
+    decode(object).map_err(json_error(key))
 }
 
 fn encode(key: &WorkloadKey, value: Value) -> Result<DynamicObject, Error> {
-    serde_json::from_value(value).map_err(|source| Error::Decode {
-        key: key.to_string(),
-        source,
-    })
+    serde_json::from_value(value).map_err(json_error(key))
 }
 
 fn api_code(error: &kube::Error) -> Option<u16> {
@@ -320,11 +322,12 @@ impl WorkloadStore for KubeStore {
         let key = workload.key();
         let api = self.api(&key.namespace);
         let expected = workload.metadata.resource_version.clone();
+        let spec = serde_json::to_value(&workload.spec).map_err(json_error(&key))?;
         for _ in 0..WRITE_ATTEMPTS {
             let current = api.get_opt(&key.name).await.map_err(Error::Kube)?;
             let written = match current {
                 None => {
-                    let mut value = json!({
+                    let value = json!({
                         "apiVersion": API_VERSION,
                         "kind": WORKLOAD_KIND,
                         "metadata": {
@@ -333,12 +336,8 @@ impl WorkloadStore for KubeStore {
                             "labels": workload.metadata.labels,
                             "finalizers": workload.metadata.finalizers,
                         },
+                        "spec": spec,
                     });
-                    value["spec"] =
-                        serde_json::to_value(&workload.spec).map_err(|source| Error::Decode {
-                            key: key.to_string(),
-                            source,
-                        })?;
                     api.create(&post_params(), &encode(&key, value)?).await
                 }
                 Some(current) => {
@@ -356,16 +355,8 @@ impl WorkloadStore for KubeStore {
                     }
                     // Spec and labels from the caller; identity, finalizers, annotations and
                     // status stay as the cluster has them. The version guards the replace.
-                    let mut value =
-                        serde_json::to_value(&current).map_err(|source| Error::Decode {
-                            key: key.to_string(),
-                            source,
-                        })?;
-                    value["spec"] =
-                        serde_json::to_value(&workload.spec).map_err(|source| Error::Decode {
-                            key: key.to_string(),
-                            source,
-                        })?;
+                    let mut value = serde_json::to_value(&current).map_err(json_error(&key))?;
+                    value["spec"] = spec.clone();
                     value["metadata"]["labels"] = json!(workload.metadata.labels);
                     api.replace(&key.name, &post_params(), &encode(&key, value)?)
                         .await

@@ -138,15 +138,12 @@ impl FakeApiServer {
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
         let _ = state.address.set(addr.to_string());
-        let app = axum::Router::new().fallback({
+        let server = crate::serve(listener, {
             let state = state.clone();
             move |request: Request<Body>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(request).await) }
+                async move { state.handle(request).await }
             }
-        });
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
         });
         Self {
             addr,
@@ -738,8 +735,9 @@ impl State {
         if meta["name"].as_str().is_none_or(str::is_empty) {
             match meta["generateName"].as_str() {
                 Some(prefix) => {
-                    let suffix = uuid_suffix();
-                    meta["name"] = json!(format!("{prefix}{suffix}"));
+                    // Five random characters, as the API server appends.
+                    let suffix = uuid::Uuid::new_v4().simple().to_string();
+                    meta["name"] = json!(format!("{prefix}{}", &suffix[..5]));
                 }
                 None => return status_error(422, "Invalid", "metadata.name: Required value"),
             }
@@ -764,7 +762,7 @@ impl State {
         if let Some(namespace) = &route.namespace {
             meta["namespace"] = json!(namespace);
         }
-        meta["uid"] = json!(uuid_suffix() + &uuid_suffix());
+        meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
         meta["generation"] = json!(1);
         meta["creationTimestamp"] = json!(now());
         let stored = self.commit(store, key, "ADDED", object);
@@ -1072,19 +1070,6 @@ fn content_type(headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or_default().trim().to_string())
         .unwrap_or_default()
-}
-
-fn uuid_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "{:05x}",
-        (n.wrapping_mul(0x9e37_79b9) ^ u64::from(nanos)) & 0xf_ffff
-    )
 }
 
 /// A streaming body of JSON lines: `first`, then whatever `produce` sends.

@@ -197,3 +197,72 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// kubectl, from `$KUBECTL` or `PATH`, against one cluster.
+pub struct Kubectl {
+    /// A kubeconfig of its own (with `HOME` beside it, so no cache is shared), or the
+    /// environment's.
+    kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl Kubectl {
+    /// kubectl as the environment configures it (`KUBECONFIG` or `~/.kube/config`).
+    pub fn ambient() -> Self {
+        Self { kubeconfig: None }
+    }
+
+    /// kubectl against the cluster of `kubeconfig`.
+    pub fn with_kubeconfig(kubeconfig: &Path) -> Self {
+        Self {
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+        }
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    pub fn try_run(&self, args: &[&str]) -> (bool, String, String) {
+        let binary = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let mut command = Command::new(binary);
+        command.args(args);
+        if let Some(kubeconfig) = &self.kubeconfig {
+            command
+                .env("KUBECONFIG", kubeconfig)
+                .env("HOME", kubeconfig.parent().unwrap_or(Path::new("/tmp")));
+        }
+        let output = command.output().expect("kubectl runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Runs kubectl; returns stdout, failing the test on a non-zero exit.
+    pub fn run(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.try_run(args);
+        assert!(ok, "kubectl {}: {stderr}{stdout}", args.join(" "));
+        stdout
+    }
+
+    /// Runs kubectl with `-o json`.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.run(&args)).expect("kubectl JSON")
+    }
+
+    /// Polls `kubectl ... -o json` until `done` holds; returns that object.
+    pub fn wait(&self, what: &str, args: &[&str], done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let object = self.json(args);
+            if done(&object) {
+                return object;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} not reached: {object}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
