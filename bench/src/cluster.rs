@@ -34,7 +34,7 @@ use tonic::transport::Channel;
 use crate::{IDLE_GUEST, machine, result};
 
 /// A child process that is killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
 }
 
@@ -47,7 +47,7 @@ impl Drop for Server {
 
 impl Server {
     /// Re-executes this binary with `args`; waits for the `LISTENING <addr>` line it prints.
-    fn spawn(args: &[String]) -> anyhow::Result<(Self, SocketAddr)> {
+    pub(crate) fn spawn(args: &[String]) -> anyhow::Result<(Self, SocketAddr)> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(args)
             .env("FLOTILLA_LOG", "warn")
@@ -70,7 +70,7 @@ impl Server {
         Ok((server, addr))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -228,6 +228,8 @@ pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--http-listen".into(),
             "127.0.0.1:0".into(),
             "--control-plane".into(),
             format!("http://{addr}"),

@@ -13,9 +13,11 @@
 //! cargo run --release -p flotilla-bench -- scheduler --nodes 1000 --replicas 100000
 //! cargo run --release -p flotilla-bench -- e2e --agents 10 --replicas 10000
 //! cargo run --release -p flotilla-bench -- fleet --agents 1000 --per-agent 100
+//! cargo run --release -p flotilla-bench -- http --wasmtime /path/to/wasmtime-48
 //! ```
 
 mod cluster;
+mod http;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -52,6 +54,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// HTTP requests through the agent's ingress (a fresh sandbox each) against
+    /// `wasmtime serve`: throughput, latency, server CPU per request.
+    Http(http::HttpArgs),
     /// Live idle sandboxes: RSS per sandbox, host overhead, time to start them all.
     Density {
         /// Idle sandboxes to start.
@@ -156,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Churn { runs, processes } => churn(runs, processes),
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
+        Scenario::Http(args) => http::http(args),
         Scenario::Fleet {
             agents,
             per_agent,
@@ -314,6 +320,7 @@ fn scheduler(node_count: u32, replicas: u64) -> anyhow::Result<()> {
                     sandboxes: 100_000,
                 },
                 allocated: NodeResources::default(),
+                ingress_url: String::new(),
             }
         })
         .collect();

@@ -174,7 +174,7 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
                 "{:<12} {:<24} {:>11} {:<20} {:>10}",
                 "NAMESPACE", "NAME", "READY", "STATUS", "GENERATION"
             );
-            println!("{}", if wide { "  NODES" } else { "" });
+            println!("{}", if wide { "  NODES  ENDPOINTS" } else { "" });
             for w in &workloads {
                 let status = w.status.clone().unwrap_or_default();
                 let state = match condition(w, "Ready") {
@@ -196,7 +196,12 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
                         .iter()
                         .map(|(node, n)| format!("{node}={n}"))
                         .collect();
-                    print!("  {}", nodes.join(","));
+                    let endpoints = if status.endpoints.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        status.endpoints.join(",")
+                    };
+                    print!("  {}  {endpoints}", nodes.join(","));
                 }
                 println!();
             }
@@ -389,6 +394,8 @@ struct NodeView<'a> {
     allocated: ResourcesView,
     running: u64,
     last_heartbeat_age_ms: u64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    ingress_url: &'a str,
 }
 
 #[derive(serde::Serialize)]
@@ -425,6 +432,7 @@ fn node_view(node: &Node) -> NodeView<'_> {
         allocated: resources(node.allocated.as_ref()),
         running: node.running,
         last_heartbeat_age_ms: node.last_heartbeat_age_ms,
+        ingress_url: &node.ingress_url,
     }
 }
 
@@ -454,7 +462,7 @@ pub async fn get_nodes(server: &str, name: Option<&str>, output: Output) -> anyh
                 "{:<24} {:<9} {:<6} {:>20} {:>21} {:>10}",
                 "NAME", "STATUS", "ARCH", "RUNNING/PLACED/MAX", "MEMORY PLACED/MAX", "HEARTBEAT"
             );
-            println!("{}", if wide { "  LABELS" } else { "" });
+            println!("{}", if wide { "  INGRESS  LABELS" } else { "" });
             for node in &nodes {
                 let view = node_view(node);
                 print!(
@@ -481,7 +489,12 @@ pub async fn get_nodes(server: &str, name: Option<&str>, output: Output) -> anyh
                         .iter()
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
-                    print!("  {}", labels.join(","));
+                    let ingress = if node.ingress_url.is_empty() {
+                        "<none>"
+                    } else {
+                        &node.ingress_url
+                    };
+                    print!("  {ingress}  {}", labels.join(","));
                 }
                 println!();
             }

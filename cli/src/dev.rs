@@ -25,6 +25,9 @@ pub struct DevArgs {
     /// The agent's metrics address.
     #[arg(long, default_value = "127.0.0.1:9090")]
     metrics_listen: SocketAddr,
+    /// The agent's HTTP ingress, which serves the HTTP workloads.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
     /// Where the store, pushed modules and compiled modules live (default: a fresh temporary
     /// directory, removed on exit).
     #[arg(long)]
@@ -71,6 +74,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.agent_listen.to_string(),
         "--metrics-listen".into(),
         args.metrics_listen.to_string(),
+        "--http-listen".into(),
+        args.http_listen.to_string(),
         "--control-plane".into(),
         url.clone(),
         "--node-name".into(),
@@ -87,10 +92,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let agent_url = format!("http://{}", agent.admin_addr());
     println!("flotilla dev: control plane at {url}");
     println!(
-        "flotilla dev: node agent {:?} (admin {}, metrics http://{}/metrics)",
+        "flotilla dev: node agent {:?} (admin {}, metrics http://{}/metrics, HTTP ingress http://{})",
         args.node_name,
         agent.admin_addr(),
-        agent.metrics_addr()
+        agent.metrics_addr(),
+        agent.ingress_addr().unwrap_or(args.http_listen)
     );
 
     if args.manifests != "none" {
@@ -102,10 +108,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         settle(&agent, replicas, Duration::from_secs(30)).await;
         print_summary(&agent.supervisor().list(None));
         print_output(&agent_url, &agent.supervisor().list(None)).await;
+        if let Some(ingress) = agent.ingress_addr() {
+            print_http(ingress, &applied).await;
+        }
     }
     println!(
         "flotilla dev: running. Try `flotilla get workloads`, `flotilla get nodes`, \
-         `flotilla describe workload crashloop`, `flotilla logs hello`. Ctrl-C stops everything."
+         `flotilla describe workload crashloop`, `flotilla logs hello`, \
+         `curl http://{}/echo/info`. Ctrl-C stops everything.",
+        agent.ingress_addr().unwrap_or(args.http_listen)
     );
 
     shutdown.await;
@@ -176,4 +187,43 @@ async fn print_output(agent_url: &str, sandboxes: &[SandboxStatus]) {
             println!("  (logs unavailable: {error})");
         }
     }
+}
+
+/// One request to each HTTP workload applied, through the agent's ingress, with its answer.
+async fn print_http(ingress: SocketAddr, applied: &[flotilla_control_plane::model::Workload]) {
+    for workload in applied {
+        let Some(http) = &workload.spec.http else {
+            continue;
+        };
+        let path = match http.path_prefix() {
+            "/" => "/".to_string(),
+            prefix => format!("{prefix}/info"),
+        };
+        println!(
+            "  --- GET http://{ingress}{path} ({}) ---",
+            workload.metadata.name
+        );
+        match http_get(ingress, &path).await {
+            Ok((status, body)) => println!("  {status} {}", body.trim_end()),
+            Err(error) => println!("  (request failed: {error:#})"),
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status and the body as text.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .context("no answer within 10 s")??;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

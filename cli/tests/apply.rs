@@ -46,7 +46,14 @@ async fn apply_pushes_local_modules_and_get_shows_them() {
     let (ok, stdout, stderr) =
         flotilla(&server, &["apply", "-f", &examples.to_string_lossy()]).await;
     assert!(ok, "{stderr}");
-    for name in ["crashloop", "hello", "hello-c", "idle"] {
+    for name in [
+        "crashloop",
+        "hello",
+        "hello-c",
+        "http-echo",
+        "http-hello",
+        "idle",
+    ] {
         assert!(
             stdout.contains(&format!(
                 "wasmworkload.flotilla.dev/{name} applied (generation 1)"
@@ -64,7 +71,7 @@ async fn apply_pushes_local_modules_and_get_shows_them() {
     let list: List = serde_json::from_str(&json).expect("json list");
     assert_eq!(list.kind, "List");
     let workloads = list.items;
-    assert_eq!(workloads.len(), 4);
+    assert_eq!(workloads.len(), 6);
     let hello_c = workloads
         .iter()
         .find(|w| w.metadata.name == "hello-c")

@@ -18,7 +18,13 @@ fn dev_runs_the_examples_and_stops_cleanly() {
             "--agent-listen",
             "127.0.0.1:0",
         ])
-        .args(["--metrics-listen", "127.0.0.1:0", "--manifests"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--manifests")
         .arg(&examples);
     let mut dev = Process::spawn(command, "flotilla dev");
     dev.wait_line("wasmworkload.flotilla.dev/idle applied (generation 1)");
@@ -33,12 +39,20 @@ fn dev_runs_the_examples_and_stops_cleanly() {
     assert!(idle.contains("1000 Running"), "{idle}");
     dev.wait_line("hello from flotilla");
     dev.wait_line("Ahoy from C and welcome aboard");
+    // One request to each HTTP example through the agent's ingress.
+    let echo = dev.wait_line("/echo/info (http-echo)");
+    assert!(echo.contains("GET http://127.0.0.1:"), "{echo}");
+    let json = dev.wait_line(r#"200 {"method":"GET","path":"/echo/info","requests":1"#);
+    assert!(json.ends_with('}'), "{json}");
+    let hello = dev.wait_line("/hello/info (http-hello)");
+    assert!(hello.contains("GET http://127.0.0.1:"), "{hello}");
+    dev.wait_line("200 Hello from Flotilla");
     dev.wait_line("flotilla dev: running");
 
     dev.signal(libc::SIGTERM);
     let stopped = dev.wait_line("flotilla dev: stopped");
     assert!(
-        stopped.contains("stopped 1004 sandboxes (0 aborted)"),
+        stopped.contains("stopped 1006 sandboxes (0 aborted)"),
         "{stopped}"
     );
     assert!(dev.wait().success());
@@ -55,7 +69,13 @@ fn a_signal_during_startup_still_stops_cleanly() {
             "--agent-listen",
             "127.0.0.1:0",
         ])
-        .args(["--metrics-listen", "127.0.0.1:0", "--manifests", "none"]);
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--manifests", "none"]);
     let mut dev = Process::spawn(command, "flotilla dev");
     // As early as the first line: before "running", while the agent may still be starting.
     dev.wait_line("flotilla dev: control plane at");

@@ -181,10 +181,77 @@ pub struct WorkloadSpec {
     /// Taints this workload tolerates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Serve HTTP: the module is a `wasi:http/incoming-handler` component, each replica is a
+    /// route in its node's ingress, and every request runs in a fresh sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
 }
 
 fn one() -> i64 {
     1
+}
+
+/// How an HTTP workload is reached through the node agents' ingress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct HttpSpec {
+    /// The host (the `Host` header without its port) the route answers, e.g.
+    /// `hello.example.com`; any host when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path prefix the route answers, matched on whole segments (`/api` matches `/api` and
+    /// `/api/x`, not `/apix`). Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Requests one replica serves at once; more are answered `503` with `Retry-After`.
+    /// Default: the agent's (1,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub max_concurrency: Option<u32>,
+    /// Wall-clock limit of one request, e.g. `10s` or `500ms`. Default: the agent's (30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+impl HttpSpec {
+    /// The path prefix, `/` when unset.
+    pub fn path_prefix(&self) -> &str {
+        self.path_prefix.as_deref().unwrap_or("/")
+    }
+
+    fn validate(&self, fail: &mut impl FnMut(&str, String)) {
+        if let Some(host) = &self.host
+            && let Err(message) = validate_name(host)
+        {
+            fail("spec.http.host", message);
+        }
+        let prefix = self.path_prefix();
+        if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) || prefix.contains("//") {
+            fail(
+                "spec.http.pathPrefix",
+                format!("{prefix:?}: must be a path starting with '/', without '?', '#' or '//'"),
+            );
+        }
+        if self.max_concurrency == Some(0) {
+            fail("spec.http.maxConcurrency", "must be >= 1".into());
+        }
+        if let Some(timeout) = &self.timeout {
+            match humantime::parse_duration(timeout) {
+                Ok(d) if d.is_zero() => fail("spec.http.timeout", "must be > 0".into()),
+                Ok(_) => {}
+                Err(e) => fail("spec.http.timeout", format!("{timeout:?}: {e}")),
+            }
+        }
+    }
+
+    /// `timeout` in milliseconds; 0 when unset or invalid (the agent's default applies).
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
 }
 
 /// Where a module comes from: pinned by digest, fetched from `url` or the module store.
@@ -369,6 +436,9 @@ pub struct WorkloadStatus {
     /// Sandboxes placed per node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placements: BTreeMap<String, u64>,
+    /// For an HTTP workload: the URLs of the node ingresses that serve it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
 }
 
 /// A status condition, Kubernetes-style.
@@ -612,6 +682,9 @@ impl Workload {
         }
         if spec.active_deadline_seconds.is_some_and(|s| s <= 0) {
             fail("spec.activeDeadlineSeconds", "must be > 0".into());
+        }
+        if let Some(http) = &spec.http {
+            http.validate(&mut fail);
         }
         if errors.is_empty() {
             Ok(())

@@ -22,6 +22,9 @@ pub struct Agent {
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shutdown: CancellationToken,
+    ingress_shutdown: CancellationToken,
+    ingress: Option<JoinHandle<()>>,
+    ingress_addr: Option<SocketAddr>,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
 }
@@ -53,9 +56,10 @@ impl Agent {
         );
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_http(runtime.http_metrics().clone());
         let supervisor = Supervisor::new(runtime, config.supervisor.clone(), metrics.clone());
         let shutdown = CancellationToken::new();
+        let ingress_shutdown = CancellationToken::new();
 
         let admin = TcpListener::bind(config.listen)
             .await
@@ -65,9 +69,34 @@ impl Agent {
             .await
             .with_context(|| format!("binding metrics on {}", config.metrics_listen))?;
         let metrics_addr = metrics_listener.local_addr()?;
+        let ingress = match &config.ingress {
+            Some(ingress) => {
+                let listener = TcpListener::bind(ingress.listen)
+                    .await
+                    .with_context(|| format!("binding the HTTP ingress on {}", ingress.listen))?;
+                Some((listener.local_addr()?, listener))
+            }
+            None => None,
+        };
+        let ingress_addr = ingress.as_ref().map(|(addr, _)| *addr);
         tracing::info!(%admin_addr, %metrics_addr, "serving");
 
         let mut servers = Vec::new();
+        let mut control = config.control.clone();
+        let ingress = ingress.map(|(bound, listener)| {
+            if let (Some(control), Some(ingress)) = (&mut control, &config.ingress) {
+                control.ingress_url =
+                    crate::ingress::advertise_url(ingress, bound, &control.node_name);
+            }
+            tracing::info!(ingress_addr = %bound, "serving HTTP workloads");
+            // The ingress drains on its own token, before the sandboxes stop.
+            tokio::spawn(crate::ingress::serve(
+                listener,
+                supervisor.runtime().http_routes().clone(),
+                ingress_shutdown.clone(),
+                config.shutdown_grace,
+            ))
+        });
         let service = AdminService::new(supervisor.clone()).into_server();
         let token = shutdown.clone();
         servers.push(tokio::spawn(async move {
@@ -89,7 +118,7 @@ impl Agent {
             token.cancelled_owned(),
         )));
 
-        if let Some(control) = config.control.clone() {
+        if let Some(control) = control {
             let supervisor = supervisor.clone();
             let token = shutdown.clone();
             servers.push(tokio::spawn(crate::control::run(
@@ -106,6 +135,9 @@ impl Agent {
             admin_addr,
             metrics_addr,
             shutdown,
+            ingress_shutdown,
+            ingress,
+            ingress_addr,
             servers,
             grace: config.shutdown_grace,
         })
@@ -126,8 +158,19 @@ impl Agent {
         self.metrics_addr
     }
 
-    /// Stops serving, then stops every sandbox within the grace period.
+    /// Where the HTTP ingress listens, unless it is disabled.
+    pub fn ingress_addr(&self) -> Option<SocketAddr> {
+        self.ingress_addr
+    }
+
+    /// Stops accepting HTTP requests and lets those in flight finish (within the grace period),
+    /// then stops serving and stops every sandbox within the grace period.
     pub async fn shutdown(self) -> ShutdownReport {
+        self.ingress_shutdown.cancel();
+        if let Some(ingress) = self.ingress {
+            // The task ends once drained or after the grace period.
+            let _ = ingress.await;
+        }
         self.shutdown.cancel();
         let report = self.supervisor.shutdown(self.grace).await;
         for server in self.servers {

@@ -25,6 +25,16 @@ pub struct Args {
         default_value = "127.0.0.1:9090"
     )]
     pub metrics_listen: SocketAddr,
+    /// Address of the HTTP ingress that serves HTTP workloads.
+    #[arg(long, env = "FLOTILLA_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Serve no HTTP ingress (HTTP workloads then fail on this node).
+    #[arg(long, env = "FLOTILLA_NO_HTTP_INGRESS")]
+    pub no_http_ingress: bool,
+    /// The ingress URL the control plane shows, e.g. `http://10.0.0.7:8080` (default: the
+    /// listen address, or the node name when listening on all addresses).
+    #[arg(long, env = "FLOTILLA_HTTP_ADVERTISE_URL")]
+    pub http_advertise_url: Option<String>,
     /// Directory of static WasmWorkload manifests (*.yaml) to run at startup.
     #[arg(long, env = "FLOTILLA_MANIFESTS")]
     pub manifests: Option<PathBuf>,
@@ -109,6 +119,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Metrics address.
     pub metrics_listen: SocketAddr,
+    /// The HTTP ingress, unless disabled.
+    pub ingress: Option<crate::ingress::IngressConfig>,
     /// Static manifests directory.
     pub manifests: Option<PathBuf>,
     /// Admitted memory.
@@ -180,9 +192,21 @@ impl TryFrom<Args> for Config {
                 message: "must be positive".into(),
             });
         }
+        if let Some(url) = &args.http_advertise_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError {
+                flag: "http-advertise-url",
+                message: format!("{url:?}: must be an http:// or https:// URL"),
+            });
+        }
         Ok(Config {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
+            ingress: (!args.no_http_ingress).then_some(crate::ingress::IngressConfig {
+                listen: args.http_listen,
+                advertise_url: args.http_advertise_url,
+            }),
             manifests: args.manifests,
             memory: args
                 .memory
@@ -297,6 +321,7 @@ fn control_config(
         backoff_max: Duration::from_secs(10),
         join_token,
         tls,
+        ingress_url: String::new(),
     }))
 }
 
@@ -340,6 +365,10 @@ mod tests {
             (&["--max-sandboxes", "0"][..], "max-sandboxes"),
             (&["--epoch-tick", "0s"][..], "epoch-tick"),
             (&["--control-plane", "ftp://x"][..], "control-plane"),
+            (
+                &["--http-advertise-url", "10.0.0.7"][..],
+                "http-advertise-url",
+            ),
             (
                 &["--control-plane", "http://x", "--node-name", "Bad_Name"][..],
                 "node-name",

@@ -57,6 +57,8 @@ pub struct ControlConfig {
     pub join_token: Option<String>,
     /// TLS towards an `https://` control plane (trust, and a client identity for mutual TLS).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Base URL of this node's HTTP ingress, told to the control plane; empty without one.
+    pub ingress_url: String,
 }
 
 /// Adds the join token to every call to the control plane.
@@ -189,6 +191,7 @@ async fn session(
                 cpu_millis: cpus * 1000,
                 sandboxes: capacity.max_sandboxes,
             }),
+            ingress_url: config.ingress_url.clone(),
         })
         .await?
         .into_inner();

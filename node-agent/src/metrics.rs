@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use flotilla_proto::agent::v1::SandboxPhase;
 
 type Labels = Vec<(&'static str, &'static str)>;
+type WorkloadLabels = Vec<(&'static str, String)>;
 
 /// The agent's metrics. Cheap to clone; every handle shares one registry.
 #[derive(Clone)]
@@ -22,13 +23,19 @@ pub struct Metrics {
     starts: Counter,
     start_latency: Histogram,
     exits: Family<Labels, Counter>,
+    http: HttpMetrics,
     /// Exact start latencies in nanoseconds, kept only when a benchmark asks for them.
     latency_samples: Option<Arc<Mutex<Vec<u32>>>>,
 }
 
 impl Metrics {
-    /// Creates the metrics and registers them.
+    /// Creates the metrics and registers them, with HTTP metrics of their own.
     pub fn new() -> Self {
+        Self::with_http(HttpMetrics::default())
+    }
+
+    /// Creates the metrics and registers them, with `http` (the runtime's) among them.
+    pub fn with_http(http: HttpMetrics) -> Self {
         let mut registry = Registry::with_prefix("flotilla");
         let sandboxes = Family::<Labels, Gauge>::default();
         registry.register(
@@ -62,12 +69,14 @@ impl Metrics {
             "Sandbox runs ended, by reason (Completed, Error, Trap, OutOfMemory, CpuLimit, ...)",
             exits.clone(),
         );
+        http.register(&mut registry);
         Self {
             registry: Arc::new(registry),
             phases,
             starts,
             start_latency,
             exits,
+            http,
             latency_samples: None,
         }
     }
@@ -129,6 +138,11 @@ impl Metrics {
         self.exits.get_or_create(&vec![("reason", reason)]).inc();
     }
 
+    /// The HTTP workloads' metrics.
+    pub fn http(&self) -> &HttpMetrics {
+        &self.http
+    }
+
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -142,6 +156,118 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Per-workload metrics of HTTP workloads, labelled `workload="namespace/name"` as the agent
+/// names it. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<Vec<(&'static str, String)>, Counter>,
+    duration: Family<WorkloadLabels, Histogram>,
+    failures: Family<Vec<(&'static str, String)>, Counter>,
+    instances: Family<WorkloadLabels, Gauge>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(25e-6, 2.0, 20))
+            }),
+            failures: Family::default(),
+            instances: Family::default(),
+        }
+    }
+}
+
+impl HttpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by workload and status code",
+            self.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its response headers, by workload",
+            self.duration.clone(),
+        );
+        registry.register(
+            "http_request_failures",
+            "Requests whose sandbox failed, by workload and reason (Trap, OutOfMemory, CpuLimit, \
+             DeadlineExceeded)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "http_instances",
+            "Per-request sandboxes alive, by workload",
+            self.instances.clone(),
+        );
+    }
+
+    /// The handles of one workload, to update without a label lookup per request.
+    pub fn workload(&self, workload: &str) -> WorkloadHttpMetrics {
+        let labels = vec![("workload", workload.to_string())];
+        WorkloadHttpMetrics {
+            workload: workload.into(),
+            requests: self.requests.clone(),
+            ok: self
+                .requests
+                .get_or_create(&status_labels(workload, 200))
+                .clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            failures: self.failures.clone(),
+            instances: self.instances.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// One HTTP workload's metric handles.
+#[derive(Clone)]
+pub struct WorkloadHttpMetrics {
+    workload: Arc<str>,
+    requests: Family<Vec<(&'static str, String)>, Counter>,
+    ok: Counter,
+    duration: Histogram,
+    failures: Family<Vec<(&'static str, String)>, Counter>,
+    instances: Gauge,
+}
+
+impl WorkloadHttpMetrics {
+    /// Records a response with `status`, `elapsed` after the request arrived.
+    pub fn responded(&self, status: u16, elapsed: Duration) {
+        if status == 200 {
+            self.ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&status_labels(&self.workload, status))
+                .inc();
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a request whose sandbox ended for `reason`.
+    pub fn failed(&self, reason: &'static str) {
+        self.failures
+            .get_or_create(&vec![
+                ("workload", self.workload.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+    }
+
+    /// The gauge of live per-request sandboxes.
+    pub fn instances(&self) -> &Gauge {
+        &self.instances
+    }
+}
+
+fn status_labels(workload: &str, status: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("workload", workload.to_string()),
+        ("code", status.to_string()),
+    ]
 }
 
 fn phase_label(phase: SandboxPhase) -> &'static str {

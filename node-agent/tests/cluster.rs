@@ -64,6 +64,7 @@ fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
         backoff_max: Duration::from_secs(1),
         join_token: None,
         tls: None,
+        ingress_url: String::new(),
     };
     tokio::spawn(control::run(config, sup.clone(), token.clone()));
     (sup, token)

@@ -28,6 +28,7 @@ impl AgentProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-node-agent"));
         command
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args([
                 "--max-sandboxes",
                 "1000",

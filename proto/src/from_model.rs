@@ -4,7 +4,7 @@
 use flotilla_model::{RestartPolicy, WorkloadSpec as ModelSpec};
 
 use crate::agent::v1::{
-    EnvVar, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
+    EnvVar, HttpRoute, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
 };
 
 /// The agent's spec for `spec`: named `name` on the agent, at `generation` (a new generation
@@ -44,5 +44,11 @@ pub fn agent_workload_spec(
             RestartPolicy::OnFailure => RestartPolicyMessage::OnFailure,
             RestartPolicy::Never => RestartPolicyMessage::Never,
         } as i32,
+        http: spec.http.as_ref().map(|http| HttpRoute {
+            host: http.host.clone().unwrap_or_default(),
+            path_prefix: http.path_prefix().to_string(),
+            max_concurrency: http.max_concurrency.unwrap_or(0),
+            timeout_ms: http.timeout_ms(),
+        }),
     }
 }

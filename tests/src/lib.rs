@@ -3,6 +3,8 @@
 //! The cross-component tests under `tests/tests/` and the crates' own process tests share it.
 
 pub mod apiserver;
+pub mod guests;
+pub mod http;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};

@@ -160,6 +160,11 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--leader-elect",
         "--leader-election-id=flotilla-control-plane",
         "fieldPath: metadata.namespace",
+        // HTTP workloads: every agent's ingress, advertised at the pod's address, behind a
+        // Service.
+        "--http-listen=0.0.0.0:8080",
+        "--http-advertise-url=http://$(POD_IP):8080",
+        "targetPort: http",
     ] {
         assert!(
             default.contains(expected),
@@ -192,6 +197,10 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--tls-client-ca-file=/etc/flotilla/tls/ca.crt",
         "--tls-cert-file=/etc/flotilla/tls/tls.crt",
         "secretName: flotilla-agent-tls",
+        // The ingress on each node's own address, and a NodePort Service over them.
+        "hostPort: 8081",
+        "--http-advertise-url=http://$(HOST_IP):8081",
+        "nodePort: 30880",
     ] {
         assert!(
             all.contains(expected),

@@ -7,56 +7,15 @@
 //! needs and change nothing; the CLI waits, relays logs, describes and scales.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use serde_json::Value;
 use support::{
-    Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, serve_http, sha256_hex, try_flotilla,
+    Agent, ControlPlane, example, flotilla, placements, ready, serve_http, sha256_hex,
+    try_flotilla, wait_for,
 };
 
 mod support;
-
-/// Polls `get workload NAME -o json` until `done` holds, and returns that object.
-fn wait_for(server: &str, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let object: Value = serde_json::from_str(&flotilla(&[
-            "--server",
-            server,
-            "get",
-            "workloads",
-            name,
-            "-o",
-            "json",
-        ]))
-        .expect("workload as JSON");
-        if done(&object) {
-            return object;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached; last status: {}",
-            object["status"]
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn placements(object: &Value) -> BTreeMap<String, u64> {
-    object["status"]["placements"]
-        .as_object()
-        .map(|p| {
-            p.iter()
-                .map(|(node, n)| (node.clone(), n.as_u64().expect("count")))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn ready(object: &Value) -> u64 {
-    object["status"]["readyReplicas"].as_u64().unwrap_or(0)
-}
 
 #[test]
 fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_restart() {
@@ -162,13 +121,6 @@ fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_resta
     assert_eq!(placements(&object).values().sum::<u64>(), 300);
     assert_eq!(node_1.running(), after_1, "node-1 restarted nothing");
     assert_eq!(node_3.running(), after_3, "node-3 restarted nothing");
-}
-
-fn example(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", name]
-        .iter()
-        .collect();
-    path.to_string_lossy().into_owned()
 }
 
 #[test]

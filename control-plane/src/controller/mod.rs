@@ -354,6 +354,15 @@ impl<S: WorkloadStore> Controller<S> {
             status.template_hash = template;
         }
         status.replicas = placements.values().sum();
+        status.endpoints = match &workload.spec.http {
+            Some(http) => placements
+                .keys()
+                .filter_map(|node| index.get(node).map(|&i| nodes[i].ingress_url.as_str()))
+                .filter(|url| !url.is_empty())
+                .map(|url| format!("{url}{}", http.path_prefix()))
+                .collect(),
+            None => Vec::new(),
+        };
         status.placements = placements;
         status.observed_generation = workload.metadata.generation;
         let condition = match unschedulable {

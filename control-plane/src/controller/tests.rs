@@ -31,6 +31,7 @@ pub(super) fn node(name: &str, arch: &str, sandboxes: u64) -> NodeInfo {
             sandboxes,
         },
         allocated: NodeResources::default(),
+        ingress_url: String::new(),
     }
 }
 

@@ -153,6 +153,15 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         if r.agent_id.is_empty() {
             return Err(Status::invalid_argument("agent_id: required"));
         }
+        if !(r.ingress_url.is_empty()
+            || r.ingress_url.starts_with("http://")
+            || r.ingress_url.starts_with("https://"))
+        {
+            return Err(Status::invalid_argument(format!(
+                "ingress_url: {:?} must be an http:// or https:// URL",
+                r.ingress_url
+            )));
+        }
         let mut taints = Vec::with_capacity(r.taints.len());
         for (i, t) in r.taints.iter().enumerate() {
             let effect = match t.effect.as_str() {
@@ -210,8 +219,9 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                 sandboxes: allocatable.sandboxes,
             },
             allocated: NodeResources::default(),
+            ingress_url: r.ingress_url.clone(),
         });
-        tracing::info!(node = %r.node_name, arch = %r.arch, "node registered");
+        tracing::info!(node = %r.node_name, arch = %r.arch, ingress = %r.ingress_url, "node registered");
         Ok(Response::new(RegisterResponse {
             session_id,
             heartbeat_interval_ms: u64::try_from(self.heartbeat_interval.as_millis())

@@ -265,6 +265,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                     })
                     .collect(),
                 running: status.running,
+                ingress_url: status.info.ingress_url,
                 last_heartbeat_age_ms: u64::try_from(status.since_heartbeat.as_millis())
                     .unwrap_or(u64::MAX),
             })

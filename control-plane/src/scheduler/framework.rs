@@ -94,6 +94,8 @@ pub struct NodeInfo {
     pub allocatable: NodeResources,
     /// What is placed on it already, all workloads together.
     pub allocated: NodeResources,
+    /// Base URL of its agent's HTTP ingress; empty when it has none.
+    pub ingress_url: String,
 }
 
 /// A node during a cycle: its snapshot plus what this cycle placed on it so far.
@@ -118,6 +120,8 @@ pub struct WorkloadRequest {
     pub node_selector: BTreeMap<String, String>,
     /// Taints tolerated.
     pub tolerations: Vec<Toleration>,
+    /// Whether it serves HTTP (needs a node with an ingress).
+    pub http: bool,
 }
 
 impl WorkloadRequest {
@@ -128,6 +132,7 @@ impl WorkloadRequest {
             requests: workload.spec.requests(),
             node_selector: workload.spec.node_selector.clone(),
             tolerations: workload.spec.tolerations.clone(),
+            http: workload.spec.http.is_some(),
         }
     }
 }

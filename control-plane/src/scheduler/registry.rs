@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::framework::{FilterPlugin, PreFilterPlugin, PreScorePlugin, ScorePlugin};
 use super::plugins::{
-    balanced_allocation, least_allocated, node_ready, node_selector, resource_fit,
+    balanced_allocation, http_ingress, least_allocated, node_ready, node_selector, resource_fit,
     taint_toleration, workload_spread,
 };
 
@@ -27,6 +27,7 @@ impl Default for SchedulerConfig {
                 node_selector::NAME,
                 taint_toleration::NAME,
                 resource_fit::NAME,
+                http_ingress::NAME,
             ]
             .map(String::from)
             .to_vec(),
@@ -76,6 +77,7 @@ impl Profile {
                 node_selector::NAME => Arc::new(node_selector::NodeSelector),
                 taint_toleration::NAME => Arc::new(taint_toleration::TaintToleration),
                 resource_fit::NAME => Arc::new(resource_fit::ResourceFit),
+                http_ingress::NAME => Arc::new(http_ingress::HttpIngress),
                 _ => {
                     return Err(UnknownPlugin {
                         point: "filter",
@@ -115,7 +117,7 @@ mod tests {
     #[test]
     fn default_config_builds() {
         let profile = Profile::from_config(&SchedulerConfig::default()).expect("valid");
-        assert_eq!(profile.filters.len(), 4);
+        assert_eq!(profile.filters.len(), 5);
         assert_eq!(profile.scores.len(), 4);
         assert_eq!(profile.pre_scores.len(), 1);
     }

@@ -16,6 +16,7 @@ fn node(name: &str, sandboxes: u64) -> NodeInfo {
             sandboxes,
         },
         allocated: NodeResources::default(),
+        ingress_url: String::new(),
     }
 }
 

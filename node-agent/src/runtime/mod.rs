@@ -9,6 +9,7 @@
 //!    `Store` with its own WASI context, limits and log ring.
 
 pub mod capacity;
+pub mod http;
 pub mod limits;
 pub mod logs;
 mod wasmtime;
@@ -92,6 +93,8 @@ pub enum Exit {
     DeadlineExceeded(Duration),
     /// The sandbox was stopped by the agent.
     Stopped,
+    /// An HTTP replica's host and path are served by another workload on this node.
+    RouteConflict(String),
 }
 
 // === impl Exit ===
@@ -112,6 +115,7 @@ impl Exit {
             Exit::CpuLimit(_) => "CpuLimit",
             Exit::DeadlineExceeded(_) => "DeadlineExceeded",
             Exit::Stopped => "Stopped",
+            Exit::RouteConflict(_) => "RouteConflict",
         }
     }
 
@@ -119,7 +123,10 @@ impl Exit {
     pub fn message(&self) -> String {
         match self {
             Exit::Exited(code) => format!("exited with code {code}"),
-            Exit::Trap(msg) | Exit::OutOfMemory(msg) | Exit::CpuLimit(msg) => msg.clone(),
+            Exit::Trap(msg)
+            | Exit::OutOfMemory(msg)
+            | Exit::CpuLimit(msg)
+            | Exit::RouteConflict(msg) => msg.clone(),
             Exit::DeadlineExceeded(d) => format!("run exceeded its deadline of {d:?}"),
             Exit::Stopped => "stopped by the agent".to_string(),
         }
@@ -177,6 +184,18 @@ pub enum SandboxError {
     /// The module cannot be linked against WASI (an unknown import, for example).
     #[error("cannot link module: {0}")]
     Link(String),
+    /// `spec.http` is set, but the component is no `wasi:http/incoming-handler`.
+    #[error(
+        "spec.http is set, but the module is not a component exporting \
+         wasi:http/incoming-handler"
+    )]
+    NotHttpHandler,
+    /// The component is an HTTP handler, but `spec.http` is not set.
+    #[error(
+        "the component exports wasi:http/incoming-handler but not wasi:cli/run; set spec.http \
+         to serve it"
+    )]
+    HttpWithoutRoute,
     /// A command module without a callable `_start`.
     #[error("module has no callable `_start: func()` export; only WASI command modules can run")]
     MissingStart,

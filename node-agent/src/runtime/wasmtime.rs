@@ -24,11 +24,18 @@ use wasmtime::{
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::{Command, CommandPre};
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capacity::{self, Capacity};
+use super::http::{
+    DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, HttpPool, HttpReplica, HttpRoutes,
+    HttpSettings, RouteKey,
+};
 use super::limits::{CpuLimitExceeded, Limiter, MemoryLimitExceeded, SandboxLimits};
 use super::logs::{LogBuffer, LogSink};
 use super::{Exit, Prepared, RuntimeConfig, SandboxError, SandboxInstance, SandboxRuntime};
+use crate::metrics::HttpMetrics;
 
 /// Per-store state: the guest's WASI context and its limits.
 pub struct SandboxState<W> {
@@ -36,10 +43,12 @@ pub struct SandboxState<W> {
     limiter: Limiter,
 }
 
-/// WASI state of a preview 2 component.
+/// WASI state of a preview 2 component: WASI, and `wasi:http` for handlers and for outgoing
+/// requests.
 pub struct P2Wasi {
     ctx: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
 }
 
 impl WasiView for SandboxState<P2Wasi> {
@@ -51,23 +60,59 @@ impl WasiView for SandboxState<P2Wasi> {
     }
 }
 
+impl WasiHttpView for SandboxState<P2Wasi> {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.wasi.http,
+            table: &mut self.wasi.table,
+            hooks: wasmtime_wasi_http::default_hooks(),
+        }
+    }
+}
+
 type P1State = SandboxState<WasiP1Ctx>;
-type P2State = SandboxState<P2Wasi>;
+/// Store state of a component sandbox (command or HTTP handler).
+pub type P2State = SandboxState<P2Wasi>;
 
 /// A compiled, pre-linked module or component, shared by every workload with the same digest.
 enum Artifact {
     Module(InstancePre<P1State>),
-    Component(CommandPre<P2State>),
+    Command(CommandPre<P2State>),
+    Proxy(ProxyPre<P2State>),
 }
 
 /// A workload ready to be instantiated: its artifact plus the per-workload configuration.
 pub struct PreparedWorkload {
+    name: Arc<str>,
     digest: String,
     artifact: Arc<Artifact>,
+    /// Set for an HTTP workload.
+    http: Option<HttpSettings>,
     /// argv, with the workload name as argv[0].
     args: Box<[String]>,
     env: Box<[(String, String)]>,
     limits: SandboxLimits,
+}
+
+impl PreparedWorkload {
+    /// The workload's name on this agent.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The route and per-request limits, for an HTTP workload.
+    pub fn http(&self) -> Option<&HttpSettings> {
+        self.http.as_ref()
+    }
+
+    fn wasi(&self, logs: &Arc<LogBuffer>) -> WasiCtxBuilder {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&self.args)
+            .envs(&self.env)
+            .stdout(LogSink(logs.clone()))
+            .stderr(LogSink(logs.clone()));
+        wasi
+    }
 }
 
 impl Prepared for PreparedWorkload {
@@ -86,6 +131,8 @@ pub enum WasmtimeInstance {
     Module(Store<P1State>, TypedFunc<(), ()>),
     /// A preview 2 command component.
     Component(Store<P2State>, Command),
+    /// A replica of an HTTP workload: a route, with a fresh sandbox per request.
+    Http(HttpReplica),
 }
 
 /// The wasmtime-backed sandbox runtime. Cheap to clone.
@@ -104,6 +151,8 @@ struct Inner {
     artifacts: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
     compiled: AtomicU64,
     loaded: AtomicU64,
+    http_routes: HttpRoutes,
+    http_metrics: HttpMetrics,
 }
 
 /// How modules were obtained since the runtime started.
@@ -161,6 +210,8 @@ impl WasmtimeRuntime {
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(RuntimeError::LinkWasi)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component_linker)
+            .map_err(RuntimeError::LinkWasi)?;
 
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| RuntimeError::CacheDir(dir.clone(), e))?;
@@ -178,6 +229,8 @@ impl WasmtimeRuntime {
                 artifacts: Mutex::new(HashMap::new()),
                 compiled: AtomicU64::new(0),
                 loaded: AtomicU64::new(0),
+                http_routes: HttpRoutes::default(),
+                http_metrics: HttpMetrics::default(),
             }),
         })
     }
@@ -185,6 +238,25 @@ impl WasmtimeRuntime {
     /// The engine, for tools that must share its configuration (benchmarks).
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// The routes of the HTTP replicas running here, for the ingress.
+    pub fn http_routes(&self) -> &HttpRoutes {
+        &self.inner.http_routes
+    }
+
+    /// Metrics of the HTTP workloads, for the agent's registry.
+    pub fn http_metrics(&self) -> &HttpMetrics {
+        &self.inner.http_metrics
+    }
+
+    /// A fresh store for one request of an HTTP workload.
+    pub(super) fn request_store(
+        &self,
+        prepared: &PreparedWorkload,
+        logs: &Arc<LogBuffer>,
+    ) -> Store<P2State> {
+        self.new_store(P2Wasi::new(prepared.wasi(logs)), &prepared.limits)
     }
 
     /// The configuration the runtime was created with.
@@ -309,15 +381,38 @@ impl SandboxRuntime for WasmtimeRuntime {
     type Instance = WasmtimeInstance;
 
     async fn prepare(&self, spec: &WorkloadSpec) -> Result<Arc<PreparedWorkload>, SandboxError> {
-        let limits = self.resolve_limits(spec)?;
+        let mut limits = self.resolve_limits(spec)?;
         let (digest, bytes) = self.load_module(spec).await?;
         let artifact = self.artifact(&digest, bytes).await?;
+        let http = match (&spec.http, &*artifact) {
+            (Some(route), Artifact::Proxy(_)) => {
+                // The deadline bounds each request; the replica itself serves until stopped.
+                let timeout = nonzero(route.timeout_ms)
+                    .map(Duration::from_millis)
+                    .or(limits.deadline)
+                    .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+                limits.deadline = None;
+                Some(HttpSettings {
+                    route: RouteKey::new(&route.host, &route.path_prefix),
+                    max_concurrency: match route.max_concurrency {
+                        0 => DEFAULT_MAX_CONCURRENCY,
+                        n => n,
+                    },
+                    timeout,
+                })
+            }
+            (Some(_), _) => return Err(SandboxError::NotHttpHandler),
+            (None, Artifact::Proxy(_)) => return Err(SandboxError::HttpWithoutRoute),
+            (None, _) => None,
+        };
         let mut args = Vec::with_capacity(spec.args.len() + 1);
         args.push(spec.name.clone());
         args.extend(spec.args.iter().cloned());
         Ok(Arc::new(PreparedWorkload {
+            name: spec.name.as_str().into(),
             digest,
             artifact,
+            http,
             args: args.into(),
             env: spec
                 .env
@@ -333,11 +428,7 @@ impl SandboxRuntime for WasmtimeRuntime {
         prepared: &Arc<PreparedWorkload>,
         logs: Arc<LogBuffer>,
     ) -> Result<WasmtimeInstance, Exit> {
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&prepared.args)
-            .envs(&prepared.env)
-            .stdout(LogSink(logs.clone()))
-            .stderr(LogSink(logs));
+        let mut wasi = prepared.wasi(&logs);
         match &*prepared.artifact {
             Artifact::Module(pre) => {
                 let mut store = self.new_store(wasi.build_p1(), &prepared.limits);
@@ -350,16 +441,33 @@ impl SandboxRuntime for WasmtimeRuntime {
                     .map_err(classify)?;
                 Ok(WasmtimeInstance::Module(store, start))
             }
-            Artifact::Component(pre) => {
-                let wasi = P2Wasi {
-                    ctx: wasi.build(),
-                    table: ResourceTable::new(),
-                };
-                let mut store = self.new_store(wasi, &prepared.limits);
+            Artifact::Command(pre) => {
+                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits);
                 let command = Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
                 Ok(WasmtimeInstance::Component(store, command))
+            }
+            Artifact::Proxy(pre) => {
+                let Some(settings) = prepared.http() else {
+                    return Err(Exit::Trap("an HTTP handler without spec.http".into()));
+                };
+                // One instantiation up front: a handler that cannot start (a start function
+                // that traps, limits too small) fails the replica, not every request.
+                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits);
+                Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                drop(store);
+                let pool =
+                    HttpPool::new(self.clone(), prepared.clone(), pre.clone(), settings, logs);
+                HttpReplica::register(
+                    &self.inner.http_routes,
+                    settings.route.clone(),
+                    &prepared.name,
+                    pool,
+                )
+                .map(WasmtimeInstance::Http)
             }
         }
     }
@@ -393,6 +501,7 @@ impl SandboxInstance for WasmtimeInstance {
                     Err(e) => classify(e),
                 }
             }
+            WasmtimeInstance::Http(replica) => replica.run().await,
         }
     }
 }
@@ -415,12 +524,18 @@ impl Inner {
                 .component_linker
                 .instantiate_pre(&component)
                 .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
-            let pre = CommandPre::new(pre).map_err(|e| {
-                SandboxError::Link(format!(
-                    "component does not export wasi:cli/run as a command: {e:#}"
-                ))
-            })?;
-            Artifact::Component(pre)
+            match CommandPre::new(pre.clone()) {
+                Ok(command) => Artifact::Command(command),
+                Err(not_command) => match ProxyPre::new(pre) {
+                    Ok(proxy) => Artifact::Proxy(proxy),
+                    Err(not_proxy) => {
+                        return Err(SandboxError::Link(format!(
+                            "the component exports neither wasi:cli/run ({not_command:#}) nor \
+                             wasi:http/incoming-handler ({not_proxy:#})"
+                        )));
+                    }
+                },
+            }
         } else {
             let module =
                 self.load_or_compile(digest, bytes, |engine, bytes| Module::new(engine, bytes))?;
@@ -593,7 +708,7 @@ fn nonzero(v: u64) -> Option<u64> {
 }
 
 /// Turns a wasmtime error from a guest run into the [`Exit`] a user can act on.
-fn classify(err: wasmtime::Error) -> Exit {
+pub(super) fn classify(err: wasmtime::Error) -> Exit {
     if let Some(exit) = err.downcast_ref::<I32Exit>() {
         return Exit::Exited(exit.0);
     }
@@ -613,6 +728,16 @@ fn classify(err: wasmtime::Error) -> Exit {
 
 /// Frames kept in a trap's wasm backtrace.
 const MAX_BACKTRACE_FRAMES: usize = 32;
+
+impl P2Wasi {
+    fn new(mut wasi: WasiCtxBuilder) -> Self {
+        Self {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+        }
+    }
+}
 
 /// The pooling allocator, sized for `capacity`.
 fn pool_config(config: &RuntimeConfig, capacity: &Capacity) -> PoolingAllocationConfig {

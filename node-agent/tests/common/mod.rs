@@ -50,6 +50,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         replicas: 1,
         resources: Some(Resources::default()),
         restart_policy: RestartPolicy::Never as i32,
+        http: None,
     }
 }
 

@@ -75,6 +75,26 @@ pub struct WorkloadSpec {
     /// Defaults to RESTART_POLICY_ALWAYS, as for a Pod.
     #[prost(enumeration = "RestartPolicy", tag = "8")]
     pub restart_policy: i32,
+    /// Set for an HTTP workload: each replica is a route in the agent's ingress, and each request
+    /// runs in a fresh sandbox of the `wasi:http/incoming-handler` component.
+    #[prost(message, optional, tag = "9")]
+    pub http: ::core::option::Option<HttpRoute>,
+}
+/// Where an HTTP workload answers in the agent's ingress, and its per-request limits.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HttpRoute {
+    /// The host (the Host header without its port); empty for any host.
+    #[prost(string, tag = "1")]
+    pub host: ::prost::alloc::string::String,
+    /// Path prefix matched on whole segments; empty means "/".
+    #[prost(string, tag = "2")]
+    pub path_prefix: ::prost::alloc::string::String,
+    /// Requests one replica serves at once; 0 for the agent's default.
+    #[prost(uint32, tag = "3")]
+    pub max_concurrency: u32,
+    /// Wall-clock limit of one request in milliseconds; 0 for the agent's default.
+    #[prost(uint64, tag = "4")]
+    pub timeout_ms: u64,
 }
 /// How a sandbox's last run ended.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

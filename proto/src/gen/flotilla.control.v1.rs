@@ -50,6 +50,9 @@ pub struct RegisterRequest {
     pub taints: ::prost::alloc::vec::Vec<Taint>,
     #[prost(message, optional, tag = "7")]
     pub allocatable: ::core::option::Option<NodeResources>,
+    /// Base URL of the agent's HTTP ingress (`<http://10.0.0.7:8080`>); empty when it has none.
+    #[prost(string, tag = "8")]
+    pub ingress_url: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterResponse {
@@ -908,6 +911,9 @@ pub struct Node {
     /// Milliseconds since the last heartbeat.
     #[prost(uint64, tag = "8")]
     pub last_heartbeat_age_ms: u64,
+    /// Base URL of the node's HTTP ingress; empty when it has none.
+    #[prost(string, tag = "9")]
+    pub ingress_url: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListEventsRequest {

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_tests::{Process, logged_addr, workspace_binary};
 use serde_json::Value;
@@ -84,6 +84,8 @@ impl ControlPlane {
 pub struct Agent {
     pub process: Process,
     pub admin: SocketAddr,
+    /// The HTTP ingress.
+    pub ingress: SocketAddr,
 }
 
 impl Agent {
@@ -107,13 +109,19 @@ impl Agent {
         command
             .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--control-plane", control_plane, "--node-name", node])
             .args(["--max-sandboxes", "2000", "--no-cache"])
             .args(["--shutdown-grace", "1s"]);
         configure(&mut command);
         let process = Process::spawn(command, node);
         let admin = logged_addr(&process.wait_line("serving"), "admin_addr");
-        Self { process, admin }
+        let ingress = logged_addr(&process.wait_line("serving HTTP workloads"), "ingress_addr");
+        Self {
+            process,
+            admin,
+            ingress,
+        }
     }
 
     /// Running sandboxes: id → start time. Equal snapshots mean nothing was restarted.
@@ -265,4 +273,53 @@ impl Kubectl {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// Polls `get workload NAME -o json` until `done` holds, and returns that object.
+pub fn wait_for(server: &str, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let object: Value = serde_json::from_str(&flotilla(&[
+            "--server",
+            server,
+            "get",
+            "workloads",
+            name,
+            "-o",
+            "json",
+        ]))
+        .expect("workload as JSON");
+        if done(&object) {
+            return object;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached; last status: {}",
+            object["status"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn placements(object: &Value) -> BTreeMap<String, u64> {
+    object["status"]["placements"]
+        .as_object()
+        .map(|p| {
+            p.iter()
+                .map(|(node, n)| (node.clone(), n.as_u64().expect("count")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn ready(object: &Value) -> u64 {
+    object["status"]["readyReplicas"].as_u64().unwrap_or(0)
+}
+
+/// The path of `examples/<name>`.
+pub fn example(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", name]
+        .iter()
+        .collect();
+    path.to_string_lossy().into_owned()
 }

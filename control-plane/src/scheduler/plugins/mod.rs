@@ -1,6 +1,7 @@
 //! The built-in plugins, one per file, each named for its `NAME`.
 
 pub mod balanced_allocation;
+pub mod http_ingress;
 pub mod least_allocated;
 pub mod node_ready;
 pub mod node_selector;
@@ -28,6 +29,7 @@ pub(crate) mod testing {
                 sandboxes: 10,
             },
             allocated: NodeResources::default(),
+            ingress_url: String::new(),
         }
     }
 

@@ -1,0 +1,201 @@
+//! The agent's HTTP ingress: hyper (HTTP/1.1 and h2c) on one port, routing each request by
+//! host and path prefix to a replica of the HTTP workload placed here, which runs it in a fresh
+//! sandbox (see [`crate::runtime::http`]).
+//!
+//! Answers of the ingress itself: `404` when no workload here serves the host and path, `503`
+//! with `Retry-After` when the workload's replicas are at their concurrency limit. On shutdown
+//! it stops accepting, lets in-flight requests finish within the grace period, then closes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::http::{Dispatch, HttpRoutes, ResponseBody, busy_response, text_response};
+
+/// Ingress settings.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The base URL the control plane shows for this node's ingress; default: derived from
+    /// the bound address (the node name for an unspecified address).
+    pub advertise_url: Option<String>,
+}
+
+/// Longest a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The URL the control plane is told: the configured one, or the bound address.
+pub fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name: &str) -> String {
+    if let Some(url) = &config.advertise_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    if bound.ip().is_unspecified() {
+        format!("http://{node_name}:{}", bound.port())
+    } else {
+        format!("http://{bound}")
+    }
+}
+
+/// Serves `listener` until `shutdown`, then drains in-flight requests for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    routes: HttpRoutes,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, typically: back off rather than spin.
+                    tracing::warn!(%error, "ingress cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Responses are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let routes = routes.clone();
+        let service = service_fn(move |request| route(routes.clone(), request));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "ingress connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("ingress drained"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "ingress requests still in flight after the grace period");
+        }
+    }
+}
+
+/// Routes one request.
+async fn route(
+    routes: HttpRoutes,
+    request: hyper::Request<Incoming>,
+) -> Result<hyper::Response<ResponseBody>, Infallible> {
+    let arrived = Instant::now();
+    let host = request_host(&request);
+    match routes.dispatch(host, request.uri().path()) {
+        Dispatch::Serve(pool, permit) => {
+            let metrics = pool.metrics().clone();
+            let response = pool.handle(request, permit).await;
+            metrics.responded(response.status().as_u16(), arrived.elapsed());
+            Ok(response)
+        }
+        Dispatch::Busy(pool) => {
+            pool.metrics().responded(503, arrived.elapsed());
+            Ok(busy_response(format!(
+                "workload {} is serving its limit of {} concurrent requests per replica; try \
+                 again shortly\n",
+                pool.workload(),
+                pool.max_concurrency()
+            )))
+        }
+        Dispatch::NotFound => Ok(text_response(
+            404,
+            &format!(
+                "no workload on this node serves host {host:?} and path {:?}\n",
+                request.uri().path()
+            ),
+        )),
+    }
+}
+
+/// The request's host without its port: the URI's authority (HTTP/2) or the Host header.
+fn request_host<B>(request: &hyper::Request<B>) -> &str {
+    let authority = request.uri().host().or_else(|| {
+        request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let host = authority.unwrap_or_default();
+    // Strip a port, keeping IPv6 literals ("[::1]:8080") whole.
+    match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(uri: &str, header: Option<&str>) -> String {
+        let mut builder = hyper::Request::builder().uri(uri);
+        if let Some(header) = header {
+            builder = builder.header("host", header);
+        }
+        let request = builder.body(()).expect("request");
+        request_host(&request).to_string()
+    }
+
+    #[test]
+    fn host_comes_from_the_authority_or_the_host_header_without_port() {
+        assert_eq!(
+            host_of("/x", Some("hello.example.com:8080")),
+            "hello.example.com"
+        );
+        assert_eq!(
+            host_of("/x", Some("hello.example.com")),
+            "hello.example.com"
+        );
+        assert_eq!(
+            host_of("http://a.example/x", Some("b.example")),
+            "a.example"
+        );
+        assert_eq!(host_of("/x", Some("[::1]:8080")), "[::1]");
+        assert_eq!(host_of("/x", Some("[::1]")), "[::1]");
+        assert_eq!(host_of("/x", None), "");
+    }
+
+    #[test]
+    fn advertised_url_prefers_the_flag_then_the_bound_address() {
+        let config = IngressConfig {
+            listen: "0.0.0.0:8080".parse().expect("addr"),
+            advertise_url: None,
+        };
+        let any: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        let local: SocketAddr = "127.0.0.1:9000".parse().expect("addr");
+        assert_eq!(advertise_url(&config, any, "node-a"), "http://node-a:8080");
+        assert_eq!(
+            advertise_url(&config, local, "node-a"),
+            "http://127.0.0.1:9000"
+        );
+        let config = IngressConfig {
+            advertise_url: Some("http://10.0.0.7:8080/".into()),
+            ..config
+        };
+        assert_eq!(
+            advertise_url(&config, any, "node-a"),
+            "http://10.0.0.7:8080"
+        );
+    }
+}

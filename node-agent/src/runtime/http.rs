@@ -1,0 +1,473 @@
+//! HTTP workloads: the route table the ingress reads, and a fresh sandbox for every request.
+//!
+//! A replica of an HTTP workload is a [`HttpPool`] registered in [`HttpRoutes`] under its host
+//! and path prefix for as long as the replica runs. The pool owns nothing per request: each
+//! request gets a new `Store` and instance of the pre-linked `wasi:http/proxy` component (from
+//! the pooling allocator's warm slots), runs under the workload's memory, CPU-time and
+//! wall-clock limits, and is dropped when the guest returns. No state survives a request.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use super::Exit;
+use super::logs::LogBuffer;
+use super::wasmtime::{P2State, PreparedWorkload, WasmtimeRuntime, classify};
+use crate::metrics::WorkloadHttpMetrics;
+
+/// The body of every response the ingress sends: the guest's stream, or a short error text.
+pub type ResponseBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// Requests one replica serves at once when the workload sets no limit.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 1000;
+
+/// Wall-clock limit of one request when the workload sets none.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which requests a workload answers: a host (any when `None`) and a path prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteKey {
+    /// Lower-case host without port.
+    pub host: Option<Box<str>>,
+    /// Path prefix without a trailing `/` (the root prefix is the empty string).
+    pub prefix: Box<str>,
+}
+
+impl RouteKey {
+    /// The key for a spec's host and prefix (`""` meaning any host and `/`).
+    pub fn new(host: &str, prefix: &str) -> Self {
+        let host = host.trim().to_ascii_lowercase();
+        Self {
+            host: (!host.is_empty()).then(|| host.into()),
+            prefix: prefix.trim_end_matches('/').into(),
+        }
+    }
+
+    /// Whether a request for `host` (lower-case, without port) and `path` matches, on whole
+    /// path segments.
+    fn matches(&self, host: &str, path: &str) -> bool {
+        if self.host.as_deref().is_some_and(|h| h != host) {
+            return false;
+        }
+        match path.strip_prefix(&*self.prefix) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+
+    fn display(&self) -> String {
+        let prefix = if self.prefix.is_empty() {
+            "/"
+        } else {
+            &self.prefix
+        };
+        match &self.host {
+            Some(host) => format!("{host}{prefix}"),
+            None => format!("*{prefix}"),
+        }
+    }
+}
+
+/// One route: its key, the workload it belongs to and the replicas serving it on this node.
+struct Route {
+    key: RouteKey,
+    workload: Arc<str>,
+    pools: Vec<Arc<HttpPool>>,
+    /// Where the next request starts looking for a free replica.
+    next: AtomicUsize,
+}
+
+/// The routes of every HTTP replica on this agent. Cheap to clone.
+///
+/// Copy-on-write: a lookup clones one `Arc` under a read lock and scans without holding it;
+/// replicas coming and going rebuild the small list.
+#[derive(Clone, Default)]
+pub struct HttpRoutes {
+    table: Arc<RwLock<Arc<Vec<Arc<Route>>>>>,
+}
+
+/// Where a request goes.
+pub enum Dispatch {
+    /// A replica with a free slot, and the permit that holds the slot.
+    Serve(Arc<HttpPool>, OwnedSemaphorePermit),
+    /// Every replica of the matching workload is at its concurrency limit; one of them.
+    Busy(Arc<HttpPool>),
+    /// No workload on this node answers the host and path.
+    NotFound,
+}
+
+/// A route taken by another workload on this node.
+#[derive(Debug, thiserror::Error)]
+#[error("route {route} is already served by workload {owner} on this node")]
+pub struct RouteConflict {
+    route: String,
+    owner: Arc<str>,
+}
+
+/// Removes its replica from the route table when dropped.
+pub struct Registration {
+    routes: HttpRoutes,
+    pool: Arc<HttpPool>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.routes.update(|table| {
+            for route in table.iter_mut() {
+                if route.pools.iter().any(|p| Arc::ptr_eq(p, &self.pool)) {
+                    let pools = route
+                        .pools
+                        .iter()
+                        .filter(|p| !Arc::ptr_eq(p, &self.pool))
+                        .cloned()
+                        .collect();
+                    *route = Arc::new(Route {
+                        key: route.key.clone(),
+                        workload: route.workload.clone(),
+                        pools,
+                        next: AtomicUsize::new(0),
+                    });
+                }
+            }
+            table.retain(|route| !route.pools.is_empty());
+        });
+    }
+}
+
+// === impl HttpRoutes ===
+
+impl HttpRoutes {
+    fn update(&self, f: impl FnOnce(&mut Vec<Arc<Route>>)) {
+        let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut table = (**guard).clone();
+        f(&mut table);
+        // Most specific first: a host before any host, then longer prefixes.
+        table.sort_by(|a, b| {
+            (b.key.host.is_some(), b.key.prefix.len())
+                .cmp(&(a.key.host.is_some(), a.key.prefix.len()))
+        });
+        *guard = Arc::new(table);
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Route>>> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds a replica of `workload` under `key` until the returned registration is dropped.
+    ///
+    /// # Errors
+    /// Fails when another workload serves the same host and prefix here.
+    pub fn register(
+        &self,
+        key: RouteKey,
+        workload: &Arc<str>,
+        pool: Arc<HttpPool>,
+    ) -> Result<Registration, RouteConflict> {
+        let mut conflict = None;
+        self.update(|table| match table.iter_mut().find(|r| r.key == key) {
+            Some(route) if route.workload != *workload => {
+                conflict = Some(RouteConflict {
+                    route: key.display(),
+                    owner: route.workload.clone(),
+                });
+            }
+            Some(route) => {
+                let mut pools = route.pools.clone();
+                pools.push(pool.clone());
+                *route = Arc::new(Route {
+                    key: key.clone(),
+                    workload: workload.clone(),
+                    pools,
+                    next: AtomicUsize::new(0),
+                });
+            }
+            None => table.push(Arc::new(Route {
+                key: key.clone(),
+                workload: workload.clone(),
+                pools: vec![pool.clone()],
+                next: AtomicUsize::new(0),
+            })),
+        });
+        match conflict {
+            Some(conflict) => Err(conflict),
+            None => Ok(Registration {
+                routes: self.clone(),
+                pool,
+            }),
+        }
+    }
+
+    /// Finds the route for `host` (without port) and `path` and a replica with a free slot.
+    pub fn dispatch(&self, host: &str, path: &str) -> Dispatch {
+        let table = self.snapshot();
+        let host = host.to_ascii_lowercase();
+        let Some(route) = table.iter().find(|r| r.key.matches(&host, path)) else {
+            return Dispatch::NotFound;
+        };
+        let start = route.next.fetch_add(1, Ordering::Relaxed);
+        let count = route.pools.len();
+        for i in 0..count {
+            let pool = &route.pools[(start + i) % count];
+            if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
+                return Dispatch::Serve(pool.clone(), permit);
+            }
+        }
+        match route.pools.first() {
+            Some(pool) => Dispatch::Busy(pool.clone()),
+            None => Dispatch::NotFound,
+        }
+    }
+
+    /// The routes served here, as `(workload, route)` pairs for diagnostics.
+    pub fn list(&self) -> Vec<(Arc<str>, String)> {
+        self.snapshot()
+            .iter()
+            .map(|r| (r.workload.clone(), r.key.display()))
+            .collect()
+    }
+}
+
+/// One replica of an HTTP workload: what every request needs to get its own sandbox.
+pub struct HttpPool {
+    runtime: WasmtimeRuntime,
+    prepared: Arc<PreparedWorkload>,
+    pre: ProxyPre<P2State>,
+    permits: Arc<Semaphore>,
+    max_concurrency: usize,
+    timeout: Duration,
+    logs: Arc<LogBuffer>,
+    metrics: WorkloadHttpMetrics,
+}
+
+// === impl HttpPool ===
+
+impl HttpPool {
+    pub(super) fn new(
+        runtime: WasmtimeRuntime,
+        prepared: Arc<PreparedWorkload>,
+        pre: ProxyPre<P2State>,
+        settings: &HttpSettings,
+        logs: Arc<LogBuffer>,
+    ) -> Self {
+        let max_concurrency = settings.max_concurrency as usize;
+        let metrics = runtime.http_metrics().workload(prepared.name());
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrency)),
+            max_concurrency,
+            timeout: settings.timeout,
+            runtime,
+            prepared,
+            pre,
+            logs,
+            metrics,
+        }
+    }
+
+    /// The workload's metric handles.
+    pub fn metrics(&self) -> &WorkloadHttpMetrics {
+        &self.metrics
+    }
+
+    /// The workload's name on this agent.
+    pub fn workload(&self) -> &str {
+        self.prepared.name()
+    }
+
+    /// Requests this replica serves at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+
+    /// Serves one request in a fresh sandbox and returns the response once the guest has set
+    /// it; the body then streams while the guest keeps running. A sandbox that fails before
+    /// responding gets `500` (`504` past its deadline); one that fails later cuts the body.
+    /// `permit` holds the replica's concurrency slot until the guest returns.
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        request: hyper::Request<B>,
+        permit: OwnedSemaphorePermit,
+    ) -> hyper::Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let mut store = self.runtime.request_store(&self.prepared, &self.logs);
+        let mut http = store.data_mut().http();
+        let resources = http
+            .new_incoming_request(Scheme::Http, request)
+            .and_then(|request| Ok((request, http.new_response_outparam(sender)?)));
+        let (request, outparam) = match resources {
+            Ok(resources) => resources,
+            Err(error) => return text_response(400, &format!("bad request: {error:#}\n")),
+        };
+
+        let pool = self.clone();
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let instances = pool.metrics.instances();
+            instances.inc();
+            let run = async {
+                let proxy = pool.pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, outparam)
+                    .await
+            };
+            let exit = match tokio::time::timeout(pool.timeout, run).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(classify_request_error(error)),
+                Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(pool.timeout))),
+            };
+            drop(store);
+            instances.dec();
+            if let Some(failure) = &exit {
+                pool.record_failure(failure);
+            }
+            exit
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(code)) => text_response(500, &format!("the handler failed: {code:?}\n")),
+            // The guest ended without a response; its task says why.
+            Err(_) => match task.await {
+                Ok(Some(RequestFailure::PoolExhausted)) => {
+                    busy_response("the agent has no free sandbox slot; try again shortly\n".into())
+                }
+                Ok(Some(RequestFailure::Exit(exit @ Exit::DeadlineExceeded(_)))) => {
+                    text_response(504, &format!("{}\n", exit.message()))
+                }
+                Ok(Some(RequestFailure::Exit(exit))) => text_response(
+                    500,
+                    &format!(
+                        "the handler failed: {}: {}\n",
+                        exit.reason(),
+                        first_line(&exit)
+                    ),
+                ),
+                Ok(None) => text_response(500, "the handler returned without a response\n"),
+                Err(join) => text_response(500, &format!("the handler task failed: {join}\n")),
+            },
+        }
+    }
+
+    fn record_failure(&self, failure: &RequestFailure) {
+        let RequestFailure::Exit(exit) = failure else {
+            self.metrics.failed("PoolExhausted");
+            return;
+        };
+        self.metrics.failed(exit.reason());
+        let message = exit.message();
+        tracing::warn!(
+            workload = %self.prepared.name(),
+            reason = exit.reason(),
+            %message,
+            "request sandbox failed"
+        );
+        self.logs
+            .write(format!("flotilla: request failed: {}: {message}\n", exit.reason()).as_bytes());
+    }
+}
+
+/// Why a request's sandbox did not finish.
+enum RequestFailure {
+    /// The guest failed: trapped, ran out of memory or CPU time, or passed its deadline.
+    Exit(Exit),
+    /// The pooling allocator had no free slot for the instance.
+    PoolExhausted,
+}
+
+fn classify_request_error(error: wasmtime::Error) -> RequestFailure {
+    if error
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
+        return RequestFailure::PoolExhausted;
+    }
+    RequestFailure::Exit(classify(error))
+}
+
+fn first_line(exit: &Exit) -> String {
+    exit.message()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A short `text/plain` response from the agent itself.
+pub fn text_response(status: u16, text: &str) -> hyper::Response<ResponseBody> {
+    let body = http_body_util::Full::new(Bytes::from(text.to_string()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut response = hyper::Response::new(body);
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `503 Service Unavailable` with `Retry-After: 1`.
+pub fn busy_response(text: String) -> hyper::Response<ResponseBody> {
+    let mut response = text_response(503, &text);
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    response
+}
+
+/// The per-request limits and route of an HTTP workload, resolved from its spec.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// Where it answers.
+    pub route: RouteKey,
+    /// Requests one replica serves at once.
+    pub max_concurrency: u32,
+    /// Wall-clock limit of one request.
+    pub timeout: Duration,
+}
+
+/// A replica of an HTTP workload, routed to from creation until it is dropped (the replica
+/// stopped); in-flight requests then finish in their own tasks.
+pub struct HttpReplica {
+    _registration: Registration,
+}
+
+impl HttpReplica {
+    /// Registers the replica's route, so that it serves before the supervisor reports it
+    /// running.
+    ///
+    /// # Errors
+    /// [`Exit::RouteConflict`] when another workload holds the route on this node.
+    pub(super) fn register(
+        routes: &HttpRoutes,
+        key: RouteKey,
+        workload: &Arc<str>,
+        pool: HttpPool,
+    ) -> Result<Self, Exit> {
+        routes
+            .register(key, workload, Arc::new(pool))
+            .map(|registration| Self {
+                _registration: registration,
+            })
+            .map_err(|conflict| Exit::RouteConflict(conflict.to_string()))
+    }
+
+    /// Serves until the future is dropped.
+    pub async fn run(self) -> Exit {
+        std::future::pending().await
+    }
+}

@@ -1,0 +1,108 @@
+//! Builds the example guests from their committed sources, exactly as the committed binaries were
+//! built: Debian's clang with wasi-libc for C, then `wit-component` with wasmtime's preview 1
+//! adapter for components. `cargo run -p flotilla-tests --bin build-guests` rewrites the binaries;
+//! the examples test rebuilds them and fails when a committed one differs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use wasi_preview1_component_adapter_provider::{
+    WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
+};
+
+/// The HTTP guests under `examples/guests/http/`, by source name.
+pub const HTTP_GUESTS: [&str; 2] = ["hello", "echo"];
+
+/// The repository's `examples/guests` directory.
+pub fn guests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests")
+}
+
+/// Compiles C sources to a core wasm module with `clang --target=wasm32-wasi -O2`, plus `flags`.
+///
+/// # Errors
+/// Fails when clang is missing or the sources do not compile.
+pub fn clang(sources: &[PathBuf], flags: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = tempfile::tempdir()?;
+    let wasm = out.path().join("out.wasm");
+    let status = Command::new("clang")
+        .args(["--target=wasm32-wasi", "-O2", "-Wl,--strip-all"])
+        .args(flags)
+        .arg("-o")
+        .arg(&wasm)
+        .args(sources)
+        .status()
+        .context(
+            "running clang (apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32, as \
+             .ci/setup does)",
+        )?;
+    if !status.success() {
+        bail!("clang failed on {sources:?}");
+    }
+    Ok(std::fs::read(&wasm)?)
+}
+
+/// The C command `examples/guests/hello-c.c`.
+///
+/// # Errors
+/// Fails when clang does.
+pub fn build_hello_c() -> anyhow::Result<Vec<u8>> {
+    clang(&[guests_dir().join("hello-c.c")], &[])
+}
+
+/// The HTTP guest `examples/guests/http/<name>.c` as a `wasi:http/proxy` component: compiled as
+/// a reactor with the committed `wit-bindgen` bindings, given the world's type information from
+/// `wit/`, and wrapped with the preview 1 proxy adapter.
+///
+/// # Errors
+/// Fails when clang fails or the module does not fit the world.
+pub fn build_http_guest(name: &str) -> anyhow::Result<Vec<u8>> {
+    let dir = guests_dir().join("http");
+    let mut module = clang(
+        &[dir.join(format!("{name}.c")), dir.join("gen/http_guest.c")],
+        &["-mexec-model=reactor"],
+    )?;
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(dir.join("wit"))?;
+    let world = resolve.select_world(&[package], Some("http-guest"))?;
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )?;
+    wit_component::ComponentEncoder::default()
+        .module(&module)?
+        .adapter(
+            WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+            WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
+        )?
+        .validate(true)
+        .encode()
+}
+
+/// Every committed guest binary built from source: `(path, bytes)`.
+///
+/// # Errors
+/// Fails when a guest does not build.
+pub fn build_all() -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
+    let dir = guests_dir();
+    let mut built = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) == Some("wat") {
+            let wasm = wat::parse_file(&path)?;
+            built.push((path.with_extension("wasm"), wasm));
+        }
+    }
+    built.push((dir.join("hello-c.wasm"), build_hello_c()?));
+    for name in HTTP_GUESTS {
+        built.push((
+            dir.join(format!("http/{name}.wasm")),
+            build_http_guest(name)?,
+        ));
+    }
+    built.sort();
+    Ok(built)
+}

@@ -1,0 +1,118 @@
+//! HTTP workloads across real processes: `flotilla apply` to the control plane, two node agents
+//! serving the replicas in their ingresses, and the endpoints the control plane shows.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, ready, wait_for};
+
+mod support;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let node_a = Agent::start(&url, "node-a");
+    let node_b = Agent::start(&url, "node-b");
+    for agent in [&node_a, &node_b] {
+        agent.process.wait_line("connected to the control plane");
+    }
+
+    // The echo example with two replicas: one per node, by the spread score.
+    let guest = support::example("guests/http/echo.wasm");
+    let manifest = data.path().join("echo.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: echo\n\
+             spec:\n  module:\n    path: {guest}\n  replicas: 2\n  http:\n    pathPrefix: /echo\n"
+        ),
+    )
+    .expect("write manifest");
+    let out = flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "--wait",
+        "-f",
+        manifest.to_str().expect("utf-8"),
+    ]);
+    assert!(out.contains("echo: 2/2 ready"), "{out}");
+
+    let object = wait_for(&url, "echo", "two endpoints", |o| {
+        o["status"]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
+    });
+    let mut endpoints: Vec<String> = object["status"]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| e.as_str().expect("string").to_string())
+        .collect();
+    endpoints.sort();
+    let mut expected = vec![
+        format!("http://{}/echo", node_a.ingress),
+        format!("http://{}/echo", node_b.ingress),
+    ];
+    expected.sort();
+    assert_eq!(endpoints, expected);
+
+    let wide = flotilla(&["--server", &url, "get", "workloads", "-o", "wide"]);
+    assert!(wide.contains("ENDPOINTS"), "{wide}");
+    for endpoint in &expected {
+        assert!(wide.contains(endpoint.as_str()), "{wide}");
+    }
+    let nodes = flotilla(&["--server", &url, "get", "nodes", "-o", "wide"]);
+    assert!(
+        nodes.contains(&format!("http://{}", node_a.ingress)),
+        "{nodes}"
+    );
+
+    // Every endpoint answers from a fresh sandbox.
+    let rt = runtime();
+    for agent in [&node_a, &node_b] {
+        let response = rt
+            .block_on(flotilla_tests::http::get(agent.ingress, "/echo/info"))
+            .expect("response");
+        assert_eq!(response.status, 200, "{}", response.text());
+        let json: Value = serde_json::from_slice(&response.body).expect("JSON");
+        assert_eq!(json["requests"], 1);
+        assert_eq!(json["path"], "/echo/info");
+    }
+
+    // Scaled to one replica, one node stops serving the route.
+    flotilla(&["--server", &url, "scale", "echo", "--replicas", "1"]);
+    wait_for(&url, "echo", "one endpoint", |o| {
+        ready(o) == 1
+            && o["status"]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 1)
+    });
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let statuses: Vec<u16> = [&node_a, &node_b]
+            .iter()
+            .map(|agent| {
+                rt.block_on(flotilla_tests::http::get(agent.ingress, "/echo/count"))
+                    .expect("response")
+                    .status
+            })
+            .collect();
+        let mut sorted = statuses.clone();
+        sorted.sort();
+        if sorted == [200, 404] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "statuses {statuses:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
