@@ -146,6 +146,12 @@ impl fmt::Display for WorkloadKey {
             priority = "1"
         ),
         printcolumn(
+            name = "Endpoints",
+            type_ = "string",
+            json_path = ".status.endpoints",
+            priority = "1"
+        ),
+        printcolumn(
             name = "Age",
             type_ = "date",
             json_path = ".metadata.creationTimestamp"

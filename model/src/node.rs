@@ -38,6 +38,12 @@ use crate::{Condition, Taint};
             name = "Heartbeat",
             type_ = "date",
             json_path = ".status.lastHeartbeatTime"
+        ),
+        printcolumn(
+            name = "Ingress",
+            type_ = "string",
+            json_path = ".spec.ingressUrl",
+            priority = "1"
         )
     )
 )]
@@ -51,6 +57,9 @@ pub struct NodeSpec {
     /// Taints that keep workloads without a matching toleration off the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<Taint>,
+    /// Base URL of the agent's HTTP ingress, which serves the HTTP workloads placed here.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ingress_url: String,
 }
 
 /// Resources of a node, as the scheduler counts them.

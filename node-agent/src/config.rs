@@ -56,6 +56,9 @@ pub struct Args {
     /// Guard region after each linear memory.
     #[arg(long, env = "FLOTILLA_MEMORY_GUARD", default_value = "0")]
     pub memory_guard: String,
+    /// Bytes of a freed sandbox memory reset in place instead of released to the kernel.
+    #[arg(long, env = "FLOTILLA_MEMORY_KEEP_RESIDENT", default_value = "1Mi")]
+    pub memory_keep_resident: String,
     /// Epoch tick: the CPU time slice after which a guest yields.
     #[arg(long, env = "FLOTILLA_EPOCH_TICK", default_value = "10ms")]
     pub epoch_tick: humantime::Duration,
@@ -162,6 +165,7 @@ impl TryFrom<Args> for Config {
                 .map(|v| bytes("memory-reservation", v))
                 .transpose()?,
             memory_guard: bytes("memory-guard", &args.memory_guard)?,
+            memory_keep_resident: bytes("memory-keep-resident", &args.memory_keep_resident)?,
             epoch_tick: *args.epoch_tick,
             max_module_bytes: bytes("max-module-size", &args.max_module_size)?,
             compile_timeout: *args.compile_timeout,

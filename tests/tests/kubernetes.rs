@@ -172,7 +172,7 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
     assert_eq!(placements.get("node-b"), Some(&json!(2)), "{placements:?}");
 
     // `kubectl get wasmnodes`: one object per agent, Ready, with what it offers and runs.
-    for node in ["node-a", "node-b"] {
+    for (node, agent) in [("node-a", &node_a), ("node-b", &node_b)] {
         let path = format!("/apis/flotilla.dev/v1alpha1/wasmnodes/{node}");
         let published = wait_object(&api, &path, "the WasmNode", |n| {
             condition(n, "Ready")["status"] == "True" && n["status"]["sandboxes"] == 2
@@ -189,6 +189,10 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
             "flotilla-control-plane"
         );
         assert!(published["status"]["lastHeartbeatTime"].is_string());
+        assert_eq!(
+            published["spec"]["ingressUrl"],
+            format!("http://{}", agent.ingress)
+        );
     }
 
     // Node labels from the cluster steer placement, as for pods.

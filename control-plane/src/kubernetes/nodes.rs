@@ -213,6 +213,7 @@ fn desired(status: &NodeStatus) -> (Value, Value) {
             "arch": info.labels.get("kubernetes.io/arch").cloned().unwrap_or_default(),
             "os": info.labels.get("kubernetes.io/os").cloned().unwrap_or_default(),
             "taints": info.taints,
+            "ingressUrl": info.ingress_url,
         },
         "status": {
             "allocatable": {

@@ -311,7 +311,7 @@ impl HttpPool {
         };
 
         let pool = self.clone();
-        let task = tokio::spawn(async move {
+        let guest = async move {
             let _permit = permit;
             let instances = pool.metrics.instances();
             instances.inc();
@@ -333,20 +333,37 @@ impl HttpPool {
                 pool.record_failure(failure);
             }
             exit
-        });
+        };
 
-        match receiver.await {
+        // The guest runs in this task until it has answered. Most handlers also finish their
+        // body by then, so the request costs no task of its own and no cross-thread wakeup;
+        // one still writing its body (or working after it) moves to a task of its own.
+        let mut guest = Box::pin(guest);
+        let mut receiver = receiver;
+        let exit = tokio::select! {
+            biased;
+            exit = &mut guest => exit,
+            answer = &mut receiver => {
+                tokio::spawn(guest);
+                return match answer {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(code)) => handler_error(&code),
+                    Err(_) => text_response(500, "the handler dropped its response\n"),
+                };
+            }
+        };
+        match receiver.try_recv() {
             Ok(Ok(response)) => response,
-            Ok(Err(code)) => text_response(500, &format!("the handler failed: {code:?}\n")),
-            // The guest ended without a response; its task says why.
-            Err(_) => match task.await {
-                Ok(Some(RequestFailure::PoolExhausted)) => {
+            Ok(Err(code)) => handler_error(&code),
+            // The guest ended without a response: say why.
+            Err(_) => match exit {
+                Some(RequestFailure::PoolExhausted) => {
                     busy_response("the agent has no free sandbox slot; try again shortly\n".into())
                 }
-                Ok(Some(RequestFailure::Exit(exit @ Exit::DeadlineExceeded(_)))) => {
+                Some(RequestFailure::Exit(exit @ Exit::DeadlineExceeded(_))) => {
                     text_response(504, &format!("{}\n", exit.message()))
                 }
-                Ok(Some(RequestFailure::Exit(exit))) => text_response(
+                Some(RequestFailure::Exit(exit)) => text_response(
                     500,
                     &format!(
                         "the handler failed: {}: {}\n",
@@ -354,8 +371,7 @@ impl HttpPool {
                         first_line(&exit)
                     ),
                 ),
-                Ok(None) => text_response(500, "the handler returned without a response\n"),
-                Err(join) => text_response(500, &format!("the handler task failed: {join}\n")),
+                None => text_response(500, "the handler returned without a response\n"),
             },
         }
     }
@@ -394,6 +410,13 @@ fn classify_request_error(error: wasmtime::Error) -> RequestFailure {
         return RequestFailure::PoolExhausted;
     }
     RequestFailure::Exit(classify(error))
+}
+
+fn handler_error(code: &impl std::fmt::Debug) -> hyper::Response<ResponseBody> {
+    text_response(
+        500,
+        &format!("the handler answered with an error: {code:?}\n"),
+    )
 }
 
 fn first_line(exit: &Exit) -> String {

@@ -756,10 +756,13 @@ fn pool_config(config: &RuntimeConfig, capacity: &Capacity) -> PoolingAllocation
         .max_tables_per_component(defaults.tables as u32)
         .max_core_instances_per_component(defaults.instances as u32)
         .table_elements(defaults.table_elements)
-        // Reset small freed slots with memset instead of madvise: madvise's TLB shootdowns keep
-        // sandbox churn from scaling past one core.
-        .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(16 << 10);
+        // Reset freed slots with memset instead of madvise: madvise's TLB shootdowns (an IPI to
+        // every core running the agent) keep sandbox churn, and per-request sandboxes above all,
+        // from scaling past one core. PAGEMAP_SCAN (Linux 6.7+) limits the reset to the pages
+        // the guest dirtied; older kernels reset the low `memory_keep_resident` bytes.
+        .linear_memory_keep_resident(usize::try_from(config.memory_keep_resident).unwrap_or(0))
+        .table_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     pool
 }
 
