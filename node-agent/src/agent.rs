@@ -90,9 +90,17 @@ impl Agent {
             }
             tracing::info!(ingress_addr = %bound, "serving HTTP workloads");
             // The ingress drains on its own token, before the sandboxes stop.
+            let node_name = control
+                .as_ref()
+                .map_or("flotilla-node-agent", |c| c.node_name.as_str());
+            let ingress = crate::ingress::Ingress::new(
+                supervisor.runtime().http_routes().clone(),
+                supervisor.runtime().http_metrics().clone(),
+                node_name,
+            );
             tokio::spawn(crate::ingress::serve(
                 listener,
-                supervisor.runtime().http_routes().clone(),
+                ingress,
                 ingress_shutdown.clone(),
                 config.shutdown_grace,
             ))

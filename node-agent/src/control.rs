@@ -246,6 +246,12 @@ async fn session(
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Desired(desired)) })) => {
                     apply_desired(&mut client, supervisor, state, desired).await;
                 }
+                Some(Ok(ControlMessage { kind: Some(control_message::Kind::Routes(routes)) })) => {
+                    supervisor
+                        .runtime()
+                        .http_routes()
+                        .set_remote(routes.routes, &config.ingress_url);
+                }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
                     let name = state
                         .managed

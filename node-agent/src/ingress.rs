@@ -2,23 +2,75 @@
 //! host and path prefix to a replica of the HTTP workload placed here, which runs it in a fresh
 //! sandbox (see [`crate::runtime::http`]).
 //!
-//! Answers of the ingress itself: `404` when no workload here serves the host and path, `503`
-//! with `Retry-After` when the workload's replicas are at their concurrency limit. On shutdown
-//! it stops accepting, lets in-flight requests finish within the grace period, then closes.
+//! A request for a route that only other nodes serve (the control plane sends the cluster's
+//! routes) is passed on to one of their ingresses, once: a Service over every agent then
+//! reaches every HTTP workload. Answers of the ingress itself: `404` when no workload serves the
+//! host and path, `503` with `Retry-After` when the workload's replicas are at their
+//! concurrency limit, `502` when the node it passed the request to failed. On shutdown it stops
+//! accepting, lets in-flight requests finish within the grace period, then closes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::HttpMetrics;
 use crate::runtime::http::{Dispatch, HttpRoutes, ResponseBody, busy_response, text_response};
+
+/// Marks a request one ingress passed to another, naming the node; it is never passed again.
+const FORWARDED_BY: &str = "x-flotilla-forwarded-by";
+
+/// Longest the ingress waits for another node's response headers.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Headers of one connection, not of the request (RFC 9110, section 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What the ingress needs besides the routes: this node's name, the client that passes
+/// requests on, and the metrics.
+#[derive(Clone)]
+pub struct Ingress {
+    routes: HttpRoutes,
+    metrics: HttpMetrics,
+    node_name: std::sync::Arc<str>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Ingress {
+    /// An ingress over `routes`, on the node `node_name`.
+    pub fn new(routes: HttpRoutes, metrics: HttpMetrics, node_name: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        Self {
+            routes,
+            metrics,
+            node_name: node_name.into(),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector),
+        }
+    }
+}
 
 /// Ingress settings.
 #[derive(Clone, Debug)]
@@ -48,7 +100,7 @@ pub fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name: &str)
 /// Serves `listener` until `shutdown`, then drains in-flight requests for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
-    routes: HttpRoutes,
+    ingress: Ingress,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -74,8 +126,8 @@ pub async fn serve(
         };
         // Responses are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
-        let service = service_fn(move |request| route(routes.clone(), request));
+        let ingress = ingress.clone();
+        let service = service_fn(move |request| route(ingress.clone(), request));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -97,12 +149,20 @@ pub async fn serve(
 
 /// Routes one request.
 async fn route(
-    routes: HttpRoutes,
+    ingress: Ingress,
     request: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<ResponseBody>, Infallible> {
     let arrived = Instant::now();
     let host = request_host(&request);
-    match routes.dispatch(host, request.uri().path()) {
+    let forwardable = !request.headers().contains_key(FORWARDED_BY);
+    match ingress
+        .routes
+        .dispatch(host, request.uri().path(), forwardable)
+    {
+        Dispatch::Forward { workload, endpoint } => {
+            ingress.metrics.forwarded(&workload);
+            Ok(forward(&ingress, request, &endpoint).await)
+        }
         Dispatch::Serve(pool, permit) => {
             let metrics = pool.metrics().clone();
             let response = pool.handle(request, permit).await;
@@ -126,6 +186,56 @@ async fn route(
             ),
         )),
     }
+}
+
+/// Passes `request` on to the ingress at `endpoint` and relays its response.
+async fn forward(
+    ingress: &Ingress,
+    mut request: hyper::Request<Incoming>,
+    endpoint: &str,
+) -> hyper::Response<ResponseBody> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let uri = match format!("{endpoint}{path}").parse::<http::Uri>() {
+        Ok(uri) => uri,
+        Err(error) => return text_response(502, &format!("bad upstream {endpoint}: {error}\n")),
+    };
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_11;
+    let headers = request.headers_mut();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Ok(node) = http::HeaderValue::from_str(&ingress.node_name) {
+        headers.insert(FORWARDED_BY, node);
+    }
+    let response =
+        match tokio::time::timeout(FORWARD_TIMEOUT, ingress.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                return text_response(
+                    502,
+                    &format!("passing the request to {endpoint} failed: {error}\n"),
+                );
+            }
+            Err(_) => {
+                return text_response(
+                    504,
+                    &format!("{endpoint} did not answer within {FORWARD_TIMEOUT:?}\n"),
+                );
+            }
+        };
+    let (mut parts, body) = response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    if let Ok(via) = http::HeaderValue::from_str(&format!("1.1 {}", ingress.node_name)) {
+        parts.headers.append(http::header::VIA, via);
+    }
+    let body = body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync();
+    hyper::Response::from_parts(parts, body)
 }
 
 /// The request's host without its port: the URI's authority (HTTP/2) or the Host header.

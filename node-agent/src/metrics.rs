@@ -166,6 +166,7 @@ pub struct HttpMetrics {
     duration: Family<WorkloadLabels, Histogram>,
     failures: Family<Vec<(&'static str, String)>, Counter>,
     instances: Family<WorkloadLabels, Gauge>,
+    forwarded: Family<WorkloadLabels, Counter>,
 }
 
 impl Default for HttpMetrics {
@@ -177,6 +178,7 @@ impl Default for HttpMetrics {
             }),
             failures: Family::default(),
             instances: Family::default(),
+            forwarded: Family::default(),
         }
     }
 }
@@ -200,10 +202,22 @@ impl HttpMetrics {
             self.failures.clone(),
         );
         registry.register(
+            "http_forwarded_requests",
+            "Requests passed on to another node's ingress, by workload",
+            self.forwarded.clone(),
+        );
+        registry.register(
             "http_instances",
             "Per-request sandboxes alive, by workload",
             self.instances.clone(),
         );
+    }
+
+    /// Counts a request for `workload` passed on to another node.
+    pub fn forwarded(&self, workload: &str) {
+        self.forwarded
+            .get_or_create(&vec![("workload", workload.to_string())])
+            .inc();
     }
 
     /// The handles of one workload, to update without a label lookup per request.

@@ -1,5 +1,6 @@
 //! HTTP workloads across real processes: `flotilla apply` to the control plane, two node agents
-//! serving the replicas in their ingresses, and the endpoints the control plane shows.
+//! serving the replicas in their ingresses, the endpoints the control plane shows, and an agent
+//! without a replica passing requests on to one with it.
 
 use std::time::{Duration, Instant};
 
@@ -89,14 +90,76 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
         assert_eq!(json["path"], "/echo/info");
     }
 
-    // Scaled to one replica, one node stops serving the route.
+    // Scaled to one replica, one node serves the route; the other passes requests on to it,
+    // as a Service over every agent needs.
     flotilla(&["--server", &url, "scale", "echo", "--replicas", "1"]);
-    wait_for(&url, "echo", "one endpoint", |o| {
+    let object = wait_for(&url, "echo", "one endpoint", |o| {
         ready(o) == 1
             && o["status"]["endpoints"]
                 .as_array()
                 .is_some_and(|e| e.len() == 1)
     });
+    let serving = object["status"]["endpoints"][0]
+        .as_str()
+        .expect("endpoint")
+        .to_string();
+    let (host, other) = if serving.contains(&node_a.ingress.to_string()) {
+        (&node_a, &node_b)
+    } else {
+        (&node_b, &node_a)
+    };
+    let other_name = if std::ptr::eq(other, &node_a) {
+        "node-a"
+    } else {
+        "node-b"
+    };
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let direct = rt
+            .block_on(flotilla_tests::http::get(host.ingress, "/echo/count"))
+            .expect("response");
+        let passed_on = rt
+            .block_on(flotilla_tests::http::get(other.ingress, "/echo/count"))
+            .expect("response");
+        let via = passed_on.headers.get("via").and_then(|v| v.to_str().ok());
+        if direct.status == 200
+            && passed_on.status == 200
+            && via == Some(&format!("1.1 {other_name}"))
+        {
+            assert_eq!(
+                passed_on.text(),
+                "1\n",
+                "a fresh sandbox on the serving node"
+            );
+            assert!(direct.headers.get("via").is_none(), "served locally");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "direct {} {:?}, passed on {} {:?} via {via:?}",
+            direct.status,
+            direct.text(),
+            passed_on.status,
+            passed_on.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A streamed body goes through the hop too.
+    let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let echoed = rt
+        .block_on(flotilla_tests::http::request(
+            other.ingress,
+            "POST",
+            "anything",
+            "/echo/echo",
+            body.clone(),
+        ))
+        .expect("echo through the hop");
+    assert_eq!(echoed.status, 200);
+    assert!(echoed.body == body, "1 MiB echoed intact through the hop");
+
+    // Deleted, the route goes everywhere: no node serves it and none passes it on.
+    flotilla(&["--server", &url, "delete", "workload", "echo"]);
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
         let statuses: Vec<u16> = [&node_a, &node_b]
@@ -107,9 +170,7 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
                     .status
             })
             .collect();
-        let mut sorted = statuses.clone();
-        sorted.sort();
-        if sorted == [200, 404] {
+        if statuses == [404, 404] {
             break;
         }
         assert!(Instant::now() < deadline, "statuses {statuses:?}");

@@ -89,6 +89,37 @@ fn the_readme_kubectl_steps_work_against_the_operator() {
     assert!(deleted.contains("deleted"), "{deleted}");
     let (ok, _, stderr) = kubectl.try_run(&["get", "wasmworkload", "hello"]);
     assert!(!ok && stderr.contains("NotFound"), "{stderr}");
+
+    // examples/kubernetes/http-echo.yaml: an HTTP workload, answered through the agent's ingress.
+    let echo = std::fs::read(root.join("examples/guests/http/echo.wasm")).expect("guest");
+    let web = serve_http(vec![("/http/echo.wasm", echo)]);
+    let example =
+        std::fs::read_to_string(root.join("examples/kubernetes/http-echo.yaml")).expect("example");
+    assert!(example.contains(github), "the example's URL changed");
+    let manifest = dir.path().join("http-echo.yaml");
+    std::fs::write(&manifest, example.replace(github, &web)).expect("write manifest");
+    kubectl.run(&["apply", "-f", &manifest.to_string_lossy()]);
+    let ready = kubectl.wait("http-echo ready", &["get", "ww", "http-echo"], |o| {
+        o["status"]["readyReplicas"] == 2
+    });
+    assert_eq!(
+        ready["status"]["endpoints"],
+        serde_json::json!([format!("http://{}/echo", node.ingress)])
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let answer = runtime
+        .block_on(flotilla_tests::http::get(node.ingress, "/echo/info"))
+        .expect("response");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        answer.text().contains(r#""requests":1"#),
+        "{}",
+        answer.text()
+    );
+    kubectl.run(&["delete", "ww", "http-echo", "--timeout=60s"]);
     drop(node);
     control_plane.stop();
 }

@@ -365,18 +365,23 @@ fn kubectl_style_apply_scale_and_delete_against_the_operator_with_two_agents() {
 }
 
 #[test]
-fn the_kubectl_example_pins_the_committed_guest() {
+fn the_kubectl_examples_pin_the_committed_guests() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let manifest: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(examples.join("kubernetes/hello.yaml")).expect("example"),
-    )
-    .expect("YAML");
-    let guest = std::fs::read(examples.join("guests/hello.wasm")).expect("guest");
-    assert_eq!(manifest["spec"]["module"]["sha256"], sha256_hex(&guest));
-    assert!(
-        manifest["spec"]["module"]["url"]
-            .as_str()
-            .is_some_and(|u| u.ends_with("/examples/guests/hello.wasm")),
-        "{manifest}"
-    );
+    for (manifest, guest) in [
+        ("kubernetes/hello.yaml", "guests/hello.wasm"),
+        ("kubernetes/http-echo.yaml", "guests/http/echo.wasm"),
+    ] {
+        let manifest: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(examples.join(manifest)).expect("example"),
+        )
+        .expect("YAML");
+        let bytes = std::fs::read(examples.join(guest)).expect("guest");
+        assert_eq!(manifest["spec"]["module"]["sha256"], sha256_hex(&bytes));
+        assert!(
+            manifest["spec"]["module"]["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with(&format!("/examples/{guest}"))),
+            "{manifest}"
+        );
+    }
 }

@@ -1,13 +1,16 @@
 //! What the control plane knows about its node agents, shared by the agent protocol, the user
 //! API and the controller: the [`NodeRegistry`], the live [`Sessions`] (which also relay logs)
-//! and the [`EventLog`] of sandbox failures, with the control plane's [`Metrics`].
+//! and the [`EventLog`] of sandbox failures, the HTTP [`RouteTable`], with the control plane's
+//! [`Metrics`].
 
 pub mod events;
 pub mod nodes;
+pub mod routes;
 pub mod sessions;
 
 pub use self::events::{Event, EventLog, Notice};
 pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
+pub use self::routes::RouteTable;
 pub use self::sessions::Sessions;
 use crate::metrics::Metrics;
 
@@ -20,6 +23,8 @@ pub struct Cluster {
     pub sessions: Sessions,
     /// Recent sandbox failures.
     pub events: EventLog,
+    /// Which node ingresses serve each HTTP workload.
+    pub routes: RouteTable,
     /// Counters and gauges served at `/metrics`.
     pub metrics: Metrics,
 }

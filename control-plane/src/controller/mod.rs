@@ -133,6 +133,7 @@ impl<S: WorkloadStore> Controller<S> {
         let mut written = 0;
         let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
         let workload_count = workloads.len();
+        let mut http_workloads = Vec::new();
         for workload in workloads {
             let terminating = !workload.metadata.deletion_timestamp.is_empty();
             if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
@@ -179,7 +180,10 @@ impl<S: WorkloadStore> Controller<S> {
             let mut version = workload.metadata.resource_version.clone();
             let placed_nowhere = status.replicas == 0;
             if workload.status.as_ref() != Some(&status) {
-                let written_back = self.store.patch_status(&workload.key(), status).await?;
+                let written_back = self
+                    .store
+                    .patch_status(&workload.key(), status.clone())
+                    .await?;
                 version = written_back.metadata.resource_version;
                 written += 1;
             }
@@ -189,10 +193,19 @@ impl<S: WorkloadStore> Controller<S> {
             if terminating && placed_nowhere && !still_running {
                 self.release(&workload, &version).await?;
             }
+            if workload.spec.http.is_some() {
+                http_workloads.push(Workload {
+                    status: Some(status),
+                    ..workload
+                });
+            }
         }
         self.cluster
             .metrics
             .workloads(workload_count, desired, placed, ready_total);
+        self.cluster
+            .routes
+            .publish(crate::cluster::routes::routes_of(&http_workloads, &nodes));
         Ok(written)
     }
 

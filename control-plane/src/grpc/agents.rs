@@ -16,7 +16,7 @@ use std::time::Duration;
 use flotilla_proto::agent::v1::{ModuleSource, WorkloadSpec};
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
-    AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
+    AgentMessage, ClusterRoutes, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
     FetchModuleResponse, LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse,
     agent_message, control_message, log_upload,
 };
@@ -261,24 +261,40 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let (tx, rx) = mpsc::channel(16);
         self.cluster.sessions.open(&node, &session_id, tx.clone());
 
-        // Down: the full desired set on open, then what changes.
+        // Down: the full desired set on open, then what changes; and the cluster's HTTP routes,
+        // on open and whenever they change.
         let down_node = node.clone();
+        let mut routes = self.cluster.routes.subscribe();
+        routes.mark_changed();
         let down = tokio::spawn(async move {
             let mut desired = NodeDesiredState::new(down_node);
-            while let Some(event) = watch.next().await {
-                let update = match event {
-                    Ok(WatchEvent::Restarted(all)) => desired.reset(&all),
-                    Ok(WatchEvent::Applied(w)) => desired.applied(&w),
-                    Ok(WatchEvent::Deleted(w)) => desired.deleted(&w),
-                    Err(error) => {
-                        let _ = tx.send(Err(store_status(error))).await;
-                        return;
+            let mut routes_open = true;
+            loop {
+                let kind = tokio::select! {
+                    biased;
+                    event = watch.next() => {
+                        let update = match event {
+                            None => return,
+                            Some(Ok(WatchEvent::Restarted(all))) => desired.reset(&all),
+                            Some(Ok(WatchEvent::Applied(w))) => desired.applied(&w),
+                            Some(Ok(WatchEvent::Deleted(w))) => desired.deleted(&w),
+                            Some(Err(error)) => {
+                                let _ = tx.send(Err(store_status(error))).await;
+                                return;
+                            }
+                        };
+                        update.map(control_message::Kind::Desired)
+                    }
+                    changed = routes.changed(), if routes_open => {
+                        routes_open = changed.is_ok();
+                        let table = routes.borrow_and_update().clone();
+                        routes_open.then(|| control_message::Kind::Routes(ClusterRoutes {
+                            routes: table.to_vec(),
+                        }))
                     }
                 };
-                if let Some(update) = update {
-                    let message = ControlMessage {
-                        kind: Some(control_message::Kind::Desired(update)),
-                    };
+                if let Some(kind) = kind {
+                    let message = ControlMessage { kind: Some(kind) };
                     if tx.send(Ok(message)).await.is_err() {
                         return; // The agent has gone.
                     }

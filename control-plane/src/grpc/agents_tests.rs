@@ -7,10 +7,10 @@ use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ApplyRequest, ControlMessage, DeleteRequest, DesiredState, GetRequest, Heartbeat,
-    Hello, ListEventsRequest, ListNodesRequest, LogUpload, LogUploadHeader, NodeResources,
-    RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts, WorkloadLogsRequest, agent_message,
-    control_message, log_upload,
+    AgentMessage, ApplyRequest, ClusterRoute, ControlMessage, DeleteRequest, DesiredState,
+    GetRequest, Heartbeat, Hello, ListEventsRequest, ListNodesRequest, LogUpload, LogUploadHeader,
+    NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts, WorkloadLogsRequest,
+    agent_message, control_message, log_upload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -92,9 +92,18 @@ struct FakeAgent {
 
 impl FakeAgent {
     async fn join(cluster: &mut Cluster, node: &str) -> Self {
+        Self::join_with(
+            cluster,
+            registration(node, &format!("agent-{node}"), "amd64"),
+        )
+        .await
+    }
+
+    async fn join_with(cluster: &mut Cluster, registration: RegisterRequest) -> Self {
+        let node = registration.node_name.clone();
         let session_id = cluster
             .agents
-            .register(registration(node, &format!("agent-{node}"), "amd64"))
+            .register(registration)
             .await
             .expect("register")
             .into_inner()
@@ -102,7 +111,7 @@ impl FakeAgent {
         let (up, rx) = mpsc::channel(8);
         up.send(AgentMessage {
             kind: Some(agent_message::Kind::Hello(Hello {
-                node_name: node.into(),
+                node_name: node,
                 session_id,
             })),
         })
@@ -122,15 +131,20 @@ impl FakeAgent {
         Self { up, down }
     }
 
-    /// The next message down the session.
+    /// The next message down the session, past route tables (sent on open and on changes).
     async fn next(&mut self) -> control_message::Kind {
-        tokio::time::timeout(Duration::from_secs(10), self.down.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("open")
-            .expect("message")
-            .kind
-            .expect("a kind")
+        loop {
+            let kind = tokio::time::timeout(Duration::from_secs(10), self.down.next())
+                .await
+                .expect("a message within 10 s")
+                .expect("open")
+                .expect("message")
+                .kind
+                .expect("a kind");
+            if !matches!(kind, control_message::Kind::Routes(_)) {
+                return kind;
+            }
+        }
     }
 
     /// The next message, which must be a desired state.
@@ -139,6 +153,22 @@ impl FakeAgent {
             control_message::Kind::Desired(desired) => desired,
             other => panic!("expected a desired state, got {other:?}"),
         }
+    }
+
+    /// Reads route tables until one satisfies `pred`.
+    async fn routes_until(&mut self, pred: impl Fn(&[ClusterRoute]) -> bool) -> Vec<ClusterRoute> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let message = self.down.next().await.expect("open").expect("message");
+                if let Some(control_message::Kind::Routes(table)) = message.kind
+                    && pred(&table.routes)
+                {
+                    return table.routes;
+                }
+            }
+        })
+        .await
+        .expect("a route table within 10 s")
     }
 
     async fn heartbeat(&self, beat: Heartbeat) {
@@ -539,4 +569,79 @@ async fn with_a_join_token_only_agents_that_present_it_register() {
         .await
         .expect_err("no token");
     assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_learns_which_ingresses_serve_each_http_workload() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join_with(
+        &mut cluster,
+        RegisterRequest {
+            ingress_url: "http://10.0.0.1:8080".into(),
+            ..registration("node-a", "agent-a", "amd64")
+        },
+    )
+    .await;
+    // No ingress: HTTP replicas never go here, but it still learns the routes.
+    let mut b = FakeAgent::join(&mut cluster, "node-b").await;
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    let manifest = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
+         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 2, http: {{pathPrefix: /api, host: \
+         api.example.com}}}}\n"
+    );
+    cluster
+        .workloads
+        .apply(ApplyRequest {
+            manifest: manifest.into_bytes(),
+        })
+        .await
+        .expect("apply");
+    let expected = [ClusterRoute {
+        workload: "default.web".into(),
+        host: "api.example.com".into(),
+        path_prefix: "/api".into(),
+        endpoints: vec!["http://10.0.0.1:8080".into()],
+    }];
+    // The node with the replicas gets both its share and the table, in either order.
+    let (mut table, mut share) = (None, None);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while table.is_none() || share.is_none() {
+            let message = a.down.next().await.expect("open").expect("message");
+            match message.kind {
+                Some(control_message::Kind::Routes(t)) if !t.routes.is_empty() => {
+                    table = Some(t.routes);
+                }
+                Some(control_message::Kind::Desired(d)) if replicas_of(&d, "default/web") == 2 => {
+                    share = Some(d);
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("routes and a share within 10 s");
+    assert_eq!(table.as_deref(), Some(&expected[..]));
+    let http = share
+        .and_then(|d| d.workloads.into_iter().next())
+        .and_then(|w| w.spec)
+        .and_then(|s| s.http)
+        .expect("the agent's spec carries the route");
+    assert_eq!(
+        (http.host.as_str(), http.path_prefix.as_str()),
+        ("api.example.com", "/api")
+    );
+    // The node without an ingress runs nothing of it, yet knows where it is served.
+    assert_eq!(b.routes_until(|r| !r.is_empty()).await, expected);
+
+    // Deleted, the route leaves every agent's table.
+    cluster
+        .workloads
+        .delete(DeleteRequest {
+            namespace: String::new(),
+            name: "web".into(),
+        })
+        .await
+        .expect("delete");
+    b.routes_until(<[ClusterRoute]>::is_empty).await;
 }

@@ -19,6 +19,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::Exit;
+use flotilla_proto::control::v1::ClusterRoute;
+
 use super::logs::LogBuffer;
 use super::wasmtime::{P2State, PreparedWorkload, WasmtimeRuntime, classify};
 use crate::metrics::WorkloadHttpMetrics;
@@ -63,6 +65,11 @@ impl RouteKey {
         }
     }
 
+    /// How specific the key is: a host beats any host, then longer prefixes win.
+    fn specificity(&self) -> (bool, usize) {
+        (self.host.is_some(), self.prefix.len())
+    }
+
     fn display(&self) -> String {
         let prefix = if self.prefix.is_empty() {
             "/"
@@ -85,13 +92,23 @@ struct Route {
     next: AtomicUsize,
 }
 
-/// The routes of every HTTP replica on this agent. Cheap to clone.
+/// A route served by other nodes, as the control plane last described it.
+struct RemoteRoute {
+    key: RouteKey,
+    workload: Arc<str>,
+    endpoints: Vec<Arc<str>>,
+    next: AtomicUsize,
+}
+
+/// The routes of every HTTP replica on this agent, and the cluster's routes served elsewhere.
+/// Cheap to clone.
 ///
 /// Copy-on-write: a lookup clones one `Arc` under a read lock and scans without holding it;
 /// replicas coming and going rebuild the small list.
 #[derive(Clone, Default)]
 pub struct HttpRoutes {
     table: Arc<RwLock<Arc<Vec<Arc<Route>>>>>,
+    remote: Arc<RwLock<Arc<Vec<RemoteRoute>>>>,
 }
 
 /// Where a request goes.
@@ -100,6 +117,13 @@ pub enum Dispatch {
     Serve(Arc<HttpPool>, OwnedSemaphorePermit),
     /// Every replica of the matching workload is at its concurrency limit; one of them.
     Busy(Arc<HttpPool>),
+    /// Another node serves the route: pass the request on to its ingress.
+    Forward {
+        /// The workload.
+        workload: Arc<str>,
+        /// Base URL of the ingress to pass the request to.
+        endpoint: Arc<str>,
+    },
     /// No workload on this node answers the host and path.
     NotFound,
 }
@@ -150,10 +174,7 @@ impl HttpRoutes {
         let mut table = (**guard).clone();
         f(&mut table);
         // Most specific first: a host before any host, then longer prefixes.
-        table.sort_by(|a, b| {
-            (b.key.host.is_some(), b.key.prefix.len())
-                .cmp(&(a.key.host.is_some(), a.key.prefix.len()))
-        });
+        table.sort_by_key(|route| std::cmp::Reverse(route.key.specificity()));
         *guard = Arc::new(table);
     }
 
@@ -205,11 +226,60 @@ impl HttpRoutes {
         }
     }
 
-    /// Finds the route for `host` (without port) and `path` and a replica with a free slot.
-    pub fn dispatch(&self, host: &str, path: &str) -> Dispatch {
+    /// Replaces the cluster's routes (from the control plane), leaving out `own_url`: this
+    /// agent's replicas are found in its own table.
+    pub fn set_remote(&self, routes: Vec<ClusterRoute>, own_url: &str) {
+        let own_url = own_url.trim_end_matches('/');
+        let mut remote: Vec<RemoteRoute> = routes
+            .into_iter()
+            .filter_map(|route| {
+                let endpoints: Vec<Arc<str>> = route
+                    .endpoints
+                    .iter()
+                    .map(|e| e.trim_end_matches('/'))
+                    .filter(|e| *e != own_url && !e.is_empty())
+                    .map(Arc::from)
+                    .collect();
+                (!endpoints.is_empty()).then(|| RemoteRoute {
+                    key: RouteKey::new(&route.host, &route.path_prefix),
+                    workload: route.workload.into(),
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        remote.sort_by_key(|r| std::cmp::Reverse(r.key.specificity()));
+        *self.remote.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(remote);
+    }
+
+    /// Finds the route for `host` (without port) and `path`: a local replica with a free slot
+    /// or, when `forward` allows and the most specific match is served only elsewhere, another
+    /// node's ingress.
+    pub fn dispatch(&self, host: &str, path: &str, forward: bool) -> Dispatch {
         let table = self.snapshot();
         let host = host.to_ascii_lowercase();
-        let Some(route) = table.iter().find(|r| r.key.matches(&host, path)) else {
+        let local = table.iter().find(|r| r.key.matches(&host, path));
+        if forward {
+            let remote = self
+                .remote
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let elsewhere = remote.iter().find(|r| {
+                r.key.matches(&host, path)
+                    && local.is_none_or(|l| {
+                        l.workload != r.workload && r.key.specificity() > l.key.specificity()
+                    })
+            });
+            if let Some(route) = elsewhere {
+                let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
+                return Dispatch::Forward {
+                    workload: route.workload.clone(),
+                    endpoint: route.endpoints[i].clone(),
+                };
+            }
+        }
+        let Some(route) = local else {
             return Dispatch::NotFound;
         };
         let start = route.next.fetch_add(1, Ordering::Relaxed);

@@ -134,7 +134,7 @@ pub struct WorkloadCounts {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -145,7 +145,31 @@ pub mod control_message {
         Desired(super::DesiredState),
         #[prost(message, tag = "2")]
         Logs(super::StreamLogs),
+        #[prost(message, tag = "3")]
+        Routes(super::ClusterRoutes),
     }
+}
+/// Every HTTP workload's route and the ingresses of the nodes that serve it, sent on session
+/// open and whenever it changes (always complete). An agent's ingress passes a request for a
+/// route it does not serve itself on to one of these nodes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClusterRoutes {
+    #[prost(message, repeated, tag = "1")]
+    pub routes: ::prost::alloc::vec::Vec<ClusterRoute>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClusterRoute {
+    /// `namespace/name` of the workload; the agent's name for it.
+    #[prost(string, tag = "1")]
+    pub workload: ::prost::alloc::string::String,
+    /// As in flotilla.agent.v1.HttpRoute: empty host for any host, path prefix.
+    #[prost(string, tag = "2")]
+    pub host: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub path_prefix: ::prost::alloc::string::String,
+    /// Base URLs of the ingresses of the nodes its replicas are placed on.
+    #[prost(string, repeated, tag = "4")]
+    pub endpoints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// What the node should run. The first message of a session is complete (`incremental` false):
 /// workloads not listed should stop. Later ones carry only what changed: `workloads` to create
