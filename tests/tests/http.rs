@@ -5,16 +5,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, ready, wait_for};
+use support::{Agent, ControlPlane, SETTLE_TIMEOUT, block_on, flotilla, http_get, ready, wait_for};
 
 mod support;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 #[test]
 fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
@@ -79,11 +72,8 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
     );
 
     // Every endpoint answers from a fresh sandbox.
-    let rt = runtime();
     for agent in [&node_a, &node_b] {
-        let response = rt
-            .block_on(flotilla_tests::http::get(agent.ingress, "/echo/info"))
-            .expect("response");
+        let response = http_get(agent.ingress, "/echo/info");
         assert_eq!(response.status, 200, "{}", response.text());
         let json: Value = serde_json::from_slice(&response.body).expect("JSON");
         assert_eq!(json["requests"], 1);
@@ -115,12 +105,8 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
     };
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let direct = rt
-            .block_on(flotilla_tests::http::get(host.ingress, "/echo/count"))
-            .expect("response");
-        let passed_on = rt
-            .block_on(flotilla_tests::http::get(other.ingress, "/echo/count"))
-            .expect("response");
+        let direct = http_get(host.ingress, "/echo/count");
+        let passed_on = http_get(other.ingress, "/echo/count");
         let via = passed_on.headers.get("via").and_then(|v| v.to_str().ok());
         if direct.status == 200
             && passed_on.status == 200
@@ -146,15 +132,14 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
     }
     // A streamed body goes through the hop too.
     let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    let echoed = rt
-        .block_on(flotilla_tests::http::request(
-            other.ingress,
-            "POST",
-            "anything",
-            "/echo/echo",
-            body.clone(),
-        ))
-        .expect("echo through the hop");
+    let echoed = block_on(flotilla_tests::http::request(
+        other.ingress,
+        "POST",
+        "anything",
+        "/echo/echo",
+        body.clone(),
+    ))
+    .expect("echo through the hop");
     assert_eq!(echoed.status, 200);
     assert!(echoed.body == body, "1 MiB echoed intact through the hop");
 
@@ -164,11 +149,7 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
     loop {
         let statuses: Vec<u16> = [&node_a, &node_b]
             .iter()
-            .map(|agent| {
-                rt.block_on(flotilla_tests::http::get(agent.ingress, "/echo/count"))
-                    .expect("response")
-                    .status
-            })
+            .map(|agent| http_get(agent.ingress, "/echo/count").status)
             .collect();
         if statuses == [404, 404] {
             break;

@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use flotilla_tests::apiserver::FakeApiServer;
-use support::{Agent, ControlPlane, Kubectl, serve_http};
+use support::{Agent, ControlPlane, Kubectl, http_get, serve_http};
 
 mod support;
 
@@ -106,13 +106,7 @@ fn the_readme_kubectl_steps_work_against_the_operator() {
         ready["status"]["endpoints"],
         serde_json::json!([format!("http://{}/echo", node.ingress)])
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let answer = runtime
-        .block_on(flotilla_tests::http::get(node.ingress, "/echo/info"))
-        .expect("response");
+    let answer = http_get(node.ingress, "/echo/info");
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert!(
         answer.text().contains(r#""requests":1"#),

@@ -201,6 +201,20 @@ pub fn serve_http(routes: Vec<(&'static str, Vec<u8>)>) -> String {
     format!("http://{addr}")
 }
 
+/// Runs `future` to completion, for tests that are not async.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// `GET path` on `addr`, for tests that are not async.
+pub fn http_get(addr: SocketAddr, path: &str) -> flotilla_tests::http::Response {
+    block_on(flotilla_tests::http::get(addr, path)).expect("response")
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
