@@ -340,6 +340,7 @@ async fn simulated_agent(
                     key: key.clone(),
                     generation,
                     running: replicas,
+                    available: replicas,
                     ..WorkloadCounts::default()
                 })
                 .collect();

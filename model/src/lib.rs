@@ -181,6 +181,11 @@ pub struct WorkloadSpec {
     /// Wall-clock limit of one run, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_deadline_seconds: Option<i64>,
+    /// Seconds a running sandbox must run before it counts as available (default 0), as for a
+    /// Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
+    pub min_ready_seconds: Option<i64>,
     /// Labels a node must have.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -218,6 +223,9 @@ pub struct HttpSpec {
     /// Wall-clock limit of one request, e.g. `10s` or `500ms`. Default: the agent's (30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// A path a replica must answer 2xx to (a `GET` in a fresh sandbox) before it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_path: Option<String>,
 }
 
 impl HttpSpec {
@@ -237,6 +245,14 @@ impl HttpSpec {
             fail(
                 "spec.http.pathPrefix",
                 format!("{prefix:?}: must be a path starting with '/', without '?', '#' or '//'"),
+            );
+        }
+        if let Some(path) = &self.readiness_path
+            && (!path.starts_with('/') || path.contains(['#', ' ']))
+        {
+            fail(
+                "spec.http.readinessPath",
+                format!("{path:?}: must be a path starting with '/', without '#' or spaces"),
             );
         }
         if self.max_concurrency == Some(0) {
@@ -688,6 +704,12 @@ impl Workload {
         }
         if spec.active_deadline_seconds.is_some_and(|s| s <= 0) {
             fail("spec.activeDeadlineSeconds", "must be > 0".into());
+        }
+        if spec
+            .min_ready_seconds
+            .is_some_and(|s| !(0..=i64::from(u32::MAX)).contains(&s))
+        {
+            fail("spec.minReadySeconds", "must be >= 0".into());
         }
         if let Some(http) = &spec.http {
             http.validate(&mut fail);

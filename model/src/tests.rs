@@ -57,6 +57,24 @@ fn bad_manifests_get_field_pointed_errors() {
             "  activeDeadlineSeconds: 0\n",
             "spec.activeDeadlineSeconds: must be > 0",
         ),
+        (
+            "  minReadySeconds: -1\n",
+            "spec.minReadySeconds: must be >= 0",
+        ),
+        ("  http: {host: Bad_Host}\n", "spec.http.host"),
+        ("  http: {pathPrefix: api}\n", "spec.http.pathPrefix"),
+        ("  http: {pathPrefix: /a//b}\n", "spec.http.pathPrefix"),
+        (
+            "  http: {maxConcurrency: 0}\n",
+            "spec.http.maxConcurrency: must be >= 1",
+        ),
+        ("  http: {timeout: soon}\n", "spec.http.timeout"),
+        ("  http: {timeout: 0s}\n", "spec.http.timeout: must be > 0"),
+        (
+            "  http: {readinessPath: healthz}\n",
+            "spec.http.readinessPath",
+        ),
+        ("  http: {prefix: /}\n", "unknown field `prefix`"),
     ];
     for (extra, needle) in cases {
         let err = Workload::from_yaml(&manifest(extra)).expect_err(needle);
@@ -74,6 +92,20 @@ fn bad_manifests_get_field_pointed_errors() {
     let name = manifest("").replace("name: web", "name: Web_1");
     let err = Workload::from_yaml(&name).expect_err("bad name");
     assert!(err.to_string().contains("metadata.name"), "{err}");
+}
+
+#[test]
+fn http_workloads_parse_with_their_defaults() {
+    let text = manifest(
+        "  minReadySeconds: 5\n  http:\n    host: api.example.com\n    timeout: 500ms\n\
+         \x20   readinessPath: /healthz\n",
+    );
+    let w = &Workload::from_yaml(&text).expect("valid")[0];
+    let http = w.spec.http.as_ref().expect("http");
+    assert_eq!(http.path_prefix(), "/");
+    assert_eq!(http.timeout_ms(), 500);
+    assert_eq!(http.max_concurrency, None);
+    assert_eq!(w.spec.min_ready_seconds, Some(5));
 }
 
 #[test]

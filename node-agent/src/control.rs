@@ -482,6 +482,7 @@ fn heartbeat(supervisor: &Supervisor, state: &mut AgentState) -> AgentMessage {
                 pending: count(SandboxPhase::Pending),
                 failed: count(SandboxPhase::Failed),
                 succeeded: count(SandboxPhase::Succeeded),
+                available: supervisor.available(name),
             }
         })
         .collect();

@@ -460,3 +460,54 @@ async fn http_and_command_mismatches_are_clear_errors() {
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_only_once_its_readiness_path_answers_2xx() {
+    let agent = start_agent().await;
+    let ready = http_spec(
+        "ready",
+        guest("echo"),
+        HttpRoute {
+            path_prefix: "/ready".into(),
+            readiness_path: "/ready/info".into(),
+            ..HttpRoute::default()
+        },
+    );
+    serve(&agent, ready).await;
+    let addr = ingress(&agent);
+    assert_eq!(
+        get(addr, "/ready/count").await.expect("count").text(),
+        "1\n"
+    );
+
+    let mut failing = http_spec(
+        "failing",
+        guest("echo"),
+        HttpRoute {
+            path_prefix: "/failing".into(),
+            readiness_path: "/failing/trap".into(),
+            ..HttpRoute::default()
+        },
+    );
+    failing.restart_policy = RestartPolicy::Never as i32;
+    agent.supervisor().apply(failing).await.expect("applies");
+    let statuses = wait_for(agent.supervisor(), "failing", "readiness failure", |s| {
+        s.first()
+            .is_some_and(|s| s.phase == SandboxPhase::Failed as i32)
+    })
+    .await;
+    assert_eq!(statuses[0].reason, "ReadinessFailed");
+    assert!(
+        statuses[0]
+            .message
+            .contains("GET /failing/trap answered 500"),
+        "{}",
+        statuses[0].message
+    );
+    // It never took its route.
+    assert_eq!(
+        get(addr, "/failing/info").await.expect("response").status,
+        404
+    );
+    agent.shutdown().await;
+}

@@ -49,6 +49,11 @@ pub fn agent_workload_spec(
             path_prefix: http.path_prefix().to_string(),
             max_concurrency: http.max_concurrency.unwrap_or(0),
             timeout_ms: http.timeout_ms(),
+            readiness_path: http.readiness_path.clone().unwrap_or_default(),
         }),
+        min_ready_seconds: spec
+            .min_ready_seconds
+            .and_then(|s| u32::try_from(s).ok())
+            .unwrap_or(0),
     }
 }

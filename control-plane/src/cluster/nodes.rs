@@ -48,6 +48,8 @@ pub struct Reported {
     pub generation: u64,
     /// Sandboxes running.
     pub running: u64,
+    /// Of those, sandboxes that have run for the workload's `minReadySeconds`.
+    pub available: u64,
     /// Sandboxes that completed and stay done.
     pub succeeded: u64,
 }
@@ -57,6 +59,8 @@ pub struct Reported {
 pub struct Counts {
     /// Sandboxes running.
     pub running: u64,
+    /// Of those, sandboxes that have run for the workload's `minReadySeconds`.
+    pub available: u64,
     /// Sandboxes that completed and stay done.
     pub succeeded: u64,
 }
@@ -166,6 +170,7 @@ impl NodeRegistry {
                     .entry(reported.generation)
                     .or_default();
                 counts.running += reported.running;
+                counts.available += reported.available;
                 counts.succeeded += reported.succeeded;
             }
         }

@@ -96,6 +96,7 @@ impl Operator {
                     Reported {
                         generation: 1,
                         running: per_node,
+                        available: per_node,
                         succeeded: 0,
                     },
                 );

@@ -150,15 +150,20 @@ impl<S: WorkloadStore> Controller<S> {
                 .copied()
                 .unwrap_or_default();
             let mut ready = counts.running;
+            // Running for the workload's minReadySeconds, as the agents count it.
+            let mut available = counts.available.min(ready);
             let mut succeeded = counts.succeeded;
             if in_grace {
                 ready = ready.max(status.ready_replicas).min(status.replicas);
+                available = available
+                    .max(status.available_replicas)
+                    .min(status.replicas);
                 succeeded = succeeded
                     .max(status.succeeded_replicas)
                     .min(status.replicas);
             }
             status.ready_replicas = ready;
-            status.available_replicas = ready;
+            status.available_replicas = available;
             status.succeeded_replicas = succeeded;
             let latest_failure = self.cluster.events.latest(&key, status.template_generation);
             let wanted = desired_replicas(&workload);
@@ -168,11 +173,11 @@ impl<S: WorkloadStore> Controller<S> {
             );
             set_condition(
                 &mut status.conditions,
-                available_condition(wanted, ready + succeeded),
+                available_condition(wanted, available + succeeded),
             );
             set_condition(
                 &mut status.conditions,
-                progressing_condition(&workload, wanted, ready + succeeded),
+                progressing_condition(&workload, wanted, available + succeeded),
             );
             desired += wanted;
             placed += status.replicas;

@@ -317,6 +317,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                                 let reported = Reported {
                                     generation: w.generation,
                                     running: u64::from(w.running),
+                                    available: u64::from(w.available),
                                     succeeded: u64::from(w.succeeded),
                                 };
                                 (w.key, reported)

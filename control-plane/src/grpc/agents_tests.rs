@@ -645,3 +645,71 @@ async fn every_agent_learns_which_ingresses_serve_each_http_workload() {
         .expect("delete");
     b.routes_until(<[ClusterRoute]>::is_empty).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_available_only_once_agents_count_them_past_min_ready_seconds() {
+    let mut cluster = cluster().await;
+    let a = FakeAgent::join(&mut cluster, "node-a").await;
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    let manifest = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
+         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 2, minReadySeconds: 30}}\n"
+    );
+    cluster
+        .workloads
+        .apply(ApplyRequest {
+            manifest: manifest.into_bytes(),
+        })
+        .await
+        .expect("apply");
+    let mut status_when = async |available: u32, wanted: (u64, u64, &str)| {
+        a.heartbeat(Heartbeat {
+            workloads: vec![WorkloadCounts {
+                key: "default/web".into(),
+                generation: 1,
+                running: 2,
+                available,
+                ..WorkloadCounts::default()
+            }],
+            events: vec![],
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let object = cluster
+                    .workloads
+                    .get(GetRequest {
+                        namespace: String::new(),
+                        name: "web".into(),
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                let workload: crate::model::Workload =
+                    serde_json::from_slice(&object.json).expect("json");
+                let status = workload.status.unwrap_or_default();
+                let condition = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Available")
+                    .map(|c| c.status.clone())
+                    .unwrap_or_default();
+                if (
+                    status.ready_replicas,
+                    status.available_replicas,
+                    condition.as_str(),
+                ) == wanted
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("status within 10 s");
+    };
+    // Running but not yet for minReadySeconds: ready, not available.
+    status_when(0, (2, 0, "False")).await;
+    status_when(1, (2, 1, "False")).await;
+    status_when(2, (2, 2, "True")).await;
+}

@@ -446,6 +446,45 @@ impl HttpPool {
         }
     }
 
+    /// Sends `GET path` through a fresh sandbox, as a request for the route would be; the
+    /// replica may serve only if it answers 2xx.
+    ///
+    /// # Errors
+    /// [`Exit::NotReady`] with the status and the start of the body.
+    pub(super) async fn check_ready(
+        self: &Arc<Self>,
+        key: &RouteKey,
+        path: &str,
+    ) -> Result<(), Exit> {
+        let host = key.host.as_deref().unwrap_or("localhost");
+        let request = hyper::Request::get(path)
+            .header(http::header::HOST, host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| Exit::NotReady(format!("readiness path {path:?}: {e}")))?;
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(Exit::NotReady(
+                "no free request slot for the readiness check".into(),
+            ));
+        };
+        let response = self.clone().handle(request, permit).await;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = tokio::time::timeout(self.timeout, response.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+            .trim()
+            .to_string();
+        Err(Exit::NotReady(format!(
+            "readiness request GET {path} answered {status}: {text}"
+        )))
+    }
+
     fn record_failure(&self, failure: &RequestFailure) {
         let RequestFailure::Exit(exit) = failure else {
             self.metrics.failed("PoolExhausted");
@@ -531,6 +570,8 @@ pub struct HttpSettings {
     pub max_concurrency: u32,
     /// Wall-clock limit of one request.
     pub timeout: Duration,
+    /// The path that must answer 2xx before the replica serves, if any.
+    pub readiness_path: Option<String>,
 }
 
 /// A replica of an HTTP workload, routed to from creation until it is dropped (the replica
@@ -549,10 +590,10 @@ impl HttpReplica {
         routes: &HttpRoutes,
         key: RouteKey,
         workload: &Arc<str>,
-        pool: HttpPool,
+        pool: Arc<HttpPool>,
     ) -> Result<Self, Exit> {
         routes
-            .register(key, workload, Arc::new(pool))
+            .register(key, workload, pool)
             .map(|registration| Self {
                 _registration: registration,
             })

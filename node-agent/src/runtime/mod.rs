@@ -95,6 +95,8 @@ pub enum Exit {
     Stopped,
     /// An HTTP replica's host and path are served by another workload on this node.
     RouteConflict(String),
+    /// An HTTP replica's readiness request did not answer 2xx.
+    NotReady(String),
 }
 
 // === impl Exit ===
@@ -116,6 +118,7 @@ impl Exit {
             Exit::DeadlineExceeded(_) => "DeadlineExceeded",
             Exit::Stopped => "Stopped",
             Exit::RouteConflict(_) => "RouteConflict",
+            Exit::NotReady(_) => "ReadinessFailed",
         }
     }
 
@@ -126,7 +129,8 @@ impl Exit {
             Exit::Trap(msg)
             | Exit::OutOfMemory(msg)
             | Exit::CpuLimit(msg)
-            | Exit::RouteConflict(msg) => msg.clone(),
+            | Exit::RouteConflict(msg)
+            | Exit::NotReady(msg) => msg.clone(),
             Exit::DeadlineExceeded(d) => format!("run exceeded its deadline of {d:?}"),
             Exit::Stopped => "stopped by the agent".to_string(),
         }

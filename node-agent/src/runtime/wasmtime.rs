@@ -399,6 +399,8 @@ impl SandboxRuntime for WasmtimeRuntime {
                         n => n,
                     },
                     timeout,
+                    readiness_path: (!route.readiness_path.is_empty())
+                        .then(|| route.readiness_path.clone()),
                 })
             }
             (Some(_), _) => return Err(SandboxError::NotHttpHandler),
@@ -459,8 +461,16 @@ impl SandboxRuntime for WasmtimeRuntime {
                     .await
                     .map_err(classify)?;
                 drop(store);
-                let pool =
-                    HttpPool::new(self.clone(), prepared.clone(), pre.clone(), settings, logs);
+                let pool = Arc::new(HttpPool::new(
+                    self.clone(),
+                    prepared.clone(),
+                    pre.clone(),
+                    settings,
+                    logs,
+                ));
+                if let Some(path) = &settings.readiness_path {
+                    pool.check_ready(&settings.route, path).await?;
+                }
                 HttpReplica::register(
                     &self.inner.http_routes,
                     settings.route.clone(),

@@ -409,6 +409,23 @@ impl<R: SandboxRuntime> Supervisor<R> {
             .collect()
     }
 
+    /// Running sandboxes of `workload` that have run for its `min_ready_seconds`: available, as
+    /// a Deployment counts them.
+    pub fn available(&self, workload: &str) -> u32 {
+        let workloads = self.shared.lock_workloads();
+        let Some(w) = workloads.get(workload) else {
+            return 0;
+        };
+        let ready_since = unix_ms() - i64::from(w.spec.min_ready_seconds) * 1000;
+        w.sandboxes
+            .iter()
+            .filter(|s| {
+                let status = s.cell.lock();
+                status.phase == SandboxPhase::Running && status.started_at_ms <= ready_since
+            })
+            .count() as u32
+    }
+
     /// The module digest of a workload, once prepared.
     pub fn module_digest(&self, workload: &str) -> Option<String> {
         let workloads = self.shared.lock_workloads();

@@ -51,6 +51,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         resources: Some(Resources::default()),
         restart_policy: RestartPolicy::Never as i32,
         http: None,
+        min_ready_seconds: 0,
     }
 }
 

@@ -79,6 +79,9 @@ pub struct WorkloadSpec {
     /// runs in a fresh sandbox of the `wasi:http/incoming-handler` component.
     #[prost(message, optional, tag = "9")]
     pub http: ::core::option::Option<HttpRoute>,
+    /// A running sandbox counts as available once it has run this long, as for a Deployment.
+    #[prost(uint32, tag = "10")]
+    pub min_ready_seconds: u32,
 }
 /// Where an HTTP workload answers in the agent's ingress, and its per-request limits.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -95,6 +98,10 @@ pub struct HttpRoute {
     /// Wall-clock limit of one request in milliseconds; 0 for the agent's default.
     #[prost(uint64, tag = "4")]
     pub timeout_ms: u64,
+    /// A replica serves only after a GET of this path, in a fresh sandbox, answered 2xx; empty for
+    /// no check.
+    #[prost(string, tag = "5")]
+    pub readiness_path: ::prost::alloc::string::String,
 }
 /// How a sandbox's last run ended.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

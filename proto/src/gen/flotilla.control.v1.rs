@@ -131,6 +131,9 @@ pub struct WorkloadCounts {
     /// Sandboxes that ran to completion and, by their restart policy, stay done.
     #[prost(uint32, tag = "6")]
     pub succeeded: u32,
+    /// Running sandboxes that have run for the workload's min_ready_seconds.
+    #[prost(uint32, tag = "7")]
+    pub available: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
