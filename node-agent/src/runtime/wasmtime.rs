@@ -469,7 +469,8 @@ impl SandboxRuntime for WasmtimeRuntime {
                     logs,
                 ));
                 if let Some(path) = &settings.readiness_path {
-                    pool.check_ready(&settings.route, path).await?;
+                    // Boxed: inline, a whole request's future would enlarge every sandbox task.
+                    Box::pin(pool.check_ready(&settings.route, path)).await?;
                 }
                 HttpReplica::register(
                     &self.inner.http_routes,
