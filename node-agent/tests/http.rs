@@ -511,3 +511,39 @@ async fn a_replica_serves_only_once_its_readiness_path_answers_2xx() {
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge_is_served_too() {
+    let agent = start_agent().await;
+    serve(&agent, http_spec("echo", guest("echo"), prefix("/"))).await;
+    let stream = tokio::net::TcpStream::connect(ingress(&agent))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(connection);
+    // Many requests multiplexed on one connection, each in its own sandbox.
+    let requests = (0..20).map(|_| {
+        let request = hyper::Request::get("http://echo.test/count")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        sender.send_request(request)
+    });
+    for response in join_all(requests).await {
+        let response = response.expect("response");
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"1\n");
+    }
+    agent.shutdown().await;
+}
