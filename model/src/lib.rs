@@ -181,6 +181,11 @@ pub struct WorkloadSpec {
     /// Wall-clock limit of one run, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_deadline_seconds: Option<i64>,
+    /// Seconds the workload may take to make a new template available before `Progressing`
+    /// turns `False` with `ProgressDeadlineExceeded` (default 600), as for a Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    pub progress_deadline_seconds: Option<i64>,
     /// Seconds a running sandbox must run before it counts as available (default 0), as for a
     /// Deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -452,6 +457,9 @@ pub struct WorkloadStatus {
     /// A digest of that template, to notice when it changes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub template_hash: String,
+    /// When the template last changed (RFC 3339): the start of the progress deadline.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template_time: String,
     /// Conditions such as `Scheduled`, `Available`, `Progressing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -704,6 +712,9 @@ impl Workload {
         }
         if spec.active_deadline_seconds.is_some_and(|s| s <= 0) {
             fail("spec.activeDeadlineSeconds", "must be > 0".into());
+        }
+        if spec.progress_deadline_seconds.is_some_and(|s| s <= 0) {
+            fail("spec.progressDeadlineSeconds", "must be > 0".into());
         }
         if spec
             .min_ready_seconds

@@ -61,6 +61,10 @@ fn bad_manifests_get_field_pointed_errors() {
             "  minReadySeconds: -1\n",
             "spec.minReadySeconds: must be >= 0",
         ),
+        (
+            "  progressDeadlineSeconds: 0\n",
+            "spec.progressDeadlineSeconds: must be > 0",
+        ),
         ("  http: {host: Bad_Host}\n", "spec.http.host"),
         ("  http: {pathPrefix: api}\n", "spec.http.pathPrefix"),
         ("  http: {pathPrefix: /a//b}\n", "spec.http.pathPrefix"),

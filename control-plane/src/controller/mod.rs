@@ -51,6 +51,9 @@ pub const PROGRESSING: &str = "Progressing";
 /// Held by every workload until its sandboxes have stopped.
 pub const FINALIZER: &str = "flotilla.dev/sandboxes";
 
+/// `progressDeadlineSeconds` when a workload sets none, as for a Deployment.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
+
 /// First wait before a failed pass runs again; it doubles up to [`MAX_REQUEUE_DELAY`].
 pub const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait before a failed pass runs again.
@@ -80,6 +83,9 @@ pub struct Controller<S> {
     cluster: Arc<Cluster>,
     /// Until then, placements on nodes the registry does not know yet are kept.
     grace_until: Option<Instant>,
+    /// The earliest progress deadline still running after the last pass: a pass then runs
+    /// even if nothing else changes.
+    next_deadline: std::sync::Mutex<Option<SystemTime>>,
 }
 
 impl<S: WorkloadStore> Controller<S> {
@@ -90,6 +96,7 @@ impl<S: WorkloadStore> Controller<S> {
             scheduler,
             cluster,
             grace_until: None,
+            next_deadline: std::sync::Mutex::new(None),
         }
     }
 
@@ -134,6 +141,7 @@ impl<S: WorkloadStore> Controller<S> {
         let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
         let workload_count = workloads.len();
         let mut http_workloads = Vec::new();
+        let mut next_deadline = None;
         for workload in workloads {
             let terminating = !workload.metadata.deletion_timestamp.is_empty();
             if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
@@ -175,10 +183,18 @@ impl<S: WorkloadStore> Controller<S> {
                 &mut status.conditions,
                 available_condition(wanted, available + succeeded),
             );
-            set_condition(
-                &mut status.conditions,
-                progressing_condition(&workload, wanted, available + succeeded),
+            let (progressing, deadline) = progressing_condition(
+                &workload,
+                &status,
+                wanted,
+                available + succeeded,
+                SystemTime::now(),
             );
+            set_condition(&mut status.conditions, progressing);
+            if let Some(deadline) = deadline {
+                next_deadline =
+                    Some(next_deadline.map_or(deadline, |d: SystemTime| d.min(deadline)));
+            }
             desired += wanted;
             placed += status.replicas;
             ready_total += ready;
@@ -211,6 +227,7 @@ impl<S: WorkloadStore> Controller<S> {
         self.cluster
             .routes
             .publish(crate::cluster::routes::routes_of(&http_workloads, &nodes));
+        *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner()) = next_deadline;
         Ok(written)
     }
 
@@ -370,6 +387,7 @@ impl<S: WorkloadStore> Controller<S> {
         if status.template_hash != template || status.template_generation == 0 {
             status.template_generation = workload.metadata.generation;
             status.template_hash = template;
+            status.template_time = now();
         }
         status.replicas = placements.values().sum();
         status.endpoints = match &workload.spec.http {
@@ -427,6 +445,10 @@ impl<S: WorkloadStore> Controller<S> {
         tokio::pin!(requeue);
         let mut requeue_pending = false;
         let mut requeue_delay = MIN_REQUEUE_DELAY;
+        // A pass when the earliest progress deadline passes, even if nothing else changed.
+        let progress = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(progress);
+        let mut progress_pending = false;
         'watch: loop {
             let mut watch = match self.store.watch().await {
                 Ok(watch) => watch,
@@ -456,6 +478,7 @@ impl<S: WorkloadStore> Controller<S> {
                     changed = node_changes.changed() => if changed.is_err() { return },
                     changed = new_events.changed() => if changed.is_err() { return },
                     () = &mut requeue, if requeue_pending => {}
+                    () = &mut progress, if progress_pending => progress_pending = false,
                     () = &mut grace_end, if grace_pending => {
                         grace_pending = false;
                         self.log_unreturned_nodes().await;
@@ -477,6 +500,17 @@ impl<S: WorkloadStore> Controller<S> {
                 );
                 match pass {
                     Ok(written) => {
+                        let deadline =
+                            *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(deadline) = deadline {
+                            let wait = deadline
+                                .duration_since(SystemTime::now())
+                                .unwrap_or_default();
+                            progress.as_mut().reset(
+                                tokio::time::Instant::now() + wait + Duration::from_millis(10),
+                            );
+                        }
+                        progress_pending = deadline.is_some();
                         retry_delay = Duration::from_millis(100);
                         requeue_delay = MIN_REQUEUE_DELAY;
                         requeue_pending = false;
@@ -537,8 +571,27 @@ fn available_condition(desired: u64, available: u64) -> Condition {
 }
 
 /// `Progressing`: the current template is rolled out, on its way, or being torn down.
-fn progressing_condition(workload: &Workload, desired: u64, available: u64) -> Condition {
+/// `Progressing`, and when its deadline will pass if the template is still not available.
+///
+/// As for a Deployment: `True` while the current template becomes available, `False` with
+/// `ProgressDeadlineExceeded` once it has not within `progressDeadlineSeconds` of its change.
+fn progressing_condition(
+    workload: &Workload,
+    status: &WorkloadStatus,
+    desired: u64,
+    available: u64,
+    now: SystemTime,
+) -> (Condition, Option<SystemTime>) {
     let generation = workload.metadata.generation;
+    let deadline_seconds = workload
+        .spec
+        .progress_deadline_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
+    let deadline = humantime::parse_rfc3339(&status.template_time)
+        .ok()
+        .map(|changed| changed + Duration::from_secs(deadline_seconds));
+    let mut pending_deadline = None;
     let (status, reason, message) = if !workload.metadata.deletion_timestamp.is_empty() {
         (
             "False",
@@ -551,20 +604,31 @@ fn progressing_condition(workload: &Workload, desired: u64, available: u64) -> C
             "TemplateAvailable",
             format!("generation {generation} is available on every replica"),
         )
+    } else if deadline.is_some_and(|d| now >= d) {
+        (
+            "False",
+            "ProgressDeadlineExceeded",
+            format!(
+                "{available} of {desired} replicas of generation {generation} available after \
+                 {deadline_seconds}s"
+            ),
+        )
     } else {
+        pending_deadline = deadline;
         (
             "True",
             "ReplicasUpdating",
             format!("{available} of {desired} replicas of generation {generation} available"),
         )
     };
-    Condition {
+    let condition = Condition {
         type_: PROGRESSING.into(),
         status: status.into(),
         reason: reason.into(),
         message,
         last_transition_time: String::new(),
-    }
+    };
+    (condition, pending_deadline)
 }
 
 /// `Ready`: every wanted replica runs or completed; otherwise the latest failure, if any.

@@ -239,6 +239,70 @@ async fn the_run_loop_reacts_to_applies_and_to_missed_heartbeats() {
         .expect("no panic");
 }
 
+fn condition<'a>(status: &'a WorkloadStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[tokio::test]
+async fn progressing_turns_false_when_the_template_misses_its_deadline() {
+    let h = harness(&[node("n0", "amd64", 1000)]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut watch = h.store.watch().await.expect("watch");
+    let controller = Controller::new(
+        h.store.clone(),
+        Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
+        h.cluster.clone(),
+    );
+    let task = tokio::spawn(controller.run(Duration::from_secs(30), async {
+        let _ = stopped.await;
+    }));
+    let mut web = workload("web", 2);
+    web.spec.progress_deadline_seconds = Some(1);
+    h.store.apply(web).await.expect("apply");
+    let updating = wait_for(&mut watch, |s| {
+        condition(s, PROGRESSING).is_some_and(|c| c.reason == "ReplicasUpdating")
+    })
+    .await;
+    assert!(!updating.template_time.is_empty());
+    // Nothing reports the replicas running and nothing else changes: the deadline alone
+    // brings the pass that says so.
+    let exceeded = wait_for(&mut watch, |s| {
+        condition(s, PROGRESSING).is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let progressing = condition(&exceeded, PROGRESSING).expect("Progressing");
+    assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
+    assert_eq!(
+        progressing.message,
+        "0 of 2 replicas of generation 1 available after 1s"
+    );
+    // The replicas come up: progress is made after all.
+    let key = "default/web".to_string();
+    h.cluster.nodes.report(
+        "n0",
+        [(
+            key,
+            crate::cluster::Reported {
+                generation: 1,
+                running: 2,
+                available: 2,
+                succeeded: 0,
+            },
+        )]
+        .into(),
+    );
+    let available = wait_for(&mut watch, |s| {
+        condition(s, PROGRESSING).is_some_and(|c| c.reason == "TemplateAvailable")
+    })
+    .await;
+    assert_eq!(available.available_replicas, 2);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the controller stops")
+        .expect("no panic");
+}
+
 async fn wait_for(
     watch: &mut crate::store::Watch,
     pred: impl Fn(&WorkloadStatus) -> bool,
