@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_proto::control::v1::ClusterRoute;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -19,8 +20,6 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::Exit;
-use flotilla_proto::control::v1::ClusterRoute;
-
 use super::logs::LogBuffer;
 use super::wasmtime::{P2State, PreparedWorkload, WasmtimeRuntime, classify};
 use crate::metrics::WorkloadHttpMetrics;
@@ -294,14 +293,6 @@ impl HttpRoutes {
             Some(pool) => Dispatch::Busy(pool.clone()),
             None => Dispatch::NotFound,
         }
-    }
-
-    /// The routes served here, as `(workload, route)` pairs for diagnostics.
-    pub fn list(&self) -> Vec<(Arc<str>, String)> {
-        self.snapshot()
-            .iter()
-            .map(|r| (r.workload.clone(), r.key.display()))
-            .collect()
     }
 }
 
@@ -603,5 +594,97 @@ impl HttpReplica {
     /// Serves until the future is dropped.
     pub async fn run(self) -> Exit {
         std::future::pending().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_hosts_and_whole_path_segments() {
+        let api = RouteKey::new("API.example.com", "/api/");
+        assert_eq!(api.host.as_deref(), Some("api.example.com"));
+        assert!(api.matches("api.example.com", "/api"));
+        assert!(api.matches("api.example.com", "/api/v1/x"));
+        assert!(!api.matches("api.example.com", "/apix"));
+        assert!(!api.matches("other.example.com", "/api"));
+        let root = RouteKey::new("", "/");
+        assert!(root.matches("anything", "/"));
+        assert!(root.matches("", "/a/b"));
+        assert!(api.specificity() > RouteKey::new("", "/api/longer").specificity());
+    }
+
+    fn route(workload: &str, host: &str, prefix: &str, endpoints: &[&str]) -> ClusterRoute {
+        ClusterRoute {
+            workload: workload.into(),
+            host: host.into(),
+            path_prefix: prefix.into(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn forwarded_to(dispatch: Dispatch) -> Option<(String, String)> {
+        match dispatch {
+            Dispatch::Forward { workload, endpoint } => {
+                Some((workload.to_string(), endpoint.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn routes_served_elsewhere_are_forwarded_round_robin_and_never_twice() {
+        let routes = HttpRoutes::default();
+        routes.set_remote(
+            vec![
+                route(
+                    "default.web",
+                    "",
+                    "/",
+                    &["http://a:8080", "http://me:8080/"],
+                ),
+                route(
+                    "default.api",
+                    "",
+                    "/api",
+                    &["http://a:8080", "http://b:8080"],
+                ),
+                route("default.gone", "", "/gone", &["http://me:8080"]),
+            ],
+            "http://me:8080",
+        );
+        // The most specific route wins; this node's own URL is never a target.
+        assert_eq!(
+            forwarded_to(routes.dispatch("x", "/index.html", true)),
+            Some(("default.web".into(), "http://a:8080".into()))
+        );
+        let targets: Vec<_> = (0..4)
+            .filter_map(|_| forwarded_to(routes.dispatch("x", "/api/v1", true)))
+            .map(|(_, endpoint)| endpoint)
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "http://a:8080",
+                "http://b:8080",
+                "http://a:8080",
+                "http://b:8080"
+            ]
+        );
+        // A route only this node serves is not forwarded; nor is an already forwarded request.
+        assert!(matches!(
+            routes.dispatch("x", "/gone", true),
+            Dispatch::Forward { ref workload, .. } if &**workload == "default.web"
+        ));
+        assert!(matches!(
+            routes.dispatch("x", "/api", false),
+            Dispatch::NotFound
+        ));
+        routes.set_remote(vec![], "http://me:8080");
+        assert!(matches!(
+            routes.dispatch("x", "/api", true),
+            Dispatch::NotFound
+        ));
     }
 }
