@@ -3,12 +3,13 @@
 //! each pass; every agent session sends it down when it changes, so that any agent's ingress
 //! (behind a Service over all of them) can pass a request on to a node that serves it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flotilla_proto::control::v1::ClusterRoute;
 use tokio::sync::watch;
 
-use crate::model::Workload;
+use crate::model::{Workload, WorkloadStatus};
 use crate::scheduler::framework::NodeInfo;
 
 /// The latest route table. Cheap to share.
@@ -42,35 +43,45 @@ impl RouteTable {
     }
 }
 
-/// The routes of `workloads` (HTTP ones not being deleted) given the nodes they are placed on,
-/// sorted by workload.
-pub fn routes_of<'a>(
-    workloads: impl IntoIterator<Item = &'a Workload>,
+/// Base URLs of the ingresses serving `placements`: those of the ready nodes with replicas
+/// there, in node order. `index` maps node names to positions in `nodes`.
+pub fn serving_ingresses<'a>(
+    placements: &BTreeMap<String, u64>,
+    nodes: &'a [NodeInfo],
+    index: &BTreeMap<String, usize>,
+) -> Vec<&'a str> {
+    placements
+        .iter()
+        .filter(|&(_, &count)| count > 0)
+        .filter_map(|(node, _)| index.get(node).map(|&i| &nodes[i]))
+        .filter(|n| n.ready && !n.ingress_url.is_empty())
+        .map(|n| n.ingress_url.as_str())
+        .collect()
+}
+
+/// The route of `workload` given its new `status`: `None` unless it serves HTTP, is not being
+/// deleted and has a replica on a node with an ingress.
+pub fn route_of(
+    workload: &Workload,
+    status: &WorkloadStatus,
     nodes: &[NodeInfo],
-) -> Vec<ClusterRoute> {
-    let mut routes: Vec<ClusterRoute> = workloads
+    index: &BTreeMap<String, usize>,
+) -> Option<ClusterRoute> {
+    let http = workload.spec.http.as_ref()?;
+    if !workload.metadata.deletion_timestamp.is_empty() {
+        return None;
+    }
+    let endpoints: Vec<String> = serving_ingresses(&status.placements, nodes, index)
         .into_iter()
-        .filter(|w| w.metadata.deletion_timestamp.is_empty())
-        .filter_map(|workload| {
-            let http = workload.spec.http.as_ref()?;
-            let placements = &workload.status.as_ref()?.placements;
-            let endpoints: Vec<String> = nodes
-                .iter()
-                .filter(|n| n.ready && !n.ingress_url.is_empty())
-                .filter(|n| placements.get(&n.name).is_some_and(|&count| count > 0))
-                .map(|n| n.ingress_url.clone())
-                .collect();
-            let key = workload.key();
-            (!endpoints.is_empty()).then(|| ClusterRoute {
-                workload: format!("{}.{}", key.namespace, key.name),
-                host: http.host.clone().unwrap_or_default(),
-                path_prefix: http.path_prefix().to_string(),
-                endpoints,
-            })
-        })
+        .map(str::to_string)
         .collect();
-    routes.sort_by(|a, b| a.workload.cmp(&b.workload));
-    routes
+    let key = workload.key();
+    (!endpoints.is_empty()).then(|| ClusterRoute {
+        workload: format!("{}.{}", key.namespace, key.name),
+        host: http.host.clone().unwrap_or_default(),
+        path_prefix: http.path_prefix().to_string(),
+        endpoints,
+    })
 }
 
 #[cfg(test)]
@@ -87,7 +98,7 @@ mod tests {
         }
     }
 
-    fn workload(name: &str, http: Option<HttpSpec>, placements: &[(&str, u64)]) -> Workload {
+    fn workload(name: &str, http: Option<HttpSpec>) -> Workload {
         let mut w: Workload = serde_yaml::from_str(&format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: {name}\n\
              spec:\n  module:\n    sha256: {}\n",
@@ -95,14 +106,14 @@ mod tests {
         ))
         .expect("workload");
         w.spec.http = http;
-        w.status = Some(WorkloadStatus {
-            placements: placements
-                .iter()
-                .map(|(n, c)| (n.to_string(), *c))
-                .collect(),
-            ..WorkloadStatus::default()
-        });
         w
+    }
+
+    fn placed(pairs: &[(&str, u64)]) -> WorkloadStatus {
+        WorkloadStatus {
+            placements: pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
+            ..WorkloadStatus::default()
+        }
     }
 
     #[test]
@@ -113,26 +124,40 @@ mod tests {
             node("c", "http://10.0.0.3:8080", false),
             node("d", "", true),
         ];
+        let index: BTreeMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
         let http = HttpSpec {
             host: Some("api.example.com".into()),
             path_prefix: Some("/api".into()),
             ..HttpSpec::default()
         };
-        let workloads = [
-            workload("web", Some(http), &[("a", 2), ("c", 1), ("d", 1)]),
-            workload("batch", None, &[("a", 1)]),
-            workload("nowhere", Some(HttpSpec::default()), &[]),
-        ];
-        let routes = routes_of(&workloads, &nodes);
+        let web = workload("web", Some(http));
+        let status = placed(&[("a", 2), ("b", 0), ("c", 1), ("d", 1), ("gone", 1)]);
         assert_eq!(
-            routes,
-            [ClusterRoute {
+            serving_ingresses(&status.placements, &nodes, &index),
+            ["http://10.0.0.1:8080"]
+        );
+        let route = route_of(&web, &status, &nodes, &index).expect("a route");
+        assert_eq!(
+            route,
+            ClusterRoute {
                 workload: "default.web".into(),
                 host: "api.example.com".into(),
                 path_prefix: "/api".into(),
                 endpoints: vec!["http://10.0.0.1:8080".into()],
-            }]
+            }
         );
+        let batch = workload("batch", None);
+        assert_eq!(route_of(&batch, &placed(&[("a", 1)]), &nodes, &index), None);
+        let nowhere = workload("nowhere", Some(HttpSpec::default()));
+        assert_eq!(route_of(&nowhere, &placed(&[]), &nodes, &index), None);
+        let mut leaving = web.clone();
+        leaving.metadata.deletion_timestamp = "2026-11-26T00:00:00Z".into();
+        assert_eq!(route_of(&leaving, &status, &nodes, &index), None);
+        let routes = vec![route];
 
         let table = RouteTable::default();
         let mut changes = table.subscribe();

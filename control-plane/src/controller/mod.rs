@@ -29,6 +29,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::cluster::routes::{route_of, serving_ingresses};
 use crate::cluster::{Cluster, Notice};
 use crate::model::{Condition, Workload, WorkloadStatus};
 use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
@@ -140,7 +141,7 @@ impl<S: WorkloadStore> Controller<S> {
         let mut written = 0;
         let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
         let workload_count = workloads.len();
-        let mut http_workloads = Vec::new();
+        let mut routes = Vec::new();
         let mut next_deadline = None;
         for workload in workloads {
             let terminating = !workload.metadata.deletion_timestamp.is_empty();
@@ -200,11 +201,9 @@ impl<S: WorkloadStore> Controller<S> {
             ready_total += ready;
             let mut version = workload.metadata.resource_version.clone();
             let placed_nowhere = status.replicas == 0;
+            routes.extend(route_of(&workload, &status, &nodes, &index));
             if workload.status.as_ref() != Some(&status) {
-                let written_back = self
-                    .store
-                    .patch_status(&workload.key(), status.clone())
-                    .await?;
+                let written_back = self.store.patch_status(&workload.key(), status).await?;
                 version = written_back.metadata.resource_version;
                 written += 1;
             }
@@ -214,19 +213,12 @@ impl<S: WorkloadStore> Controller<S> {
             if terminating && placed_nowhere && !still_running {
                 self.release(&workload, &version).await?;
             }
-            if workload.spec.http.is_some() {
-                http_workloads.push(Workload {
-                    status: Some(status),
-                    ..workload
-                });
-            }
         }
         self.cluster
             .metrics
             .workloads(workload_count, desired, placed, ready_total);
-        self.cluster
-            .routes
-            .publish(crate::cluster::routes::routes_of(&http_workloads, &nodes));
+        routes.sort_by(|a, b| a.workload.cmp(&b.workload));
+        self.cluster.routes.publish(routes);
         *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner()) = next_deadline;
         Ok(written)
     }
@@ -391,10 +383,8 @@ impl<S: WorkloadStore> Controller<S> {
         }
         status.replicas = placements.values().sum();
         status.endpoints = match &workload.spec.http {
-            Some(http) => placements
-                .keys()
-                .filter_map(|node| index.get(node).map(|&i| nodes[i].ingress_url.as_str()))
-                .filter(|url| !url.is_empty())
+            Some(http) => serving_ingresses(&placements, nodes, index)
+                .into_iter()
                 .map(|url| format!("{url}{}", http.path_prefix()))
                 .collect(),
             None => Vec::new(),
