@@ -18,9 +18,11 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Code;
 use tonic::transport::Channel;
 
+use super::convert::from_object;
 use super::{AgentService, WorkloadService};
 use crate::cluster::Cluster as ClusterState;
 use crate::controller::Controller;
+use crate::model::WorkloadStatus;
 use crate::modules::ModuleStore;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::EmbeddedStore;
@@ -213,17 +215,7 @@ async fn agents_get_their_share_and_a_departed_agents_share_moves() {
     let mut b = FakeAgent::join(&mut cluster, "node-b").await;
 
     let sha = super::tests::push(&mut cluster.workloads).await;
-    let manifest = format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
-         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 10, args: [serve]}}\n"
-    );
-    cluster
-        .workloads
-        .apply(ApplyRequest {
-            manifest: manifest.into_bytes(),
-        })
-        .await
-        .expect("apply");
+    apply_spec(&mut cluster, "web", &sha, "replicas: 10, args: [serve]").await;
 
     let on_a = a.desired_until(|d| replicas_of(d, "default/web") > 0).await;
     let on_b = b.desired_until(|d| replicas_of(d, "default/web") > 0).await;
@@ -293,9 +285,14 @@ async fn bad_registrations_and_sessions_are_refused() {
 }
 
 async fn apply(cluster: &mut Cluster, name: &str, sha: &str, replicas: u32) {
+    apply_spec(cluster, name, sha, &format!("replicas: {replicas}")).await;
+}
+
+/// Applies workload `name` running module `sha` with more spec fields (flow-style YAML).
+async fn apply_spec(cluster: &mut Cluster, name: &str, sha: &str, fields: &str) {
     let manifest = format!(
         "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: {name}}}\n\
-         spec: {{module: {{sha256: \"{sha}\"}}, replicas: {replicas}}}\n"
+         spec: {{module: {{sha256: \"{sha}\"}}, {fields}}}\n"
     );
     cluster
         .workloads
@@ -304,6 +301,34 @@ async fn apply(cluster: &mut Cluster, name: &str, sha: &str, replicas: u32) {
         })
         .await
         .expect("apply");
+}
+
+/// Polls workload `name` (bounded) until `found` picks something out of its status.
+async fn status_until<T>(
+    cluster: &mut Cluster,
+    name: &str,
+    found: impl Fn(WorkloadStatus) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let object = cluster
+                .workloads
+                .get(GetRequest {
+                    namespace: String::new(),
+                    name: name.into(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            let workload = from_object(&object).expect("decodes");
+            if let Some(value) = found(workload.status.unwrap_or_default()) {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("status within 10 s")
 }
 
 fn keys(desired: &DesiredState) -> Vec<(&str, u32)> {
@@ -463,30 +488,13 @@ async fn logs_events_and_nodes_reach_the_user_through_the_control_plane() {
         }],
     })
     .await;
-    let ready = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let object = cluster
-                .workloads
-                .get(GetRequest {
-                    namespace: String::new(),
-                    name: "web".into(),
-                })
-                .await
-                .expect("get")
-                .into_inner();
-            let workload: crate::model::Workload =
-                serde_json::from_slice(&object.json).expect("json");
-            let condition = workload
-                .status
-                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
-            if let Some(c) = condition.filter(|c| c.reason == "Trap") {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let ready = status_until(&mut cluster, "web", |status| {
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "Trap")
     })
-    .await
-    .expect("Ready condition with the failure");
+    .await;
     assert_eq!(ready.status, "False");
     assert_eq!(
         ready.message,
@@ -585,18 +593,8 @@ async fn every_agent_learns_which_ingresses_serve_each_http_workload() {
     // No ingress: HTTP replicas never go here, but it still learns the routes.
     let mut b = FakeAgent::join(&mut cluster, "node-b").await;
     let sha = super::tests::push(&mut cluster.workloads).await;
-    let manifest = format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
-         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 2, http: {{pathPrefix: /api, host: \
-         api.example.com}}}}\n"
-    );
-    cluster
-        .workloads
-        .apply(ApplyRequest {
-            manifest: manifest.into_bytes(),
-        })
-        .await
-        .expect("apply");
+    let fields = "replicas: 2, http: {pathPrefix: /api, host: api.example.com}";
+    apply_spec(&mut cluster, "web", &sha, fields).await;
     let expected = [ClusterRoute {
         workload: "default.web".into(),
         host: "api.example.com".into(),
@@ -651,17 +649,13 @@ async fn replicas_are_available_only_once_agents_count_them_past_min_ready_secon
     let mut cluster = cluster().await;
     let a = FakeAgent::join(&mut cluster, "node-a").await;
     let sha = super::tests::push(&mut cluster.workloads).await;
-    let manifest = format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
-         spec: {{module: {{sha256: \"{sha}\"}}, replicas: 2, minReadySeconds: 30}}\n"
-    );
-    cluster
-        .workloads
-        .apply(ApplyRequest {
-            manifest: manifest.into_bytes(),
-        })
-        .await
-        .expect("apply");
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        "replicas: 2, minReadySeconds: 30",
+    )
+    .await;
     let mut status_when = async |available: u32, wanted: (u64, u64, &str)| {
         a.heartbeat(Heartbeat {
             workloads: vec![WorkloadCounts {
@@ -674,39 +668,18 @@ async fn replicas_are_available_only_once_agents_count_them_past_min_ready_secon
             events: vec![],
         })
         .await;
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let object = cluster
-                    .workloads
-                    .get(GetRequest {
-                        namespace: String::new(),
-                        name: "web".into(),
-                    })
-                    .await
-                    .expect("get")
-                    .into_inner();
-                let workload: crate::model::Workload =
-                    serde_json::from_slice(&object.json).expect("json");
-                let status = workload.status.unwrap_or_default();
-                let condition = status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == "Available")
-                    .map(|c| c.status.clone())
-                    .unwrap_or_default();
-                if (
-                    status.ready_replicas,
-                    status.available_replicas,
-                    condition.as_str(),
-                ) == wanted
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        status_until(&mut cluster, "web", |status| {
+            let available = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Available")
+                .map(|c| c.status.as_str())
+                .unwrap_or_default();
+            (status.ready_replicas, status.available_replicas, available)
+                .eq(&wanted)
+                .then_some(())
         })
-        .await
-        .expect("status within 10 s");
+        .await;
     };
     // Running but not yet for minReadySeconds: ready, not available.
     status_when(0, (2, 0, "False")).await;
