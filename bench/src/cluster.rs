@@ -46,6 +46,11 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Takes ownership of a process started elsewhere, to kill it when dropped.
+    pub(crate) fn adopt(child: Child) -> Self {
+        Self { child }
+    }
+
     /// Re-executes this binary with `args`; waits for the `LISTENING <addr>` line it prints.
     pub(crate) fn spawn(args: &[String]) -> anyhow::Result<(Self, SocketAddr)> {
         let mut child = Command::new(std::env::current_exe()?)

@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -44,16 +44,6 @@ struct Run {
     p50_us: f64,
     p99_us: f64,
     cpu_us_per_request: f64,
-}
-
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs the comparison and prints its `RESULT` lines.
@@ -121,7 +111,7 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
 
     // wasmtime serve, with its defaults (pooling allocator, a fresh instance per request).
     let wasmtime_addr = free_port()?;
-    let wasmtime = Killed(
+    let wasmtime = Server::adopt(
         Command::new(&args.wasmtime)
             .args(["serve", "--addr", &wasmtime_addr.to_string()])
             .arg(&guest)
@@ -134,7 +124,7 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
 
     let targets = [
         ("flotilla", flotilla_addr, agent.pid()),
-        ("wasmtime_serve", wasmtime_addr, wasmtime.0.id()),
+        ("wasmtime_serve", wasmtime_addr, wasmtime.pid()),
     ];
     // Warm both up: compiled code, pool slots and page tables.
     for (_, addr, pid) in targets {

@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use flotilla_proto::agent::v1::SandboxPhase;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels that carry values known only at run time: a workload's name, a status code.
 type WorkloadLabels = Vec<(&'static str, String)>;
 
 /// The agent's metrics. Cheap to clone; every handle shares one registry.
@@ -162,9 +163,9 @@ impl Default for Metrics {
 /// names it. Cheap to clone.
 #[derive(Clone)]
 pub struct HttpMetrics {
-    requests: Family<Vec<(&'static str, String)>, Counter>,
+    requests: Family<WorkloadLabels, Counter>,
     duration: Family<WorkloadLabels, Histogram>,
-    failures: Family<Vec<(&'static str, String)>, Counter>,
+    failures: Family<WorkloadLabels, Counter>,
     instances: Family<WorkloadLabels, Gauge>,
     forwarded: Family<WorkloadLabels, Counter>,
 }
@@ -241,10 +242,10 @@ impl HttpMetrics {
 #[derive(Clone)]
 pub struct WorkloadHttpMetrics {
     workload: Arc<str>,
-    requests: Family<Vec<(&'static str, String)>, Counter>,
+    requests: Family<WorkloadLabels, Counter>,
     ok: Counter,
     duration: Histogram,
-    failures: Family<Vec<(&'static str, String)>, Counter>,
+    failures: Family<WorkloadLabels, Counter>,
     instances: Gauge,
 }
 
@@ -277,7 +278,7 @@ impl WorkloadHttpMetrics {
     }
 }
 
-fn status_labels(workload: &str, status: u16) -> Vec<(&'static str, String)> {
+fn status_labels(workload: &str, status: u16) -> WorkloadLabels {
     vec![
         ("workload", workload.to_string()),
         ("code", status.to_string()),
