@@ -94,6 +94,29 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits (bounded) until `count` per-request sandboxes of `workload` are alive, failing if
+/// `requests`, the task that sent them, ends first.
+async fn wait_for_instances<T>(
+    agent: &Agent,
+    workload: &str,
+    count: u32,
+    requests: &tokio::task::JoinHandle<T>,
+) {
+    let gauge = format!("flotilla_http_instances{{workload=\"{workload}\"}}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metric(&metrics(agent).await, &gauge) < f64::from(count) {
+        assert!(
+            !requests.is_finished(),
+            "the requests ended before they were seen"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the requests never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_a_fresh_sandbox() {
     let agent = start_agent().await;
@@ -230,22 +253,7 @@ async fn the_concurrency_limit_answers_503() {
 
     let slow = tokio::spawn(join_all((0..2).map(move |_| get(addr, "/sleep?ms=4000"))));
     // Wait (bounded) until both slow requests hold their sandboxes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while metric(
-        &metrics(&agent).await,
-        "flotilla_http_instances{workload=\"limited\"}",
-    ) < 2.0
-    {
-        assert!(
-            !slow.is_finished(),
-            "the slow requests ended before they were seen"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slow requests never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_instances(&agent, "limited", 2, &slow).await;
     let refused = get(addr, "/info").await.expect("response");
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.headers["retry-after"], "1");
@@ -394,22 +402,7 @@ async fn shutdown_drains_requests_in_flight() {
     let addr = ingress(&agent);
     // Long enough that a loaded machine still sees it in flight.
     let in_flight = tokio::spawn(get(addr, "/sleep?ms=4000"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while metric(
-        &metrics(&agent).await,
-        "flotilla_http_instances{workload=\"echo\"}",
-    ) < 1.0
-    {
-        assert!(
-            !in_flight.is_finished(),
-            "the request ended before it was seen"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "request never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_instances(&agent, "echo", 1, &in_flight).await;
     let shutdown = tokio::spawn(agent.shutdown());
     // New connections are refused once the ingress stops accepting.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
