@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -47,11 +48,10 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// What the ingress needs besides the routes: this node's name, the client that passes
 /// requests on, and the metrics.
-#[derive(Clone)]
 pub struct Ingress {
     routes: HttpRoutes,
     metrics: HttpMetrics,
-    node_name: std::sync::Arc<str>,
+    node_name: Arc<str>,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -109,6 +109,8 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // Shared by every connection and request: one reference count per request.
+    let ingress = Arc::new(ingress);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, _peer) = tokio::select! {
@@ -127,7 +129,7 @@ pub async fn serve(
         // Responses are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
         let ingress = ingress.clone();
-        let service = service_fn(move |request| route(ingress.clone(), request));
+        let service = service_fn(move |request| route(Arc::clone(&ingress), request));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -149,7 +151,7 @@ pub async fn serve(
 
 /// Routes one request.
 async fn route(
-    ingress: Ingress,
+    ingress: Arc<Ingress>,
     request: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<ResponseBody>, Infallible> {
     let arrived = Instant::now();
