@@ -52,10 +52,14 @@ impl RouteKey {
         }
     }
 
-    /// Whether a request for `host` (lower-case, without port) and `path` matches, on whole
+    /// Whether a request for `host` (without port, in any case) and `path` matches, on whole
     /// path segments.
     fn matches(&self, host: &str, path: &str) -> bool {
-        if self.host.as_deref().is_some_and(|h| h != host) {
+        if self
+            .host
+            .as_deref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case(host))
+        {
             return false;
         }
         match path.strip_prefix(&*self.prefix) {
@@ -256,8 +260,7 @@ impl HttpRoutes {
     /// node's ingress.
     pub fn dispatch(&self, host: &str, path: &str, forward: bool) -> Dispatch {
         let table = self.snapshot();
-        let host = host.to_ascii_lowercase();
-        let local = table.iter().find(|r| r.key.matches(&host, path));
+        let local = table.iter().find(|r| r.key.matches(host, path));
         if forward {
             let remote = self
                 .remote
@@ -265,7 +268,7 @@ impl HttpRoutes {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             let elsewhere = remote.iter().find(|r| {
-                r.key.matches(&host, path)
+                r.key.matches(host, path)
                     && local.is_none_or(|l| {
                         l.workload != r.workload && r.key.specificity() > l.key.specificity()
                     })
