@@ -125,12 +125,12 @@ pub fn raise_fd_limit() {
     }
 }
 
-async fn workloads_client(addr: SocketAddr) -> anyhow::Result<WorkloadsClient<Channel>> {
+pub(crate) async fn workloads_client(addr: SocketAddr) -> anyhow::Result<WorkloadsClient<Channel>> {
     Ok(WorkloadsClient::connect(format!("http://{addr}")).await?)
 }
 
 /// Pushes the idle guest; returns its digest.
-async fn push_idle(client: &mut WorkloadsClient<Channel>) -> anyhow::Result<String> {
+pub(crate) async fn push_idle(client: &mut WorkloadsClient<Channel>) -> anyhow::Result<String> {
     let module = wat::parse_str(IDLE_GUEST)?;
     Ok(client
         .push_module(PushModuleRequest {
@@ -142,7 +142,10 @@ async fn push_idle(client: &mut WorkloadsClient<Channel>) -> anyhow::Result<Stri
         .sha256)
 }
 
-async fn wait_nodes(client: &mut WorkloadsClient<Channel>, count: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_nodes(
+    client: &mut WorkloadsClient<Channel>,
+    count: usize,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let nodes = client
@@ -215,6 +218,36 @@ async fn apply_until_ready(
     Ok(started.elapsed())
 }
 
+/// Starts `count` node-agent processes against the control plane at `addr`, each with room
+/// for `max_sandboxes`; returns them with their admin addresses.
+pub(crate) fn spawn_agents(
+    addr: SocketAddr,
+    count: u32,
+    max_sandboxes: u64,
+) -> anyhow::Result<Vec<(Server, SocketAddr)>> {
+    (0..count)
+        .map(|i| {
+            Server::spawn(&[
+                "serve-agent".into(),
+                "--".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+                "--http-listen".into(),
+                "127.0.0.1:0".into(),
+                "--control-plane".into(),
+                format!("http://{addr}"),
+                "--node-name".into(),
+                format!("bench-{i:02}"),
+                "--max-sandboxes".into(),
+                max_sandboxes.to_string(),
+                "--no-cache".into(),
+            ])
+        })
+        .collect()
+}
+
 /// `e2e`: apply → `replicas` running across `agents` agent processes.
 pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
     machine();
@@ -224,28 +257,7 @@ pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
         "--data-dir".into(),
         data.path().to_string_lossy().into_owned(),
     ])?;
-    let per_agent = replicas.div_ceil(u64::from(agents)) * 2;
-    let mut servers = Vec::new();
-    for i in 0..agents {
-        let (server, _) = Server::spawn(&[
-            "serve-agent".into(),
-            "--".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            "--control-plane".into(),
-            format!("http://{addr}"),
-            "--node-name".into(),
-            format!("bench-{i:02}"),
-            "--max-sandboxes".into(),
-            per_agent.to_string(),
-            "--no-cache".into(),
-        ])?;
-        servers.push(server);
-    }
+    let servers = spawn_agents(addr, agents, replicas.div_ceil(u64::from(agents)) * 2)?;
     let mut client = workloads_client(addr).await?;
     wait_nodes(&mut client, agents as usize).await?;
     let sha256 = push_idle(&mut client).await?;
@@ -304,7 +316,8 @@ async fn simulated_agent(
     })
     .await?;
     let mut down = client.session(ReceiverStream::new(rx)).await?.into_inner();
-    let mut desired: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+    // Agent workload name → (workload key, generation, replicas).
+    let mut desired: BTreeMap<String, (String, u64, u32)> = BTreeMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(
         registered.heartbeat_interval_ms.max(50),
     ));
@@ -317,19 +330,19 @@ async fn simulated_agent(
                 else {
                     continue;
                 };
-                let before: u64 = desired.values().map(|&(_, n)| u64::from(n)).sum();
+                let before: u64 = desired.values().map(|(_, _, n)| u64::from(*n)).sum();
                 if !d.incremental {
                     desired.clear();
                 }
-                for key in d.removed {
-                    desired.remove(&key);
+                for name in d.removed {
+                    desired.remove(&name);
                 }
                 for w in d.workloads {
                     if let Some(spec) = w.spec {
-                        desired.insert(w.key, (spec.generation, spec.replicas));
+                        desired.insert(spec.name, (w.key, spec.generation, spec.replicas));
                     }
                 }
-                let after: u64 = desired.values().map(|&(_, n)| u64::from(n)).sum();
+                let after: u64 = desired.values().map(|(_, _, n)| u64::from(*n)).sum();
                 if after >= before {
                     placed.fetch_add(after - before, Ordering::Relaxed);
                 } else {
@@ -340,12 +353,12 @@ async fn simulated_agent(
         };
         if send_now {
             let workloads = desired
-                .iter()
-                .map(|(key, &(generation, replicas))| WorkloadCounts {
+                .values()
+                .map(|(key, generation, replicas)| WorkloadCounts {
                     key: key.clone(),
-                    generation,
-                    running: replicas,
-                    available: replicas,
+                    generation: *generation,
+                    running: *replicas,
+                    available: *replicas,
                     ..WorkloadCounts::default()
                 })
                 .collect();

@@ -18,6 +18,7 @@
 
 mod cluster;
 mod http;
+mod rollout;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -96,6 +97,22 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         replicas: u64,
     },
+    /// A rolling update across agent processes: time until every replica runs the new
+    /// revision, and the lowest ready fraction on the way.
+    Rollout {
+        /// Agent processes.
+        #[arg(long, default_value_t = 10)]
+        agents: u32,
+        /// Replicas of the workload.
+        #[arg(long, default_value_t = 10_000)]
+        replicas: u64,
+        /// `strategy.rollingUpdate.maxSurge`.
+        #[arg(long, default_value = "25%")]
+        max_surge: String,
+        /// `strategy.rollingUpdate.maxUnavailable`.
+        #[arg(long, default_value = "25%")]
+        max_unavailable: String,
+    },
     /// Control-plane RSS and CPU with many simulated agents (real gRPC streams, one process).
     Fleet {
         /// Simulated agents.
@@ -162,6 +179,17 @@ fn main() -> anyhow::Result<()> {
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
         Scenario::Http(args) => http::http(args),
+        Scenario::Rollout {
+            agents,
+            replicas,
+            max_surge,
+            max_unavailable,
+        } => tokio_main(rollout::rollout(
+            agents,
+            replicas,
+            &max_surge,
+            &max_unavailable,
+        )),
         Scenario::Fleet {
             agents,
             per_agent,

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use crate::output::{print_logs, print_structured};
 use crate::{Output, endpoint};
 
-async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
+pub(crate) async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
     crate::channel(server)
         .await
         .map(WorkloadsClient::new)
@@ -137,7 +137,7 @@ fn parse_documents(
     Ok(())
 }
 
-fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {
+pub(crate) fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {
     serde_json::from_slice(&object.json).context("decoding a workload from the server")
 }
 
@@ -171,8 +171,8 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
         Output::Table | Output::Wide => {
             let wide = output == Output::Wide;
             print!(
-                "{:<12} {:<24} {:>11} {:<20} {:>10}",
-                "NAMESPACE", "NAME", "READY", "STATUS", "GENERATION"
+                "{:<12} {:<24} {:>11} {:>10} {:<20} {:>10}",
+                "NAMESPACE", "NAME", "READY", "UP-TO-DATE", "STATUS", "GENERATION"
             );
             println!("{}", if wide { "  NODES  ENDPOINTS" } else { "" });
             for w in &workloads {
@@ -183,10 +183,11 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
                     None => "Pending".to_string(),
                 };
                 print!(
-                    "{:<12} {:<24} {:>11} {:<20} {:>10}",
+                    "{:<12} {:<24} {:>11} {:>10} {:<20} {:>10}",
                     w.key().namespace,
                     w.metadata.name,
                     format!("{}/{}", status.ready_replicas, w.spec.replicas),
+                    status.updated_replicas,
                     state,
                     w.metadata.generation
                 );
@@ -224,7 +225,7 @@ pub async fn delete(server: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get_workload(
+pub(crate) async fn get_workload(
     client: &mut WorkloadsClient<Channel>,
     name: &str,
 ) -> anyhow::Result<Workload> {
@@ -239,7 +240,7 @@ async fn get_workload(
     decode(&object)
 }
 
-fn condition<'a>(workload: &'a Workload, type_: &str) -> Option<&'a Condition> {
+pub(crate) fn condition<'a>(workload: &'a Workload, type_: &str) -> Option<&'a Condition> {
     workload
         .status
         .as_ref()?
@@ -254,7 +255,11 @@ fn is_ready(workload: &Workload) -> bool {
         .status
         .as_ref()
         .is_some_and(|s| s.observed_generation >= workload.metadata.generation);
-    current && condition(workload, "Ready").is_some_and(|c| c.status == "True")
+    // An update is done when the current revision runs everywhere, not when old replicas
+    // still make up the count.
+    let rolled_out =
+        condition(workload, "Progressing").is_none_or(|c| c.reason == "TemplateAvailable");
+    current && rolled_out && condition(workload, "Ready").is_some_and(|c| c.status == "True")
 }
 
 /// `flotilla apply --wait`: follows the status of `applied` until all are ready, printing
@@ -310,6 +315,15 @@ pub async fn wait_ready(
                 println!("{}: {line}", workload.metadata.name);
                 shown.insert(key.clone(), line);
             }
+            if let Some(c) = condition(&workload, "Progressing")
+                .filter(|c| c.reason == "ProgressDeadlineExceeded")
+            {
+                bail!(
+                    "{}: the update failed: {}",
+                    workload.metadata.name,
+                    c.message
+                );
+            }
             if is_ready(&workload) {
                 waiting.remove(&key);
             } else {
@@ -324,10 +338,16 @@ pub async fn wait_ready(
 fn progress(workload: &Workload) -> String {
     let status = workload.status.clone().unwrap_or_default();
     let mut line = format!("{}/{} ready", status.ready_replicas, workload.spec.replicas);
+    if status.updated_replicas < status.replicas {
+        line.push_str(&format!(
+            ", {} of revision {}",
+            status.updated_replicas, status.revision
+        ));
+    }
     if status.succeeded_replicas > 0 {
         line.push_str(&format!(", {} completed", status.succeeded_replicas));
     }
-    for type_ in ["Scheduled", "Ready"] {
+    for type_ in ["Scheduled", "Ready", "Progressing"] {
         if let Some(c) = condition(workload, type_).filter(|c| c.status == "False")
             && c.reason != "ReplicasNotReady"
         {
@@ -564,6 +584,20 @@ pub async fn describe(server: &str, name: &str) -> anyhow::Result<()> {
     }
     for (node, count) in &status.placements {
         println!("  {node:<24} {count}");
+    }
+    if !status.revisions.is_empty() {
+        println!("Revisions:");
+        for r in &status.revisions {
+            let current = if r.revision == status.revision {
+                " (current)"
+            } else {
+                ""
+            };
+            println!(
+                "  {:<4} {} placed | {} ready | {} available{current}",
+                r.revision, r.replicas, r.ready_replicas, r.available_replicas
+            );
+        }
     }
     println!("Conditions:");
     println!("  {:<10} {:<7} {:<22} MESSAGE", "TYPE", "STATUS", "REASON");

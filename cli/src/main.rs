@@ -6,6 +6,7 @@ mod agent;
 mod control;
 mod dev;
 mod output;
+mod rollout;
 
 // The all-in-one mode hosts sandboxes; see the node agent's main.rs for why not glibc's malloc.
 #[global_allocator]
@@ -41,6 +42,33 @@ struct Cli {
     command: Commands,
 }
 
+/// `flotilla rollout ...`.
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Prints an update's progress until every replica runs the current revision; fails when
+    /// it misses its progress deadline.
+    Status {
+        /// The workload's name.
+        name: String,
+        /// How long to wait.
+        #[arg(long, default_value = "10m")]
+        timeout: humantime::Duration,
+    },
+    /// Lists the revisions kept, newest first.
+    History {
+        /// The workload's name.
+        name: String,
+    },
+    /// Applies an old revision's template again: the previous one, or `--to-revision`.
+    Undo {
+        /// The workload's name.
+        name: String,
+        /// The revision to go back to.
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+}
+
 #[derive(Subcommand)]
 enum Commands {
     /// Creates or updates workloads from manifests; local module paths are pushed first.
@@ -71,6 +99,11 @@ enum Commands {
         resource: Resource,
         /// The workload's name.
         name: String,
+    },
+    /// Follows a workload's update, lists its revisions, or goes back to an old one.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
     },
     /// Sets a workload's replica count; scaling restarts no running sandbox.
     Scale {
@@ -181,6 +214,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Describe { resource, name } => match resource {
             Resource::Workloads => control::describe(&cli.server, &name).await,
             other => anyhow::bail!("describe supports workloads, not {}", resource_name(other)),
+        },
+        Commands::Rollout { action } => match action {
+            RolloutAction::Status { name, timeout } => {
+                rollout::status(&cli.server, &name, *timeout).await
+            }
+            RolloutAction::History { name } => rollout::history(&cli.server, &name).await,
+            RolloutAction::Undo { name, to_revision } => {
+                rollout::undo(&cli.server, &name, to_revision).await
+            }
         },
         Commands::Scale { name, replicas } => control::scale(&cli.server, &name, replicas).await,
         Commands::Delete {

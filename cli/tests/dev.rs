@@ -28,14 +28,14 @@ fn dev_runs_the_examples_and_stops_cleanly() {
         .arg(&examples);
     let mut dev = Process::spawn(command, "flotilla dev");
     dev.wait_line("wasmworkload.flotilla.dev/idle applied (generation 1)");
-    let crash = dev.wait_line("  default.crashloop ");
+    let crash = dev.wait_line("  default.crashloop-");
     assert!(
         crash.contains("last: Trap: wasm trap: integer divide by zero"),
         "{crash}"
     );
-    let hello = dev.wait_line("  default.hello ");
+    let hello = dev.wait_line("  default.hello-");
     assert!(hello.contains("2 Succeeded"), "{hello}");
-    let idle = dev.wait_line("  default.idle ");
+    let idle = dev.wait_line("  default.idle-");
     assert!(idle.contains("1000 Running"), "{idle}");
     dev.wait_line("hello from flotilla");
     dev.wait_line("Ahoy from C and welcome aboard");

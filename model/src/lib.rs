@@ -12,6 +12,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub mod node;
+pub mod rollout;
+
+pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
 
 /// `apiVersion` of every Flotilla object.
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
@@ -133,6 +136,12 @@ impl fmt::Display for WorkloadKey {
             json_path = ".status.readyReplicas",
             description = "Replicas running"
         ),
+        printcolumn(
+            name = "Up-to-date",
+            type_ = "integer",
+            json_path = ".status.updatedReplicas",
+            description = "Replicas of the current revision placed"
+        ),
         printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
         printcolumn(
             name = "Status",
@@ -191,6 +200,13 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
     pub min_ready_seconds: Option<i64>,
+    /// How a template change replaces sandboxes: a rolling update (default) or `Recreate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// Old revisions kept for rollback (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
+    pub revision_history_limit: Option<i64>,
     /// Labels a node must have.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -437,13 +453,16 @@ pub struct WorkloadStatus {
     /// The generation this status describes.
     #[serde(default)]
     pub observed_generation: u64,
-    /// Sandboxes placed.
+    /// Sandboxes placed, of every revision.
     #[serde(default)]
     pub replicas: u64,
-    /// Sandboxes running.
+    /// Sandboxes of the current revision placed.
+    #[serde(default)]
+    pub updated_replicas: u64,
+    /// Sandboxes running, of every revision.
     #[serde(default)]
     pub ready_replicas: u64,
-    /// Sandboxes running for at least `minReadySeconds`.
+    /// Sandboxes running for at least `minReadySeconds`, of every revision.
     #[serde(default)]
     pub available_replicas: u64,
     /// Sandboxes that ran to completion and, by their restart policy, stay done.
@@ -460,10 +479,17 @@ pub struct WorkloadStatus {
     /// When the template last changed (RFC 3339): the start of the progress deadline.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub template_time: String,
+    /// The current revision's number.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
+    /// Every revision that has sandboxes or is kept for rollback, newest first: the current
+    /// one, then the old ones with their templates and placements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionStatus>,
     /// Conditions such as `Scheduled`, `Available`, `Progressing`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Sandboxes placed per node.
+    /// Sandboxes of the current revision placed per node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placements: BTreeMap<String, u64>,
     /// For an HTTP workload: the URLs of the node ingresses that serve it.
@@ -724,6 +750,12 @@ impl Workload {
         }
         if let Some(http) = &spec.http {
             http.validate(&mut fail);
+        }
+        if let Some(strategy) = &spec.strategy {
+            strategy.validate(&mut fail);
+        }
+        if spec.revision_history_limit.is_some_and(|n| n < 0) {
+            fail("spec.revisionHistoryLimit", "must be >= 0".into());
         }
         if errors.is_empty() {
             Ok(())

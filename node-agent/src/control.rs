@@ -133,8 +133,8 @@ struct AgentState {
     managed: BTreeMap<String, String>,
     /// Workloads that could not be applied since the last heartbeat, as events.
     not_applied: Vec<SandboxEvent>,
-    /// Workloads whose module could not be fetched, by key: the workload, failures so far,
-    /// and when to try again.
+    /// Workloads whose module could not be fetched, by agent workload name: the workload,
+    /// failures so far, and when to try again.
     unfetched: BTreeMap<String, (DesiredWorkload, u32, tokio::time::Instant)>,
 }
 
@@ -253,10 +253,16 @@ async fn session(
                         .set_remote(routes.routes, &config.ingress_url);
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
+                    // The newest revision of the workload that has the replica.
                     let name = state
                         .managed
                         .iter()
-                        .find(|(_, key)| **key == request.key)
+                        .filter(|(name, key)| {
+                            **key == request.key && supervisor.logs(name, request.replica).is_some()
+                        })
+                        .max_by_key(|(name, _)| {
+                            supervisor.list(Some(name)).first().map_or(0, |s| s.generation)
+                        })
                         .map(|(name, _)| name.clone());
                     upload_logs(client.clone(), supervisor, name, request);
                 }
@@ -276,15 +282,9 @@ async fn apply_desired(
 ) {
     let mut stop = Vec::new();
     if desired.incremental {
-        for key in &desired.removed {
-            if let Some(name) = state
-                .managed
-                .iter()
-                .find(|(_, k)| *k == key)
-                .map(|(name, _)| name.clone())
-            {
-                state.managed.remove(&name);
-                stop.push(name);
+        for name in &desired.removed {
+            if state.managed.remove(name).is_some() {
+                stop.push(name.clone());
             }
         }
     } else {
@@ -304,8 +304,8 @@ async fn apply_desired(
         supervisor.stop(&name, None).await;
     }
     if desired.incremental {
-        for key in &desired.removed {
-            state.unfetched.remove(key);
+        for name in &desired.removed {
+            state.unfetched.remove(name);
         }
     } else {
         state.unfetched.clear();
@@ -331,18 +331,18 @@ async fn apply_desired(
                 .await
             {
                 Ok(response) => {
-                    state.unfetched.remove(&workload.key);
+                    state.unfetched.remove(&spec.name);
                     state
                         .modules
                         .insert(sha256.clone(), response.into_inner().module);
                 }
                 Err(status) => {
-                    let failures = state.unfetched.get(&workload.key).map_or(0, |(_, n, _)| *n) + 1;
+                    let failures = state.unfetched.get(&spec.name).map_or(0, |(_, n, _)| *n) + 1;
                     let backoff =
                         (FETCH_BACKOFF * 2u32.saturating_pow(failures - 1)).min(MAX_FETCH_BACKOFF);
                     tracing::warn!(workload = %workload.key, %status, retry_in = ?backoff, "cannot fetch module");
                     state.unfetched.insert(
-                        workload.key.clone(),
+                        spec.name.clone(),
                         (
                             workload.clone(),
                             failures,

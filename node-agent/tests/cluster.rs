@@ -70,8 +70,16 @@ fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
     (sup, token)
 }
 
+/// Sandboxes of the control plane's `default/idle`, whichever revision they run.
+fn idle_sandboxes(sup: &Supervisor) -> Vec<flotilla_proto::agent::v1::SandboxStatus> {
+    sup.list(None)
+        .into_iter()
+        .filter(|s| s.workload.starts_with("default.idle-"))
+        .collect()
+}
+
 fn running(sup: &Supervisor) -> usize {
-    sup.list(Some("default.idle"))
+    idle_sandboxes(sup)
         .iter()
         .filter(|s| s.phase == SandboxPhase::Running as i32)
         .count()
@@ -186,7 +194,7 @@ async fn applied_workloads_run_on_agents_and_move_when_an_agent_leaves() {
 
 /// Running sandboxes of the workload: id → start time.
 fn started(sup: &Supervisor) -> std::collections::BTreeMap<String, i64> {
-    sup.list(Some("default.idle"))
+    idle_sandboxes(sup)
         .into_iter()
         .filter(|s| s.phase == SandboxPhase::Running as i32)
         .map(|s| (s.sandbox_id, s.started_at_ms))

@@ -55,5 +55,6 @@ pub fn agent_workload_spec(
             .min_ready_seconds
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
+        owner: String::new(),
     }
 }

@@ -37,8 +37,9 @@ struct Entry {
     /// Labels of the Kubernetes Node of the same name (zone, instance type, ...), if any.
     cluster_labels: BTreeMap<String, String>,
     last_seen: Instant,
-    /// Sandbox counts per workload key, from the last heartbeat.
-    running: BTreeMap<String, Reported>,
+    /// Sandbox counts per workload key and generation (one per revision on the node), from
+    /// the last heartbeat.
+    running: BTreeMap<(String, u64), Reported>,
 }
 
 /// What an agent reported for one workload.
@@ -141,8 +142,8 @@ impl NodeRegistry {
         true
     }
 
-    /// Records what a node reported per workload key. Counts as a heartbeat.
-    pub fn report(&self, name: &str, running: BTreeMap<String, Reported>) {
+    /// Records what a node reported per workload key and generation. Counts as a heartbeat.
+    pub fn report(&self, name: &str, running: BTreeMap<(String, u64), Reported>) {
         let changed = {
             let mut nodes = self.lock();
             let Some(entry) = nodes.get_mut(name) else {
@@ -163,7 +164,7 @@ impl NodeRegistry {
     pub fn running(&self) -> BTreeMap<String, BTreeMap<u64, Counts>> {
         let mut out: BTreeMap<String, BTreeMap<u64, Counts>> = BTreeMap::new();
         for entry in self.lock().values().filter(|e| e.info.ready) {
-            for (key, reported) in &entry.running {
+            for ((key, _), reported) in &entry.running {
                 let counts = out
                     .entry(key.clone())
                     .or_default()

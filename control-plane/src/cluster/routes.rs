@@ -71,7 +71,8 @@ pub fn route_of(
     if !workload.metadata.deletion_timestamp.is_empty() {
         return None;
     }
-    let endpoints: Vec<String> = serving_ingresses(&status.placements, nodes, index)
+    // Every revision's replicas serve the route while an update replaces one with the next.
+    let endpoints: Vec<String> = serving_ingresses(&status.all_placements(), nodes, index)
         .into_iter()
         .map(str::to_string)
         .collect();

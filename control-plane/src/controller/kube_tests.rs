@@ -92,7 +92,7 @@ impl Operator {
             let mut running = BTreeMap::new();
             if per_node > 0 {
                 running.insert(
-                    key.to_string(),
+                    (key.to_string(), 1),
                     Reported {
                         generation: 1,
                         running: per_node,

@@ -29,9 +29,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use self::rollout::Revisions;
 use crate::cluster::routes::{route_of, serving_ingresses};
-use crate::cluster::{Cluster, Notice};
-use crate::model::{Condition, Workload, WorkloadStatus};
+use crate::cluster::{Cluster, Counts, Notice};
+use crate::model::{Condition, Requests, RevisionStatus, StrategyType, Workload, WorkloadStatus};
 use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
 use crate::scheduler::{PluginError, Scheduler};
 use crate::store::{self, WorkloadStore};
@@ -128,9 +129,21 @@ impl<S: WorkloadStore> Controller<S> {
             .collect();
         for workload in &workloads {
             let request = WorkloadRequest::from_workload(workload);
-            for (node, &count) in placements_of(workload) {
-                if let Some(&i) = index.get(node) {
-                    nodes[i].allocated.allocate(&request.requests, count as i64);
+            let mut allocate = |placements: &BTreeMap<String, u64>, requests: &Requests| {
+                for (node, &count) in placements {
+                    if let Some(&i) = index.get(node) {
+                        nodes[i].allocated.allocate(requests, count as i64);
+                    }
+                }
+            };
+            allocate(placements_of(workload), &request.requests);
+            if let Some(status) = &workload.status {
+                for old in status
+                    .revisions
+                    .iter()
+                    .filter(|r| r.revision != status.revision)
+                {
+                    allocate(&old.placements, &revision_requests(old, &request));
                 }
             }
         }
@@ -148,20 +161,19 @@ impl<S: WorkloadStore> Controller<S> {
             if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
                 self.add_finalizer(&workload).await?;
             }
-            let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace)?;
-            self.notice_scheduling(&workload, &status);
-            // Sandboxes of the current generation that agents report running; while agents
-            // are still reconnecting, a count does not drop for want of their reports.
             let key = workload.key().to_string();
-            let counts = running
-                .get(&key)
-                .and_then(|generations| generations.get(&status.template_generation))
-                .copied()
-                .unwrap_or_default();
-            let mut ready = counts.running;
+            let no_reports = BTreeMap::new();
+            let reported = running.get(&key).unwrap_or(&no_reports);
+            let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace, reported)?;
+            self.notice_scheduling(&workload, &status);
+            // Sandboxes of every revision that agents report running; while agents are still
+            // reconnecting, a count does not drop for want of their reports.
+            let mut ready: u64 = status.revisions.iter().map(|r| r.ready_replicas).sum();
             // Running for the workload's minReadySeconds, as the agents count it.
-            let mut available = counts.available.min(ready);
-            let mut succeeded = counts.succeeded;
+            let mut available: u64 = status.revisions.iter().map(|r| r.available_replicas).sum();
+            let mut succeeded = reported
+                .get(&status.template_generation)
+                .map_or(0, |c| c.succeeded);
             if in_grace {
                 ready = ready.max(status.ready_replicas).min(status.replicas);
                 available = available
@@ -180,15 +192,24 @@ impl<S: WorkloadStore> Controller<S> {
                 &mut status.conditions,
                 ready_condition(wanted, ready, succeeded, latest_failure),
             );
+            let min_available = match &workload.spec.strategy {
+                Some(s) if s.type_ == StrategyType::Recreate => wanted,
+                strategy => {
+                    let limits = strategy.clone().unwrap_or_default().limits(wanted);
+                    wanted.saturating_sub(limits.max_unavailable)
+                }
+            };
             set_condition(
                 &mut status.conditions,
-                available_condition(wanted, available + succeeded),
+                available_condition(wanted, min_available, available + succeeded),
             );
+            let updated_available =
+                status.revisions.first().map_or(0, |r| r.available_replicas) + succeeded;
             let (progressing, deadline) = progressing_condition(
                 &workload,
                 &status,
                 wanted,
-                available + succeeded,
+                updated_available,
                 SystemTime::now(),
             );
             set_condition(&mut status.conditions, progressing);
@@ -315,50 +336,70 @@ impl<S: WorkloadStore> Controller<S> {
         }
     }
 
-    /// Computes a workload's next status, updating `nodes`' allocations with its changes.
+    /// Computes a workload's next status, updating `nodes`' allocations with its changes:
+    /// replicas on lost nodes dropped, and each revision scaled to the targets of the update
+    /// strategy (see [`rollout`]), given what agents `reported` per generation.
     fn reconcile(
         &self,
         workload: &Workload,
         nodes: &mut [NodeInfo],
         index: &BTreeMap<String, usize>,
         in_grace: bool,
+        reported: &BTreeMap<u64, Counts>,
     ) -> Result<WorkloadStatus, Error> {
         let request = WorkloadRequest::from_workload(workload);
-        let mut placements = placements_of(workload).clone();
+        let mut revisions = Revisions::load(workload, &template_hash(&workload.spec));
 
         // Replicas on nodes that are gone or not ready are lost; place them again.
-        placements.retain(|node, count| match index.get(node) {
-            Some(&i) if nodes[i].ready => true,
-            Some(&i) => {
-                nodes[i]
-                    .allocated
-                    .allocate(&request.requests, -(*count as i64));
-                false
-            }
-            None => in_grace,
-        });
+        let mut drop_lost = |placements: &mut BTreeMap<String, u64>, requests: &Requests| {
+            placements.retain(|node, count| match index.get(node) {
+                Some(&i) if nodes[i].ready => true,
+                Some(&i) => {
+                    nodes[i].allocated.allocate(requests, -(*count as i64));
+                    false
+                }
+                None => in_grace,
+            });
+        };
+        drop_lost(&mut revisions.current.placements, &request.requests);
+        for old in &mut revisions.old {
+            let requests = revision_requests(old, &request);
+            drop_lost(&mut old.placements, &requests);
+        }
+
         let desired = desired_replicas(workload);
-        let placed: u64 = placements.values().sum();
-        let mut unschedulable = None;
-        if placed > desired {
-            let removals =
-                self.scheduler
-                    .select_removals(&request, nodes, &placements, placed - desired);
-            for (node, count) in removals {
-                if let Some(left) = placements.get_mut(&node) {
-                    *left -= count;
-                }
-                if let Some(&i) = index.get(&node) {
-                    nodes[i]
-                        .allocated
-                        .allocate(&request.requests, -(count as i64));
-                }
+        let targets = rollout::targets(&workload.spec, desired, &revisions, reported);
+        // Old sandboxes first: what they free, new ones may take.
+        for (old, target) in revisions.old.iter_mut().zip(targets.old) {
+            let placed = rollout::placed(old);
+            if target < placed {
+                let old_request = WorkloadRequest {
+                    requests: revision_requests(old, &request),
+                    ..request.clone()
+                };
+                self.remove(
+                    &old_request,
+                    &mut old.placements,
+                    placed - target,
+                    nodes,
+                    index,
+                );
             }
-            placements.retain(|_, count| *count > 0);
-        } else if placed < desired {
+        }
+        let placed = rollout::placed(&revisions.current);
+        let mut unschedulable = None;
+        if placed > targets.current {
+            let placements = &mut revisions.current.placements;
+            self.remove(&request, placements, placed - targets.current, nodes, index);
+        } else if placed < targets.current {
             let placement = self
                 .scheduler
-                .schedule(&request, nodes, &placements, desired - placed)
+                .schedule(
+                    &request,
+                    nodes,
+                    &revisions.current.placements,
+                    targets.current - placed,
+                )
                 .map_err(|source| Error::Schedule {
                     workload: request.key.clone(),
                     source,
@@ -367,36 +408,55 @@ impl<S: WorkloadStore> Controller<S> {
                 if let Some(&i) = index.get(&node) {
                     nodes[i].allocated.allocate(&request.requests, count as i64);
                 }
-                *placements.entry(node).or_default() += count;
+                *revisions.current.placements.entry(node).or_default() += count;
             }
             if placement.unschedulable > 0 {
                 unschedulable = Some((placement.unschedulable, placement.message));
             }
         }
+        revisions.trim_history(&workload.spec, reported);
 
         let mut status = workload.status.clone().unwrap_or_default();
-        let template = template_hash(&workload.spec);
-        if status.template_hash != template || status.template_generation == 0 {
-            status.template_generation = workload.metadata.generation;
-            status.template_hash = template;
+        if revisions.changed {
             status.template_time = now();
         }
-        status.replicas = placements.values().sum();
+        status.template_generation = revisions.current.generation;
+        status.template_hash = revisions.current.template_hash.clone();
+        status.revision = revisions.current.revision;
+        status.placements = std::mem::take(&mut revisions.current.placements);
+        status.updated_replicas = status.placements.values().sum();
+        status.replicas = status.updated_replicas + revisions.old_placed();
+        status.revisions = std::iter::once(revisions.current)
+            .chain(revisions.old)
+            .map(|mut revision| {
+                let counts = reported
+                    .get(&revision.generation)
+                    .copied()
+                    .unwrap_or_default();
+                revision.replicas = if revision.revision == status.revision {
+                    status.updated_replicas
+                } else {
+                    rollout::placed(&revision)
+                };
+                revision.ready_replicas = counts.running;
+                revision.available_replicas = counts.available.min(counts.running);
+                revision
+            })
+            .collect();
         status.endpoints = match &workload.spec.http {
-            Some(http) => serving_ingresses(&placements, nodes, index)
+            Some(http) => serving_ingresses(&status.all_placements(), nodes, index)
                 .into_iter()
                 .map(|url| format!("{url}{}", http.path_prefix()))
                 .collect(),
             None => Vec::new(),
         };
-        status.placements = placements;
         status.observed_generation = workload.metadata.generation;
         let condition = match unschedulable {
             None => Condition {
                 type_: SCHEDULED.into(),
                 status: "True".into(),
                 reason: "AllReplicasScheduled".into(),
-                message: format!("{} of {desired} replicas placed", status.replicas),
+                message: format!("{} of {desired} replicas placed", status.updated_replicas),
                 last_transition_time: String::new(),
             },
             Some((count, message)) => Condition {
@@ -412,6 +472,31 @@ impl<S: WorkloadStore> Controller<S> {
         };
         set_condition(&mut status.conditions, condition);
         Ok(status)
+    }
+
+    /// Removes `count` replicas from `placements`, from the most loaded nodes first.
+    fn remove(
+        &self,
+        request: &WorkloadRequest,
+        placements: &mut BTreeMap<String, u64>,
+        count: u64,
+        nodes: &mut [NodeInfo],
+        index: &BTreeMap<String, usize>,
+    ) {
+        let removals = self
+            .scheduler
+            .select_removals(request, nodes, placements, count);
+        for (node, count) in removals {
+            if let Some(left) = placements.get_mut(&node) {
+                *left -= count;
+            }
+            if let Some(&i) = index.get(&node) {
+                nodes[i]
+                    .allocated
+                    .allocate(&request.requests, -(count as i64));
+            }
+        }
+        placements.retain(|_, count| *count > 0);
     }
 
     /// Runs passes on every store or node change until `shutdown` completes, expiring nodes
@@ -522,14 +607,18 @@ impl<S: WorkloadStore> Controller<S> {
     }
 }
 
-/// A digest of what agents run for `spec`: all of it but the replica count and the placement
-/// rules, so that scaling or moving replicas keeps the template (and the sandboxes) as they are.
+/// A digest of what agents run for `spec`: all of it but the replica count, the placement
+/// rules and how updates proceed, so that scaling, moving replicas or changing the strategy
+/// keeps the template (and the sandboxes) as they are.
 pub fn template_hash(spec: &crate::model::WorkloadSpec) -> String {
     use sha2::Digest;
     let mut template = spec.clone();
     template.replicas = 0;
     template.node_selector.clear();
     template.tolerations.clear();
+    template.strategy = None;
+    template.revision_history_limit = None;
+    template.progress_deadline_seconds = None;
     // Field order and map order are fixed, so the JSON is canonical.
     let json = serde_json::to_vec(&template).unwrap_or_default();
     hex::encode(&sha2::Sha256::digest(&json)[..8])
@@ -544,9 +633,18 @@ fn desired_replicas(workload: &Workload) -> u64 {
     }
 }
 
-/// `Available`: the wanted replicas run (or completed).
-fn available_condition(desired: u64, available: u64) -> Condition {
-    let (status, reason) = if available >= desired {
+/// The requests of one of `revision`'s sandboxes; `current`'s when it has no template.
+fn revision_requests(revision: &RevisionStatus, current: &WorkloadRequest) -> Requests {
+    revision
+        .template
+        .as_ref()
+        .map_or(current.requests, |t| t.requests())
+}
+
+/// `Available`: at least `min_available` of the wanted replicas run (or completed): all of
+/// them, less the rolling update's `maxUnavailable`, as for a Deployment.
+fn available_condition(desired: u64, min_available: u64, available: u64) -> Condition {
+    let (status, reason) = if available >= min_available {
         ("True", "MinimumReplicasAvailable")
     } else {
         ("False", "MinimumReplicasUnavailable")
@@ -560,11 +658,12 @@ fn available_condition(desired: u64, available: u64) -> Condition {
     }
 }
 
-/// `Progressing`: the current template is rolled out, on its way, or being torn down.
-/// `Progressing`, and when its deadline will pass if the template is still not available.
+/// `Progressing`, and when its deadline will pass if the update is still not done.
 ///
-/// As for a Deployment: `True` while the current template becomes available, `False` with
-/// `ProgressDeadlineExceeded` once it has not within `progressDeadlineSeconds` of its change.
+/// As for a Deployment: `True` while the current revision becomes available on every replica
+/// and old ones go, `False` with `ProgressDeadlineExceeded` once that has not happened within
+/// `progressDeadlineSeconds` of the template change. `available` counts the current
+/// revision's sandboxes only.
 fn progressing_condition(
     workload: &Workload,
     status: &WorkloadStatus,
@@ -572,7 +671,8 @@ fn progressing_condition(
     available: u64,
     now: SystemTime,
 ) -> (Condition, Option<SystemTime>) {
-    let generation = workload.metadata.generation;
+    let revision = status.revision;
+    let old = status.replicas.saturating_sub(status.updated_replicas);
     let deadline_seconds = workload
         .spec
         .progress_deadline_seconds
@@ -581,6 +681,11 @@ fn progressing_condition(
     let deadline = humantime::parse_rfc3339(&status.template_time)
         .ok()
         .map(|changed| changed + Duration::from_secs(deadline_seconds));
+    let left = if old > 0 {
+        format!("; {old} replicas of older revisions left")
+    } else {
+        String::new()
+    };
     let mut pending_deadline = None;
     let (status, reason, message) = if !workload.metadata.deletion_timestamp.is_empty() {
         (
@@ -588,19 +693,19 @@ fn progressing_condition(
             "Terminating",
             "the workload is being deleted; its sandboxes are stopping".to_string(),
         )
-    } else if available >= desired {
+    } else if available >= desired && old == 0 {
         (
             "True",
             "TemplateAvailable",
-            format!("generation {generation} is available on every replica"),
+            format!("revision {revision} is available on every replica"),
         )
     } else if deadline.is_some_and(|d| now >= d) {
         (
             "False",
             "ProgressDeadlineExceeded",
             format!(
-                "{available} of {desired} replicas of generation {generation} available after \
-                 {deadline_seconds}s"
+                "{available} of {desired} replicas of revision {revision} available after \
+                 {deadline_seconds}s{left}"
             ),
         )
     } else {
@@ -608,7 +713,7 @@ fn progressing_condition(
         (
             "True",
             "ReplicasUpdating",
-            format!("{available} of {desired} replicas of generation {generation} available"),
+            format!("{available} of {desired} replicas of revision {revision} available{left}"),
         )
     };
     let condition = Condition {
@@ -697,6 +802,8 @@ fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
 fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
+
+mod rollout;
 
 #[cfg(test)]
 mod kube_tests;

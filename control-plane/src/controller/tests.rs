@@ -274,14 +274,14 @@ async fn progressing_turns_false_when_the_template_misses_its_deadline() {
     assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
     assert_eq!(
         progressing.message,
-        "0 of 2 replicas of generation 1 available after 1s"
+        "0 of 2 replicas of revision 1 available after 1s"
     );
     // The replicas come up: progress is made after all.
     let key = "default/web".to_string();
     h.cluster.nodes.report(
         "n0",
         [(
-            key,
+            (key, 1),
             crate::cluster::Reported {
                 generation: 1,
                 running: 2,

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, store_status};
 use crate::cluster::{Cluster, Reported};
-use crate::model::{TaintEffect, Workload, validate_name};
+use crate::model::{TaintEffect, Workload, WorkloadSpec as ModelSpec, validate_name};
 use crate::modules::{ModuleError, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::{WatchEvent, WorkloadStore};
@@ -320,7 +320,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                                     available: u64::from(w.available),
                                     succeeded: u64::from(w.succeeded),
                                 };
-                                (w.key, reported)
+                                ((w.key, w.generation), reported)
                             })
                             .collect();
                         cluster.metrics.heartbeat();
@@ -435,14 +435,18 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
 
 /// What one node has been told to run, turned into the next message as workloads change.
 ///
-/// The first message is complete; later ones carry only workloads whose share or spec on this
-/// node changed, and the keys that left it. Each store event costs one workload's comparison,
-/// not a pass over every workload.
+/// The first message is complete; later ones carry only the revisions whose share or spec on
+/// this node changed, and the agent workload names that left it. Each store event costs one
+/// workload's comparison, not a pass over every workload.
 pub struct NodeDesiredState {
     node: String,
-    sent: BTreeMap<String, DesiredWorkload>,
+    /// Per workload key, what was sent for each of its revisions, by agent workload name.
+    sent: BTreeMap<String, Revisions>,
     started: bool,
 }
+
+/// One workload's revisions on a node, by agent workload name.
+type Revisions = BTreeMap<String, DesiredWorkload>;
 
 impl NodeDesiredState {
     /// Nothing sent yet to `node`.
@@ -457,39 +461,46 @@ impl NodeDesiredState {
     /// Every workload, as after (re)starting a watch. The first call yields the complete set;
     /// later calls yield the difference, if any.
     pub fn reset(&mut self, all: &[Workload]) -> Option<DesiredState> {
-        let wanted: BTreeMap<String, DesiredWorkload> = all
+        let wanted: BTreeMap<String, Revisions> = all
             .iter()
             .filter_map(|w| {
                 let key = w.key().to_string();
                 // A workload the controller has not caught up with keeps what was sent.
                 let entry = if is_current(w) {
-                    desired_workload(&self.node, w)?
+                    desired_revisions(&self.node, w)
                 } else {
                     self.sent.get(&key)?.clone()
                 };
-                Some((key, entry))
+                (!entry.is_empty()).then_some((key, entry))
             })
             .collect();
         if !self.started {
             self.started = true;
             self.sent = wanted;
             return Some(DesiredState {
-                workloads: self.sent.values().cloned().collect(),
+                workloads: self
+                    .sent
+                    .values()
+                    .flat_map(|r| r.values().cloned())
+                    .collect(),
                 incremental: false,
                 removed: vec![],
             });
         }
-        let removed: Vec<String> = self
-            .sent
-            .keys()
-            .filter(|key| !wanted.contains_key(*key))
-            .cloned()
-            .collect();
-        let changed: Vec<DesiredWorkload> = wanted
-            .iter()
-            .filter(|(key, w)| self.sent.get(*key) != Some(*w))
-            .map(|(_, w)| w.clone())
-            .collect();
+        let (mut changed, mut removed) = (Vec::new(), Vec::new());
+        for (key, sent) in &self.sent {
+            let empty = Revisions::new();
+            let now = wanted.get(key).unwrap_or(&empty);
+            removed.extend(sent.keys().filter(|name| !now.contains_key(*name)).cloned());
+        }
+        for (key, now) in &wanted {
+            let sent = self.sent.get(key);
+            changed.extend(
+                now.iter()
+                    .filter(|(name, w)| sent.and_then(|s| s.get(*name)) != Some(*w))
+                    .map(|(_, w)| w.clone()),
+            );
+        }
         self.sent = wanted;
         delta(changed, removed)
     }
@@ -505,25 +516,29 @@ impl NodeDesiredState {
             return None;
         }
         let key = workload.key().to_string();
-        match desired_workload(&self.node, workload) {
-            Some(wanted) if self.sent.get(&key) == Some(&wanted) => None,
-            Some(wanted) => {
-                self.sent.insert(key, wanted.clone());
-                delta(vec![wanted], vec![])
-            }
-            None => self
-                .sent
-                .remove(&key)
-                .and_then(|_| delta(vec![], vec![key])),
+        let wanted = desired_revisions(&self.node, workload);
+        let sent = self.sent.remove(&key).unwrap_or_default();
+        let removed: Vec<String> = sent
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        let changed: Vec<DesiredWorkload> = wanted
+            .iter()
+            .filter(|(name, w)| sent.get(*name) != Some(*w))
+            .map(|(_, w)| w.clone())
+            .collect();
+        if !wanted.is_empty() {
+            self.sent.insert(key, wanted);
         }
+        delta(changed, removed)
     }
 
     /// One workload was deleted.
     pub fn deleted(&mut self, workload: &Workload) -> Option<DesiredState> {
         let key = workload.key().to_string();
-        self.sent
-            .remove(&key)
-            .and_then(|_| delta(vec![], vec![key]))
+        let sent = self.sent.remove(&key)?;
+        delta(vec![], sent.into_keys().collect())
     }
 }
 
@@ -543,41 +558,74 @@ fn delta(workloads: Vec<DesiredWorkload>, removed: Vec<String>) -> Option<Desire
     })
 }
 
-/// The workload's share of `node`, if it has one.
-fn desired_workload(node: &str, workload: &Workload) -> Option<DesiredWorkload> {
-    let replicas = *workload.status.as_ref()?.placements.get(node)?;
-    (replicas > 0).then(|| DesiredWorkload {
-        key: workload.key().to_string(),
-        spec: Some(agent_spec(
-            workload,
-            u32::try_from(replicas).unwrap_or(u32::MAX),
-        )),
-    })
-}
-
-/// The agent's spec for a workload: named `<namespace>.<name>` (unique on the agent), the
-/// module pinned by digest, and `replicas` this node's share.
-fn agent_spec(workload: &Workload, replicas: u32) -> WorkloadSpec {
-    let key = workload.key();
-    // The template's generation: scaling keeps it, so agents scale in place.
-    let generation = workload
-        .status
-        .as_ref()
-        .map(|s| s.template_generation)
+/// The workload's revisions with a share of `node`, by agent workload name: the current one
+/// (the spec's template, `status.placements`) and old ones a rolling update has yet to replace
+/// (their own templates and placements).
+fn desired_revisions(node: &str, workload: &Workload) -> Revisions {
+    let mut out = Revisions::new();
+    let Some(status) = workload.status.as_ref() else {
+        return out;
+    };
+    let mut add = |template: &ModelSpec, hash: &str, generation: u64, replicas: u64| {
+        if replicas == 0 {
+            return;
+        }
+        let spec = agent_spec(workload.key(), template, hash, generation, replicas);
+        out.insert(
+            spec.name.clone(),
+            DesiredWorkload {
+                key: workload.key().to_string(),
+                spec: Some(spec),
+            },
+        );
+    };
+    let generation = Some(status.template_generation)
         .filter(|&g| g > 0)
         .unwrap_or(workload.metadata.generation);
+    let current = status.placements.get(node).copied().unwrap_or(0);
+    add(&workload.spec, &status.template_hash, generation, current);
+    for old in status
+        .revisions
+        .iter()
+        .filter(|r| r.revision != status.revision)
+    {
+        if let Some(template) = &old.template {
+            let replicas = old.placements.get(node).copied().unwrap_or(0);
+            add(template, &old.template_hash, old.generation, replicas);
+        }
+    }
+    out
+}
+
+/// The agent's spec for one revision of a workload: named `<namespace>.<name>-<hash>` (unique
+/// on the agent, as a ReplicaSet's pods carry the template hash), owned by
+/// `<namespace>.<name>`, the module pinned by digest, and `replicas` this node's share.
+fn agent_spec(
+    key: crate::model::WorkloadKey,
+    template: &ModelSpec,
+    hash: &str,
+    generation: u64,
+    replicas: u64,
+) -> WorkloadSpec {
+    let owner = format!("{}.{}", key.namespace, key.name);
+    let hash = hash.get(..REVISION_NAME_HASH_LEN).unwrap_or(hash);
+    let name = if hash.is_empty() {
+        owner.clone()
+    } else {
+        format!("{owner}-{hash}")
+    };
     let module = ModuleSource {
         source: None,
-        sha256: workload.spec.module.sha256.clone(),
+        sha256: template.module.sha256.clone(),
     };
-    agent_workload_spec(
-        &workload.spec,
-        format!("{}.{}", key.namespace, key.name),
-        generation,
-        replicas,
-        module,
-    )
+    let replicas = u32::try_from(replicas).unwrap_or(u32::MAX);
+    let mut spec = agent_workload_spec(template, name, generation, replicas, module);
+    spec.owner = owner;
+    spec
 }
+
+/// Hex digits of the template hash in a revision's agent workload name.
+const REVISION_NAME_HASH_LEN: usize = 10;
 
 /// Compares two secrets in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

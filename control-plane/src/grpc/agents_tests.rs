@@ -224,7 +224,8 @@ async fn agents_get_their_share_and_a_departed_agents_share_moves() {
         10
     );
     let spec = on_a.workloads[0].spec.as_ref().expect("spec");
-    assert_eq!(spec.name, "default.web");
+    assert!(spec.name.starts_with("default.web-"), "{}", spec.name);
+    assert_eq!(spec.owner, "default.web");
     assert_eq!(spec.args, ["serve"]);
     assert_eq!(
         spec.module.as_ref().map(|m| m.sha256.as_str()),
@@ -372,7 +373,8 @@ async fn the_desired_set_comes_whole_then_as_deltas() {
         .expect("delete");
     let removed = a.next_desired().await;
     assert!(removed.incremental && removed.workloads.is_empty());
-    assert_eq!(removed.removed, ["default/api"]);
+    assert_eq!(removed.removed.len(), 1);
+    assert!(removed.removed[0].starts_with("default.api-"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,4 +687,143 @@ async fn replicas_are_available_only_once_agents_count_them_past_min_ready_secon
     status_when(0, (2, 0, "False")).await;
     status_when(1, (2, 1, "False")).await;
     status_when(2, (2, 2, "True")).await;
+}
+
+/// What a fake agent runs, by agent workload name: (generation, replicas, args).
+type Running = std::collections::BTreeMap<String, (u64, u32, Vec<String>)>;
+
+/// Applies a desired state (whole or a delta) to `running`.
+fn follow(running: &mut Running, desired: &DesiredState) {
+    if !desired.incremental {
+        running.clear();
+    }
+    for name in &desired.removed {
+        running.remove(name);
+    }
+    for w in &desired.workloads {
+        let spec = w.spec.as_ref().expect("spec");
+        running.insert(
+            spec.name.clone(),
+            (spec.generation, spec.replicas, spec.args.clone()),
+        );
+    }
+}
+
+/// A heartbeat saying every sandbox of `running` is available (`broken` args never are).
+fn beat_all_available(running: &Running, broken: &str) -> Heartbeat {
+    Heartbeat {
+        workloads: running
+            .values()
+            .map(|(generation, replicas, args)| {
+                let up = if args.iter().any(|a| a == broken) {
+                    0
+                } else {
+                    *replicas
+                };
+                WorkloadCounts {
+                    key: "default/web".into(),
+                    generation: *generation,
+                    running: up,
+                    available: up,
+                    ..WorkloadCounts::default()
+                }
+            })
+            .collect(),
+        events: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_runs_two_revisions_side_by_side_within_its_limits() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    let mut running = Running::new();
+    follow(&mut running, &a.next_desired().await);
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    let strategy = "strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}";
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        &format!("replicas: 4, args: [v1], {strategy}"),
+    )
+    .await;
+    follow(&mut running, &a.next_desired().await);
+    assert_eq!(running.len(), 1);
+    a.heartbeat(beat_all_available(&running, "")).await;
+    status_until(&mut cluster, "web", |s| {
+        (s.available_replicas == 4).then_some(())
+    })
+    .await;
+
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        &format!("replicas: 4, args: [v2], {strategy}"),
+    )
+    .await;
+    // Each step: one old sandbox goes and one new one comes, never fewer than 3 available.
+    let mut steps = 0;
+    while running.values().any(|(_, _, args)| args == &["v1"]) {
+        follow(&mut running, &a.next_desired().await);
+        let total: u32 = running.values().map(|(_, r, _)| r).sum();
+        assert_eq!(total, 4, "maxSurge 0 keeps 4 in all: {running:?}");
+        a.heartbeat(beat_all_available(&running, "")).await;
+        steps += 1;
+        assert!(steps <= 8, "the update should finish: {running:?}");
+    }
+    let (_, replicas, args) = running.values().next().expect("the new revision");
+    assert_eq!(
+        (running.len(), *replicas, args.as_slice()),
+        (1, 4, &["v2".to_string()][..])
+    );
+    let status = status_until(&mut cluster, "web", |s| {
+        (s.updated_replicas == 4 && s.replicas == 4 && s.available_replicas == 4).then_some(s)
+    })
+    .await;
+    assert_eq!(status.revision, 2);
+    let numbers: Vec<u64> = status.revisions.iter().map(|r| r.revision).collect();
+    assert_eq!(numbers, [2, 1], "revision 1 is kept for rollback");
+    let old = status.revisions[1].template.as_ref().expect("old template");
+    assert_eq!(old.args, ["v1"]);
+
+    // A new revision that never runs: the update stops after one step, three v2 serving.
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        &format!("replicas: 4, args: [v3], {strategy}"),
+    )
+    .await;
+    follow(&mut running, &a.next_desired().await);
+    a.heartbeat(beat_all_available(&running, "v3")).await;
+    let status = status_until(&mut cluster, "web", |s| {
+        (s.revision == 3 && s.updated_replicas == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(status.replicas, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = status_until(&mut cluster, "web", Some).await;
+    assert_eq!(
+        (held.updated_replicas, held.replicas),
+        (1, 4),
+        "the update waits"
+    );
+
+    // Back to v2 (a rollback): revision 2 returns as revision 4, keeping its sandboxes.
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        &format!("replicas: 4, args: [v2], {strategy}"),
+    )
+    .await;
+    let status = status_until(&mut cluster, "web", |s| {
+        (s.revision == 4 && s.updated_replicas == 4 && s.replicas == 4).then_some(s)
+    })
+    .await;
+    assert_eq!(status.revisions[0].generation, 2, "revision 2's generation");
+    let numbers: Vec<u64> = status.revisions.iter().map(|r| r.revision).collect();
+    assert_eq!(numbers, [4, 3, 1]);
 }

@@ -322,7 +322,7 @@ impl HttpPool {
         logs: Arc<LogBuffer>,
     ) -> Self {
         let max_concurrency = settings.max_concurrency as usize;
-        let metrics = runtime.http_metrics().workload(prepared.name());
+        let metrics = runtime.http_metrics().workload(&settings.owner);
         Self {
             permits: Arc::new(Semaphore::new(max_concurrency)),
             max_concurrency,
@@ -558,6 +558,9 @@ pub fn busy_response(text: String) -> hyper::Response<ResponseBody> {
 /// The per-request limits and route of an HTTP workload, resolved from its spec.
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
+    /// The workload the route belongs to: the spec's owner, or its name when it has none.
+    /// Revisions of one owner serve the same route side by side during an update.
+    pub owner: Arc<str>,
     /// Where it answers.
     pub route: RouteKey,
     /// Requests one replica serves at once.

@@ -392,7 +392,13 @@ impl SandboxRuntime for WasmtimeRuntime {
                     .or(limits.deadline)
                     .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
                 limits.deadline = None;
+                let owner = if spec.owner.is_empty() {
+                    &spec.name
+                } else {
+                    &spec.owner
+                };
                 Some(HttpSettings {
+                    owner: owner.as_str().into(),
                     route: RouteKey::new(&route.host, &route.path_prefix),
                     max_concurrency: match route.max_concurrency {
                         0 => DEFAULT_MAX_CONCURRENCY,
@@ -475,7 +481,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 HttpReplica::register(
                     &self.inner.http_routes,
                     settings.route.clone(),
-                    &prepared.name,
+                    &settings.owner,
                     pool,
                 )
                 .map(WasmtimeInstance::Http)

@@ -52,6 +52,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         restart_policy: RestartPolicy::Never as i32,
         http: None,
         min_ready_seconds: 0,
+        owner: String::new(),
     }
 }
 

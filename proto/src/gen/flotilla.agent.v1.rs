@@ -82,6 +82,11 @@ pub struct WorkloadSpec {
     /// A running sandbox counts as available once it has run this long, as for a Deployment.
     #[prost(uint32, tag = "10")]
     pub min_ready_seconds: u32,
+    /// Set when this is one revision of a control-plane workload (its `namespace.name`): the
+    /// revisions of one owner share its HTTP route and metrics while an update replaces one with
+    /// the next. Empty: the workload is its own owner.
+    #[prost(string, tag = "11")]
+    pub owner: ::prost::alloc::string::String,
 }
 /// Where an HTTP workload answers in the agent's ingress, and its per-request limits.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

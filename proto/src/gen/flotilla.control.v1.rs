@@ -174,16 +174,17 @@ pub struct ClusterRoute {
     #[prost(string, repeated, tag = "4")]
     pub endpoints: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
-/// What the node should run. The first message of a session is complete (`incremental` false):
-/// workloads not listed should stop. Later ones carry only what changed: `workloads` to create
-/// or update and `removed` keys to stop.
+/// What the node should run: one entry per revision of a workload placed on it (two while an
+/// update replaces one with the next). The first message of a session is complete (`incremental`
+/// false): workloads not listed should stop. Later ones carry only what changed: `workloads` to
+/// create or update and `removed` agent workload names to stop.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DesiredState {
     #[prost(message, repeated, tag = "1")]
     pub workloads: ::prost::alloc::vec::Vec<DesiredWorkload>,
     #[prost(bool, tag = "2")]
     pub incremental: bool,
-    /// `namespace/name` keys that should no longer run on the node.
+    /// Agent workload names (`spec.name`) that should no longer run on the node.
     #[prost(string, repeated, tag = "3")]
     pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
@@ -232,7 +233,9 @@ pub struct DesiredWorkload {
     /// `namespace/name`.
     #[prost(string, tag = "1")]
     pub key: ::prost::alloc::string::String,
-    /// The spec for this node: `replicas` is this node's share, `module.sha256` pins the module.
+    /// One revision's spec for this node: `name` is `<namespace>.<name>-<template hash>`, `owner`
+    /// `<namespace>.<name>`, `generation` the revision's, `replicas` this node's share, and
+    /// `module.sha256` pins the module.
     #[prost(message, optional, tag = "2")]
     pub spec: ::core::option::Option<super::super::agent::v1::WorkloadSpec>,
 }
