@@ -2,24 +2,25 @@
 //!
 //! A control plane and N agents (real processes, real gRPC on loopback) run R idle replicas;
 //! then the template changes (new arguments) and the benchmark times the update until the
-//! status says every replica runs the new revision and is available. Throughout, it samples
-//! the running sandboxes from every agent's admin API (all agents at once, every few
-//! milliseconds) and the `readyReplicas` the control plane reports, and prints the lowest
-//! fraction of the replica count seen by each.
+//! status says every replica runs the new revision and is available. Throughout, it follows
+//! every agent's sandbox status stream (admin API `Watch`), so that each sandbox start and stop
+//! updates the count of running sandboxes, and the `readyReplicas` the control plane reports;
+//! it prints the lowest fraction of the replica count seen by each.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_control_plane::model::Workload;
-use flotilla_proto::agent::v1::ListSandboxesRequest;
-use flotilla_proto::agent::v1::SandboxPhase;
 use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
+use flotilla_proto::agent::v1::{
+    ListSandboxesRequest, SandboxPhase, SandboxStatus, WatchRequest as AdminWatchRequest,
+};
 use flotilla_proto::control::v1::{ApplyRequest, WatchRequest};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::cluster::{Server, push_idle, spawn_agents, wait_nodes, workloads_client};
 use crate::{machine, result};
@@ -47,22 +48,76 @@ fn rolled_out(workload: &Workload, revision: u64, replicas: u64) -> bool {
     })
 }
 
-/// Running sandboxes over every agent, asked all at once.
-async fn running(admins: &[AgentAdminClient<Channel>]) -> anyhow::Result<u64> {
-    let calls = admins.iter().cloned().map(|mut admin| async move {
-        admin
-            .list_sandboxes(ListSandboxesRequest::default())
-            .await
-            .map(|r| {
-                r.into_inner()
-                    .sandboxes
-                    .iter()
-                    .filter(|s| s.phase == SandboxPhase::Running as i32)
-                    .count() as u64
-            })
-    });
-    let counts = futures::future::try_join_all(calls).await?;
-    Ok(counts.iter().sum())
+/// Follows every agent's sandbox status stream and keeps the lowest total of running
+/// sandboxes seen while `measuring` is set; a stopped sandbox stops counting when its agent
+/// reports it stopped.
+struct RunningCounter {
+    per_agent: Arc<Vec<AtomicU64>>,
+    lowest: Arc<AtomicU64>,
+    changes: Arc<AtomicU64>,
+    measuring: Arc<AtomicBool>,
+}
+
+impl RunningCounter {
+    async fn start(admins: &[SocketAddr]) -> anyhow::Result<Self> {
+        let counter = Self {
+            per_agent: Arc::new(admins.iter().map(|_| AtomicU64::new(0)).collect()),
+            lowest: Arc::new(AtomicU64::new(u64::MAX)),
+            changes: Arc::new(AtomicU64::new(0)),
+            measuring: Arc::new(AtomicBool::new(false)),
+        };
+        for (i, admin) in admins.iter().enumerate() {
+            let mut client = AgentAdminClient::connect(format!("http://{admin}")).await?;
+            // Subscribe first, then list: no change falls between the two.
+            let mut stream = client
+                .watch(AdminWatchRequest::default())
+                .await?
+                .into_inner();
+            let listed = client
+                .list_sandboxes(ListSandboxesRequest::default())
+                .await?
+                .into_inner()
+                .sandboxes;
+            let mut running: HashMap<String, bool> = listed
+                .into_iter()
+                .map(|s| (s.sandbox_id.clone(), is_running(&s)))
+                .collect();
+            let (per_agent, lowest, changes, measuring) = (
+                counter.per_agent.clone(),
+                counter.lowest.clone(),
+                counter.changes.clone(),
+                counter.measuring.clone(),
+            );
+            per_agent[i].store(
+                running.values().filter(|r| **r).count() as u64,
+                Ordering::SeqCst,
+            );
+            tokio::spawn(async move {
+                while let Some(Ok(status)) = stream.next().await {
+                    running.insert(status.sandbox_id.clone(), is_running(&status));
+                    let now = running.values().filter(|r| **r).count() as u64;
+                    per_agent[i].store(now, Ordering::SeqCst);
+                    if measuring.load(Ordering::SeqCst) {
+                        let total = per_agent.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+                        lowest.fetch_min(total, Ordering::SeqCst);
+                        changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        Ok(counter)
+    }
+
+    fn total(&self) -> u64 {
+        self.per_agent
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .sum()
+    }
+}
+
+fn is_running(status: &SandboxStatus) -> bool {
+    status.phase == SandboxPhase::Running as i32 && status.reason != "Stopped"
 }
 
 /// `rollout`: time to move `replicas` across `agents` to a new revision, and the lowest ready
@@ -82,11 +137,7 @@ pub async fn rollout(
     ])?;
     let per_agent = replicas.div_ceil(u64::from(agents));
     let servers = spawn_agents(addr, agents, per_agent * 2)?;
-    let mut admins = Vec::new();
-    for (_, admin) in &servers {
-        let admin: SocketAddr = *admin;
-        admins.push(AgentAdminClient::connect(format!("http://{admin}")).await?);
-    }
+    let admins: Vec<SocketAddr> = servers.iter().map(|(_, admin)| *admin).collect();
     let mut client = workloads_client(addr).await?;
     wait_nodes(&mut client, agents as usize).await?;
     let sha256 = push_idle(&mut client).await?;
@@ -117,20 +168,14 @@ pub async fn rollout(
         }
     }
 
-    // Sample the agents until the update is done.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let (mut lowest, mut samples) = (u64::MAX, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                lowest = lowest.min(running(&admins).await?);
-                samples += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            anyhow::Ok((lowest, samples))
-        })
-    };
+    // Count running sandboxes on every agent until the update is done.
+    let counter = RunningCounter::start(&admins).await?;
+    anyhow::ensure!(
+        counter.total() == replicas,
+        "{} of {replicas} running before the update",
+        counter.total()
+    );
+    counter.measuring.store(true, Ordering::SeqCst);
     let started = Instant::now();
     client
         .apply(ApplyRequest {
@@ -148,18 +193,19 @@ pub async fn rollout(
         }
     }
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (lowest_sampled, samples) = sampler.await??;
+    counter.measuring.store(false, Ordering::SeqCst);
+    let lowest_seen = counter.lowest.load(Ordering::SeqCst).min(replicas);
+    let changes = counter.changes.load(Ordering::Relaxed);
 
     result("rollout_agents", f64::from(agents), "agents");
     result("rollout_replicas", replicas as f64, "replicas");
     result("rollout_seconds", took.as_secs_f64(), "s");
     result(
-        "rollout_min_ready_fraction_sampled",
-        lowest_sampled as f64 / replicas as f64,
+        "rollout_min_running_fraction_agents",
+        lowest_seen as f64 / replicas as f64,
         "fraction",
     );
-    result("rollout_agent_samples", samples as f64, "samples");
+    result("rollout_sandbox_changes_seen", changes as f64, "changes");
     result(
         "rollout_min_ready_fraction_status",
         lowest_status as f64 / replicas as f64,
