@@ -79,6 +79,34 @@ fn bad_manifests_get_field_pointed_errors() {
             "spec.http.readinessPath",
         ),
         ("  http: {prefix: /}\n", "unknown field `prefix`"),
+        (
+            "  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 0%}}\n",
+            "spec.strategy.rollingUpdate: maxSurge and maxUnavailable may not both be 0",
+        ),
+        (
+            "  strategy: {rollingUpdate: {maxSurge: lots}}\n",
+            "spec.strategy.rollingUpdate.maxSurge: lots: must be a count or a percentage",
+        ),
+        (
+            "  strategy: {rollingUpdate: {maxUnavailable: -1}}\n",
+            "spec.strategy.rollingUpdate.maxUnavailable: -1: must be >= 0",
+        ),
+        (
+            "  strategy: {rollingUpdate: {maxUnavailable: 150%}}\n",
+            "must not be above 100%",
+        ),
+        (
+            "  strategy: {type: Recreate, rollingUpdate: {maxSurge: 1}}\n",
+            "spec.strategy.rollingUpdate: may only be set with type RollingUpdate",
+        ),
+        (
+            "  strategy: {type: BlueGreen}\n",
+            "unknown variant `BlueGreen`",
+        ),
+        (
+            "  revisionHistoryLimit: -1\n",
+            "spec.revisionHistoryLimit: must be >= 0",
+        ),
     ];
     for (extra, needle) in cases {
         let err = Workload::from_yaml(&manifest(extra)).expect_err(needle);
@@ -171,4 +199,77 @@ fn tolerations_match_taints() {
         ..equal
     };
     assert!(!wrong_effect.tolerates(&taint));
+}
+
+#[test]
+fn rolling_update_limits_resolve_as_a_deployments() {
+    let strategy = |surge: IntOrPercent, unavailable: IntOrPercent| Strategy {
+        type_: StrategyType::RollingUpdate,
+        rolling_update: Some(RollingUpdate {
+            max_surge: Some(surge),
+            max_unavailable: Some(unavailable),
+        }),
+    };
+    let percent = |p: &str| IntOrPercent::String(p.into());
+    // Defaults: 25% each, surge rounded up and unavailability down.
+    let limits = Strategy::default().limits(10);
+    assert_eq!((limits.max_surge, limits.max_unavailable), (3, 2));
+    let limits = strategy(percent("10%"), IntOrPercent::Int(3)).limits(100);
+    assert_eq!((limits.max_surge, limits.max_unavailable), (10, 3));
+    // Both rounding to 0 on a small count: one may be unavailable, or nothing would move.
+    let limits = strategy(percent("0%"), percent("10%")).limits(5);
+    assert_eq!((limits.max_surge, limits.max_unavailable), (0, 1));
+    let parsed: Strategy =
+        serde_yaml::from_str("rollingUpdate: {maxSurge: \"2\", maxUnavailable: 50%}")
+            .expect("strategy");
+    let limits = parsed.limits(7);
+    assert_eq!((limits.max_surge, limits.max_unavailable), (2, 3));
+}
+
+#[test]
+fn rollback_targets_the_previous_revision_or_the_one_named() {
+    let revision = |n: u64| RevisionStatus {
+        revision: n,
+        template: Some(Box::default()),
+        ..RevisionStatus::default()
+    };
+    let mut status = WorkloadStatus {
+        revision: 5,
+        revisions: vec![revision(5), revision(3), revision(4), revision(1)],
+        ..WorkloadStatus::default()
+    };
+    assert_eq!(status.rollback_target(None).map(|r| r.revision), Ok(4));
+    assert_eq!(status.rollback_target(Some(1)).map(|r| r.revision), Ok(1));
+    assert!(
+        status
+            .rollback_target(Some(2))
+            .is_err_and(|e| e.contains("not in the history"))
+    );
+    assert!(
+        status
+            .rollback_target(Some(5))
+            .is_err_and(|e| e.contains("the current one"))
+    );
+    status.revisions.truncate(1);
+    assert!(
+        status
+            .rollback_target(None)
+            .is_err_and(|e| e.contains("no previous revision"))
+    );
+
+    // The template comes back; the count, placement and update settings stay.
+    let current = WorkloadSpec {
+        replicas: 7,
+        args: vec!["v2".into()],
+        node_selector: [("zone".to_string(), "a".to_string())].into(),
+        ..WorkloadSpec::default()
+    };
+    let old = WorkloadSpec {
+        args: vec!["v1".into()],
+        ..WorkloadSpec::default()
+    };
+    let back = current.with_template(&old);
+    assert_eq!(back.args, ["v1"]);
+    assert_eq!(back.replicas, 7);
+    assert_eq!(back.node_selector, current.node_selector);
 }

@@ -245,3 +245,117 @@ async fn api_errors_and_conflicts_are_retried_with_backoff() {
     assert!(attempts >= 5, "{attempts} status writes");
     op.stop().await;
 }
+
+impl Operator {
+    /// Node n0 reports `(generation, running and available)` of `key`; n1 reports nothing.
+    fn report_generations(&self, key: &str, generations: &[(u64, u64)]) {
+        let running = generations
+            .iter()
+            .filter(|&&(_, n)| n > 0)
+            .map(|&(generation, n)| {
+                let reported = Reported {
+                    generation,
+                    running: n,
+                    available: n,
+                    succeeded: 0,
+                };
+                ((key.to_string(), generation), reported)
+            })
+            .collect();
+        self.cluster.nodes.report("n0", running);
+        self.cluster.nodes.report("n1", BTreeMap::new());
+    }
+}
+
+fn count(object: &Value, field: &str) -> u64 {
+    object["status"][field].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn kubectl_apply_of_a_new_template_rolls_out_and_reapplying_the_old_one_rolls_back() {
+    let op = Operator::start().await;
+    let path = format!("{WORKLOADS}/web");
+    op.api
+        .apply_object(
+            WORKLOADS,
+            json!({
+                "apiVersion": "flotilla.dev/v1alpha1",
+                "kind": "WasmWorkload",
+                "metadata": {"name": "web"},
+                "spec": {
+                    "replicas": 4,
+                    "module": {"sha256": DIGEST},
+                    "strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                },
+            }),
+        )
+        .await
+        .expect("create");
+    op.wait("web", "4 placed", |o| placed(o) == 4).await;
+    op.report_generations("default/web", &[(1, 4)]);
+    op.wait("web", "available", |o| count(o, "availableReplicas") == 4)
+        .await;
+
+    // kubectl apply with new arguments: one replica at a time, never more than 4 placed.
+    op.api
+        .patch_object(&path, json!({"spec": {"args": ["v2"]}}))
+        .await
+        .expect("patch");
+    let mut steps = 0;
+    loop {
+        let object = op
+            .wait("web", "revision 2 on its way", |o| {
+                count(o, "revision") == 2 && o["status"]["observedGeneration"] == 2
+            })
+            .await;
+        let (updated, all) = (count(&object, "updatedReplicas"), placed(&object));
+        assert!(all <= 4, "maxSurge 0: {}", object["status"]);
+        if updated == 4 && all == 4 {
+            break;
+        }
+        op.report_generations("default/web", &[(1, all - updated), (2, updated)]);
+        op.wait("web", "the next step", |o| {
+            count(o, "updatedReplicas") > updated || placed(o) < all
+        })
+        .await;
+        steps += 1;
+        assert!(
+            steps <= 10,
+            "the update should finish: {}",
+            object["status"]
+        );
+    }
+    op.report_generations("default/web", &[(2, 4)]);
+    let object = op
+        .wait("web", "rolled out", |o| {
+            condition(o, PROGRESSING)["reason"] == "TemplateAvailable"
+        })
+        .await;
+    let revisions = object["status"]["revisions"].as_array().expect("revisions");
+    assert_eq!(revisions.len(), 2);
+    assert_eq!(revisions[1]["revision"], 1);
+    assert!(
+        revisions[1]["template"]["args"].is_null(),
+        "revision 1 had none"
+    );
+    assert_eq!(revisions[0]["template"]["args"], json!(["v2"]));
+
+    // Re-applying the old spec is a rollback: revision 1's template returns as revision 3.
+    op.api
+        .patch_object(&path, json!({"spec": {"args": null}}))
+        .await
+        .expect("patch");
+    let object = op
+        .wait("web", "revision 3", |o| count(o, "revision") == 3)
+        .await;
+    assert_eq!(object["status"]["revisions"][0]["generation"], 1);
+    assert_eq!(object["status"]["templateGeneration"], 1);
+    let numbers: Vec<u64> = object["status"]["revisions"]
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .filter_map(|r| r["revision"].as_u64())
+        .collect();
+    assert_eq!(numbers, [3, 2]);
+    op.stop().await;
+}
