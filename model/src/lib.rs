@@ -468,9 +468,9 @@ pub struct WorkloadStatus {
     /// Sandboxes that ran to completion and, by their restart policy, stay done.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub succeeded_replicas: u64,
-    /// The generation at which the sandbox template (everything agents run, not the replica
-    /// count or placement rules) last changed; sandboxes of older templates are replaced, and
-    /// scaling alone restarts nothing.
+    /// The generation that introduced the current revision's sandbox template (everything
+    /// agents run, not the replica count, placement rules or update settings): agents report
+    /// its sandboxes under it, and scaling alone restarts nothing.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub template_generation: u64,
     /// A digest of that template, to notice when it changes.
