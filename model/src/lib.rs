@@ -11,10 +11,16 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
 pub mod node;
 pub mod rollout;
+pub mod volumes;
 
+pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
 pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
+pub use volumes::{
+    ConfigMapVolume, EmptyDirVolume, HostPathVolume, SecretVolume, Volume, VolumeMount,
+};
 
 /// `apiVersion` of every Flotilla object.
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
@@ -177,6 +183,15 @@ pub struct WorkloadSpec {
     /// Environment variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Environment variables from every key of ConfigMaps and Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Directories sandboxes can mount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Where volumes appear in the guest; nothing else of the host's filesystem is reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
     /// Sandboxes to run across the cluster. Default 1.
     #[serde(default = "one")]
     #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
@@ -321,14 +336,18 @@ pub struct ModuleRef {
 
 /// One environment variable.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct EnvVar {
     /// Name.
     pub name: String,
     /// Value.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub value: String,
+    /// Where the value comes from instead: a ConfigMap or Secret key, read when a sandbox
+    /// starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
 }
 
 /// What a sandbox requests (for placement) and may use (enforced by the agent).
@@ -751,6 +770,8 @@ impl Workload {
         if let Some(http) = &spec.http {
             http.validate(&mut fail);
         }
+        config::validate(&spec.env, &spec.env_from, &mut fail);
+        volumes::validate(&spec.volumes, &spec.volume_mounts, &mut fail);
         if let Some(strategy) = &spec.strategy {
             strategy.validate(&mut fail);
         }

@@ -107,6 +107,46 @@ fn bad_manifests_get_field_pointed_errors() {
             "  revisionHistoryLimit: -1\n",
             "spec.revisionHistoryLimit: must be >= 0",
         ),
+        (
+            "  volumes: [{name: a}]\n",
+            "spec.volumes[0]: must have exactly one of emptyDir, configMap, secret, hostPath",
+        ),
+        (
+            "  volumes: [{name: a, emptyDir: {}}, {name: a, emptyDir: {}}]\n",
+            "spec.volumes[1].name: \"a\" is declared twice",
+        ),
+        (
+            "  volumes: [{name: a, emptyDir: {sizeLimit: lots}}]\n",
+            "spec.volumes[0].emptyDir.sizeLimit",
+        ),
+        (
+            "  volumes: [{name: a, hostPath: {path: data}}]\n",
+            "spec.volumes[0].hostPath.path: \"data\": must be an absolute path",
+        ),
+        (
+            "  volumeMounts: [{name: nope, mountPath: /x}]\n",
+            "spec.volumeMounts[0].name: \"nope\" is not a volume of spec.volumes",
+        ),
+        (
+            "  volumes: [{name: a, emptyDir: {}}]\n  volumeMounts: [{name: a, mountPath: /x/../y}]\n",
+            "spec.volumeMounts[0].mountPath: \"/x/../y\": must not contain . or .. segments",
+        ),
+        (
+            "  env: [{name: A, value: x, valueFrom: {secretKeyRef: {name: s, key: k}}}]\n",
+            "spec.env[0].valueFrom: may not be set together with value",
+        ),
+        (
+            "  env: [{name: A, valueFrom: {}}]\n",
+            "spec.env[0].valueFrom: must have exactly one of configMapKeyRef, secretKeyRef",
+        ),
+        (
+            "  env: [{name: A, valueFrom: {secretKeyRef: {name: s, key: a/b}}}]\n",
+            "spec.env[0].valueFrom.secretKeyRef.key",
+        ),
+        (
+            "  envFrom: [{prefix: X_}]\n",
+            "spec.envFrom[0]: must have exactly one of configMapRef, secretRef",
+        ),
     ];
     for (extra, needle) in cases {
         let err = Workload::from_yaml(&manifest(extra)).expect_err(needle);

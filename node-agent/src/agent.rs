@@ -27,6 +27,8 @@ pub struct Agent {
     ingress_addr: Option<SocketAddr>,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
+    /// Emptied when the agent stops.
+    volumes_dir: std::path::PathBuf,
 }
 
 impl Agent {
@@ -54,6 +56,7 @@ impl Agent {
             arch = capacity.arch,
             "capacity"
         );
+        crate::runtime::volumes::clear(&config.runtime.volumes.dir);
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
         let metrics = Metrics::with_http(runtime.http_metrics().clone());
@@ -148,6 +151,7 @@ impl Agent {
             ingress_addr,
             servers,
             grace: config.shutdown_grace,
+            volumes_dir: config.runtime.volumes.dir.clone(),
         })
     }
 
@@ -186,6 +190,7 @@ impl Agent {
             // A cancelled or finished server task has nothing more to report.
             let _ = server.await;
         }
+        crate::runtime::volumes::clear(&self.volumes_dir);
         report
     }
 }

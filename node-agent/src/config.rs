@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::runtime::RuntimeConfig;
+use crate::runtime::volumes::HostPathRule;
 use crate::supervisor::SupervisorConfig;
 use crate::supervisor::backoff::BackoffConfig;
 use flotilla_model::parse_bytes;
@@ -72,6 +73,18 @@ pub struct Args {
     /// ~/.cache/flotilla).
     #[arg(long, env = "FLOTILLA_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where emptyDir volumes and ConfigMap and Secret files live (default: a fresh directory
+    /// under the system's temporary directory, removed when the agent stops).
+    #[arg(long, env = "FLOTILLA_VOLUMES_DIR")]
+    pub volumes_dir: Option<PathBuf>,
+    /// A node directory `hostPath` volumes may mount, with everything under it: `DIR`
+    /// (read-only) or `DIR:rw`. Repeat or separate with commas; none by default.
+    #[arg(
+        long = "allow-host-path",
+        env = "FLOTILLA_ALLOW_HOST_PATHS",
+        value_delimiter = ','
+    )]
+    pub allow_host_paths: Vec<HostPathRule>,
     /// Disable the on-disk compiled module cache.
     #[arg(long, env = "FLOTILLA_NO_CACHE")]
     pub no_cache: bool,
@@ -176,6 +189,10 @@ impl TryFrom<Args> for Config {
             },
             ..RuntimeConfig::default()
         };
+        if let Some(dir) = args.volumes_dir {
+            runtime.volumes.dir = dir;
+        }
+        runtime.volumes.host_paths = args.allow_host_paths;
         runtime.default_limits.memory_bytes =
             bytes("default-memory-limit", &args.default_memory_limit)?;
         if args.max_sandboxes == 0 {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::admin::stream_logs;
+use crate::runtime::volumes::ConfigKey;
 use crate::supervisor::Supervisor;
 
 /// After a sandbox changes, the control plane hears of it this soon (and no more often),
@@ -251,6 +252,21 @@ async fn session(
                         .runtime()
                         .http_routes()
                         .set_remote(routes.routes, &config.ingress_url);
+                }
+                Some(Ok(ControlMessage { kind: Some(control_message::Kind::Config(config)) })) => {
+                    let removed = config
+                        .removed
+                        .into_iter()
+                        .map(|k| ConfigKey {
+                            kind: k.kind(),
+                            namespace: k.namespace,
+                            name: k.name,
+                        })
+                        .collect();
+                    let files = supervisor.runtime().config_files();
+                    if let Err(error) = files.apply(config.objects, !config.incremental, removed) {
+                        tracing::error!(%error, "cannot write ConfigMap and Secret files");
+                    }
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
                     // The newest revision of the workload that has the replica.

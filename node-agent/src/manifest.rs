@@ -95,6 +95,7 @@ fn to_spec(workload: &Workload, file: &Path) -> WorkloadSpec {
     };
     let replicas = u32::try_from(spec.replicas).unwrap_or(u32::MAX);
     let mut out = agent_workload_spec(spec, workload.metadata.name.clone(), 0, replicas, module);
+    out.namespace = workload.key().namespace;
     out.generation = generation_of(&out);
     out
 }

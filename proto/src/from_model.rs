@@ -1,10 +1,13 @@
 //! The agent's view of a `WasmWorkload` spec: one conversion from the model to the wire,
 //! shared by the control plane (desired state for agents) and the agent's static manifests.
 
-use flotilla_model::{RestartPolicy, WorkloadSpec as ModelSpec};
+use flotilla_model::{
+    EnvFromSource, EnvVar as ModelEnvVar, RestartPolicy, VolumeMount, WorkloadSpec as ModelSpec,
+};
 
 use crate::agent::v1::{
-    EnvVar, HttpRoute, ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, WorkloadSpec,
+    ConfigKind, ConfigRef, EmptyDir, EnvFrom, EnvVar, HttpRoute, KeyRef, ModuleSource, Resources,
+    RestartPolicy as RestartPolicyMessage, Volume, WorkloadSpec, volume,
 };
 
 /// The agent's spec for `spec`: named `name` on the agent, at `generation` (a new generation
@@ -22,14 +25,14 @@ pub fn agent_workload_spec(
         generation,
         module: Some(module),
         args: spec.args.clone(),
-        env: spec
-            .env
+        env: spec.env.iter().map(env_var).collect(),
+        env_from: spec.env_from.iter().filter_map(env_from).collect(),
+        volumes: spec
+            .volume_mounts
             .iter()
-            .map(|e| EnvVar {
-                name: e.name.clone(),
-                value: e.value.clone(),
-            })
+            .filter_map(|mount| volume(spec, mount))
             .collect(),
+        namespace: String::new(),
         replicas,
         resources: Some(Resources {
             memory_limit_bytes: limits.memory_limit_bytes,
@@ -57,4 +60,74 @@ pub fn agent_workload_spec(
             .unwrap_or(0),
         owner: String::new(),
     }
+}
+
+fn env_var(var: &ModelEnvVar) -> EnvVar {
+    let source = var.value_from.as_ref();
+    let value_from = source.and_then(|s| {
+        let (kind, selector) = match (&s.config_map_key_ref, &s.secret_key_ref) {
+            (Some(selector), _) => (ConfigKind::ConfigMap, selector),
+            (None, Some(selector)) => (ConfigKind::Secret, selector),
+            (None, None) => return None,
+        };
+        Some(KeyRef {
+            kind: kind as i32,
+            name: selector.name.clone(),
+            key: selector.key.clone(),
+            optional: selector.optional.unwrap_or(false),
+        })
+    });
+    EnvVar {
+        name: var.name.clone(),
+        value: var.value.clone(),
+        value_from,
+    }
+}
+
+fn env_from(source: &EnvFromSource) -> Option<EnvFrom> {
+    let (kind, object) = match (&source.config_map_ref, &source.secret_ref) {
+        (Some(object), _) => (ConfigKind::ConfigMap, object),
+        (None, Some(object)) => (ConfigKind::Secret, object),
+        (None, None) => return None,
+    };
+    Some(EnvFrom {
+        kind: kind as i32,
+        name: object.name.clone(),
+        prefix: source.prefix.clone().unwrap_or_default(),
+        optional: object.optional.unwrap_or(false),
+    })
+}
+
+/// A mount and its volume as one agent volume; `None` for a mount of no declared volume
+/// (validation rejects those).
+fn volume(spec: &ModelSpec, mount: &VolumeMount) -> Option<Volume> {
+    let declared = spec.volumes.iter().find(|v| v.name == mount.name)?;
+    let config = |kind: ConfigKind, name: &str, optional: Option<bool>| {
+        volume::Source::Config(ConfigRef {
+            kind: kind as i32,
+            name: name.to_string(),
+            optional: optional.unwrap_or(false),
+        })
+    };
+    let source = if let Some(empty) = &declared.empty_dir {
+        volume::Source::EmptyDir(EmptyDir {
+            size_limit_bytes: empty
+                .size_limit
+                .as_deref()
+                .and_then(|l| flotilla_model::parse_bytes(l).ok())
+                .unwrap_or(0),
+        })
+    } else if let Some(config_map) = &declared.config_map {
+        config(ConfigKind::ConfigMap, &config_map.name, config_map.optional)
+    } else if let Some(secret) = &declared.secret {
+        config(ConfigKind::Secret, &secret.secret_name, secret.optional)
+    } else {
+        volume::Source::HostPath(declared.host_path.as_ref()?.path.clone())
+    };
+    Some(Volume {
+        name: mount.name.clone(),
+        mount_path: mount.mount_path.clone(),
+        read_only: !declared.writable(mount),
+        source: Some(source),
+    })
 }

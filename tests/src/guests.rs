@@ -43,13 +43,16 @@ pub fn clang(sources: &[PathBuf], flags: &[&str]) -> anyhow::Result<Vec<u8>> {
     Ok(std::fs::read(&wasm)?)
 }
 
-/// The C command `examples/guests/hello-c.c`.
+/// A C command of `examples/guests/` (`hello-c`, `files`).
 ///
 /// # Errors
 /// Fails when clang does.
-pub fn build_hello_c() -> anyhow::Result<Vec<u8>> {
-    clang(&[guests_dir().join("hello-c.c")], &[])
+pub fn build_c_command(name: &str) -> anyhow::Result<Vec<u8>> {
+    clang(&[guests_dir().join(format!("{name}.c"))], &[])
 }
+
+/// The C commands of `examples/guests/`.
+pub const C_COMMANDS: [&str; 2] = ["hello-c", "files"];
 
 /// The HTTP guest `examples/guests/http/<name>.c` as a `wasi:http/proxy` component: compiled as
 /// a reactor with the committed `wit-bindgen` bindings, given the world's type information from
@@ -96,7 +99,9 @@ pub fn build_all() -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
             built.push((path.with_extension("wasm"), wasm));
         }
     }
-    built.push((dir.join("hello-c.wasm"), build_hello_c()?));
+    for name in C_COMMANDS {
+        built.push((dir.join(format!("{name}.wasm")), build_c_command(name)?));
+    }
     for name in HTTP_GUESTS {
         built.push((
             dir.join(format!("http/{name}.wasm")),

@@ -621,6 +621,7 @@ fn agent_spec(
     let replicas = u32::try_from(replicas).unwrap_or(u32::MAX);
     let mut spec = agent_workload_spec(template, name, generation, replicas, module);
     spec.owner = owner;
+    spec.namespace = key.namespace;
     spec
 }
 

@@ -21,6 +21,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::Exit;
 use super::logs::LogBuffer;
+use super::volumes::Mounts;
 use super::wasmtime::{P2State, PreparedWorkload, WasmtimeRuntime, classify};
 use crate::metrics::WorkloadHttpMetrics;
 
@@ -309,6 +310,8 @@ pub struct HttpPool {
     timeout: Duration,
     logs: Arc<LogBuffer>,
     metrics: WorkloadHttpMetrics,
+    /// The replica's volumes, mounted by every request's sandbox.
+    mounts: Option<Arc<Mounts>>,
 }
 
 // === impl HttpPool ===
@@ -320,6 +323,7 @@ impl HttpPool {
         pre: ProxyPre<P2State>,
         settings: &HttpSettings,
         logs: Arc<LogBuffer>,
+        mounts: Option<Arc<Mounts>>,
     ) -> Self {
         let max_concurrency = settings.max_concurrency as usize;
         let metrics = runtime.http_metrics().workload(&settings.owner);
@@ -332,6 +336,7 @@ impl HttpPool {
             pre,
             logs,
             metrics,
+            mounts,
         }
     }
 
@@ -364,7 +369,18 @@ impl HttpPool {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let mut store = self.runtime.request_store(&self.prepared, &self.logs);
+        let mut store =
+            match self
+                .runtime
+                .request_store(&self.prepared, &self.logs, self.mounts.as_ref())
+            {
+                Ok(store) => store,
+                Err(exit) => {
+                    let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
+                    self.logs.write(line.as_bytes());
+                    return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
+                }
+            };
         let mut http = store.data_mut().http();
         let resources = http
             .new_incoming_request(Scheme::Http, request)

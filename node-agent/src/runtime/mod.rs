@@ -12,6 +12,7 @@ pub mod capacity;
 pub mod http;
 pub mod limits;
 pub mod logs;
+pub mod volumes;
 mod wasmtime;
 
 use std::future::Future;
@@ -97,6 +98,10 @@ pub enum Exit {
     RouteConflict(String),
     /// An HTTP replica's readiness request did not answer 2xx.
     NotReady(String),
+    /// A ConfigMap or Secret (or one of its keys) that the sandbox needs is missing.
+    Config(String),
+    /// A volume could not be set up.
+    Volume(String),
 }
 
 // === impl Exit ===
@@ -119,6 +124,8 @@ impl Exit {
             Exit::Stopped => "Stopped",
             Exit::RouteConflict(_) => "RouteConflict",
             Exit::NotReady(_) => "ReadinessFailed",
+            Exit::Config(_) => "ConfigError",
+            Exit::Volume(_) => "VolumeError",
         }
     }
 
@@ -130,7 +137,9 @@ impl Exit {
             | Exit::OutOfMemory(msg)
             | Exit::CpuLimit(msg)
             | Exit::RouteConflict(msg)
-            | Exit::NotReady(msg) => msg.clone(),
+            | Exit::NotReady(msg)
+            | Exit::Config(msg)
+            | Exit::Volume(msg) => msg.clone(),
             Exit::DeadlineExceeded(d) => format!("run exceeded its deadline of {d:?}"),
             Exit::Stopped => "stopped by the agent".to_string(),
         }
@@ -206,6 +215,9 @@ pub enum SandboxError {
     /// The workload asks for more than the agent allows per sandbox.
     #[error("{0}")]
     Limits(String),
+    /// A `hostPath` volume the agent does not allow.
+    #[error("{0}")]
+    VolumeNotAllowed(String),
 }
 
 // === impl SandboxError ===
@@ -216,6 +228,7 @@ impl SandboxError {
         match self {
             SandboxError::ReadModule { .. } | SandboxError::MissingModule => "ModuleUnavailable",
             SandboxError::Limits(_) => "InvalidLimits",
+            SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
             _ => "InvalidModule",
         }
     }
@@ -252,6 +265,9 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Limits for workloads that set none. See [`SandboxLimits`].
     pub default_limits: SandboxLimits,
+    /// Where volumes live and which node directories they may mount. Default: a directory
+    /// under the system's temporary directory, no `hostPath`.
+    pub volumes: volumes::VolumeConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -269,6 +285,10 @@ impl Default for RuntimeConfig {
             compile_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             compile_timeout: Duration::from_secs(60),
             cache_dir: None,
+            volumes: volumes::VolumeConfig {
+                dir: std::env::temp_dir().join(format!("flotilla-volumes-{}", std::process::id())),
+                host_paths: Vec::new(),
+            },
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,
                 memory_request_bytes: 0,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::agent::v1::{WorkloadSpec, module_source};
+use flotilla_proto::agent::v1::{ConfigKind, EnvFrom, EnvVar, Volume, WorkloadSpec, module_source};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
@@ -34,13 +34,16 @@ use super::http::{
 };
 use super::limits::{CpuLimitExceeded, Limiter, MemoryLimitExceeded, SandboxLimits};
 use super::logs::{LogBuffer, LogSink};
+use super::volumes::{self, ConfigFiles, ConfigKey, Mounts};
 use super::{Exit, Prepared, RuntimeConfig, SandboxError, SandboxInstance, SandboxRuntime};
 use crate::metrics::HttpMetrics;
 
-/// Per-store state: the guest's WASI context and its limits.
+/// Per-store state: the guest's WASI context, its limits, and the volumes its run mounts
+/// (removed when the store is dropped, unless an HTTP replica still shares them).
 pub struct SandboxState<W> {
     wasi: W,
     limiter: Limiter,
+    _mounts: Option<Arc<Mounts>>,
 }
 
 /// WASI state of a preview 2 component: WASI, and `wasi:http` for handlers and for outgoing
@@ -91,7 +94,80 @@ pub struct PreparedWorkload {
     /// argv, with the workload name as argv[0].
     args: Box<[String]>,
     env: Box<[(String, String)]>,
+    /// Set when the environment takes values from ConfigMaps or Secrets, read at each start.
+    config_env: Option<Box<ConfigEnv>>,
+    /// Directories each sandbox mounts.
+    volumes: Box<[Volume]>,
+    /// The namespace of the ConfigMaps and Secrets it refers to.
+    namespace: String,
     limits: SandboxLimits,
+}
+
+/// An environment with values from ConfigMaps and Secrets, in the order Kubernetes applies it:
+/// `envFrom` first, then `env` (later names win).
+struct ConfigEnv {
+    from: Vec<EnvFrom>,
+    vars: Vec<EnvVar>,
+}
+
+impl ConfigEnv {
+    /// The variables now: `envFrom` keys (prefixed), then `env` (literal or from a key).
+    fn resolve(&self, namespace: &str, files: &ConfigFiles) -> Result<Vec<(String, String)>, Exit> {
+        let mut env: Vec<(String, String)> = Vec::new();
+        let set = |env: &mut Vec<(String, String)>, name: String, value: String| match env
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+        {
+            Some(existing) => existing.1 = value,
+            None => env.push((name, value)),
+        };
+        for source in &self.from {
+            let key = ConfigKey {
+                kind: source.kind(),
+                namespace: namespace.to_string(),
+                name: source.name.clone(),
+            };
+            match files.get(&key) {
+                Some(data) => {
+                    for (name, value) in data.iter() {
+                        // Values that are not text cannot be variables; as in Kubernetes,
+                        // they are skipped.
+                        if let Ok(value) = std::str::from_utf8(value) {
+                            set(
+                                &mut env,
+                                format!("{}{name}", source.prefix),
+                                value.to_string(),
+                            );
+                        }
+                    }
+                }
+                None if source.optional => {}
+                None => {
+                    return Err(Exit::Config(format!(
+                        "{} {}/{} not found (envFrom)",
+                        if source.kind() == ConfigKind::Secret {
+                            "secret"
+                        } else {
+                            "configmap"
+                        },
+                        namespace,
+                        source.name
+                    )));
+                }
+            }
+        }
+        for var in &self.vars {
+            match &var.value_from {
+                None => set(&mut env, var.name.clone(), var.value.clone()),
+                Some(reference) => {
+                    if let Some(value) = files.value(namespace, reference)? {
+                        set(&mut env, var.name.clone(), value);
+                    }
+                }
+            }
+        }
+        Ok(env)
+    }
 }
 
 impl PreparedWorkload {
@@ -105,13 +181,30 @@ impl PreparedWorkload {
         self.http.as_ref()
     }
 
-    fn wasi(&self, logs: &Arc<LogBuffer>) -> WasiCtxBuilder {
+    /// A sandbox's WASI context: arguments, environment (read from `files` now, when it comes
+    /// from ConfigMaps or Secrets), output to `logs`, and the directories of `mounts`.
+    fn wasi(
+        &self,
+        logs: &Arc<LogBuffer>,
+        files: &ConfigFiles,
+        mounts: Option<&Mounts>,
+    ) -> Result<WasiCtxBuilder, Exit> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&self.args)
-            .envs(&self.env)
             .stdout(LogSink(logs.clone()))
             .stderr(LogSink(logs.clone()));
-        wasi
+        match &self.config_env {
+            None => {
+                wasi.envs(&self.env);
+            }
+            Some(config_env) => {
+                wasi.envs(&config_env.resolve(&self.namespace, files)?);
+            }
+        }
+        if let Some(mounts) = mounts {
+            mounts.preopen(&mut wasi)?;
+        }
+        Ok(wasi)
     }
 }
 
@@ -153,6 +246,7 @@ struct Inner {
     loaded: AtomicU64,
     http_routes: HttpRoutes,
     http_metrics: HttpMetrics,
+    config_files: ConfigFiles,
 }
 
 /// How modules were obtained since the runtime started.
@@ -217,6 +311,7 @@ impl WasmtimeRuntime {
             std::fs::create_dir_all(dir).map_err(|e| RuntimeError::CacheDir(dir.clone(), e))?;
         }
         spawn_epoch_ticker(&engine, config.epoch_tick);
+        let config_files = ConfigFiles::new(config.volumes.dir.join("config"));
 
         Ok(Self {
             inner: Arc::new(Inner {
@@ -231,6 +326,7 @@ impl WasmtimeRuntime {
                 loaded: AtomicU64::new(0),
                 http_routes: HttpRoutes::default(),
                 http_metrics: HttpMetrics::default(),
+                config_files,
             }),
         })
     }
@@ -250,13 +346,23 @@ impl WasmtimeRuntime {
         &self.inner.http_metrics
     }
 
-    /// A fresh store for one request of an HTTP workload.
+    /// The ConfigMaps and Secrets the control plane handed this agent.
+    pub fn config_files(&self) -> &ConfigFiles {
+        &self.inner.config_files
+    }
+
+    /// A fresh store for one request of an HTTP workload, with its replica's `mounts`.
+    ///
+    /// # Errors
+    /// The environment or the mounts could not be set up.
     pub(super) fn request_store(
         &self,
         prepared: &PreparedWorkload,
         logs: &Arc<LogBuffer>,
-    ) -> Store<P2State> {
-        self.new_store(P2Wasi::new(prepared.wasi(logs)), &prepared.limits)
+        mounts: Option<&Arc<Mounts>>,
+    ) -> Result<Store<P2State>, Exit> {
+        let wasi = prepared.wasi(logs, &self.inner.config_files, mounts.map(|m| &**m))?;
+        Ok(self.new_store(P2Wasi::new(wasi), &prepared.limits, mounts.cloned()))
     }
 
     /// The configuration the runtime was created with.
@@ -355,12 +461,18 @@ impl WasmtimeRuntime {
         })
     }
 
-    fn new_store<W: Send>(&self, wasi: W, limits: &SandboxLimits) -> Store<SandboxState<W>> {
+    fn new_store<W: Send>(
+        &self,
+        wasi: W,
+        limits: &SandboxLimits,
+        mounts: Option<Arc<Mounts>>,
+    ) -> Store<SandboxState<W>> {
         let mut store = Store::new(
             &self.inner.engine,
             SandboxState {
                 wasi,
                 limiter: Limiter::new(limits),
+                _mounts: mounts,
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -413,9 +525,18 @@ impl SandboxRuntime for WasmtimeRuntime {
             (None, Artifact::Proxy(_)) => return Err(SandboxError::HttpWithoutRoute),
             (None, _) => None,
         };
+        volumes::check(&spec.volumes, &self.inner.config.volumes)
+            .map_err(SandboxError::VolumeNotAllowed)?;
         let mut args = Vec::with_capacity(spec.args.len() + 1);
-        args.push(spec.name.clone());
+        // argv[0] is the workload's name, not the name of one of its revisions.
+        args.push(if spec.owner.is_empty() {
+            spec.name.clone()
+        } else {
+            spec.owner.clone()
+        });
         args.extend(spec.args.iter().cloned());
+        let uses_config =
+            !spec.env_from.is_empty() || spec.env.iter().any(|e| e.value_from.is_some());
         Ok(Arc::new(PreparedWorkload {
             name: spec.name.as_str().into(),
             digest,
@@ -427,6 +548,14 @@ impl SandboxRuntime for WasmtimeRuntime {
                 .iter()
                 .map(|e| (e.name.clone(), e.value.clone()))
                 .collect(),
+            config_env: uses_config.then(|| {
+                Box::new(ConfigEnv {
+                    from: spec.env_from.clone(),
+                    vars: spec.env.clone(),
+                })
+            }),
+            volumes: spec.volumes.clone().into(),
+            namespace: spec.namespace.clone(),
             limits,
         }))
     }
@@ -436,10 +565,20 @@ impl SandboxRuntime for WasmtimeRuntime {
         prepared: &Arc<PreparedWorkload>,
         logs: Arc<LogBuffer>,
     ) -> Result<WasmtimeInstance, Exit> {
-        let mut wasi = prepared.wasi(&logs);
+        let mounts = if prepared.volumes.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Mounts::create(
+                &prepared.volumes,
+                &prepared.namespace,
+                &self.inner.config.volumes,
+                &self.inner.config_files,
+            )?))
+        };
+        let mut wasi = prepared.wasi(&logs, &self.inner.config_files, mounts.as_deref())?;
         match &*prepared.artifact {
             Artifact::Module(pre) => {
-                let mut store = self.new_store(wasi.build_p1(), &prepared.limits);
+                let mut store = self.new_store(wasi.build_p1(), &prepared.limits, mounts);
                 // Boxed: inline, this future would enlarge every long-lived sandbox task.
                 let instance = Box::pin(pre.instantiate_async(&mut store))
                     .await
@@ -450,7 +589,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 Ok(WasmtimeInstance::Module(store, start))
             }
             Artifact::Command(pre) => {
-                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits);
+                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits, mounts);
                 let command = Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
@@ -462,7 +601,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 };
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
-                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits);
+                let mut store = self.new_store(P2Wasi::new(wasi), &prepared.limits, mounts.clone());
                 Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
@@ -473,6 +612,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                     pre.clone(),
                     settings,
                     logs,
+                    mounts,
                 ));
                 if let Some(path) = &settings.readiness_path {
                     // Boxed: inline, a whole request's future would enlarge every sandbox task.

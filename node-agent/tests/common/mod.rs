@@ -53,6 +53,9 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         http: None,
         min_ready_seconds: 0,
         owner: String::new(),
+        namespace: "default".into(),
+        env_from: vec![],
+        volumes: vec![],
     }
 }
 
@@ -60,6 +63,7 @@ pub fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: value.into(),
+        value_from: None,
     }
 }
 

@@ -27,6 +27,99 @@ pub struct EnvVar {
     pub name: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub value: ::prost::alloc::string::String,
+    /// Set instead of `value`: read from the agent's copy of the object when a sandbox starts.
+    #[prost(message, optional, tag = "3")]
+    pub value_from: ::core::option::Option<KeyRef>,
+}
+/// One key of a ConfigMap or Secret of the workload's namespace.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeyRef {
+    #[prost(enumeration = "ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub key: ::prost::alloc::string::String,
+    /// Leave the variable unset when the object or key is missing, rather than fail the sandbox.
+    #[prost(bool, tag = "4")]
+    pub optional: bool,
+}
+/// Every key of a ConfigMap or Secret of the workload's namespace as environment variables.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EnvFrom {
+    #[prost(enumeration = "ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Put before every key's name.
+    #[prost(string, tag = "3")]
+    pub prefix: ::prost::alloc::string::String,
+    #[prost(bool, tag = "4")]
+    pub optional: bool,
+}
+/// A directory the guest reaches at `mount_path` (a WASI preopen); nothing else of the host's
+/// filesystem is reachable, and `..` or symlinks cannot leave it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Volume {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Absolute guest path.
+    #[prost(string, tag = "2")]
+    pub mount_path: ::prost::alloc::string::String,
+    #[prost(bool, tag = "3")]
+    pub read_only: bool,
+    #[prost(oneof = "volume::Source", tags = "4, 5, 6")]
+    pub source: ::core::option::Option<volume::Source>,
+}
+/// Nested message and enum types in `Volume`.
+pub mod volume {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Source {
+        /// A scratch directory of its own for each run, removed when the run ends.
+        #[prost(message, tag = "4")]
+        EmptyDir(super::EmptyDir),
+        /// A directory of the node; the agent refuses paths outside its --allow-host-path list.
+        #[prost(string, tag = "5")]
+        HostPath(::prost::alloc::string::String),
+        /// The keys of a ConfigMap or Secret of the workload's namespace, one file each; updated
+        /// in place when the object changes.
+        #[prost(message, tag = "6")]
+        Config(super::ConfigRef),
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EmptyDir {
+    /// Bytes it may hold (a tmpfs of that size); 0 for a plain directory on the agent's disk.
+    #[prost(uint64, tag = "1")]
+    pub size_limit_bytes: u64,
+}
+/// A ConfigMap or Secret of the workload's namespace.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConfigRef {
+    #[prost(enumeration = "ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// An empty directory rather than a failed sandbox when it is missing.
+    #[prost(bool, tag = "3")]
+    pub optional: bool,
+}
+/// A ConfigMap's or Secret's data, as the control plane hands it to the agents whose sandboxes
+/// use it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfigObject {
+    #[prost(enumeration = "ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// Key → value (a Secret's decoded).
+    #[prost(map = "string, bytes", tag = "4")]
+    pub data: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::vec::Vec<u8>,
+    >,
 }
 /// Per-sandbox limits. Zero means "the agent's default".
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -87,6 +180,13 @@ pub struct WorkloadSpec {
     /// the next. Empty: the workload is its own owner.
     #[prost(string, tag = "11")]
     pub owner: ::prost::alloc::string::String,
+    /// The namespace of the ConfigMaps and Secrets it refers to.
+    #[prost(string, tag = "12")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "13")]
+    pub env_from: ::prost::alloc::vec::Vec<EnvFrom>,
+    #[prost(message, repeated, tag = "14")]
+    pub volumes: ::prost::alloc::vec::Vec<Volume>,
 }
 /// Where an HTTP workload answers in the agent's ingress, and its per-request limits.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -152,6 +252,36 @@ pub struct SandboxStatus {
     /// Set once a run has ended.
     #[prost(message, optional, tag = "10")]
     pub last_termination: ::core::option::Option<Termination>,
+}
+/// A ConfigMap or a Secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ConfigKind {
+    Unspecified = 0,
+    ConfigMap = 1,
+    Secret = 2,
+}
+impl ConfigKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CONFIG_KIND_UNSPECIFIED",
+            Self::ConfigMap => "CONFIG_KIND_CONFIG_MAP",
+            Self::Secret => "CONFIG_KIND_SECRET",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CONFIG_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "CONFIG_KIND_CONFIG_MAP" => Some(Self::ConfigMap),
+            "CONFIG_KIND_SECRET" => Some(Self::Secret),
+            _ => None,
+        }
+    }
 }
 /// What the agent does when a sandbox ends. Mirrors a Pod's restartPolicy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

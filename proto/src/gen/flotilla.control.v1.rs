@@ -137,7 +137,7 @@ pub struct WorkloadCounts {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -150,7 +150,29 @@ pub mod control_message {
         Logs(super::StreamLogs),
         #[prost(message, tag = "3")]
         Routes(super::ClusterRoutes),
+        #[prost(message, tag = "4")]
+        Config(super::ConfigObjects),
     }
+}
+/// The ConfigMaps and Secrets that workloads placed on the node refer to. The first message of a
+/// session is complete (`incremental` false); later ones carry what changed and what left.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfigObjects {
+    #[prost(message, repeated, tag = "1")]
+    pub objects: ::prost::alloc::vec::Vec<super::super::agent::v1::ConfigObject>,
+    #[prost(bool, tag = "2")]
+    pub incremental: bool,
+    #[prost(message, repeated, tag = "3")]
+    pub removed: ::prost::alloc::vec::Vec<ConfigObjectKey>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConfigObjectKey {
+    #[prost(enumeration = "super::super::agent::v1::ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
 }
 /// Every HTTP workload's route and the ingresses of the nodes that serve it, sent on session
 /// open and whenever it changes (always complete). An agent's ingress passes a request for a

@@ -1,0 +1,190 @@
+//! Volumes: directories a sandbox reaches as WASI preopens, declared in `spec.volumes` and
+//! mounted at guest paths by `spec.volumeMounts`, as a Pod's volumes and a container's mounts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{parse_bytes, validate_name};
+
+/// A directory a workload's sandboxes can mount: exactly one source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct Volume {
+    /// Its name, which mounts refer to.
+    pub name: String,
+    /// A scratch directory of its own for each sandbox run, removed when the run ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolume>,
+    /// The keys of a ConfigMap of the workload's namespace, one file each (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolume>,
+    /// The keys of a Secret of the workload's namespace, one file each (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolume>,
+    /// A directory of the node, if the agent allows it (`--allow-host-path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolume>,
+}
+
+/// A per-run scratch directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct EmptyDirVolume {
+    /// Bytes it may hold, e.g. `1Mi`: writes beyond fail with "no space". Backed by a tmpfs
+    /// of that size (as `medium: Memory` in Kubernetes), counted against nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<String>,
+}
+
+/// Files from a ConfigMap.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct ConfigMapVolume {
+    /// The ConfigMap.
+    pub name: String,
+    /// Run even when it does not exist (an empty directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// Files from a Secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct SecretVolume {
+    /// The Secret.
+    pub secret_name: String,
+    /// Run even when it does not exist (an empty directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// A directory of the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct HostPathVolume {
+    /// Its absolute path on the node.
+    pub path: String,
+}
+
+/// Where a volume appears in the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct VolumeMount {
+    /// The volume.
+    pub name: String,
+    /// The absolute guest path, e.g. `/data`.
+    pub mount_path: String,
+    /// Mount it read-only. Default: read-write for `emptyDir`, read-only for everything
+    /// else; `configMap` and `secret` volumes are always read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+}
+
+impl Volume {
+    /// Whether sandboxes may write to it, given a mount's `readOnly`.
+    pub fn writable(&self, mount: &VolumeMount) -> bool {
+        match mount.read_only {
+            Some(read_only) => !read_only && self.config_map.is_none() && self.secret.is_none(),
+            None => self.empty_dir.is_some(),
+        }
+    }
+}
+
+/// Checks `volumes` and `mounts`, reporting each bad field through `fail`.
+pub(crate) fn validate(
+    volumes: &[Volume],
+    mounts: &[VolumeMount],
+    fail: &mut impl FnMut(&str, String),
+) {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, volume) in volumes.iter().enumerate() {
+        let field = format!("spec.volumes[{i}]");
+        if let Err(message) = validate_name(&volume.name) {
+            fail(&format!("{field}.name"), message);
+        }
+        if !names.insert(volume.name.as_str()) {
+            fail(
+                &format!("{field}.name"),
+                format!("{:?} is declared twice", volume.name),
+            );
+        }
+        let sources = [
+            volume.empty_dir.is_some(),
+            volume.config_map.is_some(),
+            volume.secret.is_some(),
+            volume.host_path.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            fail(
+                &field,
+                "must have exactly one of emptyDir, configMap, secret, hostPath".into(),
+            );
+        }
+        if let Some(limit) = volume
+            .empty_dir
+            .as_ref()
+            .and_then(|e| e.size_limit.as_ref())
+        {
+            match parse_bytes(limit) {
+                Ok(0) => fail(&format!("{field}.emptyDir.sizeLimit"), "must be > 0".into()),
+                Ok(_) => {}
+                Err(message) => fail(&format!("{field}.emptyDir.sizeLimit"), message),
+            }
+        }
+        if let Some(config_map) = &volume.config_map
+            && let Err(message) = validate_name(&config_map.name)
+        {
+            fail(&format!("{field}.configMap.name"), message);
+        }
+        if let Some(secret) = &volume.secret
+            && let Err(message) = validate_name(&secret.secret_name)
+        {
+            fail(&format!("{field}.secret.secretName"), message);
+        }
+        if let Some(host) = &volume.host_path
+            && let Err(message) = validate_absolute(&host.path)
+        {
+            fail(&format!("{field}.hostPath.path"), message);
+        }
+    }
+    let mut paths = std::collections::BTreeSet::new();
+    for (i, mount) in mounts.iter().enumerate() {
+        let field = format!("spec.volumeMounts[{i}]");
+        if !names.contains(mount.name.as_str()) {
+            fail(
+                &format!("{field}.name"),
+                format!("{:?} is not a volume of spec.volumes", mount.name),
+            );
+        }
+        if let Err(message) = validate_absolute(&mount.mount_path) {
+            fail(&format!("{field}.mountPath"), message);
+        } else if !paths.insert(mount.mount_path.trim_end_matches('/')) {
+            fail(
+                &format!("{field}.mountPath"),
+                format!("{:?} is mounted twice", mount.mount_path),
+            );
+        }
+    }
+}
+
+/// An absolute path without `.` or `..` segments.
+fn validate_absolute(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?}: must be an absolute path"));
+    }
+    if path
+        .split('/')
+        .any(|segment| segment == ".." || segment == ".")
+    {
+        return Err(format!("{path:?}: must not contain . or .. segments"));
+    }
+    if path.contains('\0') {
+        return Err(format!("{path:?}: must not contain NUL"));
+    }
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! Volumes and configuration with real sandboxes: the C guest `examples/guests/files.c` tries
+//! to leave its mounts, fills a size-limited emptyDir, and reads ConfigMap files and Secret
+//! environment variables, updated while it runs.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use flotilla_node_agent::runtime::volumes::{HostPathRule, VolumeConfig};
+use flotilla_node_agent::supervisor::Supervisor;
+use flotilla_proto::agent::v1::{
+    ConfigKind, ConfigObject, ConfigRef, EmptyDir, EnvFrom, EnvVar, KeyRef, RestartPolicy,
+    SandboxPhase, Volume, WorkloadSpec, volume,
+};
+
+fn files_guest() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/files.wasm");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn supervisor_with(volumes: VolumeConfig) -> Supervisor {
+    let mut config = runtime_config();
+    config.volumes = volumes;
+    supervisor(config)
+}
+
+fn files_spec(name: &str, args: &[&str], volumes: Vec<Volume>) -> WorkloadSpec {
+    let mut spec = spec(name, files_guest());
+    spec.args = args.iter().map(|a| a.to_string()).collect();
+    spec.volumes = volumes;
+    spec
+}
+
+fn mount(name: &str, path: &str, read_only: bool, source: volume::Source) -> Volume {
+    Volume {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only,
+        source: Some(source),
+    }
+}
+
+/// Runs the guest once and returns its output.
+async fn run(sup: &Supervisor, spec: WorkloadSpec) -> String {
+    let name = spec.name.clone();
+    sup.apply(spec).await.expect("applied");
+    wait_for(sup, &name, "the run to end", all_ended()).await;
+    logs(sup, &name, 0)
+}
+
+fn line<'a>(output: &'a str, prefix: &str) -> &'a str {
+    output
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{output}"))
+}
+
+fn scratch_entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("scratch")).map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_leave_its_volumes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    std::fs::write(shared.join("inside.txt"), "inside\n").expect("write");
+    std::fs::write(dir.path().join("outside.txt"), "outside\n").expect("write");
+    // A symlink planted in the host directory, pointing out of it.
+    std::os::unix::fs::symlink("/etc", shared.join("etc")).expect("symlink");
+    std::os::unix::fs::symlink("../outside.txt", shared.join("up.txt")).expect("symlink");
+    let volumes_dir = dir.path().join("volumes");
+    let sup = supervisor_with(VolumeConfig {
+        dir: volumes_dir.clone(),
+        host_paths: vec![HostPathRule {
+            prefix: shared.clone(),
+            writable: false,
+        }],
+    });
+    let shared_path = shared.to_string_lossy().into_owned();
+    let spec = files_spec(
+        "escape",
+        &[
+            "read",
+            "/data/inside.txt",
+            "read",
+            "/data/../outside.txt",
+            "read",
+            "/data/../../../../etc/hostname",
+            "read",
+            "/etc/hostname",
+            "read",
+            "/data/etc/hostname",
+            "read",
+            "/data/up.txt",
+            "write",
+            "/data/new.txt",
+            "10",
+            "symlink",
+            "/etc",
+            "/scratch/etc",
+            "read",
+            "/scratch/etc/hostname",
+            "symlink",
+            "../../../..",
+            "/scratch/up",
+            "read",
+            "/scratch/up/etc/hostname",
+            "write",
+            "/scratch/ok.txt",
+            "10",
+            "read",
+            "/scratch/ok.txt",
+        ],
+        vec![
+            mount("data", "/data", true, volume::Source::HostPath(shared_path)),
+            mount(
+                "scratch",
+                "/scratch",
+                false,
+                volume::Source::EmptyDir(EmptyDir::default()),
+            ),
+        ],
+    );
+    let out = run(&sup, spec).await;
+    assert_eq!(
+        line(&out, "read /data/inside.txt"),
+        "read /data/inside.txt: ok: inside"
+    );
+    for escape in [
+        "read /data/../outside.txt",
+        "read /data/../../../../etc/hostname",
+        "read /etc/hostname",
+        "read /data/etc/hostname",
+        "read /data/up.txt",
+        "write /data/new.txt",
+        "read /scratch/etc/hostname",
+        "read /scratch/up/etc/hostname",
+    ] {
+        assert!(
+            line(&out, escape).contains("error"),
+            "{escape} escaped:\n{out}"
+        );
+    }
+    assert!(
+        !shared.join("new.txt").exists(),
+        "a read-only hostPath was written"
+    );
+    assert_eq!(
+        line(&out, "read /scratch/ok.txt"),
+        "read /scratch/ok.txt: ok: xxxxxxxxxx"
+    );
+    assert_eq!(
+        scratch_entries(&volumes_dir),
+        0,
+        "the emptyDir is removed with the run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_the_agent_does_not_allow_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sup = supervisor_with(VolumeConfig {
+        dir: dir.path().join("volumes"),
+        host_paths: vec![],
+    });
+    let spec = files_spec(
+        "host",
+        &["read", "/host/hostname"],
+        vec![mount(
+            "host",
+            "/host",
+            true,
+            volume::Source::HostPath("/etc".into()),
+        )],
+    );
+    let error = sup.apply(spec).await.expect_err("refused");
+    assert_eq!(error.reason(), "VolumeNotAllowed");
+    let cause = std::error::Error::source(&error).map(ToString::to_string);
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("hostPath /etc is not allowed")),
+        "{error}: {cause:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volumes_dir = dir.path().join("volumes");
+    let sup = supervisor_with(VolumeConfig {
+        dir: volumes_dir.clone(),
+        host_paths: vec![],
+    });
+    let limited = |name: &str, limit: u64| {
+        files_spec(
+            name,
+            &[
+                "write",
+                "/scratch/fill",
+                "1048576",
+                "write",
+                "/scratch/small",
+                "100",
+            ],
+            vec![mount(
+                "scratch",
+                "/scratch",
+                false,
+                volume::Source::EmptyDir(EmptyDir {
+                    size_limit_bytes: limit,
+                }),
+            )],
+        )
+    };
+    let (small, roomy) = tokio::join!(
+        run(&sup, limited("small", 256 << 10)),
+        run(&sup, limited("roomy", 4 << 20)),
+    );
+    let fill = line(&small, "write /scratch/fill");
+    assert!(fill.contains("No space left on device"), "{small}");
+    let written: u64 = fill
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .expect("bytes written");
+    assert!(written <= 256 << 10, "{written} bytes went past the limit");
+    assert!(written >= 128 << 10, "only {written} bytes fit");
+    assert_eq!(
+        line(&roomy, "write /scratch/fill"),
+        "write /scratch/fill: ok: 1048576"
+    );
+    assert_eq!(
+        line(&roomy, "write /scratch/small"),
+        "write /scratch/small: ok: 100"
+    );
+    let statuses = sup.list(Some("small"));
+    assert_eq!(
+        statuses[0].phase,
+        SandboxPhase::Succeeded as i32,
+        "the guest saw an error, no more"
+    );
+    assert_eq!(
+        scratch_entries(&volumes_dir),
+        0,
+        "both tmpfs are unmounted and removed"
+    );
+}
+
+fn object(kind: ConfigKind, name: &str, data: &[(&str, &str)]) -> ConfigObject {
+    ConfigObject {
+        kind: kind as i32,
+        namespace: "default".into(),
+        name: name.into(),
+        data: data
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    }
+}
+
+fn config_volume(kind: ConfigKind, name: &str, path: &str) -> Volume {
+    mount(
+        name,
+        path,
+        true,
+        volume::Source::Config(ConfigRef {
+            kind: kind as i32,
+            name: name.into(),
+            optional: false,
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sup = supervisor_with(VolumeConfig {
+        dir: dir.path().join("volumes"),
+        host_paths: vec![],
+    });
+    let files = sup.runtime().config_files();
+    files
+        .apply(
+            vec![
+                object(
+                    ConfigKind::ConfigMap,
+                    "app",
+                    &[("greeting", "v1"), ("mode", "fast")],
+                ),
+                object(ConfigKind::Secret, "creds", &[("password", "s3cret")]),
+            ],
+            true,
+            vec![],
+        )
+        .expect("config");
+
+    let mut spec = files_spec(
+        "config",
+        &[
+            "read",
+            "/config/greeting",
+            "env",
+            "PASSWORD",
+            "env",
+            "APP_mode",
+            "read",
+            "/secrets/password",
+            "write",
+            "/config/greeting",
+            "1",
+            "poll",
+            "/config/greeting",
+            "v2",
+            "10000",
+        ],
+        vec![
+            config_volume(ConfigKind::ConfigMap, "app", "/config"),
+            config_volume(ConfigKind::Secret, "creds", "/secrets"),
+        ],
+    );
+    spec.env = vec![EnvVar {
+        name: "PASSWORD".into(),
+        value: String::new(),
+        value_from: Some(KeyRef {
+            kind: ConfigKind::Secret as i32,
+            name: "creds".into(),
+            key: "password".into(),
+            optional: false,
+        }),
+    }];
+    spec.env_from = vec![EnvFrom {
+        kind: ConfigKind::ConfigMap as i32,
+        name: "app".into(),
+        prefix: "APP_".into(),
+        optional: false,
+    }];
+    sup.apply(spec).await.expect("applied");
+    // Once the guest has read v1, the ConfigMap changes; the running guest sees the new file.
+    let read_first = || logs(&sup, "config", 0).contains("read /config/greeting: ok: v1");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !read_first() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            logs(&sup, "config", 0)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    files
+        .apply(
+            vec![object(
+                ConfigKind::ConfigMap,
+                "app",
+                &[("greeting", "v2"), ("mode", "fast")],
+            )],
+            false,
+            vec![],
+        )
+        .expect("update");
+    wait_for(&sup, "config", "the run to end", all_ended()).await;
+    let out = logs(&sup, "config", 0);
+    assert_eq!(line(&out, "env PASSWORD"), "env PASSWORD: s3cret");
+    assert_eq!(line(&out, "env APP_mode"), "env APP_mode: fast");
+    assert_eq!(
+        line(&out, "read /secrets/password"),
+        "read /secrets/password: ok: s3cret"
+    );
+    assert!(
+        line(&out, "write /config/greeting").contains("error"),
+        "read-only:\n{out}"
+    );
+    assert_eq!(
+        line(&out, "poll /config/greeting"),
+        "poll /config/greeting: saw v2"
+    );
+    assert_eq!(sup.list(Some("config"))[0].restart_count, 0, "no restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_fails_the_sandbox_with_a_clear_reason() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sup = supervisor_with(VolumeConfig {
+        dir: dir.path().join("volumes"),
+        host_paths: vec![],
+    });
+    let mut spec = files_spec("needs-secret", &["env", "TOKEN"], vec![]);
+    spec.restart_policy = RestartPolicy::Never as i32;
+    spec.env = vec![EnvVar {
+        name: "TOKEN".into(),
+        value: String::new(),
+        value_from: Some(KeyRef {
+            kind: ConfigKind::Secret as i32,
+            name: "absent".into(),
+            key: "token".into(),
+            optional: false,
+        }),
+    }];
+    sup.apply(spec).await.expect("applied");
+    let statuses = wait_for(&sup, "needs-secret", "the failure", all_ended()).await;
+    let last = statuses[0].last_termination.as_ref().expect("termination");
+    assert_eq!(last.reason, "ConfigError");
+    assert_eq!(last.message, "secret default/absent not found");
+}
