@@ -6,10 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use flotilla_control_plane::model::{Condition, Workload};
+use flotilla_proto::agent::v1::{ConfigKind, ConfigObject};
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, GetRequest, ListEventsRequest, ListNodesRequest, ListRequest,
-    Node, PushModuleRequest, WatchRequest, WorkloadLogsRequest, WorkloadObject, watch_event,
+    ApplyConfigRequest, ApplyRequest, DeleteRequest, GetRequest, ListEventsRequest,
+    ListNodesRequest, ListRequest, Node, PushModuleRequest, WatchRequest, WorkloadLogsRequest,
+    WorkloadObject, watch_event,
 };
 use serde::Deserialize;
 use tokio_stream::StreamExt;
@@ -31,11 +33,13 @@ pub(crate) async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Chan
         })
 }
 
-/// A manifest document and the directory its relative paths resolve against.
+/// A manifest document and the directory its relative paths resolve against: a workload, or a
+/// ConfigMap or Secret (`v1`, as kubectl writes them).
 struct Document {
     source: String,
     base: PathBuf,
     workload: Workload,
+    config: Option<ConfigObject>,
 }
 
 /// `flotilla apply -f FILE|DIR|-`; returns the applied workloads.
@@ -49,6 +53,26 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
     }
     let mut client = connect(server).await?;
     let mut applied_all = Vec::with_capacity(documents.len());
+    // ConfigMaps and Secrets first: the workloads of the same apply may need them to start.
+    let (config, documents): (Vec<Document>, Vec<Document>) =
+        documents.into_iter().partition(|d| d.config.is_some());
+    for doc in config {
+        let Some(object) = doc.config else { continue };
+        let kind = if object.kind() == ConfigKind::Secret {
+            "secret"
+        } else {
+            "configmap"
+        };
+        let name = object.name.clone();
+        client
+            .apply_config(ApplyConfigRequest {
+                object: Some(object),
+                create_only: false,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", doc.source, s.message()))?;
+        println!("{kind}/{name} applied");
+    }
     for mut doc in documents {
         if let Some(path) = doc.workload.spec.module.path.take() {
             let path = doc.base.join(path);
@@ -127,14 +151,83 @@ fn parse_documents(
     out: &mut Vec<Document>,
 ) -> anyhow::Result<()> {
     for doc in serde_yaml::Deserializer::from_str(text) {
-        let workload = Workload::deserialize(doc).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let config = config_object(&value).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let workload = match config {
+            Some(_) => Workload::new("", "", Default::default()),
+            None => serde_yaml::from_value(value).map_err(|e| anyhow::anyhow!("{source}: {e}"))?,
+        };
         out.push(Document {
             source: source.to_string(),
             base: base.to_path_buf(),
             workload,
+            config,
         });
     }
     Ok(())
+}
+
+/// A `v1` ConfigMap or Secret document as the object the control plane stores; `None` for any
+/// other kind.
+fn config_object(value: &serde_yaml::Value) -> anyhow::Result<Option<ConfigObject>> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
+    let v1 = value.get("apiVersion").and_then(serde_yaml::Value::as_str) == Some("v1");
+    let namespace = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.namespace.clone().unwrap_or_default()
+    };
+    let object = match kind {
+        Some("ConfigMap") if v1 => {
+            let map: ConfigMap = serde_yaml::from_value(value.clone())?;
+            let mut data: BTreeMap<String, Vec<u8>> = map
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            data.extend(
+                map.binary_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0)),
+            );
+            ConfigObject {
+                kind: ConfigKind::ConfigMap as i32,
+                namespace: namespace(&map.metadata),
+                name: map.metadata.name.unwrap_or_default(),
+                data: data.into_iter().collect(),
+            }
+        }
+        Some("Secret") if v1 => {
+            let secret: Secret = serde_yaml::from_value(value.clone())?;
+            let mut data: BTreeMap<String, Vec<u8>> = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            // stringData wins over data, as in Kubernetes.
+            data.extend(
+                secret
+                    .string_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes())),
+            );
+            ConfigObject {
+                kind: ConfigKind::Secret as i32,
+                namespace: namespace(&secret.metadata),
+                name: secret.metadata.name.unwrap_or_default(),
+                data: data.into_iter().collect(),
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(object))
 }
 
 pub(crate) fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {

@@ -3,6 +3,7 @@
 //! `delete sandboxes`, `capacity`, `logs --from-agent`).
 
 mod agent;
+mod config;
 mod control;
 mod dev;
 mod output;
@@ -15,6 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use flotilla_proto::agent::v1::ConfigKind;
 
 #[derive(Parser)]
 #[command(name = "flotilla", version, about = "Drive Flotilla")]
@@ -40,6 +42,36 @@ struct Cli {
     tls_ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Commands,
+}
+
+/// `flotilla create ...`.
+#[derive(Subcommand)]
+enum CreateWhat {
+    /// A ConfigMap: `flotilla create configmap NAME --from-literal K=V --from-file PATH`.
+    #[command(alias = "cm")]
+    Configmap {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        sources: config::Sources,
+    },
+    /// A Secret: `flotilla create secret generic NAME --from-literal K=V --from-file PATH`.
+    Secret {
+        #[command(subcommand)]
+        kind: SecretKind,
+    },
+}
+
+/// The kinds of Secret `create secret` makes.
+#[derive(Subcommand)]
+enum SecretKind {
+    /// Opaque data from literals and files.
+    Generic {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        sources: config::Sources,
+    },
 }
 
 /// `flotilla rollout ...`.
@@ -83,15 +115,23 @@ enum Commands {
         #[arg(long, default_value = "5m", requires = "wait")]
         timeout: humantime::Duration,
     },
-    /// Lists workloads or nodes (control plane), or sandboxes (agent).
+    /// Creates a ConfigMap or Secret from literals and files, as kubectl does.
+    Create {
+        #[command(subcommand)]
+        what: CreateWhat,
+    },
+    /// Lists workloads, nodes, ConfigMaps or Secrets (control plane), or sandboxes (agent).
     Get {
-        /// `workloads`, `nodes` or `sandboxes`.
+        /// `workloads`, `nodes`, `configmaps`, `secrets` or `sandboxes`.
         resource: Resource,
         /// One object's name.
         name: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// The namespace of ConfigMaps and Secrets.
+        #[arg(short, long, default_value = flotilla_control_plane::model::DEFAULT_NAMESPACE)]
+        namespace: String,
     },
     /// Shows a workload in detail: spec, placements, conditions and recent failures.
     Describe {
@@ -113,12 +153,16 @@ enum Commands {
         #[arg(long)]
         replicas: u32,
     },
-    /// Deletes a workload (control plane) or stops its sandboxes on the agent.
+    /// Deletes a workload, ConfigMap or Secret (control plane) or stops a workload's sandboxes
+    /// on the agent.
     Delete {
-        /// `workload` or `sandboxes`.
+        /// `workload`, `configmap`, `secret` or `sandboxes`.
         resource: Resource,
-        /// The workload's name.
+        /// The object's name.
         name: String,
+        /// The namespace of ConfigMaps and Secrets.
+        #[arg(short, long, default_value = flotilla_control_plane::model::DEFAULT_NAMESPACE)]
+        namespace: String,
         /// Seconds sandboxes get to end (agent).
         #[arg(long, default_value_t = 5)]
         grace_period: u64,
@@ -164,6 +208,12 @@ enum Resource {
     /// Sandboxes on one node agent.
     #[value(alias = "sandbox")]
     Sandboxes,
+    /// ConfigMaps in the control plane.
+    #[value(alias = "configmap", alias = "cm")]
+    Configmaps,
+    /// Secrets in the control plane (names and keys only).
+    #[value(alias = "secret")]
+    Secrets,
 }
 
 /// Output formats, as kubectl's `-o`.
@@ -202,14 +252,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Commands::Create { what } => match what {
+            CreateWhat::Configmap { name, sources } => {
+                config::create(&cli.server, ConfigKind::ConfigMap, &name, &sources).await
+            }
+            CreateWhat::Secret {
+                kind: SecretKind::Generic { name, sources },
+            } => config::create(&cli.server, ConfigKind::Secret, &name, &sources).await,
+        },
         Commands::Get {
             resource,
             name,
             output,
+            namespace,
         } => match resource {
             Resource::Workloads => control::get(&cli.server, name.as_deref(), output).await,
             Resource::Nodes => control::get_nodes(&cli.server, name.as_deref(), output).await,
             Resource::Sandboxes => agent::get(&cli.agent, name, output).await,
+            Resource::Configmaps | Resource::Secrets => {
+                let kind = config_kind(resource);
+                config::get(&cli.server, kind, name.as_deref(), &namespace, output).await
+            }
         },
         Commands::Describe { resource, name } => match resource {
             Resource::Workloads => control::describe(&cli.server, &name).await,
@@ -228,9 +291,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Delete {
             resource,
             name,
+            namespace,
             grace_period,
         } => match resource {
             Resource::Workloads => control::delete(&cli.server, &name).await,
+            Resource::Configmaps | Resource::Secrets => {
+                config::delete(&cli.server, config_kind(resource), &name, &namespace).await
+            }
             Resource::Sandboxes => agent::delete(&cli.agent, &name, grace_period).await,
             Resource::Nodes => {
                 anyhow::bail!("nodes leave by stopping their agent; the control plane forgets them")
@@ -268,6 +335,16 @@ fn resource_name(resource: Resource) -> &'static str {
         Resource::Workloads => "workloads",
         Resource::Nodes => "nodes",
         Resource::Sandboxes => "sandboxes",
+        Resource::Configmaps => "configmaps",
+        Resource::Secrets => "secrets",
+    }
+}
+
+fn config_kind(resource: Resource) -> ConfigKind {
+    if resource == Resource::Secrets {
+        ConfigKind::Secret
+    } else {
+        ConfigKind::ConfigMap
     }
 }
 

@@ -17,7 +17,7 @@ use crate::grpc::{AgentService, WorkloadService};
 use crate::kubernetes;
 use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::{EmbeddedStore, KubeStore, WorkloadStore};
+use crate::store::{ConfigStore, EmbeddedStore, KubeStore, WorkloadStore};
 
 /// Where desired state lives.
 #[derive(Clone, Default)]
@@ -92,12 +92,13 @@ impl ControlPlane {
             StoreBackend::Embedded => {
                 let store = EmbeddedStore::open(&config.data_dir.join("store.redb"))
                     .context("opening the store")?;
-                Self::start_with(config, store, modules).await
+                let config_path = config.data_dir.join("config.redb");
+                Self::start_with(config, store, modules, Some(config_path)).await
             }
             StoreBackend::Kubernetes { client, instance } => {
                 let store = KubeStore::start(client.clone());
                 let control_plane =
-                    Self::start_with(config.clone(), store.clone(), modules).await?;
+                    Self::start_with(config.clone(), store.clone(), modules, None).await?;
                 let stop = control_plane.stopping.subscribe();
                 let stopped = move || {
                     let mut stop = stop.clone();
@@ -109,6 +110,11 @@ impl ControlPlane {
                     client.clone(),
                     control_plane.cluster.clone(),
                     config.node_startup_grace,
+                    stopped(),
+                ));
+                tokio::spawn(kubernetes::config::publish(
+                    client.clone(),
+                    control_plane.cluster.clone(),
                     stopped(),
                 ));
                 tokio::spawn(kubernetes::events::publish(
@@ -123,12 +129,20 @@ impl ControlPlane {
         }
     }
 
+    /// Starts over `store`; ConfigMaps and Secrets live in a redb file at `config_path`, or,
+    /// without one, in the Kubernetes cluster.
     async fn start_with<S: WorkloadStore + Clone>(
         config: ServerConfig,
         store: S,
         modules: ModuleStore,
+        config_path: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let cluster = Arc::new(Cluster::default());
+        let config_store = match &config_path {
+            Some(path) => ConfigStore::open(path, cluster.clone())
+                .context("opening the ConfigMap and Secret store")?,
+            None => ConfigStore::kubernetes(cluster.clone()),
+        };
         let (stopping, stop_seen) = tokio::sync::watch::channel(false);
 
         let controller = Controller::new(
@@ -212,6 +226,7 @@ impl ControlPlane {
                 .add_service(
                     WorkloadService::new(store, modules)
                         .with_cluster(served_cluster)
+                        .with_config(config_store)
                         .into_server(),
                 )
                 .add_service(agents.into_server())

@@ -77,6 +77,11 @@ impl Process {
         }
     }
 
+    /// Every line logged and not yet read, without waiting.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
     ///
     /// # Panics

@@ -165,6 +165,9 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--http-listen=0.0.0.0:8080",
         "--http-advertise-url=http://$(POD_IP):8080",
         "targetPort: http",
+        // Volumes of the sandboxes in the pod; ConfigMaps and Secrets readable for them.
+        "--volumes-dir=/var/lib/flotilla/volumes",
+        "resources: [\"configmaps\", \"secrets\"]",
     ] {
         assert!(
             default.contains(expected),
@@ -201,6 +204,11 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "hostPort: 8081",
         "--http-advertise-url=http://$(HOST_IP):8081",
         "nodePort: 30880",
+        // Node directories for hostPath volumes, mounted at the same path, read-only unless
+        // writable.
+        "--allow-host-path=/srv/models",
+        "--allow-host-path=/var/spool/wasm:rw",
+        "path: /var/spool/wasm",
     ] {
         assert!(
             all.contains(expected),

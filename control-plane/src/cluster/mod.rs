@@ -1,13 +1,15 @@
 //! What the control plane knows about its node agents, shared by the agent protocol, the user
 //! API and the controller: the [`NodeRegistry`], the live [`Sessions`] (which also relay logs)
-//! and the [`EventLog`] of sandbox failures, the HTTP [`RouteTable`], with the control plane's
-//! [`Metrics`].
+//! and the [`EventLog`] of sandbox failures, the HTTP [`RouteTable`], the [`ConfigSet`] of
+//! ConfigMaps and Secrets, with the control plane's [`Metrics`].
 
+pub mod config;
 pub mod events;
 pub mod nodes;
 pub mod routes;
 pub mod sessions;
 
+pub use self::config::{ConfigKey, ConfigSet};
 pub use self::events::{Event, EventLog, Notice};
 pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
 pub use self::routes::RouteTable;
@@ -25,6 +27,8 @@ pub struct Cluster {
     pub events: EventLog,
     /// Which node ingresses serve each HTTP workload.
     pub routes: RouteTable,
+    /// The ConfigMaps and Secrets workloads may refer to.
+    pub config: ConfigSet,
     /// Counters and gauges served at `/metrics`.
     pub metrics: Metrics,
 }

@@ -8,7 +8,7 @@
 //! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, store_status};
+use crate::cluster::config::{self, ConfigKey, NodeConfigState};
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, Workload, WorkloadSpec as ModelSpec, validate_name};
 use crate::modules::{ModuleError, ModuleStore, UrlModules};
@@ -261,16 +262,21 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let (tx, rx) = mpsc::channel(16);
         self.cluster.sessions.open(&node, &session_id, tx.clone());
 
-        // Down: the full desired set on open, then what changes; and the cluster's HTTP routes,
-        // on open and whenever they change.
+        // Down: the full desired set on open, then what changes; the ConfigMaps and Secrets its
+        // workloads use, before the workloads that need them; and the cluster's HTTP routes, on
+        // open and whenever they change.
         let down_node = node.clone();
         let mut routes = self.cluster.routes.subscribe();
         routes.mark_changed();
+        let mut config = self.cluster.config.subscribe();
         let down = tokio::spawn(async move {
             let mut desired = NodeDesiredState::new(down_node);
+            let mut node_config = NodeConfigState::default();
             let mut routes_open = true;
+            let mut config_open = true;
             loop {
-                let kind = tokio::select! {
+                let mut messages = Vec::with_capacity(2);
+                tokio::select! {
                     biased;
                     event = watch.next() => {
                         let update = match event {
@@ -283,17 +289,36 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                                 return;
                             }
                         };
-                        update.map(control_message::Kind::Desired)
+                        if let Some(update) = update {
+                            let objects = config.borrow().clone();
+                            messages.extend(
+                                node_config
+                                    .update(&desired.config_refs(), &objects)
+                                    .map(control_message::Kind::Config),
+                            );
+                            messages.push(control_message::Kind::Desired(update));
+                        }
+                    }
+                    changed = config.changed(), if config_open => {
+                        config_open = changed.is_ok();
+                        let objects = config.borrow_and_update().clone();
+                        messages.extend(
+                            node_config
+                                .update(&desired.config_refs(), &objects)
+                                .map(control_message::Kind::Config),
+                        );
                     }
                     changed = routes.changed(), if routes_open => {
                         routes_open = changed.is_ok();
                         let table = routes.borrow_and_update().clone();
-                        routes_open.then(|| control_message::Kind::Routes(ClusterRoutes {
-                            routes: table.to_vec(),
-                        }))
+                        if routes_open {
+                            messages.push(control_message::Kind::Routes(ClusterRoutes {
+                                routes: table.to_vec(),
+                            }));
+                        }
                     }
                 };
-                if let Some(kind) = kind {
+                for kind in messages {
                     let message = ControlMessage { kind: Some(kind) };
                     if tx.send(Ok(message)).await.is_err() {
                         return; // The agent has gone.
@@ -532,6 +557,16 @@ impl NodeDesiredState {
             self.sent.insert(key, wanted);
         }
         delta(changed, removed)
+    }
+
+    /// The ConfigMaps and Secrets the workloads sent to the node refer to.
+    pub fn config_refs(&self) -> BTreeSet<ConfigKey> {
+        self.sent
+            .values()
+            .flat_map(|revisions| revisions.values())
+            .filter_map(|w| w.spec.as_ref())
+            .flat_map(config::references)
+            .collect()
     }
 
     /// One workload was deleted.

@@ -54,6 +54,13 @@ async fn cluster_with_token(join_token: Option<&str>) -> Cluster {
             .add_service(
                 WorkloadService::new(store.clone(), modules.clone())
                     .with_cluster(cluster.clone())
+                    .with_config(
+                        crate::store::ConfigStore::open(
+                            &dir.path().join("config.redb"),
+                            cluster.clone(),
+                        )
+                        .expect("config store"),
+                    )
                     .into_server(),
             )
             .add_service(
@@ -133,8 +140,19 @@ impl FakeAgent {
         Self { up, down }
     }
 
-    /// The next message down the session, past route tables (sent on open and on changes).
+    /// The next message down the session, past route tables and config objects (sent on open
+    /// and on changes).
     async fn next(&mut self) -> control_message::Kind {
+        loop {
+            let kind = self.next_with_config().await;
+            if !matches!(kind, control_message::Kind::Config(_)) {
+                return kind;
+            }
+        }
+    }
+
+    /// The next message down the session, past route tables.
+    async fn next_with_config(&mut self) -> control_message::Kind {
         loop {
             let kind = tokio::time::timeout(Duration::from_secs(10), self.down.next())
                 .await
@@ -826,4 +844,97 @@ async fn a_rolling_update_runs_two_revisions_side_by_side_within_its_limits() {
     assert_eq!(status.revisions[0].generation, 2, "revision 2's generation");
     let numbers: Vec<u64> = status.revisions.iter().map(|r| r.revision).collect();
     assert_eq!(numbers, [4, 3, 1]);
+}
+
+fn secret(name: &str, value: &str) -> flotilla_proto::agent::v1::ConfigObject {
+    flotilla_proto::agent::v1::ConfigObject {
+        kind: flotilla_proto::agent::v1::ConfigKind::Secret as i32,
+        namespace: "default".into(),
+        name: name.into(),
+        data: [("password".to_string(), value.as_bytes().to_vec())].into(),
+    }
+}
+
+async fn apply_secret(cluster: &mut Cluster, name: &str, value: &str) {
+    cluster
+        .workloads
+        .apply_config(flotilla_proto::control::v1::ApplyConfigRequest {
+            object: Some(secret(name, value)),
+            create_only: false,
+        })
+        .await
+        .expect("apply config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_the_secrets_their_workloads_use_before_the_workloads() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    let config = |kind: control_message::Kind| match kind {
+        control_message::Kind::Config(config) => config,
+        other => panic!("expected config objects, got {other:?}"),
+    };
+    assert!(
+        config(a.next_with_config().await).objects.is_empty(),
+        "the complete, empty set"
+    );
+    assert!(a.next_desired().await.workloads.is_empty());
+    apply_secret(&mut cluster, "creds", "one").await;
+    apply_secret(&mut cluster, "unused", "never sent").await;
+
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    apply_spec(
+        &mut cluster,
+        "web",
+        &sha,
+        "replicas: 1, env: [{name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}]",
+    )
+    .await;
+    // The secret comes first, then the workload that needs it.
+    let sent = config(a.next_with_config().await);
+    assert!(sent.incremental);
+    assert_eq!(sent.objects.len(), 1);
+    assert_eq!(sent.objects[0].name, "creds");
+    assert_eq!(sent.objects[0].data["password"], b"one");
+    let desired = a.next_desired().await;
+    let spec = desired.workloads[0].spec.as_ref().expect("spec");
+    assert_eq!(spec.env[0].value, "", "the value is not in the spec");
+    assert_eq!(spec.namespace, "default");
+
+    // A change reaches the node; a change to a secret it does not use does not.
+    apply_secret(&mut cluster, "unused", "still never sent").await;
+    apply_secret(&mut cluster, "creds", "two").await;
+    let update = config(a.next_with_config().await);
+    assert_eq!(update.objects.len(), 1);
+    assert_eq!(update.objects[0].data["password"], b"two");
+
+    // Secrets are listed by name and size, never value.
+    let listed = cluster
+        .workloads
+        .list_config(flotilla_proto::control::v1::ListConfigRequest {
+            kind: flotilla_proto::agent::v1::ConfigKind::Secret as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.items.len(), 2);
+    assert_eq!(listed.items[0].sizes["password"], 3);
+
+    // The workload leaves the node: so does the secret.
+    cluster
+        .workloads
+        .delete(DeleteRequest {
+            namespace: String::new(),
+            name: "web".into(),
+        })
+        .await
+        .expect("delete");
+    loop {
+        if let control_message::Kind::Config(gone) = a.next_with_config().await {
+            assert_eq!(gone.removed.len(), 1);
+            assert_eq!(gone.removed[0].name, "creds");
+            break;
+        }
+    }
 }

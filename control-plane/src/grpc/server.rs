@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use flotilla_proto::agent::v1::LogChunk;
+use flotilla_proto::agent::v1::{ConfigObject, LogChunk};
 use flotilla_proto::control::v1::workloads_server::{Workloads, WorkloadsServer};
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, Event as EventMessage, GetRequest, ListEventsRequest,
+    ApplyConfigRequest, ApplyRequest, ConfigSummary, DeleteConfigRequest, DeleteRequest,
+    Event as EventMessage, GetRequest, ListConfigRequest, ListConfigResponse, ListEventsRequest,
     ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRequest, ListResponse,
     Node as NodeMessage, NodeResources as NodeResourcesMessage, PushModuleRequest,
     PushModuleResponse, Taint as TaintMessage, WatchEvent as WatchEventMessage, WatchRequest,
@@ -19,11 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{module_status, parse_manifest, store_status, to_object};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ConfigKey};
 use crate::model::WorkloadKey;
 use crate::modules::{ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeResources, WorkloadRequest};
-use crate::store::{WatchEvent, WorkloadStore};
+use crate::store::{ConfigError, ConfigStore, WatchEvent, WorkloadStore};
 
 /// Implements the user API on a [`WorkloadStore`], a [`ModuleStore`] and the live [`Cluster`].
 pub struct WorkloadService<S> {
@@ -31,6 +32,8 @@ pub struct WorkloadService<S> {
     modules: ModuleStore,
     downloads: UrlModules,
     cluster: Arc<Cluster>,
+    /// Where ConfigMaps and Secrets are written; none: the config calls are unavailable.
+    config: Option<ConfigStore>,
 }
 
 impl<S: WorkloadStore + Clone> WorkloadService<S> {
@@ -41,7 +44,21 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
             downloads: UrlModules::new(modules.clone()),
             modules,
             cluster: Arc::default(),
+            config: None,
         }
+    }
+
+    /// Serves ConfigMaps and Secrets from `config`.
+    #[must_use]
+    pub fn with_config(mut self, config: ConfigStore) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    fn config(&self) -> Result<&ConfigStore, Status> {
+        self.config.as_ref().ok_or_else(|| {
+            Status::unimplemented("this control plane serves no ConfigMaps or Secrets")
+        })
     }
 
     /// Serves nodes, events and logs from `cluster`, which the agent protocol fills.
@@ -295,5 +312,83 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             })
             .collect();
         Ok(Response::new(ListEventsResponse { events }))
+    }
+
+    async fn apply_config(
+        &self,
+        request: Request<ApplyConfigRequest>,
+    ) -> Result<Response<ConfigSummary>, Status> {
+        let request = request.into_inner();
+        let mut object = request
+            .object
+            .ok_or_else(|| Status::invalid_argument("object: required"))?;
+        if object.namespace.is_empty() {
+            object.namespace = crate::model::DEFAULT_NAMESPACE.to_string();
+        }
+        let summary = summary(&object);
+        self.config()?
+            .apply(object, request.create_only)
+            .await
+            .map_err(config_status)?;
+        Ok(Response::new(summary))
+    }
+
+    async fn list_config(
+        &self,
+        request: Request<ListConfigRequest>,
+    ) -> Result<Response<ListConfigResponse>, Status> {
+        let request = request.into_inner();
+        let items = self
+            .config()?
+            .current()
+            .values()
+            .filter(|o| o.kind == request.kind)
+            .filter(|o| request.namespace.is_empty() || o.namespace == request.namespace)
+            .filter(|o| request.name.is_empty() || o.name == request.name)
+            .map(|o| summary(o))
+            .collect();
+        Ok(Response::new(ListConfigResponse { items }))
+    }
+
+    async fn delete_config(
+        &self,
+        request: Request<DeleteConfigRequest>,
+    ) -> Result<Response<ConfigSummary>, Status> {
+        let request = request.into_inner();
+        let key = ConfigKey {
+            kind: request.kind(),
+            namespace: if request.namespace.is_empty() {
+                crate::model::DEFAULT_NAMESPACE.to_string()
+            } else {
+                request.namespace
+            },
+            name: request.name,
+        };
+        let object = self.config()?.delete(key).await.map_err(config_status)?;
+        Ok(Response::new(summary(&object)))
+    }
+}
+
+/// An object's name and the sizes of its values, never the values.
+fn summary(object: &ConfigObject) -> ConfigSummary {
+    ConfigSummary {
+        kind: object.kind,
+        namespace: object.namespace.clone(),
+        name: object.name.clone(),
+        sizes: object
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len() as u64))
+            .collect(),
+    }
+}
+
+fn config_status(error: ConfigError) -> Status {
+    match error {
+        ConfigError::ReadOnly => Status::failed_precondition(error.to_string()),
+        ConfigError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+        ConfigError::NotFound(_) => Status::not_found(error.to_string()),
+        ConfigError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        ConfigError::Store(error) => store_status(error),
     }
 }

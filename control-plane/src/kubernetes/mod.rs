@@ -1,8 +1,9 @@
 //! What Kubernetes mode adds around the [`KubeStore`](crate::store::KubeStore): the CRDs
 //! ([`crds`]), leader election on a Lease ([`leader`]), a `WasmNode` object per connected agent
-//! ([`nodes`]) and Kubernetes Events for what users should see about their workloads
-//! ([`events`]). Everything here writes under [`FIELD_MANAGER`].
+//! ([`nodes`]), Kubernetes Events for what users should see about their workloads
+//! ([`events`]) and a watch of the ConfigMaps and Secrets workloads use ([`config`]). Everything here writes under [`FIELD_MANAGER`].
 
+pub mod config;
 pub mod crds;
 pub mod events;
 pub mod leader;

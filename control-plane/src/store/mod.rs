@@ -14,6 +14,7 @@
 //!   each later change in commit order, with no gap between the two. A watcher that falls too far
 //!   behind gets a fresh `Restarted` instead of the changes it missed.
 
+pub mod config;
 pub mod embedded;
 pub mod kube;
 
@@ -21,6 +22,7 @@ use std::future::Future;
 
 use tokio::sync::broadcast;
 
+pub use self::config::{ConfigError, ConfigStore};
 pub use self::embedded::EmbeddedStore;
 pub use self::kube::KubeStore;
 use crate::model::{ValidationError, Workload, WorkloadKey, WorkloadStatus};

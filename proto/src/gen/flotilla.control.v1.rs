@@ -808,6 +808,51 @@ pub mod agents_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ApplyConfigRequest {
+    #[prost(message, optional, tag = "1")]
+    pub object: ::core::option::Option<super::super::agent::v1::ConfigObject>,
+    #[prost(bool, tag = "2")]
+    pub create_only: bool,
+}
+/// A ConfigMap or Secret without its values.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfigSummary {
+    #[prost(enumeration = "super::super::agent::v1::ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// Key → size of its value in bytes.
+    #[prost(map = "string, uint64", tag = "4")]
+    pub sizes: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListConfigRequest {
+    #[prost(enumeration = "super::super::agent::v1::ConfigKind", tag = "1")]
+    pub kind: i32,
+    /// Empty: every namespace.
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Empty: every object.
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListConfigResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: ::prost::alloc::vec::Vec<ConfigSummary>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteConfigRequest {
+    #[prost(enumeration = "super::super::agent::v1::ConfigKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+}
 /// A WasmWorkload object as JSON.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WorkloadObject {
@@ -1307,6 +1352,78 @@ pub mod workloads_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ListEvents"));
             self.inner.unary(req, path, codec).await
         }
+        /// Creates or replaces a ConfigMap or Secret (embedded store; with the Kubernetes store,
+        /// FAILED_PRECONDITION: use kubectl). `create_only` fails with ALREADY_EXISTS when it exists.
+        pub async fn apply_config(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ApplyConfigRequest>,
+        ) -> std::result::Result<tonic::Response<super::ConfigSummary>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/ApplyConfig",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ApplyConfig"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// ConfigMaps or Secrets: names and keys, never values.
+        pub async fn list_config(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListConfigRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListConfigResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/ListConfig",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ListConfig"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes a ConfigMap or Secret; NOT_FOUND when it does not exist.
+        pub async fn delete_config(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteConfigRequest>,
+        ) -> std::result::Result<tonic::Response<super::ConfigSummary>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/DeleteConfig",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("flotilla.control.v1.Workloads", "DeleteConfig"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1394,6 +1511,25 @@ pub mod workloads_server {
             tonic::Response<super::ListEventsResponse>,
             tonic::Status,
         >;
+        /// Creates or replaces a ConfigMap or Secret (embedded store; with the Kubernetes store,
+        /// FAILED_PRECONDITION: use kubectl). `create_only` fails with ALREADY_EXISTS when it exists.
+        async fn apply_config(
+            &self,
+            request: tonic::Request<super::ApplyConfigRequest>,
+        ) -> std::result::Result<tonic::Response<super::ConfigSummary>, tonic::Status>;
+        /// ConfigMaps or Secrets: names and keys, never values.
+        async fn list_config(
+            &self,
+            request: tonic::Request<super::ListConfigRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListConfigResponse>,
+            tonic::Status,
+        >;
+        /// Deletes a ConfigMap or Secret; NOT_FOUND when it does not exist.
+        async fn delete_config(
+            &self,
+            request: tonic::Request<super::DeleteConfigRequest>,
+        ) -> std::result::Result<tonic::Response<super::ConfigSummary>, tonic::Status>;
     }
     /// Manages WasmWorkload objects and the module blobs they run.
     #[derive(Debug)]
@@ -1856,6 +1992,141 @@ pub mod workloads_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListEventsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/ApplyConfig" => {
+                    #[allow(non_camel_case_types)]
+                    struct ApplyConfigSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::ApplyConfigRequest>
+                    for ApplyConfigSvc<T> {
+                        type Response = super::ConfigSummary;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ApplyConfigRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::apply_config(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ApplyConfigSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/ListConfig" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListConfigSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::ListConfigRequest>
+                    for ListConfigSvc<T> {
+                        type Response = super::ListConfigResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListConfigRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::list_config(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListConfigSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/DeleteConfig" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteConfigSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::DeleteConfigRequest>
+                    for DeleteConfigSvc<T> {
+                        type Response = super::ConfigSummary;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteConfigRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::delete_config(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteConfigSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
