@@ -148,3 +148,29 @@ fn a_guest_reads_a_config_map_file_and_a_secret_variable_and_sees_updates() {
     let out = flotilla(&["--server", &url, "delete", "configmap", "app"]);
     assert!(out.contains("configmap/app deleted"), "{out}");
 }
+
+#[test]
+fn the_config_example_runs_as_documented() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let agent = Agent::start(&url, "node-a");
+    agent.process.wait_line("connected to the control plane");
+    let out = flotilla(&["--server", &url, "apply", "-f", &example("config")]);
+    for applied in [
+        "configmap/app-config applied",
+        "secret/app-secret applied",
+        "wasmworkload.flotilla.dev/files-demo applied",
+    ] {
+        assert!(out.contains(applied), "{out}");
+    }
+    let out = logs_until(&url, "files-demo", "read /etc/passwd");
+    for line in [
+        "read /config/greeting: ok: Ahoy from a ConfigMap",
+        "env API_TOKEN: demo-token",
+        "write /scratch/note: ok: 4096",
+        "read /etc/passwd: error:",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+}

@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use flotilla_tests::apiserver::FakeApiServer;
-use support::{Agent, ControlPlane, Kubectl, http_get, serve_http};
+use support::{Agent, ControlPlane, Kubectl, flotilla, http_get, serve_http, sha256_hex};
 
 mod support;
 
@@ -114,6 +114,48 @@ fn the_readme_kubectl_steps_work_against_the_operator() {
         answer.text()
     );
     kubectl.run(&["delete", "ww", "http-echo", "--timeout=60s"]);
+
+    // A ConfigMap and a Secret applied with kubectl reach a guest's files and environment.
+    // (kubectl create configmap|secret speaks protobuf, which the fake API server does not.)
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n\
+         data:\n  greeting: hello from kubernetes\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: app-secret\n\
+         data:\n  token: azhzLXRva2Vu\n",
+    )
+    .expect("write config");
+    kubectl.run(&["apply", "-f", &config.to_string_lossy()]);
+    let files = std::fs::read(root.join("examples/guests/files.wasm")).expect("guest");
+    let sha = sha256_hex(&files);
+    let web = serve_http(vec![("/files.wasm", files)]);
+    let manifest = dir.path().join("files.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: files\n\
+             spec:\n  module:\n    url: {web}/files.wasm\n    sha256: {sha}\n  \
+             restartPolicy: Never\n  args: [read, /config/greeting, env, API_TOKEN]\n  \
+             env:\n  - name: API_TOKEN\n    valueFrom:\n      \
+             secretKeyRef: {{name: app-secret, key: token}}\n  \
+             volumes:\n  - {{name: config, configMap: {{name: app-config}}}}\n  \
+             volumeMounts:\n  - {{name: config, mountPath: /config}}\n"
+        ),
+    )
+    .expect("write manifest");
+    kubectl.run(&["apply", "-f", &manifest.to_string_lossy()]);
+    kubectl.wait("files completed", &["get", "ww", "files"], |o| {
+        o["status"]["succeededReplicas"] == 1
+    });
+    let logs = flotilla(&["--server", &control_plane.url(), "logs", "files"]);
+    assert!(
+        logs.contains("read /config/greeting: ok: hello from kubernetes"),
+        "{logs}"
+    );
+    assert!(logs.contains("env API_TOKEN: k8s-token"), "{logs}");
+    let yaml = kubectl.run(&["get", "ww", "files", "-o", "yaml"]);
+    assert!(!yaml.contains("k8s-token"), "{yaml}");
     drop(node);
     control_plane.stop();
 }

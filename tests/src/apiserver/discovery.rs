@@ -52,6 +52,7 @@ pub(crate) fn builtins() -> Vec<Resource> {
         Resource::builtin("", "v1", "namespaces", "Namespace", false),
         Resource::builtin("", "v1", "nodes", "Node", false),
         Resource::builtin("", "v1", "events", "Event", true),
+        Resource::builtin("", "v1", "configmaps", "ConfigMap", true),
         Resource::builtin("", "v1", "secrets", "Secret", true),
         Resource::builtin("events.k8s.io", "v1", "events", "Event", true),
         Resource::builtin("coordination.k8s.io", "v1", "leases", "Lease", true),
