@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use flotilla_control_plane::kubernetes;
 use flotilla_control_plane::model::{Condition, Workload};
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject};
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
@@ -156,7 +157,10 @@ fn parse_documents(
         if value.is_null() {
             continue;
         }
-        let config = config_object(&value).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let config = serde_json::to_value(&value)
+            .map_err(anyhow::Error::from)
+            .and_then(|json| Ok(kubernetes::config::from_manifest(json)?))
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         let workload = match config {
             Some(_) => Workload::new("", "", Default::default()),
             None => serde_yaml::from_value(value).map_err(|e| anyhow::anyhow!("{source}: {e}"))?,
@@ -171,63 +175,15 @@ fn parse_documents(
     Ok(())
 }
 
-/// A `v1` ConfigMap or Secret document as the object the control plane stores; `None` for any
-/// other kind.
-fn config_object(value: &serde_yaml::Value) -> anyhow::Result<Option<ConfigObject>> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
-    let v1 = value.get("apiVersion").and_then(serde_yaml::Value::as_str) == Some("v1");
-    let namespace = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.namespace.clone().unwrap_or_default()
-    };
-    let object = match kind {
-        Some("ConfigMap") if v1 => {
-            let map: ConfigMap = serde_yaml::from_value(value.clone())?;
-            let mut data: BTreeMap<String, Vec<u8>> = map
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.into_bytes()))
-                .collect();
-            data.extend(
-                map.binary_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0)),
-            );
-            ConfigObject {
-                kind: ConfigKind::ConfigMap as i32,
-                namespace: namespace(&map.metadata),
-                name: map.metadata.name.unwrap_or_default(),
-                data: data.into_iter().collect(),
-            }
-        }
-        Some("Secret") if v1 => {
-            let secret: Secret = serde_yaml::from_value(value.clone())?;
-            let mut data: BTreeMap<String, Vec<u8>> = secret
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect();
-            // stringData wins over data, as in Kubernetes.
-            data.extend(
-                secret
-                    .string_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes())),
-            );
-            ConfigObject {
-                kind: ConfigKind::Secret as i32,
-                namespace: namespace(&secret.metadata),
-                name: secret.metadata.name.unwrap_or_default(),
-                data: data.into_iter().collect(),
-            }
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(object))
+/// Every workload, then each change.
+pub(crate) async fn watch_workloads(
+    client: &mut WorkloadsClient<Channel>,
+) -> anyhow::Result<tonic::Streaming<flotilla_proto::control::v1::WatchEvent>> {
+    Ok(client
+        .watch(WatchRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("watching workloads: {}", s.message()))?
+        .into_inner())
 }
 
 pub(crate) fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {
@@ -363,11 +319,7 @@ pub async fn wait_ready(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let mut watch = client
-        .watch(WatchRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("watching workloads: {}", s.message()))?
-        .into_inner();
+    let mut watch = watch_workloads(&mut client).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut waiting: BTreeMap<String, Workload> = applied
         .iter()

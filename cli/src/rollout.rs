@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::bail;
 use flotilla_control_plane::model::Workload;
-use flotilla_proto::control::v1::{ApplyRequest, WatchRequest, watch_event};
+use flotilla_proto::control::v1::{ApplyRequest, watch_event};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::control::{condition, connect, decode, get_workload};
+use crate::control::{condition, connect, decode, get_workload, watch_workloads};
 
 /// Where an update stands, from the workload's status.
 enum Progress {
@@ -57,11 +57,7 @@ fn progress(workload: &Workload) -> Progress {
 /// replica; fails past the progress deadline or `timeout`.
 pub async fn status(server: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let mut watch = client
-        .watch(WatchRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("watching workloads: {}", s.message()))?
-        .into_inner();
+    let mut watch = watch_workloads(&mut client).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut workload = get_workload(&mut client, name).await?;
     let key = workload.key();

@@ -4,7 +4,8 @@
 //! The test installs the CRDs with `kubectl apply --server-side`, runs the control-plane binary
 //! on this machine with `--store kubernetes` against the cluster and two node-agent binaries
 //! beside it (no images needed), then drives the workload with kubectl only: apply, wait for
-//! Ready, scale, delete, and reads `kubectl get wasmnodes`. It leaves the CRDs installed and
+//! Ready, scale, a rolling update to a template mounting a ConfigMap and back, delete, and
+//! reads `kubectl get wasmnodes`. It leaves the CRDs installed and
 //! deletes what it created.
 
 use std::path::Path;
@@ -72,6 +73,45 @@ fn a_workload_applied_with_kubectl_runs_scales_and_goes() {
     ]);
     kubectl.wait("6 ready replicas", &workload, |o| {
         o["status"]["readyReplicas"] == 6
+    });
+
+    // A new template that mounts a ConfigMap rolls out; re-applying the first rolls back.
+    // (Both manifests say 4 replicas, which undoes the scale.)
+    kubectl.run(&[
+        "-n",
+        &namespace,
+        "create",
+        "configmap",
+        "web-config",
+        "--from-literal=mode=v2",
+    ]);
+    let first = std::fs::read_to_string(&manifest).expect("manifest");
+    let second = dir.path().join("web-v2.yaml");
+    std::fs::write(
+        &second,
+        format!(
+            "{first}  args: [v2]\n  volumes:\n  - {{name: config, configMap: {{name: web-config}}}}\n  \
+             volumeMounts:\n  - {{name: config, mountPath: /config}}\n"
+        ),
+    )
+    .expect("write manifest");
+    kubectl.run(&["apply", "-f", &second.to_string_lossy()]);
+    let rolled = kubectl.wait("revision 2 everywhere", &workload, |o| {
+        o["status"]["revision"] == 2
+            && o["status"]["updatedReplicas"] == 4
+            && o["status"]["replicas"] == 4
+            && o["status"]["availableReplicas"] == 4
+    });
+    assert_eq!(
+        rolled["status"]["revisions"].as_array().map(Vec::len),
+        Some(2)
+    );
+    kubectl.run(&["apply", "-f", &manifest.to_string_lossy()]);
+    kubectl.wait("back to the first template", &workload, |o| {
+        o["status"]["revision"] == 3
+            && o["status"]["templateGeneration"] == 1
+            && o["status"]["updatedReplicas"] == 4
+            && o["status"]["replicas"] == 4
     });
 
     kubectl.run(&[

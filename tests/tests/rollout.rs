@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{Agent, ControlPlane, example, flotilla, try_flotilla, wait_for};
+use support::{Agent, ControlPlane, example, flotilla, running_sandboxes, try_flotilla, wait_for};
 
 mod support;
 
@@ -32,24 +31,16 @@ fn manifest(dir: &std::path::Path, guest: &str, args: &str) -> String {
 /// Running sandboxes on the agents, by agent workload name (one per revision).
 fn running_by_revision(agents: &[&Agent]) -> BTreeMap<String, Vec<(String, i64)>> {
     let mut out: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
-    for agent in agents {
-        let json = flotilla(&[
-            "--agent",
-            &agent.admin.to_string(),
-            "get",
-            "sandboxes",
-            "-o",
-            "json",
-        ]);
-        let sandboxes: Vec<Value> = serde_json::from_str(&json).expect("sandboxes as JSON");
-        for s in sandboxes.iter().filter(|s| s["phase"] == "Running") {
-            out.entry(s["workload"].as_str().expect("workload").to_string())
-                .or_default()
-                .push((
-                    s["sandboxId"].as_str().expect("sandboxId").to_string(),
-                    s["startedAtMs"].as_i64().expect("startedAtMs"),
-                ));
-        }
+    for s in agents
+        .iter()
+        .flat_map(|agent| running_sandboxes(agent.admin))
+    {
+        out.entry(s["workload"].as_str().expect("workload").to_string())
+            .or_default()
+            .push((
+                s["sandboxId"].as_str().expect("sandboxId").to_string(),
+                s["startedAtMs"].as_i64().expect("startedAtMs"),
+            ));
     }
     out
 }
@@ -67,19 +58,7 @@ impl Sampler {
         let thread = std::thread::spawn(move || {
             let mut samples = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                let mut total = 0;
-                for admin in admins {
-                    let json = flotilla(&[
-                        "--agent",
-                        &admin.to_string(),
-                        "get",
-                        "sandboxes",
-                        "-o",
-                        "json",
-                    ]);
-                    let sandboxes: Vec<Value> = serde_json::from_str(&json).expect("JSON");
-                    total += sandboxes.iter().filter(|s| s["phase"] == "Running").count();
-                }
+                let total: usize = admins.iter().map(|a| running_sandboxes(*a).len()).sum();
                 samples.push(total);
                 std::thread::sleep(Duration::from_millis(20));
             }

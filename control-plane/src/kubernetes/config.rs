@@ -39,18 +39,46 @@ fn from_config_map(map: ConfigMap) -> ConfigObject {
     }
 }
 
-/// A Secret's decoded data as one object.
+/// A Secret's decoded data as one object; `stringData` (which only a manifest carries) wins
+/// over `data`, as in Kubernetes.
 fn from_secret(secret: Secret) -> ConfigObject {
+    let mut data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    data.extend(
+        secret
+            .string_data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes())),
+    );
     ConfigObject {
         kind: ConfigKind::Secret as i32,
         namespace: secret.metadata.namespace.unwrap_or_default(),
         name: secret.metadata.name.unwrap_or_default(),
-        data: secret
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect(),
+        data: data.into_iter().collect(),
+    }
+}
+
+/// A `v1` ConfigMap or Secret document, as kubectl writes it, as one object (what
+/// `flotilla apply` sends); `None` for any other kind.
+///
+/// # Errors
+/// The document does not decode as its kind.
+pub fn from_manifest(
+    document: serde_json::Value,
+) -> Result<Option<ConfigObject>, serde_json::Error> {
+    let v1 = document
+        .get("apiVersion")
+        .and_then(serde_json::Value::as_str)
+        == Some("v1");
+    match document.get("kind").and_then(serde_json::Value::as_str) {
+        Some("ConfigMap") if v1 => Ok(Some(from_config_map(serde_json::from_value(document)?))),
+        Some("Secret") if v1 => Ok(Some(from_secret(serde_json::from_value(document)?))),
+        _ => Ok(None),
     }
 }
 

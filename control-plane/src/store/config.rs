@@ -124,7 +124,9 @@ impl ConfigStore {
     /// [`ConfigError::ReadOnly`] in Kubernetes mode, [`ConfigError::Invalid`] for a bad name or
     /// key, [`ConfigError::AlreadyExists`], or a store failure.
     pub async fn apply(&self, object: ConfigObject, create_only: bool) -> Result<(), ConfigError> {
-        let embedded = self.embedded.clone().ok_or(ConfigError::ReadOnly)?;
+        if self.embedded.is_none() {
+            return Err(ConfigError::ReadOnly);
+        }
         let key = ConfigKey::of(&object);
         flotilla_model::validate_name(&key.name)
             .map_err(|m| ConfigError::Invalid(format!("name: {m}")))?;
@@ -139,34 +141,21 @@ impl ConfigStore {
                 "key {bad:?}: must consist of alphanumerics, '-', '_' or '.'"
             )));
         }
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _order = embedded.order.lock().unwrap_or_else(|e| e.into_inner());
-            let txn = embedded
-                .db
-                .begin_write()
-                .map_err(|e| Error::Write(e.into()))?;
-            {
-                let mut table = txn.open_table(CONFIG).map_err(|e| Error::Write(e.into()))?;
-                let exists = table
-                    .get(id(&key).as_str())
-                    .map_err(|e| Error::Write(e.into()))?
-                    .is_some();
-                if create_only && exists {
-                    return Err(ConfigError::AlreadyExists(key));
-                }
-                table
-                    .insert(id(&key).as_str(), object.encode_to_vec().as_slice())
-                    .map_err(|e| Error::Write(e.into()))?;
+        self.write(move |table, all| {
+            let exists = table
+                .get(id(&key).as_str())
+                .map_err(|e| Error::Write(e.into()))?
+                .is_some();
+            if create_only && exists {
+                return Err(ConfigError::AlreadyExists(key));
             }
-            txn.commit().map_err(|e| Error::Write(e.into()))?;
-            let mut all = (*store.current()).clone();
+            table
+                .insert(id(&key).as_str(), object.encode_to_vec().as_slice())
+                .map_err(|e| Error::Write(e.into()))?;
             all.insert(key, Arc::new(object));
-            store.cluster.config.publish(all);
             Ok(())
         })
         .await
-        .map_err(|e| ConfigError::Store(Error::Task(e.to_string())))?
     }
 
     /// Deletes an object.
@@ -175,29 +164,46 @@ impl ConfigStore {
     /// [`ConfigError::ReadOnly`] in Kubernetes mode, [`ConfigError::NotFound`], or a store
     /// failure.
     pub async fn delete(&self, key: ConfigKey) -> Result<Arc<ConfigObject>, ConfigError> {
+        self.write(move |table, all| {
+            let removed = table
+                .remove(id(&key).as_str())
+                .map_err(|e| Error::Write(e.into()))?
+                .is_some();
+            match all.remove(&key) {
+                Some(object) if removed => Ok(object),
+                _ => Err(ConfigError::NotFound(key)),
+            }
+        })
+        .await
+    }
+
+    /// Runs `change` on the table and on a copy of the published set in one write
+    /// transaction; once it commits, publishes the copy. A failed change writes nothing.
+    async fn write<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(
+            &mut redb::Table<'_, &str, &[u8]>,
+            &mut ConfigObjectsByKey,
+        ) -> Result<T, ConfigError>
+        + Send
+        + 'static,
+    ) -> Result<T, ConfigError> {
         let embedded = self.embedded.clone().ok_or(ConfigError::ReadOnly)?;
-        let store = self.clone();
+        let cluster = self.cluster.clone();
         tokio::task::spawn_blocking(move || {
             let _order = embedded.order.lock().unwrap_or_else(|e| e.into_inner());
             let txn = embedded
                 .db
                 .begin_write()
                 .map_err(|e| Error::Write(e.into()))?;
-            let removed = {
+            let mut all = (*cluster.config.current()).clone();
+            let result = {
                 let mut table = txn.open_table(CONFIG).map_err(|e| Error::Write(e.into()))?;
-                table
-                    .remove(id(&key).as_str())
-                    .map_err(|e| Error::Write(e.into()))?
-                    .is_some()
+                change(&mut table, &mut all)?
             };
-            if !removed {
-                return Err(ConfigError::NotFound(key));
-            }
             txn.commit().map_err(|e| Error::Write(e.into()))?;
-            let mut all = (*store.current()).clone();
-            let object = all.remove(&key).ok_or(ConfigError::NotFound(key))?;
-            store.cluster.config.publish(all);
-            Ok(object)
+            cluster.config.publish(all);
+            Ok(result)
         })
         .await
         .map_err(|e| ConfigError::Store(Error::Task(e.to_string())))?

@@ -126,18 +126,8 @@ impl Agent {
 
     /// Running sandboxes: id → start time. Equal snapshots mean nothing was restarted.
     pub fn running(&self) -> BTreeMap<String, i64> {
-        let json = flotilla(&[
-            "--agent",
-            &self.admin.to_string(),
-            "get",
-            "sandboxes",
-            "-o",
-            "json",
-        ]);
-        let sandboxes: Vec<Value> = serde_json::from_str(&json).expect("sandboxes as JSON");
-        sandboxes
+        running_sandboxes(self.admin)
             .iter()
-            .filter(|s| s["phase"] == "Running")
             .map(|s| {
                 (
                     s["sandboxId"].as_str().expect("sandboxId").to_string(),
@@ -146,6 +136,24 @@ impl Agent {
             })
             .collect()
     }
+}
+
+/// The running sandboxes of the agent whose admin API is at `admin`, as
+/// `flotilla get sandboxes -o json` shows them.
+pub fn running_sandboxes(admin: SocketAddr) -> Vec<Value> {
+    let json = flotilla(&[
+        "--agent",
+        &admin.to_string(),
+        "get",
+        "sandboxes",
+        "-o",
+        "json",
+    ]);
+    let sandboxes: Vec<Value> = serde_json::from_str(&json).expect("sandboxes as JSON");
+    sandboxes
+        .into_iter()
+        .filter(|s| s["phase"] == "Running")
+        .collect()
 }
 
 /// Runs the CLI; returns its stdout, failing the test on a non-zero exit.
