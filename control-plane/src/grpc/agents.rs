@@ -470,8 +470,26 @@ pub struct NodeDesiredState {
     started: bool,
 }
 
-/// One workload's revisions on a node, by agent workload name.
-type Revisions = BTreeMap<String, DesiredWorkload>;
+/// One workload's revisions on a node (almost always one, two during an update), each named by
+/// its `spec.name`. A vector: a map per workload and node would cost a node allocation each.
+type Revisions = Vec<DesiredWorkload>;
+
+/// The agent workload name of a revision.
+fn name_of(revision: &DesiredWorkload) -> &str {
+    revision.spec.as_ref().map_or("", |s| s.name.as_str())
+}
+
+/// What `now` changes against `sent`: revisions new or different, and names that left.
+fn diff(sent: &[DesiredWorkload], now: &[DesiredWorkload]) -> (Vec<DesiredWorkload>, Vec<String>) {
+    let removed = sent
+        .iter()
+        .map(name_of)
+        .filter(|name| !now.iter().any(|w| name_of(w) == *name))
+        .map(str::to_string)
+        .collect();
+    let changed = now.iter().filter(|w| !sent.contains(w)).cloned().collect();
+    (changed, removed)
+}
 
 impl NodeDesiredState {
     /// Nothing sent yet to `node`.
@@ -503,28 +521,19 @@ impl NodeDesiredState {
             self.started = true;
             self.sent = wanted;
             return Some(DesiredState {
-                workloads: self
-                    .sent
-                    .values()
-                    .flat_map(|r| r.values().cloned())
-                    .collect(),
+                workloads: self.sent.values().flatten().cloned().collect(),
                 incremental: false,
                 removed: vec![],
             });
         }
         let (mut changed, mut removed) = (Vec::new(), Vec::new());
-        for (key, sent) in &self.sent {
-            let empty = Revisions::new();
-            let now = wanted.get(key).unwrap_or(&empty);
-            removed.extend(sent.keys().filter(|name| !now.contains_key(*name)).cloned());
-        }
-        for (key, now) in &wanted {
-            let sent = self.sent.get(key);
-            changed.extend(
-                now.iter()
-                    .filter(|(name, w)| sent.and_then(|s| s.get(*name)) != Some(*w))
-                    .map(|(_, w)| w.clone()),
-            );
+        let keys: BTreeSet<&String> = self.sent.keys().chain(wanted.keys()).collect();
+        for key in keys {
+            let sent = self.sent.get(key).map_or(&[][..], Vec::as_slice);
+            let now = wanted.get(key).map_or(&[][..], Vec::as_slice);
+            let (more, fewer) = diff(sent, now);
+            changed.extend(more);
+            removed.extend(fewer);
         }
         self.sent = wanted;
         delta(changed, removed)
@@ -543,16 +552,7 @@ impl NodeDesiredState {
         let key = workload.key().to_string();
         let wanted = desired_revisions(&self.node, workload);
         let sent = self.sent.remove(&key).unwrap_or_default();
-        let removed: Vec<String> = sent
-            .keys()
-            .filter(|name| !wanted.contains_key(*name))
-            .cloned()
-            .collect();
-        let changed: Vec<DesiredWorkload> = wanted
-            .iter()
-            .filter(|(name, w)| sent.get(*name) != Some(*w))
-            .map(|(_, w)| w.clone())
-            .collect();
+        let (changed, removed) = diff(&sent, &wanted);
         if !wanted.is_empty() {
             self.sent.insert(key, wanted);
         }
@@ -563,7 +563,7 @@ impl NodeDesiredState {
     pub fn config_refs(&self) -> BTreeSet<ConfigKey> {
         self.sent
             .values()
-            .flat_map(|revisions| revisions.values())
+            .flatten()
             .filter_map(|w| w.spec.as_ref())
             .flat_map(config::references)
             .collect()
@@ -573,7 +573,10 @@ impl NodeDesiredState {
     pub fn deleted(&mut self, workload: &Workload) -> Option<DesiredState> {
         let key = workload.key().to_string();
         let sent = self.sent.remove(&key)?;
-        delta(vec![], sent.into_keys().collect())
+        delta(
+            vec![],
+            sent.iter().map(|w| name_of(w).to_string()).collect(),
+        )
     }
 }
 
@@ -606,13 +609,10 @@ fn desired_revisions(node: &str, workload: &Workload) -> Revisions {
             return;
         }
         let spec = agent_spec(workload.key(), template, hash, generation, replicas);
-        out.insert(
-            spec.name.clone(),
-            DesiredWorkload {
-                key: workload.key().to_string(),
-                spec: Some(spec),
-            },
-        );
+        out.push(DesiredWorkload {
+            key: workload.key().to_string(),
+            spec: Some(spec),
+        });
     };
     let generation = Some(status.template_generation)
         .filter(|&g| g > 0)
@@ -629,6 +629,8 @@ fn desired_revisions(node: &str, workload: &Workload) -> Revisions {
             add(template, &old.template_hash, old.generation, replicas);
         }
     }
+    // Held per node for as long as the workload runs there: no spare capacity.
+    out.shrink_to_fit();
     out
 }
 
