@@ -267,6 +267,7 @@ async fn session(
                     if let Err(error) = files.apply(config.objects, !config.incremental, removed) {
                         tracing::error!(%error, "cannot write ConfigMap and Secret files");
                     }
+                    supervisor.config_changed();
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
                     // The newest revision of the workload that has the replica.

@@ -404,3 +404,64 @@ async fn a_missing_secret_fails_the_sandbox_with_a_clear_reason() {
     assert_eq!(last.reason, "ConfigError");
     assert_eq!(last.message, "secret default/absent not found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_waiting_for_a_secret_starts_as_soon_as_it_arrives() {
+    use flotilla_node_agent::metrics::Metrics;
+    use flotilla_node_agent::supervisor::SupervisorConfig;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = runtime_config();
+    config.volumes = VolumeConfig {
+        dir: dir.path().join("volumes"),
+        host_paths: vec![],
+    };
+    // A backoff far longer than the wait below: only the arrival can start it in time.
+    let mut supervision = SupervisorConfig::default();
+    supervision.backoff.initial = std::time::Duration::from_secs(600);
+    let sup = Supervisor::new(runtime(config), supervision, Metrics::new());
+    let mut spec = files_spec("late-secret", &["env", "TOKEN"], vec![]);
+    spec.restart_policy = RestartPolicy::OnFailure as i32;
+    spec.env = vec![EnvVar {
+        name: "TOKEN".into(),
+        value: String::new(),
+        value_from: Some(KeyRef {
+            kind: ConfigKind::Secret as i32,
+            name: "late".into(),
+            key: "token".into(),
+            optional: false,
+        }),
+    }];
+    sup.apply(spec).await.expect("applied");
+    wait_for(&sup, "late-secret", "the config error", |s| {
+        s.first().is_some_and(|s| s.reason == "CrashLoopBackOff")
+    })
+    .await;
+    sup.runtime()
+        .config_files()
+        .apply(
+            vec![object(ConfigKind::Secret, "late", &[("token", "t0k3n")])],
+            true,
+            vec![],
+        )
+        .expect("config");
+    sup.config_changed();
+    let ran = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        wait_for(
+            &sup,
+            "late-secret",
+            "the run",
+            all_in(SandboxPhase::Succeeded),
+        ),
+    )
+    .await;
+    assert!(
+        ran.is_ok(),
+        "still waiting out the backoff: {:?}",
+        sup.list(Some("late-secret"))
+    );
+    assert_eq!(
+        line(&logs(&sup, "late-secret", 0), "env TOKEN"),
+        "env TOKEN: t0k3n"
+    );
+}

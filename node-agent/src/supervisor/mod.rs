@@ -134,6 +134,9 @@ struct Shared<R: SandboxRuntime> {
     failures: Mutex<HashMap<FailureKey, Failures>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Wakes sandboxes waiting out a backoff after a `ConfigError`: the ConfigMaps or Secrets
+    /// changed, so they may start now.
+    config_changed: tokio::sync::Notify,
 }
 
 /// Workload, generation and reason of aggregated failures.
@@ -205,8 +208,15 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 failures: Mutex::default(),
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                config_changed: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Says that the ConfigMaps and Secrets changed: sandboxes that failed for want of one
+    /// retry at once instead of waiting out their backoff, as the kubelet's next sync would.
+    pub fn config_changed(&self) {
+        self.shared.config_changed.notify_waiters();
     }
 
     /// Wakes after any sandbox status changes; cheaper than [`watch`](Self::watch) when only
@@ -662,7 +672,9 @@ async fn run_sandbox<R: SandboxRuntime>(
             s.started_at_ms = 0;
         });
         metrics.transition(Some(old), Some(SandboxPhase::Pending));
+        let config_changed = shared.config_changed.notified();
         shared.publish(&cell);
+        let waits_for_config = matches!(exit, Exit::Config(_));
         tokio::select! {
             biased;
             () = cell.cancel.cancelled() => {
@@ -673,6 +685,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                 return;
             }
             () = tokio::time::sleep(delay) => {}
+            () = config_changed, if waits_for_config => {}
         }
         cell.update(|s| s.restart_count += 1);
     }
