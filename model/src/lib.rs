@@ -495,9 +495,13 @@ pub struct WorkloadStatus {
     /// A digest of that template, to notice when it changes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub template_hash: String,
-    /// When the template last changed (RFC 3339): the start of the progress deadline.
+    /// When the template last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub template_time: String,
+    /// When the update last made progress (RFC 3339): a new revision, more of it placed or
+    /// available, fewer old sandboxes. The progress deadline counts from it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub progress_time: String,
     /// The current revision's number.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision: u64,

@@ -205,6 +205,9 @@ impl<S: WorkloadStore> Controller<S> {
             );
             let updated_available =
                 status.revisions.first().map_or(0, |r| r.available_replicas) + succeeded;
+            if made_progress(workload.status.as_ref(), &status) {
+                status.progress_time = now();
+            }
             let (progressing, deadline) = progressing_condition(
                 &workload,
                 &status,
@@ -633,6 +636,20 @@ fn desired_replicas(workload: &Workload) -> u64 {
     }
 }
 
+/// Whether the update moved since `before`, as a Deployment counts progress: a new revision,
+/// more of it placed or available, or fewer sandboxes of older revisions.
+fn made_progress(before: Option<&WorkloadStatus>, now: &WorkloadStatus) -> bool {
+    let Some(before) = before else {
+        return true;
+    };
+    let available = |s: &WorkloadStatus| s.revisions.first().map_or(0, |r| r.available_replicas);
+    let old = |s: &WorkloadStatus| s.replicas.saturating_sub(s.updated_replicas);
+    before.revision != now.revision
+        || now.updated_replicas > before.updated_replicas
+        || available(now) > available(before)
+        || old(now) < old(before)
+}
+
 /// The requests of one of `revision`'s sandboxes; `current`'s when it has no template.
 fn revision_requests(revision: &RevisionStatus, current: &WorkloadRequest) -> Requests {
     revision
@@ -661,8 +678,8 @@ fn available_condition(desired: u64, min_available: u64, available: u64) -> Cond
 /// `Progressing`, and when its deadline will pass if the update is still not done.
 ///
 /// As for a Deployment: `True` while the current revision becomes available on every replica
-/// and old ones go, `False` with `ProgressDeadlineExceeded` once that has not happened within
-/// `progressDeadlineSeconds` of the template change. `available` counts the current
+/// and old ones go, `False` with `ProgressDeadlineExceeded` once the update has made no progress
+/// for `progressDeadlineSeconds`. `available` counts the current
 /// revision's sandboxes only.
 fn progressing_condition(
     workload: &Workload,
@@ -678,9 +695,14 @@ fn progressing_condition(
         .progress_deadline_seconds
         .and_then(|s| u64::try_from(s).ok())
         .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
-    let deadline = humantime::parse_rfc3339(&status.template_time)
+    let last_progress = if status.progress_time.is_empty() {
+        &status.template_time
+    } else {
+        &status.progress_time
+    };
+    let deadline = humantime::parse_rfc3339(last_progress)
         .ok()
-        .map(|changed| changed + Duration::from_secs(deadline_seconds));
+        .map(|moved| moved + Duration::from_secs(deadline_seconds));
     let left = if old > 0 {
         format!("; {old} replicas of older revisions left")
     } else {
@@ -704,8 +726,8 @@ fn progressing_condition(
             "False",
             "ProgressDeadlineExceeded",
             format!(
-                "{available} of {desired} replicas of revision {revision} available after \
-                 {deadline_seconds}s{left}"
+                "{available} of {desired} replicas of revision {revision} available, no \
+                 progress for {deadline_seconds}s{left}"
             ),
         )
     } else {

@@ -264,6 +264,7 @@ async fn progressing_turns_false_when_the_template_misses_its_deadline() {
     })
     .await;
     assert!(!updating.template_time.is_empty());
+    assert!(!updating.progress_time.is_empty());
     // Nothing reports the replicas running and nothing else changes: the deadline alone
     // brings the pass that says so.
     let exceeded = wait_for(&mut watch, |s| {
@@ -274,7 +275,7 @@ async fn progressing_turns_false_when_the_template_misses_its_deadline() {
     assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
     assert_eq!(
         progressing.message,
-        "0 of 2 replicas of revision 1 available after 1s"
+        "0 of 2 replicas of revision 1 available, no progress for 1s"
     );
     // The replicas come up: progress is made after all.
     let key = "default/web".to_string();
@@ -359,4 +360,45 @@ async fn after_a_restart_placements_wait_for_their_nodes_during_the_grace_period
         status(&before, "web").await.placements,
         counts(&[("n0", 10)])
     );
+}
+
+#[test]
+fn progress_is_a_new_revision_more_of_it_placed_or_available_or_fewer_old_sandboxes() {
+    let status = |revision: u64, updated: u64, all: u64, available: u64| WorkloadStatus {
+        revision,
+        updated_replicas: updated,
+        replicas: all,
+        revisions: vec![crate::model::RevisionStatus {
+            revision,
+            available_replicas: available,
+            ..Default::default()
+        }],
+        ..WorkloadStatus::default()
+    };
+    let before = status(2, 4, 10, 2);
+    assert!(
+        !made_progress(Some(&before), &status(2, 4, 10, 2)),
+        "nothing moved"
+    );
+    assert!(
+        made_progress(Some(&before), &status(2, 5, 11, 2)),
+        "one more placed"
+    );
+    assert!(
+        made_progress(Some(&before), &status(2, 4, 10, 3)),
+        "one more available"
+    );
+    assert!(
+        made_progress(Some(&before), &status(2, 4, 9, 2)),
+        "one old one fewer"
+    );
+    assert!(
+        made_progress(Some(&before), &status(3, 0, 10, 0)),
+        "a new revision"
+    );
+    assert!(
+        !made_progress(Some(&before), &status(2, 4, 10, 1)),
+        "one less available"
+    );
+    assert!(made_progress(None, &before), "a first status");
 }
