@@ -12,7 +12,8 @@ use crate::{parse_bytes, validate_name};
 pub struct Volume {
     /// Its name, which mounts refer to.
     pub name: String,
-    /// A scratch directory of its own for each sandbox run, removed when the run ends.
+    /// A scratch directory of its own for each sandbox, kept across its restarts and removed
+    /// with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_dir: Option<EmptyDirVolume>,
     /// The keys of a ConfigMap of the workload's namespace, one file each (read-only).
@@ -26,7 +27,7 @@ pub struct Volume {
     pub host_path: Option<HostPathVolume>,
 }
 
-/// A per-run scratch directory.
+/// A per-sandbox scratch directory.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

@@ -154,7 +154,7 @@ async fn a_guest_cannot_leave_its_volumes() {
     assert_eq!(
         scratch_entries(&volumes_dir),
         0,
-        "the emptyDir is removed with the run"
+        "the emptyDir is removed with the sandbox"
     );
 }
 
@@ -464,4 +464,58 @@ async fn a_sandbox_waiting_for_a_secret_starts_as_soon_as_it_arrives() {
         line(&logs(&sup, "late-secret", 0), "env TOKEN"),
         "env TOKEN: t0k3n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_dir_outlives_a_restart_and_goes_with_its_sandbox() {
+    use flotilla_node_agent::metrics::Metrics;
+    use flotilla_node_agent::supervisor::SupervisorConfig;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volumes_dir = dir.path().join("volumes");
+    let mut config = runtime_config();
+    config.volumes = VolumeConfig {
+        dir: volumes_dir.clone(),
+        host_paths: vec![],
+    };
+    let mut supervision = SupervisorConfig::default();
+    supervision.backoff.initial = std::time::Duration::from_millis(10);
+    let sup = Supervisor::new(runtime(config), supervision, Metrics::new());
+    // Each run reads what the run before it wrote, then writes; restartPolicy Always.
+    let mut spec = files_spec(
+        "keeper",
+        &["read", "/scratch/mark", "write", "/scratch/mark", "7"],
+        vec![mount(
+            "scratch",
+            "/scratch",
+            false,
+            volume::Source::EmptyDir(EmptyDir::default()),
+        )],
+    );
+    spec.restart_policy = RestartPolicy::Always as i32;
+    sup.apply(spec).await.expect("applied");
+    wait_for(&sup, "keeper", "a restart", |s| {
+        s.first().is_some_and(|s| s.restart_count >= 1)
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !logs(&sup, "keeper", 0).contains("read /scratch/mark: ok: xxxxxxx") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            logs(&sup, "keeper", 0)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let out = logs(&sup, "keeper", 0);
+    assert!(
+        out.contains("read /scratch/mark: error"),
+        "the first run found nothing:\n{out}"
+    );
+    assert_eq!(
+        scratch_entries(&volumes_dir),
+        1,
+        "one directory, kept across runs"
+    );
+    sup.stop("keeper", None).await;
+    assert_eq!(scratch_entries(&volumes_dir), 0, "removed with the sandbox");
 }

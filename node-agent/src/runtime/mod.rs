@@ -35,6 +35,8 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     type Prepared: Prepared;
     /// One instantiated sandbox, ready to run.
     type Instance: SandboxInstance;
+    /// A sandbox's volumes, kept across its runs and removed when it is dropped.
+    type Volumes: Send + Sync + 'static;
 
     /// Loads, verifies and compiles a workload's module, or takes it from the cache.
     ///
@@ -47,7 +49,8 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Arc<Self::Prepared>, SandboxError>> + Send;
 
     /// Creates a fresh sandbox: a new store, WASI context and limits, then instantiation (which
-    /// already runs guest code: start functions and data segments).
+    /// already runs guest code: start functions and data segments). `volumes` holds the
+    /// sandbox's volumes between runs: set up on its first run, reused by its restarts.
     ///
     /// # Errors
     /// Fails with the [`Exit`] that ended the sandbox during instantiation.
@@ -55,6 +58,7 @@ pub trait SandboxRuntime: Send + Sync + 'static {
         &self,
         prepared: &Arc<Self::Prepared>,
         logs: Arc<LogBuffer>,
+        volumes: &mut Option<Arc<Self::Volumes>>,
     ) -> impl Future<Output = Result<Self::Instance, Exit>> + Send;
 
     /// What this runtime can hold.

@@ -1,8 +1,8 @@
 //! Volumes and configuration: the directories a sandbox reaches (WASI preopens) and the
 //! ConfigMaps and Secrets its files and environment come from.
 //!
-//! - `emptyDir`: a directory of its own for each run under the agent's volume directory,
-//!   removed when the run ends; with a size limit it is a tmpfs of that size, so writes past the
+//! - `emptyDir`: a directory of its own for each sandbox under the agent's volume directory,
+//!   kept across its restarts and removed with it; with a size limit it is a tmpfs of that size, so writes past the
 //!   limit fail with "no space" in that sandbox alone (the agent needs `CAP_SYS_ADMIN` to mount
 //!   it, as the chart grants).
 //! - `hostPath`: a node directory, only under a prefix the agent allows (`--allow-host-path`),
@@ -304,14 +304,14 @@ fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBu
     }
 }
 
-/// The mounts of one sandbox run: their directories, and the scratch directories to remove
-/// when it ends.
+/// The mounts of one sandbox: their directories, and the scratch directories to remove when
+/// it is dropped (the sandbox ended or was removed).
 pub struct Mounts {
     preopens: Vec<(PathBuf, String, FsPerms)>,
     scratch: Vec<Scratch>,
 }
 
-/// A run's `emptyDir`, removed (and unmounted) when dropped.
+/// A sandbox's `emptyDir`, removed (and unmounted) when dropped.
 struct Scratch {
     path: PathBuf,
     tmpfs: bool,
@@ -331,11 +331,11 @@ impl Drop for Scratch {
     }
 }
 
-/// Numbers the runs' scratch directories.
+/// Numbers the sandboxes' scratch directories.
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
 impl Mounts {
-    /// Sets up `volumes` for one run of a sandbox of `namespace`.
+    /// Sets up `volumes` for a sandbox of `namespace`.
     ///
     /// # Errors
     /// [`Exit::Config`] for a ConfigMap or Secret the agent does not have (unless optional),

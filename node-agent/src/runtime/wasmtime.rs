@@ -491,6 +491,7 @@ impl WasmtimeRuntime {
 impl SandboxRuntime for WasmtimeRuntime {
     type Prepared = PreparedWorkload;
     type Instance = WasmtimeInstance;
+    type Volumes = Mounts;
 
     async fn prepare(&self, spec: &WorkloadSpec) -> Result<Arc<PreparedWorkload>, SandboxError> {
         let mut limits = self.resolve_limits(spec)?;
@@ -564,16 +565,21 @@ impl SandboxRuntime for WasmtimeRuntime {
         &self,
         prepared: &Arc<PreparedWorkload>,
         logs: Arc<LogBuffer>,
+        volumes: &mut Option<Arc<Mounts>>,
     ) -> Result<WasmtimeInstance, Exit> {
-        let mounts = if prepared.volumes.is_empty() {
-            None
-        } else {
-            Some(Arc::new(Mounts::create(
-                &prepared.volumes,
-                &prepared.namespace,
-                &self.inner.config.volumes,
-                &self.inner.config_files,
-            )?))
+        let mounts = match volumes {
+            _ if prepared.volumes.is_empty() => None,
+            Some(mounts) => Some(mounts.clone()),
+            None => {
+                let mounts = Arc::new(Mounts::create(
+                    &prepared.volumes,
+                    &prepared.namespace,
+                    &self.inner.config.volumes,
+                    &self.inner.config_files,
+                )?);
+                *volumes = Some(mounts.clone());
+                Some(mounts)
+            }
         };
         let mut wasi = prepared.wasi(&logs, &self.inner.config_files, mounts.as_deref())?;
         match &*prepared.artifact {

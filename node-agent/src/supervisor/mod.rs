@@ -595,12 +595,14 @@ async fn run_sandbox<R: SandboxRuntime>(
 ) {
     let metrics = &shared.metrics;
     let mut backoff = Backoff::default();
+    // The sandbox's volumes: made on its first run, kept by its restarts, removed when it ends.
+    let mut volumes = None;
     loop {
         let run_started = Instant::now();
         let exit = tokio::select! {
             biased;
             () = cell.cancel.cancelled() => Exit::Stopped,
-            exit = run_once(&shared, &cell, &prepared) => exit,
+            exit = run_once(&shared, &cell, &prepared, &mut volumes) => exit,
         };
         let ran_for = run_started.elapsed();
         metrics.exit(exit.reason());
@@ -634,6 +636,8 @@ async fn run_sandbox<R: SandboxRuntime>(
             });
             metrics.transition(Some(phase), None);
             cell.logs.close();
+            // Its volumes go before anyone hears it ended.
+            drop(volumes.take());
             shared.publish(&cell);
             return;
         }
@@ -657,6 +661,7 @@ async fn run_sandbox<R: SandboxRuntime>(
             });
             metrics.transition(Some(old), Some(phase));
             cell.logs.close();
+            drop(volumes.take());
             shared.publish(&cell);
             return;
         }
@@ -681,6 +686,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                 metrics.transition(Some(SandboxPhase::Pending), None);
                 cell.update(|s| s.reason = "Stopped");
                 cell.logs.close();
+                drop(volumes.take());
                 shared.publish(&cell);
                 return;
             }
@@ -696,12 +702,13 @@ async fn run_once<R: SandboxRuntime>(
     shared: &Shared<R>,
     cell: &SandboxCell,
     prepared: &Arc<R::Prepared>,
+    volumes: &mut Option<Arc<R::Volumes>>,
 ) -> Exit {
     let run = async {
         let begun = Instant::now();
         let instance = match shared
             .runtime
-            .instantiate(prepared, cell.logs.clone())
+            .instantiate(prepared, cell.logs.clone(), volumes)
             .await
         {
             Ok(instance) => instance,

@@ -75,7 +75,8 @@ pub struct Volume {
 pub mod volume {
     #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
     pub enum Source {
-        /// A scratch directory of its own for each run, removed when the run ends.
+        /// A scratch directory of its own for each sandbox, kept across its restarts and removed
+        /// with it.
         #[prost(message, tag = "4")]
         EmptyDir(super::EmptyDir),
         /// A directory of the node; the agent refuses paths outside its --allow-host-path list.
