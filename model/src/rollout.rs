@@ -144,6 +144,17 @@ impl Strategy {
         }
     }
 
+    /// Sandboxes of `replicas` that must stay available: all of them for `Recreate`, less
+    /// `maxUnavailable` for a rolling update, as for a Deployment.
+    pub fn min_available(&self, replicas: u64) -> u64 {
+        match self.type_ {
+            StrategyType::Recreate => replicas,
+            StrategyType::RollingUpdate => {
+                replicas.saturating_sub(self.limits(replicas).max_unavailable)
+            }
+        }
+    }
+
     pub(crate) fn validate(&self, fail: &mut impl FnMut(&str, String)) {
         let Some(rolling) = &self.rolling_update else {
             return;

@@ -264,6 +264,13 @@ fn rolling_update_limits_resolve_as_a_deployments() {
             .expect("strategy");
     let limits = parsed.limits(7);
     assert_eq!((limits.max_surge, limits.max_unavailable), (2, 3));
+    assert_eq!(parsed.min_available(7), 4);
+    assert_eq!(Strategy::default().min_available(10), 8);
+    let recreate = Strategy {
+        type_: StrategyType::Recreate,
+        rolling_update: None,
+    };
+    assert_eq!(recreate.min_available(10), 10, "nothing may be unavailable");
 }
 
 #[test]

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use self::rollout::Revisions;
 use crate::cluster::routes::{route_of, serving_ingresses};
 use crate::cluster::{Cluster, Counts, Notice};
-use crate::model::{Condition, Requests, RevisionStatus, StrategyType, Workload, WorkloadStatus};
+use crate::model::{Condition, Requests, RevisionStatus, Strategy, Workload, WorkloadStatus};
 use crate::scheduler::framework::{NodeInfo, WorkloadRequest};
 use crate::scheduler::{PluginError, Scheduler};
 use crate::store::{self, WorkloadStore};
@@ -192,13 +192,9 @@ impl<S: WorkloadStore> Controller<S> {
                 &mut status.conditions,
                 ready_condition(wanted, ready, succeeded, latest_failure),
             );
-            let min_available = match &workload.spec.strategy {
-                Some(s) if s.type_ == StrategyType::Recreate => wanted,
-                strategy => {
-                    let limits = strategy.clone().unwrap_or_default().limits(wanted);
-                    wanted.saturating_sub(limits.max_unavailable)
-                }
-            };
+            let default_strategy = Strategy::default();
+            let strategy = workload.spec.strategy.as_ref().unwrap_or(&default_strategy);
+            let min_available = strategy.min_available(wanted);
             set_condition(
                 &mut status.conditions,
                 available_condition(wanted, min_available, available + succeeded),

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use crate::cluster::Counts;
 use crate::model::{
-    RevisionStatus, StrategyType, Workload, WorkloadSpec, rollout::DEFAULT_REVISION_HISTORY_LIMIT,
+    RevisionStatus, Strategy, StrategyType, Workload, WorkloadSpec,
+    rollout::DEFAULT_REVISION_HISTORY_LIMIT,
 };
 
 /// A workload's revisions in a pass: the current one (the spec's template) and the old ones,
@@ -177,7 +178,8 @@ pub(super) fn targets(
             old: vec![0; old.len()],
         };
     }
-    let strategy = spec.strategy.clone().unwrap_or_default();
+    let default_strategy = Strategy::default();
+    let strategy = spec.strategy.as_ref().unwrap_or(&default_strategy);
     if strategy.type_ == StrategyType::Recreate {
         // Old sandboxes first stop everywhere; the new ones start once none is reported.
         let current = if old_placed == 0 && !recreating(spec, revisions, reported) {
@@ -194,7 +196,7 @@ pub(super) fn targets(
 
     // Old sandboxes first, keeping desired - maxUnavailable available; what they free, new
     // sandboxes may take in the same pass.
-    let min_available = desired.saturating_sub(limits.max_unavailable);
+    let min_available = strategy.min_available(desired);
     let current_available = available(&revisions.current, reported).min(current_placed);
     let current_unavailable = current_placed - current_available;
     let mut targets = old.clone();
