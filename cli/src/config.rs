@@ -28,13 +28,6 @@ pub struct Sources {
     pub namespace: String,
 }
 
-fn kind_name(kind: ConfigKind) -> &'static str {
-    match kind {
-        ConfigKind::Secret => "secret",
-        _ => "configmap",
-    }
-}
-
 /// The data of `sources`, keyed.
 fn data(sources: &Sources) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
     let mut data = BTreeMap::new();
@@ -106,7 +99,7 @@ pub async fn create(
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    println!("{}/{name} created", kind_name(kind));
+    println!("{}/{name} created", kind.noun());
     Ok(())
 }
 
@@ -132,7 +125,7 @@ pub async fn get(
     if let Some(name) = name
         && items.is_empty()
     {
-        bail!("{} {namespace}/{name} not found", kind_name(kind));
+        bail!("{} {namespace}/{name} not found", kind.noun());
     }
     match output {
         Output::Json | Output::Yaml => {
@@ -200,6 +193,6 @@ pub async fn delete(
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    println!("{}/{name} deleted", kind_name(kind));
+    println!("{}/{name} deleted", kind.noun());
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use flotilla_control_plane::kubernetes;
 use flotilla_control_plane::model::{Condition, Workload};
-use flotilla_proto::agent::v1::{ConfigKind, ConfigObject};
+use flotilla_proto::agent::v1::ConfigObject;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
     ApplyConfigRequest, ApplyRequest, DeleteRequest, GetRequest, ListEventsRequest,
@@ -59,11 +59,7 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
         documents.into_iter().partition(|d| d.config.is_some());
     for doc in config {
         let Some(object) = doc.config else { continue };
-        let kind = if object.kind() == ConfigKind::Secret {
-            "secret"
-        } else {
-            "configmap"
-        };
+        let kind = object.kind().noun();
         let name = object.name.clone();
         client
             .apply_config(ApplyConfigRequest {

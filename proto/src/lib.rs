@@ -15,6 +15,7 @@ pub mod agent {
 }
 
 pub mod auth;
+pub mod config;
 #[cfg(feature = "model")]
 pub mod from_model;
 pub mod tls;

@@ -9,40 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, WorkloadSpec, volume};
+pub use flotilla_proto::config::ConfigKey;
 use flotilla_proto::control::v1::{ConfigObjectKey, ConfigObjects};
 use tokio::sync::watch;
-
-/// A ConfigMap or Secret, by kind, namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConfigKey {
-    /// ConfigMap or Secret.
-    pub kind: ConfigKind,
-    /// Its namespace.
-    pub namespace: String,
-    /// Its name.
-    pub name: String,
-}
-
-impl ConfigKey {
-    /// The key of `object`.
-    pub fn of(object: &ConfigObject) -> Self {
-        Self {
-            kind: object.kind(),
-            namespace: object.namespace.clone(),
-            name: object.name.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for ConfigKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.kind {
-            ConfigKind::Secret => "secret",
-            _ => "configmap",
-        };
-        write!(f, "{kind} {}/{}", self.namespace, self.name)
-    }
-}
 
 /// Every ConfigMap and Secret, by key.
 pub type ConfigObjectsByKey = BTreeMap<ConfigKey, Arc<ConfigObject>>;

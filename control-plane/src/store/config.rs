@@ -57,11 +57,7 @@ pub enum ConfigError {
 }
 
 fn id(key: &ConfigKey) -> String {
-    let kind = match key.kind {
-        flotilla_proto::agent::v1::ConfigKind::Secret => "secret",
-        _ => "configmap",
-    };
-    format!("{kind}/{}/{}", key.namespace, key.name)
+    format!("{}/{}/{}", key.kind.noun(), key.namespace, key.name)
 }
 
 impl ConfigStore {

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, KeyRef, Volume, volume};
+pub use flotilla_proto::config::ConfigKey;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::Exit;
@@ -65,27 +66,6 @@ impl std::str::FromStr for HostPathRule {
     }
 }
 
-/// A ConfigMap or Secret, by kind, namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConfigKey {
-    /// ConfigMap or Secret.
-    pub kind: ConfigKind,
-    /// Its namespace.
-    pub namespace: String,
-    /// Its name.
-    pub name: String,
-}
-
-impl ConfigKey {
-    fn describe(&self) -> String {
-        let kind = match self.kind {
-            ConfigKind::Secret => "secret",
-            _ => "configmap",
-        };
-        format!("{kind} {}/{}", self.namespace, self.name)
-    }
-}
-
 /// An object's data: key → value.
 pub type ConfigData = BTreeMap<String, Vec<u8>>;
 
@@ -119,11 +99,10 @@ impl ConfigFiles {
 
     /// The directory holding the object's files.
     fn dir(&self, key: &ConfigKey) -> PathBuf {
-        let kind = match key.kind {
-            ConfigKind::Secret => "secrets",
-            _ => "configmaps",
-        };
-        self.root.join(&key.namespace).join(kind).join(&key.name)
+        self.root
+            .join(&key.namespace)
+            .join(format!("{}s", key.kind.noun()))
+            .join(&key.name)
     }
 
     /// Applies what the control plane sent: the objects to create or update, and those that
@@ -246,19 +225,13 @@ impl ConfigFiles {
             .and_then(|data| data.get(&key.key).cloned());
         match value {
             Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| {
-                Exit::Config(format!(
-                    "key {} of {} is not UTF-8 text",
-                    key.key,
-                    object.describe()
-                ))
+                Exit::Config(format!("key {} of {} is not UTF-8 text", key.key, object))
             }),
             None if key.optional => Ok(None),
-            None if self.get(&object).is_some() => Err(Exit::Config(format!(
-                "{} has no key {}",
-                object.describe(),
-                key.key
-            ))),
-            None => Err(Exit::Config(format!("{} not found", object.describe()))),
+            None if self.get(&object).is_some() => {
+                Err(Exit::Config(format!("{} has no key {}", object, key.key)))
+            }
+            None => Err(Exit::Config(format!("{} not found", object))),
         }
     }
 }
@@ -401,8 +374,7 @@ impl Mounts {
                     } else {
                         return Err(Exit::Config(format!(
                             "{} not found (volume {})",
-                            key.describe(),
-                            v.name
+                            key, v.name
                         )));
                     }
                 }

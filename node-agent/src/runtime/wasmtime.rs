@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::agent::v1::{ConfigKind, EnvFrom, EnvVar, Volume, WorkloadSpec, module_source};
+use flotilla_proto::agent::v1::{EnvFrom, EnvVar, Volume, WorkloadSpec, module_source};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
@@ -143,16 +143,7 @@ impl ConfigEnv {
                 }
                 None if source.optional => {}
                 None => {
-                    return Err(Exit::Config(format!(
-                        "{} {}/{} not found (envFrom)",
-                        if source.kind() == ConfigKind::Secret {
-                            "secret"
-                        } else {
-                            "configmap"
-                        },
-                        namespace,
-                        source.name
-                    )));
+                    return Err(Exit::Config(format!("{key} not found (envFrom)")));
                 }
             }
         }
