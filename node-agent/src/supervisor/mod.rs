@@ -628,6 +628,8 @@ async fn run_sandbox<R: SandboxRuntime>(
             finished_at_ms: unix_ms(),
         });
         if exit == Exit::Stopped {
+            // Its volumes go before anyone can see it ended.
+            drop(volumes.take());
             let phase = cell.update(|s| {
                 s.reason = "Stopped";
                 s.message = "stopped by the agent".into();
@@ -636,8 +638,6 @@ async fn run_sandbox<R: SandboxRuntime>(
             });
             metrics.transition(Some(phase), None);
             cell.logs.close();
-            // Its volumes go before anyone hears it ended.
-            drop(volumes.take());
             shared.publish(&cell);
             return;
         }
@@ -647,6 +647,7 @@ async fn run_sandbox<R: SandboxRuntime>(
             RestartPolicy::Always | RestartPolicy::Unspecified => true,
         };
         if !restart {
+            drop(volumes.take());
             let phase = if exit.is_success() {
                 SandboxPhase::Succeeded
             } else {
@@ -661,7 +662,6 @@ async fn run_sandbox<R: SandboxRuntime>(
             });
             metrics.transition(Some(old), Some(phase));
             cell.logs.close();
-            drop(volumes.take());
             shared.publish(&cell);
             return;
         }
@@ -683,10 +683,10 @@ async fn run_sandbox<R: SandboxRuntime>(
         tokio::select! {
             biased;
             () = cell.cancel.cancelled() => {
+                drop(volumes.take());
                 metrics.transition(Some(SandboxPhase::Pending), None);
                 cell.update(|s| s.reason = "Stopped");
                 cell.logs.close();
-                drop(volumes.take());
                 shared.publish(&cell);
                 return;
             }
