@@ -19,7 +19,7 @@ pub mod volumes;
 pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
 pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
 pub use volumes::{
-    ConfigMapVolume, EmptyDirVolume, HostPathVolume, SecretVolume, Volume, VolumeMount,
+    ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, Volume, VolumeMount,
 };
 
 /// `apiVersion` of every Flotilla object.

@@ -132,6 +132,30 @@ fn bad_manifests_get_field_pointed_errors() {
             "spec.volumeMounts[0].mountPath: \"/x/../y\": must not contain . or .. segments",
         ),
         (
+            "  volumes: [{name: a, configMap: {name: c, items: [{key: k, path: ../k}]}}]\n",
+            "spec.volumes[0].configMap.items[0].path: \"../k\": must not contain",
+        ),
+        (
+            "  volumes: [{name: a, secret: {secretName: s, items: [{key: k, path: /etc/k}]}}]\n",
+            "spec.volumes[0].secret.items[0].path: \"/etc/k\": must be a relative path",
+        ),
+        (
+            "  volumes: [{name: a, configMap: {name: c, items: [{key: k, path: x/..data/k}]}}]\n",
+            "spec.volumes[0].configMap.items[0].path",
+        ),
+        (
+            "  volumes: [{name: a, configMap: {name: c, items: [{key: a/b, path: k}]}}]\n",
+            "spec.volumes[0].configMap.items[0].key",
+        ),
+        (
+            "  volumes: [{name: a, configMap: {name: c, items: [{key: k, path: p}, {key: j, path: p}]}}]\n",
+            "spec.volumes[0].configMap.items[1].path: \"p\" is used twice",
+        ),
+        (
+            "  volumes: [{name: a, configMap: {name: c, items: [{key: k, path: p}, {key: j, path: p/q}]}}]\n",
+            "spec.volumes[0].configMap.items: \"p\" is both a file and the directory of \"p/q\"",
+        ),
+        (
             "  env: [{name: A, value: x, valueFrom: {secretKeyRef: {name: s, key: k}}}]\n",
             "spec.env[0].valueFrom: may not be set together with value",
         ),

@@ -45,6 +45,9 @@ pub struct EmptyDirVolume {
 pub struct ConfigMapVolume {
     /// The ConfigMap.
     pub name: String,
+    /// Only these keys, each at its own path. Default: every key, as a file named after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
     /// Run even when it does not exist (an empty directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optional: Option<bool>,
@@ -57,9 +60,23 @@ pub struct ConfigMapVolume {
 pub struct SecretVolume {
     /// The Secret.
     pub secret_name: String,
+    /// Only these keys, each at its own path. Default: every key, as a file named after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
     /// Run even when it does not exist (an empty directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optional: Option<bool>,
+}
+
+/// A key of a ConfigMap or Secret and the file it becomes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct KeyToPath {
+    /// The key.
+    pub key: String,
+    /// Its file, relative to the mount, e.g. `conf/app.toml`; parent directories are made.
+    pub path: String,
 }
 
 /// A directory of the node.
@@ -137,15 +154,17 @@ pub(crate) fn validate(
                 Err(message) => fail(&format!("{field}.emptyDir.sizeLimit"), message),
             }
         }
-        if let Some(config_map) = &volume.config_map
-            && let Err(message) = validate_name(&config_map.name)
-        {
-            fail(&format!("{field}.configMap.name"), message);
+        if let Some(config_map) = &volume.config_map {
+            if let Err(message) = validate_name(&config_map.name) {
+                fail(&format!("{field}.configMap.name"), message);
+            }
+            validate_items(&config_map.items, &format!("{field}.configMap"), fail);
         }
-        if let Some(secret) = &volume.secret
-            && let Err(message) = validate_name(&secret.secret_name)
-        {
-            fail(&format!("{field}.secret.secretName"), message);
+        if let Some(secret) = &volume.secret {
+            if let Err(message) = validate_name(&secret.secret_name) {
+                fail(&format!("{field}.secret.secretName"), message);
+            }
+            validate_items(&secret.items, &format!("{field}.secret"), fail);
         }
         if let Some(host) = &volume.host_path
             && let Err(message) = validate_absolute(&host.path)
@@ -171,6 +190,71 @@ pub(crate) fn validate(
             );
         }
     }
+}
+
+/// Checks a ConfigMap or Secret volume's `items`: known-shaped keys, each at a distinct
+/// relative path that stays inside the volume.
+fn validate_items(items: &[KeyToPath], field: &str, fail: &mut impl FnMut(&str, String)) {
+    let mut paths = std::collections::BTreeSet::new();
+    for (j, item) in items.iter().enumerate() {
+        let field = format!("{field}.items[{j}]");
+        if !crate::config::is_config_key(&item.key) {
+            fail(
+                &format!("{field}.key"),
+                format!(
+                    "{:?}: must be letters, digits, '-', '_' or '.', not starting with ..",
+                    item.key
+                ),
+            );
+        }
+        if let Err(message) = validate_relative_path(&item.path) {
+            fail(&format!("{field}.path"), message);
+        } else if !paths.insert(item.path.as_str()) {
+            fail(
+                &format!("{field}.path"),
+                format!("{:?} is used twice", item.path),
+            );
+        }
+    }
+    // A file cannot also be a directory of another item's path.
+    for path in &paths {
+        let mut parent = *path;
+        while let Some((dir, _)) = parent.rsplit_once('/') {
+            if paths.contains(dir) {
+                fail(
+                    &format!("{field}.items"),
+                    format!("{dir:?} is both a file and the directory of {path:?}"),
+                );
+            }
+            parent = dir;
+        }
+    }
+}
+
+/// Checks a path inside a volume: relative, without empty, `.` or `..` segments, and without
+/// segments starting with `..` (names the agent keeps for itself).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn validate_relative_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if path.starts_with('/') {
+        return Err(format!("{path:?}: must be a relative path"));
+    }
+    if path.contains('\0') {
+        return Err(format!("{path:?}: must not contain NUL"));
+    }
+    if path
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment.starts_with(".."))
+    {
+        return Err(format!(
+            "{path:?}: must not contain empty, . or .. segments, or segments starting with .."
+        ));
+    }
+    Ok(())
 }
 
 /// An absolute path without `.` or `..` segments.

@@ -10,8 +10,8 @@ use common::*;
 use flotilla_node_agent::runtime::volumes::{HostPathRule, VolumeConfig};
 use flotilla_node_agent::supervisor::Supervisor;
 use flotilla_proto::agent::v1::{
-    ConfigKind, ConfigObject, ConfigRef, EmptyDir, EnvFrom, EnvVar, KeyRef, RestartPolicy,
-    SandboxPhase, Volume, WorkloadSpec, volume,
+    ConfigKind, ConfigObject, ConfigRef, EmptyDir, EnvFrom, EnvVar, KeyRef, KeyToPath,
+    RestartPolicy, SandboxPhase, Volume, WorkloadSpec, volume,
 };
 
 fn files_guest() -> Vec<u8> {
@@ -270,8 +270,114 @@ fn config_volume(kind: ConfigKind, name: &str, path: &str) -> Volume {
             kind: kind as i32,
             name: name.into(),
             optional: false,
+            items: vec![],
         }),
     )
+}
+
+/// A ConfigMap volume of only the keys `items` lists (key, path).
+fn config_items_volume(name: &str, path: &str, items: &[(&str, &str)]) -> Volume {
+    mount(
+        name,
+        path,
+        true,
+        volume::Source::Config(ConfigRef {
+            kind: ConfigKind::ConfigMap as i32,
+            name: name.into(),
+            optional: false,
+            items: items
+                .iter()
+                .map(|(key, path)| KeyToPath {
+                    key: key.to_string(),
+                    path: path.to_string(),
+                })
+                .collect(),
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_put_chosen_keys_at_their_paths_and_follow_updates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sup = supervisor_with(VolumeConfig {
+        dir: dir.path().join("volumes"),
+        host_paths: vec![],
+    });
+    let files = sup.runtime().config_files();
+    let app = |greeting: &str| {
+        object(
+            ConfigKind::ConfigMap,
+            "app",
+            &[("greeting", greeting), ("mode", "fast"), ("other", "x")],
+        )
+    };
+    files.apply(vec![app("v1")], true, vec![]).expect("config");
+    let spec = files_spec(
+        "items",
+        &[
+            "read",
+            "/config/conf/hello.txt",
+            "read",
+            "/config/top",
+            "read",
+            "/config/greeting",
+            "read",
+            "/config/other",
+            "poll",
+            "/config/conf/hello.txt",
+            "v2",
+            "10000",
+        ],
+        vec![config_items_volume(
+            "app",
+            "/config",
+            &[("greeting", "conf/hello.txt"), ("mode", "top")],
+        )],
+    );
+    sup.apply(spec).await.expect("applied");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !logs(&sup, "items", 0).contains("read /config/other") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            logs(&sup, "items", 0)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    files.apply(vec![app("v2")], true, vec![]).expect("update");
+    wait_for(&sup, "items", "the run to end", all_ended()).await;
+    let out = logs(&sup, "items", 0);
+    assert_eq!(
+        line(&out, "read /config/conf/hello.txt"),
+        "read /config/conf/hello.txt: ok: v1"
+    );
+    assert_eq!(line(&out, "read /config/top"), "read /config/top: ok: fast");
+    assert!(
+        line(&out, "read /config/greeting").contains("No such file"),
+        "a listed key is only at its path:\n{out}"
+    );
+    assert!(
+        line(&out, "read /config/other").contains("No such file"),
+        "keys not listed are absent:\n{out}"
+    );
+    assert_eq!(
+        line(&out, "poll /config/conf/hello.txt"),
+        "poll /config/conf/hello.txt: saw v2",
+        "the running guest sees the update at the item's path"
+    );
+
+    // A listed key the object lacks fails the sandbox, as for a Pod, with the key named.
+    let mut missing = files_spec(
+        "missing-key",
+        &["read", "/config/x"],
+        vec![config_items_volume("app", "/config", &[("nope", "x")])],
+    );
+    missing.restart_policy = RestartPolicy::Never as i32;
+    sup.apply(missing).await.expect("applied");
+    let statuses = wait_for(&sup, "missing-key", "the failure", all_ended()).await;
+    let last = statuses[0].last_termination.as_ref().expect("termination");
+    assert_eq!(last.reason, "ConfigError");
+    assert_eq!(last.message, "configmap default/app has no key nope");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

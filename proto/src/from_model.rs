@@ -2,12 +2,13 @@
 //! shared by the control plane (desired state for agents) and the agent's static manifests.
 
 use flotilla_model::{
-    EnvFromSource, EnvVar as ModelEnvVar, RestartPolicy, VolumeMount, WorkloadSpec as ModelSpec,
+    EnvFromSource, EnvVar as ModelEnvVar, KeyToPath as ModelKeyToPath, RestartPolicy, VolumeMount,
+    WorkloadSpec as ModelSpec,
 };
 
 use crate::agent::v1::{
-    ConfigKind, ConfigRef, EmptyDir, EnvFrom, EnvVar, HttpRoute, KeyRef, ModuleSource, Resources,
-    RestartPolicy as RestartPolicyMessage, Volume, WorkloadSpec, volume,
+    ConfigKind, ConfigRef, EmptyDir, EnvFrom, EnvVar, HttpRoute, KeyRef, KeyToPath, ModuleSource,
+    Resources, RestartPolicy as RestartPolicyMessage, Volume, WorkloadSpec, volume,
 };
 
 /// The agent's spec for `spec`: named `name` on the agent, at `generation` (a new generation
@@ -102,13 +103,21 @@ fn env_from(source: &EnvFromSource) -> Option<EnvFrom> {
 /// (validation rejects those).
 fn volume(spec: &ModelSpec, mount: &VolumeMount) -> Option<Volume> {
     let declared = spec.volumes.iter().find(|v| v.name == mount.name)?;
-    let config = |kind: ConfigKind, name: &str, optional: Option<bool>| {
-        volume::Source::Config(ConfigRef {
-            kind: kind as i32,
-            name: name.to_string(),
-            optional: optional.unwrap_or(false),
-        })
-    };
+    let config =
+        |kind: ConfigKind, name: &str, optional: Option<bool>, items: &[ModelKeyToPath]| {
+            volume::Source::Config(ConfigRef {
+                kind: kind as i32,
+                name: name.to_string(),
+                optional: optional.unwrap_or(false),
+                items: items
+                    .iter()
+                    .map(|item| KeyToPath {
+                        key: item.key.clone(),
+                        path: item.path.clone(),
+                    })
+                    .collect(),
+            })
+        };
     let source = if let Some(empty) = &declared.empty_dir {
         volume::Source::EmptyDir(EmptyDir {
             size_limit_bytes: empty
@@ -118,9 +127,19 @@ fn volume(spec: &ModelSpec, mount: &VolumeMount) -> Option<Volume> {
                 .unwrap_or(0),
         })
     } else if let Some(config_map) = &declared.config_map {
-        config(ConfigKind::ConfigMap, &config_map.name, config_map.optional)
+        config(
+            ConfigKind::ConfigMap,
+            &config_map.name,
+            config_map.optional,
+            &config_map.items,
+        )
     } else if let Some(secret) = &declared.secret {
-        config(ConfigKind::Secret, &secret.secret_name, secret.optional)
+        config(
+            ConfigKind::Secret,
+            &secret.secret_name,
+            secret.optional,
+            &secret.items,
+        )
     } else {
         volume::Source::HostPath(declared.host_path.as_ref()?.path.clone())
     };

@@ -156,7 +156,7 @@ mod tests {
                 source: Some(volume::Source::Config(ConfigRef {
                     kind: ConfigKind::ConfigMap as i32,
                     name: "app".into(),
-                    optional: false,
+                    ..ConfigRef::default()
                 })),
                 ..Volume::default()
             }],

@@ -219,7 +219,7 @@ pub enum SandboxError {
     /// The workload asks for more than the agent allows per sandbox.
     #[error("{0}")]
     Limits(String),
-    /// A `hostPath` volume the agent does not allow.
+    /// A `hostPath` volume the agent does not allow, or `items` that would leave a volume.
     #[error("{0}")]
     VolumeNotAllowed(String),
 }

@@ -59,7 +59,7 @@ pub struct EnvFrom {
 }
 /// A directory the guest reaches at `mount_path` (a WASI preopen); nothing else of the host's
 /// filesystem is reachable, and `..` or symlinks cannot leave it.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Volume {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
@@ -73,7 +73,7 @@ pub struct Volume {
 }
 /// Nested message and enum types in `Volume`.
 pub mod volume {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Source {
         /// A scratch directory of its own for each sandbox, kept across its restarts and removed
         /// with it.
@@ -82,8 +82,8 @@ pub mod volume {
         /// A directory of the node; the agent refuses paths outside its --allow-host-path list.
         #[prost(string, tag = "5")]
         HostPath(::prost::alloc::string::String),
-        /// The keys of a ConfigMap or Secret of the workload's namespace, one file each; updated
-        /// in place when the object changes.
+        /// The keys of a ConfigMap or Secret of the workload's namespace (or those it lists), one
+        /// file each; updated in place when the object changes.
         #[prost(message, tag = "6")]
         Config(super::ConfigRef),
     }
@@ -95,7 +95,7 @@ pub struct EmptyDir {
     pub size_limit_bytes: u64,
 }
 /// A ConfigMap or Secret of the workload's namespace.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ConfigRef {
     #[prost(enumeration = "ConfigKind", tag = "1")]
     pub kind: i32,
@@ -104,6 +104,17 @@ pub struct ConfigRef {
     /// An empty directory rather than a failed sandbox when it is missing.
     #[prost(bool, tag = "3")]
     pub optional: bool,
+    /// Only these keys, each at its own relative path. Empty: every key, named after it.
+    #[prost(message, repeated, tag = "4")]
+    pub items: ::prost::alloc::vec::Vec<KeyToPath>,
+}
+/// A key of a ConfigMap or Secret and the file it becomes, relative to the volume.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeyToPath {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
 }
 /// A ConfigMap's or Secret's data, as the control plane hands it to the agents whose sandboxes
 /// use it.

@@ -1,0 +1,319 @@
+//! Volumes and configuration: the directories a sandbox reaches (WASI preopens) and the
+//! ConfigMaps and Secrets its files and environment come from.
+//!
+//! - `emptyDir`: a directory of its own for each sandbox under the agent's volume directory,
+//!   kept across its restarts and removed with it. With a size limit it is a tmpfs of that
+//!   size, so writes past the limit fail with "no space" in that sandbox alone (mounting it
+//!   needs `CAP_SYS_ADMIN`).
+//! - `hostPath`: a node directory, only under a prefix the agent allows (`--allow-host-path`),
+//!   read-only unless both the mount and the rule allow writes.
+//! - `configMap` / `secret`: the object's keys as files (or the keys its `items` list, at
+//!   their paths), updated in place: see [`ConfigFiles`].
+//!
+//! A guest reaches nothing outside its mounts: wasmtime-wasi resolves every path under the
+//! preopened directory (`cap-std`), so `..`, absolute paths and symlinks cannot leave it.
+
+mod config_files;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flotilla_proto::agent::v1::{Volume, volume};
+pub use flotilla_proto::config::ConfigKey;
+
+use self::config_files::SECRETS;
+pub use self::config_files::{ConfigData, ConfigFiles, SecretStorage};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::Exit;
+
+/// Where volumes live and which node directories sandboxes may mount.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeConfig {
+    /// Scratch directories and configuration files. Default: a fresh directory under the
+    /// system's temporary directory, removed when the agent exits.
+    pub dir: PathBuf,
+    /// Node directories `hostPath` volumes may name.
+    pub host_paths: Vec<HostPathRule>,
+}
+
+/// A node directory (and everything under it) that `hostPath` volumes may mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPathRule {
+    /// The directory.
+    pub prefix: PathBuf,
+    /// Whether mounts may write to it (`--allow-host-path DIR:rw`).
+    pub writable: bool,
+}
+
+impl std::str::FromStr for HostPathRule {
+    type Err = String;
+
+    /// `DIR` (read-only) or `DIR:rw`.
+    fn from_str(value: &str) -> Result<Self, String> {
+        let (path, writable) = match value.strip_suffix(":rw") {
+            Some(path) => (path, true),
+            None => (value.strip_suffix(":ro").unwrap_or(value), false),
+        };
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{value:?}: must be an absolute path, optionally with :rw"
+            ));
+        }
+        Ok(Self {
+            prefix: PathBuf::from(path),
+            writable,
+        })
+    }
+}
+
+/// Checks a workload's volumes against the agent's rules when it is prepared.
+///
+/// # Errors
+/// A message naming the `hostPath` the agent does not allow (or a writable mount of a
+/// read-only one), or an `items` path that would leave its volume.
+pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), String> {
+    for v in volumes {
+        match &v.source {
+            Some(volume::Source::HostPath(path)) => {
+                host_path(path, !v.read_only, config)?;
+            }
+            Some(volume::Source::Config(reference)) => {
+                for item in &reference.items {
+                    flotilla_model::volumes::validate_relative_path(&item.path)
+                        .map_err(|e| format!("volume {}: items path {e}", v.name))?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The node directory a `hostPath` names, resolved, if a rule allows it.
+fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBuf, String> {
+    let resolved = std::fs::canonicalize(path).map_err(|e| format!("hostPath {path}: {e}"))?;
+    let rule = config.host_paths.iter().find(|rule| {
+        std::fs::canonicalize(&rule.prefix).is_ok_and(|prefix| resolved.starts_with(prefix))
+    });
+    match rule {
+        None => Err(format!(
+            "hostPath {path} is not allowed on this node (the agent allows {})",
+            if config.host_paths.is_empty() {
+                "none; see --allow-host-path".to_string()
+            } else {
+                config
+                    .host_paths
+                    .iter()
+                    .map(|r| r.prefix.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )),
+        Some(rule) if writable && !rule.writable => Err(format!(
+            "hostPath {path} may only be mounted read-only on this node"
+        )),
+        Some(_) => Ok(resolved),
+    }
+}
+
+/// The mounts of one sandbox: their directories, and the scratch directories to remove when
+/// it is dropped (the sandbox ended or was removed).
+pub struct Mounts {
+    preopens: Vec<(PathBuf, String, FsPerms)>,
+    scratch: Vec<Scratch>,
+}
+
+/// A sandbox's `emptyDir`, removed (and unmounted) when dropped.
+struct Scratch {
+    path: PathBuf,
+    tmpfs: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.tmpfs {
+            unmount(&self.path);
+        }
+        if let Err(error) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), %error, "cannot remove an emptyDir");
+        }
+    }
+}
+
+/// Numbers the sandboxes' scratch directories.
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+impl Mounts {
+    /// Sets up `volumes` for a sandbox of `namespace`.
+    ///
+    /// # Errors
+    /// [`Exit::Config`] for a ConfigMap or Secret the agent does not have (unless optional),
+    /// [`Exit::Volume`] when a directory cannot be created or mounted.
+    pub fn create(
+        volumes: &[Volume],
+        namespace: &str,
+        config: &VolumeConfig,
+        files: &ConfigFiles,
+    ) -> Result<Self, Exit> {
+        let mut mounts = Self {
+            preopens: Vec::with_capacity(volumes.len()),
+            scratch: Vec::new(),
+        };
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        for v in volumes {
+            let perms = if v.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            let host = match &v.source {
+                Some(volume::Source::EmptyDir(empty)) => {
+                    let path = config.dir.join("scratch").join(format!("{run}-{}", v.name));
+                    std::fs::create_dir_all(&path)
+                        .map_err(|e| Exit::Volume(format!("creating emptyDir {}: {e}", v.name)))?;
+                    let tmpfs = empty.size_limit_bytes > 0;
+                    mounts.scratch.push(Scratch {
+                        path: path.clone(),
+                        tmpfs: false,
+                    });
+                    if tmpfs {
+                        mount_tmpfs(&path, Some(empty.size_limit_bytes), 0o777).map_err(|e| {
+                            Exit::Volume(format!(
+                                "emptyDir {} with a sizeLimit is a tmpfs, which the agent \
+                                 cannot mount ({e}); it needs CAP_SYS_ADMIN",
+                                v.name
+                            ))
+                        })?;
+                        if let Some(last) = mounts.scratch.last_mut() {
+                            last.tmpfs = true;
+                        }
+                    }
+                    path
+                }
+                Some(volume::Source::HostPath(path)) => {
+                    host_path(path, !v.read_only, config).map_err(Exit::Volume)?
+                }
+                Some(volume::Source::Config(reference)) => {
+                    let key = ConfigKey {
+                        kind: reference.kind(),
+                        namespace: namespace.to_string(),
+                        name: reference.name.clone(),
+                    };
+                    if files.get(&key).is_some() {
+                        if reference.items.is_empty() {
+                            files.dir(&key)
+                        } else {
+                            files.project(&key, &reference.items, reference.optional)?
+                        }
+                    } else if reference.optional {
+                        let empty = config.dir.join("empty");
+                        std::fs::create_dir_all(&empty).map_err(|e| {
+                            Exit::Volume(format!("creating an empty directory: {e}"))
+                        })?;
+                        empty
+                    } else {
+                        return Err(Exit::Config(format!(
+                            "{} not found (volume {})",
+                            key, v.name
+                        )));
+                    }
+                }
+                None => continue,
+            };
+            mounts.preopens.push((host, v.mount_path.clone(), perms));
+        }
+        Ok(mounts)
+    }
+
+    /// Preopens the mounts in a sandbox's WASI context.
+    ///
+    /// # Errors
+    /// [`Exit::Volume`] when a directory cannot be opened.
+    pub fn preopen(&self, wasi: &mut WasiCtxBuilder) -> Result<(), Exit> {
+        for (host, guest, perms) in &self.preopens {
+            wasi.preopened_dir(host, guest, *perms).map_err(|e| {
+                Exit::Volume(format!("opening {} for {guest}: {e:#}", host.display()))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Empties the volume directory: scratch directories and configuration files, unmounting
+/// the tmpfs an agent that crashed left behind. Runs when the agent starts and stops.
+pub fn clear(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir.join("scratch")) {
+        for entry in entries.flatten() {
+            let _ = rustix::mount::unmount(entry.path(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    let _ = rustix::mount::unmount(
+        dir.join(CONFIG).join(SECRETS),
+        rustix::mount::UnmountFlags::DETACH,
+    );
+    match std::fs::remove_dir_all(dir) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %dir.display(), %error, "cannot clear the volume directory");
+        }
+        _ => {}
+    }
+}
+
+/// The directory of configuration files, under the volume directory.
+pub const CONFIG: &str = "config";
+
+/// Mounts a tmpfs at `path` with root directory `mode`, of `bytes` at most (else the
+/// kernel's default, half the memory, which only written pages take).
+fn mount_tmpfs(path: &Path, bytes: Option<u64>, mode: u32) -> io::Result<()> {
+    use rustix::mount::{MountFlags, mount};
+    let size = bytes.map(|b| format!(",size={b}")).unwrap_or_default();
+    let options = std::ffi::CString::new(format!("mode={mode:o}{size}"))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    mount(
+        "flotilla",
+        path,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        Some(options.as_c_str()),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Detaches the tmpfs at `path`, warning when that fails.
+fn unmount(path: &Path) {
+    if let Err(error) = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+        tracing::warn!(path = %path.display(), %error, "cannot unmount a tmpfs");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_need_a_rule_and_writes_need_a_writable_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let allowed = dir.path().join("allowed");
+        std::fs::create_dir_all(allowed.join("sub")).expect("mkdir");
+        let config = VolumeConfig {
+            dir: dir.path().join("volumes"),
+            host_paths: vec![format!("{}", allowed.display()).parse().expect("rule")],
+        };
+        let sub = allowed.join("sub");
+        assert!(host_path(sub.to_str().expect("utf-8"), false, &config).is_ok());
+        assert!(
+            host_path(sub.to_str().expect("utf-8"), true, &config)
+                .is_err_and(|e| e.contains("read-only"))
+        );
+        assert!(host_path("/etc", false, &config).is_err_and(|e| e.contains("not allowed")));
+        // A symlink inside the allowed directory to outside it is refused too.
+        std::os::unix::fs::symlink("/etc", allowed.join("etc")).expect("symlink");
+        let through = allowed.join("etc");
+        assert!(host_path(through.to_str().expect("utf-8"), false, &config).is_err());
+        let rule: HostPathRule = "/srv/data:rw".parse().expect("rule");
+        assert!(rule.writable);
+        assert!("relative".parse::<HostPathRule>().is_err());
+    }
+}
