@@ -156,6 +156,14 @@ fn bad_manifests_get_field_pointed_errors() {
             "spec.volumes[0].configMap.items: \"p\" is both a file and the directory of \"p/q\"",
         ),
         (
+            "  volumes: [{name: a, emptyDir: {}}]\n  volumeMounts: [{name: a, mountPath: /x, subPath: ../y}]\n",
+            "spec.volumeMounts[0].subPath: \"../y\": must not contain",
+        ),
+        (
+            "  volumes: [{name: a, configMap: {name: c}}]\n  volumeMounts: [{name: a, mountPath: /x, subPath: k}]\n",
+            "spec.volumeMounts[0].subPath: not supported for configMap and secret volumes",
+        ),
+        (
             "  env: [{name: A, value: x, valueFrom: {secretKeyRef: {name: s, key: k}}}]\n",
             "spec.env[0].valueFrom: may not be set together with value",
         ),

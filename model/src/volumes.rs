@@ -101,6 +101,11 @@ pub struct VolumeMount {
     /// else; `configMap` and `secret` volumes are always read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+    /// A directory inside the volume to mount instead of its root, e.g. `logs`: made when
+    /// missing in an `emptyDir` (and a writable `hostPath`). Not for `configMap` or `secret`
+    /// volumes, whose keys `items` places instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
 }
 
 impl Volume {
@@ -175,11 +180,24 @@ pub(crate) fn validate(
     let mut paths = std::collections::BTreeSet::new();
     for (i, mount) in mounts.iter().enumerate() {
         let field = format!("spec.volumeMounts[{i}]");
-        if !names.contains(mount.name.as_str()) {
+        let volume = volumes.iter().find(|v| v.name == mount.name);
+        if volume.is_none() {
             fail(
                 &format!("{field}.name"),
                 format!("{:?} is not a volume of spec.volumes", mount.name),
             );
+        }
+        if let Some(sub_path) = &mount.sub_path {
+            if let Err(message) = validate_relative_path(sub_path) {
+                fail(&format!("{field}.subPath"), message);
+            } else if volume.is_some_and(|v| v.config_map.is_some() || v.secret.is_some()) {
+                fail(
+                    &format!("{field}.subPath"),
+                    "not supported for configMap and secret volumes (a mount is a directory); \
+                     use the volume's items to place keys"
+                        .into(),
+                );
+            }
         }
         if let Err(message) = validate_absolute(&mount.mount_path) {
             fail(&format!("{field}.mountPath"), message);

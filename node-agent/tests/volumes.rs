@@ -38,6 +38,7 @@ fn mount(name: &str, path: &str, read_only: bool, source: volume::Source) -> Vol
         mount_path: path.into(),
         read_only,
         source: Some(source),
+        sub_path: String::new(),
     }
 }
 
@@ -246,6 +247,100 @@ async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
         scratch_entries(&volumes_dir),
         0,
         "both tmpfs are unmounted and removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_paths_share_their_volume_and_stay_beneath_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(shared.join("site")).expect("mkdir");
+    std::fs::write(shared.join("site/index.html"), "hello\n").expect("write");
+    std::fs::create_dir_all(dir.path().join("outside")).expect("mkdir");
+    std::fs::write(dir.path().join("outside/secret.txt"), "outside\n").expect("write");
+    // A symlink planted in the host directory, pointing out of it.
+    std::os::unix::fs::symlink("../outside", shared.join("out")).expect("symlink");
+    let volumes_dir = dir.path().join("volumes");
+    let sup = supervisor_with(VolumeConfig {
+        dir: volumes_dir.clone(),
+        host_paths: vec![HostPathRule {
+            prefix: shared.clone(),
+            writable: false,
+        }],
+    });
+    let shared_path = shared.to_string_lossy().into_owned();
+    let sub = |mut volume: Volume, sub_path: &str| {
+        volume.sub_path = sub_path.into();
+        volume
+    };
+    let scratch = || volume::Source::EmptyDir(EmptyDir::default());
+    let mut spec = files_spec(
+        "sub-paths",
+        &[
+            "write",
+            "/logs/app.log",
+            "10",
+            "read",
+            "/all/var/logs/app.log",
+            "read",
+            "/site/index.html",
+            "read",
+            "/site/../out/secret.txt",
+        ],
+        vec![
+            mount("scratch", "/all", false, scratch()),
+            sub(mount("scratch", "/logs", false, scratch()), "var/logs"),
+            sub(
+                mount(
+                    "web",
+                    "/site",
+                    true,
+                    volume::Source::HostPath(shared_path.clone()),
+                ),
+                "site",
+            ),
+        ],
+    );
+    spec.restart_policy = RestartPolicy::Never as i32;
+    let out = run(&sup, spec).await;
+    assert_eq!(
+        line(&out, "write /logs/app.log"),
+        "write /logs/app.log: ok: 10"
+    );
+    assert_eq!(
+        line(&out, "read /all/var/logs/app.log"),
+        "read /all/var/logs/app.log: ok: xxxxxxxxxx",
+        "both mounts are one emptyDir, the subPath made in it"
+    );
+    assert_eq!(
+        line(&out, "read /site/index.html"),
+        "read /site/index.html: ok: hello"
+    );
+    assert!(
+        line(&out, "read /site/../out/secret.txt").contains("error"),
+        "{out}"
+    );
+    assert_eq!(scratch_entries(&volumes_dir), 0, "removed with the sandbox");
+
+    // A subPath through the planted symlink would leave the volume: refused.
+    let mut escape = files_spec(
+        "sub-path-escape",
+        &["read", "/x/secret.txt"],
+        vec![sub(
+            mount("web", "/x", true, volume::Source::HostPath(shared_path)),
+            "out",
+        )],
+    );
+    escape.restart_policy = RestartPolicy::Never as i32;
+    let out = run(&sup, escape).await;
+    assert!(!out.contains("outside"), "{out}");
+    let statuses = sup.list(Some("sub-path-escape"));
+    let last = statuses[0].last_termination.as_ref().expect("termination");
+    assert_eq!(last.reason, "VolumeError");
+    assert!(
+        last.message.starts_with("volume web subPath out: "),
+        "{}",
+        last.message
     );
 }
 

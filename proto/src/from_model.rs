@@ -148,5 +148,6 @@ fn volume(spec: &ModelSpec, mount: &VolumeMount) -> Option<Volume> {
         mount_path: mount.mount_path.clone(),
         read_only: !declared.writable(mount),
         source: Some(source),
+        sub_path: mount.sub_path.clone().unwrap_or_default(),
     })
 }

@@ -68,6 +68,10 @@ pub struct Volume {
     pub mount_path: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub read_only: bool,
+    /// A directory inside the volume (relative, no `..`) to mount instead of its root; made
+    /// when missing in an emptyDir. Not for config volumes.
+    #[prost(string, tag = "7")]
+    pub sub_path: ::prost::alloc::string::String,
     #[prost(oneof = "volume::Source", tags = "4, 5, 6")]
     pub source: ::core::option::Option<volume::Source>,
 }

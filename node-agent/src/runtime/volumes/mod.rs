@@ -72,7 +72,7 @@ impl std::str::FromStr for HostPathRule {
 ///
 /// # Errors
 /// A message naming the `hostPath` the agent does not allow (or a writable mount of a
-/// read-only one), or an `items` path that would leave its volume.
+/// read-only one), or an `items` path or `subPath` that would leave its volume.
 pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), String> {
     for v in volumes {
         match &v.source {
@@ -84,8 +84,18 @@ pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), String> {
                     flotilla_model::volumes::validate_relative_path(&item.path)
                         .map_err(|e| format!("volume {}: items path {e}", v.name))?;
                 }
+                if !v.sub_path.is_empty() {
+                    return Err(format!(
+                        "volume {}: subPath is not supported for configMap and secret volumes",
+                        v.name
+                    ));
+                }
             }
             _ => {}
+        }
+        if !v.sub_path.is_empty() {
+            flotilla_model::volumes::validate_relative_path(&v.sub_path)
+                .map_err(|e| format!("volume {}: subPath {e}", v.name))?;
         }
     }
     Ok(())
@@ -121,12 +131,28 @@ fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBu
 /// The mounts of one sandbox: their directories, and the scratch directories to remove when
 /// it is dropped (the sandbox ended or was removed).
 pub struct Mounts {
-    preopens: Vec<(PathBuf, String, FsPerms)>,
+    preopens: Vec<Preopen>,
     scratch: Vec<Scratch>,
+}
+
+/// One directory the guest sees at `guest`.
+struct Preopen {
+    host: HostDir,
+    guest: String,
+    perms: FsPerms,
+}
+
+/// A directory of the host, by path or, for a `subPath`, held open.
+enum HostDir {
+    Path(PathBuf),
+    /// A `subPath`, opened beneath its volume once (so a symlink swapped in later cannot
+    /// redirect it) and preopened through `/proc/self/fd`, as the kubelet mounts subPaths.
+    Held(cap_std::fs::Dir),
 }
 
 /// A sandbox's `emptyDir`, removed (and unmounted) when dropped.
 struct Scratch {
+    volume: String,
     path: PathBuf,
     tmpfs: bool,
 }
@@ -150,7 +176,7 @@ impl Mounts {
     ///
     /// # Errors
     /// [`Exit::Config`] for a ConfigMap or Secret the agent does not have (unless optional),
-    /// [`Exit::Volume`] when a directory cannot be created or mounted.
+    /// [`Exit::Volume`] when a directory cannot be created, mounted or opened.
     pub fn create(
         volumes: &[Volume],
         namespace: &str,
@@ -168,31 +194,15 @@ impl Mounts {
             } else {
                 FsPerms::ReadWrite
             };
-            let host = match &v.source {
+            // Whether a missing subPath is made, as the kubelet does.
+            let mut make_sub_path = false;
+            let root = match &v.source {
                 Some(volume::Source::EmptyDir(empty)) => {
-                    let path = config.dir.join("scratch").join(format!("{run}-{}", v.name));
-                    std::fs::create_dir_all(&path)
-                        .map_err(|e| Exit::Volume(format!("creating emptyDir {}: {e}", v.name)))?;
-                    let tmpfs = empty.size_limit_bytes > 0;
-                    mounts.scratch.push(Scratch {
-                        path: path.clone(),
-                        tmpfs: false,
-                    });
-                    if tmpfs {
-                        mount_tmpfs(&path, Some(empty.size_limit_bytes), 0o777).map_err(|e| {
-                            Exit::Volume(format!(
-                                "emptyDir {} with a sizeLimit is a tmpfs, which the agent \
-                                 cannot mount ({e}); it needs CAP_SYS_ADMIN",
-                                v.name
-                            ))
-                        })?;
-                        if let Some(last) = mounts.scratch.last_mut() {
-                            last.tmpfs = true;
-                        }
-                    }
-                    path
+                    make_sub_path = true;
+                    mounts.empty_dir(run, &v.name, empty.size_limit_bytes, config)?
                 }
                 Some(volume::Source::HostPath(path)) => {
+                    make_sub_path = !v.read_only;
                     host_path(path, !v.read_only, config).map_err(Exit::Volume)?
                 }
                 Some(volume::Source::Config(reference)) => {
@@ -222,9 +232,56 @@ impl Mounts {
                 }
                 None => continue,
             };
-            mounts.preopens.push((host, v.mount_path.clone(), perms));
+            let host = if v.sub_path.is_empty() {
+                HostDir::Path(root)
+            } else {
+                HostDir::Held(
+                    open_beneath(&root, &v.sub_path, make_sub_path).map_err(|e| {
+                        Exit::Volume(format!("volume {} subPath {}: {e}", v.name, v.sub_path))
+                    })?,
+                )
+            };
+            mounts.preopens.push(Preopen {
+                host,
+                guest: v.mount_path.clone(),
+                perms,
+            });
         }
         Ok(mounts)
+    }
+
+    /// The sandbox's directory for the emptyDir `volume`: made (a tmpfs of `size_limit`
+    /// bytes, when set) on its first mount, shared by its other mounts.
+    fn empty_dir(
+        &mut self,
+        run: u64,
+        volume: &str,
+        size_limit: u64,
+        config: &VolumeConfig,
+    ) -> Result<PathBuf, Exit> {
+        if let Some(scratch) = self.scratch.iter().find(|s| s.volume == volume) {
+            return Ok(scratch.path.clone());
+        }
+        let path = config.dir.join("scratch").join(format!("{run}-{volume}"));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Exit::Volume(format!("creating emptyDir {volume}: {e}")))?;
+        self.scratch.push(Scratch {
+            volume: volume.to_string(),
+            path: path.clone(),
+            tmpfs: false,
+        });
+        if size_limit > 0 {
+            mount_tmpfs(&path, Some(size_limit), 0o777).map_err(|e| {
+                Exit::Volume(format!(
+                    "emptyDir {volume} with a sizeLimit is a tmpfs, which the agent cannot \
+                     mount ({e}); it needs CAP_SYS_ADMIN"
+                ))
+            })?;
+            if let Some(last) = self.scratch.last_mut() {
+                last.tmpfs = true;
+            }
+        }
+        Ok(path)
     }
 
     /// Preopens the mounts in a sandbox's WASI context.
@@ -232,13 +289,32 @@ impl Mounts {
     /// # Errors
     /// [`Exit::Volume`] when a directory cannot be opened.
     pub fn preopen(&self, wasi: &mut WasiCtxBuilder) -> Result<(), Exit> {
-        for (host, guest, perms) in &self.preopens {
-            wasi.preopened_dir(host, guest, *perms).map_err(|e| {
-                Exit::Volume(format!("opening {} for {guest}: {e:#}", host.display()))
+        for Preopen { host, guest, perms } in &self.preopens {
+            let path = match host {
+                HostDir::Path(path) => path.clone(),
+                HostDir::Held(dir) => {
+                    use std::os::fd::AsRawFd;
+                    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+                }
+            };
+            wasi.preopened_dir(&path, guest, *perms).map_err(|e| {
+                Exit::Volume(format!("opening {} for {guest}: {e:#}", path.display()))
             })?;
         }
         Ok(())
     }
+}
+
+/// Opens `sub_path` beneath `root` (making it first when `make`), refusing any `..` or
+/// symlink that would leave `root`.
+fn open_beneath(root: &Path, sub_path: &str, make: bool) -> io::Result<cap_std::fs::Dir> {
+    flotilla_model::volumes::validate_relative_path(sub_path)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let root = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
+    if make {
+        root.create_dir_all(sub_path)?;
+    }
+    root.open_dir(sub_path)
 }
 
 /// Empties the volume directory: scratch directories and configuration files, unmounting
