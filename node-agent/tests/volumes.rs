@@ -25,6 +25,17 @@ fn supervisor_with(volumes: VolumeConfig) -> Supervisor {
     supervisor(config)
 }
 
+/// A supervisor whose agent allows sandboxes to mount `host_dir`, read-only.
+fn supervisor_allowing(volumes_dir: &Path, host_dir: &Path) -> Supervisor {
+    supervisor_with(VolumeConfig {
+        dir: volumes_dir.to_path_buf(),
+        host_paths: vec![HostPathRule {
+            prefix: host_dir.to_path_buf(),
+            writable: false,
+        }],
+    })
+}
+
 fn files_spec(name: &str, args: &[&str], volumes: Vec<Volume>) -> WorkloadSpec {
     let mut spec = spec(name, files_guest());
     spec.args = args.iter().map(|a| a.to_string()).collect();
@@ -72,13 +83,7 @@ async fn a_guest_cannot_leave_its_volumes() {
     std::os::unix::fs::symlink("/etc", shared.join("etc")).expect("symlink");
     std::os::unix::fs::symlink("../outside.txt", shared.join("up.txt")).expect("symlink");
     let volumes_dir = dir.path().join("volumes");
-    let sup = supervisor_with(VolumeConfig {
-        dir: volumes_dir.clone(),
-        host_paths: vec![HostPathRule {
-            prefix: shared.clone(),
-            writable: false,
-        }],
-    });
+    let sup = supervisor_allowing(&volumes_dir, &shared);
     let shared_path = shared.to_string_lossy().into_owned();
     let spec = files_spec(
         "escape",
@@ -261,13 +266,7 @@ async fn sub_paths_share_their_volume_and_stay_beneath_it() {
     // A symlink planted in the host directory, pointing out of it.
     std::os::unix::fs::symlink("../outside", shared.join("out")).expect("symlink");
     let volumes_dir = dir.path().join("volumes");
-    let sup = supervisor_with(VolumeConfig {
-        dir: volumes_dir.clone(),
-        host_paths: vec![HostPathRule {
-            prefix: shared.clone(),
-            writable: false,
-        }],
-    });
+    let sup = supervisor_allowing(&volumes_dir, &shared);
     let shared_path = shared.to_string_lossy().into_owned();
     let sub = |mut volume: Volume, sub_path: &str| {
         volume.sub_path = sub_path.into();
