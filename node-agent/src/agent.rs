@@ -28,7 +28,7 @@ pub struct Agent {
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
     /// Emptied when the agent stops.
-    volumes_dir: std::path::PathBuf,
+    volumes: crate::runtime::volumes::VolumeConfig,
 }
 
 impl Agent {
@@ -56,7 +56,7 @@ impl Agent {
             arch = capacity.arch,
             "capacity"
         );
-        crate::runtime::volumes::clear(&config.runtime.volumes.dir);
+        crate::runtime::volumes::clear(&config.runtime.volumes);
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
         let metrics = Metrics::with_http(runtime.http_metrics().clone());
@@ -151,7 +151,7 @@ impl Agent {
             ingress_addr,
             servers,
             grace: config.shutdown_grace,
-            volumes_dir: config.runtime.volumes.dir.clone(),
+            volumes: config.runtime.volumes.clone(),
         })
     }
 
@@ -190,7 +190,7 @@ impl Agent {
             // A cancelled or finished server task has nothing more to report.
             let _ = server.await;
         }
-        crate::runtime::volumes::clear(&self.volumes_dir);
+        crate::runtime::volumes::clear(&self.volumes);
         report
     }
 }

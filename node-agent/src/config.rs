@@ -77,6 +77,11 @@ pub struct Args {
     /// under the system's temporary directory, removed when the agent stops).
     #[arg(long, env = "FLOTILLA_VOLUMES_DIR")]
     pub volumes_dir: Option<PathBuf>,
+    /// Where Secrets' files live (default: a tmpfs the agent mounts under --volumes-dir,
+    /// which needs CAP_SYS_ADMIN). A directory that is a tmpfs already, such as a
+    /// `medium: Memory` emptyDir, is used as it is; otherwise the agent mounts one there.
+    #[arg(long, env = "FLOTILLA_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
     /// A node directory `hostPath` volumes may mount, with everything under it: `DIR`
     /// (read-only) or `DIR:rw`. Repeat or separate with commas; none by default.
     #[arg(
@@ -193,6 +198,7 @@ impl TryFrom<Args> for Config {
             runtime.volumes.dir = dir;
         }
         runtime.volumes.host_paths = args.allow_host_paths;
+        runtime.volumes.secrets_dir = args.secrets_dir;
         runtime.default_limits.memory_bytes =
             bytes("default-memory-limit", &args.default_memory_limit)?;
         if args.max_sandboxes == 0 {

@@ -33,6 +33,7 @@ fn supervisor_allowing(volumes_dir: &Path, host_dir: &Path) -> Supervisor {
             prefix: host_dir.to_path_buf(),
             writable: false,
         }],
+        secrets_dir: None,
     })
 }
 
@@ -170,6 +171,7 @@ async fn host_paths_the_agent_does_not_allow_are_refused() {
     let sup = supervisor_with(VolumeConfig {
         dir: dir.path().join("volumes"),
         host_paths: vec![],
+        secrets_dir: None,
     });
     let spec = files_spec(
         "host",
@@ -199,6 +201,7 @@ async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
     let sup = supervisor_with(VolumeConfig {
         dir: volumes_dir.clone(),
         host_paths: vec![],
+        secrets_dir: None,
     });
     let limited = |name: &str, limit: u64| {
         files_spec(
@@ -396,6 +399,7 @@ async fn items_put_chosen_keys_at_their_paths_and_follow_updates() {
     let sup = supervisor_with(VolumeConfig {
         dir: dir.path().join("volumes"),
         host_paths: vec![],
+        secrets_dir: None,
     });
     let files = sup.runtime().config_files();
     let app = |greeting: &str| {
@@ -480,6 +484,7 @@ async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place
     let sup = supervisor_with(VolumeConfig {
         dir: dir.path().join("volumes"),
         host_paths: vec![],
+        secrets_dir: None,
     });
     let files = sup.runtime().config_files();
     files
@@ -585,6 +590,7 @@ async fn a_missing_secret_fails_the_sandbox_with_a_clear_reason() {
     let sup = supervisor_with(VolumeConfig {
         dir: dir.path().join("volumes"),
         host_paths: vec![],
+        secrets_dir: None,
     });
     let mut spec = files_spec("needs-secret", &["env", "TOKEN"], vec![]);
     spec.restart_policy = RestartPolicy::Never as i32;
@@ -614,6 +620,7 @@ async fn a_sandbox_waiting_for_a_secret_starts_as_soon_as_it_arrives() {
     config.volumes = VolumeConfig {
         dir: dir.path().join("volumes"),
         host_paths: vec![],
+        secrets_dir: None,
     };
     // A backoff far longer than the wait below: only the arrival can start it in time.
     let mut supervision = SupervisorConfig::default();
@@ -676,6 +683,7 @@ async fn an_empty_dir_outlives_a_restart_and_goes_with_its_sandbox() {
     config.volumes = VolumeConfig {
         dir: volumes_dir.clone(),
         host_paths: vec![],
+        secrets_dir: None,
     };
     let mut supervision = SupervisorConfig::default();
     supervision.backoff.initial = std::time::Duration::from_millis(10);

@@ -168,6 +168,10 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         // Volumes of the sandboxes in the pod; ConfigMaps and Secrets readable for them.
         "--volumes-dir=/var/lib/flotilla/volumes",
         "resources: [\"configmaps\", \"secrets\"]",
+        // Secrets' files in memory, never on the node's disk.
+        "--secrets-dir=/run/flotilla/secrets",
+        "medium: Memory",
+        "sizeLimit: 64Mi",
     ] {
         assert!(
             default.contains(expected),

@@ -292,6 +292,7 @@ impl Default for RuntimeConfig {
             volumes: volumes::VolumeConfig {
                 dir: std::env::temp_dir().join(format!("flotilla-volumes-{}", std::process::id())),
                 host_paths: Vec::new(),
+                secrets_dir: None,
             },
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,

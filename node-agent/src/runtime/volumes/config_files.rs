@@ -26,11 +26,11 @@ pub type ConfigData = BTreeMap<String, Vec<u8>>;
 /// The ConfigMaps and Secrets the control plane handed this agent, in memory (for environment
 /// variables) and as files (for volumes). Cheap to share.
 ///
-/// Files live under `root/configmaps/<namespace>/<name>` and `root/secrets/<namespace>/<name>`.
-/// As the kubelet does, Secrets are kept off the disk: `root/secrets` is a tmpfs, mounted
-/// when the first Secret arrives (falling back to the disk, with a warning, when the agent
-/// lacks `CAP_SYS_ADMIN`) and unmounted when this is dropped.
-#[derive(Default)]
+/// Files live under `root/configmaps/<namespace>/<name>` and `<secrets>/<namespace>/<name>`.
+/// As the kubelet does, Secrets are kept off the disk: when the first Secret arrives, the
+/// Secrets' directory is used as it is if it is a tmpfs already (a Pod's `medium: Memory`
+/// emptyDir), or the agent mounts one there (unmounted when this is dropped), or, lacking
+/// `CAP_SYS_ADMIN`, it falls back to the disk with a warning.
 pub struct ConfigFiles {
     root: PathBuf,
     objects: RwLock<HashMap<ConfigKey, Arc<ConfigData>>>,
@@ -38,7 +38,18 @@ pub struct ConfigFiles {
     /// while any projection is written, so a projection never misses an update.
     projections: Mutex<HashMap<ConfigKey, Vec<Projection>>>,
     versions: AtomicU64,
-    secrets: OnceLock<SecretStorage>,
+    /// The Secrets' directory.
+    secrets_dir: PathBuf,
+    /// How it was set up, once the first Secret arrived.
+    secrets: OnceLock<SecretsDir>,
+}
+
+/// The Secrets' directory, once set up.
+#[derive(Clone, Copy)]
+struct SecretsDir {
+    storage: SecretStorage,
+    /// Whether the agent mounted the tmpfs (and unmounts it).
+    mounted: bool,
 }
 
 /// Some keys of an object, each at its own path.
@@ -56,16 +67,20 @@ pub enum SecretStorage {
     Disk,
 }
 
-/// The directory of Secrets' files, under the configuration root.
-pub(super) const SECRETS: &str = "secrets";
+/// The directory of Secrets' files under the configuration root, unless set apart.
+const SECRETS: &str = "secrets";
+
+/// `statfs` type of a tmpfs.
+const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
 
 /// The directory of an object's `items` projections, inside its own.
 const ITEMS: &str = "..items";
 
 impl ConfigFiles {
-    /// Keeps files under `root`.
-    pub fn new(root: PathBuf) -> Self {
+    /// Keeps files under `root`, and Secrets' under `secrets_dir` (default: `root/secrets`).
+    pub fn new(root: PathBuf, secrets_dir: Option<PathBuf>) -> Self {
         Self {
+            secrets_dir: secrets_dir.unwrap_or_else(|| root.join(SECRETS)),
             root,
             objects: RwLock::default(),
             projections: Mutex::default(),
@@ -76,7 +91,7 @@ impl ConfigFiles {
 
     /// Where Secrets' files are kept; `None` before the first Secret arrived.
     pub fn secret_storage(&self) -> Option<SecretStorage> {
-        self.secrets.get().copied()
+        self.secrets.get().map(|s| s.storage)
     }
 
     /// The object's data, if the agent has it.
@@ -90,10 +105,11 @@ impl ConfigFiles {
 
     /// The directory holding the object's files, every key named after itself.
     pub fn dir(&self, key: &ConfigKey) -> PathBuf {
-        self.root
-            .join(format!("{}s", key.kind.noun()))
-            .join(&key.namespace)
-            .join(&key.name)
+        let kind = match key.kind {
+            ConfigKind::Secret => self.secrets_dir.clone(),
+            _ => self.root.join(format!("{}s", key.kind.noun())),
+        };
+        kind.join(&key.namespace).join(&key.name)
     }
 
     /// Applies what the control plane sent: the objects to create or update, and those that
@@ -291,43 +307,58 @@ impl ConfigFiles {
         Ok(())
     }
 
-    /// Makes the Secrets' directory, a tmpfs when the agent can mount one.
+    /// Makes the Secrets' directory: a tmpfs already, or one the agent mounts, or the disk.
     fn prepare_secrets(&self) -> io::Result<SecretStorage> {
         use std::os::unix::fs::DirBuilderExt;
-        if let Some(storage) = self.secrets.get() {
-            return Ok(*storage);
+        if let Some(secrets) = self.secrets.get() {
+            return Ok(secrets.storage);
         }
-        let dir = self.root.join(SECRETS);
+        let dir = &self.secrets_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)?;
-        let storage = match mount_tmpfs(&dir, None, 0o700) {
-            Ok(()) => SecretStorage::Memory,
-            Err(error) => {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    %error,
-                    "Secrets' files are kept on disk (mode 0400): the agent cannot mount a tmpfs \
-                     for them; it needs CAP_SYS_ADMIN to keep them in memory"
-                );
-                SecretStorage::Disk
+            .create(dir)?;
+        let secrets = if is_tmpfs(dir) {
+            SecretsDir {
+                storage: SecretStorage::Memory,
+                mounted: false,
+            }
+        } else {
+            match mount_tmpfs(dir, None, 0o700) {
+                Ok(()) => SecretsDir {
+                    storage: SecretStorage::Memory,
+                    mounted: true,
+                },
+                Err(error) => {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        %error,
+                        "Secrets' files are kept on disk (mode 0400): the agent cannot mount a \
+                         tmpfs for them (it needs CAP_SYS_ADMIN) and --secrets-dir is not one"
+                    );
+                    SecretsDir {
+                        storage: SecretStorage::Disk,
+                        mounted: false,
+                    }
+                }
             }
         };
-        Ok(*self.secrets.get_or_init(|| storage))
+        Ok(self.secrets.get_or_init(|| secrets).storage)
     }
 }
 
 impl Drop for ConfigFiles {
     fn drop(&mut self) {
-        if self.secrets.get() == Some(&SecretStorage::Memory) {
+        if self.secrets.get().is_some_and(|s| s.mounted) {
             // Quietly: the agent may have cleared its volume directory already.
-            let _ = rustix::mount::unmount(
-                self.root.join(SECRETS),
-                rustix::mount::UnmountFlags::DETACH,
-            );
+            let _ = rustix::mount::unmount(&self.secrets_dir, rustix::mount::UnmountFlags::DETACH);
         }
     }
+}
+
+/// Whether `dir` is on a tmpfs.
+fn is_tmpfs(dir: &Path) -> bool {
+    rustix::fs::statfs(dir).is_ok_and(|fs| fs.f_type == TMPFS_MAGIC)
 }
 
 /// The files of a projection: each listed key present in `data`, at its path.
@@ -365,7 +396,7 @@ mod tests {
     #[test]
     fn config_files_swap_atomically_and_follow_their_keys() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = ConfigFiles::new(dir.path().to_path_buf());
+        let files = ConfigFiles::new(dir.path().to_path_buf(), None);
         let key = key(ConfigKind::ConfigMap, "app");
         files
             .apply(
@@ -441,7 +472,7 @@ mod tests {
     #[test]
     fn projections_follow_their_object_and_go_with_it() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = ConfigFiles::new(dir.path().to_path_buf());
+        let files = ConfigFiles::new(dir.path().to_path_buf(), None);
         let key = key(ConfigKind::ConfigMap, "app");
         let app = |data: &[(&str, &str)]| object(ConfigKind::ConfigMap, "app", data);
         files
@@ -505,7 +536,7 @@ mod tests {
     fn secrets_are_kept_in_memory_and_config_maps_on_disk() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("config");
-        let files = ConfigFiles::new(root.clone());
+        let files = ConfigFiles::new(root.clone(), None);
         files
             .apply(
                 vec![object(ConfigKind::ConfigMap, "app", &[("a", "1")])],
@@ -553,5 +584,41 @@ mod tests {
             "the Secret's files went with the tmpfs: {}",
             secret.display()
         );
+    }
+
+    #[test]
+    fn a_secrets_dir_that_is_a_tmpfs_already_is_used_as_it_is() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // As the chart's `medium: Memory` emptyDir.
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets).expect("mkdir");
+        mount_tmpfs(&secrets, Some(1 << 20), 0o700).expect("tmpfs");
+        let mounts_at = |path: &Path| {
+            let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+            let path = path.to_str().expect("utf-8");
+            table
+                .lines()
+                .filter(|line| line.split(' ').nth(4) == Some(path))
+                .count()
+        };
+        let files = ConfigFiles::new(dir.path().join("config"), Some(secrets.clone()));
+        files
+            .apply(
+                vec![object(ConfigKind::Secret, "db", &[("password", "s3cret")])],
+                true,
+                vec![],
+            )
+            .expect("apply");
+        assert_eq!(files.secret_storage(), Some(SecretStorage::Memory));
+        assert_eq!(mounts_at(&secrets), 1, "no second tmpfs stacked on it");
+        let secret = files.dir(&key(ConfigKind::Secret, "db"));
+        assert_eq!(secret, secrets.join("default/db"));
+        assert_eq!(
+            std::fs::read_to_string(secret.join("password")).expect("password"),
+            "s3cret"
+        );
+        drop(files);
+        assert_eq!(mounts_at(&secrets), 1, "not the agent's to unmount");
+        rustix::mount::unmount(&secrets, rustix::mount::UnmountFlags::DETACH).expect("unmount");
     }
 }

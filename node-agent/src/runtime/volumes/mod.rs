@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use flotilla_proto::agent::v1::{Volume, volume};
 pub use flotilla_proto::config::ConfigKey;
 
-use self::config_files::SECRETS;
 pub use self::config_files::{ConfigData, ConfigFiles, SecretStorage};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
@@ -36,6 +35,9 @@ pub struct VolumeConfig {
     pub dir: PathBuf,
     /// Node directories `hostPath` volumes may name.
     pub host_paths: Vec<HostPathRule>,
+    /// Where Secrets' files live. Default: a tmpfs the agent mounts under `dir`. A directory
+    /// that is a tmpfs already (a `medium: Memory` emptyDir) is used as it is.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// A node directory (and everything under it) that `hostPath` volumes may mount.
@@ -318,17 +320,32 @@ fn open_beneath(root: &Path, sub_path: &str, make: bool) -> io::Result<cap_std::
 }
 
 /// Empties the volume directory: scratch directories and configuration files, unmounting
-/// the tmpfs an agent that crashed left behind. Runs when the agent starts and stops.
-pub fn clear(dir: &Path) {
+/// the tmpfs an agent that crashed left behind; and the contents of the Secrets' directory
+/// when it is set apart. Runs when the agent starts and stops.
+pub fn clear(config: &VolumeConfig) {
+    let dir = &config.dir;
     if let Ok(entries) = std::fs::read_dir(dir.join("scratch")) {
         for entry in entries.flatten() {
             let _ = rustix::mount::unmount(entry.path(), rustix::mount::UnmountFlags::DETACH);
         }
     }
-    let _ = rustix::mount::unmount(
-        dir.join(CONFIG).join(SECRETS),
-        rustix::mount::UnmountFlags::DETACH,
-    );
+    let config_dir = dir.join(CONFIG);
+    let secrets = config
+        .secrets_dir
+        .clone()
+        .unwrap_or_else(|| config_dir.join("secrets"));
+    // A tmpfs an agent mounted, or (with CAP_SYS_ADMIN only) one it was given, which it
+    // replaces with its own.
+    let _ = rustix::mount::unmount(&secrets, rustix::mount::UnmountFlags::DETACH);
+    if !secrets.starts_with(dir)
+        && let Ok(entries) = std::fs::read_dir(&secrets)
+    {
+        for entry in entries.flatten() {
+            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), %error, "cannot clear Secrets");
+            }
+        }
+    }
     match std::fs::remove_dir_all(dir) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => {
             tracing::warn!(dir = %dir.display(), %error, "cannot clear the volume directory");
@@ -369,6 +386,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn clearing_empties_a_secrets_dir_set_apart_but_keeps_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = VolumeConfig {
+            dir: dir.path().join("volumes"),
+            host_paths: vec![],
+            secrets_dir: Some(dir.path().join("secrets")),
+        };
+        let stale = dir.path().join("secrets/default/db");
+        std::fs::create_dir_all(&stale).expect("mkdir");
+        std::fs::write(stale.join("password"), "old").expect("write");
+        std::fs::create_dir_all(config.dir.join("scratch/1-a")).expect("mkdir");
+        clear(&config);
+        assert!(!config.dir.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("secrets"))
+            .expect("the Secrets' directory stays (it may be a mount point)")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
     fn host_paths_need_a_rule_and_writes_need_a_writable_one() {
         let dir = tempfile::tempdir().expect("temp dir");
         let allowed = dir.path().join("allowed");
@@ -376,6 +413,7 @@ mod tests {
         let config = VolumeConfig {
             dir: dir.path().join("volumes"),
             host_paths: vec![format!("{}", allowed.display()).parse().expect("rule")],
+            secrets_dir: None,
         };
         let sub = allowed.join("sub");
         assert!(host_path(sub.to_str().expect("utf-8"), false, &config).is_ok());
