@@ -19,7 +19,8 @@ pub mod volumes;
 pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
 pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
 pub use volumes::{
-    ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, Volume, VolumeMount,
+    ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, StorageMedium,
+    Volume, VolumeMount,
 };
 
 /// `apiVersion` of every Flotilla object.

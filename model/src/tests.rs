@@ -120,6 +120,10 @@ fn bad_manifests_get_field_pointed_errors() {
             "spec.volumes[0].emptyDir.sizeLimit",
         ),
         (
+            "  volumes: [{name: a, emptyDir: {medium: HugePages-2Mi}}]\n",
+            "unknown variant `HugePages-2Mi`",
+        ),
+        (
             "  volumes: [{name: a, hostPath: {path: data}}]\n",
             "spec.volumes[0].hostPath.path: \"data\": must be an absolute path",
         ),

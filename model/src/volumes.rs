@@ -33,9 +33,25 @@ pub struct Volume {
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct EmptyDirVolume {
     /// Bytes it may hold, e.g. `1Mi`: writes beyond fail with "no space". Backed by a tmpfs
-    /// of that size (as `medium: Memory` in Kubernetes), counted against nothing else.
+    /// of that size, counted against nothing else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_limit: Option<String>,
+    /// `Memory` for a tmpfs even without a `sizeLimit` (then as large as the sandbox's memory
+    /// limit); `""` (the default) for the agent's disk unless `sizeLimit` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medium: Option<StorageMedium>,
+}
+
+/// What backs an `emptyDir`, as in Kubernetes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub enum StorageMedium {
+    /// The agent's disk.
+    #[default]
+    #[serde(rename = "")]
+    Default,
+    /// A tmpfs.
+    Memory,
 }
 
 /// Files from a ConfigMap.

@@ -158,6 +158,52 @@ spec:
     }
 
     #[test]
+    fn volumes_reach_the_agent_spec_as_mounts() {
+        let manifest = format!(
+            "{HELLO}  volumes:
+    - {{name: scratch, emptyDir: {{medium: Memory}}}}
+    - {{name: data, hostPath: {{path: /srv/data}}}}
+  volumeMounts:
+    - {{name: scratch, mountPath: /tmp}}
+    - {{name: scratch, mountPath: /logs, subPath: app/logs}}
+    - {{name: data, mountPath: /data, subPath: models}}
+"
+        );
+        let spec = parse(&manifest, Path::new("a.yaml"))
+            .remove(0)
+            .expect("valid");
+        let mounts: Vec<(&str, &str, &str, bool)> = spec
+            .volumes
+            .iter()
+            .map(|v| {
+                (
+                    v.name.as_str(),
+                    v.mount_path.as_str(),
+                    v.sub_path.as_str(),
+                    v.read_only,
+                )
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("scratch", "/tmp", "", false),
+                ("scratch", "/logs", "app/logs", false),
+                ("data", "/data", "models", true),
+            ]
+        );
+        assert_eq!(
+            spec.volumes[0].source,
+            Some(flotilla_proto::agent::v1::volume::Source::EmptyDir(
+                flotilla_proto::agent::v1::EmptyDir {
+                    size_limit_bytes: 0,
+                    memory: true,
+                }
+            ))
+        );
+    }
+
+    #[test]
     fn generation_follows_content_not_replicas() {
         let a = parse(HELLO, Path::new("a.yaml")).remove(0).expect("valid");
         let scaled = HELLO.replace("replicas: 3", "replicas: 5");

@@ -203,7 +203,7 @@ async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
         host_paths: vec![],
         secrets_dir: None,
     });
-    let limited = |name: &str, limit: u64| {
+    let limited = |name: &str, empty_dir: EmptyDir| {
         files_spec(
             name,
             &[
@@ -218,25 +218,47 @@ async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
                 "scratch",
                 "/scratch",
                 false,
-                volume::Source::EmptyDir(EmptyDir {
-                    size_limit_bytes: limit,
-                }),
+                volume::Source::EmptyDir(empty_dir),
             )],
         )
     };
-    let (small, roomy) = tokio::join!(
-        run(&sup, limited("small", 256 << 10)),
-        run(&sup, limited("roomy", 4 << 20)),
+    let size_limit = |bytes: u64| EmptyDir {
+        size_limit_bytes: bytes,
+        memory: false,
+    };
+    // `medium: Memory` without a sizeLimit: a tmpfs as large as the sandbox's memory limit.
+    let mut in_memory = limited(
+        "in-memory",
+        EmptyDir {
+            size_limit_bytes: 0,
+            memory: true,
+        },
     );
-    let fill = line(&small, "write /scratch/fill");
-    assert!(fill.contains("No space left on device"), "{small}");
-    let written: u64 = fill
-        .split_whitespace()
-        .nth(3)
-        .and_then(|n| n.parse().ok())
-        .expect("bytes written");
+    if let Some(resources) = in_memory.resources.as_mut() {
+        resources.memory_limit_bytes = 768 << 10;
+    }
+    let (small, roomy, in_memory) = tokio::join!(
+        run(&sup, limited("small", size_limit(256 << 10))),
+        run(&sup, limited("roomy", size_limit(4 << 20))),
+        run(&sup, in_memory),
+    );
+    let filled = |output: &str| -> u64 {
+        let fill = line(output, "write /scratch/fill");
+        assert!(fill.contains("No space left on device"), "{output}");
+        fill.split_whitespace()
+            .nth(3)
+            .and_then(|n| n.parse().ok())
+            .expect("bytes written")
+    };
+    let written = filled(&small);
     assert!(written <= 256 << 10, "{written} bytes went past the limit");
     assert!(written >= 128 << 10, "only {written} bytes fit");
+    let written = filled(&in_memory);
+    assert!(
+        written <= 768 << 10,
+        "{written} bytes went past the memory limit"
+    );
+    assert!(written >= 512 << 10, "only {written} bytes fit");
     assert_eq!(
         line(&roomy, "write /scratch/fill"),
         "write /scratch/fill: ok: 1048576"

@@ -125,6 +125,7 @@ fn volume(spec: &ModelSpec, mount: &VolumeMount) -> Option<Volume> {
                 .as_deref()
                 .and_then(|l| flotilla_model::parse_bytes(l).ok())
                 .unwrap_or(0),
+            memory: empty.medium == Some(flotilla_model::StorageMedium::Memory),
         })
     } else if let Some(config_map) = &declared.config_map {
         config(

@@ -568,6 +568,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 let mounts = Arc::new(Mounts::create(
                     &prepared.volumes,
                     &prepared.namespace,
+                    prepared.limits.memory_bytes,
                     &self.inner.config.volumes,
                     &self.inner.config_files,
                 )?);

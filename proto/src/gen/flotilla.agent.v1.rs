@@ -94,9 +94,14 @@ pub mod volume {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EmptyDir {
-    /// Bytes it may hold (a tmpfs of that size); 0 for a plain directory on the agent's disk.
+    /// Bytes it may hold (a tmpfs of that size); 0 for a plain directory on the agent's disk,
+    /// unless `memory`.
     #[prost(uint64, tag = "1")]
     pub size_limit_bytes: u64,
+    /// A tmpfs even without a size limit (`medium: Memory`): as large as the sandbox's memory
+    /// limit then.
+    #[prost(bool, tag = "2")]
+    pub memory: bool,
 }
 /// A ConfigMap or Secret of the workload's namespace.
 #[derive(Clone, PartialEq, ::prost::Message)]

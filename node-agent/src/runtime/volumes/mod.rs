@@ -174,7 +174,8 @@ impl Drop for Scratch {
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
 impl Mounts {
-    /// Sets up `volumes` for a sandbox of `namespace`.
+    /// Sets up `volumes` for a sandbox of `namespace` whose memory limit is `memory_limit`
+    /// bytes (the size of its `medium: Memory` emptyDirs without a `sizeLimit`).
     ///
     /// # Errors
     /// [`Exit::Config`] for a ConfigMap or Secret the agent does not have (unless optional),
@@ -182,6 +183,7 @@ impl Mounts {
     pub fn create(
         volumes: &[Volume],
         namespace: &str,
+        memory_limit: u64,
         config: &VolumeConfig,
         files: &ConfigFiles,
     ) -> Result<Self, Exit> {
@@ -201,7 +203,11 @@ impl Mounts {
             let root = match &v.source {
                 Some(volume::Source::EmptyDir(empty)) => {
                     make_sub_path = true;
-                    mounts.empty_dir(run, &v.name, empty.size_limit_bytes, config)?
+                    let tmpfs_bytes = match empty.size_limit_bytes {
+                        0 if empty.memory => memory_limit,
+                        bytes => bytes,
+                    };
+                    mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?
                 }
                 Some(volume::Source::HostPath(path)) => {
                     make_sub_path = !v.read_only;
@@ -253,7 +259,7 @@ impl Mounts {
     }
 
     /// The sandbox's directory for the emptyDir `volume`: made (a tmpfs of `size_limit`
-    /// bytes, when set) on its first mount, shared by its other mounts.
+    /// bytes, when not 0) on its first mount, shared by its other mounts.
     fn empty_dir(
         &mut self,
         run: u64,
@@ -275,8 +281,8 @@ impl Mounts {
         if size_limit > 0 {
             mount_tmpfs(&path, Some(size_limit), 0o777).map_err(|e| {
                 Exit::Volume(format!(
-                    "emptyDir {volume} with a sizeLimit is a tmpfs, which the agent cannot \
-                     mount ({e}); it needs CAP_SYS_ADMIN"
+                    "emptyDir {volume} with a sizeLimit or medium: Memory is a tmpfs, which \
+                     the agent cannot mount ({e}); it needs CAP_SYS_ADMIN"
                 ))
             })?;
             if let Some(last) = self.scratch.last_mut() {
