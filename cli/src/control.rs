@@ -607,6 +607,9 @@ pub async fn describe(server: &str, name: &str) -> anyhow::Result<()> {
         println!("Args:           {}", spec.args.join(" "));
     }
     println!("Restart policy: {:?}", spec.restart_policy);
+    for line in crate::describe::template_sections(spec) {
+        println!("{line}");
+    }
     println!(
         "Replicas:       {} desired | {} placed | {} ready | {} completed",
         spec.replicas, status.replicas, status.ready_replicas, status.succeeded_replicas

@@ -5,6 +5,7 @@
 mod agent;
 mod config;
 mod control;
+mod describe;
 mod dev;
 mod output;
 mod rollout;

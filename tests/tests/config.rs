@@ -130,6 +130,18 @@ fn a_guest_reads_a_config_map_file_and_a_secret_variable_and_sees_updates() {
             "the secret was printed:\n{output}"
         );
     }
+    // describe shows where the value comes from, and the mounts, as kubectl does.
+    for expected in [
+        "PASSWORD: <set to the key 'password' of secret 'creds'>",
+        "/config from config (ro)",
+        "config: ConfigMap app",
+    ] {
+        assert!(
+            shown[3].contains(expected),
+            "no {expected:?} in:\n{}",
+            shown[3]
+        );
+    }
     for line in control_plane
         .process
         .lines_so_far()

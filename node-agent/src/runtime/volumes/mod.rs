@@ -2,9 +2,10 @@
 //! ConfigMaps and Secrets its files and environment come from.
 //!
 //! - `emptyDir`: a directory of its own for each sandbox under the agent's volume directory,
-//!   kept across its restarts and removed with it. With a size limit it is a tmpfs of that
-//!   size, so writes past the limit fail with "no space" in that sandbox alone (mounting it
-//!   needs `CAP_SYS_ADMIN`).
+//!   kept across its restarts and removed with it. With a size limit (or `medium: Memory`,
+//!   sized to the sandbox's memory limit) it is a tmpfs, so writes past the limit fail with
+//!   "no space" in that sandbox alone (mounting it needs `CAP_SYS_ADMIN`).
+//! - `subPath`: a directory inside an `emptyDir` or `hostPath`, opened beneath it.
 //! - `hostPath`: a node directory, only under a prefix the agent allows (`--allow-host-path`),
 //!   read-only unless both the mount and the rule allow writes.
 //! - `configMap` / `secret`: the object's keys as files (or the keys its `items` list, at
@@ -21,10 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_proto::agent::v1::{Volume, volume};
 pub use flotilla_proto::config::ConfigKey;
-
-pub use self::config_files::{ConfigData, ConfigFiles, SecretStorage};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+pub use self::config_files::{ConfigData, ConfigFiles, SecretStorage};
 use super::Exit;
 
 /// Where volumes live and which node directories sandboxes may mount.
