@@ -535,7 +535,10 @@ mod tests {
     #[test]
     fn secrets_are_kept_in_memory_and_config_maps_on_disk() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path().join("config");
+        // The mount table names resolved paths.
+        let root = std::fs::canonicalize(dir.path())
+            .expect("temp dir")
+            .join("config");
         let files = ConfigFiles::new(root.clone(), None);
         files
             .apply(
@@ -590,7 +593,9 @@ mod tests {
     fn a_secrets_dir_that_is_a_tmpfs_already_is_used_as_it_is() {
         let dir = tempfile::tempdir().expect("temp dir");
         // As the chart's `medium: Memory` emptyDir.
-        let secrets = dir.path().join("secrets");
+        let secrets = std::fs::canonicalize(dir.path())
+            .expect("temp dir")
+            .join("secrets");
         std::fs::create_dir_all(&secrets).expect("mkdir");
         mount_tmpfs(&secrets, Some(1 << 20), 0o700).expect("tmpfs");
         let mounts_at = |path: &Path| {
