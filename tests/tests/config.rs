@@ -179,8 +179,13 @@ fn the_config_example_runs_as_documented() {
     let out = logs_until(&url, "files-demo", "read /etc/passwd");
     for line in [
         "read /config/greeting: ok: Ahoy from a ConfigMap",
+        // One key at a path of its own (items), through the control plane and the agent.
+        "read /banner/text/greeting.txt: ok: Ahoy from a ConfigMap",
         "env API_TOKEN: demo-token",
         "write /scratch/note: ok: 4096",
+        // The same emptyDir through a subPath.
+        "write /notes/seen: ok: 8",
+        "read /scratch/notes/seen: ok: xxxxxxxx",
         "read /etc/passwd: error:",
     ] {
         assert!(out.contains(line), "{line:?} not in:\n{out}");
