@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, KeyRef, KeyToPath};
 use flotilla_proto::config::ConfigKey;
@@ -40,8 +40,9 @@ pub struct ConfigFiles {
     versions: AtomicU64,
     /// The Secrets' directory.
     secrets_dir: PathBuf,
-    /// How it was set up, once the first Secret arrived.
-    secrets: OnceLock<SecretsDir>,
+    /// How it was set up, once the first Secret arrived (set up under this lock, so two
+    /// first Secrets never stack two tmpfs).
+    secrets: Mutex<Option<SecretsDir>>,
 }
 
 /// The Secrets' directory, once set up.
@@ -85,13 +86,13 @@ impl ConfigFiles {
             objects: RwLock::default(),
             projections: Mutex::default(),
             versions: AtomicU64::new(0),
-            secrets: OnceLock::new(),
+            secrets: Mutex::new(None),
         }
     }
 
     /// Where Secrets' files are kept; `None` before the first Secret arrived.
     pub fn secret_storage(&self) -> Option<SecretStorage> {
-        self.secrets.get().map(|s| s.storage)
+        self.lock_secrets().map(|s| s.storage)
     }
 
     /// The object's data, if the agent has it.
@@ -245,7 +246,11 @@ impl ConfigFiles {
         }
     }
 
-    fn lock_projections(&self) -> std::sync::MutexGuard<'_, HashMap<ConfigKey, Vec<Projection>>> {
+    fn lock_secrets(&self) -> MutexGuard<'_, Option<SecretsDir>> {
+        self.secrets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_projections(&self) -> MutexGuard<'_, HashMap<ConfigKey, Vec<Projection>>> {
         self.projections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -310,7 +315,8 @@ impl ConfigFiles {
     /// Makes the Secrets' directory: a tmpfs already, or one the agent mounts, or the disk.
     fn prepare_secrets(&self) -> io::Result<SecretStorage> {
         use std::os::unix::fs::DirBuilderExt;
-        if let Some(secrets) = self.secrets.get() {
+        let mut setup = self.lock_secrets();
+        if let Some(secrets) = *setup {
             return Ok(secrets.storage);
         }
         let dir = &self.secrets_dir;
@@ -343,13 +349,14 @@ impl ConfigFiles {
                 }
             }
         };
-        Ok(self.secrets.get_or_init(|| secrets).storage)
+        *setup = Some(secrets);
+        Ok(secrets.storage)
     }
 }
 
 impl Drop for ConfigFiles {
     fn drop(&mut self) {
-        if self.secrets.get().is_some_and(|s| s.mounted) {
+        if self.lock_secrets().is_some_and(|s| s.mounted) {
             // Quietly: the agent may have cleared its volume directory already.
             let _ = rustix::mount::unmount(&self.secrets_dir, rustix::mount::UnmountFlags::DETACH);
         }
