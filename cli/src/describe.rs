@@ -38,6 +38,9 @@ pub fn template_sections(spec: &WorkloadSpec) -> Vec<String> {
 /// `NAME: value`, or where the value comes from.
 fn env_var(var: &EnvVar) -> String {
     let source = var.value_from.as_ref().and_then(|from| {
+        if let Some(field) = &from.field_ref {
+            return Some(format!("<set to the field '{}'>", field.field_path));
+        }
         let (kind, selector) = match (&from.config_map_key_ref, &from.secret_key_ref) {
             (Some(selector), _) => ("configmap", selector),
             (None, Some(selector)) => ("secret", selector),
@@ -160,6 +163,8 @@ env:
     valueFrom: {secretKeyRef: {name: creds, key: token}}
   - name: GREETING
     valueFrom: {configMapKeyRef: {name: app, key: greeting, optional: true}}
+  - name: NODE
+    valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
 envFrom:
   - {prefix: APP_, configMapRef: {name: app}}
 volumes:
@@ -181,6 +186,7 @@ volumeMounts:
                 "  MODE: fast",
                 "  TOKEN: <set to the key 'token' of secret 'creds'>",
                 "  GREETING: <set to the key 'greeting' of configmap 'app'> (optional)",
+                "  NODE: <set to the field 'spec.nodeName'>",
                 "  <every key of configmap 'app' with prefix 'APP_'>",
                 "Mounts:",
                 "  /config from config (ro)",

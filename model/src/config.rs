@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate_name;
 
-/// Where an environment variable's value comes from: one key of a ConfigMap or a Secret.
+/// Where an environment variable's value comes from: one key of a ConfigMap or a Secret, or
+/// a field of the sandbox (the downward API).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
@@ -16,7 +17,26 @@ pub struct EnvVarSource {
     /// A key of a Secret of the workload's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<KeySelector>,
+    /// A field of the sandbox, one of [`FIELD_PATHS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_ref: Option<ObjectFieldSelector>,
 }
+
+/// A field of the sandbox an environment variable takes, as a Pod's `fieldRef`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct ObjectFieldSelector {
+    /// One of [`FIELD_PATHS`].
+    pub field_path: String,
+    /// Accepted as Kubernetes writes it (`v1`); nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+}
+
+/// The fields of a sandbox its environment can take: its name (as `flotilla get sandboxes`
+/// lists it), its workload's namespace, and the node it runs on.
+pub const FIELD_PATHS: &[&str] = &["metadata.name", "metadata.namespace", "spec.nodeName"];
 
 /// One key of a named object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,16 +95,35 @@ pub(crate) fn validate(
         if !var.value.is_empty() {
             fail(&field, "may not be set together with value".into());
         }
-        match (&source.config_map_key_ref, &source.secret_key_ref) {
-            (Some(selector), None) => {
+        match (
+            &source.config_map_key_ref,
+            &source.secret_key_ref,
+            &source.field_ref,
+        ) {
+            (Some(selector), None, None) => {
                 validate_selector(selector, &format!("{field}.configMapKeyRef"), fail)
             }
-            (None, Some(selector)) => {
+            (None, Some(selector), None) => {
                 validate_selector(selector, &format!("{field}.secretKeyRef"), fail)
+            }
+            (None, None, Some(selector)) => {
+                if !FIELD_PATHS.contains(&selector.field_path.as_str()) {
+                    fail(
+                        &format!("{field}.fieldRef.fieldPath"),
+                        format!(
+                            "{:?}: must be one of {}",
+                            selector.field_path,
+                            FIELD_PATHS.join(", ")
+                        ),
+                    );
+                }
+                if selector.api_version.as_deref().is_some_and(|v| v != "v1") {
+                    fail(&format!("{field}.fieldRef.apiVersion"), "must be v1".into());
+                }
             }
             _ => fail(
                 &field,
-                "must have exactly one of configMapKeyRef, secretKeyRef".into(),
+                "must have exactly one of configMapKeyRef, secretKeyRef, fieldRef".into(),
             ),
         }
     }

@@ -173,11 +173,15 @@ fn bad_manifests_get_field_pointed_errors() {
         ),
         (
             "  env: [{name: A, valueFrom: {}}]\n",
-            "spec.env[0].valueFrom: must have exactly one of configMapKeyRef, secretKeyRef",
+            "spec.env[0].valueFrom: must have exactly one of configMapKeyRef, secretKeyRef, fieldRef",
         ),
         (
             "  env: [{name: A, valueFrom: {secretKeyRef: {name: s, key: a/b}}}]\n",
             "spec.env[0].valueFrom.secretKeyRef.key",
+        ),
+        (
+            "  env: [{name: A, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]\n",
+            "spec.env[0].valueFrom.fieldRef.fieldPath: \"status.podIP\": must be one of metadata.name, metadata.namespace, spec.nodeName",
         ),
         (
             "  envFrom: [{prefix: X_}]\n",

@@ -199,6 +199,9 @@ impl TryFrom<Args> for Config {
         }
         runtime.volumes.host_paths = args.allow_host_paths;
         runtime.volumes.secrets_dir = args.secrets_dir;
+        if let Some(node) = &args.node_name {
+            runtime.node_name.clone_from(node);
+        }
         runtime.default_limits.memory_bytes =
             bytes("default-memory-limit", &args.default_memory_limit)?;
         if args.max_sandboxes == 0 {
@@ -318,10 +321,7 @@ fn control_config(
             message: format!("{url:?}: must be an http:// or https:// URL"),
         });
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_lowercase())
-        .unwrap_or_default();
-    let node_name = node_name.unwrap_or(host);
+    let node_name = node_name.unwrap_or_else(crate::runtime::host_name);
     flotilla_model::validate_name(&node_name).map_err(|message| ConfigError {
         flag: "node-name",
         message,

@@ -368,6 +368,45 @@ async fn sub_paths_share_their_volume_and_stay_beneath_it() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_downward_api_names_the_sandbox_its_namespace_and_node() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = runtime_config();
+    config.volumes.dir = dir.path().join("volumes");
+    config.node_name = "edge-7".into();
+    let sup = supervisor(config);
+    let mut spec = files_spec(
+        "fields",
+        &["env", "SANDBOX", "env", "NAMESPACE", "env", "NODE"],
+        vec![],
+    );
+    spec.restart_policy = RestartPolicy::Never as i32;
+    spec.namespace = "shop".into();
+    spec.replicas = 2;
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        field_path: path.into(),
+        ..EnvVar::default()
+    };
+    spec.env = vec![
+        field("SANDBOX", "metadata.name"),
+        field("NAMESPACE", "metadata.namespace"),
+        field("NODE", "spec.nodeName"),
+    ];
+    sup.apply(spec).await.expect("applied");
+    let statuses = wait_for(&sup, "fields", "the runs to end", all_ended()).await;
+    for status in &statuses {
+        let out = logs(&sup, "fields", status.replica);
+        assert_eq!(
+            line(&out, "env SANDBOX"),
+            format!("env SANDBOX: {}", status.sandbox_id),
+            "each replica sees its own name"
+        );
+        assert_eq!(line(&out, "env NAMESPACE"), "env NAMESPACE: shop");
+        assert_eq!(line(&out, "env NODE"), "env NODE: edge-7");
+    }
+}
+
 fn object(kind: ConfigKind, name: &str, data: &[(&str, &str)]) -> ConfigObject {
     ConfigObject {
         kind: kind as i32,
@@ -550,13 +589,13 @@ async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place
     );
     spec.env = vec![EnvVar {
         name: "PASSWORD".into(),
-        value: String::new(),
         value_from: Some(KeyRef {
             kind: ConfigKind::Secret as i32,
             name: "creds".into(),
             key: "password".into(),
             optional: false,
         }),
+        ..EnvVar::default()
     }];
     spec.env_from = vec![EnvFrom {
         kind: ConfigKind::ConfigMap as i32,
@@ -618,13 +657,13 @@ async fn a_missing_secret_fails_the_sandbox_with_a_clear_reason() {
     spec.restart_policy = RestartPolicy::Never as i32;
     spec.env = vec![EnvVar {
         name: "TOKEN".into(),
-        value: String::new(),
         value_from: Some(KeyRef {
             kind: ConfigKind::Secret as i32,
             name: "absent".into(),
             key: "token".into(),
             optional: false,
         }),
+        ..EnvVar::default()
     }];
     sup.apply(spec).await.expect("applied");
     let statuses = wait_for(&sup, "needs-secret", "the failure", all_ended()).await;
@@ -652,13 +691,13 @@ async fn a_sandbox_waiting_for_a_secret_starts_as_soon_as_it_arrives() {
     spec.restart_policy = RestartPolicy::OnFailure as i32;
     spec.env = vec![EnvVar {
         name: "TOKEN".into(),
-        value: String::new(),
         value_from: Some(KeyRef {
             kind: ConfigKind::Secret as i32,
             name: "late".into(),
             key: "token".into(),
             optional: false,
         }),
+        ..EnvVar::default()
     }];
     sup.apply(spec).await.expect("applied");
     wait_for(&sup, "late-secret", "the config error", |s| {

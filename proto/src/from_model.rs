@@ -82,6 +82,10 @@ fn env_var(var: &ModelEnvVar) -> EnvVar {
         name: var.name.clone(),
         value: var.value.clone(),
         value_from,
+        field_path: source
+            .and_then(|s| s.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -76,9 +76,12 @@ fn a_guest_reads_a_config_map_file_and_a_secret_variable_and_sees_updates() {
         format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: reader\n\
              spec:\n  module:\n    path: {guest}\n  restartPolicy: Never\n  \
-             args: [read, /config/greeting, env, PASSWORD, read, /etc/passwd, \
-             poll, /config/greeting, v2, '60000']\n  \
+             args: [env, NODE, env, NAMESPACE, env, SANDBOX, read, /config/greeting, env, PASSWORD, \
+             read, /etc/passwd, poll, /config/greeting, v2, '60000']\n  \
              env:\n  - name: PASSWORD\n    valueFrom:\n      secretKeyRef: {{name: creds, key: password}}\n  \
+             - name: NODE\n    valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}\n  \
+             - name: NAMESPACE\n    valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}\n  \
+             - name: SANDBOX\n    valueFrom: {{fieldRef: {{fieldPath: metadata.name, apiVersion: v1}}}}\n  \
              volumes:\n  - name: config\n    configMap: {{name: app}}\n  \
              volumeMounts:\n  - {{name: config, mountPath: /config}}\n"
         ),
@@ -94,6 +97,18 @@ fn a_guest_reads_a_config_map_file_and_a_secret_variable_and_sees_updates() {
     let out = logs_until(&url, "reader", "read /config/greeting: ok: v1");
     assert!(out.contains(&format!("env PASSWORD: {SECRET}")), "{out}");
     assert!(out.contains("read /etc/passwd: error"), "{out}");
+    // The downward API: the node, the namespace and the sandbox's own name, as listed.
+    assert!(out.contains("env NODE: node-a"), "{out}");
+    assert!(out.contains("env NAMESPACE: default"), "{out}");
+    let sandboxes = flotilla(&["--agent", &agent.admin.to_string(), "get", "sandboxes"]);
+    let sandbox = out
+        .lines()
+        .find_map(|l| l.strip_prefix("env SANDBOX: "))
+        .unwrap_or_else(|| panic!("no SANDBOX in {out}"));
+    assert!(
+        sandbox.starts_with("default.reader-") && sandboxes.contains(sandbox),
+        "{sandbox:?} not in:\n{sandboxes}"
+    );
 
     // An update applied as kubectl would write it reaches the running guest.
     let update = data.path().join("app-v2.yaml");

@@ -304,6 +304,8 @@ impl HttpRoutes {
 pub struct HttpPool {
     runtime: WasmtimeRuntime,
     prepared: Arc<PreparedWorkload>,
+    /// The replica's name, each request's `metadata.name`.
+    sandbox: Arc<str>,
     pre: ProxyPre<P2State>,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
@@ -320,6 +322,7 @@ impl HttpPool {
     pub(super) fn new(
         runtime: WasmtimeRuntime,
         prepared: Arc<PreparedWorkload>,
+        sandbox: Arc<str>,
         pre: ProxyPre<P2State>,
         settings: &HttpSettings,
         logs: Arc<LogBuffer>,
@@ -333,6 +336,7 @@ impl HttpPool {
             timeout: settings.timeout,
             runtime,
             prepared,
+            sandbox,
             pre,
             logs,
             metrics,
@@ -369,18 +373,19 @@ impl HttpPool {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let mut store =
-            match self
-                .runtime
-                .request_store(&self.prepared, &self.logs, self.mounts.as_ref())
-            {
-                Ok(store) => store,
-                Err(exit) => {
-                    let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
-                    self.logs.write(line.as_bytes());
-                    return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
-                }
-            };
+        let mut store = match self.runtime.request_store(
+            &self.prepared,
+            &self.sandbox,
+            &self.logs,
+            self.mounts.as_ref(),
+        ) {
+            Ok(store) => store,
+            Err(exit) => {
+                let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
+                self.logs.write(line.as_bytes());
+                return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
+            }
+        };
         let mut http = store.data_mut().http();
         let resources = http
             .new_incoming_request(Scheme::Http, request)

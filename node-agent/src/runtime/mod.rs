@@ -48,15 +48,17 @@ pub trait SandboxRuntime: Send + Sync + 'static {
         spec: &WorkloadSpec,
     ) -> impl Future<Output = Result<Arc<Self::Prepared>, SandboxError>> + Send;
 
-    /// Creates a fresh sandbox: a new store, WASI context and limits, then instantiation (which
-    /// already runs guest code: start functions and data segments). `volumes` holds the
-    /// sandbox's volumes between runs: set up on its first run, reused by its restarts.
+    /// Creates a fresh sandbox named `sandbox` (its `metadata.name`): a new store, WASI
+    /// context and limits, then instantiation (which already runs guest code: start functions
+    /// and data segments). `volumes` holds the sandbox's volumes between runs: set up on its
+    /// first run, reused by its restarts.
     ///
     /// # Errors
     /// Fails with the [`Exit`] that ended the sandbox during instantiation.
     fn instantiate(
         &self,
         prepared: &Arc<Self::Prepared>,
+        sandbox: &Arc<str>,
         logs: Arc<LogBuffer>,
         volumes: &mut Option<Arc<Self::Volumes>>,
     ) -> impl Future<Output = Result<Self::Instance, Exit>> + Send;
@@ -272,6 +274,15 @@ pub struct RuntimeConfig {
     /// Where volumes live and which node directories they may mount. Default: a directory
     /// under the system's temporary directory, no `hostPath`.
     pub volumes: volumes::VolumeConfig,
+    /// The node's name, as sandboxes' `spec.nodeName` field reads it. Default: the host name.
+    pub node_name: String,
+}
+
+/// The host's name, lower-cased (empty when unknown): the default node name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_default()
 }
 
 impl Default for RuntimeConfig {
@@ -294,6 +305,7 @@ impl Default for RuntimeConfig {
                 host_paths: Vec::new(),
                 secrets_dir: None,
             },
+            node_name: host_name(),
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,
                 memory_request_bytes: 0,

@@ -111,8 +111,14 @@ struct ConfigEnv {
 }
 
 impl ConfigEnv {
-    /// The variables now: `envFrom` keys (prefixed), then `env` (literal or from a key).
-    fn resolve(&self, namespace: &str, files: &ConfigFiles) -> Result<Vec<(String, String)>, Exit> {
+    /// The variables now: `envFrom` keys (prefixed), then `env` (literal, from a key, or a
+    /// field of `sandbox`).
+    fn resolve(
+        &self,
+        sandbox: &SandboxFields<'_>,
+        files: &ConfigFiles,
+    ) -> Result<Vec<(String, String)>, Exit> {
+        let namespace = sandbox.namespace;
         let mut env: Vec<(String, String)> = Vec::new();
         let set = |env: &mut Vec<(String, String)>, name: String, value: String| match env
             .iter_mut()
@@ -149,6 +155,9 @@ impl ConfigEnv {
         }
         for var in &self.vars {
             match &var.value_from {
+                None if !var.field_path.is_empty() => {
+                    set(&mut env, var.name.clone(), sandbox.field(&var.field_path)?);
+                }
                 None => set(&mut env, var.name.clone(), var.value.clone()),
                 Some(reference) => {
                     if let Some(value) = files.value(namespace, reference)? {
@@ -158,6 +167,28 @@ impl ConfigEnv {
             }
         }
         Ok(env)
+    }
+}
+
+/// What the downward API shows a sandbox of itself.
+struct SandboxFields<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    node: &'a str,
+}
+
+impl SandboxFields<'_> {
+    /// The value of `path`, one of `flotilla_model::config::FIELD_PATHS`.
+    fn field(&self, path: &str) -> Result<String, Exit> {
+        match path {
+            "metadata.name" => Ok(self.name.to_string()),
+            "metadata.namespace" => Ok(self.namespace.to_string()),
+            "spec.nodeName" => Ok(self.node.to_string()),
+            other => Err(Exit::Config(format!(
+                "fieldPath {other:?} is not supported (one of {})",
+                flotilla_model::config::FIELD_PATHS.join(", ")
+            ))),
+        }
     }
 }
 
@@ -172,10 +203,12 @@ impl PreparedWorkload {
         self.http.as_ref()
     }
 
-    /// A sandbox's WASI context: arguments, environment (read from `files` now, when it comes
-    /// from ConfigMaps or Secrets), output to `logs`, and the directories of `mounts`.
+    /// The WASI context of `sandbox` on `node`: arguments, environment (read from `files`
+    /// now, when it comes from ConfigMaps or Secrets), output to `logs`, and the directories
+    /// of `mounts`.
     fn wasi(
         &self,
+        (sandbox, node): (&str, &str),
         logs: &Arc<LogBuffer>,
         files: &ConfigFiles,
         mounts: Option<&Mounts>,
@@ -189,7 +222,12 @@ impl PreparedWorkload {
                 wasi.envs(&self.env);
             }
             Some(config_env) => {
-                wasi.envs(&config_env.resolve(&self.namespace, files)?);
+                let fields = SandboxFields {
+                    name: sandbox,
+                    namespace: &self.namespace,
+                    node,
+                };
+                wasi.envs(&config_env.resolve(&fields, files)?);
             }
         }
         if let Some(mounts) = mounts {
@@ -352,10 +390,16 @@ impl WasmtimeRuntime {
     pub(super) fn request_store(
         &self,
         prepared: &PreparedWorkload,
+        sandbox: &str,
         logs: &Arc<LogBuffer>,
         mounts: Option<&Arc<Mounts>>,
     ) -> Result<Store<P2State>, Exit> {
-        let wasi = prepared.wasi(logs, &self.inner.config_files, mounts.map(|m| &**m))?;
+        let wasi = prepared.wasi(
+            (sandbox, &self.inner.config.node_name),
+            logs,
+            &self.inner.config_files,
+            mounts.map(|m| &**m),
+        )?;
         Ok(self.new_store(P2Wasi::new(wasi), &prepared.limits, mounts.cloned()))
     }
 
@@ -530,8 +574,11 @@ impl SandboxRuntime for WasmtimeRuntime {
             spec.owner.clone()
         });
         args.extend(spec.args.iter().cloned());
-        let uses_config =
-            !spec.env_from.is_empty() || spec.env.iter().any(|e| e.value_from.is_some());
+        let uses_config = !spec.env_from.is_empty()
+            || spec
+                .env
+                .iter()
+                .any(|e| e.value_from.is_some() || !e.field_path.is_empty());
         Ok(Arc::new(PreparedWorkload {
             name: spec.name.as_str().into(),
             digest,
@@ -558,6 +605,7 @@ impl SandboxRuntime for WasmtimeRuntime {
     async fn instantiate(
         &self,
         prepared: &Arc<PreparedWorkload>,
+        sandbox: &Arc<str>,
         logs: Arc<LogBuffer>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> Result<WasmtimeInstance, Exit> {
@@ -576,7 +624,12 @@ impl SandboxRuntime for WasmtimeRuntime {
                 Some(mounts)
             }
         };
-        let mut wasi = prepared.wasi(&logs, &self.inner.config_files, mounts.as_deref())?;
+        let mut wasi = prepared.wasi(
+            (sandbox, &self.inner.config.node_name),
+            &logs,
+            &self.inner.config_files,
+            mounts.as_deref(),
+        )?;
         match &*prepared.artifact {
             Artifact::Module(pre) => {
                 let mut store = self.new_store(wasi.build_p1(), &prepared.limits, mounts);
@@ -610,6 +663,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 let pool = Arc::new(HttpPool::new(
                     self.clone(),
                     prepared.clone(),
+                    sandbox.clone(),
                     pre.clone(),
                     settings,
                     logs,

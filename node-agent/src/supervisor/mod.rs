@@ -708,7 +708,12 @@ async fn run_once<R: SandboxRuntime>(
         let begun = Instant::now();
         let instance = match shared
             .runtime
-            .instantiate(prepared, cell.logs.clone(), volumes)
+            .instantiate(
+                prepared,
+                &cell.sandbox_id().into(),
+                cell.logs.clone(),
+                volumes,
+            )
             .await
         {
             Ok(instance) => instance,
@@ -782,6 +787,11 @@ impl SandboxCell {
     }
 
     /// Applies `f` to the status and returns the phase it had before.
+    /// The sandbox's name, as listings show it: `<workload>-<generation>-<replica>`.
+    fn sandbox_id(&self) -> String {
+        format!("{}-{}-{}", self.workload, self.generation, self.replica)
+    }
+
     fn update(&self, f: impl FnOnce(&mut CellStatus)) -> SandboxPhase {
         let mut status = self.lock();
         let before = status.phase;
@@ -795,7 +805,7 @@ impl SandboxCell {
             workload: self.workload.to_string(),
             replica: self.replica,
             generation: self.generation,
-            sandbox_id: format!("{}-{}-{}", self.workload, self.generation, self.replica),
+            sandbox_id: self.sandbox_id(),
             phase: s.phase as i32,
             reason: s.reason.to_string(),
             message: s.message.clone(),

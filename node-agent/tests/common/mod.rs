@@ -63,7 +63,7 @@ pub fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: value.into(),
-        value_from: None,
+        ..EnvVar::default()
     }
 }
 

@@ -30,6 +30,10 @@ pub struct EnvVar {
     /// Set instead of `value`: read from the agent's copy of the object when a sandbox starts.
     #[prost(message, optional, tag = "3")]
     pub value_from: ::core::option::Option<KeyRef>,
+    /// Set instead of `value`: a field of the sandbox (the downward API): `metadata.name` (the
+    /// sandbox's id), `metadata.namespace` or `spec.nodeName`.
+    #[prost(string, tag = "4")]
+    pub field_path: ::prost::alloc::string::String,
 }
 /// One key of a ConfigMap or Secret of the workload's namespace.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
