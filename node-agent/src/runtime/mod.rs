@@ -58,7 +58,7 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     fn instantiate(
         &self,
         prepared: &Arc<Self::Prepared>,
-        sandbox: &Arc<str>,
+        sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
         volumes: &mut Option<Arc<Self::Volumes>>,
     ) -> impl Future<Output = Result<Self::Instance, Exit>> + Send;
@@ -68,6 +68,24 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// Drops cached compiled artifacts that no prepared workload uses any more.
     fn evict_unused(&self) {}
+}
+
+/// A sandbox's name, `<workload>-<generation>-<replica>`: its id in listings and its
+/// `metadata.name`. Formatted only when shown, not at every start.
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxName<'a> {
+    /// The workload's name on the agent.
+    pub workload: &'a str,
+    /// The workload's generation the sandbox runs.
+    pub generation: u64,
+    /// Its replica index.
+    pub replica: u32,
+}
+
+impl std::fmt::Display for SandboxName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}-{}", self.workload, self.generation, self.replica)
+    }
 }
 
 /// A prepared workload.

@@ -35,7 +35,9 @@ use super::http::{
 use super::limits::{CpuLimitExceeded, Limiter, MemoryLimitExceeded, SandboxLimits};
 use super::logs::{LogBuffer, LogSink};
 use super::volumes::{self, ConfigFiles, ConfigKey, Mounts};
-use super::{Exit, Prepared, RuntimeConfig, SandboxError, SandboxInstance, SandboxRuntime};
+use super::{
+    Exit, Prepared, RuntimeConfig, SandboxError, SandboxInstance, SandboxName, SandboxRuntime,
+};
 use crate::metrics::HttpMetrics;
 
 /// Per-store state: the guest's WASI context, its limits, and the volumes its run mounts
@@ -172,7 +174,7 @@ impl ConfigEnv {
 
 /// What the downward API shows a sandbox of itself.
 struct SandboxFields<'a> {
-    name: &'a str,
+    name: &'a dyn std::fmt::Display,
     namespace: &'a str,
     node: &'a str,
 }
@@ -208,7 +210,7 @@ impl PreparedWorkload {
     /// of `mounts`.
     fn wasi(
         &self,
-        (sandbox, node): (&str, &str),
+        (sandbox, node): (&dyn std::fmt::Display, &str),
         logs: &Arc<LogBuffer>,
         files: &ConfigFiles,
         mounts: Option<&Mounts>,
@@ -395,7 +397,7 @@ impl WasmtimeRuntime {
         mounts: Option<&Arc<Mounts>>,
     ) -> Result<Store<P2State>, Exit> {
         let wasi = prepared.wasi(
-            (sandbox, &self.inner.config.node_name),
+            (&sandbox, &self.inner.config.node_name),
             logs,
             &self.inner.config_files,
             mounts.map(|m| &**m),
@@ -605,7 +607,7 @@ impl SandboxRuntime for WasmtimeRuntime {
     async fn instantiate(
         &self,
         prepared: &Arc<PreparedWorkload>,
-        sandbox: &Arc<str>,
+        sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> Result<WasmtimeInstance, Exit> {
@@ -625,7 +627,7 @@ impl SandboxRuntime for WasmtimeRuntime {
             }
         };
         let mut wasi = prepared.wasi(
-            (sandbox, &self.inner.config.node_name),
+            (&sandbox, &self.inner.config.node_name),
             &logs,
             &self.inner.config_files,
             mounts.as_deref(),
@@ -663,7 +665,7 @@ impl SandboxRuntime for WasmtimeRuntime {
                 let pool = Arc::new(HttpPool::new(
                     self.clone(),
                     prepared.clone(),
-                    sandbox.clone(),
+                    sandbox.to_string().into(),
                     pre.clone(),
                     settings,
                     logs,

@@ -29,7 +29,8 @@ use tracing::Instrument;
 use self::backoff::{Backoff, BackoffConfig};
 use crate::metrics::Metrics;
 use crate::runtime::{
-    Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxRuntime, WasmtimeRuntime,
+    Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxName, SandboxRuntime,
+    WasmtimeRuntime,
 };
 
 /// Supervisor settings.
@@ -708,12 +709,7 @@ async fn run_once<R: SandboxRuntime>(
         let begun = Instant::now();
         let instance = match shared
             .runtime
-            .instantiate(
-                prepared,
-                &cell.sandbox_id().into(),
-                cell.logs.clone(),
-                volumes,
-            )
+            .instantiate(prepared, cell.name(), cell.logs.clone(), volumes)
             .await
         {
             Ok(instance) => instance,
@@ -787,9 +783,13 @@ impl SandboxCell {
     }
 
     /// Applies `f` to the status and returns the phase it had before.
-    /// The sandbox's name, as listings show it: `<workload>-<generation>-<replica>`.
-    fn sandbox_id(&self) -> String {
-        format!("{}-{}-{}", self.workload, self.generation, self.replica)
+    /// The sandbox's name, as listings show it.
+    fn name(&self) -> SandboxName<'_> {
+        SandboxName {
+            workload: &self.workload,
+            generation: self.generation,
+            replica: self.replica,
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut CellStatus)) -> SandboxPhase {
@@ -805,7 +805,7 @@ impl SandboxCell {
             workload: self.workload.to_string(),
             replica: self.replica,
             generation: self.generation,
-            sandbox_id: self.sandbox_id(),
+            sandbox_id: self.name().to_string(),
             phase: s.phase as i32,
             reason: s.reason.to_string(),
             message: s.message.clone(),
