@@ -342,10 +342,7 @@ impl WasmtimeRuntime {
             std::fs::create_dir_all(dir).map_err(|e| RuntimeError::CacheDir(dir.clone(), e))?;
         }
         spawn_epoch_ticker(&engine, config.epoch_tick);
-        let config_files = ConfigFiles::new(
-            config.volumes.dir.join(volumes::CONFIG),
-            config.volumes.secrets_dir.clone(),
-        );
+        let config_files = ConfigFiles::new(&config.volumes);
 
         Ok(Self {
             inner: Arc::new(Inner {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, KeyRef, KeyToPath};
 use flotilla_proto::config::ConfigKey;
 
-use super::mount_tmpfs;
+use super::{VolumeConfig, mount_tmpfs};
 use crate::runtime::Exit;
 
 /// An object's data: key → value.
@@ -68,9 +68,6 @@ pub enum SecretStorage {
     Disk,
 }
 
-/// The directory of Secrets' files under the configuration root, unless set apart.
-const SECRETS: &str = "secrets";
-
 /// `statfs` type of a tmpfs.
 const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
 
@@ -78,11 +75,12 @@ const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
 const ITEMS: &str = "..items";
 
 impl ConfigFiles {
-    /// Keeps files under `root`, and Secrets' under `secrets_dir` (default: `root/secrets`).
-    pub fn new(root: PathBuf, secrets_dir: Option<PathBuf>) -> Self {
+    /// Keeps files where `config` says: ConfigMaps' under its configuration directory,
+    /// Secrets' under its Secrets' directory.
+    pub fn new(config: &VolumeConfig) -> Self {
         Self {
-            secrets_dir: secrets_dir.unwrap_or_else(|| root.join(SECRETS)),
-            root,
+            secrets_dir: config.secret_files_dir(),
+            root: config.config_files_dir(),
             objects: RwLock::default(),
             projections: Mutex::default(),
             versions: AtomicU64::new(0),
@@ -126,14 +124,7 @@ impl ConfigFiles {
     ) -> io::Result<()> {
         let incoming: Vec<(ConfigKey, ConfigData)> = objects
             .into_iter()
-            .map(|o| {
-                let key = ConfigKey {
-                    kind: o.kind(),
-                    namespace: o.namespace,
-                    name: o.name,
-                };
-                (key, o.data.into_iter().collect())
-            })
+            .map(|o| (ConfigKey::of(&o), o.data.into_iter().collect()))
             .collect();
         let mut gone = removed;
         if complete {
@@ -379,6 +370,7 @@ fn projected<'a>(data: &'a ConfigData, items: &'a [KeyToPath]) -> Vec<(&'a str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::volumes::SECRETS;
 
     fn object(kind: ConfigKind, name: &str, data: &[(&str, &str)]) -> ConfigObject {
         ConfigObject {
@@ -389,6 +381,14 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
+        }
+    }
+
+    /// The agent's volume settings with `dir` as its volume directory.
+    fn volumes_in(dir: &Path) -> VolumeConfig {
+        VolumeConfig {
+            dir: dir.to_path_buf(),
+            ..VolumeConfig::default()
         }
     }
 
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn config_files_swap_atomically_and_follow_their_keys() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = ConfigFiles::new(dir.path().to_path_buf(), None);
+        let files = ConfigFiles::new(&volumes_in(dir.path()));
         let key = key(ConfigKind::ConfigMap, "app");
         files
             .apply(
@@ -479,7 +479,7 @@ mod tests {
     #[test]
     fn projections_follow_their_object_and_go_with_it() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = ConfigFiles::new(dir.path().to_path_buf(), None);
+        let files = ConfigFiles::new(&volumes_in(dir.path()));
         let key = key(ConfigKind::ConfigMap, "app");
         let app = |data: &[(&str, &str)]| object(ConfigKind::ConfigMap, "app", data);
         files
@@ -529,24 +529,33 @@ mod tests {
         assert!(files.lock_projections().is_empty());
     }
 
-    /// The file system type mounted exactly at `path`, from the mount table.
-    fn mounted_at(path: &Path) -> Option<String> {
+    /// The file system types mounted exactly at `path`, from the mount table, the topmost
+    /// last.
+    fn mounts_at(path: &Path) -> Vec<String> {
         let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         let path = path.to_str().expect("utf-8");
-        table.lines().rev().find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            (mount.split(' ').nth(4)? == path).then(|| fs.split(' ').next().map(str::to_string))?
-        })
+        table
+            .lines()
+            .filter_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                (mount.split(' ').nth(4)? == path)
+                    .then(|| fs.split(' ').next().map(str::to_string))?
+            })
+            .collect()
+    }
+
+    /// The file system type mounted exactly at `path`, the topmost.
+    fn mounted_at(path: &Path) -> Option<String> {
+        mounts_at(path).pop()
     }
 
     #[test]
     fn secrets_are_kept_in_memory_and_config_maps_on_disk() {
         let dir = tempfile::tempdir().expect("temp dir");
         // The mount table names resolved paths.
-        let root = std::fs::canonicalize(dir.path())
-            .expect("temp dir")
-            .join("config");
-        let files = ConfigFiles::new(root.clone(), None);
+        let volumes = volumes_in(&std::fs::canonicalize(dir.path()).expect("temp dir"));
+        let root = volumes.config_files_dir();
+        let files = ConfigFiles::new(&volumes);
         files
             .apply(
                 vec![object(ConfigKind::ConfigMap, "app", &[("a", "1")])],
@@ -605,15 +614,10 @@ mod tests {
             .join("secrets");
         std::fs::create_dir_all(&secrets).expect("mkdir");
         mount_tmpfs(&secrets, Some(1 << 20), 0o700).expect("tmpfs");
-        let mounts_at = |path: &Path| {
-            let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-            let path = path.to_str().expect("utf-8");
-            table
-                .lines()
-                .filter(|line| line.split(' ').nth(4) == Some(path))
-                .count()
-        };
-        let files = ConfigFiles::new(dir.path().join("config"), Some(secrets.clone()));
+        let files = ConfigFiles::new(&VolumeConfig {
+            secrets_dir: Some(secrets.clone()),
+            ..volumes_in(dir.path())
+        });
         files
             .apply(
                 vec![object(ConfigKind::Secret, "db", &[("password", "s3cret")])],
@@ -622,7 +626,11 @@ mod tests {
             )
             .expect("apply");
         assert_eq!(files.secret_storage(), Some(SecretStorage::Memory));
-        assert_eq!(mounts_at(&secrets), 1, "no second tmpfs stacked on it");
+        assert_eq!(
+            mounts_at(&secrets).len(),
+            1,
+            "no second tmpfs stacked on it"
+        );
         let secret = files.dir(&key(ConfigKind::Secret, "db"));
         assert_eq!(secret, secrets.join("default/db"));
         assert_eq!(
@@ -630,7 +638,7 @@ mod tests {
             "s3cret"
         );
         drop(files);
-        assert_eq!(mounts_at(&secrets), 1, "not the agent's to unmount");
+        assert_eq!(mounts_at(&secrets).len(), 1, "not the agent's to unmount");
         rustix::mount::unmount(&secrets, rustix::mount::UnmountFlags::DETACH).expect("unmount");
     }
 }

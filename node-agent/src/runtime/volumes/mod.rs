@@ -40,6 +40,20 @@ pub struct VolumeConfig {
     pub secrets_dir: Option<PathBuf>,
 }
 
+impl VolumeConfig {
+    /// Where ConfigMaps' files live: `config` under `dir`.
+    pub fn config_files_dir(&self) -> PathBuf {
+        self.dir.join(CONFIG)
+    }
+
+    /// Where Secrets' files live: `secrets_dir`, else `config/secrets` under `dir`.
+    pub fn secret_files_dir(&self) -> PathBuf {
+        self.secrets_dir
+            .clone()
+            .unwrap_or_else(|| self.config_files_dir().join(SECRETS))
+    }
+}
+
 /// A node directory (and everything under it) that `hostPath` volumes may mount.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostPathRule {
@@ -198,28 +212,27 @@ impl Mounts {
             } else {
                 FsPerms::ReadWrite
             };
-            // Whether a missing subPath is made, as the kubelet does.
-            let mut make_sub_path = false;
-            let root = match &v.source {
+            // The volume's directory, and whether a missing subPath is made in it, as the
+            // kubelet does.
+            let (root, make_sub_path) = match &v.source {
                 Some(volume::Source::EmptyDir(empty)) => {
-                    make_sub_path = true;
                     let tmpfs_bytes = match empty.size_limit_bytes {
                         0 if empty.memory => memory_limit,
                         bytes => bytes,
                     };
-                    mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?
+                    (mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?, true)
                 }
-                Some(volume::Source::HostPath(path)) => {
-                    make_sub_path = !v.read_only;
-                    host_path(path, !v.read_only, config).map_err(Exit::Volume)?
-                }
+                Some(volume::Source::HostPath(path)) => (
+                    host_path(path, !v.read_only, config).map_err(Exit::Volume)?,
+                    !v.read_only,
+                ),
                 Some(volume::Source::Config(reference)) => {
                     let key = ConfigKey {
                         kind: reference.kind(),
                         namespace: namespace.to_string(),
                         name: reference.name.clone(),
                     };
-                    if files.get(&key).is_some() {
+                    let dir = if files.get(&key).is_some() {
                         if reference.items.is_empty() {
                             files.dir(&key)
                         } else {
@@ -236,7 +249,9 @@ impl Mounts {
                             "{} not found (volume {})",
                             key, v.name
                         )));
-                    }
+                    };
+                    // check() refuses a subPath here.
+                    (dir, false)
                 }
                 None => continue,
             };
@@ -335,11 +350,7 @@ pub fn clear(config: &VolumeConfig) {
             let _ = rustix::mount::unmount(entry.path(), rustix::mount::UnmountFlags::DETACH);
         }
     }
-    let config_dir = dir.join(CONFIG);
-    let secrets = config
-        .secrets_dir
-        .clone()
-        .unwrap_or_else(|| config_dir.join("secrets"));
+    let secrets = config.secret_files_dir();
     // A tmpfs an agent mounted, or (with CAP_SYS_ADMIN only) one it was given, which it
     // replaces with its own.
     let _ = rustix::mount::unmount(&secrets, rustix::mount::UnmountFlags::DETACH);
@@ -361,7 +372,10 @@ pub fn clear(config: &VolumeConfig) {
 }
 
 /// The directory of configuration files, under the volume directory.
-pub const CONFIG: &str = "config";
+const CONFIG: &str = "config";
+
+/// The directory of Secrets' files under the configuration directory, unless set apart.
+const SECRETS: &str = "secrets";
 
 /// Mounts a tmpfs at `path` with root directory `mode`, of `bytes` at most (else the
 /// kernel's default, half the memory, which only written pages take).
