@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use flotilla_node_agent::runtime::volumes::{HostPathRule, VolumeConfig};
+use flotilla_node_agent::runtime::RuntimeConfig;
+use flotilla_node_agent::runtime::volumes::HostPathRule;
 use flotilla_node_agent::supervisor::Supervisor;
 use flotilla_proto::agent::v1::{
     ConfigKind, ConfigObject, ConfigRef, EmptyDir, EnvFrom, EnvVar, KeyRef, KeyToPath,
@@ -19,22 +20,26 @@ fn files_guest() -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn supervisor_with(volumes: VolumeConfig) -> Supervisor {
+/// A runtime configuration keeping volumes under `volumes_dir`.
+fn config_in(volumes_dir: &Path) -> RuntimeConfig {
     let mut config = runtime_config();
-    config.volumes = volumes;
-    supervisor(config)
+    config.volumes.dir = volumes_dir.to_path_buf();
+    config
+}
+
+/// A supervisor keeping volumes under `volumes_dir`.
+fn supervisor_in(volumes_dir: &Path) -> Supervisor {
+    supervisor(config_in(volumes_dir))
 }
 
 /// A supervisor whose agent allows sandboxes to mount `host_dir`, read-only.
 fn supervisor_allowing(volumes_dir: &Path, host_dir: &Path) -> Supervisor {
-    supervisor_with(VolumeConfig {
-        dir: volumes_dir.to_path_buf(),
-        host_paths: vec![HostPathRule {
-            prefix: host_dir.to_path_buf(),
-            writable: false,
-        }],
-        secrets_dir: None,
-    })
+    let mut config = config_in(volumes_dir);
+    config.volumes.host_paths = vec![HostPathRule {
+        prefix: host_dir.to_path_buf(),
+        writable: false,
+    }];
+    supervisor(config)
 }
 
 fn files_spec(name: &str, args: &[&str], volumes: Vec<Volume>) -> WorkloadSpec {
@@ -168,11 +173,7 @@ async fn a_guest_cannot_leave_its_volumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_paths_the_agent_does_not_allow_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sup = supervisor_with(VolumeConfig {
-        dir: dir.path().join("volumes"),
-        host_paths: vec![],
-        secrets_dir: None,
-    });
+    let sup = supervisor_in(&dir.path().join("volumes"));
     let spec = files_spec(
         "host",
         &["read", "/host/hostname"],
@@ -198,11 +199,7 @@ async fn host_paths_the_agent_does_not_allow_are_refused() {
 async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
     let dir = tempfile::tempdir().expect("temp dir");
     let volumes_dir = dir.path().join("volumes");
-    let sup = supervisor_with(VolumeConfig {
-        dir: volumes_dir.clone(),
-        host_paths: vec![],
-        secrets_dir: None,
-    });
+    let sup = supervisor_in(&volumes_dir);
     let limited = |name: &str, empty_dir: EmptyDir| {
         files_spec(
             name,
@@ -371,8 +368,7 @@ async fn sub_paths_share_their_volume_and_stay_beneath_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_downward_api_names_the_sandbox_its_namespace_and_node() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = runtime_config();
-    config.volumes.dir = dir.path().join("volumes");
+    let mut config = config_in(&dir.path().join("volumes"));
     config.node_name = "edge-7".into();
     let sup = supervisor(config);
     let mut spec = files_spec(
@@ -404,6 +400,20 @@ async fn the_downward_api_names_the_sandbox_its_namespace_and_node() {
         );
         assert_eq!(line(&out, "env NAMESPACE"), "env NAMESPACE: shop");
         assert_eq!(line(&out, "env NODE"), "env NODE: edge-7");
+    }
+}
+
+/// The variable `name` from `key` of the Secret `secret`.
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(KeyRef {
+            kind: ConfigKind::Secret as i32,
+            name: secret.into(),
+            key: key.into(),
+            optional: false,
+        }),
+        ..EnvVar::default()
     }
 }
 
@@ -457,11 +467,7 @@ fn config_items_volume(name: &str, path: &str, items: &[(&str, &str)]) -> Volume
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_put_chosen_keys_at_their_paths_and_follow_updates() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sup = supervisor_with(VolumeConfig {
-        dir: dir.path().join("volumes"),
-        host_paths: vec![],
-        secrets_dir: None,
-    });
+    let sup = supervisor_in(&dir.path().join("volumes"));
     let files = sup.runtime().config_files();
     let app = |greeting: &str| {
         object(
@@ -542,11 +548,7 @@ async fn items_put_chosen_keys_at_their_paths_and_follow_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sup = supervisor_with(VolumeConfig {
-        dir: dir.path().join("volumes"),
-        host_paths: vec![],
-        secrets_dir: None,
-    });
+    let sup = supervisor_in(&dir.path().join("volumes"));
     let files = sup.runtime().config_files();
     files
         .apply(
@@ -587,16 +589,7 @@ async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place
             config_volume(ConfigKind::Secret, "creds", "/secrets"),
         ],
     );
-    spec.env = vec![EnvVar {
-        name: "PASSWORD".into(),
-        value_from: Some(KeyRef {
-            kind: ConfigKind::Secret as i32,
-            name: "creds".into(),
-            key: "password".into(),
-            optional: false,
-        }),
-        ..EnvVar::default()
-    }];
+    spec.env = vec![secret_env("PASSWORD", "creds", "password")];
     spec.env_from = vec![EnvFrom {
         kind: ConfigKind::ConfigMap as i32,
         name: "app".into(),
@@ -648,23 +641,10 @@ async fn config_maps_and_secrets_reach_files_and_environment_and_update_in_place
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_secret_fails_the_sandbox_with_a_clear_reason() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sup = supervisor_with(VolumeConfig {
-        dir: dir.path().join("volumes"),
-        host_paths: vec![],
-        secrets_dir: None,
-    });
+    let sup = supervisor_in(&dir.path().join("volumes"));
     let mut spec = files_spec("needs-secret", &["env", "TOKEN"], vec![]);
     spec.restart_policy = RestartPolicy::Never as i32;
-    spec.env = vec![EnvVar {
-        name: "TOKEN".into(),
-        value_from: Some(KeyRef {
-            kind: ConfigKind::Secret as i32,
-            name: "absent".into(),
-            key: "token".into(),
-            optional: false,
-        }),
-        ..EnvVar::default()
-    }];
+    spec.env = vec![secret_env("TOKEN", "absent", "token")];
     sup.apply(spec).await.expect("applied");
     let statuses = wait_for(&sup, "needs-secret", "the failure", all_ended()).await;
     let last = statuses[0].last_termination.as_ref().expect("termination");
@@ -677,28 +657,14 @@ async fn a_sandbox_waiting_for_a_secret_starts_as_soon_as_it_arrives() {
     use flotilla_node_agent::metrics::Metrics;
     use flotilla_node_agent::supervisor::SupervisorConfig;
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = runtime_config();
-    config.volumes = VolumeConfig {
-        dir: dir.path().join("volumes"),
-        host_paths: vec![],
-        secrets_dir: None,
-    };
+    let config = config_in(&dir.path().join("volumes"));
     // A backoff far longer than the wait below: only the arrival can start it in time.
     let mut supervision = SupervisorConfig::default();
     supervision.backoff.initial = std::time::Duration::from_secs(600);
     let sup = Supervisor::new(runtime(config), supervision, Metrics::new());
     let mut spec = files_spec("late-secret", &["env", "TOKEN"], vec![]);
     spec.restart_policy = RestartPolicy::OnFailure as i32;
-    spec.env = vec![EnvVar {
-        name: "TOKEN".into(),
-        value_from: Some(KeyRef {
-            kind: ConfigKind::Secret as i32,
-            name: "late".into(),
-            key: "token".into(),
-            optional: false,
-        }),
-        ..EnvVar::default()
-    }];
+    spec.env = vec![secret_env("TOKEN", "late", "token")];
     sup.apply(spec).await.expect("applied");
     wait_for(&sup, "late-secret", "the config error", |s| {
         s.first().is_some_and(|s| s.reason == "CrashLoopBackOff")
@@ -740,12 +706,7 @@ async fn an_empty_dir_outlives_a_restart_and_goes_with_its_sandbox() {
     use flotilla_node_agent::supervisor::SupervisorConfig;
     let dir = tempfile::tempdir().expect("temp dir");
     let volumes_dir = dir.path().join("volumes");
-    let mut config = runtime_config();
-    config.volumes = VolumeConfig {
-        dir: volumes_dir.clone(),
-        host_paths: vec![],
-        secrets_dir: None,
-    };
+    let config = config_in(&volumes_dir);
     let mut supervision = SupervisorConfig::default();
     supervision.backoff.initial = std::time::Duration::from_millis(10);
     let sup = Supervisor::new(runtime(config), supervision, Metrics::new());
