@@ -128,8 +128,7 @@ fn the_cli_waits_for_readiness_shows_failures_relays_logs_and_scales() {
     let data = tempfile::tempdir().expect("temp dir");
     let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
     let url = control_plane.url();
-    let agent = Agent::start(&url, "solo");
-    agent.process.wait_line("connected to the control plane");
+    let agent = Agent::start_connected(&url, "solo");
 
     // apply --wait returns once the run-to-completion workload has completed.
     let out = flotilla(&[

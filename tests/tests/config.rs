@@ -31,8 +31,7 @@ fn a_guest_reads_a_config_map_file_and_a_secret_variable_and_sees_updates() {
     let data = tempfile::tempdir().expect("temp dir");
     let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
     let url = control_plane.url();
-    let agent = Agent::start(&url, "node-a");
-    agent.process.wait_line("connected to the control plane");
+    let agent = Agent::start_connected(&url, "node-a");
 
     let out = flotilla(&[
         "--server",
@@ -181,8 +180,7 @@ fn the_config_example_runs_as_documented() {
     let data = tempfile::tempdir().expect("temp dir");
     let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
     let url = control_plane.url();
-    let agent = Agent::start(&url, "node-a");
-    agent.process.wait_line("connected to the control plane");
+    let _agent = Agent::start_connected(&url, "node-a");
     let out = flotilla(&["--server", &url, "apply", "-f", &example("config")]);
     for applied in [
         "configmap/app-config applied",

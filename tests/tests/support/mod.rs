@@ -93,6 +93,13 @@ impl Agent {
         Self::start_with_token(control_plane, node, JOIN_TOKEN)
     }
 
+    /// Starts an agent and waits until it is connected to the control plane.
+    pub fn start_connected(control_plane: &str, node: &'static str) -> Self {
+        let agent = Self::start(control_plane, node);
+        agent.process.wait_line("connected to the control plane");
+        agent
+    }
+
     pub fn start_with_token(control_plane: &str, node: &'static str, token: &str) -> Self {
         Self::start_with(control_plane, node, |c| {
             c.env("FLOTILLA_JOIN_TOKEN", token);
