@@ -3,6 +3,7 @@
 //! Values from ConfigMaps and Secrets appear as references, never as values.
 
 use flotilla_control_plane::model::{EnvFromSource, EnvVar, Volume, VolumeMount, WorkloadSpec};
+use flotilla_proto::from_model;
 
 /// The `Environment:`, `Mounts:` and `Volumes:` sections of `spec`, one line each; none for
 /// an empty section.
@@ -35,46 +36,38 @@ pub fn template_sections(spec: &WorkloadSpec) -> Vec<String> {
     lines
 }
 
-/// `NAME: value`, or where the value comes from.
+/// `NAME: value`, or where the value comes from (read from the agent's form of it).
 fn env_var(var: &EnvVar) -> String {
-    let source = var.value_from.as_ref().and_then(|from| {
-        if let Some(field) = &from.field_ref {
-            return Some(format!("<set to the field '{}'>", field.field_path));
-        }
-        let (kind, selector) = match (&from.config_map_key_ref, &from.secret_key_ref) {
-            (Some(selector), _) => ("configmap", selector),
-            (None, Some(selector)) => ("secret", selector),
-            (None, None) => return None,
-        };
-        Some(format!(
-            "<set to the key '{}' of {kind} '{}'>{}",
-            selector.key,
-            selector.name,
-            optional(selector.optional)
-        ))
-    });
-    format!(
-        "{}: {}",
-        var.name,
-        source.unwrap_or_else(|| var.value.clone())
-    )
+    let var = from_model::env_var(var);
+    let value = match &var.value_from {
+        _ if !var.field_path.is_empty() => format!("<set to the field '{}'>", var.field_path),
+        Some(key) => format!(
+            "<set to the key '{}' of {} '{}'>{}",
+            key.key,
+            key.kind().noun(),
+            key.name,
+            optional(key.optional)
+        ),
+        None => var.value,
+    };
+    format!("{}: {value}", var.name)
 }
 
 /// Every key of an object, with its prefix.
 fn env_from(from: &EnvFromSource) -> String {
-    let (kind, object) = match (&from.config_map_ref, &from.secret_ref) {
-        (Some(object), _) => ("configmap", object),
-        (None, Some(object)) => ("secret", object),
-        (None, None) => return "<envFrom without a source>".to_string(),
+    let Some(from) = from_model::env_from(from) else {
+        return "<envFrom without a source>".to_string();
     };
-    let prefix = match from.prefix.as_deref() {
-        Some(prefix) if !prefix.is_empty() => format!(" with prefix '{prefix}'"),
-        _ => String::new(),
+    let prefix = if from.prefix.is_empty() {
+        String::new()
+    } else {
+        format!(" with prefix '{}'", from.prefix)
     };
     format!(
-        "<every key of {kind} '{}'{prefix}>{}",
-        object.name,
-        optional(object.optional)
+        "<every key of {} '{}'{prefix}>{}",
+        from.kind().noun(),
+        from.name,
+        optional(from.optional)
     )
 }
 
@@ -123,14 +116,14 @@ fn volume(v: &Volume) -> String {
             "ConfigMap {}{}{}",
             map.name,
             items(&map.items),
-            optional(map.optional)
+            optional(map.optional == Some(true))
         )
     } else if let Some(secret) = &v.secret {
         format!(
             "Secret {}{}{}",
             secret.secret_name,
             items(&secret.items),
-            optional(secret.optional)
+            optional(secret.optional == Some(true))
         )
     } else if let Some(host) = &v.host_path {
         format!("HostPath {}", host.path)
@@ -140,12 +133,8 @@ fn volume(v: &Volume) -> String {
     format!("{}: {source}", v.name)
 }
 
-fn optional(optional: Option<bool>) -> &'static str {
-    if optional == Some(true) {
-        " (optional)"
-    } else {
-        ""
-    }
+fn optional(optional: bool) -> &'static str {
+    if optional { " (optional)" } else { "" }
 }
 
 #[cfg(test)]

@@ -63,7 +63,9 @@ pub fn agent_workload_spec(
     }
 }
 
-fn env_var(var: &ModelEnvVar) -> EnvVar {
+/// The agent's form of an environment variable: a value, a ConfigMap or Secret key, or a
+/// field of the sandbox.
+pub fn env_var(var: &ModelEnvVar) -> EnvVar {
     let source = var.value_from.as_ref();
     let value_from = source.and_then(|s| {
         let (kind, selector) = match (&s.config_map_key_ref, &s.secret_key_ref) {
@@ -89,7 +91,9 @@ fn env_var(var: &ModelEnvVar) -> EnvVar {
     }
 }
 
-fn env_from(source: &EnvFromSource) -> Option<EnvFrom> {
+/// The agent's form of an `envFrom` source; `None` for one naming no object (validation
+/// rejects those).
+pub fn env_from(source: &EnvFromSource) -> Option<EnvFrom> {
     let (kind, object) = match (&source.config_map_ref, &source.secret_ref) {
         (Some(object), _) => (ConfigKind::ConfigMap, object),
         (None, Some(object)) => (ConfigKind::Secret, object),
