@@ -257,11 +257,7 @@ async fn session(
                     let removed = config
                         .removed
                         .into_iter()
-                        .map(|k| ConfigKey {
-                            kind: k.kind(),
-                            namespace: k.namespace,
-                            name: k.name,
-                        })
+                        .map(ConfigKey::from)
                         .collect();
                     let files = supervisor.runtime().config_files();
                     if let Err(error) = files.apply(config.objects, !config.incremental, removed) {

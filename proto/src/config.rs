@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::agent::v1::{ConfigKind, ConfigObject};
+use crate::control::v1::ConfigObjectKey;
 
 impl ConfigKind {
     /// `configmap` or `secret`, as kubectl names one object of the kind.
@@ -32,6 +33,28 @@ impl ConfigKey {
             kind: object.kind(),
             namespace: object.namespace.clone(),
             name: object.name.clone(),
+        }
+    }
+}
+
+/// A key as the control plane sends it when the object leaves an agent.
+impl From<&ConfigKey> for ConfigObjectKey {
+    fn from(key: &ConfigKey) -> Self {
+        Self {
+            kind: key.kind as i32,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        }
+    }
+}
+
+/// A key as the agent receives it.
+impl From<ConfigObjectKey> for ConfigKey {
+    fn from(key: ConfigObjectKey) -> Self {
+        Self {
+            kind: key.kind(),
+            namespace: key.namespace,
+            name: key.name,
         }
     }
 }

@@ -105,11 +105,7 @@ impl NodeConfigState {
             .sent
             .keys()
             .filter(|key| !next.contains_key(*key))
-            .map(|key| ConfigObjectKey {
-                kind: key.kind as i32,
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-            })
+            .map(ConfigObjectKey::from)
             .collect();
         let objects: Vec<ConfigObject> = next
             .iter()
