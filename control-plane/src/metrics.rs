@@ -29,6 +29,7 @@ pub struct Metrics {
     passes: Counter,
     pass_duration: Histogram,
     status_writes: Counter,
+    reconcile_errors: Family<Labels, Counter>,
     heartbeats: Counter,
     log_streams: Counter,
 }
@@ -69,6 +70,12 @@ impl Metrics {
             "Workload statuses written by the controller",
             status_writes.clone(),
         );
+        let reconcile_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Workloads whose reconcile failed, by reason (Store, Schedule, Panicked)",
+            reconcile_errors.clone(),
+        );
         let heartbeats = Counter::default();
         registry.register(
             "heartbeats",
@@ -90,6 +97,7 @@ impl Metrics {
             passes,
             pass_duration,
             status_writes,
+            reconcile_errors,
             heartbeats,
             log_streams,
         }
@@ -100,6 +108,13 @@ impl Metrics {
         self.passes.inc();
         self.pass_duration.observe(took.as_secs_f64());
         self.status_writes.inc_by(written as u64);
+    }
+
+    /// Counts a workload whose reconcile failed with `reason`.
+    pub fn reconcile_error(&self, reason: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// Sets the workload gauges, as of the latest pass.

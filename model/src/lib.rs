@@ -30,6 +30,16 @@ pub const WORKLOAD_KIND: &str = "WasmWorkload";
 /// Namespace of objects that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Ceiling of every duration in seconds (`activeDeadlineSeconds`, `progressDeadlineSeconds`,
+/// `minReadySeconds`, `resources.limits.cpuTime`, `http.timeout`): Kubernetes' int32 range, about
+/// 68 years, so that no deadline added to a clock can overflow it.
+pub const MAX_DURATION_SECONDS: i64 = i32::MAX as i64;
+/// Log ring of a sandbox that sets no `resources.limits.logs`.
+pub const DEFAULT_LOG_BYTES: u64 = 64 << 10;
+/// Ceiling of `resources.limits.logs`: the ring lives in the agent's heap, so one sandbox may not
+/// hold more than this (Kubernetes rotates a container's log at 10 MiB by default).
+pub const MAX_LOG_BYTES: u64 = 16 << 20;
+
 /// A `WasmWorkload`: desired state (`spec`) and observed state (`status`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -205,16 +215,17 @@ pub struct WorkloadSpec {
     pub restart_policy: RestartPolicy,
     /// Wall-clock limit of one run, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 2_147_483_647)))]
     pub active_deadline_seconds: Option<i64>,
     /// Seconds the workload may take to make a new template available before `Progressing`
     /// turns `False` with `ProgressDeadlineExceeded` (default 600), as for a Deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 2_147_483_647)))]
     pub progress_deadline_seconds: Option<i64>,
     /// Seconds a running sandbox must run before it counts as available (default 0), as for a
     /// Deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 0)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 0, max = 2_147_483_647)))]
     pub min_ready_seconds: Option<i64>,
     /// How a template change replaces sandboxes: a rolling update (default) or `Recreate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -296,10 +307,10 @@ impl HttpSpec {
             fail("spec.http.maxConcurrency", "must be >= 1".into());
         }
         if let Some(timeout) = &self.timeout {
-            match humantime::parse_duration(timeout) {
+            match parse_bounded_duration(timeout) {
                 Ok(d) if d.is_zero() => fail("spec.http.timeout", "must be > 0".into()),
                 Ok(_) => {}
-                Err(e) => fail("spec.http.timeout", format!("{timeout:?}: {e}")),
+                Err(message) => fail("spec.http.timeout", message),
             }
         }
     }
@@ -733,14 +744,19 @@ impl Workload {
             );
         }
         if let Some(t) = &spec.resources.limits.cpu_time
-            && let Err(e) = humantime::parse_duration(t)
+            && let Err(message) = parse_bounded_duration(t)
         {
-            fail("spec.resources.limits.cpuTime", format!("{t:?}: {e}"));
+            fail("spec.resources.limits.cpuTime", message);
         }
-        if let Some(logs) = &spec.resources.limits.logs
-            && let Err(message) = parse_bytes(logs)
-        {
-            fail("spec.resources.limits.logs", message);
+        if let Some(logs) = &spec.resources.limits.logs {
+            match parse_bytes(logs) {
+                Ok(bytes) if bytes > MAX_LOG_BYTES => fail(
+                    "spec.resources.limits.logs",
+                    format!("{logs:?}: must be at most 16Mi"),
+                ),
+                Ok(_) => {}
+                Err(message) => fail("spec.resources.limits.logs", message),
+            }
         }
         if let (Ok(request), Ok(limit)) = (
             spec.resources
@@ -760,17 +776,30 @@ impl Workload {
                 "must be <= spec.resources.limits.memory".into(),
             );
         }
-        if spec.active_deadline_seconds.is_some_and(|s| s <= 0) {
-            fail("spec.activeDeadlineSeconds", "must be > 0".into());
-        }
-        if spec.progress_deadline_seconds.is_some_and(|s| s <= 0) {
-            fail("spec.progressDeadlineSeconds", "must be > 0".into());
-        }
-        if spec
-            .min_ready_seconds
-            .is_some_and(|s| !(0..=i64::from(u32::MAX)).contains(&s))
-        {
-            fail("spec.minReadySeconds", "must be >= 0".into());
+        for (field, seconds, min) in [
+            (
+                "spec.activeDeadlineSeconds",
+                spec.active_deadline_seconds,
+                (1, "must be > 0"),
+            ),
+            (
+                "spec.progressDeadlineSeconds",
+                spec.progress_deadline_seconds,
+                (1, "must be > 0"),
+            ),
+            (
+                "spec.minReadySeconds",
+                spec.min_ready_seconds,
+                (0, "must be >= 0"),
+            ),
+        ] {
+            match seconds {
+                Some(s) if s < min.0 => fail(field, min.1.into()),
+                Some(s) if s > MAX_DURATION_SECONDS => {
+                    fail(field, format!("must be <= {MAX_DURATION_SECONDS}"));
+                }
+                _ => {}
+            }
         }
         if let Some(http) = &spec.http {
             http.validate(&mut fail);
@@ -829,17 +858,30 @@ impl WorkloadSpec {
         }
     }
 
+    /// The bytes of one sandbox's log ring: `resources.limits.logs`, or [`DEFAULT_LOG_BYTES`].
+    /// Call on a validated spec; an unparsable quantity counts as unset.
+    pub fn log_bytes(&self) -> u64 {
+        self.resources
+            .limits
+            .logs
+            .as_deref()
+            .and_then(|q| parse_bytes(q).ok())
+            .unwrap_or(DEFAULT_LOG_BYTES)
+    }
+
     /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
-    /// requests its limit. Call on a validated spec; unparsable quantities count as zero.
+    /// requests its limit; memory also counts the sandbox's log ring, which lives in the agent's
+    /// heap. Call on a validated spec; unparsable quantities count as zero.
     pub fn requests(&self) -> Requests {
         let pick = |request: &Option<String>, limit: &Option<String>| {
             request.as_ref().or(limit.as_ref()).cloned()
         };
         let r = &self.resources;
+        let memory = pick(&r.requests.memory, &r.limits.memory)
+            .and_then(|q| parse_bytes(&q).ok())
+            .unwrap_or(0);
         Requests {
-            memory: pick(&r.requests.memory, &r.limits.memory)
-                .and_then(|q| parse_bytes(&q).ok())
-                .unwrap_or(0),
+            memory: memory.saturating_add(self.log_bytes()),
             cpu_millis: pick(&r.requests.cpu, &r.limits.cpu)
                 .and_then(|q| parse_cpu_millis(&q).ok())
                 .unwrap_or(0),
@@ -903,6 +945,20 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
     number
         .checked_mul(multiplier)
         .ok_or_else(|| format!("{value:?}: too large"))
+}
+
+/// Parses a duration such as `2s` or `500ms`, at most [`MAX_DURATION_SECONDS`].
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_bounded_duration(value: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| format!("{value:?}: {e}"))?;
+    if duration.as_secs() > MAX_DURATION_SECONDS as u64 {
+        return Err(format!(
+            "{value:?}: must be at most {MAX_DURATION_SECONDS}s"
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses a CPU quantity into millicores: `250m`, `1`, `0.5`, `2.25`.

@@ -25,7 +25,8 @@ fn parses_a_full_manifest() {
     assert_eq!(
         w.spec.requests(),
         Requests {
-            memory: 1 << 20,
+            // The request and the default log ring.
+            memory: (1 << 20) + DEFAULT_LOG_BYTES,
             cpu_millis: 100
         }
     );
@@ -64,6 +65,30 @@ fn bad_manifests_get_field_pointed_errors() {
         (
             "  progressDeadlineSeconds: 0\n",
             "spec.progressDeadlineSeconds: must be > 0",
+        ),
+        (
+            "  progressDeadlineSeconds: 9223372036854775807\n",
+            "spec.progressDeadlineSeconds: must be <= 2147483647",
+        ),
+        (
+            "  activeDeadlineSeconds: 2147483648\n",
+            "spec.activeDeadlineSeconds: must be <= 2147483647",
+        ),
+        (
+            "  minReadySeconds: 9223372036854775807\n",
+            "spec.minReadySeconds: must be <= 2147483647",
+        ),
+        (
+            "  resources: {limits: {cpuTime: 100000years}}\n",
+            "spec.resources.limits.cpuTime: \"100000years\": must be at most 2147483647s",
+        ),
+        (
+            "  http: {timeout: 100000years}\n",
+            "spec.http.timeout: \"100000years\": must be at most 2147483647s",
+        ),
+        (
+            "  resources: {limits: {logs: 1Ti}}\n",
+            "spec.resources.limits.logs: \"1Ti\": must be at most 16Mi",
         ),
         ("  http: {host: Bad_Host}\n", "spec.http.host"),
         ("  http: {pathPrefix: api}\n", "spec.http.pathPrefix"),
@@ -235,10 +260,13 @@ fn limits_alone_request_the_limit() {
     assert_eq!(
         spec.requests(),
         Requests {
-            memory: 8 << 20,
+            memory: (8 << 20) + DEFAULT_LOG_BYTES,
             cpu_millis: 500
         }
     );
+    // The log ring is memory in the agent's heap, so its limit is requested too.
+    spec.resources.limits.logs = Some("1Mi".into());
+    assert_eq!(spec.requests().memory, 9 << 20);
 }
 
 #[test]

@@ -104,7 +104,26 @@ async fn admission_refuses_work_beyond_capacity_and_spares_the_rest() {
         ..Resources::default()
     });
     let err = sup.apply(hungry).await.expect_err("over the memory");
-    assert!(err.to_string().contains("requests 83886080 bytes"), "{err}");
+    // Two sandboxes, each its 40 MiB request and its 64 KiB log ring.
+    assert!(
+        err.to_string()
+            .contains(&format!("requests {} bytes", 2 * ((40 << 20) + (64 << 10)))),
+        "{err}"
+    );
+
+    // A log ring beyond the per-sandbox ceiling is refused at the agent too (the admin API and
+    // static manifests do not pass the control plane's validation).
+    let mut chatty = idle("d", 1);
+    chatty.resources = Some(Resources {
+        log_limit_bytes: 1 << 40,
+        ..Resources::default()
+    });
+    let err = sup.apply(chatty).await.expect_err("over the log ceiling");
+    assert!(
+        flotilla_telemetry::error_chain(&err)
+            .contains("is over the per-sandbox maximum of 16777216"),
+        "{err}"
+    );
 
     let err = sup
         .apply(idle("Bad_Name", 1))

@@ -26,7 +26,10 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::time::{Duration, Instant, SystemTime};
 
 use self::rollout::Revisions;
@@ -61,6 +64,9 @@ pub const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait before a failed pass runs again.
 pub const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
 
+/// Longest wait for a progress deadline before a pass looks at it again.
+const MAX_DEADLINE_WAIT: Duration = Duration::from_secs(3600);
+
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +82,25 @@ pub enum Error {
         #[source]
         source: PluginError,
     },
+    /// Reconciling one workload panicked; the pass went on with the others.
+    #[error("reconciling workload {workload} panicked: {message}")]
+    Panicked {
+        /// The workload.
+        workload: String,
+        /// The panic's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The variant, as the `reason` label of the error metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Store(_) => "Store",
+            Self::Schedule { .. } => "Schedule",
+            Self::Panicked { .. } => "Panicked",
+        }
+    }
 }
 
 /// Reconciles workloads against nodes.
@@ -88,6 +113,37 @@ pub struct Controller<S> {
     /// The earliest progress deadline still running after the last pass: a pass then runs
     /// even if nothing else changes.
     next_deadline: std::sync::Mutex<Option<SystemTime>>,
+}
+
+/// One pass's node snapshot, agents' reports and totals, shared by its workloads in turn.
+struct Pass {
+    /// Every node, with what the placements in the store allocate on it.
+    nodes: Vec<NodeInfo>,
+    /// Position of each node in `nodes` by name.
+    index: BTreeMap<String, usize>,
+    /// Sandboxes agents report, per workload key and generation.
+    running: BTreeMap<String, BTreeMap<u64, Counts>>,
+    /// Whether placements on nodes that have not reconnected yet are kept.
+    in_grace: bool,
+    /// Statuses written.
+    written: usize,
+    /// Replicas wanted, placed and ready over every workload.
+    desired: u64,
+    placed: u64,
+    ready: u64,
+    /// The ingress routes of every HTTP workload.
+    routes: Vec<flotilla_proto::control::v1::ClusterRoute>,
+    /// The earliest progress deadline still running.
+    next_deadline: Option<SystemTime>,
+}
+
+/// The message a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl<S: WorkloadStore> Controller<S> {
@@ -150,97 +206,145 @@ impl<S: WorkloadStore> Controller<S> {
 
         let keys = workloads.iter().map(|w| w.key().to_string()).collect();
         self.cluster.events.retain(&keys);
-        let in_grace = self.in_startup_grace();
-        let mut written = 0;
-        let (mut desired, mut placed, mut ready_total) = (0u64, 0u64, 0u64);
         let workload_count = workloads.len();
-        let mut routes = Vec::new();
-        let mut next_deadline = None;
+        let mut pass = Pass {
+            nodes,
+            index,
+            running,
+            in_grace: self.in_startup_grace(),
+            written: 0,
+            desired: 0,
+            placed: 0,
+            ready: 0,
+            routes: Vec::new(),
+            next_deadline: None,
+        };
+        // One workload's failure, even a panic, skips that workload alone: the others are
+        // reconciled, and the pass is retried with backoff.
+        let mut first_error = None;
         for workload in workloads {
-            let terminating = !workload.metadata.deletion_timestamp.is_empty();
-            if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-                self.add_finalizer(&workload).await?;
-            }
             let key = workload.key().to_string();
-            let no_reports = BTreeMap::new();
-            let reported = running.get(&key).unwrap_or(&no_reports);
-            let mut status = self.reconcile(&workload, &mut nodes, &index, in_grace, reported)?;
-            self.notice_scheduling(&workload, &status);
-            // Sandboxes of every revision that agents report running; while agents are still
-            // reconnecting, a count does not drop for want of their reports.
-            let mut ready: u64 = status.revisions.iter().map(|r| r.ready_replicas).sum();
-            // Running for the workload's minReadySeconds, as the agents count it.
-            let mut available: u64 = status.revisions.iter().map(|r| r.available_replicas).sum();
-            let mut succeeded = reported
-                .get(&status.template_generation)
-                .map_or(0, |c| c.succeeded);
-            if in_grace {
-                ready = ready.max(status.ready_replicas).min(status.replicas);
-                available = available
-                    .max(status.available_replicas)
-                    .min(status.replicas);
-                succeeded = succeeded
-                    .max(status.succeeded_replicas)
-                    .min(status.replicas);
+            let outcome = AssertUnwindSafe(self.reconcile_workload(workload, &mut pass))
+                .catch_unwind()
+                .await;
+            let error = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error,
+                Err(panic) => Error::Panicked {
+                    workload: key.clone(),
+                    message: panic_message(panic.as_ref()),
+                },
+            };
+            tracing::warn!(workload = %key, error = %flotilla_telemetry::error_chain(&error), "cannot reconcile workload; the others go on");
+            self.cluster.metrics.reconcile_error(error.reason());
+            if let Error::Panicked { .. } = error {
+                self.cluster.events.notify(Notice {
+                    key,
+                    warning: true,
+                    reason: "ReconcileFailed".into(),
+                    message: error.to_string(),
+                });
             }
-            status.ready_replicas = ready;
-            status.available_replicas = available;
-            status.succeeded_replicas = succeeded;
-            let latest_failure = self.cluster.events.latest(&key, status.template_generation);
-            let wanted = desired_replicas(&workload);
-            set_condition(
-                &mut status.conditions,
-                ready_condition(wanted, ready, succeeded, latest_failure),
-            );
-            let default_strategy = Strategy::default();
-            let strategy = workload.spec.strategy.as_ref().unwrap_or(&default_strategy);
-            let min_available = strategy.min_available(wanted);
-            set_condition(
-                &mut status.conditions,
-                available_condition(wanted, min_available, available + succeeded),
-            );
-            let updated_available =
-                status.revisions.first().map_or(0, |r| r.available_replicas) + succeeded;
-            if made_progress(workload.status.as_ref(), &status) {
-                status.progress_time = now();
-            }
-            let (progressing, deadline) = progressing_condition(
-                &workload,
-                &status,
-                wanted,
-                updated_available,
-                SystemTime::now(),
-            );
-            set_condition(&mut status.conditions, progressing);
-            if let Some(deadline) = deadline {
-                next_deadline =
-                    Some(next_deadline.map_or(deadline, |d: SystemTime| d.min(deadline)));
-            }
-            desired += wanted;
-            placed += status.replicas;
-            ready_total += ready;
-            let mut version = workload.metadata.resource_version.clone();
-            let placed_nowhere = status.replicas == 0;
-            routes.extend(route_of(&workload, &status, &nodes, &index));
-            if workload.status.as_ref() != Some(&status) {
-                let written_back = self.store.patch_status(&workload.key(), status).await?;
-                version = written_back.metadata.resource_version;
-                written += 1;
-            }
-            let still_running = running
-                .get(&key)
-                .is_some_and(|generations| generations.values().any(|c| c.running > 0));
-            if terminating && placed_nowhere && !still_running {
-                self.release(&workload, &version).await?;
-            }
+            first_error.get_or_insert(error);
         }
         self.cluster
             .metrics
-            .workloads(workload_count, desired, placed, ready_total);
-        routes.sort_by(|a, b| a.workload.cmp(&b.workload));
-        self.cluster.routes.publish(routes);
-        *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner()) = next_deadline;
-        Ok(written)
+            .workloads(workload_count, pass.desired, pass.placed, pass.ready);
+        pass.routes.sort_by(|a, b| a.workload.cmp(&b.workload));
+        self.cluster.routes.publish(pass.routes);
+        *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner()) = pass.next_deadline;
+        match first_error {
+            None => Ok(pass.written),
+            Some(error) => Err(error),
+        }
+    }
+
+    /// Reconciles one workload of `pass`: its finalizer, placements, counts and conditions,
+    /// written back when they changed, and its release once it is deleted and stopped.
+    async fn reconcile_workload(&self, workload: Workload, pass: &mut Pass) -> Result<(), Error> {
+        let terminating = !workload.metadata.deletion_timestamp.is_empty();
+        if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+            self.add_finalizer(&workload).await?;
+        }
+        let key = workload.key().to_string();
+        let in_grace = pass.in_grace;
+        let no_reports = BTreeMap::new();
+        let reported = pass.running.get(&key).unwrap_or(&no_reports);
+        let mut status =
+            self.reconcile(&workload, &mut pass.nodes, &pass.index, in_grace, reported)?;
+        self.notice_scheduling(&workload, &status);
+        // Sandboxes of every revision that agents report running; while agents are still
+        // reconnecting, a count does not drop for want of their reports.
+        let mut ready: u64 = status.revisions.iter().map(|r| r.ready_replicas).sum();
+        // Running for the workload's minReadySeconds, as the agents count it.
+        let mut available: u64 = status.revisions.iter().map(|r| r.available_replicas).sum();
+        let mut succeeded = reported
+            .get(&status.template_generation)
+            .map_or(0, |c| c.succeeded);
+        if in_grace {
+            ready = ready.max(status.ready_replicas).min(status.replicas);
+            available = available
+                .max(status.available_replicas)
+                .min(status.replicas);
+            succeeded = succeeded
+                .max(status.succeeded_replicas)
+                .min(status.replicas);
+        }
+        status.ready_replicas = ready;
+        status.available_replicas = available;
+        status.succeeded_replicas = succeeded;
+        let latest_failure = self.cluster.events.latest(&key, status.template_generation);
+        let wanted = desired_replicas(&workload);
+        set_condition(
+            &mut status.conditions,
+            ready_condition(wanted, ready, succeeded, latest_failure),
+        );
+        let default_strategy = Strategy::default();
+        let strategy = workload.spec.strategy.as_ref().unwrap_or(&default_strategy);
+        let min_available = strategy.min_available(wanted);
+        set_condition(
+            &mut status.conditions,
+            available_condition(wanted, min_available, available + succeeded),
+        );
+        let updated_available =
+            status.revisions.first().map_or(0, |r| r.available_replicas) + succeeded;
+        if made_progress(workload.status.as_ref(), &status) {
+            status.progress_time = now();
+        }
+        let (progressing, deadline) = progressing_condition(
+            &workload,
+            &status,
+            wanted,
+            updated_available,
+            SystemTime::now(),
+        );
+        set_condition(&mut status.conditions, progressing);
+        if let Some(deadline) = deadline {
+            pass.next_deadline = Some(
+                pass.next_deadline
+                    .map_or(deadline, |d: SystemTime| d.min(deadline)),
+            );
+        }
+        pass.desired += wanted;
+        pass.placed += status.replicas;
+        pass.ready += ready;
+        let mut version = workload.metadata.resource_version.clone();
+        let placed_nowhere = status.replicas == 0;
+        pass.routes
+            .extend(route_of(&workload, &status, &pass.nodes, &pass.index));
+        if workload.status.as_ref() != Some(&status) {
+            let written_back = self.store.patch_status(&workload.key(), status).await?;
+            version = written_back.metadata.resource_version;
+            pass.written += 1;
+        }
+        let still_running = pass
+            .running
+            .get(&key)
+            .is_some_and(|generations| generations.values().any(|c| c.running > 0));
+        if terminating && placed_nowhere && !still_running {
+            self.release(&workload, &version).await?;
+        }
+        Ok(())
     }
 
     /// At the end of the startup grace: which nodes with replicas never came back.
@@ -567,7 +671,15 @@ impl<S: WorkloadStore> Controller<S> {
                     }
                 }
                 let pass_started = Instant::now();
-                let pass = self.reconcile_all().await;
+                // A panic outside any one workload's step (in the snapshot, say) fails this
+                // pass, never the controller.
+                let pass = match AssertUnwindSafe(self.reconcile_all()).catch_unwind().await {
+                    Ok(pass) => pass,
+                    Err(panic) => Err(Error::Panicked {
+                        workload: "(every workload)".into(),
+                        message: panic_message(panic.as_ref()),
+                    }),
+                };
                 self.cluster.metrics.pass(
                     pass_started.elapsed(),
                     pass.as_ref().map_or(0, |written| *written),
@@ -577,9 +689,12 @@ impl<S: WorkloadStore> Controller<S> {
                         let deadline =
                             *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(deadline) = deadline {
+                            // A far deadline is looked at again within the hour, so no
+                            // timer is ever set past what the clock can hold.
                             let wait = deadline
                                 .duration_since(SystemTime::now())
-                                .unwrap_or_default();
+                                .unwrap_or_default()
+                                .min(MAX_DEADLINE_WAIT);
                             progress.as_mut().reset(
                                 tokio::time::Instant::now() + wait + Duration::from_millis(10),
                             );
@@ -698,7 +813,7 @@ fn progressing_condition(
     };
     let deadline = humantime::parse_rfc3339(last_progress)
         .ok()
-        .map(|moved| moved + Duration::from_secs(deadline_seconds));
+        .and_then(|moved| moved.checked_add(Duration::from_secs(deadline_seconds)));
     let left = if old > 0 {
         format!("; {old} replicas of older revisions left")
     } else {

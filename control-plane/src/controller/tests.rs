@@ -57,7 +57,8 @@ fn workload(name: &str, replicas: i64) -> Workload {
         ..WorkloadSpec::default()
     };
     spec.module.sha256 = DIGEST.into();
-    spec.resources.requests.memory = Some("1Mi".into());
+    // With the default 64 KiB log ring, 1 MiB per replica.
+    spec.resources.requests.memory = Some("960Ki".into());
     Workload::new("", name, spec)
 }
 
@@ -401,4 +402,123 @@ fn progress_is_a_new_revision_more_of_it_placed_or_available_or_fewer_old_sandbo
         "one less available"
     );
     assert!(made_progress(None, &before), "a first status");
+}
+
+/// The embedded store, except that writing the status of workload `poisoned` panics.
+#[derive(Clone)]
+struct PanickingStore {
+    inner: EmbeddedStore,
+    poisoned: &'static str,
+}
+
+impl WorkloadStore for PanickingStore {
+    async fn get(&self, key: &WorkloadKey) -> Result<Option<Workload>, store::Error> {
+        self.inner.get(key).await
+    }
+    async fn list(&self) -> Result<Vec<Workload>, store::Error> {
+        self.inner.list().await
+    }
+    async fn apply(&self, workload: Workload) -> Result<Workload, store::Error> {
+        self.inner.apply(workload).await
+    }
+    async fn delete(&self, key: &WorkloadKey) -> Result<Option<Workload>, store::Error> {
+        self.inner.delete(key).await
+    }
+    async fn patch_status(
+        &self,
+        key: &WorkloadKey,
+        status: WorkloadStatus,
+    ) -> Result<Workload, store::Error> {
+        assert_ne!(
+            key.name, self.poisoned,
+            "a bug in this workload's reconcile"
+        );
+        self.inner.patch_status(key, status).await
+    }
+    async fn set_finalizers(
+        &self,
+        key: &WorkloadKey,
+        finalizers: Vec<String>,
+        resource_version: &str,
+    ) -> Result<Option<Workload>, store::Error> {
+        self.inner
+            .set_finalizers(key, finalizers, resource_version)
+            .await
+    }
+    async fn watch(&self) -> Result<crate::store::Watch, store::Error> {
+        self.inner.watch().await
+    }
+}
+
+#[tokio::test]
+async fn a_workload_whose_reconcile_panics_stops_no_other() {
+    let h = harness(&[node("n0", "amd64", 1000)]);
+    let store = PanickingStore {
+        inner: h.store.clone(),
+        poisoned: "evil",
+    };
+    let controller = Controller::new(
+        store,
+        Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
+        h.cluster.clone(),
+    );
+    let mut notices = h.cluster.events.notices();
+    // "evil" sorts before "web", so a pass that stopped at it would never reach "web".
+    h.store.apply(workload("evil", 1)).await.expect("apply");
+    h.store.apply(workload("web", 2)).await.expect("apply");
+
+    for _ in 0..2 {
+        let error = controller
+            .reconcile_all()
+            .await
+            .expect_err("the poisoned workload fails the pass");
+        assert!(
+            matches!(&error, Error::Panicked { workload, message }
+                if workload == "default/evil" && message.contains("a bug in this workload")),
+            "{error:?}"
+        );
+        let s = status(&h, "web").await;
+        assert_eq!(s.placements, counts(&[("n0", 2)]));
+    }
+    let metrics = h.cluster.metrics.encode(&h.cluster);
+    assert!(
+        metrics.contains("flotilla_control_plane_reconcile_errors_total{reason=\"Panicked\"} 2"),
+        "{metrics}"
+    );
+    let notice = std::iter::from_fn(|| notices.try_recv().ok())
+        .find(|n| n.reason == "ReconcileFailed")
+        .expect("a ReconcileFailed event");
+    assert_eq!(notice.key, "default/evil");
+    assert!(notice.warning);
+}
+
+#[test]
+fn a_deadline_past_the_clock_is_no_deadline_rather_than_a_panic() {
+    // Validation refuses such a value now; an object stored before it did must still pass.
+    let mut web = workload("web", 1);
+    web.spec.progress_deadline_seconds = Some(i64::MAX);
+    let status = WorkloadStatus {
+        template_time: now(),
+        ..WorkloadStatus::default()
+    };
+    let (condition, deadline) = progressing_condition(&web, &status, 1, 0, SystemTime::now());
+    assert_eq!(condition.reason, "ReplicasUpdating");
+    assert_eq!(deadline, None);
+}
+
+#[tokio::test]
+async fn the_store_refuses_durations_past_their_ceiling() {
+    let h = harness(&[]);
+    let mut web = workload("web", 1);
+    web.spec.progress_deadline_seconds = Some(i64::MAX);
+    let error = h.store.apply(web).await.expect_err("refused");
+    let store::Error::Invalid(invalid) = error else {
+        panic!("not a validation error: {error:?}");
+    };
+    assert!(
+        invalid
+            .to_string()
+            .contains("spec.progressDeadlineSeconds: must be <= 2147483647"),
+        "{invalid}"
+    );
 }

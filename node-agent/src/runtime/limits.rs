@@ -33,6 +33,15 @@ pub struct SandboxLimits {
     pub tables: usize,
 }
 
+impl SandboxLimits {
+    /// Bytes one sandbox is accounted for at admission: its memory request and its log ring,
+    /// which lives in the agent's heap.
+    pub fn admitted_bytes(&self) -> u64 {
+        self.memory_request_bytes
+            .saturating_add(u64::try_from(self.log_bytes).unwrap_or(u64::MAX))
+    }
+}
+
 /// The error with which a sandbox traps when it grows past its memory limit.
 #[derive(Debug, thiserror::Error)]
 #[error("memory limit of {limit} bytes exceeded: the sandbox asked for {desired} bytes in all")]

@@ -329,7 +329,7 @@ impl Default for RuntimeConfig {
                 memory_request_bytes: 0,
                 cpu_ticks: None,
                 deadline: None,
-                log_bytes: 64 << 10,
+                log_bytes: flotilla_model::DEFAULT_LOG_BYTES as usize,
                 table_elements: 100_000,
                 instances: 16,
                 memories: 8,

@@ -479,6 +479,26 @@ impl WasmtimeRuntime {
             (None, Some(limit)) => limit,
             (None, None) => defaults.memory_request_bytes,
         };
+        // Rechecked here: the admin API and static manifests reach the agent without the
+        // control plane's validation.
+        if res.log_limit_bytes > flotilla_model::MAX_LOG_BYTES {
+            return Err(SandboxError::Limits(format!(
+                "resources.log_limit_bytes: {} is over the per-sandbox maximum of {}",
+                res.log_limit_bytes,
+                flotilla_model::MAX_LOG_BYTES
+            )));
+        }
+        let max_ms = flotilla_model::MAX_DURATION_SECONDS as u64 * 1000;
+        for (field, ms) in [
+            ("resources.cpu_limit_ms", res.cpu_limit_ms),
+            ("resources.deadline_ms", res.deadline_ms),
+        ] {
+            if ms > max_ms {
+                return Err(SandboxError::Limits(format!(
+                    "{field}: {ms} is over the maximum of {max_ms}"
+                )));
+            }
+        }
         let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
         Ok(SandboxLimits {
             memory_bytes,
@@ -882,9 +902,26 @@ async fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, SandboxError> 
         path: path.to_path_buf(),
         source,
     };
-    let meta = tokio::fs::metadata(path).await.map_err(read_err)?;
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await.map_err(read_err)?;
+    // Checked on the opened file, so nothing can swap it between the check and the read; a
+    // device such as /dev/zero reports length 0 and never ends.
+    let meta = file.metadata().await.map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
     check_size(meta.len(), limit)?;
-    tokio::fs::read(path).await.map_err(read_err)
+    // Bounded while reading too: the file may grow after the check.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(read_err)?;
+    check_size(bytes.len() as u64, limit)?;
+    Ok(bytes)
 }
 
 fn check_size(size: u64, limit: u64) -> Result<(), SandboxError> {

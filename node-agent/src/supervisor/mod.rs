@@ -274,7 +274,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         };
 
         let mut workloads = self.shared.lock_workloads();
-        self.admit(&workloads, &spec, prepared.limits().memory_request_bytes)?;
+        self.admit(&workloads, &spec, prepared.limits().admitted_bytes())?;
         if let Some(old) = workloads.remove(&spec.name) {
             self.shared.retire(old);
         }
@@ -305,7 +305,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         if same != *spec {
             return Ok(None);
         }
-        self.admit(&workloads, spec, prepared.limits().memory_request_bytes)?;
+        self.admit(&workloads, spec, prepared.limits().admitted_bytes())?;
         let workload = workloads
             .get_mut(&spec.name)
             .expect("the workload was found under the same lock");
@@ -322,7 +322,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         &self,
         workloads: &HashMap<String, Workload<R>>,
         spec: &WorkloadSpec,
-        memory_request: u64,
+        admitted_bytes: u64,
     ) -> Result<(), ApplyError> {
         let capacity = self.shared.runtime.capacity();
         let (mut sandboxes, mut memory) = (0u64, 0u64);
@@ -332,7 +332,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
             {
                 let n = u64::from(w.spec.replicas);
                 sandboxes += n;
-                memory += n * prepared.limits().memory_request_bytes;
+                memory += n * prepared.limits().admitted_bytes();
             }
         }
         let wanted = u64::from(spec.replicas);
@@ -343,12 +343,12 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 spec.name, capacity.max_sandboxes, capacity.limited_by
             )));
         }
-        let wanted_memory = wanted.saturating_mul(memory_request);
+        let wanted_memory = wanted.saturating_mul(admitted_bytes);
         let free_memory = capacity.memory_bytes.saturating_sub(memory);
         if wanted_memory > free_memory {
             return Err(ApplyError::AdmissionRefused(format!(
-                "workload {} requests {wanted_memory} bytes of memory but only {free_memory} of \
-                 {} are free",
+                "workload {} requests {wanted_memory} bytes of memory (requests and log rings) \
+                 but only {free_memory} of {} are free",
                 spec.name, capacity.memory_bytes
             )));
         }
@@ -465,7 +465,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
             if let Some(prepared) = &w.prepared {
                 let n = w.sandboxes.len() as u64;
                 sandboxes += n;
-                memory += n * prepared.limits().memory_request_bytes;
+                memory += n * prepared.limits().admitted_bytes();
             }
         }
         CapacityMessage {
