@@ -28,9 +28,9 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
-use std::time::{Duration, Instant, SystemTime};
 
 use self::rollout::Revisions;
 use crate::cluster::routes::{route_of, serving_ingresses};
