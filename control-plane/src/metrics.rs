@@ -1,8 +1,8 @@
 //! Prometheus metrics of the control plane, served at `/metrics` on `--metrics-listen`.
 //!
 //! Counters and histograms are updated where things happen; the gauges of nodes and sessions
-//! are read from the [`Cluster`] when scraped, and the workload gauges are set by each
-//! controller pass, so a scrape never touches the store.
+//! are read from the cluster when scraped ([`Cluster::encode_metrics`](crate::cluster::Cluster::encode_metrics)),
+//! and the workload gauges are set by each controller pass, so a scrape never touches the store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::cluster::Cluster;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -137,17 +135,16 @@ impl Metrics {
         self.log_streams.inc();
     }
 
-    /// The metrics in Prometheus text format, with the node gauges read from `cluster` now.
-    pub fn encode(&self, cluster: &Cluster) -> String {
-        let statuses = cluster.nodes.statuses();
-        let ready = statuses.iter().filter(|s| s.info.ready).count();
+    /// The metrics in Prometheus text format, with the gauges read at the scrape: nodes `ready`
+    /// and `not_ready`, and the agent `sessions` open.
+    pub fn encode(&self, ready: usize, not_ready: usize, sessions: usize) -> String {
         self.nodes
             .get_or_create(&vec![("state", "ready")])
             .set(ready as i64);
         self.nodes
             .get_or_create(&vec![("state", "not_ready")])
-            .set((statuses.len() - ready) as i64);
-        self.sessions.set(cluster.sessions.live_count() as i64);
+            .set(not_ready as i64);
+        self.sessions.set(sessions as i64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);

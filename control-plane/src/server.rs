@@ -204,7 +204,7 @@ impl ControlPlane {
             let mut metrics_stop = stop_seen.clone();
             tokio::spawn(flotilla_telemetry::serve_metrics(
                 listener,
-                move || cluster.metrics.encode(&cluster),
+                move || cluster.encode_metrics(),
                 async move {
                     let _ = metrics_stop.wait_for(|stopping| *stopping).await;
                 },

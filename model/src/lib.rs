@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub mod config;
+pub mod module;
 pub mod node;
 pub mod rollout;
 pub mod volumes;

@@ -5,7 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use flotilla_node_agent::supervisor::ApplyError;
+use flotilla_node_agent::metrics::Metrics;
+use flotilla_node_agent::runtime::EpochTicker;
+use flotilla_node_agent::supervisor::{ApplyError, Supervisor, SupervisorConfig};
 use flotilla_proto::agent::v1::{
     ModuleSource, Resources, SandboxPhase, SandboxStatus, module_source,
 };
@@ -157,6 +159,47 @@ async fn spinning_guest_is_stopped_by_cpu_limit() {
     assert!(message.contains("100 ms"), "{message}");
 }
 
+/// CPU time is counted in the epochs a guest sees, not on the wall clock: with the test
+/// advancing the epoch itself, a spinning guest with a budget of 100 ms (ten ticks of 10 ms)
+/// runs on while no epoch passes, and ends with `CpuLimit` once it has seen its eleventh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_time_is_counted_in_the_epochs_that_pass() {
+    let mut config = runtime_config();
+    config.epoch_ticker = EpochTicker::Manual;
+    let runtime = runtime(config);
+    let engine = runtime.engine().clone();
+    let sup = Supervisor::new(runtime, SupervisorConfig::default(), Metrics::new());
+    let mut s = spec("spin", fixture("spin"));
+    s.resources = Some(Resources {
+        cpu_limit_ms: 100,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    wait_for(&sup, "spin", "running", all_in(SandboxPhase::Running)).await;
+    // Three budgets' worth of wall-clock time without an epoch: still running.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        only(&sup.list(Some("spin"))).phase,
+        SandboxPhase::Running as i32
+    );
+    let mut epochs = 0;
+    let statuses = loop {
+        let statuses = sup.list(Some("spin"));
+        if all_ended()(&statuses) {
+            break statuses;
+        }
+        assert!(epochs < 10_000, "still running after {epochs} epochs");
+        engine.increment_epoch();
+        epochs += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    // A guest is charged at most one tick per epoch.
+    assert!(epochs >= 11, "ended after {epochs} epochs");
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "CpuLimit");
+    assert!(message.contains("100 ms"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_holds_during_instantiation() {
     let sup = supervisor(runtime_config());
@@ -256,7 +299,7 @@ async fn bad_modules_are_rejected_with_clear_errors() {
                 m
             },
             "InvalidModule",
-            "over the agent's limit",
+            "over the limit of 1048576 bytes",
         ),
         ("library", fixture("no_start"), "InvalidModule", "_start"),
         (
@@ -272,7 +315,8 @@ async fn bad_modules_are_rejected_with_clear_errors() {
             panic!("{name}: unexpected error {err:?}");
         };
         assert_eq!(source.reason(), reason, "{name}");
-        let shown = format!("{source}");
+        // As the status shows it: the error and its causes.
+        let shown = flotilla_telemetry::error_chain(source);
         assert!(shown.contains(needle), "{name}: {shown}");
         // The failure is visible in the workload's status too.
         let status = only(&sup.list(Some(name))).clone();

@@ -32,3 +32,16 @@ pub struct Cluster {
     /// Counters and gauges served at `/metrics`.
     pub metrics: Metrics,
 }
+
+// === impl Cluster ===
+
+impl Cluster {
+    /// The control plane's metrics in Prometheus text format, with the gauges of nodes and
+    /// sessions read now.
+    pub fn encode_metrics(&self) -> String {
+        let statuses = self.nodes.statuses();
+        let ready = statuses.iter().filter(|s| s.info.ready).count();
+        self.metrics
+            .encode(ready, statuses.len() - ready, self.sessions.live_count())
+    }
+}

@@ -480,7 +480,7 @@ async fn a_workload_whose_reconcile_panics_stops_no_other() {
         let s = status(&h, "web").await;
         assert_eq!(s.placements, counts(&[("n0", 2)]));
     }
-    let metrics = h.cluster.metrics.encode(&h.cluster);
+    let metrics = h.cluster.encode_metrics();
     assert!(
         metrics.contains("flotilla_control_plane_reconcile_errors_total{reason=\"Panicked\"} 2"),
         "{metrics}"

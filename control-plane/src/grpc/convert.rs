@@ -1,5 +1,6 @@
 //! Model ↔ wire conversions and error mapping for the user API.
 
+use flotilla_model::module::ModuleCheckError;
 use flotilla_proto::control::v1::WorkloadObject;
 use serde::Deserialize;
 use tonic::Status;
@@ -72,10 +73,10 @@ pub fn store_status(error: store::Error) -> Status {
 pub fn module_status(error: ModuleError) -> Status {
     let message = flotilla_telemetry::error_chain(&error);
     match error {
-        ModuleError::NotWasm | ModuleError::Invalid(_) | ModuleError::DigestMismatch { .. } => {
-            Status::invalid_argument(message)
+        ModuleError::Refused(ModuleCheckError::TooLarge { .. }) => {
+            Status::resource_exhausted(message)
         }
-        ModuleError::TooLarge { .. } => Status::resource_exhausted(message),
+        ModuleError::Refused(_) | ModuleError::Invalid(_) => Status::invalid_argument(message),
         ModuleError::NotFound(_) => Status::not_found(message),
         ModuleError::Io { .. } => Status::unavailable(message),
     }

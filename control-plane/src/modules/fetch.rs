@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
-use super::ModuleStore;
+use flotilla_model::module::{Download, ModuleCheckError};
 
 /// How long a download may take by default, connection included.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,23 +31,14 @@ pub enum FetchError {
         /// The HTTP status.
         status: reqwest::StatusCode,
     },
-    /// The body is larger than the module store accepts.
-    #[error("fetching {url}: the module is larger than the limit of {limit} bytes")]
-    TooLarge {
+    /// The body is over the size limit, not binary wasm, or not the module the manifest pins.
+    #[error("fetching {url}")]
+    Refused {
         /// The URL.
         url: String,
-        /// The limit.
-        limit: u64,
-    },
-    /// The body is not the module the manifest pins.
-    #[error("fetching {url}: its sha256 is {actual}, but spec.module.sha256 pins {expected}")]
-    DigestMismatch {
-        /// The URL.
-        url: String,
-        /// Pinned.
-        expected: String,
-        /// Downloaded.
-        actual: String,
+        /// What is wrong with it.
+        #[source]
+        source: ModuleCheckError,
     },
 }
 
@@ -85,7 +74,7 @@ impl ModuleFetcher {
         Ok(Self { client, max_bytes })
     }
 
-    /// Downloads `url` and checks that its SHA-256 is `sha256`.
+    /// Downloads `url` and checks that it is a binary module whose SHA-256 is `sha256`.
     ///
     /// # Errors
     /// See [`FetchError`]; nothing is kept on failure.
@@ -94,9 +83,9 @@ impl ModuleFetcher {
             url: url.to_string(),
             source,
         };
-        let too_large = || FetchError::TooLarge {
+        let refused = |source| FetchError::Refused {
             url: url.to_string(),
-            limit: self.max_bytes,
+            source,
         };
         let mut response = self.client.get(url).send().await.map_err(request_error)?;
         if !response.status().is_success() {
@@ -105,119 +94,12 @@ impl ModuleFetcher {
                 status: response.status(),
             });
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n > self.max_bytes)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        let mut hasher = Sha256::new();
+        let mut download =
+            Download::new(self.max_bytes, response.content_length()).map_err(refused)?;
         while let Some(chunk) = response.chunk().await.map_err(request_error)? {
-            if body.len() as u64 + chunk.len() as u64 > self.max_bytes {
-                return Err(too_large());
-            }
-            hasher.update(&chunk);
-            body.extend_from_slice(&chunk);
+            download.push(&chunk).map_err(refused)?;
         }
-        let actual = hex::encode(hasher.finalize());
-        if actual != sha256 {
-            return Err(FetchError::DigestMismatch {
-                url: url.to_string(),
-                expected: sha256.to_string(),
-                actual,
-            });
-        }
+        let (body, _digest) = download.finish(Some(sha256)).map_err(refused)?;
         Ok(body)
-    }
-}
-
-/// Downloads modules named by URL into a [`ModuleStore`]. The user API does it at apply; the
-/// agent API does it when an agent asks for a module of a workload that was created elsewhere
-/// (by `kubectl apply`, say). Cheap to clone.
-#[derive(Clone)]
-pub struct UrlModules {
-    store: ModuleStore,
-    fetcher: Option<ModuleFetcher>,
-    /// One download per digest at a time: agents that ask together wait for the first.
-    in_flight: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-    >,
-}
-
-impl UrlModules {
-    /// Downloads into `store`, within its size limit and [`DEFAULT_FETCH_TIMEOUT`].
-    pub fn new(store: ModuleStore) -> Self {
-        let fetcher = ModuleFetcher::new(store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
-            .map_err(|error| {
-                tracing::error!(
-                    error = %flotilla_telemetry::error_chain(&error),
-                    "module URLs cannot be fetched"
-                );
-            })
-            .ok();
-        Self {
-            store,
-            fetcher,
-            in_flight: std::sync::Arc::default(),
-        }
-    }
-
-    /// Downloads `url`, checks it against `sha256`, validates it and stores it.
-    ///
-    /// # Errors
-    /// Why not, as a message for the user (`spec.module.url: ...`).
-    pub async fn fetch_into_store(&self, url: &str, sha256: &str) -> Result<(), String> {
-        let fetcher = self
-            .fetcher
-            .as_ref()
-            .ok_or("this control plane cannot fetch module URLs")?;
-        let flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(sha256.to_string())
-            .or_default()
-            .clone();
-        let result = {
-            let _flight = flight.lock().await;
-            if self.store.contains(sha256) {
-                Ok(())
-            } else {
-                self.download(fetcher, url, sha256).await
-            }
-        };
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(sha256);
-        result
-    }
-
-    async fn download(
-        &self,
-        fetcher: &ModuleFetcher,
-        url: &str,
-        sha256: &str,
-    ) -> Result<(), String> {
-        let fetched = if url.starts_with("oci://") {
-            super::oci::pull(url, sha256, self.store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
-                .await
-                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
-        } else {
-            fetcher
-                .fetch(url, sha256)
-                .await
-                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
-        };
-        let bytes = fetched.map_err(|error| format!("spec.module.url: {error}"))?;
-        let store = self.store.clone();
-        let sha256 = sha256.to_string();
-        tokio::task::spawn_blocking(move || store.put(&bytes, Some(&sha256)))
-            .await
-            .map_err(|e| format!("module store task failed: {e}"))?
-            .map_err(|e| format!("spec.module.url: {e}"))?;
-        tracing::info!(%url, "module fetched");
-        Ok(())
     }
 }

@@ -4,13 +4,15 @@
 //!
 //! The manifest is pulled first (and checked against the reference's digest, when it has one);
 //! the wasm layer's descriptor must carry the digest `spec.module.sha256` pins and a size within
-//! the limit before a byte of it is downloaded, and the blob is checked against its digest as it
-//! arrives. Registries on loopback are spoken to over plain HTTP, as Docker and containerd treat
+//! the limit before a byte of it is downloaded, and the blob is bounded by that limit while it
+//! streams and checked against its digest once it has arrived. Registries on loopback are spoken to over plain HTTP, as Docker and containerd treat
 //! `127.0.0.0/8`; every other registry over HTTPS. Pulls are anonymous (public artifacts).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
+use flotilla_model::module::{self, Download, ModuleCheckError};
+use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -50,27 +52,25 @@ pub enum OciError {
         /// The layer media types it has.
         found: String,
     },
-    /// The wasm layer is not the module the manifest pins.
-    #[error(
-        "{reference}: its wasm layer is {actual}, but spec.module.sha256 pins sha256:{expected}"
-    )]
-    DigestMismatch {
+    /// The wasm layer is over the size limit, not binary wasm, or not the module the manifest
+    /// pins; its descriptor is checked before a byte of it is downloaded, and the blob as it
+    /// arrives.
+    #[error("{reference}: its wasm layer is refused")]
+    Refused {
         /// The reference.
         reference: String,
-        /// Pinned.
-        expected: String,
-        /// The layer's digest.
-        actual: String,
+        /// What is wrong with the layer.
+        #[source]
+        source: ModuleCheckError,
     },
-    /// The wasm layer is larger than the module store accepts.
-    #[error("{reference}: the wasm layer has {size} bytes, over the limit of {limit}")]
-    TooLarge {
+    /// The layer's transfer failed.
+    #[error("pulling the wasm layer of {reference}")]
+    Blob {
         /// The reference.
         reference: String,
-        /// The layer's size.
-        size: i64,
-        /// The limit.
-        limit: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The pull took longer than the timeout.
     #[error("pulling {reference}: no answer within {timeout:?}")]
@@ -144,25 +144,34 @@ async fn pull_reference(
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
-    if layer.digest != format!("sha256:{sha256}") {
-        return Err(OciError::DigestMismatch {
-            reference: shown,
-            expected: sha256.to_string(),
-            actual: layer.digest.clone(),
-        });
-    }
-    if u64::try_from(layer.size).map_or(true, |size| size > max_bytes) {
-        return Err(OciError::TooLarge {
-            reference: shown,
-            size: layer.size,
-            limit: max_bytes,
-        });
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0));
-    client
-        .pull_blob(reference, layer, &mut bytes)
+    let refused = |source| OciError::Refused {
+        reference: shown.clone(),
+        source,
+    };
+    // The descriptor is checked before a byte of the layer is downloaded.
+    let layer_digest = layer
+        .digest
+        .strip_prefix("sha256:")
+        .unwrap_or(&layer.digest);
+    module::check_digest(Some(sha256), layer_digest.to_string()).map_err(refused)?;
+    // A negative size is no size: refused as the largest.
+    let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+    let mut download = Download::new(max_bytes, Some(size)).map_err(refused)?;
+    let mut blob = client
+        .pull_blob_stream(reference, layer)
         .await
         .map_err(pull_error)?;
+    if let Some(length) = blob.content_length {
+        module::check_size(length, max_bytes).map_err(refused)?;
+    }
+    while let Some(chunk) = blob.stream.next().await {
+        let chunk = chunk.map_err(|source| OciError::Blob {
+            reference: shown.clone(),
+            source,
+        })?;
+        download.push(&chunk).map_err(refused)?;
+    }
+    let (bytes, _digest) = download.finish(Some(sha256)).map_err(refused)?;
     Ok(bytes)
 }
 
@@ -225,11 +234,29 @@ mod tests {
         let err = pull(&url, &"0".repeat(64), LIMIT, TIMEOUT)
             .await
             .expect_err("other digest");
-        assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                OciError::Refused {
+                    source: ModuleCheckError::DigestMismatch { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = pull(&url, &sha(WASM), 4, TIMEOUT)
             .await
             .expect_err("over the limit");
-        assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                OciError::Refused {
+                    source: ModuleCheckError::TooLarge { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = pull(
             &format!("oci://{host}/flotilla/image:v1"),
             &sha(WASM),

@@ -5,7 +5,7 @@
 //! memory whose slot is not fully accessible splits its slot in two (2 more). The agent reads the
 //! limit at startup, sizes its pool to what the limit allows and says what to raise it to.
 
-use super::RuntimeConfig;
+use super::config::RuntimeConfig;
 
 /// Kernel mappings each sandbox may need: a stack guard page and a partly accessible memory slot.
 pub const MAPPINGS_PER_SANDBOX: u64 = 4;

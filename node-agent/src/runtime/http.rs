@@ -1,28 +1,30 @@
-//! HTTP workloads: the route table the ingress reads, and a fresh sandbox for every request.
+//! HTTP workloads: a fresh sandbox for every request.
 //!
-//! A replica of an HTTP workload is a [`HttpPool`] registered in [`HttpRoutes`] under its host
-//! and path prefix for as long as the replica runs. The pool owns nothing per request: each
+//! A replica of an HTTP workload is a [`HttpPool`] registered in the ingress's [`HttpRoutes`]
+//! under its host and path prefix for as long as the replica runs. The pool owns nothing per request: each
 //! request gets a new `Store` and instance of the pre-linked `wasi:http/proxy` component (from
 //! the pooling allocator's warm slots), runs under the workload's memory, CPU-time and
 //! wall-clock limits, and is dropped when the guest returns. No state survives a request.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_proto::control::v1::ClusterRoute;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use super::Exit;
+use super::environment::Environment;
+use super::exit::{Exit, classify};
+use super::limits::SandboxLimits;
 use super::logs::LogBuffer;
+use super::store::{P2State, Stores};
 use super::volumes::Mounts;
-use super::wasmtime::{P2State, PreparedWorkload, WasmtimeRuntime, classify};
+use crate::ingress::routes::{Backend, Registration, RouteKey, Routes};
 use crate::metrics::WorkloadHttpMetrics;
 
 /// The body of every response the ingress sends: the guest's stream, or a short error text.
@@ -34,313 +36,70 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 1000;
 /// Wall-clock limit of one request when the workload sets none.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which requests a workload answers: a host (any when `None`) and a path prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteKey {
-    /// Lower-case host without port.
-    pub host: Option<Box<str>>,
-    /// Path prefix without a trailing `/` (the root prefix is the empty string).
-    pub prefix: Box<str>,
+/// The route table of this agent's HTTP replicas.
+pub type HttpRoutes = Routes<HttpPool>;
+
+/// What each request's sandbox of one replica is made from.
+pub struct RequestSandbox {
+    /// Makes the stores.
+    pub stores: Stores,
+    /// The workload's name on this agent.
+    pub workload: Arc<str>,
+    /// The workload's arguments and environment.
+    pub environment: Arc<Environment>,
+    /// The limits of each request's sandbox.
+    pub limits: SandboxLimits,
+    /// The replica's name, each request's `metadata.name`.
+    pub sandbox: Arc<str>,
+    /// The replica's log ring, shared by its requests.
+    pub logs: Arc<LogBuffer>,
+    /// The replica's volumes, mounted by every request's sandbox.
+    pub mounts: Option<Arc<Mounts>>,
 }
 
-impl RouteKey {
-    /// The key for a spec's host and prefix (`""` meaning any host and `/`).
-    pub fn new(host: &str, prefix: &str) -> Self {
-        let host = host.trim().to_ascii_lowercase();
-        Self {
-            host: (!host.is_empty()).then(|| host.into()),
-            prefix: prefix.trim_end_matches('/').into(),
-        }
-    }
+// === impl RequestSandbox ===
 
-    /// Whether a request for `host` (without port, in any case) and `path` matches, on whole
-    /// path segments.
-    fn matches(&self, host: &str, path: &str) -> bool {
-        if self
-            .host
-            .as_deref()
-            .is_some_and(|h| !h.eq_ignore_ascii_case(host))
-        {
-            return false;
-        }
-        match path.strip_prefix(&*self.prefix) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        }
-    }
-
-    /// How specific the key is: a host beats any host, then longer prefixes win.
-    fn specificity(&self) -> (bool, usize) {
-        (self.host.is_some(), self.prefix.len())
-    }
-
-    fn display(&self) -> String {
-        let prefix = if self.prefix.is_empty() {
-            "/"
-        } else {
-            &self.prefix
-        };
-        match &self.host {
-            Some(host) => format!("{host}{prefix}"),
-            None => format!("*{prefix}"),
-        }
-    }
-}
-
-/// One route: its key, the workload it belongs to and the replicas serving it on this node.
-struct Route {
-    key: RouteKey,
-    workload: Arc<str>,
-    pools: Vec<Arc<HttpPool>>,
-    /// Where the next request starts looking for a free replica.
-    next: AtomicUsize,
-}
-
-/// A route served by other nodes, as the control plane last described it.
-struct RemoteRoute {
-    key: RouteKey,
-    workload: Arc<str>,
-    endpoints: Vec<Arc<str>>,
-    next: AtomicUsize,
-}
-
-/// The routes of every HTTP replica on this agent, and the cluster's routes served elsewhere.
-/// Cheap to clone.
-///
-/// Copy-on-write: a lookup clones one `Arc` under a read lock and scans without holding it;
-/// replicas coming and going rebuild the small list.
-#[derive(Clone, Default)]
-pub struct HttpRoutes {
-    table: Arc<RwLock<Arc<Vec<Arc<Route>>>>>,
-    remote: Arc<RwLock<Arc<Vec<RemoteRoute>>>>,
-}
-
-/// Where a request goes.
-pub enum Dispatch {
-    /// A replica with a free slot, and the permit that holds the slot.
-    Serve(Arc<HttpPool>, OwnedSemaphorePermit),
-    /// Every replica of the matching workload is at its concurrency limit; one of them.
-    Busy(Arc<HttpPool>),
-    /// Another node serves the route: pass the request on to its ingress.
-    Forward {
-        /// The workload.
-        workload: Arc<str>,
-        /// Base URL of the ingress to pass the request to.
-        endpoint: Arc<str>,
-    },
-    /// No workload on this node answers the host and path.
-    NotFound,
-}
-
-/// A route taken by another workload on this node.
-#[derive(Debug, thiserror::Error)]
-#[error("route {route} is already served by workload {owner} on this node")]
-pub struct RouteConflict {
-    route: String,
-    owner: Arc<str>,
-}
-
-/// Removes its replica from the route table when dropped.
-pub struct Registration {
-    routes: HttpRoutes,
-    pool: Arc<HttpPool>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.routes.update(|table| {
-            for route in table.iter_mut() {
-                if route.pools.iter().any(|p| Arc::ptr_eq(p, &self.pool)) {
-                    let pools = route
-                        .pools
-                        .iter()
-                        .filter(|p| !Arc::ptr_eq(p, &self.pool))
-                        .cloned()
-                        .collect();
-                    *route = Arc::new(Route {
-                        key: route.key.clone(),
-                        workload: route.workload.clone(),
-                        pools,
-                        next: AtomicUsize::new(0),
-                    });
-                }
-            }
-            table.retain(|route| !route.pools.is_empty());
-        });
-    }
-}
-
-// === impl HttpRoutes ===
-
-impl HttpRoutes {
-    fn update(&self, f: impl FnOnce(&mut Vec<Arc<Route>>)) {
-        let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let mut table = (**guard).clone();
-        f(&mut table);
-        // Most specific first: a host before any host, then longer prefixes.
-        table.sort_by_key(|route| std::cmp::Reverse(route.key.specificity()));
-        *guard = Arc::new(table);
-    }
-
-    fn snapshot(&self) -> Arc<Vec<Arc<Route>>> {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Adds a replica of `workload` under `key` until the returned registration is dropped.
-    ///
-    /// # Errors
-    /// Fails when another workload serves the same host and prefix here.
-    pub fn register(
-        &self,
-        key: RouteKey,
-        workload: &Arc<str>,
-        pool: Arc<HttpPool>,
-    ) -> Result<Registration, RouteConflict> {
-        let mut conflict = None;
-        self.update(|table| match table.iter_mut().find(|r| r.key == key) {
-            Some(route) if route.workload != *workload => {
-                conflict = Some(RouteConflict {
-                    route: key.display(),
-                    owner: route.workload.clone(),
-                });
-            }
-            Some(route) => {
-                let mut pools = route.pools.clone();
-                pools.push(pool.clone());
-                *route = Arc::new(Route {
-                    key: key.clone(),
-                    workload: workload.clone(),
-                    pools,
-                    next: AtomicUsize::new(0),
-                });
-            }
-            None => table.push(Arc::new(Route {
-                key: key.clone(),
-                workload: workload.clone(),
-                pools: vec![pool.clone()],
-                next: AtomicUsize::new(0),
-            })),
-        });
-        match conflict {
-            Some(conflict) => Err(conflict),
-            None => Ok(Registration {
-                routes: self.clone(),
-                pool,
-            }),
-        }
-    }
-
-    /// Replaces the cluster's routes (from the control plane), leaving out `own_url`: this
-    /// agent's replicas are found in its own table.
-    pub fn set_remote(&self, routes: Vec<ClusterRoute>, own_url: &str) {
-        let own_url = own_url.trim_end_matches('/');
-        let mut remote: Vec<RemoteRoute> = routes
-            .into_iter()
-            .filter_map(|route| {
-                let endpoints: Vec<Arc<str>> = route
-                    .endpoints
-                    .iter()
-                    .map(|e| e.trim_end_matches('/'))
-                    .filter(|e| *e != own_url && !e.is_empty())
-                    .map(Arc::from)
-                    .collect();
-                (!endpoints.is_empty()).then(|| RemoteRoute {
-                    key: RouteKey::new(&route.host, &route.path_prefix),
-                    workload: route.workload.into(),
-                    endpoints,
-                    next: AtomicUsize::new(0),
-                })
-            })
-            .collect();
-        remote.sort_by_key(|r| std::cmp::Reverse(r.key.specificity()));
-        *self.remote.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(remote);
-    }
-
-    /// Finds the route for `host` (without port) and `path`: a local replica with a free slot
-    /// or, when `forward` allows and the most specific match is served only elsewhere, another
-    /// node's ingress.
-    pub fn dispatch(&self, host: &str, path: &str, forward: bool) -> Dispatch {
-        let table = self.snapshot();
-        let local = table.iter().find(|r| r.key.matches(host, path));
-        if forward {
-            let remote = self
-                .remote
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let elsewhere = remote.iter().find(|r| {
-                r.key.matches(host, path)
-                    && local.is_none_or(|l| {
-                        l.workload != r.workload && r.key.specificity() > l.key.specificity()
-                    })
-            });
-            if let Some(route) = elsewhere {
-                let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
-                return Dispatch::Forward {
-                    workload: route.workload.clone(),
-                    endpoint: route.endpoints[i].clone(),
-                };
-            }
-        }
-        let Some(route) = local else {
-            return Dispatch::NotFound;
-        };
-        let start = route.next.fetch_add(1, Ordering::Relaxed);
-        let count = route.pools.len();
-        for i in 0..count {
-            let pool = &route.pools[(start + i) % count];
-            if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
-                return Dispatch::Serve(pool.clone(), permit);
-            }
-        }
-        match route.pools.first() {
-            Some(pool) => Dispatch::Busy(pool.clone()),
-            None => Dispatch::NotFound,
-        }
+impl RequestSandbox {
+    fn store(&self) -> Result<Store<P2State>, Exit> {
+        self.stores.component_store(
+            &self.environment,
+            &self.limits,
+            &self.sandbox,
+            &self.logs,
+            self.mounts.as_ref(),
+        )
     }
 }
 
 /// One replica of an HTTP workload: what every request needs to get its own sandbox.
 pub struct HttpPool {
-    runtime: WasmtimeRuntime,
-    prepared: Arc<PreparedWorkload>,
-    /// The replica's name, each request's `metadata.name`.
-    sandbox: Arc<str>,
+    sandbox: RequestSandbox,
     pre: ProxyPre<P2State>,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
     timeout: Duration,
-    logs: Arc<LogBuffer>,
     metrics: WorkloadHttpMetrics,
-    /// The replica's volumes, mounted by every request's sandbox.
-    mounts: Option<Arc<Mounts>>,
 }
 
 // === impl HttpPool ===
 
 impl HttpPool {
-    pub(super) fn new(
-        runtime: WasmtimeRuntime,
-        prepared: Arc<PreparedWorkload>,
-        sandbox: Arc<str>,
+    /// A replica serving `settings`' route with `pre`, each request in a sandbox made from
+    /// `sandbox`.
+    pub fn new(
+        sandbox: RequestSandbox,
         pre: ProxyPre<P2State>,
         settings: &HttpSettings,
-        logs: Arc<LogBuffer>,
-        mounts: Option<Arc<Mounts>>,
+        metrics: WorkloadHttpMetrics,
     ) -> Self {
         let max_concurrency = settings.max_concurrency as usize;
-        let metrics = runtime.http_metrics().workload(&settings.owner);
         Self {
             permits: Arc::new(Semaphore::new(max_concurrency)),
             max_concurrency,
             timeout: settings.timeout,
-            runtime,
-            prepared,
             sandbox,
             pre,
-            logs,
             metrics,
-            mounts,
         }
     }
 
@@ -351,7 +110,7 @@ impl HttpPool {
 
     /// The workload's name on this agent.
     pub fn workload(&self) -> &str {
-        self.prepared.name()
+        &self.sandbox.workload
     }
 
     /// Requests this replica serves at once.
@@ -373,16 +132,11 @@ impl HttpPool {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let mut store = match self.runtime.request_store(
-            &self.prepared,
-            &self.sandbox,
-            &self.logs,
-            self.mounts.as_ref(),
-        ) {
+        let mut store = match self.sandbox.store() {
             Ok(store) => store,
             Err(exit) => {
                 let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
-                self.logs.write(line.as_bytes());
+                self.sandbox.logs.write(line.as_bytes());
                 return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
             }
         };
@@ -466,11 +220,7 @@ impl HttpPool {
     ///
     /// # Errors
     /// [`Exit::NotReady`] with the status and the start of the body.
-    pub(super) async fn check_ready(
-        self: &Arc<Self>,
-        key: &RouteKey,
-        path: &str,
-    ) -> Result<(), Exit> {
+    pub async fn check_ready(self: &Arc<Self>, key: &RouteKey, path: &str) -> Result<(), Exit> {
         let host = key.host.as_deref().unwrap_or("localhost");
         let request = hyper::Request::get(path)
             .header(http::header::HOST, host)
@@ -508,13 +258,20 @@ impl HttpPool {
         self.metrics.failed(exit.reason());
         let message = exit.message();
         tracing::warn!(
-            workload = %self.prepared.name(),
+            workload = %self.sandbox.workload,
             reason = exit.reason(),
             %message,
             "request sandbox failed"
         );
-        self.logs
+        self.sandbox
+            .logs
             .write(format!("flotilla: request failed: {}: {message}\n", exit.reason()).as_bytes());
+    }
+}
+
+impl Backend for HttpPool {
+    fn permits(&self) -> &Arc<Semaphore> {
+        &self.permits
     }
 }
 
@@ -595,7 +352,7 @@ pub struct HttpSettings {
 /// A replica of an HTTP workload, routed to from creation until it is dropped (the replica
 /// stopped); in-flight requests then finish in their own tasks.
 pub struct HttpReplica {
-    _registration: Registration,
+    _registration: Registration<HttpPool>,
 }
 
 impl HttpReplica {
@@ -604,7 +361,7 @@ impl HttpReplica {
     ///
     /// # Errors
     /// [`Exit::RouteConflict`] when another workload holds the route on this node.
-    pub(super) fn register(
+    pub fn register(
         routes: &HttpRoutes,
         key: RouteKey,
         workload: &Arc<str>,
@@ -621,97 +378,5 @@ impl HttpReplica {
     /// Serves until the future is dropped.
     pub async fn run(self) -> Exit {
         std::future::pending().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_match_hosts_and_whole_path_segments() {
-        let api = RouteKey::new("API.example.com", "/api/");
-        assert_eq!(api.host.as_deref(), Some("api.example.com"));
-        assert!(api.matches("api.example.com", "/api"));
-        assert!(api.matches("api.example.com", "/api/v1/x"));
-        assert!(!api.matches("api.example.com", "/apix"));
-        assert!(!api.matches("other.example.com", "/api"));
-        let root = RouteKey::new("", "/");
-        assert!(root.matches("anything", "/"));
-        assert!(root.matches("", "/a/b"));
-        assert!(api.specificity() > RouteKey::new("", "/api/longer").specificity());
-    }
-
-    fn route(workload: &str, host: &str, prefix: &str, endpoints: &[&str]) -> ClusterRoute {
-        ClusterRoute {
-            workload: workload.into(),
-            host: host.into(),
-            path_prefix: prefix.into(),
-            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-        }
-    }
-
-    fn forwarded_to(dispatch: Dispatch) -> Option<(String, String)> {
-        match dispatch {
-            Dispatch::Forward { workload, endpoint } => {
-                Some((workload.to_string(), endpoint.to_string()))
-            }
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn routes_served_elsewhere_are_forwarded_round_robin_and_never_twice() {
-        let routes = HttpRoutes::default();
-        routes.set_remote(
-            vec![
-                route(
-                    "default.web",
-                    "",
-                    "/",
-                    &["http://a:8080", "http://me:8080/"],
-                ),
-                route(
-                    "default.api",
-                    "",
-                    "/api",
-                    &["http://a:8080", "http://b:8080"],
-                ),
-                route("default.gone", "", "/gone", &["http://me:8080"]),
-            ],
-            "http://me:8080",
-        );
-        // The most specific route wins; this node's own URL is never a target.
-        assert_eq!(
-            forwarded_to(routes.dispatch("x", "/index.html", true)),
-            Some(("default.web".into(), "http://a:8080".into()))
-        );
-        let targets: Vec<_> = (0..4)
-            .filter_map(|_| forwarded_to(routes.dispatch("x", "/api/v1", true)))
-            .map(|(_, endpoint)| endpoint)
-            .collect();
-        assert_eq!(
-            targets,
-            [
-                "http://a:8080",
-                "http://b:8080",
-                "http://a:8080",
-                "http://b:8080"
-            ]
-        );
-        // A route only this node serves is not forwarded; nor is an already forwarded request.
-        assert!(matches!(
-            routes.dispatch("x", "/gone", true),
-            Dispatch::Forward { ref workload, .. } if &**workload == "default.web"
-        ));
-        assert!(matches!(
-            routes.dispatch("x", "/api", false),
-            Dispatch::NotFound
-        ));
-        routes.set_remote(vec![], "http://me:8080");
-        assert!(matches!(
-            routes.dispatch("x", "/api", true),
-            Dispatch::NotFound
-        ));
     }
 }

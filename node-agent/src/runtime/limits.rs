@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
+use flotilla_proto::agent::v1::Resources;
 use wasmtime::ResourceLimiter;
+
+use super::error::SandboxError;
 
 /// Limits resolved for one workload from its spec and the agent's defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,12 +37,90 @@ pub struct SandboxLimits {
 }
 
 impl SandboxLimits {
+    /// The limits a workload's `resources` ask for, with `defaults` for those it leaves unset
+    /// (zero), within the agent's `max_memory` per sandbox; CPU time is counted in epoch ticks
+    /// of `epoch_tick`.
+    ///
+    /// # Errors
+    /// [`SandboxError::Limits`] naming the field over its maximum, or a memory request over
+    /// the memory limit. Checked here as at the control plane: the admin API and static
+    /// manifests reach the agent without the control plane's validation.
+    pub fn resolve(
+        res: &Resources,
+        defaults: &SandboxLimits,
+        max_memory: u64,
+        epoch_tick: Duration,
+    ) -> Result<Self, SandboxError> {
+        let memory_bytes = nonzero(res.memory_limit_bytes).unwrap_or(defaults.memory_bytes);
+        if memory_bytes > max_memory {
+            return Err(SandboxError::Limits(format!(
+                "resources.memory_limit_bytes: {memory_bytes} is over the agent's per-sandbox \
+                 maximum of {max_memory}"
+            )));
+        }
+        let memory_request_bytes = match (
+            nonzero(res.memory_request_bytes),
+            nonzero(res.memory_limit_bytes),
+        ) {
+            (Some(request), _) if request > memory_bytes => {
+                return Err(SandboxError::Limits(format!(
+                    "resources.memory_request_bytes: {request} is over the memory limit of \
+                     {memory_bytes}"
+                )));
+            }
+            (Some(request), _) => request,
+            // As with a Pod, a limit without a request requests the limit.
+            (None, Some(limit)) => limit,
+            (None, None) => defaults.memory_request_bytes,
+        };
+        if res.log_limit_bytes > flotilla_model::MAX_LOG_BYTES {
+            return Err(SandboxError::Limits(format!(
+                "resources.log_limit_bytes: {} is over the per-sandbox maximum of {}",
+                res.log_limit_bytes,
+                flotilla_model::MAX_LOG_BYTES
+            )));
+        }
+        let max_ms = flotilla_model::MAX_DURATION_SECONDS as u64 * 1000;
+        for (field, ms) in [
+            ("resources.cpu_limit_ms", res.cpu_limit_ms),
+            ("resources.deadline_ms", res.deadline_ms),
+        ] {
+            if ms > max_ms {
+                return Err(SandboxError::Limits(format!(
+                    "{field}: {ms} is over the maximum of {max_ms}"
+                )));
+            }
+        }
+        let tick = epoch_tick.as_millis().max(1) as u64;
+        Ok(SandboxLimits {
+            memory_bytes,
+            memory_request_bytes,
+            cpu_ticks: nonzero(res.cpu_limit_ms)
+                .map(|ms| ms.div_ceil(tick))
+                .or(defaults.cpu_ticks),
+            deadline: nonzero(res.deadline_ms)
+                .map(Duration::from_millis)
+                .or(defaults.deadline),
+            log_bytes: nonzero(res.log_limit_bytes).map_or(defaults.log_bytes, |b| {
+                usize::try_from(b).unwrap_or(usize::MAX)
+            }),
+            table_elements: nonzero(u64::from(res.max_table_elements))
+                .map_or(defaults.table_elements, |e| e as usize),
+            ..*defaults
+        })
+    }
+
     /// Bytes one sandbox is accounted for at admission: its memory request and its log ring,
     /// which lives in the agent's heap.
     pub fn admitted_bytes(&self) -> u64 {
         self.memory_request_bytes
             .saturating_add(u64::try_from(self.log_bytes).unwrap_or(u64::MAX))
     }
+}
+
+/// `Some(v)` unless `v` is 0, which the wire uses for "unset".
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
 }
 
 /// The error with which a sandbox traps when it grows past its memory limit.

@@ -18,7 +18,7 @@ use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, KeyRef, KeyToPath};
 use flotilla_proto::config::ConfigKey;
 
 use super::{VolumeConfig, mount_tmpfs};
-use crate::runtime::Exit;
+use crate::runtime::exit::Exit;
 
 /// An object's data: key → value.
 pub type ConfigData = BTreeMap<String, Vec<u8>>;

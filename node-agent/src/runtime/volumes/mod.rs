@@ -25,7 +25,7 @@ pub use flotilla_proto::config::ConfigKey;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 pub use self::config_files::{ConfigData, ConfigFiles, SecretStorage};
-use super::Exit;
+use super::exit::Exit;
 
 /// Where volumes live and which node directories sandboxes may mount.
 #[derive(Clone, Debug, Default)]

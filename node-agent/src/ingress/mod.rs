@@ -1,6 +1,6 @@
 //! The agent's HTTP ingress: hyper (HTTP/1.1 and h2c) on one port, routing each request by
 //! host and path prefix to a replica of the HTTP workload placed here, which runs it in a fresh
-//! sandbox (see [`crate::runtime::http`]).
+//! sandbox (see [`crate::runtime::http`]); [`routes`] holds the route table.
 //!
 //! A request for a route that only other nodes serve (the control plane sends the cluster's
 //! routes) is passed on to one of their ingresses, once: a Service over every agent then
@@ -8,6 +8,8 @@
 //! host and path, `503` with `Retry-After` when the workload's replicas are at their
 //! concurrency limit, `502` when the node it passed the request to failed. On shutdown it stops
 //! accepting, lets in-flight requests finish within the grace period, then closes.
+
+pub mod routes;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,8 +27,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use self::routes::Dispatch;
 use crate::metrics::HttpMetrics;
-use crate::runtime::http::{Dispatch, HttpRoutes, ResponseBody, busy_response, text_response};
+use crate::runtime::http::{HttpRoutes, ResponseBody, busy_response, text_response};
 
 /// Marks a request one ingress passed to another, naming the node; it is never passed again.
 const FORWARDED_BY: &str = "x-flotilla-forwarded-by";

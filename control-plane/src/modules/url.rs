@@ -1,0 +1,96 @@
+//! [`UrlModules`]: modules named by `spec.module.url` (HTTP(S) or `oci://`), downloaded once
+//! per digest into the [`ModuleStore`].
+
+use super::fetch::{DEFAULT_FETCH_TIMEOUT, ModuleFetcher};
+use super::oci;
+use super::store::ModuleStore;
+
+/// Downloads modules named by URL into a [`ModuleStore`]. The user API does it at apply; the
+/// agent API does it when an agent asks for a module of a workload that was created elsewhere
+/// (by `kubectl apply`, say). Cheap to clone.
+#[derive(Clone)]
+pub struct UrlModules {
+    store: ModuleStore,
+    fetcher: Option<ModuleFetcher>,
+    /// One download per digest at a time: agents that ask together wait for the first.
+    in_flight: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    >,
+}
+
+impl UrlModules {
+    /// Downloads into `store`, within its size limit and [`DEFAULT_FETCH_TIMEOUT`].
+    pub fn new(store: ModuleStore) -> Self {
+        let fetcher = ModuleFetcher::new(store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
+            .map_err(|error| {
+                tracing::error!(
+                    error = %flotilla_telemetry::error_chain(&error),
+                    "module URLs cannot be fetched"
+                );
+            })
+            .ok();
+        Self {
+            store,
+            fetcher,
+            in_flight: std::sync::Arc::default(),
+        }
+    }
+
+    /// Downloads `url`, checks it against `sha256`, validates it and stores it.
+    ///
+    /// # Errors
+    /// Why not, as a message for the user (`spec.module.url: ...`).
+    pub async fn fetch_into_store(&self, url: &str, sha256: &str) -> Result<(), String> {
+        let fetcher = self
+            .fetcher
+            .as_ref()
+            .ok_or("this control plane cannot fetch module URLs")?;
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(sha256.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _flight = flight.lock().await;
+            if self.store.contains(sha256) {
+                Ok(())
+            } else {
+                self.download(fetcher, url, sha256).await
+            }
+        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(sha256);
+        result
+    }
+
+    async fn download(
+        &self,
+        fetcher: &ModuleFetcher,
+        url: &str,
+        sha256: &str,
+    ) -> Result<(), String> {
+        let fetched = if url.starts_with("oci://") {
+            oci::pull(url, sha256, self.store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
+                .await
+                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+        } else {
+            fetcher
+                .fetch(url, sha256)
+                .await
+                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+        };
+        let bytes = fetched.map_err(|error| format!("spec.module.url: {error}"))?;
+        let store = self.store.clone();
+        let sha256 = sha256.to_string();
+        tokio::task::spawn_blocking(move || store.put(&bytes, Some(&sha256)))
+            .await
+            .map_err(|e| format!("module store task failed: {e}"))?
+            .map_err(|e| format!("spec.module.url: {e}"))?;
+        tracing::info!(%url, "module fetched");
+        Ok(())
+    }
+}

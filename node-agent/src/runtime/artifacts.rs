@@ -1,0 +1,287 @@
+//! [`Artifacts`]: compiled, pre-linked modules and components, cached by digest in memory and,
+//! when a cache directory is set, on disk, so that a restarted agent does not compile again.
+//!
+//! Compilation runs off the async workers, a bounded number at once, within a timeout. Each
+//! digest is compiled once however many workloads ask for it together.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OnceCell, Semaphore};
+use wasmtime::component::Component;
+use wasmtime::{Engine, ExternType, InstancePre, Module};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use super::error::SandboxError;
+use super::linker::Linkers;
+use super::store::{P1State, P2State};
+
+/// A compiled, pre-linked module or component, shared by every workload with the same digest.
+pub enum Artifact {
+    /// A preview 1 command module with a `_start`.
+    Module(InstancePre<P1State>),
+    /// A component exporting `wasi:cli/run`.
+    Command(CommandPre<P2State>),
+    /// A component exporting `wasi:http/incoming-handler`.
+    Proxy(ProxyPre<P2State>),
+}
+
+/// How modules were obtained since the runtime started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Modules and components compiled by Cranelift.
+    pub compiled: u64,
+    /// Modules and components loaded from the on-disk artifact cache.
+    pub loaded_from_disk: u64,
+    /// Digests whose artifacts are held in memory.
+    pub in_memory: usize,
+}
+
+/// The compile cache of one engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Artifacts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linkers: Linkers,
+    cache_dir: Option<PathBuf>,
+    compile_permits: Arc<Semaphore>,
+    compile_timeout: Duration,
+    cells: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
+    compiled: AtomicU64,
+    loaded: AtomicU64,
+}
+
+// === impl Artifacts ===
+
+impl Artifacts {
+    /// A cache for `engine`, pre-linking with `linkers`, compiling `concurrency` modules at once
+    /// within `timeout`, and keeping artifacts in `cache_dir` (created here) when set.
+    ///
+    /// # Errors
+    /// The cache directory could not be created.
+    pub fn new(
+        engine: Engine,
+        linkers: Linkers,
+        cache_dir: Option<PathBuf>,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                linkers,
+                cache_dir,
+                compile_permits: Arc::new(Semaphore::new(concurrency.max(1))),
+                compile_timeout: timeout,
+                cells: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                loaded: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The artifact of the module `bytes` whose digest is `digest`: from memory, from disk, or
+    /// compiled now.
+    ///
+    /// # Errors
+    /// The module does not compile, takes too long to, or cannot be linked.
+    pub async fn get(&self, digest: &str, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
+        let cell = self
+            .inner
+            .lock_cells()
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        let artifact = cell
+            .get_or_try_init(|| self.compile(digest.to_string(), bytes))
+            .await?;
+        Ok(artifact.clone())
+    }
+
+    /// How modules were obtained so far.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            loaded_from_disk: self.inner.loaded.load(Ordering::Relaxed),
+            in_memory: self.inner.lock_cells().len(),
+        }
+    }
+
+    /// Drops the artifacts no prepared workload holds any more.
+    pub fn evict_unused(&self) {
+        self.inner.lock_cells().retain(|_, cell| match cell.get() {
+            Some(artifact) => Arc::strong_count(artifact) > 1,
+            None => Arc::strong_count(cell) > 1,
+        });
+    }
+
+    /// Compiles (or loads from disk) and pre-links a module, off the async workers and under the
+    /// compile concurrency limit.
+    async fn compile(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
+        let permit = self
+            .inner
+            .compile_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SandboxError::Compile("the agent is shutting down".into()))?;
+        let inner = self.inner.clone();
+        let timeout = inner.compile_timeout;
+        let task = tokio::task::spawn_blocking(move || {
+            // The permit lives as long as the compilation, even one the caller gave up on.
+            let _permit = permit;
+            inner.compile_blocking(&digest, &bytes)
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(result)) => result.map(Arc::new),
+            Ok(Err(join)) => Err(SandboxError::Compile(format!("compiler panicked: {join}"))),
+            Err(_) => Err(SandboxError::CompileTimeout(timeout)),
+        }
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn lock_cells(&self) -> MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Artifact>>>>> {
+        self.cells.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn compile_blocking(&self, digest: &str, bytes: &[u8]) -> Result<Artifact, SandboxError> {
+        let started = Instant::now();
+        let artifact = if flotilla_model::module::is_component(bytes) {
+            let component =
+                self.load_or_compile(digest, bytes, |engine, bytes| Component::new(engine, bytes))?;
+            let pre = self
+                .linkers
+                .component
+                .instantiate_pre(&component)
+                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+            match CommandPre::new(pre.clone()) {
+                Ok(command) => Artifact::Command(command),
+                Err(not_command) => match ProxyPre::new(pre) {
+                    Ok(proxy) => Artifact::Proxy(proxy),
+                    Err(not_proxy) => {
+                        return Err(SandboxError::Link(format!(
+                            "the component exports neither wasi:cli/run ({not_command:#}) nor \
+                             wasi:http/incoming-handler ({not_proxy:#})"
+                        )));
+                    }
+                },
+            }
+        } else {
+            let module =
+                self.load_or_compile(digest, bytes, |engine, bytes| Module::new(engine, bytes))?;
+            match module.get_export("_start") {
+                Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {
+                }
+                _ => return Err(SandboxError::MissingStart),
+            }
+            let pre = self
+                .linkers
+                .module
+                .instantiate_pre(&module)
+                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+            Artifact::Module(pre)
+        };
+        tracing::info!(%digest, elapsed = ?started.elapsed(), "module prepared");
+        Ok(artifact)
+    }
+
+    /// Loads a precompiled artifact from the disk cache or compiles and stores it.
+    fn load_or_compile<T: Serialize>(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        compile: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
+    ) -> Result<T, SandboxError> {
+        let path = self.cache_path(digest);
+        if let Some(path) = &path
+            && path.exists()
+        {
+            match T::deserialize_file(&self.engine, path) {
+                Ok(artifact) => {
+                    self.loaded.fetch_add(1, Ordering::Relaxed);
+                    return Ok(artifact);
+                }
+                // Another wasmtime version or configuration wrote it: compile again.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring cached artifact")
+                }
+            }
+        }
+        let artifact =
+            compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        if let Some(path) = &path
+            && let Err(e) = write_atomically(path, &artifact)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled artifact");
+        }
+        Ok(artifact)
+    }
+
+    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        Some(dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish())))
+    }
+}
+
+/// A compiled artifact that can be written to and read from the disk cache.
+trait Serialize: Sized {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self>;
+}
+
+impl Serialize for Module {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+
+    #[allow(unsafe_code)]
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: the file lives in the agent's own cache directory, was written by this agent
+        // from an artifact that wasmtime compiled (atomically, via rename), and is named by the
+        // module digest and the engine's compatibility hash; wasmtime checks its version and
+        // configuration header before using it.
+        unsafe { Module::deserialize_file(engine, path) }
+    }
+}
+
+impl Serialize for Component {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+
+    #[allow(unsafe_code)]
+    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: as for `Module` above.
+        unsafe { Component::deserialize_file(engine, path) }
+    }
+}
+
+/// Writes an artifact to a temporary file and renames it into place. Loaded artifacts are
+/// memory-mapped from their file, so a file must never be rewritten in place.
+fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<()> {
+    let bytes = artifact
+        .serialize()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,145 @@
+//! The wasmtime engines: their configuration, the pooling allocator, the epoch ticker, and
+//! engines configured alike for other architectures.
+//!
+//! [`Engines`] holds one engine per kind of sandbox the agent runs. Today that is the host
+//! engine: the pooling allocator sized for the agent's capacity, copy-on-write memory images,
+//! epoch interruption. Workloads that need what the pool cannot host (shared memories, for one)
+//! will get engines of their own here, each with its own limits.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::capacity::Capacity;
+use super::config::{EpochTicker, RuntimeConfig};
+use super::error::SandboxError;
+
+/// Frames kept in a trap's wasm backtrace.
+const MAX_BACKTRACE_FRAMES: usize = 32;
+
+/// The engines of one agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Engines {
+    host: Engine,
+}
+
+// === impl Engines ===
+
+impl Engines {
+    /// Creates the host engine with a pool sized for `capacity`, and starts its epoch ticker.
+    ///
+    /// # Errors
+    /// The engine rejected the configuration (a pool the host cannot map, for example).
+    pub fn new(config: &RuntimeConfig, capacity: &Capacity) -> wasmtime::Result<Self> {
+        let mut engine_config = engine_config(config);
+        engine_config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+            config, capacity,
+        )));
+        let host = Engine::new(&engine_config)?;
+        if config.epoch_ticker == EpochTicker::Thread {
+            spawn_epoch_ticker(&host, config.epoch_tick);
+        }
+        Ok(Self { host })
+    }
+
+    /// The engine of ordinary sandboxes, on the pooling allocator.
+    pub fn host(&self) -> &Engine {
+        &self.host
+    }
+}
+
+/// The pooling allocator, sized for `capacity`.
+fn pool_config(config: &RuntimeConfig, capacity: &Capacity) -> PoolingAllocationConfig {
+    let sandboxes = capacity.max_sandboxes.max(1);
+    let defaults = &config.default_limits;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(sandboxes)
+        .total_core_instances(sandboxes.saturating_mul(2))
+        .total_memories(sandboxes.saturating_mul(2))
+        .total_tables(sandboxes.saturating_mul(2))
+        .total_stacks(sandboxes)
+        .max_memory_size(usize::try_from(config.max_memory_per_sandbox).unwrap_or(usize::MAX))
+        .max_memories_per_module(defaults.memories as u32)
+        .max_tables_per_module(defaults.tables as u32)
+        .max_memories_per_component(defaults.memories as u32)
+        .max_tables_per_component(defaults.tables as u32)
+        .max_core_instances_per_component(defaults.instances as u32)
+        .table_elements(defaults.table_elements)
+        // Reset freed slots with memset instead of madvise: madvise's TLB shootdowns (an IPI to
+        // every core running the agent) keep sandbox churn, and per-request sandboxes above all,
+        // from scaling past one core. PAGEMAP_SCAN (Linux 6.7+) limits the reset to the pages
+        // the guest dirtied; older kernels reset the low `memory_keep_resident` bytes.
+        .linear_memory_keep_resident(usize::try_from(config.memory_keep_resident).unwrap_or(0))
+        .table_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
+    pool
+}
+
+/// Everything but the allocator: shared by the host engine and cross-compiling engines.
+fn engine_config(config: &RuntimeConfig) -> Config {
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        .async_stack_size(config.async_stack_size)
+        .memory_reservation(
+            config
+                .memory_reservation
+                .unwrap_or(config.max_memory_per_sandbox),
+        )
+        .memory_guard_size(config.memory_guard)
+        .memory_reservation_for_growth(0)
+        .memory_init_cow(true)
+        // A runaway recursion must not produce a megabyte of status message.
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(MAX_BACKTRACE_FRAMES))
+        // Post-MVP features that wasmtime 48 supports and Flotilla enables; threads (shared
+        // memories) and GC are compiled out and rejected with a validation error.
+        .wasm_simd(true)
+        .wasm_relaxed_simd(true)
+        .wasm_bulk_memory(true)
+        .wasm_multi_value(true)
+        .wasm_multi_memory(true)
+        .wasm_tail_call(true)
+        .wasm_extended_const(true)
+        .wasm_component_model(true);
+    cfg
+}
+
+/// Compiles a module or component for another architecture (a target triple such as
+/// `aarch64-unknown-linux-gnu`) with the agent's engine settings, for nodes of that architecture.
+///
+/// # Errors
+/// Fails for an unknown target or an invalid module.
+pub fn precompile_for_target(
+    config: &RuntimeConfig,
+    target: &str,
+    wasm: &[u8],
+) -> Result<Vec<u8>, SandboxError> {
+    flotilla_model::module::check_header(wasm).map_err(SandboxError::Module)?;
+    let mut cfg = engine_config(config);
+    cfg.target(target)
+        .map_err(|e| SandboxError::Compile(format!("target {target}: {e:#}")))?;
+    let engine = Engine::new(&cfg).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+    let compiled = if flotilla_model::module::is_component(wasm) {
+        engine.precompile_component(wasm)
+    } else {
+        engine.precompile_module(wasm)
+    };
+    compiled.map_err(|e| SandboxError::Compile(format!("{e:#}")))
+}
+
+/// Bumps the engine's epoch every `tick` until the engine is dropped.
+fn spawn_epoch_ticker(engine: &Engine, tick: Duration) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("flotilla-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the epoch ticker; guests will not be preempted");
+    }
+}

@@ -1,0 +1,71 @@
+//! [`SandboxError`]: why a workload could not be prepared, with the reason its status shows.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_model::module::ModuleCheckError;
+
+/// Why a workload could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The spec names no module source.
+    #[error("workload has no module source")]
+    MissingModule,
+    /// The module file could not be read.
+    #[error("reading module {path}")]
+    ReadModule {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The module is over the agent's size limit, not the one the spec pins, or not binary
+    /// wasm.
+    #[error("module refused")]
+    Module(#[source] ModuleCheckError),
+    /// Validation or compilation failed.
+    #[error("invalid module: {0}")]
+    Compile(String),
+    /// Compilation took longer than the agent allows.
+    #[error("compiling the module took longer than {0:?}; it is too costly for this agent")]
+    CompileTimeout(Duration),
+    /// The module cannot be linked against WASI (an unknown import, for example).
+    #[error("cannot link module: {0}")]
+    Link(String),
+    /// `spec.http` is set, but the component is no `wasi:http/incoming-handler`.
+    #[error(
+        "spec.http is set, but the module is not a component exporting \
+         wasi:http/incoming-handler"
+    )]
+    NotHttpHandler,
+    /// The component is an HTTP handler, but `spec.http` is not set.
+    #[error(
+        "the component exports wasi:http/incoming-handler but not wasi:cli/run; set spec.http \
+         to serve it"
+    )]
+    HttpWithoutRoute,
+    /// A command module without a callable `_start`.
+    #[error("module has no callable `_start: func()` export; only WASI command modules can run")]
+    MissingStart,
+    /// The workload asks for more than the agent allows per sandbox.
+    #[error("{0}")]
+    Limits(String),
+    /// A `hostPath` volume the agent does not allow, or `items` that would leave a volume.
+    #[error("{0}")]
+    VolumeNotAllowed(String),
+}
+
+// === impl SandboxError ===
+
+impl SandboxError {
+    /// The machine-readable reason shown in sandbox status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SandboxError::ReadModule { .. } | SandboxError::MissingModule => "ModuleUnavailable",
+            SandboxError::Limits(_) => "InvalidLimits",
+            SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
+            _ => "InvalidModule",
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Instantiation of each kind of artifact: a command module and its `_start`, a command
+//! component, or a replica of an HTTP handler (a route, with a fresh sandbox per request); and
+//! the runs of the first two.
+
+use std::sync::Arc;
+
+use wasmtime::{Store, TypedFunc};
+use wasmtime_wasi::p2::bindings::Command;
+
+use super::artifacts::Artifact;
+use super::exit::{Exit, classify};
+use super::http::{HttpPool, HttpReplica, HttpRoutes, RequestSandbox};
+use super::logs::LogBuffer;
+use super::prepared::PreparedWorkload;
+use super::sandbox::{SandboxInstance, SandboxName};
+use super::store::{P1State, P2State, P2Wasi, Stores};
+use super::volumes::{Mounts, VolumeConfig};
+use crate::metrics::HttpMetrics;
+
+/// A sandbox after instantiation.
+pub enum WasmtimeInstance {
+    /// A preview 1 command module and its `_start`.
+    Module(Store<P1State>, TypedFunc<(), ()>),
+    /// A preview 2 command component.
+    Component(Store<P2State>, Command),
+    /// A replica of an HTTP workload: a route, with a fresh sandbox per request.
+    Http(HttpReplica),
+}
+
+impl SandboxInstance for WasmtimeInstance {
+    async fn run(self) -> Exit {
+        match self {
+            WasmtimeInstance::Module(mut store, start) => {
+                match Box::pin(start.call_async(&mut store, ())).await {
+                    Ok(()) => Exit::Exited(0),
+                    Err(e) => classify(e),
+                }
+            }
+            WasmtimeInstance::Component(mut store, command) => {
+                match Box::pin(command.wasi_cli_run().call_run(&mut store)).await {
+                    Ok(Ok(())) => Exit::Exited(0),
+                    Ok(Err(())) => Exit::Exited(1),
+                    Err(e) => classify(e),
+                }
+            }
+            WasmtimeInstance::Http(replica) => replica.run().await,
+        }
+    }
+}
+
+/// What instantiation needs besides the workload: stores, where volumes live, and where HTTP
+/// replicas register.
+pub struct Instantiator {
+    /// Makes the sandboxes' stores.
+    pub stores: Stores,
+    /// Where volumes live and which node directories they may mount.
+    pub volumes: VolumeConfig,
+    /// Where HTTP replicas are routed to.
+    pub routes: HttpRoutes,
+    /// Metrics of the HTTP workloads.
+    pub http_metrics: HttpMetrics,
+}
+
+// === impl Instantiator ===
+
+impl Instantiator {
+    /// A fresh sandbox of `prepared`: its volumes (made on its first run, reused by its
+    /// restarts), a new store and WASI context, then instantiation, which already runs guest
+    /// code. An HTTP replica is instantiated once up front, answers its readiness request if it
+    /// has one, and is routed to from then on.
+    ///
+    /// # Errors
+    /// The [`Exit`] that ended the sandbox before it could run.
+    pub async fn instantiate(
+        &self,
+        prepared: &Arc<PreparedWorkload>,
+        sandbox: SandboxName<'_>,
+        logs: Arc<LogBuffer>,
+        volumes: &mut Option<Arc<Mounts>>,
+    ) -> Result<WasmtimeInstance, Exit> {
+        let mounts = match volumes {
+            _ if prepared.volumes.is_empty() => None,
+            Some(mounts) => Some(mounts.clone()),
+            None => {
+                let mounts = Arc::new(Mounts::create(
+                    &prepared.volumes,
+                    prepared.environment.namespace(),
+                    prepared.limits.memory_bytes,
+                    &self.volumes,
+                    self.stores.sources().config_files(),
+                )?);
+                *volumes = Some(mounts.clone());
+                Some(mounts)
+            }
+        };
+        let mut wasi =
+            prepared
+                .environment
+                .wasi(self.stores.sources(), &sandbox, &logs, mounts.as_deref())?;
+        match &*prepared.artifact {
+            Artifact::Module(pre) => {
+                let mut store = self
+                    .stores
+                    .new_store(wasi.build_p1(), &prepared.limits, mounts);
+                // Boxed: inline, this future would enlarge every long-lived sandbox task.
+                let instance = Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(classify)?;
+                Ok(WasmtimeInstance::Module(store, start))
+            }
+            Artifact::Command(pre) => {
+                let mut store = self
+                    .stores
+                    .new_store(P2Wasi::new(wasi), &prepared.limits, mounts);
+                let command = Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                Ok(WasmtimeInstance::Component(store, command))
+            }
+            Artifact::Proxy(pre) => {
+                let Some(settings) = prepared.http() else {
+                    return Err(Exit::Trap("an HTTP handler without spec.http".into()));
+                };
+                // One instantiation up front: a handler that cannot start (a start function
+                // that traps, limits too small) fails the replica, not every request.
+                let mut store =
+                    self.stores
+                        .new_store(P2Wasi::new(wasi), &prepared.limits, mounts.clone());
+                Box::pin(pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(classify)?;
+                drop(store);
+                let pool = Arc::new(HttpPool::new(
+                    RequestSandbox {
+                        stores: self.stores.clone(),
+                        workload: prepared.name().clone(),
+                        environment: prepared.environment.clone(),
+                        limits: prepared.limits,
+                        sandbox: sandbox.to_string().into(),
+                        logs,
+                        mounts,
+                    },
+                    pre.clone(),
+                    settings,
+                    self.http_metrics.workload(&settings.owner),
+                ));
+                if let Some(path) = &settings.readiness_path {
+                    // Boxed: inline, a whole request's future would enlarge every sandbox task.
+                    Box::pin(pool.check_ready(&settings.route, path)).await?;
+                }
+                HttpReplica::register(&self.routes, settings.route.clone(), &settings.owner, pool)
+                    .map(WasmtimeInstance::Http)
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! [`Linkers`]: the host functions guests may import, filled once per process: WASI preview 1
+//! for core modules; WASI preview 2 and `wasi:http` for components.
+
+use wasmtime::Engine;
+use wasmtime::Linker;
+use wasmtime::component::Linker as ComponentLinker;
+
+use super::store::{P1State, P2State};
+
+/// The linkers of one engine.
+pub struct Linkers {
+    /// For preview 1 command modules.
+    pub module: Linker<P1State>,
+    /// For components: commands and HTTP handlers.
+    pub component: ComponentLinker<P2State>,
+}
+
+// === impl Linkers ===
+
+impl Linkers {
+    /// Links WASI (and `wasi:http` for components) for sandboxes of `engine`.
+    ///
+    /// # Errors
+    /// WASI could not be added to a linker.
+    pub fn new(engine: &Engine) -> wasmtime::Result<Self> {
+        let mut module = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi)?;
+        let mut component = ComponentLinker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
+        Ok(Self { module, component })
+    }
+}

@@ -1,0 +1,145 @@
+//! Sandbox stores: the per-run state a guest sees ([`SandboxState`], with its WASI views) and
+//! [`Stores`], which makes one store per run, or per request of an HTTP workload.
+//!
+//! Every store holds its sandbox's [`Limiter`] from before instantiation, yields to tokio at
+//! each epoch tick and charges the tick to the sandbox's CPU budget, and keeps the sandbox's
+//! volumes mounted for as long as it lives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::environment::{Environment, EnvironmentSources};
+use super::exit::Exit;
+use super::limits::{Limiter, SandboxLimits};
+use super::logs::LogBuffer;
+use super::volumes::Mounts;
+
+/// Per-store state: the guest's WASI context, its limits, and the volumes its run mounts
+/// (removed when the store is dropped, unless an HTTP replica still shares them).
+pub struct SandboxState<W> {
+    pub(super) wasi: W,
+    pub(super) limiter: Limiter,
+    _mounts: Option<Arc<Mounts>>,
+}
+
+/// WASI state of a preview 2 component: WASI, and `wasi:http` for handlers and for outgoing
+/// requests.
+pub struct P2Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+}
+
+/// Store state of a preview 1 command module.
+pub type P1State = SandboxState<WasiP1Ctx>;
+/// Store state of a component sandbox (command or HTTP handler).
+pub type P2State = SandboxState<P2Wasi>;
+
+// === impl P2Wasi ===
+
+impl P2Wasi {
+    /// Builds the context of one component sandbox.
+    pub fn new(mut wasi: WasiCtxBuilder) -> Self {
+        Self {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+        }
+    }
+}
+
+impl WasiView for SandboxState<P2Wasi> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+impl WasiHttpView for SandboxState<P2Wasi> {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.wasi.http,
+            table: &mut self.wasi.table,
+            hooks: wasmtime_wasi_http::default_hooks(),
+        }
+    }
+}
+
+/// Makes sandbox stores on the host engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Stores {
+    engine: Engine,
+    epoch_tick: Duration,
+    sources: EnvironmentSources,
+}
+
+// === impl Stores ===
+
+impl Stores {
+    /// Stores on `engine`, whose epoch advances every `epoch_tick`, with environments resolved
+    /// from `sources`.
+    pub fn new(engine: Engine, epoch_tick: Duration, sources: EnvironmentSources) -> Self {
+        Self {
+            engine,
+            epoch_tick,
+            sources,
+        }
+    }
+
+    /// What sandbox environments are resolved from.
+    pub fn sources(&self) -> &EnvironmentSources {
+        &self.sources
+    }
+
+    /// A fresh store holding `wasi`, limited by `limits`, keeping `mounts` mounted.
+    pub fn new_store<W: Send>(
+        &self,
+        wasi: W,
+        limits: &SandboxLimits,
+        mounts: Option<Arc<Mounts>>,
+    ) -> Store<SandboxState<W>> {
+        let mut store = Store::new(
+            &self.engine,
+            SandboxState {
+                wasi,
+                limiter: Limiter::new(limits),
+                _mounts: mounts,
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        // Yield to tokio at every tick, charging the tick to the sandbox's CPU budget. The first
+        // deadline must be set explicitly or every call would yield on entry.
+        store.set_epoch_deadline(1);
+        let tick = self.epoch_tick;
+        store.epoch_deadline_callback(move |mut cx| {
+            cx.data_mut().limiter.charge_tick(tick)?;
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+
+    /// A fresh component store for `sandbox` of a workload with `environment` and `limits`:
+    /// one request of an HTTP workload, with its replica's `mounts`.
+    ///
+    /// # Errors
+    /// The environment or the mounts could not be set up.
+    pub fn component_store(
+        &self,
+        environment: &Environment,
+        limits: &SandboxLimits,
+        sandbox: &str,
+        logs: &Arc<LogBuffer>,
+        mounts: Option<&Arc<Mounts>>,
+    ) -> Result<Store<P2State>, Exit> {
+        let wasi = environment.wasi(&self.sources, &sandbox, logs, mounts.map(|m| &**m))?;
+        Ok(self.new_store(P2Wasi::new(wasi), limits, mounts.cloned()))
+    }
+}
