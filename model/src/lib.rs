@@ -12,12 +12,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub mod config;
+pub mod limits;
 pub mod module;
 pub mod node;
 pub mod rollout;
 pub mod volumes;
 
 pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
+pub use limits::{Requests, SandboxLimits};
 pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
 pub use volumes::{
     ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, StorageMedium,
@@ -578,15 +580,6 @@ pub struct FieldError {
 #[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
 pub struct ValidationError(pub Vec<FieldError>);
 
-/// Placement requests of one sandbox, parsed from its quantities.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Requests {
-    /// Bytes of memory.
-    pub memory: u64,
-    /// Millicores of CPU.
-    pub cpu_millis: u64,
-}
-
 // === impl Workload ===
 
 impl Workload {
@@ -817,75 +810,6 @@ impl Workload {
             Ok(())
         } else {
             Err(ValidationError(errors))
-        }
-    }
-}
-
-/// A sandbox's limits as numbers, resolved from a validated spec; 0 means "not set" (the agent's
-/// default applies).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SandboxLimits {
-    /// `resources.limits.memory` in bytes.
-    pub memory_limit_bytes: u64,
-    /// `resources.requests.memory` in bytes.
-    pub memory_request_bytes: u64,
-    /// `resources.limits.cpuTime` in milliseconds.
-    pub cpu_time_ms: u64,
-    /// `activeDeadlineSeconds` in milliseconds.
-    pub deadline_ms: u64,
-    /// `resources.limits.logs` in bytes.
-    pub log_bytes: u64,
-}
-
-impl WorkloadSpec {
-    /// The limits an agent enforces, as numbers. Call on a validated spec; unparsable
-    /// quantities count as unset.
-    pub fn sandbox_limits(&self) -> SandboxLimits {
-        let bytes =
-            |q: &Option<String>| q.as_deref().and_then(|q| parse_bytes(q).ok()).unwrap_or(0);
-        let limits = &self.resources.limits;
-        SandboxLimits {
-            memory_limit_bytes: bytes(&limits.memory),
-            memory_request_bytes: bytes(&self.resources.requests.memory),
-            cpu_time_ms: limits
-                .cpu_time
-                .as_deref()
-                .and_then(|t| humantime::parse_duration(t).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            deadline_ms: self
-                .active_deadline_seconds
-                .map_or(0, |s| u64::try_from(s).unwrap_or(0).saturating_mul(1000)),
-            log_bytes: bytes(&limits.logs),
-        }
-    }
-
-    /// The bytes of one sandbox's log ring: `resources.limits.logs`, or [`DEFAULT_LOG_BYTES`].
-    /// Call on a validated spec; an unparsable quantity counts as unset.
-    pub fn log_bytes(&self) -> u64 {
-        self.resources
-            .limits
-            .logs
-            .as_deref()
-            .and_then(|q| parse_bytes(q).ok())
-            .unwrap_or(DEFAULT_LOG_BYTES)
-    }
-
-    /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
-    /// requests its limit; memory also counts the sandbox's log ring, which lives in the agent's
-    /// heap. Call on a validated spec; unparsable quantities count as zero.
-    pub fn requests(&self) -> Requests {
-        let pick = |request: &Option<String>, limit: &Option<String>| {
-            request.as_ref().or(limit.as_ref()).cloned()
-        };
-        let r = &self.resources;
-        let memory = pick(&r.requests.memory, &r.limits.memory)
-            .and_then(|q| parse_bytes(&q).ok())
-            .unwrap_or(0);
-        Requests {
-            memory: memory.saturating_add(self.log_bytes()),
-            cpu_millis: pick(&r.requests.cpu, &r.limits.cpu)
-                .and_then(|q| parse_cpu_millis(&q).ok())
-                .unwrap_or(0),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Condition, Taint};
+use crate::{Condition, Requests, Taint};
 
 /// What a node agent registered when it joined.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +62,8 @@ pub struct NodeSpec {
     pub ingress_url: String,
 }
 
-/// Resources of a node, as the scheduler counts them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Resources of a node, as the scheduler counts them: what it has, or what is allocated on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeResources {
@@ -76,6 +76,26 @@ pub struct NodeResources {
     /// Sandboxes.
     #[serde(default)]
     pub sandboxes: u64,
+}
+
+// === impl NodeResources ===
+
+impl NodeResources {
+    /// Adds `count` replicas of a workload requesting `requests` each (removes them when
+    /// `count` is negative), saturating rather than overflowing.
+    pub fn allocate(&mut self, requests: &Requests, count: i64) {
+        let apply = |value: u64, per: u64| {
+            let delta = per.saturating_mul(count.unsigned_abs());
+            if count >= 0 {
+                value.saturating_add(delta)
+            } else {
+                value.saturating_sub(delta)
+            }
+        };
+        self.memory = apply(self.memory, requests.memory);
+        self.cpu_millis = apply(self.cpu_millis, requests.cpu_millis);
+        self.sandboxes = apply(self.sandboxes, 1);
+    }
 }
 
 /// What the control plane observes of the node.

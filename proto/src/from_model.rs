@@ -20,7 +20,6 @@ pub fn agent_workload_spec(
     replicas: u32,
     module: ModuleSource,
 ) -> WorkloadSpec {
-    let limits = spec.sandbox_limits();
     WorkloadSpec {
         name,
         generation,
@@ -35,14 +34,7 @@ pub fn agent_workload_spec(
             .collect(),
         namespace: String::new(),
         replicas,
-        resources: Some(Resources {
-            memory_limit_bytes: limits.memory_limit_bytes,
-            memory_request_bytes: limits.memory_request_bytes,
-            cpu_limit_ms: limits.cpu_time_ms,
-            deadline_ms: limits.deadline_ms,
-            log_limit_bytes: limits.log_bytes,
-            max_table_elements: 0,
-        }),
+        resources: Some(Resources::from(&spec.sandbox_limits())),
         restart_policy: match spec.restart_policy {
             RestartPolicy::Always => RestartPolicyMessage::Always,
             RestartPolicy::OnFailure => RestartPolicyMessage::OnFailure,

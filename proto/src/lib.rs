@@ -18,6 +18,10 @@ pub mod auth;
 pub mod config;
 #[cfg(feature = "model")]
 pub mod from_model;
+#[cfg(feature = "model")]
+mod limits;
+#[cfg(feature = "model")]
+mod node;
 pub mod tls;
 
 /// The control plane's APIs.

@@ -11,7 +11,7 @@ pub mod sessions;
 
 pub use self::config::{ConfigKey, ConfigSet};
 pub use self::events::{Event, EventLog, Notice};
-pub use self::nodes::{Counts, NodeRegistry, NodeStatus, Reported};
+pub use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
 pub use self::routes::RouteTable;
 pub use self::sessions::Sessions;
 use crate::metrics::Metrics;

@@ -12,9 +12,10 @@ use tokio::sync::watch;
 
 use crate::scheduler::framework::NodeInfo;
 
-/// A node as `flotilla get nodes` shows it.
+/// A node as `flotilla get nodes` lists it (its `WasmNode` status, in Kubernetes mode, is made
+/// from this).
 #[derive(Clone, Debug)]
-pub struct NodeStatus {
+pub struct ListedNode {
     /// What the node registered, and whether it is ready.
     pub info: NodeInfo,
     /// Sandboxes its agent last reported running.
@@ -214,11 +215,11 @@ impl NodeRegistry {
     }
 
     /// Every node with what it runs and how long ago it was heard from, sorted by name.
-    pub fn statuses(&self) -> Vec<NodeStatus> {
+    pub fn statuses(&self) -> Vec<ListedNode> {
         let now = Instant::now();
         self.lock()
             .values()
-            .map(|e| NodeStatus {
+            .map(|e| ListedNode {
                 info: e.info.clone(),
                 running: e.running.values().map(|r| r.running).sum(),
                 since_heartbeat: now.duration_since(e.last_seen),

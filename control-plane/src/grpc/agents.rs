@@ -208,17 +208,12 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let mut labels = r.labels.into_iter().collect::<BTreeMap<_, _>>();
         labels.insert("kubernetes.io/arch".into(), r.arch.clone());
         labels.insert("kubernetes.io/hostname".into(), r.node_name.clone());
-        let allocatable = r.allocatable.unwrap_or_default();
         self.cluster.nodes.upsert(NodeInfo {
             name: r.node_name.clone(),
             ready: true,
             labels,
             taints,
-            allocatable: NodeResources {
-                memory: allocatable.memory_bytes,
-                cpu_millis: allocatable.cpu_millis,
-                sandboxes: allocatable.sandboxes,
-            },
+            allocatable: NodeResources::from(&r.allocatable.unwrap_or_default()),
             allocated: NodeResources::default(),
             ingress_url: r.ingress_url.clone(),
         });

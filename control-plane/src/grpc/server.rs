@@ -253,21 +253,16 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                     .allocate(&per_replica, i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
-        let resources = |r: &NodeResources| NodeResourcesMessage {
-            memory_bytes: r.memory,
-            cpu_millis: r.cpu_millis,
-            sandboxes: r.sandboxes,
-        };
         let nodes = self
             .cluster
             .nodes
             .statuses()
             .into_iter()
             .map(|status| NodeMessage {
-                allocated: Some(resources(
+                allocated: Some(NodeResourcesMessage::from(
                     &allocated.remove(&status.info.name).unwrap_or_default(),
                 )),
-                allocatable: Some(resources(&status.info.allocatable)),
+                allocatable: Some(NodeResourcesMessage::from(&status.info.allocatable)),
                 name: status.info.name,
                 ready: status.info.ready,
                 labels: status.info.labels.into_iter().collect(),

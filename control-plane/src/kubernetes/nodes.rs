@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::{FIELD_MANAGER, MANAGED_BY};
-use crate::cluster::{Cluster, NodeStatus};
+use crate::cluster::{Cluster, ListedNode};
 use crate::model::API_VERSION;
 use crate::model::node::WasmNode;
 
@@ -177,7 +177,7 @@ fn watch_kubernetes_nodes(
 }
 
 /// The object to apply, and what of it counts as a change (all but the heartbeat time).
-fn desired(status: &NodeStatus) -> (Value, Value) {
+fn desired(status: &ListedNode) -> (Value, Value) {
     let info = &status.info;
     let mut labels: BTreeMap<&str, &str> = info
         .labels
@@ -216,11 +216,7 @@ fn desired(status: &NodeStatus) -> (Value, Value) {
             "ingressUrl": info.ingress_url,
         },
         "status": {
-            "allocatable": {
-                "memory": info.allocatable.memory,
-                "cpuMillis": info.allocatable.cpu_millis,
-                "sandboxes": info.allocatable.sandboxes,
-            },
+            "allocatable": info.allocatable,
             "sandboxes": status.running,
             "conditions": [{
                 "type": "Ready",

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::cycle_state::CycleState;
 use super::status::Status;
+pub use crate::model::node::NodeResources;
 use crate::model::{Requests, Taint, Toleration, Workload};
 
 /// Everything a plugin has.
@@ -48,35 +49,6 @@ pub trait ScorePlugin: Plugin {
     /// A score in `0..=100` (higher is better) for placing one more replica on `node`. Scores
     /// depend on the node alone, so that a batch only rescores the node it placed on.
     fn score(&self, state: &CycleState, workload: &WorkloadRequest, node: &NodeView<'_>) -> i64;
-}
-
-/// Resources of a node: what it has or what is allocated on it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NodeResources {
-    /// Bytes of memory.
-    pub memory: u64,
-    /// Millicores of CPU.
-    pub cpu_millis: u64,
-    /// Sandboxes.
-    pub sandboxes: u64,
-}
-
-impl NodeResources {
-    /// Adds `count` replicas of a workload requesting `requests` each (removes them when
-    /// `count` is negative), saturating rather than overflowing.
-    pub fn allocate(&mut self, requests: &Requests, count: i64) {
-        let apply = |value: u64, per: u64| {
-            let delta = per.saturating_mul(count.unsigned_abs());
-            if count >= 0 {
-                value.saturating_add(delta)
-            } else {
-                value.saturating_sub(delta)
-            }
-        };
-        self.memory = apply(self.memory, requests.memory);
-        self.cpu_millis = apply(self.cpu_millis, requests.cpu_millis);
-        self.sandboxes = apply(self.sandboxes, 1);
-    }
 }
 
 /// A node as the scheduler sees it at the start of a cycle.

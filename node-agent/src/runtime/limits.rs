@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use flotilla_proto::agent::v1::Resources;
 use wasmtime::ResourceLimiter;
 
 use super::error::SandboxError;
@@ -37,8 +36,8 @@ pub struct SandboxLimits {
 }
 
 impl SandboxLimits {
-    /// The limits a workload's `resources` ask for, with `defaults` for those it leaves unset
-    /// (zero), within the agent's `max_memory` per sandbox; CPU time is counted in epoch ticks
+    /// The limits a workload asks for (`requested`), with `defaults` for those it leaves
+    /// unset, within the agent's `max_memory` per sandbox; CPU time is counted in epoch ticks
     /// of `epoch_tick`.
     ///
     /// # Errors
@@ -46,25 +45,22 @@ impl SandboxLimits {
     /// the memory limit. Checked here as at the control plane: the admin API and static
     /// manifests reach the agent without the control plane's validation.
     pub fn resolve(
-        res: &Resources,
+        requested: &flotilla_model::SandboxLimits,
         defaults: &SandboxLimits,
         max_memory: u64,
         epoch_tick: Duration,
     ) -> Result<Self, SandboxError> {
-        let memory_bytes = nonzero(res.memory_limit_bytes).unwrap_or(defaults.memory_bytes);
+        let memory_bytes = requested.memory.unwrap_or(defaults.memory_bytes);
         if memory_bytes > max_memory {
             return Err(SandboxError::Limits(format!(
-                "resources.memory_limit_bytes: {memory_bytes} is over the agent's per-sandbox \
+                "resources.limits.memory: {memory_bytes} bytes is over the agent's per-sandbox \
                  maximum of {max_memory}"
             )));
         }
-        let memory_request_bytes = match (
-            nonzero(res.memory_request_bytes),
-            nonzero(res.memory_limit_bytes),
-        ) {
+        let memory_request_bytes = match (requested.memory_request, requested.memory) {
             (Some(request), _) if request > memory_bytes => {
                 return Err(SandboxError::Limits(format!(
-                    "resources.memory_request_bytes: {request} is over the memory limit of \
+                    "resources.requests.memory: {request} bytes is over the memory limit of \
                      {memory_bytes}"
                 )));
             }
@@ -73,21 +69,23 @@ impl SandboxLimits {
             (None, Some(limit)) => limit,
             (None, None) => defaults.memory_request_bytes,
         };
-        if res.log_limit_bytes > flotilla_model::MAX_LOG_BYTES {
+        if let Some(logs) = requested
+            .logs
+            .filter(|l| *l > flotilla_model::MAX_LOG_BYTES)
+        {
             return Err(SandboxError::Limits(format!(
-                "resources.log_limit_bytes: {} is over the per-sandbox maximum of {}",
-                res.log_limit_bytes,
+                "resources.limits.logs: {logs} bytes is over the per-sandbox maximum of {}",
                 flotilla_model::MAX_LOG_BYTES
             )));
         }
-        let max_ms = flotilla_model::MAX_DURATION_SECONDS as u64 * 1000;
-        for (field, ms) in [
-            ("resources.cpu_limit_ms", res.cpu_limit_ms),
-            ("resources.deadline_ms", res.deadline_ms),
+        let max = Duration::from_secs(flotilla_model::MAX_DURATION_SECONDS as u64);
+        for (field, duration) in [
+            ("resources.limits.cpuTime", requested.cpu_time),
+            ("activeDeadlineSeconds", requested.deadline),
         ] {
-            if ms > max_ms {
+            if let Some(duration) = duration.filter(|d| *d > max) {
                 return Err(SandboxError::Limits(format!(
-                    "{field}: {ms} is over the maximum of {max_ms}"
+                    "{field}: {duration:?} is over the maximum of {max:?}"
                 )));
             }
         }
@@ -95,16 +93,16 @@ impl SandboxLimits {
         Ok(SandboxLimits {
             memory_bytes,
             memory_request_bytes,
-            cpu_ticks: nonzero(res.cpu_limit_ms)
-                .map(|ms| ms.div_ceil(tick))
+            cpu_ticks: requested
+                .cpu_time
+                .map(|cpu| (cpu.as_millis() as u64).div_ceil(tick))
                 .or(defaults.cpu_ticks),
-            deadline: nonzero(res.deadline_ms)
-                .map(Duration::from_millis)
-                .or(defaults.deadline),
-            log_bytes: nonzero(res.log_limit_bytes).map_or(defaults.log_bytes, |b| {
+            deadline: requested.deadline.or(defaults.deadline),
+            log_bytes: requested.logs.map_or(defaults.log_bytes, |b| {
                 usize::try_from(b).unwrap_or(usize::MAX)
             }),
-            table_elements: nonzero(u64::from(res.max_table_elements))
+            table_elements: requested
+                .table_elements
                 .map_or(defaults.table_elements, |e| e as usize),
             ..*defaults
         })
@@ -116,11 +114,6 @@ impl SandboxLimits {
         self.memory_request_bytes
             .saturating_add(u64::try_from(self.log_bytes).unwrap_or(u64::MAX))
     }
-}
-
-/// `Some(v)` unless `v` is 0, which the wire uses for "unset".
-fn nonzero(v: u64) -> Option<u64> {
-    (v != 0).then_some(v)
 }
 
 /// The error with which a sandbox traps when it grows past its memory limit.

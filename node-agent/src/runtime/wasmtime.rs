@@ -140,7 +140,7 @@ impl SandboxRuntime for WasmtimeRuntime {
     async fn prepare(&self, spec: &WorkloadSpec) -> Result<Arc<PreparedWorkload>, SandboxError> {
         let config = &self.inner.config;
         let limits = SandboxLimits::resolve(
-            &spec.resources.unwrap_or_default(),
+            &flotilla_model::SandboxLimits::from(&spec.resources.unwrap_or_default()),
             &config.default_limits,
             config.max_memory_per_sandbox,
             config.epoch_tick,
