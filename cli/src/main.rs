@@ -361,7 +361,7 @@ async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     if url.starts_with("https://") {
         let ca = TLS_CA_FILE.get().and_then(Option::as_deref);
-        let tls = flotilla_proto::tls::client_config(ca, None).map_err(anyhow::Error::msg)?;
+        let tls = flotilla_proto::tls::client_config(ca, None)?;
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;

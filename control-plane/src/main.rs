@@ -117,13 +117,13 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
     let join_token =
-        flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())
-            .map_err(anyhow::Error::msg)?;
+        flotilla_proto::auth::load_token(args.join_token.clone(), args.join_token_file.as_deref())?;
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(
-            flotilla_proto::tls::ServerTls::load(cert, key, args.tls_client_ca_file.as_deref())
-                .map_err(anyhow::Error::msg)?,
-        ),
+        (Some(cert), Some(key)) => Some(flotilla_proto::tls::ServerTls::load(
+            cert,
+            key,
+            args.tls_client_ca_file.as_deref(),
+        )?),
         _ => None,
     };
     // Installed first: a signal during startup must still stop the server cleanly.

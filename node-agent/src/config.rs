@@ -259,9 +259,9 @@ impl TryFrom<Args> for Config {
                 args.node_name,
                 &args.node_labels,
                 flotilla_proto::auth::load_token(args.join_token, args.join_token_file.as_deref())
-                    .map_err(|message| ConfigError {
+                    .map_err(|error| ConfigError {
                         flag: "join-token",
-                        message,
+                        message: flotilla_telemetry::error_chain(&error),
                     })?,
             )?,
         })
@@ -289,9 +289,9 @@ fn client_tls(args: &Args) -> Result<Option<tonic::transport::ClientTlsConfig>, 
     }
     flotilla_proto::tls::client_config(args.tls_ca_file.as_deref(), identity)
         .map(Some)
-        .map_err(|message| ConfigError {
+        .map_err(|error| ConfigError {
             flag: "tls-ca-file",
-            message,
+            message: flotilla_telemetry::error_chain(&error),
         })
 }
 
@@ -308,9 +308,9 @@ fn control_config(
     // An https URL without TLS flags trusts the webpki roots.
     let tls = match tls {
         None if url.starts_with("https://") => Some(
-            flotilla_proto::tls::client_config(None, None).map_err(|message| ConfigError {
+            flotilla_proto::tls::client_config(None, None).map_err(|error| ConfigError {
                 flag: "control-plane",
-                message,
+                message: flotilla_telemetry::error_chain(&error),
             })?,
         ),
         tls => tls,

@@ -2,29 +2,54 @@
 //! call to `flotilla.control.v1.Agents`, and the control plane refuses calls without it when it
 //! has one configured.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The metadata key carrying the token.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Why the join token could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The token file could not be read.
+    #[error("reading the join token from {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token is empty (or only blanks).
+    #[error("the join token is empty")]
+    Empty,
+    /// The token cannot be sent as a header value.
+    #[error("the join token must be printable ASCII without spaces")]
+    NotPrintable,
+}
 
 /// The token from an inline value or, failing that, a file (trimmed; e.g. a mounted Secret).
 /// `Ok(None)` when neither is given.
 ///
 /// # Errors
 /// The file cannot be read, or the token is empty or not a valid header value.
-pub fn load_token(value: Option<String>, file: Option<&Path>) -> Result<Option<String>, String> {
+pub fn load_token(
+    value: Option<String>,
+    file: Option<&Path>,
+) -> Result<Option<String>, TokenError> {
     let token = match (value, file) {
         (Some(value), _) => value,
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .map_err(|e| format!("reading the join token from {}: {e}", file.display()))?,
+        (None, Some(file)) => std::fs::read_to_string(file).map_err(|source| TokenError::Read {
+            path: file.to_path_buf(),
+            source,
+        })?,
         (None, None) => return Ok(None),
     };
     let token = token.trim().to_string();
     if token.is_empty() {
-        return Err("the join token is empty".into());
+        return Err(TokenError::Empty);
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("the join token must be printable ASCII without spaces".into());
+        return Err(TokenError::NotPrintable);
     }
     Ok(Some(token))
 }

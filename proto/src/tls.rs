@@ -4,7 +4,7 @@
 //! against a CA: agents must then present one, while the user API stays open to clients without
 //! (they authenticate otherwise). Agents and the CLI trust a CA file, or the webpki roots.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -23,8 +23,25 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
+/// A PEM file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the {what} {path}")]
+pub struct TlsFileError {
+    /// What the file holds: `certificate`, `key`, `CA`, ...
+    pub what: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|source| TlsFileError {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl ServerTls {
@@ -33,7 +50,7 @@ impl ServerTls {
     ///
     /// # Errors
     /// A file cannot be read.
-    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, String> {
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsFileError> {
         Ok(Self {
             identity: Identity::from_pem(read(cert, "certificate")?, read(key, "key")?),
             client_ca: client_ca
@@ -66,7 +83,7 @@ impl ServerTls {
 pub fn client_config(
     ca: Option<&Path>,
     identity: Option<(&Path, &Path)>,
-) -> Result<ClientTlsConfig, String> {
+) -> Result<ClientTlsConfig, TlsFileError> {
     let mut config = ClientTlsConfig::new();
     config = match ca {
         Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "CA")?)),

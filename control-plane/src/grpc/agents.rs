@@ -27,7 +27,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{module_status, store_status};
+use super::convert::{module_status, store_status, url_module_status};
 use crate::cluster::config::{self, ConfigKey, NodeConfigState};
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, Workload, WorkloadSpec as ModelSpec, validate_name};
@@ -393,7 +393,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         self.downloads
             .fetch_into_store(&url, &sha256)
             .await
-            .map_err(Status::failed_precondition)?;
+            .map_err(url_module_status)?;
         let module = self.read_module(&sha256).await?.map_err(module_status)?;
         Ok(Response::new(FetchModuleResponse { module }))
     }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use tonic::Status;
 
 use crate::model::{FieldError, ValidationError, Workload};
-use crate::modules::ModuleError;
+use crate::modules::{ModuleError, UrlModuleError};
 use crate::store;
 
 /// Parses one object from JSON or YAML bytes (YAML is a superset of JSON).
@@ -80,4 +80,10 @@ pub fn module_status(error: ModuleError) -> Status {
         ModuleError::NotFound(_) => Status::not_found(message),
         ModuleError::Io { .. } => Status::unavailable(message),
     }
+}
+
+/// Maps a failed `spec.module.url` download: the module or its server is not as the manifest
+/// says, a precondition of the apply.
+pub fn url_module_status(error: UrlModuleError) -> Status {
+    Status::failed_precondition(flotilla_telemetry::error_chain(&error))
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{module_status, parse_manifest, store_status, to_object};
+use super::convert::{module_status, parse_manifest, store_status, to_object, url_module_status};
 use crate::cluster::{Cluster, ConfigKey};
 use crate::model::WorkloadKey;
 use crate::modules::{ModuleStore, UrlModules};
@@ -104,7 +104,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                     .downloads
                     .fetch_into_store(url, &module.sha256)
                     .await
-                    .map_err(Status::failed_precondition)?,
+                    .map_err(url_module_status)?,
             }
         }
         let stored = self.store.apply(workload).await.map_err(store_status)?;

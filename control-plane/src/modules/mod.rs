@@ -8,4 +8,4 @@ mod url;
 
 pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
 pub use self::store::{DEFAULT_MAX_MODULE_BYTES, ModuleError, ModuleStore};
-pub use self::url::UrlModules;
+pub use self::url::{UrlModuleError, UrlModules};

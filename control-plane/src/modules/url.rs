@@ -1,9 +1,29 @@
 //! [`UrlModules`]: modules named by `spec.module.url` (HTTP(S) or `oci://`), downloaded once
 //! per digest into the [`ModuleStore`].
 
-use super::fetch::{DEFAULT_FETCH_TIMEOUT, ModuleFetcher};
-use super::oci;
-use super::store::ModuleStore;
+use super::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
+use super::oci::{self, OciError};
+use super::store::{ModuleError, ModuleStore};
+
+/// Why a module named by `spec.module.url` could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlModuleError {
+    /// The control plane has no HTTP client (it could not be built at startup).
+    #[error("spec.module.url: this control plane cannot fetch module URLs")]
+    NoFetcher,
+    /// The HTTP(S) download failed or was refused.
+    #[error("spec.module.url")]
+    Fetch(#[source] FetchError),
+    /// The OCI pull failed or was refused.
+    #[error("spec.module.url")]
+    Pull(#[source] OciError),
+    /// The module store refused or could not write the module.
+    #[error("spec.module.url")]
+    Store(#[source] ModuleError),
+    /// The task writing the module failed.
+    #[error("storing the module")]
+    Task(#[source] tokio::task::JoinError),
+}
 
 /// Downloads modules named by URL into a [`ModuleStore`]. The user API does it at apply; the
 /// agent API does it when an agent asks for a module of a workload that was created elsewhere
@@ -39,12 +59,9 @@ impl UrlModules {
     /// Downloads `url`, checks it against `sha256`, validates it and stores it.
     ///
     /// # Errors
-    /// Why not, as a message for the user (`spec.module.url: ...`).
-    pub async fn fetch_into_store(&self, url: &str, sha256: &str) -> Result<(), String> {
-        let fetcher = self
-            .fetcher
-            .as_ref()
-            .ok_or("this control plane cannot fetch module URLs")?;
+    /// See [`UrlModuleError`]; its chain is the message for the user (`spec.module.url: ...`).
+    pub async fn fetch_into_store(&self, url: &str, sha256: &str) -> Result<(), UrlModuleError> {
+        let fetcher = self.fetcher.as_ref().ok_or(UrlModuleError::NoFetcher)?;
         let flight = self
             .in_flight
             .lock()
@@ -72,24 +89,23 @@ impl UrlModules {
         fetcher: &ModuleFetcher,
         url: &str,
         sha256: &str,
-    ) -> Result<(), String> {
-        let fetched = if url.starts_with("oci://") {
+    ) -> Result<(), UrlModuleError> {
+        let bytes = if url.starts_with("oci://") {
             oci::pull(url, sha256, self.store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
                 .await
-                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+                .map_err(UrlModuleError::Pull)?
         } else {
             fetcher
                 .fetch(url, sha256)
                 .await
-                .map_err(|error| flotilla_telemetry::error_chain(&error).to_string())
+                .map_err(UrlModuleError::Fetch)?
         };
-        let bytes = fetched.map_err(|error| format!("spec.module.url: {error}"))?;
         let store = self.store.clone();
         let sha256 = sha256.to_string();
         tokio::task::spawn_blocking(move || store.put(&bytes, Some(&sha256)))
             .await
-            .map_err(|e| format!("module store task failed: {e}"))?
-            .map_err(|e| format!("spec.module.url: {e}"))?;
+            .map_err(UrlModuleError::Task)?
+            .map_err(UrlModuleError::Store)?;
         tracing::info!(%url, "module fetched");
         Ok(())
     }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use flotilla_model::module::ModuleCheckError;
 
+use super::volumes::VolumeRefused;
+
 /// Why a workload could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -52,8 +54,8 @@ pub enum SandboxError {
     #[error("{0}")]
     Limits(String),
     /// A `hostPath` volume the agent does not allow, or `items` that would leave a volume.
-    #[error("{0}")]
-    VolumeNotAllowed(String),
+    #[error(transparent)]
+    VolumeNotAllowed(#[from] VolumeRefused),
 }
 
 // === impl SandboxError ===

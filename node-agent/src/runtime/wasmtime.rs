@@ -148,7 +148,7 @@ impl SandboxRuntime for WasmtimeRuntime {
         let (digest, bytes) = source::load(spec.module.as_ref(), config.max_module_bytes).await?;
         let artifact = self.inner.artifacts.get(&digest, bytes).await?;
         let prepared = PreparedWorkload::new(spec, digest, artifact, limits)?;
-        volumes::check(&spec.volumes, &config.volumes).map_err(SandboxError::VolumeNotAllowed)?;
+        volumes::check(&spec.volumes, &config.volumes)?;
         Ok(Arc::new(prepared))
     }
 

@@ -84,12 +84,58 @@ impl std::str::FromStr for HostPathRule {
     }
 }
 
+/// Why a workload's volumes are refused on this agent.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeRefused {
+    /// A `hostPath` that cannot be resolved (it does not exist, for one).
+    #[error("hostPath {path}")]
+    HostPathUnresolved {
+        /// The path the spec names.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A `hostPath` under none of the agent's `--allow-host-path` rules.
+    #[error("hostPath {path} is not allowed on this node (the agent allows {allowed})")]
+    HostPathNotAllowed {
+        /// The path the spec names.
+        path: String,
+        /// The directories the agent allows, or how to allow one.
+        allowed: String,
+    },
+    /// A writable mount of a `hostPath` the agent allows read-only.
+    #[error("hostPath {path} may only be mounted read-only on this node")]
+    HostPathReadOnly {
+        /// The path the spec names.
+        path: String,
+    },
+    /// An `items` path or a `subPath` that would leave its volume.
+    #[error("volume {volume}: {field} {message}")]
+    EscapingPath {
+        /// The volume.
+        volume: String,
+        /// `items path` or `subPath`.
+        field: &'static str,
+        /// What is wrong with the path.
+        message: String,
+    },
+    /// A `subPath` on a ConfigMap or Secret volume.
+    #[error("volume {0}: subPath is not supported for configMap and secret volumes")]
+    SubPathOfConfig(String),
+}
+
 /// Checks a workload's volumes against the agent's rules when it is prepared.
 ///
 /// # Errors
-/// A message naming the `hostPath` the agent does not allow (or a writable mount of a
-/// read-only one), or an `items` path or `subPath` that would leave its volume.
-pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), String> {
+/// The `hostPath` the agent does not allow (or a writable mount of a read-only one), or an
+/// `items` path or `subPath` that would leave its volume.
+pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), VolumeRefused> {
+    let escaping = |volume: &Volume, field, message| VolumeRefused::EscapingPath {
+        volume: volume.name.clone(),
+        field,
+        message,
+    };
     for v in volumes {
         match &v.source {
             Some(volume::Source::HostPath(path)) => {
@@ -98,35 +144,36 @@ pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), String> {
             Some(volume::Source::Config(reference)) => {
                 for item in &reference.items {
                     flotilla_model::volumes::validate_relative_path(&item.path)
-                        .map_err(|e| format!("volume {}: items path {e}", v.name))?;
+                        .map_err(|e| escaping(v, "items path", e))?;
                 }
                 if !v.sub_path.is_empty() {
-                    return Err(format!(
-                        "volume {}: subPath is not supported for configMap and secret volumes",
-                        v.name
-                    ));
+                    return Err(VolumeRefused::SubPathOfConfig(v.name.clone()));
                 }
             }
             _ => {}
         }
         if !v.sub_path.is_empty() {
             flotilla_model::volumes::validate_relative_path(&v.sub_path)
-                .map_err(|e| format!("volume {}: subPath {e}", v.name))?;
+                .map_err(|e| escaping(v, "subPath", e))?;
         }
     }
     Ok(())
 }
 
 /// The node directory a `hostPath` names, resolved, if a rule allows it.
-fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBuf, String> {
-    let resolved = std::fs::canonicalize(path).map_err(|e| format!("hostPath {path}: {e}"))?;
+fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBuf, VolumeRefused> {
+    let resolved =
+        std::fs::canonicalize(path).map_err(|source| VolumeRefused::HostPathUnresolved {
+            path: path.to_string(),
+            source,
+        })?;
     let rule = config.host_paths.iter().find(|rule| {
         std::fs::canonicalize(&rule.prefix).is_ok_and(|prefix| resolved.starts_with(prefix))
     });
     match rule {
-        None => Err(format!(
-            "hostPath {path} is not allowed on this node (the agent allows {})",
-            if config.host_paths.is_empty() {
+        None => Err(VolumeRefused::HostPathNotAllowed {
+            path: path.to_string(),
+            allowed: if config.host_paths.is_empty() {
                 "none; see --allow-host-path".to_string()
             } else {
                 config
@@ -135,11 +182,11 @@ fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBu
                     .map(|r| r.prefix.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            }
-        )),
-        Some(rule) if writable && !rule.writable => Err(format!(
-            "hostPath {path} may only be mounted read-only on this node"
-        )),
+            },
+        }),
+        Some(rule) if writable && !rule.writable => Err(VolumeRefused::HostPathReadOnly {
+            path: path.to_string(),
+        }),
         Some(_) => Ok(resolved),
     }
 }
@@ -223,7 +270,8 @@ impl Mounts {
                     (mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?, true)
                 }
                 Some(volume::Source::HostPath(path)) => (
-                    host_path(path, !v.read_only, config).map_err(Exit::Volume)?,
+                    host_path(path, !v.read_only, config)
+                        .map_err(|e| Exit::Volume(flotilla_telemetry::error_chain(&e)))?,
                     !v.read_only,
                 ),
                 Some(volume::Source::Config(reference)) => {
@@ -439,9 +487,11 @@ mod tests {
         assert!(host_path(sub.to_str().expect("utf-8"), false, &config).is_ok());
         assert!(
             host_path(sub.to_str().expect("utf-8"), true, &config)
-                .is_err_and(|e| e.contains("read-only"))
+                .is_err_and(|e| matches!(e, VolumeRefused::HostPathReadOnly { .. }))
         );
-        assert!(host_path("/etc", false, &config).is_err_and(|e| e.contains("not allowed")));
+        assert!(
+            host_path("/etc", false, &config).is_err_and(|e| e.to_string().contains("not allowed"))
+        );
         // A symlink inside the allowed directory to outside it is refused too.
         std::os::unix::fs::symlink("/etc", allowed.join("etc")).expect("symlink");
         let through = allowed.join("etc");
