@@ -67,14 +67,15 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
 }
 
-/// A running control plane.
+/// A running control plane. Every task it starts is tracked in its cluster's
+/// [`tasks`](Cluster::tasks) and drained by [`shutdown`](Self::shutdown).
 pub struct ControlPlane {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    stopping: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<anyhow::Result<()>>,
     controller: JoinHandle<()>,
     cluster: Arc<Cluster>,
+    shutdown_grace: Duration,
 }
 
 impl ControlPlane {
@@ -99,28 +100,23 @@ impl ControlPlane {
                 let store = KubeStore::start(client.clone());
                 let control_plane =
                     Self::start_with(config.clone(), store.clone(), modules, None).await?;
-                let stop = control_plane.stopping.subscribe();
-                let stopped = move || {
-                    let mut stop = stop.clone();
-                    async move {
-                        let _ = stop.wait_for(|stopping| *stopping).await;
-                    }
-                };
-                tokio::spawn(kubernetes::nodes::publish(
+                let cluster = &control_plane.cluster;
+                let stopped = || cluster.shutdown.clone().cancelled_owned();
+                cluster.tasks.spawn(kubernetes::nodes::publish(
                     client.clone(),
-                    control_plane.cluster.clone(),
+                    cluster.clone(),
                     config.node_startup_grace,
                     stopped(),
                 ));
-                tokio::spawn(kubernetes::config::publish(
+                cluster.tasks.spawn(kubernetes::config::publish(
                     client.clone(),
-                    control_plane.cluster.clone(),
+                    cluster.clone(),
                     stopped(),
                 ));
-                tokio::spawn(kubernetes::events::publish(
+                cluster.tasks.spawn(kubernetes::events::publish(
                     client,
                     store,
-                    control_plane.cluster.clone(),
+                    cluster.clone(),
                     instance,
                     stopped(),
                 ));
@@ -143,7 +139,7 @@ impl ControlPlane {
                 .context("opening the ConfigMap and Secret store")?,
             None => ConfigStore::kubernetes(cluster.clone()),
         };
-        let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+        let stopped = || cluster.shutdown.clone().cancelled_owned();
 
         let controller = Controller::new(
             store.clone(),
@@ -151,10 +147,9 @@ impl ControlPlane {
             cluster.clone(),
         )
         .with_startup_grace(config.node_startup_grace);
-        let mut controller_stop = stop_seen.clone();
-        let controller = tokio::spawn(controller.run(config.node_heartbeat_timeout, async move {
-            let _ = controller_stop.wait_for(|stopping| *stopping).await;
-        }));
+        let controller = cluster
+            .tasks
+            .spawn(controller.run(config.node_heartbeat_timeout, stopped()));
 
         // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
         let agents = AgentService::new(
@@ -200,19 +195,16 @@ impl ControlPlane {
             "serving"
         );
         if let Some(listener) = metrics_listener {
-            let cluster = cluster.clone();
-            let mut metrics_stop = stop_seen.clone();
-            tokio::spawn(flotilla_telemetry::serve_metrics(
+            let scraped = cluster.clone();
+            cluster.tasks.spawn(flotilla_telemetry::serve_metrics(
                 listener,
-                move || cluster.encode_metrics(),
-                async move {
-                    let _ = metrics_stop.wait_for(|stopping| *stopping).await;
-                },
+                move || scraped.encode_metrics(),
+                stopped(),
             ));
         }
 
-        let mut server_stop = stop_seen.clone();
-        let mut grace_stop = stop_seen;
+        let server_stop = stopped();
+        let grace_stop = stopped();
         let grace = config.shutdown_grace;
         let served_cluster = cluster.clone();
         let mut builder = tonic::transport::Server::builder();
@@ -221,7 +213,7 @@ impl ControlPlane {
                 .tls_config(tls.config())
                 .context("configuring TLS")?;
         }
-        let server = tokio::spawn(async move {
+        let server = cluster.tasks.spawn(async move {
             let serve = builder
                 .add_service(
                     WorkloadService::new(store, modules)
@@ -230,15 +222,13 @@ impl ControlPlane {
                         .into_server(),
                 )
                 .add_service(agents.into_server())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    let _ = server_stop.wait_for(|stopping| *stopping).await;
-                });
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop);
             // Graceful shutdown waits for every connection to close; watch streams never would,
             // so the grace period bounds it.
             tokio::select! {
                 result = serve => result.context("serving the API")?,
                 () = async {
-                    let _ = grace_stop.wait_for(|stopping| *stopping).await;
+                    grace_stop.await;
                     tokio::time::sleep(grace).await;
                 } => tracing::warn!(?grace, "connections still open after the grace period; closing them"),
             }
@@ -247,10 +237,10 @@ impl ControlPlane {
         Ok(Self {
             addr,
             metrics_addr,
-            stopping,
             server,
             controller,
             cluster,
+            shutdown_grace: grace,
         })
     }
 
@@ -264,17 +254,28 @@ impl ControlPlane {
         self.metrics_addr
     }
 
-    /// Stops serving and reconciling.
+    /// Stops serving and reconciling, then waits for every task it started (agent sessions,
+    /// watches, publishers) to end, for at most the shutdown grace period once the server has
+    /// stopped.
     ///
     /// # Errors
     /// The server failed while running.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        // Nobody listening any more is fine.
-        let _ = self.stopping.send(true);
+        self.cluster.shutdown.cancel();
+        self.cluster.tasks.close();
         if let Err(error) = self.controller.await {
             tracing::error!(%error, "the controller task failed");
         }
         self.server.await.context("the server task failed")??;
+        if tokio::time::timeout(self.shutdown_grace, self.cluster.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.cluster.tasks.len(),
+                "tasks still running after the grace period; leaving them"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -13,11 +13,13 @@ pub use self::config::{ConfigKey, ConfigSet};
 pub use self::events::{Event, EventLog, Notice};
 pub use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
 pub use self::routes::RouteTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 pub use self::sessions::Sessions;
 use crate::metrics::Metrics;
 
 /// The live cluster, in memory. Agents rebuild it by reconnecting after a restart.
-#[derive(Default)]
 pub struct Cluster {
     /// Registered nodes, their readiness and what they run.
     pub nodes: NodeRegistry,
@@ -31,6 +33,26 @@ pub struct Cluster {
     pub config: ConfigSet,
     /// Counters and gauges served at `/metrics`.
     pub metrics: Metrics,
+    /// Every task the control plane spawns, drained on shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled when the control plane shuts down: long-lived tasks end on it.
+    pub shutdown: CancellationToken,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        let tasks = TaskTracker::new();
+        Self {
+            nodes: NodeRegistry::default(),
+            sessions: Sessions::new(tasks.clone()),
+            events: EventLog::default(),
+            routes: RouteTable::default(),
+            config: ConfigSet::default(),
+            metrics: Metrics::default(),
+            tasks,
+            shutdown: CancellationToken::new(),
+        }
+    }
 }
 
 // === impl Cluster ===

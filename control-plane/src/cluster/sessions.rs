@@ -13,6 +13,7 @@ use std::time::Duration;
 use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::{ControlMessage, StreamLogs, control_message};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 /// Messages down one agent's session.
@@ -32,9 +33,19 @@ const LOG_BUFFER: usize = 32;
 pub struct Sessions {
     live: Mutex<HashMap<String, (String, SessionSender)>>,
     pending: Arc<Mutex<HashMap<String, LogSender>>>,
+    /// Where the upload timeouts run.
+    tasks: TaskTracker,
 }
 
 impl Sessions {
+    /// Sessions whose log requests time out in tasks of `tasks`.
+    pub fn new(tasks: TaskTracker) -> Self {
+        Self {
+            tasks,
+            ..Self::default()
+        }
+    }
+
     /// Records the session `session_id` of `node`, replacing an older one.
     pub fn open(&self, node: &str, session_id: &str, down: SessionSender) {
         lock(&self.live).insert(node.to_string(), (session_id.to_string(), down));
@@ -82,7 +93,7 @@ impl Sessions {
         // An agent that never answers must not leave the user waiting forever.
         let pending = self.pending.clone();
         let node = node.to_string();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(UPLOAD_TIMEOUT).await;
             let unanswered = lock(&pending).remove(&request_id);
             if let Some(tx) = unanswered {

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use self::rollout::Revisions;
 use crate::cluster::routes::{route_of, serving_ingresses};
@@ -224,8 +225,10 @@ impl<S: WorkloadStore> Controller<S> {
         let mut first_error = None;
         for workload in workloads {
             let key = workload.key().to_string();
+            let span = tracing::debug_span!("reconcile", workload = %key);
             let outcome = AssertUnwindSafe(self.reconcile_workload(workload, &mut pass))
                 .catch_unwind()
+                .instrument(span)
                 .await;
             let error = match outcome {
                 Ok(Ok(())) => continue,

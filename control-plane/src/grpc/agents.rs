@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::convert::{module_status, store_status, url_module_status};
 use crate::cluster::config::{self, ConfigKey, NodeConfigState};
@@ -264,101 +265,119 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let mut routes = self.cluster.routes.subscribe();
         routes.mark_changed();
         let mut config = self.cluster.config.subscribe();
-        let down = tokio::spawn(async move {
-            let mut desired = NodeDesiredState::new(down_node);
-            let mut node_config = NodeConfigState::default();
-            let mut routes_open = true;
-            let mut config_open = true;
-            loop {
-                let mut messages = Vec::with_capacity(2);
-                tokio::select! {
-                    biased;
-                    event = watch.next() => {
-                        let update = match event {
-                            None => return,
-                            Some(Ok(WatchEvent::Restarted(all))) => desired.reset(&all),
-                            Some(Ok(WatchEvent::Applied(w))) => desired.applied(&w),
-                            Some(Ok(WatchEvent::Deleted(w))) => desired.deleted(&w),
-                            Some(Err(error)) => {
-                                let _ = tx.send(Err(store_status(error))).await;
-                                return;
+        let span = tracing::info_span!("agent_session", node = %node);
+        let shutdown = self.cluster.shutdown.clone();
+        let down = self.cluster.tasks.spawn(
+            async move {
+                let mut desired = NodeDesiredState::new(down_node);
+                let mut node_config = NodeConfigState::default();
+                let mut routes_open = true;
+                let mut config_open = true;
+                loop {
+                    let mut messages = Vec::with_capacity(2);
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return,
+                        event = watch.next() => {
+                            let update = match event {
+                                None => return,
+                                Some(Ok(WatchEvent::Restarted(all))) => desired.reset(&all),
+                                Some(Ok(WatchEvent::Applied(w))) => desired.applied(&w),
+                                Some(Ok(WatchEvent::Deleted(w))) => desired.deleted(&w),
+                                Some(Err(error)) => {
+                                    let _ = tx.send(Err(store_status(error))).await;
+                                    return;
+                                }
+                            };
+                            if let Some(update) = update {
+                                let objects = config.borrow().clone();
+                                messages.extend(
+                                    node_config
+                                        .update(&desired.config_refs(), &objects)
+                                        .map(control_message::Kind::Config),
+                                );
+                                messages.push(control_message::Kind::Desired(update));
                             }
-                        };
-                        if let Some(update) = update {
-                            let objects = config.borrow().clone();
+                        }
+                        changed = config.changed(), if config_open => {
+                            config_open = changed.is_ok();
+                            let objects = config.borrow_and_update().clone();
                             messages.extend(
                                 node_config
                                     .update(&desired.config_refs(), &objects)
                                     .map(control_message::Kind::Config),
                             );
-                            messages.push(control_message::Kind::Desired(update));
                         }
-                    }
-                    changed = config.changed(), if config_open => {
-                        config_open = changed.is_ok();
-                        let objects = config.borrow_and_update().clone();
-                        messages.extend(
-                            node_config
-                                .update(&desired.config_refs(), &objects)
-                                .map(control_message::Kind::Config),
-                        );
-                    }
-                    changed = routes.changed(), if routes_open => {
-                        routes_open = changed.is_ok();
-                        let table = routes.borrow_and_update().clone();
-                        if routes_open {
-                            messages.push(control_message::Kind::Routes(ClusterRoutes {
-                                routes: table.to_vec(),
-                            }));
+                        changed = routes.changed(), if routes_open => {
+                            routes_open = changed.is_ok();
+                            let table = routes.borrow_and_update().clone();
+                            if routes_open {
+                                messages.push(control_message::Kind::Routes(ClusterRoutes {
+                                    routes: table.to_vec(),
+                                }));
+                            }
                         }
-                    }
-                };
-                for kind in messages {
-                    let message = ControlMessage { kind: Some(kind) };
-                    if tx.send(Ok(message)).await.is_err() {
-                        return; // The agent has gone.
+                    };
+                    for kind in messages {
+                        let message = ControlMessage { kind: Some(kind) };
+                        if tx.send(Ok(message)).await.is_err() {
+                            return; // The agent has gone.
+                        }
                     }
                 }
             }
-        });
+            .instrument(span.clone()),
+        );
 
         // Up: heartbeats until the stream ends, then the node is lost.
         let cluster = self.cluster.clone();
-        tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
-                match message {
-                    Ok(AgentMessage {
-                        kind: Some(agent_message::Kind::Heartbeat(beat)),
-                    }) => {
-                        let running = beat
-                            .workloads
-                            .into_iter()
-                            .map(|w| {
-                                let reported = Reported {
-                                    generation: w.generation,
-                                    running: u64::from(w.running),
-                                    available: u64::from(w.available),
-                                    succeeded: u64::from(w.succeeded),
-                                };
-                                ((w.key, w.generation), reported)
-                            })
-                            .collect();
-                        cluster.metrics.heartbeat();
-                        cluster.nodes.report(&node, running);
-                        cluster.events.record(&node, beat.events);
-                    }
-                    Ok(_) => {}
-                    Err(status) => {
-                        tracing::info!(%node, %status, "agent stream failed");
+        self.cluster.tasks.spawn(
+            async move {
+                loop {
+                    let message = tokio::select! {
+                        () = cluster.shutdown.cancelled() => break,
+                        message = inbound.next() => message,
+                    };
+                    let Some(message) = message else {
                         break;
+                    };
+                    match message {
+                        Ok(AgentMessage {
+                            kind: Some(agent_message::Kind::Heartbeat(beat)),
+                        }) => {
+                            let running = beat
+                                .workloads
+                                .into_iter()
+                                .map(|w| {
+                                    let reported = Reported {
+                                        generation: w.generation,
+                                        running: u64::from(w.running),
+                                        available: u64::from(w.available),
+                                        succeeded: u64::from(w.succeeded),
+                                    };
+                                    ((w.key, w.generation), reported)
+                                })
+                                .collect();
+                            cluster.metrics.heartbeat();
+                            cluster.nodes.report(&node, running);
+                            cluster.events.record(&node, beat.events);
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            tracing::info!(%node, %status, "agent stream failed");
+                            break;
+                        }
                     }
                 }
+                if !cluster.shutdown.is_cancelled() {
+                    tracing::warn!(%node, "agent disconnected; node marked not ready");
+                }
+                cluster.sessions.close(&node, &session_id);
+                cluster.nodes.mark_lost(&node);
+                down.abort();
             }
-            tracing::warn!(%node, "agent disconnected; node marked not ready");
-            cluster.sessions.close(&node, &session_id);
-            cluster.nodes.mark_lost(&node);
-            down.abort();
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -154,8 +154,16 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut watch = self.store.watch().await.map_err(store_status)?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Some(event) = watch.next().await {
+        let shutdown = self.cluster.shutdown.clone();
+        self.cluster.tasks.spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    event = watch.next() => event,
+                };
+                let Some(event) = event else {
+                    return;
+                };
                 let message = event.map_err(store_status).and_then(|event| {
                     let (kind, workloads) = match event {
                         WatchEvent::Restarted(all) => (watch_event::Type::Restarted, all),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use flotilla_model::module::ModuleCheckError;
 
+use super::limits::LimitsError;
 use super::volumes::VolumeRefused;
 
 /// Why a workload could not be prepared.
@@ -51,8 +52,8 @@ pub enum SandboxError {
     #[error("module has no callable `_start: func()` export; only WASI command modules can run")]
     MissingStart,
     /// The workload asks for more than the agent allows per sandbox.
-    #[error("{0}")]
-    Limits(String),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
     /// A `hostPath` volume the agent does not allow, or `items` that would leave a volume.
     #[error(transparent)]
     VolumeNotAllowed(#[from] VolumeRefused),

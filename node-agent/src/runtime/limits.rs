@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use wasmtime::ResourceLimiter;
 
-use super::error::SandboxError;
-
 /// Limits resolved for one workload from its spec and the agent's defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SandboxLimits {
@@ -41,28 +39,28 @@ impl SandboxLimits {
     /// of `epoch_tick`.
     ///
     /// # Errors
-    /// [`SandboxError::Limits`] naming the field over its maximum, or a memory request over
-    /// the memory limit. Checked here as at the control plane: the admin API and static
+    /// [`LimitsError`] naming the field over its maximum, or a memory request over the memory
+    /// limit. Checked here as at the control plane: the admin API and static
     /// manifests reach the agent without the control plane's validation.
     pub fn resolve(
         requested: &flotilla_model::SandboxLimits,
         defaults: &SandboxLimits,
         max_memory: u64,
         epoch_tick: Duration,
-    ) -> Result<Self, SandboxError> {
+    ) -> Result<Self, LimitsError> {
         let memory_bytes = requested.memory.unwrap_or(defaults.memory_bytes);
         if memory_bytes > max_memory {
-            return Err(SandboxError::Limits(format!(
-                "resources.limits.memory: {memory_bytes} bytes is over the agent's per-sandbox \
-                 maximum of {max_memory}"
-            )));
+            return Err(LimitsError::MemoryOverMaximum {
+                requested: memory_bytes,
+                maximum: max_memory,
+            });
         }
         let memory_request_bytes = match (requested.memory_request, requested.memory) {
             (Some(request), _) if request > memory_bytes => {
-                return Err(SandboxError::Limits(format!(
-                    "resources.requests.memory: {request} bytes is over the memory limit of \
-                     {memory_bytes}"
-                )));
+                return Err(LimitsError::RequestOverLimit {
+                    request,
+                    limit: memory_bytes,
+                });
             }
             (Some(request), _) => request,
             // As with a Pod, a limit without a request requests the limit.
@@ -73,10 +71,10 @@ impl SandboxLimits {
             .logs
             .filter(|l| *l > flotilla_model::MAX_LOG_BYTES)
         {
-            return Err(SandboxError::Limits(format!(
-                "resources.limits.logs: {logs} bytes is over the per-sandbox maximum of {}",
-                flotilla_model::MAX_LOG_BYTES
-            )));
+            return Err(LimitsError::LogsOverMaximum {
+                requested: logs,
+                maximum: flotilla_model::MAX_LOG_BYTES,
+            });
         }
         let max = Duration::from_secs(flotilla_model::MAX_DURATION_SECONDS as u64);
         for (field, duration) in [
@@ -84,9 +82,11 @@ impl SandboxLimits {
             ("activeDeadlineSeconds", requested.deadline),
         ] {
             if let Some(duration) = duration.filter(|d| *d > max) {
-                return Err(SandboxError::Limits(format!(
-                    "{field}: {duration:?} is over the maximum of {max:?}"
-                )));
+                return Err(LimitsError::DurationOverMaximum {
+                    field,
+                    requested: duration,
+                    maximum: max,
+                });
             }
         }
         let tick = epoch_tick.as_millis().max(1) as u64;
@@ -114,6 +114,50 @@ impl SandboxLimits {
         self.memory_request_bytes
             .saturating_add(u64::try_from(self.log_bytes).unwrap_or(u64::MAX))
     }
+}
+
+/// Why a workload's limits are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    /// A memory limit over the agent's per-sandbox maximum (its pool slot).
+    #[error(
+        "resources.limits.memory: {requested} bytes is over the agent's per-sandbox maximum of \
+         {maximum}"
+    )]
+    MemoryOverMaximum {
+        /// The limit asked for.
+        requested: u64,
+        /// The agent's maximum.
+        maximum: u64,
+    },
+    /// A memory request over the memory limit.
+    #[error("resources.requests.memory: {request} bytes is over the memory limit of {limit}")]
+    RequestOverLimit {
+        /// The request.
+        request: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A log ring over the per-sandbox ceiling.
+    #[error(
+        "resources.limits.logs: {requested} bytes is over the per-sandbox maximum of {maximum}"
+    )]
+    LogsOverMaximum {
+        /// The ring asked for.
+        requested: u64,
+        /// The ceiling.
+        maximum: u64,
+    },
+    /// A duration over the ceiling of every duration.
+    #[error("{field}: {requested:?} is over the maximum of {maximum:?}")]
+    DurationOverMaximum {
+        /// The field.
+        field: &'static str,
+        /// The duration asked for.
+        requested: Duration,
+        /// The ceiling.
+        maximum: Duration,
+    },
 }
 
 /// The error with which a sandbox traps when it grows past its memory limit.

@@ -11,9 +11,9 @@
 //!
 //! | file | what it holds |
 //! |---|---|
-//! | `error` | why a workload could not be prepared |
 //! | `limits`, `exit` | what one sandbox may use; how one run ended |
 //! | `logs`, `volumes/` | a sandbox's log ring and its directories |
+//! | `error` | why a workload could not be prepared |
 //! | `config`, `capacity` | [`RuntimeConfig`], the process-wide settings; what the agent holds |
 //! | `sandbox` | the [`SandboxRuntime`] boundary |
 //! | `engine` | [`Engines`]: engine configuration, pooling allocator, epoch ticker, cross-compiling |
