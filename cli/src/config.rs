@@ -24,7 +24,7 @@ pub struct Sources {
     #[arg(long = "from-file")]
     pub files: Vec<String>,
     /// The namespace.
-    #[arg(short, long, default_value = flotilla_control_plane::model::DEFAULT_NAMESPACE)]
+    #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
     pub namespace: String,
 }
 
@@ -32,7 +32,7 @@ pub struct Sources {
 fn data(sources: &Sources) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
     let mut data = BTreeMap::new();
     let mut add = |key: String, value: Vec<u8>| -> anyhow::Result<()> {
-        if !flotilla_control_plane::model::config::is_config_key(&key) {
+        if !flotilla_model::config::is_config_key(&key) {
             bail!("key {key:?}: must consist of alphanumerics, '-', '_' or '.'");
         }
         if data.insert(key.clone(), value).is_some() {

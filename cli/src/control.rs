@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use flotilla_control_plane::kubernetes;
-use flotilla_control_plane::model::{Condition, Workload};
+use flotilla_model::{Condition, Workload};
 use flotilla_proto::agent::v1::ConfigObject;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{

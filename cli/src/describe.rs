@@ -2,7 +2,7 @@
 //! arguments: its environment, mounts and volumes, as `kubectl describe pod` lays them out.
 //! Values from ConfigMaps and Secrets appear as references, never as values.
 
-use flotilla_control_plane::model::{EnvFromSource, EnvVar, Volume, VolumeMount, WorkloadSpec};
+use flotilla_model::{EnvFromSource, EnvVar, Volume, VolumeMount, WorkloadSpec};
 use flotilla_proto::from_model;
 
 /// The `Environment:`, `Mounts:` and `Volumes:` sections of `spec`, one line each; none for
@@ -87,7 +87,7 @@ fn volume_mount(mount: &VolumeMount, writable: bool) -> String {
 
 /// `name: Kind source, settings`.
 fn volume(v: &Volume) -> String {
-    let items = |items: &[flotilla_control_plane::model::KeyToPath]| {
+    let items = |items: &[flotilla_model::KeyToPath]| {
         if items.is_empty() {
             String::new()
         } else {
@@ -100,7 +100,7 @@ fn volume(v: &Volume) -> String {
     };
     let source = if let Some(empty) = &v.empty_dir {
         let mut settings = Vec::new();
-        if empty.medium == Some(flotilla_control_plane::model::StorageMedium::Memory) {
+        if empty.medium == Some(flotilla_model::StorageMedium::Memory) {
             settings.push("medium Memory".to_string());
         }
         if let Some(limit) = &empty.size_limit {

@@ -190,7 +190,7 @@ async fn print_output(agent_url: &str, sandboxes: &[SandboxStatus]) {
 }
 
 /// One request to each HTTP workload applied, through the agent's ingress, with its answer.
-async fn print_http(ingress: SocketAddr, applied: &[flotilla_control_plane::model::Workload]) {
+async fn print_http(ingress: SocketAddr, applied: &[flotilla_model::Workload]) {
     for workload in applied {
         let Some(http) = &workload.spec.http else {
             continue;

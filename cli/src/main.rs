@@ -131,7 +131,7 @@ enum Commands {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// The namespace of ConfigMaps and Secrets.
-        #[arg(short, long, default_value = flotilla_control_plane::model::DEFAULT_NAMESPACE)]
+        #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
         namespace: String,
     },
     /// Shows a workload in detail: spec, placements, conditions and recent failures.
@@ -162,7 +162,7 @@ enum Commands {
         /// The object's name.
         name: String,
         /// The namespace of ConfigMaps and Secrets.
-        #[arg(short, long, default_value = flotilla_control_plane::model::DEFAULT_NAMESPACE)]
+        #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Seconds sandboxes get to end (agent).
         #[arg(long, default_value_t = 5)]

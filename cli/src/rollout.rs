@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use flotilla_control_plane::model::Workload;
+use flotilla_model::Workload;
 use flotilla_proto::control::v1::{ApplyRequest, watch_event};
 use tokio_stream::StreamExt;
 use tonic::Code;

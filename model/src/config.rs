@@ -141,7 +141,7 @@ pub(crate) fn validate(
             }
         };
         if let Err(message) = validate_name(&name.0.name) {
-            fail(&format!("{field}.{}.name", name.1), message);
+            fail(&format!("{field}.{}.name", name.1), message.to_string());
         }
         if source.prefix.as_deref().is_some_and(|p| p.contains('=')) {
             fail(&format!("{field}.prefix"), "must not contain '='".into());
@@ -151,7 +151,7 @@ pub(crate) fn validate(
 
 fn validate_selector(selector: &KeySelector, field: &str, fail: &mut impl FnMut(&str, String)) {
     if let Err(message) = validate_name(&selector.name) {
-        fail(&format!("{field}.name"), message);
+        fail(&format!("{field}.name"), message.to_string());
     }
     if !is_config_key(&selector.key) {
         fail(

@@ -289,7 +289,7 @@ impl HttpSpec {
         if let Some(host) = &self.host
             && let Err(message) = validate_name(host)
         {
-            fail("spec.http.host", message);
+            fail("spec.http.host", message.to_string());
         }
         let prefix = self.path_prefix();
         if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) || prefix.contains("//") {
@@ -313,7 +313,7 @@ impl HttpSpec {
             match parse_bounded_duration(timeout) {
                 Ok(d) if d.is_zero() => fail("spec.http.timeout", "must be > 0".into()),
                 Ok(_) => {}
-                Err(message) => fail("spec.http.timeout", message),
+                Err(message) => fail("spec.http.timeout", message.to_string()),
             }
         }
     }
@@ -652,12 +652,12 @@ impl Workload {
             fail("kind", format!("must be {WORKLOAD_KIND}"));
         }
         if let Err(message) = validate_name(&self.metadata.name) {
-            fail("metadata.name", message);
+            fail("metadata.name", message.to_string());
         }
         if !self.metadata.namespace.is_empty()
             && let Err(message) = validate_name(&self.metadata.namespace)
         {
-            fail("metadata.namespace", message);
+            fail("metadata.namespace", message.to_string());
         }
         let spec = &self.spec;
         if spec.replicas < 0 {
@@ -723,12 +723,12 @@ impl Workload {
             if let Some(memory) = &list.memory
                 && let Err(message) = parse_bytes(memory)
             {
-                fail(&format!("{path}.memory"), message);
+                fail(&format!("{path}.memory"), message.to_string());
             }
             if let Some(cpu) = &list.cpu
                 && let Err(message) = parse_cpu_millis(cpu)
             {
-                fail(&format!("{path}.cpu"), message);
+                fail(&format!("{path}.cpu"), message.to_string());
             }
         }
         if spec.resources.requests.cpu_time.is_some() || spec.resources.requests.logs.is_some() {
@@ -740,7 +740,7 @@ impl Workload {
         if let Some(t) = &spec.resources.limits.cpu_time
             && let Err(message) = parse_bounded_duration(t)
         {
-            fail("spec.resources.limits.cpuTime", message);
+            fail("spec.resources.limits.cpuTime", message.to_string());
         }
         if let Some(logs) = &spec.resources.limits.logs {
             match parse_bytes(logs) {
@@ -749,7 +749,7 @@ impl Workload {
                     format!("{logs:?}: must be at most 16Mi"),
                 ),
                 Ok(_) => {}
-                Err(message) => fail("spec.resources.limits.logs", message),
+                Err(message) => fail("spec.resources.limits.logs", message.to_string()),
             }
         }
         if let (Ok(request), Ok(limit)) = (
@@ -814,11 +814,57 @@ impl Workload {
     }
 }
 
+/// A name that is no lowercase RFC 1123 subdomain.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?}: must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.'; alphanumeric at both \
+     ends; at most 253 characters)"
+)]
+pub struct InvalidName(pub String);
+
+/// A quantity that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    /// No number where a byte quantity was expected.
+    #[error("{0:?}: not a quantity (e.g. 64Mi)")]
+    NotAQuantity(String),
+    /// A suffix that is no unit.
+    #[error("{value:?}: unknown suffix {suffix:?}")]
+    UnknownSuffix {
+        /// The quantity.
+        value: String,
+        /// The suffix.
+        suffix: String,
+    },
+    /// A quantity past `u64`.
+    #[error("{0:?}: too large")]
+    TooLarge(String),
+    /// Not a CPU quantity.
+    #[error("{0:?}: not a CPU quantity (e.g. 250m or 0.5)")]
+    NotACpuQuantity(String),
+}
+
+/// A duration that does not parse or is over [`MAX_DURATION_SECONDS`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DurationError {
+    /// Not a duration.
+    #[error("{value:?}: {cause}")]
+    Invalid {
+        /// The value.
+        value: String,
+        /// Why it does not parse.
+        cause: humantime::DurationError,
+    },
+    /// Longer than the ceiling of every duration.
+    #[error("{0:?}: must be at most {MAX_DURATION_SECONDS}s")]
+    OverMaximum(String),
+}
+
 /// Object names follow Kubernetes: lowercase RFC 1123 subdomains.
 ///
 /// # Errors
-/// A message saying what the name must look like.
-pub fn validate_name(name: &str) -> Result<(), String> {
+/// [`InvalidName`].
+pub fn validate_name(name: &str) -> Result<(), InvalidName> {
     let valid_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
@@ -828,10 +874,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         .zip(name.bytes().last())
         .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 253 || !valid_chars || !alnum_ends {
-        return Err(format!(
-            "{name:?}: must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.'; alphanumeric \
-             at both ends; at most 253 characters)"
-        ));
+        return Err(InvalidName(name.to_string()));
     }
     Ok(())
 }
@@ -845,8 +888,8 @@ fn is_sha256(s: &str) -> bool {
 /// Parses a Kubernetes byte quantity: `123`, `64Ki`, `16Mi`, `1Gi`, `1k`, `5M`, `2G`.
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn parse_bytes(value: &str) -> Result<u64, String> {
+/// [`QuantityError`] naming the bad value.
+pub fn parse_bytes(value: &str) -> Result<u64, QuantityError> {
     let value = value.trim();
     let split = value
         .find(|c: char| !c.is_ascii_digit())
@@ -854,7 +897,7 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
     let (number, suffix) = value.split_at(split);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("{value:?}: not a quantity (e.g. 64Mi)"))?;
+        .map_err(|_| QuantityError::NotAQuantity(value.to_string()))?;
     let multiplier: u64 = match suffix {
         "" => 1,
         "k" => 1_000,
@@ -865,23 +908,29 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        _ => return Err(format!("{value:?}: unknown suffix {suffix:?}")),
+        _ => {
+            return Err(QuantityError::UnknownSuffix {
+                value: value.to_string(),
+                suffix: suffix.to_string(),
+            });
+        }
     };
     number
         .checked_mul(multiplier)
-        .ok_or_else(|| format!("{value:?}: too large"))
+        .ok_or_else(|| QuantityError::TooLarge(value.to_string()))
 }
 
 /// Parses a duration such as `2s` or `500ms`, at most [`MAX_DURATION_SECONDS`].
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn parse_bounded_duration(value: &str) -> Result<std::time::Duration, String> {
-    let duration = humantime::parse_duration(value).map_err(|e| format!("{value:?}: {e}"))?;
+/// [`DurationError`] naming the bad value.
+pub fn parse_bounded_duration(value: &str) -> Result<std::time::Duration, DurationError> {
+    let duration = humantime::parse_duration(value).map_err(|cause| DurationError::Invalid {
+        value: value.to_string(),
+        cause,
+    })?;
     if duration.as_secs() > MAX_DURATION_SECONDS as u64 {
-        return Err(format!(
-            "{value:?}: must be at most {MAX_DURATION_SECONDS}s"
-        ));
+        return Err(DurationError::OverMaximum(value.to_string()));
     }
     Ok(duration)
 }
@@ -889,10 +938,10 @@ pub fn parse_bounded_duration(value: &str) -> Result<std::time::Duration, String
 /// Parses a CPU quantity into millicores: `250m`, `1`, `0.5`, `2.25`.
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn parse_cpu_millis(value: &str) -> Result<u64, String> {
+/// [`QuantityError::NotACpuQuantity`].
+pub fn parse_cpu_millis(value: &str) -> Result<u64, QuantityError> {
     let value = value.trim();
-    let bad = || format!("{value:?}: not a CPU quantity (e.g. 250m or 0.5)");
+    let bad = || QuantityError::NotACpuQuantity(value.to_string());
     if let Some(millis) = value.strip_suffix('m') {
         return millis.parse().map_err(|_| bad());
     }

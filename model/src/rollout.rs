@@ -84,13 +84,38 @@ impl fmt::Display for IntOrPercent {
     }
 }
 
+/// A `maxSurge` or `maxUnavailable` that is neither a count nor a percentage, or negative.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntOrPercentError {
+    /// Neither a count nor a percentage.
+    #[error("{0}: must be a count or a percentage such as 25%")]
+    Invalid(String),
+    /// A negative count or percentage.
+    #[error("{0}: must be >= 0")]
+    Negative(String),
+}
+
+/// Why `flotilla rollout undo` has no revision to go back to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    /// The revision asked for is the current one.
+    #[error("revision {0} is the current one")]
+    IsCurrent(u64),
+    /// The revision asked for is not kept.
+    #[error("revision {0} is not in the history")]
+    NotInHistory(u64),
+    /// There is no older revision.
+    #[error("no previous revision to go back to")]
+    NoPrevious,
+}
+
 impl IntOrPercent {
     /// The value against `total`: a percentage of it rounded up or down, or the count.
     ///
     /// # Errors
     /// A negative count, or a string that is neither a count nor a percentage.
-    pub fn resolve(&self, total: u64, round_up: bool) -> Result<u64, String> {
-        let invalid = || format!("{self}: must be a count or a percentage such as 25%");
+    pub fn resolve(&self, total: u64, round_up: bool) -> Result<u64, IntOrPercentError> {
+        let invalid = || IntOrPercentError::Invalid(self.to_string());
         let (value, percent) = match self {
             Self::Int(n) => (*n, false),
             Self::String(s) => match s.strip_suffix('%') {
@@ -98,7 +123,8 @@ impl IntOrPercent {
                 None => (s.parse::<i64>().map_err(|_| invalid())?, false),
             },
         };
-        let value = u64::try_from(value).map_err(|_| format!("{self}: must be >= 0"))?;
+        let value =
+            u64::try_from(value).map_err(|_| IntOrPercentError::Negative(self.to_string()))?;
         if !percent {
             return Ok(value);
         }
@@ -175,7 +201,10 @@ impl Strategy {
             match value.resolve(100, true) {
                 Ok(0) => zero += 1,
                 Ok(_) => {}
-                Err(message) => fail(&format!("spec.strategy.rollingUpdate.{field}"), message),
+                Err(message) => fail(
+                    &format!("spec.strategy.rollingUpdate.{field}"),
+                    message.to_string(),
+                ),
             }
             if let IntOrPercent::String(s) = value
                 && let Some(percent) = s.strip_suffix('%')
@@ -280,22 +309,20 @@ impl WorkloadStatus {
     ///
     /// # Errors
     /// No such revision, or no older one.
-    pub fn rollback_target(&self, to: Option<u64>) -> Result<&RevisionStatus, String> {
+    pub fn rollback_target(&self, to: Option<u64>) -> Result<&RevisionStatus, RollbackError> {
         let old = self
             .revisions
             .iter()
             .filter(|r| r.revision != self.revision && r.template.is_some());
         match to {
-            Some(number) if number == self.revision => {
-                Err(format!("revision {number} is the current one"))
-            }
+            Some(number) if number == self.revision => Err(RollbackError::IsCurrent(number)),
             Some(number) => old
                 .clone()
                 .find(|r| r.revision == number)
-                .ok_or_else(|| format!("revision {number} is not in the history")),
+                .ok_or(RollbackError::NotInHistory(number)),
             None => old
                 .max_by_key(|r| r.revision)
-                .ok_or_else(|| "no previous revision to go back to".to_string()),
+                .ok_or(RollbackError::NoPrevious),
         }
     }
 }

@@ -358,18 +358,18 @@ fn rollback_targets_the_previous_revision_or_the_one_named() {
     assert!(
         status
             .rollback_target(Some(2))
-            .is_err_and(|e| e.contains("not in the history"))
+            .is_err_and(|e| e.to_string().contains("not in the history"))
     );
     assert!(
         status
             .rollback_target(Some(5))
-            .is_err_and(|e| e.contains("the current one"))
+            .is_err_and(|e| e.to_string().contains("the current one"))
     );
     status.revisions.truncate(1);
     assert!(
         status
             .rollback_target(None)
-            .is_err_and(|e| e.contains("no previous revision"))
+            .is_err_and(|e| e.to_string().contains("no previous revision"))
     );
 
     // The template comes back; the count, placement and update settings stay.

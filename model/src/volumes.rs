@@ -144,7 +144,7 @@ pub(crate) fn validate(
     for (i, volume) in volumes.iter().enumerate() {
         let field = format!("spec.volumes[{i}]");
         if let Err(message) = validate_name(&volume.name) {
-            fail(&format!("{field}.name"), message);
+            fail(&format!("{field}.name"), message.to_string());
         }
         if !names.insert(volume.name.as_str()) {
             fail(
@@ -172,25 +172,25 @@ pub(crate) fn validate(
             match parse_bytes(limit) {
                 Ok(0) => fail(&format!("{field}.emptyDir.sizeLimit"), "must be > 0".into()),
                 Ok(_) => {}
-                Err(message) => fail(&format!("{field}.emptyDir.sizeLimit"), message),
+                Err(message) => fail(&format!("{field}.emptyDir.sizeLimit"), message.to_string()),
             }
         }
         if let Some(config_map) = &volume.config_map {
             if let Err(message) = validate_name(&config_map.name) {
-                fail(&format!("{field}.configMap.name"), message);
+                fail(&format!("{field}.configMap.name"), message.to_string());
             }
             validate_items(&config_map.items, &format!("{field}.configMap"), fail);
         }
         if let Some(secret) = &volume.secret {
             if let Err(message) = validate_name(&secret.secret_name) {
-                fail(&format!("{field}.secret.secretName"), message);
+                fail(&format!("{field}.secret.secretName"), message.to_string());
             }
             validate_items(&secret.items, &format!("{field}.secret"), fail);
         }
         if let Some(host) = &volume.host_path
             && let Err(message) = validate_absolute(&host.path)
         {
-            fail(&format!("{field}.hostPath.path"), message);
+            fail(&format!("{field}.hostPath.path"), message.to_string());
         }
     }
     let mut paths = std::collections::BTreeSet::new();
@@ -205,7 +205,7 @@ pub(crate) fn validate(
         }
         if let Some(sub_path) = &mount.sub_path {
             if let Err(message) = validate_relative_path(sub_path) {
-                fail(&format!("{field}.subPath"), message);
+                fail(&format!("{field}.subPath"), message.to_string());
             } else if volume.is_some_and(|v| v.config_map.is_some() || v.secret.is_some()) {
                 fail(
                     &format!("{field}.subPath"),
@@ -216,7 +216,7 @@ pub(crate) fn validate(
             }
         }
         if let Err(message) = validate_absolute(&mount.mount_path) {
-            fail(&format!("{field}.mountPath"), message);
+            fail(&format!("{field}.mountPath"), message.to_string());
         } else if !paths.insert(mount.mount_path.trim_end_matches('/')) {
             fail(
                 &format!("{field}.mountPath"),
@@ -242,7 +242,7 @@ fn validate_items(items: &[KeyToPath], field: &str, fail: &mut impl FnMut(&str, 
             );
         }
         if let Err(message) = validate_relative_path(&item.path) {
-            fail(&format!("{field}.path"), message);
+            fail(&format!("{field}.path"), message.to_string());
         } else if !paths.insert(item.path.as_str()) {
             fail(
                 &format!("{field}.path"),
@@ -265,45 +265,66 @@ fn validate_items(items: &[KeyToPath], field: &str, fail: &mut impl FnMut(&str, 
     }
 }
 
+/// A path that may not be used where it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// An empty path.
+    #[error("must not be empty")]
+    Empty,
+    /// An absolute path where a relative one belongs.
+    #[error("{0:?}: must be a relative path")]
+    NotRelative(String),
+    /// A relative path where an absolute one belongs.
+    #[error("{0:?}: must be an absolute path")]
+    NotAbsolute(String),
+    /// A path with a NUL byte.
+    #[error("{0:?}: must not contain NUL")]
+    Nul(String),
+    /// A relative path with segments that could leave its volume.
+    #[error("{0:?}: must not contain empty, . or .. segments, or segments starting with ..")]
+    RelativeSegments(String),
+    /// An absolute path with `.` or `..` segments.
+    #[error("{0:?}: must not contain . or .. segments")]
+    AbsoluteSegments(String),
+}
+
 /// Checks a path inside a volume: relative, without empty, `.` or `..` segments, and without
 /// segments starting with `..` (names the agent keeps for itself).
 ///
 /// # Errors
-/// What is wrong with it.
-pub fn validate_relative_path(path: &str) -> Result<(), String> {
+/// [`PathError`] saying what is wrong with it.
+pub fn validate_relative_path(path: &str) -> Result<(), PathError> {
     if path.is_empty() {
-        return Err("must not be empty".into());
+        return Err(PathError::Empty);
     }
     if path.starts_with('/') {
-        return Err(format!("{path:?}: must be a relative path"));
+        return Err(PathError::NotRelative(path.to_string()));
     }
     if path.contains('\0') {
-        return Err(format!("{path:?}: must not contain NUL"));
+        return Err(PathError::Nul(path.to_string()));
     }
     if path
         .split('/')
         .any(|segment| segment.is_empty() || segment == "." || segment.starts_with(".."))
     {
-        return Err(format!(
-            "{path:?}: must not contain empty, . or .. segments, or segments starting with .."
-        ));
+        return Err(PathError::RelativeSegments(path.to_string()));
     }
     Ok(())
 }
 
 /// An absolute path without `.` or `..` segments.
-fn validate_absolute(path: &str) -> Result<(), String> {
+fn validate_absolute(path: &str) -> Result<(), PathError> {
     if !path.starts_with('/') {
-        return Err(format!("{path:?}: must be an absolute path"));
+        return Err(PathError::NotAbsolute(path.to_string()));
     }
     if path
         .split('/')
         .any(|segment| segment == ".." || segment == ".")
     {
-        return Err(format!("{path:?}: must not contain . or .. segments"));
+        return Err(PathError::AbsoluteSegments(path.to_string()));
     }
     if path.contains('\0') {
-        return Err(format!("{path:?}: must not contain NUL"));
+        return Err(PathError::Nul(path.to_string()));
     }
     Ok(())
 }

@@ -172,7 +172,10 @@ impl TryFrom<Args> for Config {
     fn try_from(args: Args) -> Result<Self, ConfigError> {
         let tls = client_tls(&args)?;
         let bytes = |flag: &'static str, value: &str| {
-            parse_bytes(value).map_err(|message| ConfigError { flag, message })
+            parse_bytes(value).map_err(|error| ConfigError {
+                flag,
+                message: error.to_string(),
+            })
         };
         let mut runtime = RuntimeConfig {
             max_sandboxes: args.max_sandboxes,
@@ -322,9 +325,9 @@ fn control_config(
         });
     }
     let node_name = node_name.unwrap_or_else(crate::runtime::host_name);
-    flotilla_model::validate_name(&node_name).map_err(|message| ConfigError {
+    flotilla_model::validate_name(&node_name).map_err(|error| ConfigError {
         flag: "node-name",
-        message,
+        message: error.to_string(),
     })?;
     let mut parsed = std::collections::BTreeMap::new();
     for label in labels.iter().filter(|l| !l.is_empty()) {

@@ -1,6 +1,7 @@
 //! [`WasmtimeRuntime`]: the [`SandboxRuntime`] built on wasmtime, assembled from the pieces of
 //! this module: [`Engines`], [`Artifacts`], [`Stores`] and the [`Instantiator`].
 
+use std::future::Future;
 use std::sync::Arc;
 
 use flotilla_proto::agent::v1::WorkloadSpec;
@@ -152,17 +153,18 @@ impl SandboxRuntime for WasmtimeRuntime {
         Ok(Arc::new(prepared))
     }
 
-    async fn instantiate(
+    // The instantiator's future itself, not one wrapping it: it lives in every sandbox's task,
+    // so a wrapper's state would cost each sandbox its size again.
+    fn instantiate(
         &self,
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
         volumes: &mut Option<Arc<Mounts>>,
-    ) -> Result<WasmtimeInstance, Exit> {
+    ) -> impl Future<Output = Result<WasmtimeInstance, Exit>> + Send {
         self.inner
             .instantiator
             .instantiate(prepared, sandbox, logs, volumes)
-            .await
     }
 
     fn capacity(&self) -> &Capacity {

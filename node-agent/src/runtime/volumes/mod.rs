@@ -20,6 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use flotilla_model::volumes::PathError;
 use flotilla_proto::agent::v1::{Volume, volume};
 pub use flotilla_proto::config::ConfigKey;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
@@ -111,14 +112,14 @@ pub enum VolumeRefused {
         path: String,
     },
     /// An `items` path or a `subPath` that would leave its volume.
-    #[error("volume {volume}: {field} {message}")]
+    #[error("volume {volume}: {field} {reason}")]
     EscapingPath {
         /// The volume.
         volume: String,
         /// `items path` or `subPath`.
         field: &'static str,
         /// What is wrong with the path.
-        message: String,
+        reason: PathError,
     },
     /// A `subPath` on a ConfigMap or Secret volume.
     #[error("volume {0}: subPath is not supported for configMap and secret volumes")]
@@ -131,10 +132,10 @@ pub enum VolumeRefused {
 /// The `hostPath` the agent does not allow (or a writable mount of a read-only one), or an
 /// `items` path or `subPath` that would leave its volume.
 pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), VolumeRefused> {
-    let escaping = |volume: &Volume, field, message| VolumeRefused::EscapingPath {
+    let escaping = |volume: &Volume, field, reason| VolumeRefused::EscapingPath {
         volume: volume.name.clone(),
         field,
-        message,
+        reason,
     };
     for v in volumes {
         match &v.source {
