@@ -273,11 +273,14 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                 let mut node_config = NodeConfigState::default();
                 let mut routes_open = true;
                 let mut config_open = true;
+                // Registered once, not at every turn of the loop.
+                let stopped = shutdown.cancelled();
+                tokio::pin!(stopped);
                 loop {
                     let mut messages = Vec::with_capacity(2);
                     tokio::select! {
                         biased;
-                        () = shutdown.cancelled() => return,
+                        () = &mut stopped => return,
                         event = watch.next() => {
                             let update = match event {
                                 None => return,
@@ -333,9 +336,11 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let cluster = self.cluster.clone();
         self.cluster.tasks.spawn(
             async move {
+                let stopped = cluster.shutdown.cancelled();
+                tokio::pin!(stopped);
                 loop {
                     let message = tokio::select! {
-                        () = cluster.shutdown.cancelled() => break,
+                        () = &mut stopped => break,
                         message = inbound.next() => message,
                     };
                     let Some(message) = message else {

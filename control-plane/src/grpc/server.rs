@@ -156,9 +156,11 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.cluster.shutdown.clone();
         self.cluster.tasks.spawn(async move {
+            let stopped = shutdown.cancelled();
+            tokio::pin!(stopped);
             loop {
                 let event = tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = &mut stopped => return,
                     event = watch.next() => event,
                 };
                 let Some(event) = event else {
