@@ -7,12 +7,14 @@
 //! [`ingress`], which runs every request in a fresh sandbox. [`agent::Agent`] assembles the
 //! pieces into a running process.
 
-pub mod admin;
+mod admin;
 pub mod agent;
 pub mod config;
 pub mod control;
-pub mod ingress;
+mod ingress;
 pub mod manifest;
 pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
+
+pub use self::ingress::IngressConfig;
