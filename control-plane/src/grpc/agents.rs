@@ -255,6 +255,10 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let session_id = hello.session_id;
         self.cluster.nodes.heartbeat(&node);
         let mut watch = self.store.watch().await.map_err(store_status)?;
+        // Both directions end when the control plane shuts down, as when the agent leaves.
+        let stopped = || Box::pin(self.cluster.shutdown.clone().cancelled_owned());
+        let mut inbound = futures::StreamExt::take_until(inbound, stopped());
+        let mut down_stopped = stopped();
         let (tx, rx) = mpsc::channel(16);
         self.cluster.sessions.open(&node, &session_id, tx.clone());
 
@@ -266,21 +270,17 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         routes.mark_changed();
         let mut config = self.cluster.config.subscribe();
         let span = tracing::info_span!("agent_session", node = %node);
-        let shutdown = self.cluster.shutdown.clone();
         let down = self.cluster.tasks.spawn(
             async move {
                 let mut desired = NodeDesiredState::new(down_node);
                 let mut node_config = NodeConfigState::default();
                 let mut routes_open = true;
                 let mut config_open = true;
-                // Registered once, not at every turn of the loop.
-                let stopped = shutdown.cancelled();
-                tokio::pin!(stopped);
                 loop {
                     let mut messages = Vec::with_capacity(2);
                     tokio::select! {
                         biased;
-                        () = &mut stopped => return,
+                        () = &mut down_stopped => return,
                         event = watch.next() => {
                             let update = match event {
                                 None => return,
@@ -336,16 +336,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let cluster = self.cluster.clone();
         self.cluster.tasks.spawn(
             async move {
-                let stopped = cluster.shutdown.cancelled();
-                tokio::pin!(stopped);
-                loop {
-                    let message = tokio::select! {
-                        () = &mut stopped => break,
-                        message = inbound.next() => message,
-                    };
-                    let Some(message) = message else {
-                        break;
-                    };
+                while let Some(message) = inbound.next().await {
                     match message {
                         Ok(AgentMessage {
                             kind: Some(agent_message::Kind::Heartbeat(beat)),

@@ -153,11 +153,10 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         _request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut watch = self.store.watch().await.map_err(store_status)?;
+        // Ends when the control plane shuts down, as when the client leaves.
+        let mut stopped = Box::pin(self.cluster.shutdown.clone().cancelled_owned());
         let (tx, rx) = mpsc::channel(64);
-        let shutdown = self.cluster.shutdown.clone();
         self.cluster.tasks.spawn(async move {
-            let stopped = shutdown.cancelled();
-            tokio::pin!(stopped);
             loop {
                 let event = tokio::select! {
                     () = &mut stopped => return,
