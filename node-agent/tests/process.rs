@@ -1,5 +1,6 @@
 //! The agent binary as a real process: static manifests, the admin gRPC API, metrics, SIGTERM.
 
+#[path = "all/common.rs"]
 mod common;
 
 use std::io::{Read, Write};

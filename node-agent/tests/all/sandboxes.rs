@@ -1,10 +1,8 @@
 //! Sandboxes end to end through the supervisor and a real wasmtime runtime.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::metrics::Metrics;
 use flotilla_node_agent::runtime::EpochTicker;
 use flotilla_node_agent::supervisor::{ApplyError, Supervisor, SupervisorConfig};

@@ -2,11 +2,9 @@
 //! to leave its mounts, fills a size-limited emptyDir, and reads ConfigMap files and Secret
 //! environment variables, updated while it runs.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::runtime::RuntimeConfig;
 use flotilla_node_agent::runtime::volumes::HostPathRule;
 use flotilla_node_agent::supervisor::Supervisor;

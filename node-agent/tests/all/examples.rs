@@ -1,11 +1,9 @@
 //! The examples a newcomer runs: their guests are built from the committed sources, and every
 //! manifest does what its comment says.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::manifest;
 use flotilla_proto::agent::v1::SandboxPhase;
 

@@ -1,10 +1,8 @@
 //! 1,000 faulty sandboxes beside 100 healthy ones: every healthy one completes correctly.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::metrics::Metrics;
 use flotilla_node_agent::supervisor::backoff::BackoffConfig;
 use flotilla_node_agent::supervisor::{Supervisor, SupervisorConfig};

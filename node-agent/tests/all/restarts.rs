@@ -1,10 +1,8 @@
 //! Restart policies and crash-loop backoff, with tokio's clock paused.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::metrics::Metrics;
 use flotilla_node_agent::supervisor::{Supervisor, SupervisorConfig};
 use flotilla_proto::agent::v1::{RestartPolicy, SandboxPhase};

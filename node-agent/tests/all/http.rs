@@ -1,14 +1,12 @@
 //! HTTP workloads through a real agent's ingress: real sockets, the committed C guests, a fresh
 //! sandbox per request.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
 use clap::Parser;
-use common::*;
 use flotilla_node_agent::agent::Agent;
 use flotilla_node_agent::config::{Args, Config};
 use flotilla_proto::agent::v1::{HttpRoute, Resources, RestartPolicy, SandboxPhase, WorkloadSpec};

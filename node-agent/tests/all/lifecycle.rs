@@ -1,11 +1,9 @@
 //! Workload lifecycle on one agent: scaling, new generations, admission, the compiled-module
 //! cache and cross-architecture precompilation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_node_agent::runtime::{
     RuntimeConfig, SandboxError, SandboxRuntime, capacity, precompile_for_target,
 };

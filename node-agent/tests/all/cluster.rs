@@ -1,12 +1,10 @@
 //! The core loop in one process over loopback gRPC: a control plane (embedded store,
 //! controller, user API, agent protocol) and two agents with real wasmtime supervisors.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_control_plane::cluster::Cluster;
 use flotilla_control_plane::controller::Controller;
 use flotilla_control_plane::grpc::{AgentService, WorkloadService};

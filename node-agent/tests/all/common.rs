@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flotilla_node_agent::metrics::Metrics;
@@ -67,13 +68,20 @@ pub fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
-/// A runtime sized for tests: small enough for the default vm.max_map_count.
+/// A runtime sized for tests: small enough for the default vm.max_map_count, with a volume
+/// directory of its own (the tests share one process).
 pub fn runtime_config() -> RuntimeConfig {
+    static RUNTIMES: AtomicU64 = AtomicU64::new(0);
     let mut config = RuntimeConfig {
         max_sandboxes: 4_000,
         max_memory_per_sandbox: 64 << 20,
         ..RuntimeConfig::default()
     };
+    config.volumes.dir = std::env::temp_dir().join(format!(
+        "flotilla-test-volumes-{}-{}",
+        std::process::id(),
+        RUNTIMES.fetch_add(1, Ordering::Relaxed)
+    ));
     config.default_limits.memory_bytes = 32 << 20;
     config
 }
