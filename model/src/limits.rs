@@ -57,15 +57,10 @@ impl WorkloadSpec {
         }
     }
 
-    /// The bytes of one sandbox's log ring: `resources.limits.logs`, or [`DEFAULT_LOG_BYTES`].
-    /// Call on a validated spec; an unparsable quantity counts as unset.
-    pub fn log_bytes(&self) -> u64 {
-        self.sandbox_limits().logs.unwrap_or(DEFAULT_LOG_BYTES)
-    }
-
     /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
-    /// requests its limit; memory also counts the sandbox's log ring, which lives in the agent's
-    /// heap. Call on a validated spec; unparsable quantities count as zero.
+    /// requests its limit; memory also counts the sandbox's log ring (`resources.limits.logs`,
+    /// or [`DEFAULT_LOG_BYTES`]), which lives in the agent's heap. Call on a validated spec;
+    /// unparsable quantities count as zero.
     pub fn requests(&self) -> Requests {
         let limits = self.sandbox_limits();
         let memory = limits.memory_request.or(limits.memory).unwrap_or(0);

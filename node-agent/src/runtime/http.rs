@@ -1,10 +1,11 @@
 //! HTTP workloads: a fresh sandbox for every request.
 //!
 //! A replica of an HTTP workload is a [`HttpPool`] registered in the ingress's [`HttpRoutes`]
-//! under its host and path prefix for as long as the replica runs. The pool owns nothing per request: each
-//! request gets a new `Store` and instance of the pre-linked `wasi:http/proxy` component (from
-//! the pooling allocator's warm slots), runs under the workload's memory, CPU-time and
-//! wall-clock limits, and is dropped when the guest returns. No state survives a request.
+//! under its host and path prefix for as long as the replica runs. The pool owns nothing per
+//! request: each request gets a new `Store` and instance of the pre-linked `wasi:http/proxy`
+//! component (from the pooling allocator's warm slots), runs under the workload's memory,
+//! CPU-time and wall-clock limits, and is dropped when the guest returns. No state survives a
+//! request.
 
 use std::sync::Arc;
 use std::time::Duration;
