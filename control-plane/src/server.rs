@@ -140,6 +140,9 @@ impl ControlPlane {
             None => ConfigStore::kubernetes(cluster.clone()),
         };
         let stopped = || cluster.shutdown.clone().cancelled_owned();
+        cluster
+            .tasks
+            .spawn(cluster.desired.clone().run(store.clone(), stopped()));
 
         let controller = Controller::new(
             store.clone(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, WorkloadSpec, volume};
 pub use flotilla_proto::config::ConfigKey;
-use flotilla_proto::control::v1::{ConfigObjectKey, ConfigObjects};
+use flotilla_proto::control::v1::{ConfigObjectKey, ConfigObjects, DesiredState};
 use tokio::sync::watch;
 
 /// Every ConfigMap and Secret, by key.
@@ -70,6 +70,34 @@ pub fn references(spec: &WorkloadSpec) -> impl Iterator<Item = ConfigKey> + '_ {
         .map(move |r| key(r.kind(), &r.name));
     let env_from = spec.env_from.iter().map(move |f| key(f.kind(), &f.name));
     volumes.chain(env).chain(env_from)
+}
+
+/// The objects each workload sent to one node refers to, kept as its desired set changes.
+#[derive(Default)]
+pub struct NodeConfigRefs {
+    by_workload: BTreeMap<String, Vec<ConfigKey>>,
+}
+
+impl NodeConfigRefs {
+    /// Follows one desired-state message: a complete set replaces all, a delta adds the
+    /// changed revisions and drops the removed ones.
+    pub fn apply(&mut self, desired: &DesiredState) {
+        if !desired.incremental {
+            self.by_workload.clear();
+        }
+        for name in &desired.removed {
+            self.by_workload.remove(name);
+        }
+        for spec in desired.workloads.iter().filter_map(|w| w.spec.as_ref()) {
+            self.by_workload
+                .insert(spec.name.clone(), references(spec).collect());
+        }
+    }
+
+    /// Every object the node's workloads refer to.
+    pub fn all(&self) -> BTreeSet<ConfigKey> {
+        self.by_workload.values().flatten().cloned().collect()
+    }
 }
 
 /// What one node has been sent, turned into the next message as its workloads or the objects

@@ -1,15 +1,18 @@
 //! What the control plane knows about its node agents, shared by the agent protocol, the user
 //! API and the controller: the [`NodeRegistry`], the live [`Sessions`] (which also relay logs)
-//! and the [`EventLog`] of sandbox failures, the HTTP [`RouteTable`], the [`ConfigSet`] of
-//! ConfigMaps and Secrets, with the control plane's [`Metrics`].
+//! and the [`EventLog`] of sandbox failures, the [`DesiredIndex`] of what each node should run,
+//! the HTTP [`RouteTable`], the [`ConfigSet`] of ConfigMaps and Secrets, with the control
+//! plane's [`Metrics`].
 
 pub mod config;
+pub mod desired;
 pub mod events;
 pub mod nodes;
 pub mod routes;
 pub mod sessions;
 
 pub use self::config::{ConfigKey, ConfigSet};
+pub use self::desired::DesiredIndex;
 pub use self::events::{Event, EventLog, Notice};
 pub use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
 pub use self::routes::RouteTable;
@@ -27,6 +30,8 @@ pub struct Cluster {
     pub sessions: Sessions,
     /// Recent sandbox failures.
     pub events: EventLog,
+    /// What each node should run, fed by [`DesiredIndex::run`].
+    pub desired: DesiredIndex,
     /// Which node ingresses serve each HTTP workload.
     pub routes: RouteTable,
     /// The ConfigMaps and Secrets workloads may refer to.
@@ -46,6 +51,7 @@ impl Default for Cluster {
             nodes: NodeRegistry::default(),
             sessions: Sessions::new(tasks.clone()),
             events: EventLog::default(),
+            desired: DesiredIndex::default(),
             routes: RouteTable::default(),
             config: ConfigSet::default(),
             metrics: Metrics::default(),

@@ -4,23 +4,22 @@
 //! node's name cannot be taken by another agent. `Session` is one long-lived stream per agent:
 //! the agent says Hello, then heartbeats with per-workload counts and aggregated failure
 //! events; the control plane sends the node's full desired set when the stream opens, then
-//! only the workloads whose share on that node changed. The session also carries log requests,
+//! only the workloads whose share on that node changed, as the
+//! [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log requests,
 //! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::agent::v1::{ModuleSource, WorkloadSpec};
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
-    AgentMessage, ClusterRoutes, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
-    FetchModuleResponse, LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse,
-    agent_message, control_message, log_upload,
+    AgentMessage, ClusterRoutes, ControlMessage, FetchModuleRequest, FetchModuleResponse,
+    LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse, agent_message,
+    control_message, log_upload,
 };
-use flotilla_proto::from_model::agent_workload_spec;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -29,12 +28,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::{module_status, store_status, url_module_status};
-use crate::cluster::config::{self, ConfigKey, NodeConfigState};
+use crate::cluster::config::{NodeConfigRefs, NodeConfigState};
 use crate::cluster::{Cluster, Reported};
-use crate::model::{TaintEffect, Workload, WorkloadSpec as ModelSpec, validate_name};
+use crate::model::{TaintEffect, validate_name};
 use crate::modules::{ModuleError, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeInfo, NodeResources};
-use crate::store::{WatchEvent, WorkloadStore};
+use crate::store::WorkloadStore;
 
 /// The agent protocol over a store and a node registry.
 pub struct AgentService<S> {
@@ -254,7 +253,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let node = hello.node_name;
         let session_id = hello.session_id;
         self.cluster.nodes.heartbeat(&node);
-        let mut watch = self.store.watch().await.map_err(store_status)?;
+        let mut desired = self.cluster.desired.subscribe(&node);
         // Both directions end when the control plane shuts down, as when the agent leaves.
         let stopped = || Box::pin(self.cluster.shutdown.clone().cancelled_owned());
         let mut inbound = futures::StreamExt::take_until(inbound, stopped());
@@ -265,14 +264,13 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         // Down: the full desired set on open, then what changes; the ConfigMaps and Secrets its
         // workloads use, before the workloads that need them; and the cluster's HTTP routes, on
         // open and whenever they change.
-        let down_node = node.clone();
         let mut routes = self.cluster.routes.subscribe();
         routes.mark_changed();
         let mut config = self.cluster.config.subscribe();
         let span = tracing::info_span!("agent_session", node = %node);
         let down = self.cluster.tasks.spawn(
             async move {
-                let mut desired = NodeDesiredState::new(down_node);
+                let mut node_refs = NodeConfigRefs::default();
                 let mut node_config = NodeConfigState::default();
                 let mut routes_open = true;
                 let mut config_open = true;
@@ -281,33 +279,25 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                     tokio::select! {
                         biased;
                         () = &mut down_stopped => return,
-                        event = watch.next() => {
-                            let update = match event {
-                                None => return,
-                                Some(Ok(WatchEvent::Restarted(all))) => desired.reset(&all),
-                                Some(Ok(WatchEvent::Applied(w))) => desired.applied(&w),
-                                Some(Ok(WatchEvent::Deleted(w))) => desired.deleted(&w),
-                                Some(Err(error)) => {
-                                    let _ = tx.send(Err(store_status(error))).await;
-                                    return;
-                                }
-                            };
-                            if let Some(update) = update {
-                                let objects = config.borrow().clone();
-                                messages.extend(
-                                    node_config
-                                        .update(&desired.config_refs(), &objects)
-                                        .map(control_message::Kind::Config),
-                                );
-                                messages.push(control_message::Kind::Desired(update));
-                            }
+                        update = desired.next() => {
+                            let Some(update) = update else { return };
+                            node_refs.apply(&update);
+                            let objects = config.borrow().clone();
+                            messages.extend(
+                                node_config
+                                    .update(&node_refs.all(), &objects)
+                                    .map(control_message::Kind::Config),
+                            );
+                            messages.push(control_message::Kind::Desired(
+                                Arc::unwrap_or_clone(update),
+                            ));
                         }
                         changed = config.changed(), if config_open => {
                             config_open = changed.is_ok();
                             let objects = config.borrow_and_update().clone();
                             messages.extend(
                                 node_config
-                                    .update(&desired.config_refs(), &objects)
+                                    .update(&node_refs.all(), &objects)
                                     .map(control_message::Kind::Config),
                             );
                         }
@@ -467,213 +457,6 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         Ok(Response::new(UploadLogsResponse {}))
     }
 }
-
-/// What one node has been told to run, turned into the next message as workloads change.
-///
-/// The first message is complete; later ones carry only the revisions whose share or spec on
-/// this node changed, and the agent workload names that left it. Each store event costs one
-/// workload's comparison, not a pass over every workload.
-pub struct NodeDesiredState {
-    node: String,
-    /// Per workload key, what was sent for each of its revisions, by agent workload name.
-    sent: BTreeMap<String, Revisions>,
-    started: bool,
-}
-
-/// One workload's revisions on a node (almost always one, two during an update), each named by
-/// its `spec.name`. A vector: a map per workload and node would cost a node allocation each.
-type Revisions = Vec<DesiredWorkload>;
-
-/// The agent workload name of a revision.
-fn name_of(revision: &DesiredWorkload) -> &str {
-    revision.spec.as_ref().map_or("", |s| s.name.as_str())
-}
-
-/// What `now` changes against `sent`: revisions new or different, and names that left.
-fn diff(sent: &[DesiredWorkload], now: &[DesiredWorkload]) -> (Vec<DesiredWorkload>, Vec<String>) {
-    let removed = sent
-        .iter()
-        .map(name_of)
-        .filter(|name| !now.iter().any(|w| name_of(w) == *name))
-        .map(str::to_string)
-        .collect();
-    let changed = now.iter().filter(|w| !sent.contains(w)).cloned().collect();
-    (changed, removed)
-}
-
-impl NodeDesiredState {
-    /// Nothing sent yet to `node`.
-    pub fn new(node: String) -> Self {
-        Self {
-            node,
-            sent: BTreeMap::new(),
-            started: false,
-        }
-    }
-
-    /// Every workload, as after (re)starting a watch. The first call yields the complete set;
-    /// later calls yield the difference, if any.
-    pub fn reset(&mut self, all: &[Workload]) -> Option<DesiredState> {
-        let wanted: BTreeMap<String, Revisions> = all
-            .iter()
-            .filter_map(|w| {
-                let key = w.key().to_string();
-                // A workload the controller has not caught up with keeps what was sent.
-                let entry = if is_current(w) {
-                    desired_revisions(&self.node, w)
-                } else {
-                    self.sent.get(&key)?.clone()
-                };
-                (!entry.is_empty()).then_some((key, entry))
-            })
-            .collect();
-        if !self.started {
-            self.started = true;
-            self.sent = wanted;
-            return Some(DesiredState {
-                workloads: self.sent.values().flatten().cloned().collect(),
-                incremental: false,
-                removed: vec![],
-            });
-        }
-        let (mut changed, mut removed) = (Vec::new(), Vec::new());
-        let keys: BTreeSet<&String> = self.sent.keys().chain(wanted.keys()).collect();
-        for key in keys {
-            let sent = self.sent.get(key).map_or(&[][..], Vec::as_slice);
-            let now = wanted.get(key).map_or(&[][..], Vec::as_slice);
-            let (more, fewer) = diff(sent, now);
-            changed.extend(more);
-            removed.extend(fewer);
-        }
-        self.sent = wanted;
-        delta(changed, removed)
-    }
-
-    /// One workload was created or changed.
-    pub fn applied(&mut self, workload: &Workload) -> Option<DesiredState> {
-        if !self.started {
-            return None; // Watches begin with Restarted; nothing to compare with yet.
-        }
-        if !is_current(workload) {
-            // The spec changed and the controller has not placed it yet; its status write
-            // brings the change, so agents see one new template, not two.
-            return None;
-        }
-        let key = workload.key().to_string();
-        let wanted = desired_revisions(&self.node, workload);
-        let sent = self.sent.remove(&key).unwrap_or_default();
-        let (changed, removed) = diff(&sent, &wanted);
-        if !wanted.is_empty() {
-            self.sent.insert(key, wanted);
-        }
-        delta(changed, removed)
-    }
-
-    /// The ConfigMaps and Secrets the workloads sent to the node refer to.
-    pub fn config_refs(&self) -> BTreeSet<ConfigKey> {
-        self.sent
-            .values()
-            .flatten()
-            .filter_map(|w| w.spec.as_ref())
-            .flat_map(config::references)
-            .collect()
-    }
-
-    /// One workload was deleted.
-    pub fn deleted(&mut self, workload: &Workload) -> Option<DesiredState> {
-        let key = workload.key().to_string();
-        let sent = self.sent.remove(&key)?;
-        delta(
-            vec![],
-            sent.iter().map(|w| name_of(w).to_string()).collect(),
-        )
-    }
-}
-
-/// Whether the status describes the spec's generation.
-fn is_current(workload: &Workload) -> bool {
-    workload
-        .status
-        .as_ref()
-        .is_some_and(|s| s.observed_generation == workload.metadata.generation)
-}
-
-fn delta(workloads: Vec<DesiredWorkload>, removed: Vec<String>) -> Option<DesiredState> {
-    (!workloads.is_empty() || !removed.is_empty()).then_some(DesiredState {
-        workloads,
-        incremental: true,
-        removed,
-    })
-}
-
-/// The workload's revisions with a share of `node`, by agent workload name: the current one
-/// (the spec's template, `status.placements`) and old ones a rolling update has yet to replace
-/// (their own templates and placements).
-fn desired_revisions(node: &str, workload: &Workload) -> Revisions {
-    let mut out = Revisions::new();
-    let Some(status) = workload.status.as_ref() else {
-        return out;
-    };
-    let mut add = |template: &ModelSpec, hash: &str, generation: u64, replicas: u64| {
-        if replicas == 0 {
-            return;
-        }
-        let spec = agent_spec(workload.key(), template, hash, generation, replicas);
-        out.push(DesiredWorkload {
-            key: workload.key().to_string(),
-            spec: Some(spec),
-        });
-    };
-    let generation = Some(status.template_generation)
-        .filter(|&g| g > 0)
-        .unwrap_or(workload.metadata.generation);
-    let current = status.placements.get(node).copied().unwrap_or(0);
-    add(&workload.spec, &status.template_hash, generation, current);
-    for old in status
-        .revisions
-        .iter()
-        .filter(|r| r.revision != status.revision)
-    {
-        if let Some(template) = &old.template {
-            let replicas = old.placements.get(node).copied().unwrap_or(0);
-            add(template, &old.template_hash, old.generation, replicas);
-        }
-    }
-    // Held per node for as long as the workload runs there: no spare capacity.
-    out.shrink_to_fit();
-    out
-}
-
-/// The agent's spec for one revision of a workload: named `<namespace>.<name>-<hash>` (unique
-/// on the agent, as a ReplicaSet's pods carry the template hash), owned by
-/// `<namespace>.<name>`, the module pinned by digest, and `replicas` this node's share.
-fn agent_spec(
-    key: crate::model::WorkloadKey,
-    template: &ModelSpec,
-    hash: &str,
-    generation: u64,
-    replicas: u64,
-) -> WorkloadSpec {
-    let owner = format!("{}.{}", key.namespace, key.name);
-    let hash = hash.get(..REVISION_NAME_HASH_LEN).unwrap_or(hash);
-    let name = if hash.is_empty() {
-        owner.clone()
-    } else {
-        format!("{owner}-{hash}")
-    };
-    let module = ModuleSource {
-        source: None,
-        sha256: template.module.sha256.clone(),
-    };
-    let replicas = u32::try_from(replicas).unwrap_or(u32::MAX);
-    let mut spec = agent_workload_spec(template, name, generation, replicas, module);
-    spec.owner = owner;
-    spec.namespace = key.namespace;
-    spec
-}
-
-/// Hex digits of the template hash in a revision's agent workload name.
-const REVISION_NAME_HASH_LEN: usize = 10;
 
 /// Compares two secrets in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -45,6 +45,12 @@ async fn cluster_with_token(join_token: Option<&str>) -> Cluster {
     let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
     let controller = Controller::new(store.clone(), scheduler, cluster.clone());
     tokio::spawn(controller.run(Duration::from_secs(30), std::future::pending()));
+    tokio::spawn(
+        cluster
+            .desired
+            .clone()
+            .run(store.clone(), std::future::pending()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -27,6 +27,12 @@ async fn control_plane(dir: &std::path::Path) -> (String, EmbeddedStore) {
     let scheduler = Scheduler::new(&SchedulerConfig::default()).expect("scheduler");
     let controller = Controller::new(store.clone(), scheduler, cluster.clone());
     tokio::spawn(controller.run(Duration::from_secs(3), std::future::pending()));
+    tokio::spawn(
+        cluster
+            .desired
+            .clone()
+            .run(store.clone(), std::future::pending()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
