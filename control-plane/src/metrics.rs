@@ -25,6 +25,7 @@ pub struct Metrics {
     workloads: Gauge,
     replicas: Family<Labels, Gauge>,
     passes: Counter,
+    reconciles: Counter,
     pass_duration: Histogram,
     status_writes: Counter,
     reconcile_errors: Family<Labels, Counter>,
@@ -56,10 +57,16 @@ impl Metrics {
         );
         let passes = Counter::default();
         registry.register("reconcile_passes", "Controller passes", passes.clone());
+        let reconciles = Counter::default();
+        registry.register(
+            "reconciles",
+            "Workloads reconciled, over every pass",
+            reconciles.clone(),
+        );
         let pass_duration = Histogram::new(exponential_buckets(1e-5, 2.0, 22));
         registry.register(
             "reconcile_duration_seconds",
-            "Time of one controller pass over every workload",
+            "Time of one controller pass (the workloads it reconciles, over a snapshot of all)",
             pass_duration.clone(),
         );
         let status_writes = Counter::default();
@@ -93,6 +100,7 @@ impl Metrics {
             workloads,
             replicas,
             passes,
+            reconciles,
             pass_duration,
             status_writes,
             reconcile_errors,
@@ -101,9 +109,11 @@ impl Metrics {
         }
     }
 
-    /// Records a controller pass that wrote `written` statuses.
-    pub fn pass(&self, took: Duration, written: usize) {
+    /// Records a controller pass that reconciled `reconciled` workloads and wrote `written`
+    /// statuses.
+    pub fn pass(&self, took: Duration, reconciled: usize, written: usize) {
         self.passes.inc();
+        self.reconciles.inc_by(reconciled as u64);
         self.pass_duration.observe(took.as_secs_f64());
         self.status_writes.inc_by(written as u64);
     }

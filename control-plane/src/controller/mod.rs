@@ -14,18 +14,29 @@
 //! stop its sandboxes, and the finalizer goes (and with it the workload) once no ready node
 //! reports one running.
 //!
-//! [`Controller::run`] runs a pass on every store change and node change (coalescing bursts),
-//! and expires nodes that missed their heartbeats.
+//! The controller reconciles per workload, as kube-runtime's `Controller` does: a work queue
+//! holds the workloads to reconcile ([`run`](Controller::run) marks them as the store, nodes
+//! and agents' reports change), each reconcile ends in an [`Action`], and a failure goes to
+//! `error_policy`, which retries that workload alone with jittered backoff. Placement stays a
+//! batch over the whole snapshot: a [`pass`](Controller::pass) reconciles the queued workloads
+//! against every workload's allocations.
+//!
+//! | file | concept |
+//! |------|---------|
+//! | `queue.rs` | the work queue: marks, requeues, per-workload backoff |
+//! | `run.rs` | the loop: what marks which workloads, when a pass runs |
+//! | `rollout.rs` | revisions and the update strategies' targets |
+//! | `conditions.rs` | `Ready`, `Available`, `Progressing` |
 //!
 //! # Guarantees
 //! - A pass is idempotent: a second pass over unchanged input writes nothing.
+//! - One workload's failure, even a panic, delays that workload alone.
 //! - Replicas are only moved off a node when it is gone or not ready; scaling down takes from
 //!   gone, then unready, then the most loaded nodes.
 //! - After a restart, nodes named in placements but not yet reconnected keep their replicas for
 //!   a startup grace period, so restarting the control plane restarts no sandbox.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -33,6 +44,11 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::FutureExt;
 use tracing::Instrument;
 
+use self::conditions::{
+    available_condition, made_progress, now, progressing_condition, ready_condition, set_condition,
+};
+use self::queue::WorkQueue;
+pub use self::queue::{Action, Batch};
 use self::rollout::Revisions;
 use crate::cluster::routes::{route_of, serving_ingresses};
 use crate::cluster::{Cluster, Counts, Notice};
@@ -111,9 +127,8 @@ pub struct Controller<S> {
     cluster: Arc<Cluster>,
     /// Until then, placements on nodes the registry does not know yet are kept.
     grace_until: Option<Instant>,
-    /// The earliest progress deadline still running after the last pass: a pass then runs
-    /// even if nothing else changes.
-    next_deadline: std::sync::Mutex<Option<SystemTime>>,
+    /// Which workloads the next pass reconciles, and when.
+    queue: std::sync::Mutex<WorkQueue>,
 }
 
 /// One pass's node snapshot, agents' reports and totals, shared by its workloads in turn.
@@ -134,8 +149,29 @@ struct Pass {
     ready: u64,
     /// The ingress routes of every HTTP workload.
     routes: Vec<flotilla_proto::control::v1::ClusterRoute>,
-    /// The earliest progress deadline still running.
-    next_deadline: Option<SystemTime>,
+}
+
+impl Pass {
+    /// Counts a workload this pass does not reconcile, as its stored status has it.
+    fn count_unchanged(&mut self, workload: &Workload) {
+        self.desired += desired_replicas(workload);
+        if let Some(status) = &workload.status {
+            self.placed += status.replicas;
+            self.ready += status.ready_replicas;
+            self.routes
+                .extend(route_of(workload, status, &self.nodes, &self.index));
+        }
+    }
+}
+
+/// What a pass did.
+pub struct PassReport {
+    /// Statuses written.
+    pub written: usize,
+    /// Workloads reconciled.
+    pub reconciled: usize,
+    /// The first workload's failure, if any; each failing workload is requeued alone.
+    pub first_error: Option<Error>,
 }
 
 /// The message a panic was raised with.
@@ -155,7 +191,7 @@ impl<S: WorkloadStore> Controller<S> {
             scheduler,
             cluster,
             grace_until: None,
-            next_deadline: std::sync::Mutex::new(None),
+            queue: std::sync::Mutex::default(),
         }
     }
 
@@ -174,8 +210,23 @@ impl<S: WorkloadStore> Controller<S> {
     /// Reconciles every workload once; returns how many statuses it wrote.
     ///
     /// # Errors
-    /// A store failure or a failing plugin; workloads before it are reconciled.
+    /// A store failure, or the first workload that failed; the others are reconciled.
     pub async fn reconcile_all(&self) -> Result<usize, Error> {
+        let report = self.pass(&Batch::All).await?;
+        match report.first_error {
+            None => Ok(report.written),
+            Some(error) => Err(error),
+        }
+    }
+
+    /// Reconciles the workloads of `batch` over one snapshot of every workload and node, so
+    /// that placement weighs what all of them allocate. Each workload's outcome goes to the
+    /// queue: its [`Action`], or through `error_policy` a retry of it
+    /// alone. The totals and the route table cover every workload.
+    ///
+    /// # Errors
+    /// The store cannot list the workloads; no workload was reconciled.
+    pub async fn pass(&self, batch: &Batch) -> Result<PassReport, Error> {
         let workloads = self.store.list().await?;
         let running = self.cluster.nodes.running();
         let mut nodes = self.cluster.nodes.snapshot();
@@ -205,8 +256,12 @@ impl<S: WorkloadStore> Controller<S> {
             }
         }
 
-        let keys = workloads.iter().map(|w| w.key().to_string()).collect();
+        let keys: std::collections::BTreeSet<String> =
+            workloads.iter().map(|w| w.key().to_string()).collect();
         self.cluster.events.retain(&keys);
+        if *batch == Batch::All {
+            self.queue().retain(|key| keys.contains(key));
+        }
         let workload_count = workloads.len();
         let mut pass = Pass {
             nodes,
@@ -218,53 +273,76 @@ impl<S: WorkloadStore> Controller<S> {
             placed: 0,
             ready: 0,
             routes: Vec::new(),
-            next_deadline: None,
         };
-        // One workload's failure, even a panic, skips that workload alone: the others are
-        // reconciled, and the pass is retried with backoff.
-        let mut first_error = None;
+        let mut report = PassReport {
+            written: 0,
+            reconciled: 0,
+            first_error: None,
+        };
         for workload in workloads {
             let key = workload.key().to_string();
+            if !batch.contains(&key) {
+                pass.count_unchanged(&workload);
+                continue;
+            }
+            report.reconciled += 1;
+            // One workload's failure, even a panic, is that workload's alone.
             let span = tracing::debug_span!("reconcile", workload = %key);
             let outcome = AssertUnwindSafe(self.reconcile_workload(workload, &mut pass))
                 .catch_unwind()
                 .instrument(span)
                 .await;
-            let error = match outcome {
-                Ok(Ok(())) => continue,
-                Ok(Err(error)) => error,
-                Err(panic) => Error::Panicked {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(panic) => Err(Error::Panicked {
                     workload: key.clone(),
                     message: panic_message(panic.as_ref()),
-                },
+                }),
             };
-            tracing::warn!(workload = %key, error = %flotilla_telemetry::error_chain(&error), "cannot reconcile workload; the others go on");
-            self.cluster.metrics.reconcile_error(error.reason());
-            if let Error::Panicked { .. } = error {
-                self.cluster.events.notify(Notice {
-                    key,
-                    warning: true,
-                    reason: "ReconcileFailed".into(),
-                    message: error.to_string(),
-                });
+            match outcome {
+                Ok(action) => self.queue().done(&key, action),
+                Err(error) => {
+                    self.error_policy(&key, &error);
+                    report.first_error.get_or_insert(error);
+                }
             }
-            first_error.get_or_insert(error);
         }
         self.cluster
             .metrics
             .workloads(workload_count, pass.desired, pass.placed, pass.ready);
         pass.routes.sort_by(|a, b| a.workload.cmp(&b.workload));
         self.cluster.routes.publish(pass.routes);
-        *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner()) = pass.next_deadline;
-        match first_error {
-            None => Ok(pass.written),
-            Some(error) => Err(error),
+        report.written = pass.written;
+        Ok(report)
+    }
+
+    /// After a workload failed: retries it alone after its jittered backoff, counts the error
+    /// by reason, and, for a panic (a bug, not a passing condition), tells the workload's users.
+    fn error_policy(&self, key: &str, error: &Error) {
+        let retry_in = self.queue().failed(key);
+        tracing::warn!(workload = %key, error = %flotilla_telemetry::error_chain(error), ?retry_in, "cannot reconcile workload; the others go on");
+        self.cluster.metrics.reconcile_error(error.reason());
+        if let Error::Panicked { .. } = error {
+            self.cluster.events.notify(Notice {
+                key: key.to_string(),
+                warning: true,
+                reason: "ReconcileFailed".into(),
+                message: error.to_string(),
+            });
         }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, WorkQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reconciles one workload of `pass`: its finalizer, placements, counts and conditions,
     /// written back when they changed, and its release once it is deleted and stopped.
-    async fn reconcile_workload(&self, workload: Workload, pass: &mut Pass) -> Result<(), Error> {
+    async fn reconcile_workload(
+        &self,
+        workload: Workload,
+        pass: &mut Pass,
+    ) -> Result<Action, Error> {
         let terminating = !workload.metadata.deletion_timestamp.is_empty();
         if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
             self.add_finalizer(&workload).await?;
@@ -322,12 +400,15 @@ impl<S: WorkloadStore> Controller<S> {
             SystemTime::now(),
         );
         set_condition(&mut status.conditions, progressing);
-        if let Some(deadline) = deadline {
-            pass.next_deadline = Some(
-                pass.next_deadline
-                    .map_or(deadline, |d: SystemTime| d.min(deadline)),
-            );
-        }
+        // A deadline still running is looked at again when it passes (a far one within the
+        // hour, so no timer is ever set past what the clock can hold).
+        let action = deadline.map_or(Action::AwaitChange, |deadline| {
+            let wait = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(MAX_DEADLINE_WAIT);
+            Action::RequeueAfter(wait + Duration::from_millis(10))
+        });
         pass.desired += wanted;
         pass.placed += status.replicas;
         pass.ready += ready;
@@ -347,7 +428,7 @@ impl<S: WorkloadStore> Controller<S> {
         if terminating && placed_nowhere && !still_running {
             self.release(&workload, &version).await?;
         }
-        Ok(())
+        Ok(action)
     }
 
     /// At the end of the startup grace: which nodes with replicas never came back.
@@ -604,124 +685,6 @@ impl<S: WorkloadStore> Controller<S> {
         }
         placements.retain(|_, count| *count > 0);
     }
-
-    /// Runs passes on every store or node change until `shutdown` completes, expiring nodes
-    /// that have not heartbeated for `heartbeat_timeout`.
-    pub async fn run(self, heartbeat_timeout: Duration, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut node_changes = self.cluster.nodes.subscribe();
-        let mut new_events = self.cluster.events.subscribe();
-        let mut expiry =
-            tokio::time::interval((heartbeat_timeout / 2).max(Duration::from_millis(10)));
-        let mut retry_delay = Duration::from_millis(100);
-        // One pass when the startup grace ends drops the nodes that never came back.
-        let grace_end = tokio::time::sleep_until(
-            self.grace_until
-                .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
-        );
-        tokio::pin!(grace_end);
-        let mut grace_pending = self.grace_until.is_some();
-        // A failed pass is retried with backoff even if nothing else changes.
-        let requeue = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(requeue);
-        let mut requeue_pending = false;
-        let mut requeue_delay = MIN_REQUEUE_DELAY;
-        // A pass when the earliest progress deadline passes, even if nothing else changed.
-        let progress = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(progress);
-        let mut progress_pending = false;
-        'watch: loop {
-            let mut watch = match self.store.watch().await {
-                Ok(watch) => watch,
-                Err(error) => {
-                    tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "cannot watch workloads; retrying");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(retry_delay) => {}
-                    }
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => return,
-                    event = watch.next() => match event {
-                        None => continue 'watch,
-                        Some(Err(error)) => {
-                            tracing::warn!(error = %flotilla_telemetry::error_chain(&error), "watch failed; restarting it");
-                            continue 'watch;
-                        }
-                        // Coalesce a burst (our own status writes among them) into one pass.
-                        Some(Ok(_)) => while let Ok(Some(_)) =
-                            tokio::time::timeout(Duration::ZERO, watch.next()).await {},
-                    },
-                    changed = node_changes.changed() => if changed.is_err() { return },
-                    changed = new_events.changed() => if changed.is_err() { return },
-                    () = &mut requeue, if requeue_pending => {}
-                    () = &mut progress, if progress_pending => progress_pending = false,
-                    () = &mut grace_end, if grace_pending => {
-                        grace_pending = false;
-                        self.log_unreturned_nodes().await;
-                    }
-                    _ = expiry.tick() => {
-                        let expired = self.cluster.nodes.expire(heartbeat_timeout);
-                        if expired.is_empty() {
-                            continue;
-                        }
-                        tracing::warn!(nodes = ?expired, "nodes missed their heartbeats; rescheduling their replicas");
-                        node_changes.mark_unchanged();
-                    }
-                }
-                let pass_started = Instant::now();
-                // A panic outside any one workload's step (in the snapshot, say) fails this
-                // pass, never the controller.
-                let pass = match AssertUnwindSafe(self.reconcile_all()).catch_unwind().await {
-                    Ok(pass) => pass,
-                    Err(panic) => Err(Error::Panicked {
-                        workload: "(every workload)".into(),
-                        message: panic_message(panic.as_ref()),
-                    }),
-                };
-                self.cluster.metrics.pass(
-                    pass_started.elapsed(),
-                    pass.as_ref().map_or(0, |written| *written),
-                );
-                match pass {
-                    Ok(written) => {
-                        let deadline =
-                            *self.next_deadline.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(deadline) = deadline {
-                            // A far deadline is looked at again within the hour, so no
-                            // timer is ever set past what the clock can hold.
-                            let wait = deadline
-                                .duration_since(SystemTime::now())
-                                .unwrap_or_default()
-                                .min(MAX_DEADLINE_WAIT);
-                            progress.as_mut().reset(
-                                tokio::time::Instant::now() + wait + Duration::from_millis(10),
-                            );
-                        }
-                        progress_pending = deadline.is_some();
-                        retry_delay = Duration::from_millis(100);
-                        requeue_delay = MIN_REQUEUE_DELAY;
-                        requeue_pending = false;
-                        if written > 0 {
-                            tracing::debug!(written, "workloads reconciled");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = %flotilla_telemetry::error_chain(&error), retry_in = ?requeue_delay, "reconcile pass failed");
-                        requeue
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + requeue_delay);
-                        requeue_pending = true;
-                        requeue_delay = (requeue_delay * 2).min(MAX_REQUEUE_DELAY);
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// A digest of what agents run for `spec`: all of it but the replica count, the placement
@@ -750,20 +713,6 @@ fn desired_replicas(workload: &Workload) -> u64 {
     }
 }
 
-/// Whether the update moved since `before`, as a Deployment counts progress: a new revision,
-/// more of it placed or available, or fewer sandboxes of older revisions.
-fn made_progress(before: Option<&WorkloadStatus>, now: &WorkloadStatus) -> bool {
-    let Some(before) = before else {
-        return true;
-    };
-    let available = |s: &WorkloadStatus| s.revisions.first().map_or(0, |r| r.available_replicas);
-    let old = |s: &WorkloadStatus| s.replicas.saturating_sub(s.updated_replicas);
-    before.revision != now.revision
-        || now.updated_replicas > before.updated_replicas
-        || available(now) > available(before)
-        || old(now) < old(before)
-}
-
 /// The requests of one of `revision`'s sandboxes; `current`'s when it has no template.
 fn revision_requests(revision: &RevisionStatus, current: &WorkloadRequest) -> Requests {
     revision
@@ -772,174 +721,15 @@ fn revision_requests(revision: &RevisionStatus, current: &WorkloadRequest) -> Re
         .map_or(current.requests, |t| t.requests())
 }
 
-/// `Available`: at least `min_available` of the wanted replicas run (or completed): all of
-/// them, less the rolling update's `maxUnavailable`, as for a Deployment.
-fn available_condition(desired: u64, min_available: u64, available: u64) -> Condition {
-    let (status, reason) = if available >= min_available {
-        ("True", "MinimumReplicasAvailable")
-    } else {
-        ("False", "MinimumReplicasUnavailable")
-    };
-    Condition {
-        type_: AVAILABLE.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: format!("{available} of {desired} replicas available"),
-        last_transition_time: String::new(),
-    }
-}
-
-/// `Progressing`, and when its deadline will pass if the update is still not done.
-///
-/// As for a Deployment: `True` while the current revision becomes available on every replica
-/// and old ones go, `False` with `ProgressDeadlineExceeded` once the update has made no progress
-/// for `progressDeadlineSeconds`. `available` counts the current
-/// revision's sandboxes only.
-fn progressing_condition(
-    workload: &Workload,
-    status: &WorkloadStatus,
-    desired: u64,
-    available: u64,
-    now: SystemTime,
-) -> (Condition, Option<SystemTime>) {
-    let revision = status.revision;
-    let old = status.replicas.saturating_sub(status.updated_replicas);
-    let deadline_seconds = workload
-        .spec
-        .progress_deadline_seconds
-        .and_then(|s| u64::try_from(s).ok())
-        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
-    let last_progress = if status.progress_time.is_empty() {
-        &status.template_time
-    } else {
-        &status.progress_time
-    };
-    let deadline = humantime::parse_rfc3339(last_progress)
-        .ok()
-        .and_then(|moved| moved.checked_add(Duration::from_secs(deadline_seconds)));
-    let left = if old > 0 {
-        format!("; {old} replicas of older revisions left")
-    } else {
-        String::new()
-    };
-    let mut pending_deadline = None;
-    let (status, reason, message) = if !workload.metadata.deletion_timestamp.is_empty() {
-        (
-            "False",
-            "Terminating",
-            "the workload is being deleted; its sandboxes are stopping".to_string(),
-        )
-    } else if available >= desired && old == 0 {
-        (
-            "True",
-            "TemplateAvailable",
-            format!("revision {revision} is available on every replica"),
-        )
-    } else if deadline.is_some_and(|d| now >= d) {
-        (
-            "False",
-            "ProgressDeadlineExceeded",
-            format!(
-                "{available} of {desired} replicas of revision {revision} available, no \
-                 progress for {deadline_seconds}s{left}"
-            ),
-        )
-    } else {
-        pending_deadline = deadline;
-        (
-            "True",
-            "ReplicasUpdating",
-            format!("{available} of {desired} replicas of revision {revision} available{left}"),
-        )
-    };
-    let condition = Condition {
-        type_: PROGRESSING.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: String::new(),
-    };
-    (condition, pending_deadline)
-}
-
-/// `Ready`: every wanted replica runs or completed; otherwise the latest failure, if any.
-fn ready_condition(
-    desired: u64,
-    ready: u64,
-    succeeded: u64,
-    latest_failure: Option<crate::cluster::Event>,
-) -> Condition {
-    let (status, reason, message) = if ready + succeeded >= desired {
-        let reason = if succeeded > 0 && ready == 0 {
-            "Completed"
-        } else {
-            "AllReplicasReady"
-        };
-        (
-            "True",
-            reason.to_string(),
-            format!("{ready} running, {succeeded} completed of {desired} replicas"),
-        )
-    } else if let Some(event) = latest_failure {
-        let first_line = event.message.lines().next().unwrap_or_default();
-        (
-            "False",
-            event.reason,
-            format!(
-                "{ready} of {desired} replicas running; sandboxes on node {} ended with {}",
-                event.node,
-                if first_line.is_empty() {
-                    "no message".to_string()
-                } else {
-                    first_line.to_string()
-                }
-            ),
-        )
-    } else {
-        (
-            "False",
-            "ReplicasNotReady".to_string(),
-            format!("{ready} of {desired} replicas running"),
-        )
-    };
-    Condition {
-        type_: READY.into(),
-        status: status.into(),
-        reason,
-        message,
-        last_transition_time: String::new(),
-    }
-}
-
 fn placements_of(workload: &Workload) -> &BTreeMap<String, u64> {
     static EMPTY: BTreeMap<String, u64> = BTreeMap::new();
     workload.status.as_ref().map_or(&EMPTY, |s| &s.placements)
 }
 
-/// Replaces the condition of the same type, keeping its transition time when its status did not
-/// change, as Kubernetes does.
-fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
-    match conditions.iter_mut().find(|c| c.type_ == condition.type_) {
-        Some(existing) => {
-            condition.last_transition_time = if existing.status == condition.status {
-                existing.last_transition_time.clone()
-            } else {
-                now()
-            };
-            *existing = condition;
-        }
-        None => {
-            condition.last_transition_time = now();
-            conditions.push(condition);
-        }
-    }
-}
-
-fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
+mod conditions;
+mod queue;
 mod rollout;
+mod run;
 
 #[cfg(test)]
 mod kube_tests;

@@ -492,6 +492,71 @@ async fn a_workload_whose_reconcile_panics_stops_no_other() {
     assert!(notice.warning);
 }
 
+/// A counter's value in the control plane's metrics.
+fn metric(cluster: &Cluster, series: &str) -> u64 {
+    let metrics = cluster.encode_metrics();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_failing_workload_is_retried_alone_with_backoff_while_the_others_settle() {
+    let h = harness(&[node("n0", "amd64", 1000)]);
+    let store = PanickingStore {
+        inner: h.store.clone(),
+        poisoned: "evil",
+    };
+    h.store.apply(workload("evil", 1)).await.expect("apply");
+    h.store.apply(workload("web", 2)).await.expect("apply");
+    let controller = Controller::new(
+        store,
+        Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
+        h.cluster.clone(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller.run(Duration::from_secs(60), async {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let web = h.store.get(&WorkloadKey::new("", "web")).await;
+            if web
+                .ok()
+                .flatten()
+                .and_then(|w| w.status)
+                .is_some_and(|s| s.replicas == 2)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("web is placed although evil fails");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    const RECONCILES: &str = "flotilla_control_plane_reconciles_total";
+    const PANICS: &str = "flotilla_control_plane_reconcile_errors_total{reason=\"Panicked\"}";
+    let (reconciles, panics) = (metric(&h.cluster, RECONCILES), metric(&h.cluster, PANICS));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let retried = metric(&h.cluster, PANICS) - panics;
+    assert!(retried >= 1, "evil is retried");
+    // Backoff from 100 ms, doubling: a handful of retries in 1.5 s, not a busy loop.
+    assert!(retried <= 8, "{retried} retries in 1.5 s");
+    assert_eq!(
+        metric(&h.cluster, RECONCILES) - reconciles,
+        retried,
+        "each retry reconciles evil alone, never web"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the controller stops")
+        .expect("no panic");
+}
+
 #[test]
 fn a_deadline_past_the_clock_is_no_deadline_rather_than_a_panic() {
     // Validation refuses such a value now; an object stored before it did must still pass.
