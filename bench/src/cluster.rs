@@ -83,20 +83,19 @@ impl Server {
 /// `serve-control-plane`: what `flotilla-control-plane` runs, printing its address.
 pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
     raise_fd_limit();
-    let control_plane = flotilla_control_plane::server::ControlPlane::start(
-        flotilla_control_plane::server::ServerConfig {
+    let control_plane =
+        flotilla_control_plane::ControlPlane::start(flotilla_control_plane::ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: None,
-            store: flotilla_control_plane::server::StoreBackend::Embedded,
+            store: flotilla_control_plane::StoreBackend::Embedded,
             data_dir: data_dir.to_path_buf(),
             node_heartbeat_timeout: Duration::from_secs(5),
             node_startup_grace: Duration::from_secs(15),
             join_token: None,
             tls: None,
             shutdown_grace: Duration::from_secs(1),
-        },
-    )
-    .await?;
+        })
+        .await?;
     println!("LISTENING {}", control_plane.addr());
     std::future::pending::<()>().await;
     Ok(())

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser};
-use flotilla_control_plane::server::{ControlPlane, ServerConfig};
+use flotilla_control_plane::{ControlPlane, ServerConfig};
 use flotilla_node_agent::agent::Agent;
 use flotilla_proto::agent::v1::{SandboxPhase, SandboxStatus};
 
@@ -56,7 +56,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: args.listen,
         // The agent's metrics are on --metrics-listen; the control plane's are not served.
         metrics_listen: None,
-        store: flotilla_control_plane::server::StoreBackend::Embedded,
+        store: flotilla_control_plane::StoreBackend::Embedded,
         data_dir: data_dir.join("control-plane"),
         node_heartbeat_timeout: Duration::from_secs(5),
         // The one agent lives in this process and reconnects at once.

@@ -3,10 +3,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use flotilla_control_plane::grpc::WorkloadService;
 use flotilla_control_plane::model::Workload;
-use flotilla_control_plane::modules::ModuleStore;
-use flotilla_control_plane::store::EmbeddedStore;
+use flotilla_control_plane::{EmbeddedStore, ModuleStore, WorkloadService};
 use tokio_stream::wrappers::TcpListenerStream;
 
 async fn serve(dir: &Path) -> String {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
-use flotilla_control_plane::server::{ControlPlane, ServerConfig, StoreBackend};
+use flotilla_control_plane::{ControlPlane, ServerConfig, StoreBackend};
 
 /// BSD's EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;

@@ -26,18 +26,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Implements [`AgentAdmin`] on a [`Supervisor`].
 #[derive(Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     supervisor: Supervisor,
 }
 
 impl AdminService {
     /// Creates the service.
-    pub fn new(supervisor: Supervisor) -> Self {
+    pub(crate) fn new(supervisor: Supervisor) -> Self {
         Self { supervisor }
     }
 
     /// Wraps the service for a tonic server.
-    pub fn into_server(self) -> AgentAdminServer<Self> {
+    pub(crate) fn into_server(self) -> AgentAdminServer<Self> {
         AgentAdminServer::new(self)
     }
 }
@@ -167,7 +167,7 @@ impl AgentAdmin for AdminService {
 
 /// A sandbox's output from the start of its ring buffer, then (when `follow`) as it arrives,
 /// until the sandbox ends for good or the receiver is dropped.
-pub fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receiver<LogChunk> {
+pub(crate) fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receiver<LogChunk> {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let notify = buffer.notifier();

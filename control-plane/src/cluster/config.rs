@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, WorkloadSpec, volume};
-pub use flotilla_proto::config::ConfigKey;
+pub(crate) use flotilla_proto::config::ConfigKey;
 use flotilla_proto::control::v1::{ConfigObjectKey, ConfigObjects, DesiredState};
 use tokio::sync::watch;
 
 /// Every ConfigMap and Secret, by key.
-pub type ConfigObjectsByKey = BTreeMap<ConfigKey, Arc<ConfigObject>>;
+pub(crate) type ConfigObjectsByKey = BTreeMap<ConfigKey, Arc<ConfigObject>>;
 
 /// The current ConfigMaps and Secrets. Cheap to share.
 pub struct ConfigSet {
@@ -53,7 +53,7 @@ impl ConfigSet {
 }
 
 /// The objects one workload spec refers to (volumes, `env[].valueFrom`, `envFrom`).
-pub fn references(spec: &WorkloadSpec) -> impl Iterator<Item = ConfigKey> + '_ {
+pub(crate) fn references(spec: &WorkloadSpec) -> impl Iterator<Item = ConfigKey> + '_ {
     let key = move |kind: ConfigKind, name: &str| ConfigKey {
         kind,
         namespace: spec.namespace.clone(),
@@ -74,14 +74,14 @@ pub fn references(spec: &WorkloadSpec) -> impl Iterator<Item = ConfigKey> + '_ {
 
 /// The objects each workload sent to one node refers to, kept as its desired set changes.
 #[derive(Default)]
-pub struct NodeConfigRefs {
+pub(crate) struct NodeConfigRefs {
     by_workload: BTreeMap<String, Vec<ConfigKey>>,
 }
 
 impl NodeConfigRefs {
     /// Follows one desired-state message: a complete set replaces all, a delta adds the
     /// changed revisions and drops the removed ones.
-    pub fn apply(&mut self, desired: &DesiredState) {
+    pub(crate) fn apply(&mut self, desired: &DesiredState) {
         if !desired.incremental {
             self.by_workload.clear();
         }
@@ -95,7 +95,7 @@ impl NodeConfigRefs {
     }
 
     /// Every object the node's workloads refer to.
-    pub fn all(&self) -> BTreeSet<ConfigKey> {
+    pub(crate) fn all(&self) -> BTreeSet<ConfigKey> {
         self.by_workload.values().flatten().cloned().collect()
     }
 }
@@ -103,7 +103,7 @@ impl NodeConfigRefs {
 /// What one node has been sent, turned into the next message as its workloads or the objects
 /// change.
 #[derive(Default)]
-pub struct NodeConfigState {
+pub(crate) struct NodeConfigState {
     sent: BTreeMap<ConfigKey, Arc<ConfigObject>>,
     started: bool,
 }
@@ -111,7 +111,7 @@ pub struct NodeConfigState {
 impl NodeConfigState {
     /// The message that brings the node to the objects `wanted` refers to in `set`: complete
     /// the first time, then what changed and what left; `None` when nothing did.
-    pub fn update(
+    pub(crate) fn update(
         &mut self,
         wanted: &BTreeSet<ConfigKey>,
         set: &ConfigObjectsByKey,

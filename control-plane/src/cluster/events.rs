@@ -28,7 +28,7 @@ pub struct Notice {
 }
 
 /// Entries kept per workload; the oldest go first.
-pub const MAX_EVENTS_PER_WORKLOAD: usize = 32;
+pub(crate) const MAX_EVENTS_PER_WORKLOAD: usize = 32;
 
 /// Terminations of a workload's sandboxes on one node with one reason.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,22 +4,22 @@
 //! the HTTP [`RouteTable`], the [`ConfigSet`] of ConfigMaps and Secrets, with the control
 //! plane's [`Metrics`].
 
-pub mod config;
-pub mod desired;
-pub mod events;
-pub mod nodes;
-pub mod routes;
-pub mod sessions;
+pub(crate) mod config;
+pub(crate) mod desired;
+pub(crate) mod events;
+pub(crate) mod nodes;
+pub(crate) mod routes;
+pub(crate) mod sessions;
 
-pub use self::config::{ConfigKey, ConfigSet};
+pub(crate) use self::config::{ConfigKey, ConfigSet};
 pub use self::desired::DesiredIndex;
-pub use self::events::{Event, EventLog, Notice};
-pub use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
-pub use self::routes::RouteTable;
+pub(crate) use self::events::{Event, EventLog, Notice};
+pub(crate) use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
+pub(crate) use self::routes::RouteTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use self::sessions::Sessions;
+pub(crate) use self::sessions::Sessions;
 use crate::metrics::Metrics;
 
 /// The live cluster, in memory. Agents rebuild it by reconnecting after a restart.

@@ -45,7 +45,7 @@ impl RouteTable {
 
 /// Base URLs of the ingresses serving `placements`: those of the ready nodes with replicas
 /// there, in node order. `index` maps node names to positions in `nodes`.
-pub fn serving_ingresses<'a>(
+pub(crate) fn serving_ingresses<'a>(
     placements: &BTreeMap<String, u64>,
     nodes: &'a [NodeInfo],
     index: &BTreeMap<String, usize>,
@@ -61,7 +61,7 @@ pub fn serving_ingresses<'a>(
 
 /// The route of `workload` given its new `status`: `None` unless it serves HTTP, is not being
 /// deleted and has a replica on a node with an ingress.
-pub fn route_of(
+pub(crate) fn route_of(
     workload: &Workload,
     status: &WorkloadStatus,
     nodes: &[NodeInfo],

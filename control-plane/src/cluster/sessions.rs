@@ -17,13 +17,13 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 /// Messages down one agent's session.
-pub type SessionSender = mpsc::Sender<Result<ControlMessage, Status>>;
+pub(crate) type SessionSender = mpsc::Sender<Result<ControlMessage, Status>>;
 
 /// Chunks of a log stream on their way to the user.
-pub type LogSender = mpsc::Sender<Result<LogChunk, Status>>;
+pub(crate) type LogSender = mpsc::Sender<Result<LogChunk, Status>>;
 
 /// How long an agent gets to open `UploadLogs` after it was asked.
-pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Chunks buffered between the agent's upload and the user.
 const LOG_BUFFER: usize = 32;

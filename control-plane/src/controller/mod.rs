@@ -58,28 +58,28 @@ use crate::scheduler::{PluginError, Scheduler};
 use crate::store::{self, WorkloadStore};
 
 /// The condition saying whether every replica has a node.
-pub const SCHEDULED: &str = "Scheduled";
+pub(crate) const SCHEDULED: &str = "Scheduled";
 
 /// The condition saying whether every replica runs (or, for run-to-completion workloads, has
 /// completed), and if not, the latest failure agents reported.
-pub const READY: &str = "Ready";
+pub(crate) const READY: &str = "Ready";
 
 /// The condition saying whether the wanted replicas are available, as a Deployment's.
-pub const AVAILABLE: &str = "Available";
+pub(crate) const AVAILABLE: &str = "Available";
 
 /// The condition saying whether the workload's current template is rolled out or on its way.
-pub const PROGRESSING: &str = "Progressing";
+pub(crate) const PROGRESSING: &str = "Progressing";
 
 /// Held by every workload until its sandboxes have stopped.
-pub const FINALIZER: &str = "flotilla.dev/sandboxes";
+pub(crate) const FINALIZER: &str = "flotilla.dev/sandboxes";
 
 /// `progressDeadlineSeconds` when a workload sets none, as for a Deployment.
-pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
+pub(crate) const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
 
 /// First wait before a failed pass runs again; it doubles up to [`MAX_REQUEUE_DELAY`].
-pub const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
+pub(crate) const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait before a failed pass runs again.
-pub const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
+pub(crate) const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
 
 /// Longest wait for a progress deadline before a pass looks at it again.
 const MAX_DEADLINE_WAIT: Duration = Duration::from_secs(3600);
@@ -690,7 +690,7 @@ impl<S: WorkloadStore> Controller<S> {
 /// A digest of what agents run for `spec`: all of it but the replica count, the placement
 /// rules and how updates proceed, so that scaling, moving replicas or changing the strategy
 /// keeps the template (and the sandboxes) as they are.
-pub fn template_hash(spec: &crate::model::WorkloadSpec) -> String {
+pub(crate) fn template_hash(spec: &crate::model::WorkloadSpec) -> String {
     use sha2::Digest;
     let mut template = spec.clone();
     template.replicas = 0;

@@ -44,7 +44,7 @@ impl Batch {
 
 /// Workloads waiting to be reconciled, now or later.
 #[derive(Debug)]
-pub struct WorkQueue {
+pub(super) struct WorkQueue {
     /// Whether the next pass takes every workload.
     all: bool,
     /// Workloads the next pass takes.
@@ -78,30 +78,30 @@ impl Default for WorkQueue {
 
 impl WorkQueue {
     /// Reconcile `key` in the next pass.
-    pub fn mark(&mut self, key: String) {
+    pub(super) fn mark(&mut self, key: String) {
         if !self.all {
             self.ready.insert(key);
         }
     }
 
     /// Reconcile every workload in the next pass.
-    pub fn mark_all(&mut self) {
+    pub(super) fn mark_all(&mut self) {
         self.all = true;
         self.ready.clear();
     }
 
     /// Whether a pass has work now.
-    pub fn has_ready(&self) -> bool {
+    pub(super) fn has_ready(&self) -> bool {
         self.all || !self.ready.is_empty()
     }
 
     /// When the earliest scheduled workload (or pass) falls due.
-    pub fn next_due(&self) -> Option<Instant> {
+    pub(super) fn next_due(&self) -> Option<Instant> {
         self.scheduled.values().chain(&self.all_at).min().copied()
     }
 
     /// The workloads due by `now`, leaving the queue empty of them.
-    pub fn take(&mut self, now: Instant) -> Batch {
+    pub(super) fn take(&mut self, now: Instant) -> Batch {
         if self.all_at.is_some_and(|at| at <= now) {
             self.all_at = None;
             self.all = true;
@@ -126,7 +126,7 @@ impl WorkQueue {
     }
 
     /// Follows a workload's outcome: a requeue after its delay, or nothing.
-    pub fn done(&mut self, key: &str, action: Action) {
+    pub(super) fn done(&mut self, key: &str, action: Action) {
         self.failures.remove(key);
         match action {
             Action::AwaitChange => {
@@ -137,7 +137,7 @@ impl WorkQueue {
     }
 
     /// Schedules a workload that failed again after its backoff; returns the delay.
-    pub fn failed(&mut self, key: &str) -> Duration {
+    pub(super) fn failed(&mut self, key: &str) -> Duration {
         let failures = self.failures.entry(key.to_string()).or_default();
         *failures = failures.saturating_add(1);
         let failures = *failures;
@@ -148,7 +148,7 @@ impl WorkQueue {
 
     /// Schedules every workload again after the pass's backoff (the pass failed before it
     /// reached any workload); returns the delay.
-    pub fn pass_failed(&mut self) -> Duration {
+    pub(super) fn pass_failed(&mut self) -> Duration {
         self.pass_failures = self.pass_failures.saturating_add(1);
         let delay = self.backoff("", self.pass_failures);
         self.all_at = Some(Instant::now() + delay);
@@ -156,12 +156,12 @@ impl WorkQueue {
     }
 
     /// A pass went through: the pass backoff starts over.
-    pub fn pass_succeeded(&mut self) {
+    pub(super) fn pass_succeeded(&mut self) {
         self.pass_failures = 0;
     }
 
     /// Forgets workloads that no longer exist.
-    pub fn retain(&mut self, exists: impl Fn(&str) -> bool) {
+    pub(super) fn retain(&mut self, exists: impl Fn(&str) -> bool) {
         self.scheduled.retain(|key, _| exists(key));
         self.failures.retain(|key, _| exists(key));
     }

@@ -33,7 +33,7 @@ impl Revisions {
     /// The revisions recorded in `workload`'s status, with the spec's template (`hash`) as the
     /// current one: unchanged, an old revision brought back (with the next number), or a new
     /// revision placed nowhere yet.
-    pub fn load(workload: &Workload, hash: &str) -> Self {
+    pub(super) fn load(workload: &Workload, hash: &str) -> Self {
         let status = workload.status.clone().unwrap_or_default();
         let mut current = status
             .revisions
@@ -99,13 +99,13 @@ impl Revisions {
     }
 
     /// Sandboxes of old revisions placed.
-    pub fn old_placed(&self) -> u64 {
+    pub(super) fn old_placed(&self) -> u64 {
         self.old.iter().map(placed).sum()
     }
 
     /// Drops old revisions beyond `revisionHistoryLimit` that have no sandboxes placed or
     /// reported, oldest first.
-    pub fn trim_history(&mut self, spec: &WorkloadSpec, reported: &BTreeMap<u64, Counts>) {
+    pub(super) fn trim_history(&mut self, spec: &WorkloadSpec, reported: &BTreeMap<u64, Counts>) {
         let limit = spec
             .revision_history_limit
             .and_then(|n| u64::try_from(n).ok())

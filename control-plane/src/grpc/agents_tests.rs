@@ -18,7 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use super::convert::from_object;
+use super::tests::from_object;
 use super::{AgentService, WorkloadService};
 use crate::cluster::Cluster as ClusterState;
 use crate::controller::Controller;

@@ -13,7 +13,7 @@ use crate::store;
 ///
 /// # Errors
 /// A [`ValidationError`] naming the position or field that is wrong.
-pub fn parse_manifest(bytes: &[u8]) -> Result<Workload, ValidationError> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Workload, ValidationError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         ValidationError(vec![FieldError {
             field: "manifest".into(),
@@ -38,22 +38,14 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Workload, ValidationError> {
 }
 
 /// Encodes an object for the wire.
-pub fn to_object(workload: &Workload) -> Result<WorkloadObject, Status> {
+pub(crate) fn to_object(workload: &Workload) -> Result<WorkloadObject, Status> {
     serde_json::to_vec(workload)
         .map(|json| WorkloadObject { json })
         .map_err(|e| Status::internal(format!("encoding workload: {e}")))
 }
 
-/// Decodes an object from the wire.
-///
-/// # Errors
-/// The JSON does not match the schema.
-pub fn from_object(object: &WorkloadObject) -> Result<Workload, serde_json::Error> {
-    serde_json::from_slice(&object.json)
-}
-
 /// Maps store errors to gRPC codes a client can act on.
-pub fn store_status(error: store::Error) -> Status {
+pub(crate) fn store_status(error: store::Error) -> Status {
     let message = flotilla_telemetry::error_chain(&error);
     match error {
         store::Error::Invalid(_) => Status::invalid_argument(message),
@@ -70,7 +62,7 @@ pub fn store_status(error: store::Error) -> Status {
 }
 
 /// Maps module store errors to gRPC codes.
-pub fn module_status(error: ModuleError) -> Status {
+pub(crate) fn module_status(error: ModuleError) -> Status {
     let message = flotilla_telemetry::error_chain(&error);
     match error {
         ModuleError::Refused(ModuleCheckError::TooLarge { .. }) => {
@@ -84,6 +76,6 @@ pub fn module_status(error: ModuleError) -> Status {
 
 /// Maps a failed `spec.module.url` download: the module or its server is not as the manifest
 /// says, a precondition of the apply.
-pub fn url_module_status(error: UrlModuleError) -> Status {
+pub(crate) fn url_module_status(error: UrlModuleError) -> Status {
     Status::failed_precondition(flotilla_telemetry::error_chain(&error))
 }

@@ -1,15 +1,15 @@
 //! The control plane's gRPC services. Only `flotilla-proto` types cross this boundary;
 //! conversions to and from the model live in [`convert`].
 
-pub mod agents;
-pub mod convert;
-pub mod server;
+pub(crate) mod agents;
+pub(crate) mod convert;
+pub(crate) mod server;
 
 pub use self::agents::AgentService;
 
 /// Largest gRPC message the control plane takes or sends: a module of the module store's
 /// default limit plus room for the envelope (tonic's own default is 4 MiB).
-pub const MAX_MODULE_MESSAGE_BYTES: usize =
+pub(crate) const MAX_MODULE_MESSAGE_BYTES: usize =
     crate::modules::DEFAULT_MAX_MODULE_BYTES as usize + (1 << 20);
 pub use self::server::WorkloadService;
 

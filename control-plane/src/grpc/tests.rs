@@ -12,10 +12,17 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use super::convert::from_object;
 use super::server::WorkloadService;
+use crate::model::Workload;
 use crate::modules::ModuleStore;
 use crate::store::EmbeddedStore;
+
+/// Decodes an object from the wire, as the CLI does.
+pub(super) fn from_object(
+    object: &flotilla_proto::control::v1::WorkloadObject,
+) -> Result<Workload, serde_json::Error> {
+    serde_json::from_slice(&object.json)
+}
 
 const MODULE: &[u8] = b"\0asm\x01\0\0\0";
 

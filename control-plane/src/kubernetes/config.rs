@@ -1,8 +1,6 @@
-//! The cluster's ConfigMaps and Secrets, watched and published to the [`ConfigSet`] that agent
+//! The cluster's ConfigMaps and Secrets, watched and published to the `ConfigSet` that agent
 //! sessions send from: in Kubernetes mode users write them with kubectl, and sandboxes see a
 //! change without a restart, as a Pod's volumes do.
-//!
-//! [`ConfigSet`]: crate::cluster::ConfigSet
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -19,7 +19,7 @@ const MAX_NOTE_BYTES: usize = 1024;
 
 /// Publishes every notice of `cluster` as an Event until `shutdown` completes. `instance`
 /// names this replica (the pod name) in the Events.
-pub async fn publish(
+pub(crate) async fn publish(
     client: kube::Client,
     store: KubeStore,
     cluster: Arc<Cluster>,

@@ -1,13 +1,13 @@
 //! What Kubernetes mode adds around the [`KubeStore`](crate::store::KubeStore): the CRDs
 //! ([`crds`]), leader election on a Lease ([`leader`]), a `WasmNode` object per connected agent
-//! ([`nodes`]), Kubernetes Events for what users should see about their workloads
-//! ([`events`]) and a watch of the ConfigMaps and Secrets workloads use ([`config`]). Everything here writes under [`FIELD_MANAGER`].
+//! (`nodes`), Kubernetes Events for what users should see about their workloads
+//! (`events`) and a watch of the ConfigMaps and Secrets workloads use ([`config`]). Everything here writes under [`FIELD_MANAGER`].
 
 pub mod config;
 pub mod crds;
-pub mod events;
+pub(crate) mod events;
 pub mod leader;
-pub mod nodes;
+pub(crate) mod nodes;
 
 pub use crate::store::kube::FIELD_MANAGER;
 

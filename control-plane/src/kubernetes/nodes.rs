@@ -30,7 +30,7 @@ use crate::model::API_VERSION;
 use crate::model::node::WasmNode;
 
 /// How stale a published heartbeat time may get while nothing else changes.
-pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(30);
+pub(crate) const HEARTBEAT_REFRESH: Duration = Duration::from_secs(30);
 
 /// How often the registry is compared with what was published, besides on every change.
 const RESYNC: Duration = Duration::from_secs(5);
@@ -43,7 +43,7 @@ struct Published {
 }
 
 /// Keeps `WasmNode` objects in line with `cluster`'s nodes until `shutdown` completes.
-pub async fn publish(
+pub(crate) async fn publish(
     client: kube::Client,
     cluster: Arc<Cluster>,
     startup_grace: Duration,

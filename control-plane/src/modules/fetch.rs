@@ -6,11 +6,11 @@ use std::time::Duration;
 use flotilla_model::module::{Download, ModuleCheckError};
 
 /// How long a download may take by default, connection included.
-pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a module could not be fetched.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     /// The HTTP client could not be built (no TLS roots, ...).
     #[error("building the HTTP client")]
     Client(#[source] reqwest::Error),
@@ -44,13 +44,13 @@ pub enum FetchError {
 
 /// Makes ring the process's TLS crypto provider: reqwest (here and in the OCI client) is built
 /// without one. Installing it again fails harmlessly.
-pub fn install_crypto_provider() {
+pub(super) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Downloads modules over HTTP(S). Cheap to clone.
 #[derive(Clone)]
-pub struct ModuleFetcher {
+pub(super) struct ModuleFetcher {
     client: reqwest::Client,
     max_bytes: u64,
 }
@@ -60,7 +60,7 @@ impl ModuleFetcher {
     ///
     /// # Errors
     /// The HTTP client cannot be built.
-    pub fn new(max_bytes: u64, timeout: Duration) -> Result<Self, FetchError> {
+    pub(super) fn new(max_bytes: u64, timeout: Duration) -> Result<Self, FetchError> {
         install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -78,7 +78,7 @@ impl ModuleFetcher {
     ///
     /// # Errors
     /// See [`FetchError`]; nothing is kept on failure.
-    pub async fn fetch(&self, url: &str, sha256: &str) -> Result<Vec<u8>, FetchError> {
+    pub(super) async fn fetch(&self, url: &str, sha256: &str) -> Result<Vec<u8>, FetchError> {
         let request_error = |source| FetchError::Request {
             url: url.to_string(),
             source,

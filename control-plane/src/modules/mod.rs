@@ -2,10 +2,10 @@
 //! `spec.module.url`, kept on disk under their SHA-256 and served to agents by digest.
 
 mod fetch;
-pub mod oci;
+pub(crate) mod oci;
 mod store;
 mod url;
 
-pub use self::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
-pub use self::store::{DEFAULT_MAX_MODULE_BYTES, ModuleError, ModuleStore};
-pub use self::url::{UrlModuleError, UrlModules};
+pub(crate) use self::store::DEFAULT_MAX_MODULE_BYTES;
+pub use self::store::{ModuleError, ModuleStore};
+pub(crate) use self::url::{UrlModuleError, UrlModules};

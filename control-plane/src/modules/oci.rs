@@ -18,14 +18,14 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 /// Media types of a wasm module layer: the CNCF wasm OCI artifact layer and `application/wasm`.
-pub const WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
+pub(crate) const WASM_LAYER_MEDIA_TYPES: [&str; 2] = [
     "application/vnd.wasm.content.layer.v1+wasm",
     "application/wasm",
 ];
 
 /// Why an OCI module could not be pulled.
 #[derive(Debug, thiserror::Error)]
-pub enum OciError {
+pub(crate) enum OciError {
     /// The reference does not parse.
     #[error("{url}: not an OCI reference")]
     Reference {
@@ -86,7 +86,7 @@ pub enum OciError {
 ///
 /// # Errors
 /// See [`OciError`]; nothing is returned unless the layer matches `sha256`.
-pub async fn pull(
+pub(crate) async fn pull(
     url: &str,
     sha256: &str,
     max_bytes: u64,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use flotilla_model::module::{self, ModuleCheckError};
 
 /// Largest module accepted by default: 64 MiB.
-pub const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
+pub(crate) const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
 
 /// Why a module was not stored or found.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use super::store::{ModuleError, ModuleStore};
 
 /// Why a module named by `spec.module.url` could not be stored.
 #[derive(Debug, thiserror::Error)]
-pub enum UrlModuleError {
+pub(crate) enum UrlModuleError {
     /// The control plane has no HTTP client (it could not be built at startup).
     #[error("spec.module.url: this control plane cannot fetch module URLs")]
     NoFetcher,
@@ -29,7 +29,7 @@ pub enum UrlModuleError {
 /// agent API does it when an agent asks for a module of a workload that was created elsewhere
 /// (by `kubectl apply`, say). Cheap to clone.
 #[derive(Clone)]
-pub struct UrlModules {
+pub(crate) struct UrlModules {
     store: ModuleStore,
     fetcher: Option<ModuleFetcher>,
     /// One download per digest at a time: agents that ask together wait for the first.
@@ -40,7 +40,7 @@ pub struct UrlModules {
 
 impl UrlModules {
     /// Downloads into `store`, within its size limit and [`DEFAULT_FETCH_TIMEOUT`].
-    pub fn new(store: ModuleStore) -> Self {
+    pub(crate) fn new(store: ModuleStore) -> Self {
         let fetcher = ModuleFetcher::new(store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
             .map_err(|error| {
                 tracing::error!(
@@ -60,7 +60,11 @@ impl UrlModules {
     ///
     /// # Errors
     /// See [`UrlModuleError`]; its chain is the message for the user (`spec.module.url: ...`).
-    pub async fn fetch_into_store(&self, url: &str, sha256: &str) -> Result<(), UrlModuleError> {
+    pub(crate) async fn fetch_into_store(
+        &self,
+        url: &str,
+        sha256: &str,
+    ) -> Result<(), UrlModuleError> {
         let fetcher = self.fetcher.as_ref().ok_or(UrlModuleError::NoFetcher)?;
         let flight = self
             .in_flight

@@ -14,15 +14,15 @@
 //!   each later change in commit order, with no gap between the two. A watcher that falls too far
 //!   behind gets a fresh `Restarted` instead of the changes it missed.
 
-pub mod config;
-pub mod embedded;
-pub mod kube;
+pub(crate) mod config;
+pub(crate) mod embedded;
+pub(crate) mod kube;
 
 use std::future::Future;
 
 use tokio::sync::broadcast;
 
-pub use self::config::{ConfigError, ConfigStore};
+pub(crate) use self::config::{ConfigError, ConfigStore};
 pub use self::embedded::EmbeddedStore;
 pub use self::kube::KubeStore;
 use crate::model::{ValidationError, Workload, WorkloadKey, WorkloadStatus};

@@ -9,7 +9,7 @@
 //! concurrency limit, `502` when the node it passed the request to failed. On shutdown it stops
 //! accepting, lets in-flight requests finish within the grace period, then closes.
 
-pub mod routes;
+pub(crate) mod routes;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -51,7 +51,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// What the ingress needs besides the routes: this node's name, the client that passes
 /// requests on, and the metrics.
-pub struct Ingress {
+pub(crate) struct Ingress {
     routes: HttpRoutes,
     metrics: HttpMetrics,
     node_name: Arc<str>,
@@ -60,7 +60,7 @@ pub struct Ingress {
 
 impl Ingress {
     /// An ingress over `routes`, on the node `node_name`.
-    pub fn new(routes: HttpRoutes, metrics: HttpMetrics, node_name: &str) -> Self {
+    pub(crate) fn new(routes: HttpRoutes, metrics: HttpMetrics, node_name: &str) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -89,7 +89,7 @@ pub struct IngressConfig {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The URL the control plane is told: the configured one, or the bound address.
-pub fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name: &str) -> String {
+pub(crate) fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name: &str) -> String {
     if let Some(url) = &config.advertise_url {
         return url.trim_end_matches('/').to_string();
     }
@@ -101,7 +101,7 @@ pub fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name: &str)
 }
 
 /// Serves `listener` until `shutdown`, then drains in-flight requests for up to `grace`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     ingress: Ingress,
     shutdown: CancellationToken,

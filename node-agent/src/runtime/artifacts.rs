@@ -44,7 +44,7 @@ pub struct CacheStats {
 
 /// The compile cache of one engine. Cheap to clone.
 #[derive(Clone)]
-pub struct Artifacts {
+pub(super) struct Artifacts {
     inner: Arc<Inner>,
 }
 
@@ -67,7 +67,7 @@ impl Artifacts {
     ///
     /// # Errors
     /// The cache directory could not be created.
-    pub fn new(
+    pub(super) fn new(
         engine: Engine,
         linkers: Linkers,
         cache_dir: Option<PathBuf>,
@@ -96,7 +96,11 @@ impl Artifacts {
     ///
     /// # Errors
     /// The module does not compile, takes too long to, or cannot be linked.
-    pub async fn get(&self, digest: &str, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
+    pub(super) async fn get(
+        &self,
+        digest: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Artifact>, SandboxError> {
         let cell = self
             .inner
             .lock_cells()
@@ -110,7 +114,7 @@ impl Artifacts {
     }
 
     /// How modules were obtained so far.
-    pub fn stats(&self) -> CacheStats {
+    pub(super) fn stats(&self) -> CacheStats {
         CacheStats {
             compiled: self.inner.compiled.load(Ordering::Relaxed),
             loaded_from_disk: self.inner.loaded.load(Ordering::Relaxed),
@@ -119,7 +123,7 @@ impl Artifacts {
     }
 
     /// Drops the artifacts no prepared workload holds any more.
-    pub fn evict_unused(&self) {
+    pub(super) fn evict_unused(&self) {
         self.inner.lock_cells().retain(|_, cell| match cell.get() {
             Some(artifact) => Arc::strong_count(artifact) > 1,
             None => Arc::strong_count(cell) > 1,

@@ -83,7 +83,7 @@ impl Exit {
 
 /// Turns a wasmtime error from a guest run into the [`Exit`] a user can act on: the guest's own
 /// exit code, a limit it hit, or a trap with its wasm backtrace.
-pub fn classify(err: wasmtime::Error) -> Exit {
+pub(super) fn classify(err: wasmtime::Error) -> Exit {
     if let Some(exit) = err.downcast_ref::<I32Exit>() {
         return Exit::Exited(exit.0);
     }

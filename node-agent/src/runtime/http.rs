@@ -29,16 +29,16 @@ use crate::ingress::routes::{Backend, Registration, RouteKey, Routes};
 use crate::metrics::WorkloadHttpMetrics;
 
 /// The body of every response the ingress sends: the guest's stream, or a short error text.
-pub type ResponseBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
+pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
 /// Requests one replica serves at once when the workload sets no limit.
-pub const DEFAULT_MAX_CONCURRENCY: u32 = 1000;
+pub(crate) const DEFAULT_MAX_CONCURRENCY: u32 = 1000;
 
 /// Wall-clock limit of one request when the workload sets none.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The route table of this agent's HTTP replicas.
-pub type HttpRoutes = Routes<HttpPool>;
+pub(crate) type HttpRoutes = Routes<HttpPool>;
 
 /// What each request's sandbox of one replica is made from.
 pub struct RequestSandbox {
@@ -310,7 +310,7 @@ fn first_line(exit: &Exit) -> String {
 }
 
 /// A short `text/plain` response from the agent itself.
-pub fn text_response(status: u16, text: &str) -> hyper::Response<ResponseBody> {
+pub(crate) fn text_response(status: u16, text: &str) -> hyper::Response<ResponseBody> {
     let body = http_body_util::Full::new(Bytes::from(text.to_string()))
         .map_err(|never| match never {})
         .boxed_unsync();
@@ -325,7 +325,7 @@ pub fn text_response(status: u16, text: &str) -> hyper::Response<ResponseBody> {
 }
 
 /// `503 Service Unavailable` with `Retry-After: 1`.
-pub fn busy_response(text: String) -> hyper::Response<ResponseBody> {
+pub(crate) fn busy_response(text: String) -> hyper::Response<ResponseBody> {
     let mut response = text_response(503, &text);
     response.headers_mut().insert(
         http::header::RETRY_AFTER,

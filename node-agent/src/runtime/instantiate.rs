@@ -50,7 +50,7 @@ impl SandboxInstance for WasmtimeInstance {
 
 /// What instantiation needs besides the workload: stores, where volumes live, and where HTTP
 /// replicas register.
-pub struct Instantiator {
+pub(super) struct Instantiator {
     /// Makes the sandboxes' stores.
     pub stores: Stores,
     /// Where volumes live and which node directories they may mount.
@@ -71,7 +71,7 @@ impl Instantiator {
     ///
     /// # Errors
     /// The [`Exit`] that ended the sandbox before it could run.
-    pub async fn instantiate(
+    pub(super) async fn instantiate(
         &self,
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,

@@ -163,7 +163,7 @@ pub enum LimitsError {
 /// The error with which a sandbox traps when it grows past its memory limit.
 #[derive(Debug, thiserror::Error)]
 #[error("memory limit of {limit} bytes exceeded: the sandbox asked for {desired} bytes in all")]
-pub struct MemoryLimitExceeded {
+pub(crate) struct MemoryLimitExceeded {
     /// The limit in bytes.
     pub limit: u64,
     /// The total the sandbox would have held after the growth.
@@ -173,14 +173,14 @@ pub struct MemoryLimitExceeded {
 /// The error with which a sandbox traps when it has used up its CPU time.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU limit of {limit_ms} ms exceeded")]
-pub struct CpuLimitExceeded {
+pub(crate) struct CpuLimitExceeded {
     /// The limit in milliseconds.
     pub limit_ms: u64,
 }
 
 /// Store-resident state that enforces [`SandboxLimits`].
 #[derive(Debug)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     memory_limit: u64,
     table_elements: usize,
     instances: usize,
@@ -198,7 +198,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// Creates the limiter for one run of a sandbox.
-    pub fn new(limits: &SandboxLimits) -> Self {
+    pub(crate) fn new(limits: &SandboxLimits) -> Self {
         Self {
             memory_limit: limits.memory_bytes,
             table_elements: limits.table_elements,
@@ -224,7 +224,7 @@ impl Limiter {
     }
 
     /// Records one epoch tick of CPU; fails once the budget is spent.
-    pub fn charge_tick(&mut self, tick: Duration) -> wasmtime::Result<()> {
+    pub(crate) fn charge_tick(&mut self, tick: Duration) -> wasmtime::Result<()> {
         self.cpu_ticks += 1;
         match self.cpu_limit {
             Some(limit) if self.cpu_ticks > limit => Err(wasmtime::Error::new(CpuLimitExceeded {

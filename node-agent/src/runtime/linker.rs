@@ -8,7 +8,7 @@ use wasmtime::component::Linker as ComponentLinker;
 use super::store::{P1State, P2State};
 
 /// The linkers of one engine.
-pub struct Linkers {
+pub(super) struct Linkers {
     /// For preview 1 command modules.
     pub module: Linker<P1State>,
     /// For components: commands and HTTP handlers.
@@ -22,7 +22,7 @@ impl Linkers {
     ///
     /// # Errors
     /// WASI could not be added to a linker.
-    pub fn new(engine: &Engine) -> wasmtime::Result<Self> {
+    pub(super) fn new(engine: &Engine) -> wasmtime::Result<Self> {
         let mut module = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi)?;
         let mut component = ComponentLinker::new(engine);

@@ -144,7 +144,7 @@ impl LogBuffer {
 
 /// The stdout/stderr stream handed to WASI; writes land in a [`LogBuffer`].
 #[derive(Clone, Debug)]
-pub struct LogSink(pub Arc<LogBuffer>);
+pub(crate) struct LogSink(pub Arc<LogBuffer>);
 
 impl IsTerminal for LogSink {
     fn is_terminal(&self) -> bool {

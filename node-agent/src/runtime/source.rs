@@ -15,7 +15,7 @@ use super::error::SandboxError;
 ///
 /// # Errors
 /// [`SandboxError::MissingModule`], [`SandboxError::ReadModule`] or [`SandboxError::Module`].
-pub async fn load(
+pub(super) async fn load(
     source: Option<&ModuleSource>,
     limit: u64,
 ) -> Result<(String, Vec<u8>), SandboxError> {

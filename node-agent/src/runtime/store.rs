@@ -37,7 +37,7 @@ pub struct P2Wasi {
 }
 
 /// Store state of a preview 1 command module.
-pub type P1State = SandboxState<WasiP1Ctx>;
+pub(super) type P1State = SandboxState<WasiP1Ctx>;
 /// Store state of a component sandbox (command or HTTP handler).
 pub type P2State = SandboxState<P2Wasi>;
 

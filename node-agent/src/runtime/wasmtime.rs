@@ -102,7 +102,7 @@ impl WasmtimeRuntime {
     }
 
     /// The engine, for tools that must share its configuration (benchmarks) and for tests that
-    /// advance its epoch themselves ([`EpochTicker::Manual`](super::engine::EpochTicker::Manual)).
+    /// advance its epoch themselves ([`EpochTicker::Manual`](super::config::EpochTicker::Manual)).
     pub fn engine(&self) -> &Engine {
         self.inner.engines.host()
     }

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use flotilla_control_plane::cluster::Cluster;
-use flotilla_control_plane::controller::Controller;
-use flotilla_control_plane::grpc::{AgentService, WorkloadService};
 use flotilla_control_plane::model::WorkloadKey;
-use flotilla_control_plane::modules::ModuleStore;
 use flotilla_control_plane::scheduler::{Scheduler, SchedulerConfig};
-use flotilla_control_plane::store::{EmbeddedStore, WatchEvent, WorkloadStore};
+use flotilla_control_plane::{
+    AgentService, Cluster, Controller, EmbeddedStore, ModuleStore, WatchEvent, WorkloadService,
+    WorkloadStore,
+};
 use flotilla_node_agent::control::{self, ControlConfig};
 use flotilla_node_agent::supervisor::Supervisor;
 use flotilla_proto::agent::v1::SandboxPhase;

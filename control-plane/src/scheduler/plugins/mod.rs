@@ -17,7 +17,7 @@ pub(crate) mod testing {
     use crate::model::Requests;
     use crate::scheduler::framework::{NodeInfo, NodeResources, NodeView, WorkloadRequest};
 
-    pub fn node(name: &str) -> NodeInfo {
+    pub(crate) fn node(name: &str) -> NodeInfo {
         NodeInfo {
             name: name.into(),
             ready: true,
@@ -33,7 +33,7 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn view(info: &NodeInfo) -> NodeView<'_> {
+    pub(crate) fn view(info: &NodeInfo) -> NodeView<'_> {
         NodeView {
             info,
             allocated: info.allocated,
@@ -41,7 +41,7 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn workload(memory: u64, cpu_millis: u64) -> WorkloadRequest {
+    pub(crate) fn workload(memory: u64, cpu_millis: u64) -> WorkloadRequest {
         WorkloadRequest {
             key: "default/w".into(),
             requests: Requests { memory, cpu_millis },
