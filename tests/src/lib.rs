@@ -1,6 +1,6 @@
 //! Support for Flotilla's process-level tests: start a real binary, read its log, signal it.
 //!
-//! The cross-component tests under `tests/tests/` and the crates' own process tests share it.
+//! The cross-component tests under `tests/tests/all/` and the crates' own process tests share it.
 
 pub mod apiserver;
 pub mod guests;

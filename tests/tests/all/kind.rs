@@ -1,5 +1,5 @@
 //! End-to-end against a real Kubernetes cluster (kind, say): run with
-//! `KUBECONFIG=... cargo test -p flotilla-tests --test kind -- --ignored`.
+//! `KUBECONFIG=... cargo test -p flotilla-tests --test all -- --ignored kind::`.
 //!
 //! The test installs the CRDs with `kubectl apply --server-side`, runs the control-plane binary
 //! on this machine with `--store kubernetes` against the cluster and two node-agent binaries
@@ -12,7 +12,7 @@ use std::path::Path;
 
 use support::{Agent, ControlPlane, Kubectl, serve_http, sha256_hex};
 
-mod support;
+use crate::support;
 
 #[test]
 #[ignore = "needs a Kubernetes cluster"]

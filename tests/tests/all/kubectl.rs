@@ -13,7 +13,7 @@ use std::path::Path;
 use flotilla_tests::apiserver::FakeApiServer;
 use support::{Agent, ControlPlane, Kubectl, flotilla, http_get, serve_http, sha256_hex};
 
-mod support;
+use crate::support;
 
 #[test]
 fn the_readme_kubectl_steps_work_against_the_operator() {

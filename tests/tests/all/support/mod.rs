@@ -1,9 +1,6 @@
 //! What the process-level tests share: starting the control plane and agents, running the CLI,
 //! and serving module files over HTTP.
 
-// Each test binary uses a different part.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use support::{Agent, ControlPlane, example, flotilla, running_sandboxes, try_flotilla, wait_for};
 
-mod support;
+use crate::support;
 
 /// Writes the manifest of `idle`: 100 replicas of `guest` with `args`, updated at most 10%
 /// above and 10% below the count, each sandbox available after `min_ready_seconds`.

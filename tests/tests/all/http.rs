@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::{Agent, ControlPlane, SETTLE_TIMEOUT, block_on, flotilla, http_get, ready, wait_for};
 
-mod support;
+use crate::support;
 
 #[test]
 fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {

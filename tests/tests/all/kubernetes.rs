@@ -15,7 +15,7 @@ use flotilla_tests::registry::FakeRegistry;
 use serde_json::{Value, json};
 use support::{Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, serve_http, sha256_hex};
 
-mod support;
+use crate::support;
 
 const WORKLOADS: &str = "/apis/flotilla.dev/v1alpha1/namespaces/default/wasmworkloads";
 const LEASE: &str =

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use support::{Agent, ControlPlane, example, flotilla, try_flotilla};
 
-mod support;
+use crate::support;
 
 const SECRET: &str = "s3cret-value-42";
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use support::{Agent, ControlPlane, try_flotilla};
 
-mod support;
+use crate::support;
 
 struct Pki {
     ca: PathBuf,

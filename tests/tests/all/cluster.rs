@@ -15,7 +15,7 @@ use support::{
     try_flotilla, wait_for,
 };
 
-mod support;
+use crate::support;
 
 #[test]
 fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_restart() {

@@ -1,0 +1,17 @@
+//! Flotilla's cross-component and end-to-end tests, one binary with a module per topic (as
+//! wasmtime's `tests/all`), so the workspace links it once. Most start the real binaries as
+//! processes (see `support`); the Kubernetes ones talk to a fake API server, or, when run with
+//! `--ignored`, to a real cluster (`kind`).
+
+mod chart;
+mod cluster;
+mod config;
+mod http;
+mod kind;
+mod kubectl;
+mod kubernetes;
+mod layout;
+mod rollout;
+mod setup;
+mod support;
+mod tls;
