@@ -139,7 +139,7 @@ impl Artifacts {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| SandboxError::Compile("the agent is shutting down".into()))?;
+            .map_err(|_| SandboxError::ShuttingDown)?;
         let inner = self.inner.clone();
         let timeout = inner.compile_timeout;
         let task = tokio::task::spawn_blocking(move || {
@@ -149,7 +149,7 @@ impl Artifacts {
         });
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(result)) => result.map(Arc::new),
-            Ok(Err(join)) => Err(SandboxError::Compile(format!("compiler panicked: {join}"))),
+            Ok(Err(join)) => Err(SandboxError::Compiler(join)),
             Err(_) => Err(SandboxError::CompileTimeout(timeout)),
         }
     }
@@ -171,16 +171,16 @@ impl Inner {
                 .linkers
                 .component
                 .instantiate_pre(&component)
-                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+                .map_err(|e| SandboxError::Link(e.into()))?;
             match CommandPre::new(pre.clone()) {
                 Ok(command) => Artifact::Command(command),
                 Err(not_command) => match ProxyPre::new(pre) {
                     Ok(proxy) => Artifact::Proxy(proxy),
                     Err(not_proxy) => {
-                        return Err(SandboxError::Link(format!(
-                            "the component exports neither wasi:cli/run ({not_command:#}) nor \
-                             wasi:http/incoming-handler ({not_proxy:#})"
-                        )));
+                        return Err(SandboxError::NotRunnable {
+                            command: format!("{not_command:#}"),
+                            handler: format!("{not_proxy:#}"),
+                        });
                     }
                 },
             }
@@ -196,7 +196,7 @@ impl Inner {
                 .linkers
                 .module
                 .instantiate_pre(&module)
-                .map_err(|e| SandboxError::Link(format!("{e:#}")))?;
+                .map_err(|e| SandboxError::Link(e.into()))?;
             Artifact::Module(pre)
         };
         tracing::info!(%digest, elapsed = ?started.elapsed(), "module prepared");
@@ -225,8 +225,7 @@ impl Inner {
                 }
             }
         }
-        let artifact =
-            compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+        let artifact = compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(e.into()))?;
         self.compiled.fetch_add(1, Ordering::Relaxed);
         if let Some(path) = &path
             && let Err(e) = write_atomically(path, &artifact)

@@ -116,15 +116,20 @@ pub fn precompile_for_target(
 ) -> Result<Vec<u8>, SandboxError> {
     flotilla_model::module::check_header(wasm).map_err(SandboxError::Module)?;
     let mut cfg = engine_config(config);
-    cfg.target(target)
-        .map_err(|e| SandboxError::Compile(format!("target {target}: {e:#}")))?;
-    let engine = Engine::new(&cfg).map_err(|e| SandboxError::Compile(format!("{e:#}")))?;
+    cfg.target(target).map_err(|e| SandboxError::Target {
+        target: target.to_string(),
+        source: e.into(),
+    })?;
+    let engine = Engine::new(&cfg).map_err(|e| SandboxError::Target {
+        target: target.to_string(),
+        source: e.into(),
+    })?;
     let compiled = if flotilla_model::module::is_component(wasm) {
         engine.precompile_component(wasm)
     } else {
         engine.precompile_module(wasm)
     };
-    compiled.map_err(|e| SandboxError::Compile(format!("{e:#}")))
+    compiled.map_err(|e| SandboxError::Compile(e.into()))
 }
 
 /// Bumps the engine's epoch every `tick` until the engine is dropped.

@@ -8,6 +8,9 @@ use flotilla_model::module::ModuleCheckError;
 use super::limits::LimitsError;
 use super::volumes::VolumeRefused;
 
+/// A cause from wasmtime, with its chain.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a workload could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -28,14 +31,40 @@ pub enum SandboxError {
     #[error("module refused")]
     Module(#[source] ModuleCheckError),
     /// Validation or compilation failed.
-    #[error("invalid module: {0}")]
-    Compile(String),
+    #[error("invalid module")]
+    Compile(#[source] BoxError),
+    /// Compiling for `target` is not possible (an unknown or unsupported target).
+    #[error("cannot compile for target {target}")]
+    Target {
+        /// The target triple.
+        target: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+    /// The compiler's task failed (it panicked): a bug of the compiler, not of the module.
+    #[error("compiling the module failed")]
+    Compiler(#[source] tokio::task::JoinError),
+    /// The agent is shutting down and compiles no more.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
     /// Compilation took longer than the agent allows.
     #[error("compiling the module took longer than {0:?}; it is too costly for this agent")]
     CompileTimeout(Duration),
     /// The module cannot be linked against WASI (an unknown import, for example).
-    #[error("cannot link module: {0}")]
-    Link(String),
+    #[error("cannot link module")]
+    Link(#[source] BoxError),
+    /// A component that is neither a command nor an HTTP handler.
+    #[error(
+        "cannot link module: the component exports neither wasi:cli/run ({command}) nor \
+         wasi:http/incoming-handler ({handler})"
+    )]
+    NotRunnable {
+        /// Why it is no command.
+        command: String,
+        /// Why it is no HTTP handler.
+        handler: String,
+    },
     /// `spec.http` is set, but the component is no `wasi:http/incoming-handler`.
     #[error(
         "spec.http is set, but the module is not a component exporting \

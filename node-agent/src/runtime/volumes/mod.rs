@@ -64,19 +64,22 @@ pub struct HostPathRule {
     pub writable: bool,
 }
 
+/// A `--allow-host-path` value that is not `DIR` or `DIR:rw` with an absolute `DIR`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: must be an absolute path, optionally with :rw")]
+pub struct InvalidHostPathRule(pub String);
+
 impl std::str::FromStr for HostPathRule {
-    type Err = String;
+    type Err = InvalidHostPathRule;
 
     /// `DIR` (read-only) or `DIR:rw`.
-    fn from_str(value: &str) -> Result<Self, String> {
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
         let (path, writable) = match value.strip_suffix(":rw") {
             Some(path) => (path, true),
             None => (value.strip_suffix(":ro").unwrap_or(value), false),
         };
         if !path.starts_with('/') {
-            return Err(format!(
-                "{value:?}: must be an absolute path, optionally with :rw"
-            ));
+            return Err(InvalidHostPathRule(value.to_string()));
         }
         Ok(Self {
             prefix: PathBuf::from(path),
