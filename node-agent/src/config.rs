@@ -69,6 +69,21 @@ pub struct Args {
     /// Longest a module may take to compile before it is rejected as too costly.
     #[arg(long, env = "FLOTILLA_COMPILE_TIMEOUT", default_value = "60s")]
     pub compile_timeout: humantime::Duration,
+    /// Modules compiled at once, on low-priority threads, round-robin between workloads
+    /// (default: the number of CPUs, at least 2 and at most 4).
+    #[arg(long, env = "FLOTILLA_COMPILE_CONCURRENCY")]
+    pub compile_concurrency: Option<usize>,
+    /// Threads of each compile (default: the number of CPUs).
+    #[arg(long, env = "FLOTILLA_COMPILE_THREADS")]
+    pub compile_threads: Option<usize>,
+    /// Most functions a module may define (over every core module of a component); a module
+    /// with more is refused before compiling, as ModuleTooCostly.
+    #[arg(long, env = "FLOTILLA_MAX_MODULE_FUNCTIONS", default_value_t = crate::runtime::CostLimits::default().max_functions)]
+    pub max_module_functions: u64,
+    /// Most bytes of function bodies a module may have; more is refused before compiling, as
+    /// ModuleTooCostly.
+    #[arg(long, env = "FLOTILLA_MAX_MODULE_CODE_SIZE", default_value = "32Mi")]
+    pub max_module_code_size: String,
     /// Where compiled modules are cached across restarts (default: $XDG_CACHE_HOME/flotilla or
     /// ~/.cache/flotilla).
     #[arg(long, env = "FLOTILLA_CACHE_DIR")]
@@ -190,6 +205,10 @@ impl TryFrom<Args> for Config {
             epoch_tick: *args.epoch_tick,
             max_module_bytes: bytes("max-module-size", &args.max_module_size)?,
             compile_timeout: *args.compile_timeout,
+            compile_cost_limits: crate::runtime::CostLimits {
+                max_functions: args.max_module_functions,
+                max_code_bytes: bytes("max-module-code-size", &args.max_module_code_size)?,
+            },
             cache_dir: if args.no_cache {
                 None
             } else {
@@ -197,6 +216,12 @@ impl TryFrom<Args> for Config {
             },
             ..RuntimeConfig::default()
         };
+        if let Some(concurrency) = args.compile_concurrency {
+            runtime.compile_concurrency = concurrency.max(1);
+        }
+        if let Some(threads) = args.compile_threads {
+            runtime.compile_threads = threads.max(1);
+        }
         if let Some(dir) = args.volumes_dir {
             runtime.volumes.dir = dir;
         }

@@ -1,8 +1,9 @@
 //! [`Artifacts`]: compiled, pre-linked modules and components, cached by digest in memory and,
 //! when a cache directory is set, on disk, so that a restarted agent does not compile again.
 //!
-//! Compilation runs off the async workers, a bounded number at once, within a timeout. Each
-//! digest is compiled once however many workloads ask for it together.
+//! Compilation runs on the [`Compiler`]'s low-priority threads, a bounded number at once and
+//! round-robin between workloads, within a timeout, after a look at what the module would cost
+//! ([`cost`]). Each digest is compiled once however many workloads ask for it together.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -11,12 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, InstancePre, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use super::compiler::Compiler;
+use super::cost::{self, CostLimits};
 use super::error::SandboxError;
 use super::linker::Linkers;
 use super::store::{P1State, P2State};
@@ -40,6 +43,10 @@ pub struct CacheStats {
     pub loaded_from_disk: u64,
     /// Digests whose artifacts are held in memory.
     pub in_memory: usize,
+    /// Compiles running now.
+    pub compiles_running: usize,
+    /// Compiles waiting for a compile slot.
+    pub compiles_waiting: usize,
 }
 
 /// The compile cache of one engine. Cheap to clone.
@@ -52,8 +59,10 @@ struct Inner {
     engine: Engine,
     linkers: Linkers,
     cache_dir: Option<PathBuf>,
-    compile_permits: Arc<Semaphore>,
+    compiler: Compiler,
     compile_timeout: Duration,
+    cost_limits: CostLimits,
+    cheap_code_bytes: u64,
     cells: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
     compiled: AtomicU64,
     loaded: AtomicU64,
@@ -62,8 +71,9 @@ struct Inner {
 // === impl Artifacts ===
 
 impl Artifacts {
-    /// A cache for `engine`, pre-linking with `linkers`, compiling `concurrency` modules at once
-    /// within `timeout`, and keeping artifacts in `cache_dir` (created here) when set.
+    /// A cache for `engine`, pre-linking with `linkers`, compiling with `compiler` modules
+    /// within `cost_limits` and `timeout` (those of up to `cheap_code_bytes` of code as cheap
+    /// ones), and keeping artifacts in `cache_dir` (created here) when set.
     ///
     /// # Errors
     /// The cache directory could not be created.
@@ -71,7 +81,9 @@ impl Artifacts {
         engine: Engine,
         linkers: Linkers,
         cache_dir: Option<PathBuf>,
-        concurrency: usize,
+        compiler: Compiler,
+        cost_limits: CostLimits,
+        cheap_code_bytes: u64,
         timeout: Duration,
     ) -> std::io::Result<Self> {
         if let Some(dir) = &cache_dir {
@@ -82,8 +94,10 @@ impl Artifacts {
                 engine,
                 linkers,
                 cache_dir,
-                compile_permits: Arc::new(Semaphore::new(concurrency.max(1))),
+                compiler,
                 compile_timeout: timeout,
+                cost_limits,
+                cheap_code_bytes,
                 cells: Mutex::new(HashMap::new()),
                 compiled: AtomicU64::new(0),
                 loaded: AtomicU64::new(0),
@@ -92,12 +106,14 @@ impl Artifacts {
     }
 
     /// The artifact of the module `bytes` whose digest is `digest`: from memory, from disk, or
-    /// compiled now.
+    /// compiled now in `owner`'s turn (the workload that asks first).
     ///
     /// # Errors
-    /// The module does not compile, takes too long to, or cannot be linked.
+    /// The module costs more than the limits, does not compile, takes too long to, or cannot
+    /// be linked.
     pub(super) async fn get(
         &self,
+        owner: &str,
         digest: &str,
         bytes: Vec<u8>,
     ) -> Result<Arc<Artifact>, SandboxError> {
@@ -108,14 +124,17 @@ impl Artifacts {
             .or_default()
             .clone();
         let artifact = cell
-            .get_or_try_init(|| self.compile(digest.to_string(), bytes))
+            .get_or_try_init(|| self.compile(owner, digest.to_string(), bytes))
             .await?;
         Ok(artifact.clone())
     }
 
     /// How modules were obtained so far.
     pub(super) fn stats(&self) -> CacheStats {
+        let (compiles_running, compiles_waiting) = self.inner.compiler.load();
         CacheStats {
+            compiles_running,
+            compiles_waiting,
             compiled: self.inner.compiled.load(Ordering::Relaxed),
             loaded_from_disk: self.inner.loaded.load(Ordering::Relaxed),
             in_memory: self.inner.lock_cells().len(),
@@ -130,26 +149,35 @@ impl Artifacts {
         });
     }
 
-    /// Compiles (or loads from disk) and pre-links a module, off the async workers and under the
-    /// compile concurrency limit.
-    async fn compile(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>, SandboxError> {
-        let permit = self
-            .inner
-            .compile_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SandboxError::ShuttingDown)?;
+    /// Compiles (or loads from disk) and pre-links a module on a compile thread, in `owner`'s
+    /// turn, once its cost is within the limits.
+    async fn compile(
+        &self,
+        owner: &str,
+        digest: String,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Artifact>, SandboxError> {
+        let on_disk = self.inner.cache_path(&digest).is_some_and(|p| p.exists());
+        let cheap = if on_disk {
+            true
+        } else {
+            // The costs of a compile that would be cut are better known before it starts.
+            let cost = cost::of(&bytes);
+            self.inner.cost_limits.check(&cost)?;
+            cost.code_bytes <= self.inner.cheap_code_bytes
+        };
+        let slot = self.inner.compiler.slot(owner, cheap).await;
         let inner = self.inner.clone();
         let timeout = inner.compile_timeout;
-        let task = tokio::task::spawn_blocking(move || {
-            // The permit lives as long as the compilation, even one the caller gave up on.
-            let _permit = permit;
-            inner.compile_blocking(&digest, &bytes)
-        });
-        match tokio::time::timeout(timeout, task).await {
+        // The slot lives as long as the compilation, even one the caller gave up on.
+        let done = self
+            .inner
+            .compiler
+            .run(slot, move || inner.compile_blocking(&digest, &bytes))
+            .map_err(SandboxError::Compiler)?;
+        match tokio::time::timeout(timeout, done).await {
             Ok(Ok(result)) => result.map(Arc::new),
-            Ok(Err(join)) => Err(SandboxError::Compiler(join)),
+            Ok(Err(error)) => Err(SandboxError::Compiler(error)),
             Err(_) => Err(SandboxError::CompileTimeout(timeout)),
         }
     }

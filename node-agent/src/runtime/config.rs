@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::compiler::CHEAP_CODE_BYTES;
+use super::cost::CostLimits;
 use super::limits::SandboxLimits;
 use super::volumes;
 
@@ -43,8 +45,16 @@ pub struct RuntimeConfig {
     pub epoch_ticker: EpochTicker,
     /// Largest module accepted, in bytes. Default 32 MiB.
     pub max_module_bytes: u64,
-    /// Modules compiled at once. Default: the number of CPUs.
+    /// Modules compiled at once. Default: the number of CPUs, at least 2 and at most 4.
     pub compile_concurrency: usize,
+    /// Threads of each compile (Cranelift compiles a module's functions in parallel). Default:
+    /// the number of CPUs.
+    pub compile_threads: usize,
+    /// The most a module may cost to compile. Default: [`CostLimits::default`].
+    pub compile_cost_limits: CostLimits,
+    /// Code bytes up to which a compile may take the slot kept for cheap compiles. Default:
+    /// [`CHEAP_CODE_BYTES`].
+    pub cheap_compile_code_bytes: u64,
     /// Longest a compilation may take before the module is reported as too costly. Default 60 s.
     pub compile_timeout: Duration,
     /// Where compiled artifacts are kept across restarts. Default: none (memory only).
@@ -56,6 +66,11 @@ pub struct RuntimeConfig {
     pub volumes: volumes::VolumeConfig,
     /// The node's name, as sandboxes' `spec.nodeName` field reads it. Default: the host name.
     pub node_name: String,
+}
+
+/// The CPUs this process may use.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The host's name, lower-cased (empty when unknown): the default node name.
@@ -78,7 +93,10 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(10),
             epoch_ticker: EpochTicker::Thread,
             max_module_bytes: 32 << 20,
-            compile_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            compile_concurrency: cpus().clamp(2, 4),
+            compile_threads: cpus(),
+            compile_cost_limits: CostLimits::default(),
+            cheap_compile_code_bytes: CHEAP_CODE_BYTES,
             compile_timeout: Duration::from_secs(60),
             cache_dir: None,
             volumes: volumes::VolumeConfig {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use flotilla_model::module::ModuleCheckError;
 
+use super::compiler::CompilerError;
+use super::cost::CostError;
 use super::limits::LimitsError;
 use super::volumes::VolumeRefused;
 
@@ -42,12 +44,13 @@ pub enum SandboxError {
         #[source]
         source: BoxError,
     },
-    /// The compiler's task failed (it panicked): a bug of the compiler, not of the module.
+    /// The compile could not run to its end: no thread for it, or a panic of the compiler.
     #[error("compiling the module failed")]
-    Compiler(#[source] tokio::task::JoinError),
-    /// The agent is shutting down and compiles no more.
-    #[error("the agent is shutting down")]
-    ShuttingDown,
+    Compiler(#[source] CompilerError),
+    /// Compiling the module would cost more than the agent allows (too many functions or too
+    /// much code), found before compiling it.
+    #[error(transparent)]
+    TooCostly(#[from] CostError),
     /// Compilation took longer than the agent allows.
     #[error("compiling the module took longer than {0:?}; it is too costly for this agent")]
     CompileTimeout(Duration),
@@ -97,6 +100,7 @@ impl SandboxError {
             SandboxError::ReadModule { .. } | SandboxError::MissingModule => "ModuleUnavailable",
             SandboxError::Limits(_) => "InvalidLimits",
             SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
+            SandboxError::TooCostly(_) | SandboxError::CompileTimeout(_) => "ModuleTooCostly",
             _ => "InvalidModule",
         }
     }

@@ -21,6 +21,7 @@
 //! | `environment` | arguments, environment variables, ConfigMaps, Secrets, the downward API |
 //! | `store` | per-run state (`SandboxState`, WASI views) and the [`Stores`] that make it |
 //! | `linker` | the host functions guests may import |
+//! | `cost`, `compiler` | what a compile would cost; where compiles run (low priority, bounded, round-robin) |
 //! | `artifacts` | the compile cache, in memory and on disk |
 //! | `http` | HTTP replicas: a fresh sandbox per request |
 //! | `prepared` | a workload ready to start sandboxes |
@@ -29,7 +30,9 @@
 
 mod artifacts;
 pub mod capacity;
+mod compiler;
 mod config;
+mod cost;
 mod engine;
 mod environment;
 mod error;
@@ -48,7 +51,11 @@ mod wasmtime;
 
 pub use self::artifacts::CacheStats;
 pub use self::capacity::Capacity;
+pub use self::compiler::{CHEAP_CODE_BYTES, COMPILE_NICE, CompilerError};
 pub use self::config::{EpochTicker, RuntimeConfig, host_name};
+pub use self::cost::{
+    CostError, CostLimits, DEFAULT_MAX_CODE_BYTES, DEFAULT_MAX_FUNCTIONS, ModuleCost,
+};
 pub use self::engine::{Engines, precompile_for_target};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;

@@ -9,6 +9,7 @@ use wasmtime::Engine;
 
 use super::artifacts::{Artifacts, CacheStats};
 use super::capacity::{self, Capacity};
+use super::compiler::Compiler;
 use super::config::RuntimeConfig;
 use super::engine::Engines;
 use super::environment::EnvironmentSources;
@@ -79,7 +80,9 @@ impl WasmtimeRuntime {
             engine.clone(),
             linkers,
             config.cache_dir.clone(),
-            config.compile_concurrency,
+            Compiler::new(config.compile_concurrency, config.compile_threads),
+            config.compile_cost_limits,
+            config.cheap_compile_code_bytes,
             config.compile_timeout,
         )
         .map_err(|e| RuntimeError::CacheDir(config.cache_dir.clone().unwrap_or_default(), e))?;
@@ -147,7 +150,13 @@ impl SandboxRuntime for WasmtimeRuntime {
             config.epoch_tick,
         )?;
         let (digest, bytes) = source::load(spec.module.as_ref(), config.max_module_bytes).await?;
-        let artifact = self.inner.artifacts.get(&digest, bytes).await?;
+        // Compiles take turns per workload (its owner, for the revisions of one workload).
+        let owner = if spec.owner.is_empty() {
+            &spec.name
+        } else {
+            &spec.owner
+        };
+        let artifact = self.inner.artifacts.get(owner, &digest, bytes).await?;
         let prepared = PreparedWorkload::new(spec, digest, artifact, limits)?;
         volumes::check(&spec.volumes, &config.volumes)?;
         Ok(Arc::new(prepared))

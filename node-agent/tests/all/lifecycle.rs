@@ -233,6 +233,86 @@ async fn a_module_that_compiles_too_long_is_reported() {
         Ok(_) => panic!("20,000 functions compiled within 1 ms"),
     };
     assert!(matches!(err, SandboxError::CompileTimeout(_)), "{err:?}");
-    assert_eq!(err.reason(), "InvalidModule");
+    assert_eq!(err.reason(), "ModuleTooCostly");
     assert!(err.to_string().contains("too costly"), "{err}");
+}
+
+/// A module of `functions` functions, each distinct by `seed`, that takes a while to compile.
+fn costly_module(functions: usize, seed: usize) -> Vec<u8> {
+    let mut wat = String::from("(module (memory (export \"memory\") 1)");
+    for i in 0..functions {
+        wat.push_str(&format!(
+            "(func (param i32) (result i32) local.get 0 i32.const {} i32.mul i32.const {seed} \
+             i32.add)",
+            i + 1
+        ));
+    }
+    wat.push_str("(func (export \"_start\")))");
+    wat::parse_str(&wat).expect("valid module")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_over_the_cost_limits_is_refused_before_compiling() {
+    let mut config = runtime_config();
+    config.compile_cost_limits.max_functions = 1_000;
+    let rt = runtime(config);
+    let err = match rt.prepare(&spec("huge", costly_module(1_001, 0))).await {
+        Err(err) => err,
+        Ok(_) => panic!("1,002 functions passed a limit of 1,000"),
+    };
+    assert!(matches!(err, SandboxError::TooCostly(_)), "{err:?}");
+    assert_eq!(err.reason(), "ModuleTooCostly");
+    assert!(err.to_string().contains("--max-module-functions"), "{err}");
+    assert_eq!(rt.cache_stats().compiled, 0, "refused without compiling");
+    // A module within the limit still runs.
+    rt.prepare(&spec("hello", fixture("hello")))
+        .await
+        .expect("within the limits");
+}
+
+/// Costly compiles hold back no other workload: with every general compile slot taken by one
+/// costly module and another queued behind it, a small module compiles in the slot kept for
+/// cheap compiles and is ready while they still compile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_module_is_ready_while_costly_ones_compile() {
+    let config = RuntimeConfig {
+        compile_concurrency: 1,
+        compile_timeout: Duration::from_secs(300),
+        // The costly modules are costly at this size; the small one is far below it.
+        cheap_compile_code_bytes: 64 << 10,
+        ..runtime_config()
+    };
+    let rt = runtime(config);
+    let costly: Vec<_> = (0..2)
+        .map(|seed| {
+            let rt = rt.clone();
+            let spec = spec(&format!("costly-{seed}"), costly_module(30_000, seed));
+            tokio::spawn(async move { rt.prepare(&spec).await.map(|_| ()) })
+        })
+        .collect();
+    // One compiles in the general slot, the other waits for it.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let stats = rt.cache_stats();
+            if stats.compiles_running + stats.compiles_waiting == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("both costly modules reach the compiler");
+    rt.prepare(&spec("hello", fixture("hello")))
+        .await
+        .expect("the small module compiles");
+    assert!(
+        costly.iter().all(|task| !task.is_finished()),
+        "the costly modules were compiled first; the test proves nothing on this machine"
+    );
+    for task in costly {
+        task.await
+            .expect("no panic")
+            .expect("the costly modules compile too");
+    }
+    assert_eq!(rt.cache_stats().compiled, 3);
 }
