@@ -80,6 +80,9 @@ impl Server {
     }
 }
 
+/// The bench control plane's node heartbeat timeout; agents heartbeat three times per timeout.
+pub(crate) const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `serve-control-plane`: what `flotilla-control-plane` runs, printing its address.
 pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
     raise_fd_limit();
@@ -89,7 +92,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
             metrics_listen: None,
             store: flotilla_control_plane::StoreBackend::Embedded,
             data_dir: data_dir.to_path_buf(),
-            node_heartbeat_timeout: Duration::from_secs(5),
+            node_heartbeat_timeout: HEARTBEAT_TIMEOUT,
             node_startup_grace: Duration::from_secs(15),
             join_token: None,
             tls: None,

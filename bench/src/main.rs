@@ -14,10 +14,12 @@
 //! cargo run --release -p flotilla-bench -- e2e --agents 10 --replicas 10000
 //! cargo run --release -p flotilla-bench -- fleet --agents 1000 --per-agent 100
 //! cargo run --release -p flotilla-bench -- http --wasmtime /path/to/wasmtime-48
+//! cargo run --release -p flotilla-bench -- isolation
 //! ```
 
 mod cluster;
 mod http;
+mod isolation;
 mod rollout;
 
 use std::process::Command;
@@ -125,6 +127,9 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         steady_seconds: u64,
     },
+    /// Tenant isolation on one agent: neighbour start latency while a 100,000-function module
+    /// compiles, and the agent's heartbeats meanwhile.
+    Isolation,
     /// Runs a control plane as `flotilla-control-plane` does (used by the scenarios above).
     #[command(hide = true)]
     ServeControlPlane {
@@ -179,6 +184,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
         Scenario::Http(args) => http::http(args),
+        Scenario::Isolation => tokio_main(isolation::isolation()),
         Scenario::Rollout {
             agents,
             replicas,

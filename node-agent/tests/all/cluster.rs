@@ -203,3 +203,93 @@ fn started(sup: &Supervisor) -> std::collections::BTreeMap<String, i64> {
         .map(|s| (s.sandbox_id, s.started_at_ms))
         .collect()
 }
+
+/// A module that takes long to compile holds up neither the node's heartbeats nor its other
+/// workloads: applied first, it is still compiling when a small workload applied after it runs,
+/// and the control plane hears from the node all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_costly_compile_holds_up_neither_heartbeats_nor_other_workloads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (url, _store) = control_plane(dir.path()).await;
+    let (a, _token) = join(&url, "node-a");
+    let mut client = WorkloadsClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let mut push = async |module: Vec<u8>| {
+        client
+            .push_module(PushModuleRequest {
+                module,
+                sha256: String::new(),
+            })
+            .await
+            .expect("push")
+            .into_inner()
+            .sha256
+    };
+    let costly = push(costly_module(40_000, 1)).await;
+    let idle = push(fixture("sleep")).await;
+    let mut client = WorkloadsClient::connect(url.clone())
+        .await
+        .expect("connect");
+    for (name, sha) in [("costly", &costly), ("idle", &idle)] {
+        let manifest = format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: {name}}}\n\
+             spec: {{module: {{sha256: \"{sha}\"}}, replicas: 1, \
+             resources: {{limits: {{memory: 1Mi}}}}}}\n"
+        );
+        client
+            .apply(ApplyRequest {
+                manifest: manifest.into_bytes(),
+            })
+            .await
+            .expect("apply");
+    }
+    // The heartbeats, as the control plane sees them, while the costly module compiles.
+    let sampler = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            let mut oldest = 0;
+            let mut always_ready = true;
+            for _ in 0..100 {
+                let nodes = client
+                    .list_nodes(flotilla_proto::control::v1::ListNodesRequest {})
+                    .await
+                    .expect("list nodes")
+                    .into_inner()
+                    .nodes;
+                if let Some(node) = nodes.first() {
+                    oldest = oldest.max(node.last_heartbeat_age_ms);
+                    always_ready &= node.ready;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (oldest, always_ready)
+        }
+    });
+    until(&[&a], "the idle workload runs", || running(&a) == 1).await;
+    let stats = a.runtime().cache_stats();
+    assert_eq!(
+        stats.compiles_running, 1,
+        "the idle workload ran only after the costly module compiled: {stats:?}"
+    );
+    let (oldest, always_ready) = sampler.await.expect("sampler");
+    // Heartbeats every 200 ms; the node's last one is never much older than that.
+    assert!(
+        oldest < 1_000,
+        "a heartbeat {oldest} ms old during the compile"
+    );
+    assert!(always_ready, "the node turned NotReady during the compile");
+    // Its guest returns at once; that it has sandboxes at all says it compiled.
+    let costly_runs = || {
+        a.list(None)
+            .iter()
+            .any(|s| s.workload.starts_with("default.costly-"))
+    };
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while !costly_runs() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the costly module compiles and runs too");
+}

@@ -135,3 +135,17 @@ pub fn logs(supervisor: &Supervisor, workload: &str, replica: u32) -> String {
 }
 
 pub type Shared<T> = Arc<T>;
+
+/// A module of `functions` functions, each distinct by `seed`, that takes a while to compile.
+pub fn costly_module(functions: usize, seed: usize) -> Vec<u8> {
+    let mut wat = String::from("(module (memory (export \"memory\") 1)");
+    for i in 0..functions {
+        wat.push_str(&format!(
+            "(func (param i32) (result i32) local.get 0 i32.const {} i32.mul i32.const {seed} \
+             i32.add)",
+            i + 1
+        ));
+    }
+    wat.push_str("(func (export \"_start\")))");
+    wat::parse_str(&wat).expect("valid module")
+}

@@ -237,20 +237,6 @@ async fn a_module_that_compiles_too_long_is_reported() {
     assert!(err.to_string().contains("too costly"), "{err}");
 }
 
-/// A module of `functions` functions, each distinct by `seed`, that takes a while to compile.
-fn costly_module(functions: usize, seed: usize) -> Vec<u8> {
-    let mut wat = String::from("(module (memory (export \"memory\") 1)");
-    for i in 0..functions {
-        wat.push_str(&format!(
-            "(func (param i32) (result i32) local.get 0 i32.const {} i32.mul i32.const {seed} \
-             i32.add)",
-            i + 1
-        ));
-    }
-    wat.push_str("(func (export \"_start\")))");
-    wat::parse_str(&wat).expect("valid module")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_over_the_cost_limits_is_refused_before_compiling() {
     let mut config = runtime_config();

@@ -3,6 +3,9 @@
 //! per-workload counts and aggregated failures (never one message per sandbox), and answer log
 //! requests by uploading a sandbox's output.
 //!
+//! Workloads are applied and stopped off the session loop ([`operations`]): a module that
+//! takes long to compile holds up neither the heartbeats nor any other workload.
+//!
 //! A lost session is retried with jittered exponential backoff. On reconnect the control plane
 //! sends the full desired set again; workloads still wanted keep their generation and spec, so
 //! the supervisor scales them in place and restarts nothing.
@@ -23,9 +26,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+use self::operations::{Operation, Operations};
 use crate::admin::stream_logs;
 use crate::runtime::volumes::ConfigKey;
 use crate::supervisor::Supervisor;
+
+mod operations;
 
 /// After a sandbox changes, the control plane hears of it this soon (and no more often),
 /// rather than at the next periodic heartbeat.
@@ -132,6 +138,10 @@ struct AgentState {
     modules: HashMap<String, Vec<u8>>,
     /// Workloads applied from the control plane: agent workload name → control-plane key.
     managed: BTreeMap<String, String>,
+    /// The module digest of each managed workload, whose blob is kept while it is wanted.
+    digests: HashMap<String, String>,
+    /// Applies and stops in flight, off the session loop.
+    operations: Operations,
     /// Workloads that could not be applied since the last heartbeat, as events.
     not_applied: Vec<SandboxEvent>,
     /// Workloads whose module could not be fetched, by agent workload name: the workload,
@@ -314,7 +324,8 @@ async fn apply_desired(
         stop.extend(dropped.into_keys());
     }
     for name in stop {
-        supervisor.stop(&name, None).await;
+        state.digests.remove(&name);
+        state.operations.submit(supervisor, name, Operation::Stop);
     }
     if desired.incremental {
         for name in &desired.removed {
@@ -372,6 +383,7 @@ async fn apply_desired(
                 }
             }
         }
+        state.digests.insert(spec.name.clone(), sha256.clone());
         spec.module = Some(ModuleSource {
             source: state
                 .modules
@@ -379,27 +391,17 @@ async fn apply_desired(
                 .map(|bytes| module_source::Source::Inline(bytes.clone())),
             sha256,
         });
-        let generation = spec.generation;
-        if let Err(error) = supervisor.apply(spec).await {
-            tracing::warn!(
-                workload = %workload.key,
-                error = %flotilla_telemetry::error_chain(&error),
-                "desired workload not applied"
-            );
-            state.not_applied.push(event(
-                &workload.key,
-                generation,
-                error.reason(),
-                flotilla_telemetry::error_chain(&error).to_string(),
-            ));
-        }
+        state.operations.submit(
+            supervisor,
+            spec.name.clone(),
+            Operation::Apply {
+                key: workload.key.clone(),
+                spec: Box::new(spec),
+            },
+        );
     }
     // Forget module blobs that no wanted workload uses.
-    let in_use: BTreeSet<String> = state
-        .managed
-        .keys()
-        .filter_map(|name| supervisor.module_digest(name))
-        .collect();
+    let in_use: BTreeSet<&String> = state.digests.values().collect();
     state.modules.retain(|digest, _| in_use.contains(digest));
 }
 
@@ -500,6 +502,7 @@ fn heartbeat(supervisor: &Supervisor, state: &mut AgentState) -> AgentMessage {
         })
         .collect();
     let mut events = std::mem::take(&mut state.not_applied);
+    events.extend(state.operations.take_failures());
     for failures in supervisor.take_failures() {
         // Failures of workloads from static manifests stay local.
         if let Some(key) = state.managed.get(&failures.workload) {
