@@ -75,6 +75,15 @@ pub async fn capacity(agent: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time as `kubectl top` would read it: `340ms`, `12.5s`, `3m20s`.
+fn cpu_time(millis: u64) -> String {
+    match millis {
+        0..1_000 => format!("{millis}ms"),
+        1_000..60_000 => format!("{:.1}s", millis as f64 / 1000.0),
+        _ => format!("{}m{}s", millis / 60_000, millis % 60_000 / 1000),
+    }
+}
+
 /// The name of a sandbox phase.
 pub fn phase_name(phase: i32) -> &'static str {
     match SandboxPhase::try_from(phase) {
@@ -100,6 +109,8 @@ struct SandboxView<'a> {
     #[serde(skip_serializing_if = "str::is_empty")]
     message: &'a str,
     restart_count: u32,
+    /// CPU used over all its runs, in milliseconds.
+    cpu_used_ms: u64,
     /// Unix milliseconds; absent when not running.
     #[serde(skip_serializing_if = "Option::is_none")]
     started_at_ms: Option<i64>,
@@ -127,6 +138,7 @@ fn view(s: &SandboxStatus) -> SandboxView<'_> {
         reason: &s.reason,
         message: &s.message,
         restart_count: s.restart_count,
+        cpu_used_ms: s.cpu_used_ms,
         started_at_ms: (s.started_at_ms != 0).then_some(s.started_at_ms),
         last_termination: s.last_termination.as_ref().map(|t| TerminationView {
             reason: &t.reason,
@@ -158,7 +170,14 @@ fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) -> anyhow::Resul
         "{:<40} {:<10} {:<18} {:>8}",
         "SANDBOX", "PHASE", "REASON", "RESTARTS"
     );
-    println!("{}", if wide { "  LAST TERMINATION" } else { "" });
+    println!(
+        "{}",
+        if wide {
+            format!(" {:>10}  LAST TERMINATION", "CPU")
+        } else {
+            String::new()
+        }
+    );
     for s in sorted {
         let reason = if s.reason.is_empty() { "-" } else { &s.reason };
         print!(
@@ -168,6 +187,9 @@ fn print_sandboxes(sandboxes: &[SandboxStatus], output: Output) -> anyhow::Resul
             reason,
             s.restart_count
         );
+        if wide {
+            print!(" {:>10}", cpu_time(s.cpu_used_ms));
+        }
         if let (true, Some(t)) = (wide, &s.last_termination) {
             let first_line = t.message.lines().next().unwrap_or("");
             print!("  {}: {first_line}", t.reason);

@@ -770,6 +770,24 @@ impl Workload {
                 "must be <= spec.resources.limits.memory".into(),
             );
         }
+        if let (Ok(request), Ok(limit)) = (
+            spec.resources
+                .requests
+                .cpu
+                .as_deref()
+                .map_or(Ok(0), parse_cpu_millis),
+            spec.resources
+                .limits
+                .cpu
+                .as_deref()
+                .map_or(Ok(u64::MAX), parse_cpu_millis),
+        ) && request > limit
+        {
+            fail(
+                "spec.resources.requests.cpu",
+                "must be <= spec.resources.limits.cpu".into(),
+            );
+        }
         for (field, seconds, min) in [
             (
                 "spec.activeDeadlineSeconds",

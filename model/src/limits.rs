@@ -22,6 +22,11 @@ pub struct SandboxLimits {
     pub logs: Option<u64>,
     /// Elements one table may hold. No manifest field sets it: the agent's default applies.
     pub table_elements: Option<u32>,
+    /// Millicores guaranteed under contention, its weight against other sandboxes:
+    /// `resources.requests.cpu`, or `resources.limits.cpu` when only the limit is set.
+    pub cpu_request: Option<u64>,
+    /// Millicores it may use at most: `resources.limits.cpu`.
+    pub cpu_limit: Option<u64>,
 }
 
 /// Placement requests of one sandbox, parsed from its quantities.
@@ -40,7 +45,9 @@ impl WorkloadSpec {
     /// unset.
     pub fn sandbox_limits(&self) -> SandboxLimits {
         let bytes = |q: &Option<String>| q.as_deref().and_then(|q| parse_bytes(q).ok());
+        let millicores = |q: &Option<String>| q.as_deref().and_then(|q| parse_cpu_millis(q).ok());
         let limits = &self.resources.limits;
+        let cpu_limit = millicores(&limits.cpu);
         SandboxLimits {
             memory: bytes(&limits.memory),
             memory_request: bytes(&self.resources.requests.memory),
@@ -54,6 +61,8 @@ impl WorkloadSpec {
                 .map(Duration::from_secs),
             logs: bytes(&limits.logs),
             table_elements: None,
+            cpu_request: millicores(&self.resources.requests.cpu).or(cpu_limit),
+            cpu_limit,
         }
     }
 
@@ -64,16 +73,9 @@ impl WorkloadSpec {
     pub fn requests(&self) -> Requests {
         let limits = self.sandbox_limits();
         let memory = limits.memory_request.or(limits.memory).unwrap_or(0);
-        let r = &self.resources;
         Requests {
             memory: memory.saturating_add(limits.logs.unwrap_or(DEFAULT_LOG_BYTES)),
-            cpu_millis: r
-                .requests
-                .cpu
-                .as_ref()
-                .or(r.limits.cpu.as_ref())
-                .and_then(|q| parse_cpu_millis(q).ok())
-                .unwrap_or(0),
+            cpu_millis: limits.cpu_request.unwrap_or(0),
         }
     }
 }

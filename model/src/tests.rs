@@ -1,3 +1,7 @@
+//! Manifests parsed and validated as users write them: a full manifest, field-pointed errors
+//! (all at once), HTTP defaults, requests and quantities, tolerations, rolling-update limits
+//! and rollback targets.
+
 use super::*;
 
 const DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000abc";
@@ -44,6 +48,10 @@ fn bad_manifests_get_field_pointed_errors() {
         (
             "  resources: {requests: {cpu: fast}}\n",
             "spec.resources.requests.cpu",
+        ),
+        (
+            "  resources: {requests: {cpu: 500m}, limits: {cpu: 250m}}\n",
+            "spec.resources.requests.cpu: must be <= spec.resources.limits.cpu",
         ),
         (
             "  resources: {requests: {memory: 2Gi}, limits: {memory: 1Gi}}\n",

@@ -17,6 +17,8 @@ impl From<&SandboxLimits> for Resources {
             deadline_ms: millis(limits.deadline),
             log_limit_bytes: limits.logs.unwrap_or(0),
             max_table_elements: limits.table_elements.unwrap_or(0),
+            cpu_request_millicores: limits.cpu_request.unwrap_or(0),
+            cpu_limit_millicores: limits.cpu_limit.unwrap_or(0),
         }
     }
 }
@@ -32,6 +34,8 @@ impl From<&Resources> for SandboxLimits {
             logs: set(resources.log_limit_bytes),
             table_elements: (resources.max_table_elements != 0)
                 .then_some(resources.max_table_elements),
+            cpu_request: set(resources.cpu_request_millicores),
+            cpu_limit: set(resources.cpu_limit_millicores),
         }
     }
 }
@@ -49,6 +53,8 @@ mod tests {
             deadline: Some(Duration::from_secs(5)),
             logs: Some(4096),
             table_elements: None,
+            cpu_request: Some(250),
+            cpu_limit: None,
         };
         let wire = Resources::from(&limits);
         assert_eq!(
@@ -60,6 +66,8 @@ mod tests {
                 deadline_ms: 5000,
                 log_limit_bytes: 4096,
                 max_table_elements: 0,
+                cpu_request_millicores: 250,
+                cpu_limit_millicores: 0,
             }
         );
         assert_eq!(SandboxLimits::from(&wire), limits);

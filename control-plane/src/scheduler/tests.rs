@@ -1,3 +1,6 @@
+//! The scheduler over simulated nodes: spreading a batch, capacity and its reasons, node
+//! selectors, readiness, existing replicas, removals.
+
 use std::collections::BTreeMap;
 
 use super::framework::{NodeInfo, NodeResources, WorkloadRequest};

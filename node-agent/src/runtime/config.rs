@@ -115,6 +115,7 @@ impl Default for RuntimeConfig {
                 instances: 16,
                 memories: 8,
                 tables: 8,
+                cpu_rate: None,
             },
         }
     }

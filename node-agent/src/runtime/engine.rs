@@ -6,6 +6,8 @@
 //! epoch interruption. Workloads that need what the pool cannot host (shared memories, for one)
 //! will get engines of their own here, each with its own limits.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -21,6 +23,15 @@ const MAX_BACKTRACE_FRAMES: usize = 32;
 #[derive(Clone)]
 pub struct Engines {
     host: Engine,
+    epoch: Epoch,
+}
+
+/// The host engine's epoch, counted where it can be read: wasmtime only increments its own.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Epoch {
+    engine: Engine,
+    count: Arc<AtomicU64>,
 }
 
 // === impl Engines ===
@@ -36,15 +47,50 @@ impl Engines {
             config, capacity,
         )));
         let host = Engine::new(&engine_config)?;
+        let epoch = Epoch::new(host.clone());
         if config.epoch_ticker == EpochTicker::Thread {
-            spawn_epoch_ticker(&host, config.epoch_tick);
+            spawn_epoch_ticker(&epoch, config.epoch_tick);
         }
-        Ok(Self { host })
+        Ok(Self { host, epoch })
     }
 
     /// The engine of ordinary sandboxes, on the pooling allocator.
     pub fn host(&self) -> &Engine {
         &self.host
+    }
+
+    /// The host engine's epoch.
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+}
+
+// === impl Epoch ===
+
+impl Epoch {
+    fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            count: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// An epoch of a default engine, advanced by hand.
+    #[cfg(test)]
+    pub(crate) fn manual_for_tests() -> Self {
+        Self::new(Engine::default())
+    }
+
+    /// Advances the epoch by one tick: what the ticker thread does every `--epoch-tick`, and
+    /// tests with [`EpochTicker::Manual`] do themselves.
+    pub fn advance(&self) {
+        self.engine.increment_epoch();
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ticks since the engine started.
+    pub fn now(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
     }
 }
 
@@ -132,15 +178,19 @@ pub fn precompile_for_target(
     compiled.map_err(|e| SandboxError::Compile(e.into()))
 }
 
-/// Bumps the engine's epoch every `tick` until the engine is dropped.
-fn spawn_epoch_ticker(engine: &Engine, tick: Duration) {
-    let weak = engine.weak();
+/// Advances `epoch` every `tick` until its engine is dropped.
+fn spawn_epoch_ticker(epoch: &Epoch, tick: Duration) {
+    let weak = epoch.engine.weak();
+    let count = epoch.count.clone();
     let spawned = std::thread::Builder::new()
         .name("flotilla-epoch".into())
         .spawn(move || {
             while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
+                Epoch {
+                    engine,
+                    count: count.clone(),
+                }
+                .advance();
                 std::thread::sleep(tick);
             }
         });

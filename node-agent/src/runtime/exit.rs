@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use wasmtime_wasi::I32Exit;
 
-use super::limits::{CpuLimitExceeded, MemoryLimitExceeded};
+use super::limits::{CpuLimitExceeded, MemoryLimitExceeded, TableLimitExceeded};
 
 /// How one run of a sandbox ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +88,9 @@ pub(super) fn classify(err: wasmtime::Error) -> Exit {
         return Exit::Exited(exit.0);
     }
     if let Some(oom) = err.downcast_ref::<MemoryLimitExceeded>() {
+        return Exit::OutOfMemory(oom.to_string());
+    }
+    if let Some(oom) = err.downcast_ref::<TableLimitExceeded>() {
         return Exit::OutOfMemory(oom.to_string());
     }
     if let Some(cpu) = err.downcast_ref::<CpuLimitExceeded>() {

@@ -19,6 +19,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use super::cpu::CpuUsage;
 use super::environment::Environment;
 use super::exit::{Exit, classify};
 use super::limits::SandboxLimits;
@@ -54,6 +55,8 @@ pub struct RequestSandbox {
     pub sandbox: Arc<str>,
     /// The replica's log ring, shared by its requests.
     pub logs: Arc<LogBuffer>,
+    /// The replica's CPU used, charged by its requests.
+    pub cpu: Arc<CpuUsage>,
     /// The replica's volumes, mounted by every request's sandbox.
     pub mounts: Option<Arc<Mounts>>,
 }
@@ -67,6 +70,7 @@ impl RequestSandbox {
             &self.limits,
             &self.sandbox,
             &self.logs,
+            &self.cpu,
             self.mounts.as_ref(),
         )
     }

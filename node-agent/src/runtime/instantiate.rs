@@ -8,6 +8,7 @@ use wasmtime::{Store, TypedFunc};
 use wasmtime_wasi::p2::bindings::Command;
 
 use super::artifacts::Artifact;
+use super::cpu::CpuUsage;
 use super::exit::{Exit, classify};
 use super::http::{HttpPool, HttpReplica, HttpRoutes, RequestSandbox};
 use super::logs::LogBuffer;
@@ -76,6 +77,7 @@ impl Instantiator {
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> Result<WasmtimeInstance, Exit> {
         let mounts = match volumes {
@@ -99,9 +101,9 @@ impl Instantiator {
                 .wasi(self.stores.sources(), &sandbox, &logs, mounts.as_deref())?;
         match &*prepared.artifact {
             Artifact::Module(pre) => {
-                let mut store = self
-                    .stores
-                    .new_store(wasi.build_p1(), &prepared.limits, mounts);
+                let mut store =
+                    self.stores
+                        .new_store(wasi.build_p1(), &prepared.limits, &cpu, mounts);
                 // Boxed: inline, this future would enlarge every long-lived sandbox task.
                 let instance = Box::pin(pre.instantiate_async(&mut store))
                     .await
@@ -112,9 +114,9 @@ impl Instantiator {
                 Ok(WasmtimeInstance::Module(store, start))
             }
             Artifact::Command(pre) => {
-                let mut store = self
-                    .stores
-                    .new_store(P2Wasi::new(wasi), &prepared.limits, mounts);
+                let mut store =
+                    self.stores
+                        .new_store(P2Wasi::new(wasi), &prepared.limits, &cpu, mounts);
                 let command = Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
@@ -126,9 +128,12 @@ impl Instantiator {
                 };
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
-                let mut store =
-                    self.stores
-                        .new_store(P2Wasi::new(wasi), &prepared.limits, mounts.clone());
+                let mut store = self.stores.new_store(
+                    P2Wasi::new(wasi),
+                    &prepared.limits,
+                    &cpu,
+                    mounts.clone(),
+                );
                 Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
@@ -141,6 +146,7 @@ impl Instantiator {
                         limits: prepared.limits,
                         sandbox: sandbox.to_string().into(),
                         logs,
+                        cpu,
                         mounts,
                     },
                     pre.clone(),

@@ -2,9 +2,8 @@
 //!
 //! Memory is limited by a [`ResourceLimiter`] that sums every linear memory and table of the
 //! sandbox, so a module with many memories hits one aggregate limit. CPU is counted in epoch ticks
-//! by the epoch deadline callback: each time the deadline passes while the guest runs, one tick of
-//! CPU was spent. Both hold from before instantiation, so a start function or a data segment
-//! cannot escape them.
+//! by the epoch deadline callback at the end of each slice (see [`super::cpu`]). Both hold from
+//! before instantiation, so a start function or a data segment cannot escape them.
 
 use std::time::Duration;
 
@@ -31,6 +30,8 @@ pub struct SandboxLimits {
     pub memories: usize,
     /// Tables one sandbox may create.
     pub tables: usize,
+    /// The most CPU it may use, in millicores (`resources.limits.cpu`); `None` for no cap.
+    pub cpu_rate: Option<u64>,
 }
 
 impl SandboxLimits {
@@ -89,6 +90,11 @@ impl SandboxLimits {
                 });
             }
         }
+        if let (Some(request), Some(limit)) = (requested.cpu_request, requested.cpu_limit)
+            && request > limit
+        {
+            return Err(LimitsError::CpuRequestOverLimit { request, limit });
+        }
         let tick = epoch_tick.as_millis().max(1) as u64;
         Ok(SandboxLimits {
             memory_bytes,
@@ -104,6 +110,7 @@ impl SandboxLimits {
             table_elements: requested
                 .table_elements
                 .map_or(defaults.table_elements, |e| e as usize),
+            cpu_rate: requested.cpu_limit.or(defaults.cpu_rate),
             ..*defaults
         })
     }
@@ -138,6 +145,14 @@ pub enum LimitsError {
         /// The limit.
         limit: u64,
     },
+    /// A CPU request over the CPU limit.
+    #[error("resources.requests.cpu: {request}m is over the CPU limit of {limit}m")]
+    CpuRequestOverLimit {
+        /// The request, in millicores.
+        request: u64,
+        /// The limit, in millicores.
+        limit: u64,
+    },
     /// A log ring over the per-sandbox ceiling.
     #[error(
         "resources.limits.logs: {requested} bytes is over the per-sandbox maximum of {maximum}"
@@ -168,6 +183,17 @@ pub(crate) struct MemoryLimitExceeded {
     pub limit: u64,
     /// The total the sandbox would have held after the growth.
     pub desired: u64,
+}
+
+/// The error with which a sandbox traps when a table grows past the agent's element limit;
+/// reported as `OutOfMemory`, as memory is.
+#[derive(Debug, thiserror::Error)]
+#[error("table limit of {limit} elements exceeded: the sandbox asked for {desired} elements")]
+pub(crate) struct TableLimitExceeded {
+    /// The limit in elements per table.
+    pub limit: usize,
+    /// The elements the table would have held after the growth.
+    pub desired: usize,
 }
 
 /// The error with which a sandbox traps when it has used up its CPU time.
@@ -223,9 +249,9 @@ impl Limiter {
         Ok(true)
     }
 
-    /// Records one epoch tick of CPU; fails once the budget is spent.
-    pub(crate) fn charge_tick(&mut self, tick: Duration) -> wasmtime::Result<()> {
-        self.cpu_ticks += 1;
+    /// Records `ticks` epoch ticks of CPU; fails once the budget is spent.
+    pub(crate) fn charge(&mut self, ticks: u64, tick: Duration) -> wasmtime::Result<()> {
+        self.cpu_ticks += ticks;
         match self.cpu_limit {
             Some(limit) if self.cpu_ticks > limit => Err(wasmtime::Error::new(CpuLimitExceeded {
                 limit_ms: limit.saturating_mul(tick.as_millis() as u64),
@@ -252,7 +278,10 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.table_elements {
-            return Ok(false);
+            return Err(wasmtime::Error::new(TableLimitExceeded {
+                limit: self.table_elements,
+                desired,
+            }));
         }
         // A table element costs a pointer on the host.
         let size = std::mem::size_of::<usize>() as u64;
@@ -287,6 +316,7 @@ mod tests {
             instances: 1,
             memories: 2,
             tables: 2,
+            cpu_rate: None,
         }
     }
 
@@ -302,19 +332,32 @@ mod tests {
     }
 
     #[test]
-    fn table_growth_past_element_limit_fails_softly() {
+    fn table_growth_past_either_limit_fails_as_memory_does() {
         let mut l = Limiter::new(&limits(1 << 20));
-        assert!(!l.table_growing(0, 101, None).expect("soft failure"));
+        let err = l
+            .table_growing(0, 101, None)
+            .expect_err("over the element limit");
+        assert_eq!(
+            err.downcast_ref::<TableLimitExceeded>().map(|e| e.desired),
+            Some(101)
+        );
         assert!(l.table_growing(0, 100, None).expect("fits"));
+        // Elements cost a pointer each against the memory limit.
+        let mut small = Limiter::new(&limits(64 * 8));
+        assert!(small.table_growing(0, 64, None).expect("fits"));
+        let err = small
+            .table_growing(64, 65, None)
+            .expect_err("over the memory limit");
+        assert!(err.downcast_ref::<MemoryLimitExceeded>().is_some());
     }
 
     #[test]
     fn cpu_budget_is_counted_in_ticks() {
         let mut l = Limiter::new(&limits(1));
         let tick = Duration::from_millis(10);
-        l.charge_tick(tick).expect("tick 1");
-        l.charge_tick(tick).expect("tick 2");
-        let err = l.charge_tick(tick).expect_err("tick 3 is over");
+        l.charge(1, tick).expect("tick 1");
+        l.charge(1, tick).expect("tick 2");
+        let err = l.charge(1, tick).expect_err("tick 3 is over");
         assert_eq!(
             err.downcast_ref::<CpuLimitExceeded>().map(|e| e.limit_ms),
             Some(20)

@@ -21,6 +21,7 @@
 //! | `environment` | arguments, environment variables, ConfigMaps, Secrets, the downward API |
 //! | `store` | per-run state (`SandboxState`, WASI views) and the [`Stores`] that make it |
 //! | `linker` | the host functions guests may import |
+//! | `cpu` | CPU slices, rate caps by limit, CPU used |
 //! | `cost`, `compiler` | what a compile would cost; where compiles run (low priority, bounded, round-robin) |
 //! | `artifacts` | the compile cache, in memory and on disk |
 //! | `http` | HTTP replicas: a fresh sandbox per request |
@@ -33,6 +34,7 @@ pub mod capacity;
 mod compiler;
 mod config;
 mod cost;
+mod cpu;
 mod engine;
 mod environment;
 mod error;
@@ -56,7 +58,8 @@ pub use self::config::{EpochTicker, RuntimeConfig, host_name};
 pub use self::cost::{
     CostError, CostLimits, DEFAULT_MAX_CODE_BYTES, DEFAULT_MAX_FUNCTIONS, ModuleCost,
 };
-pub use self::engine::{Engines, precompile_for_target};
+pub use self::cpu::{CORE_MILLICORES, CpuUsage, MIN_RATE_MILLICORES};
+pub use self::engine::{Engines, Epoch, precompile_for_target};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;
 pub use self::exit::Exit;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use flotilla_proto::agent::v1::WorkloadSpec;
 
 use super::capacity::Capacity;
+use super::cpu::CpuUsage;
 use super::error::SandboxError;
 use super::exit::Exit;
 use super::limits::SandboxLimits;
@@ -34,8 +35,9 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// Creates a fresh sandbox named `sandbox` (its `metadata.name`): a new store, WASI
     /// context and limits, then instantiation (which already runs guest code: start functions
-    /// and data segments). `volumes` holds the sandbox's volumes between runs: set up on its
-    /// first run, reused by its restarts.
+    /// and data segments). It prints to `logs` and charges its CPU to `cpu`, both kept across
+    /// its runs. `volumes` holds the sandbox's volumes between runs: set up on its first run,
+    /// reused by its restarts.
     ///
     /// # Errors
     /// Fails with the [`Exit`] that ended the sandbox during instantiation.
@@ -44,6 +46,7 @@ pub trait SandboxRuntime: Send + Sync + 'static {
         prepared: &Arc<Self::Prepared>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Self::Volumes>>,
     ) -> impl Future<Output = Result<Self::Instance, Exit>> + Send;
 

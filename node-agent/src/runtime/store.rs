@@ -2,8 +2,9 @@
 //! [`Stores`], which makes one store per run, or per request of an HTTP workload.
 //!
 //! Every store holds its sandbox's [`Limiter`] from before instantiation, yields to tokio at
-//! each epoch tick and charges the tick to the sandbox's CPU budget, and keeps the sandbox's
-//! volumes mounted for as long as it lives.
+//! the end of each CPU slice (pausing to keep a CPU limit, see [`CpuShare`]) and charges the
+//! slice to the sandbox's CPU budget and usage, and keeps the sandbox's volumes mounted for as
+//! long as it lives.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::cpu::{AtDeadline, CpuShare, CpuUsage};
+use super::engine::Epoch;
 use super::environment::{Environment, EnvironmentSources};
 use super::exit::Exit;
 use super::limits::{Limiter, SandboxLimits};
@@ -25,6 +28,10 @@ use super::volumes::Mounts;
 pub struct SandboxState<W> {
     pub(super) wasi: W,
     pub(super) limiter: Limiter,
+    /// The run's CPU schedule.
+    cpu: CpuShare,
+    /// The sandbox's CPU used, over all its runs.
+    usage: Arc<CpuUsage>,
     _mounts: Option<Arc<Mounts>>,
 }
 
@@ -77,6 +84,7 @@ impl WasiHttpView for SandboxState<P2Wasi> {
 #[derive(Clone)]
 pub struct Stores {
     engine: Engine,
+    epoch: Epoch,
     epoch_tick: Duration,
     sources: EnvironmentSources,
 }
@@ -84,11 +92,17 @@ pub struct Stores {
 // === impl Stores ===
 
 impl Stores {
-    /// Stores on `engine`, whose epoch advances every `epoch_tick`, with environments resolved
-    /// from `sources`.
-    pub fn new(engine: Engine, epoch_tick: Duration, sources: EnvironmentSources) -> Self {
+    /// Stores on `engine`, whose `epoch` advances every `epoch_tick`, with environments
+    /// resolved from `sources`.
+    pub fn new(
+        engine: Engine,
+        epoch: Epoch,
+        epoch_tick: Duration,
+        sources: EnvironmentSources,
+    ) -> Self {
         Self {
             engine,
+            epoch,
             epoch_tick,
             sources,
         }
@@ -99,11 +113,13 @@ impl Stores {
         &self.sources
     }
 
-    /// A fresh store holding `wasi`, limited by `limits`, keeping `mounts` mounted.
+    /// A fresh store holding `wasi`, limited by `limits`, charging its CPU to `usage`, keeping
+    /// `mounts` mounted.
     pub fn new_store<W: Send>(
         &self,
         wasi: W,
         limits: &SandboxLimits,
+        usage: &Arc<CpuUsage>,
         mounts: Option<Arc<Mounts>>,
     ) -> Store<SandboxState<W>> {
         let mut store = Store::new(
@@ -111,17 +127,31 @@ impl Stores {
             SandboxState {
                 wasi,
                 limiter: Limiter::new(limits),
+                cpu: CpuShare::new(limits.cpu_rate, self.epoch_tick, self.epoch.now()),
+                usage: usage.clone(),
                 _mounts: mounts,
             },
         );
         store.limiter(|s| &mut s.limiter);
-        // Yield to tokio at every tick, charging the tick to the sandbox's CPU budget. The first
-        // deadline must be set explicitly or every call would yield on entry.
+        // The first deadline must be set explicitly or every call would yield on entry.
         store.set_epoch_deadline(1);
         let tick = self.epoch_tick;
+        let epoch = self.epoch.clone();
         store.epoch_deadline_callback(move |mut cx| {
-            cx.data_mut().limiter.charge_tick(tick)?;
-            Ok(UpdateDeadline::Yield(1))
+            let state = cx.data_mut();
+            match state.cpu.at_deadline(epoch.now()) {
+                AtDeadline::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
+                AtDeadline::Yield {
+                    charged,
+                    next,
+                    pause,
+                } => {
+                    state.usage.charge(charged, tick);
+                    state.limiter.charge(charged, tick)?;
+                    let resume = state.cpu.yield_future(pause, epoch.clone());
+                    Ok(UpdateDeadline::YieldCustom(next, resume))
+                }
+            }
         });
         store
     }
@@ -137,9 +167,10 @@ impl Stores {
         limits: &SandboxLimits,
         sandbox: &str,
         logs: &Arc<LogBuffer>,
+        usage: &Arc<CpuUsage>,
         mounts: Option<&Arc<Mounts>>,
     ) -> Result<Store<P2State>, Exit> {
         let wasi = environment.wasi(&self.sources, &sandbox, logs, mounts.map(|m| &**m))?;
-        Ok(self.new_store(P2Wasi::new(wasi), limits, mounts.cloned()))
+        Ok(self.new_store(P2Wasi::new(wasi), limits, usage, mounts.cloned()))
     }
 }

@@ -11,7 +11,8 @@ use super::artifacts::{Artifacts, CacheStats};
 use super::capacity::{self, Capacity};
 use super::compiler::Compiler;
 use super::config::RuntimeConfig;
-use super::engine::Engines;
+use super::cpu::CpuUsage;
+use super::engine::{Engines, Epoch};
 use super::environment::EnvironmentSources;
 use super::error::SandboxError;
 use super::exit::Exit;
@@ -88,7 +89,7 @@ impl WasmtimeRuntime {
         .map_err(|e| RuntimeError::CacheDir(config.cache_dir.clone().unwrap_or_default(), e))?;
         let sources = EnvironmentSources::new(&config.node_name, ConfigFiles::new(&config.volumes));
         let instantiator = Instantiator {
-            stores: Stores::new(engine, config.epoch_tick, sources),
+            stores: Stores::new(engine, engines.epoch().clone(), config.epoch_tick, sources),
             volumes: config.volumes.clone(),
             routes: HttpRoutes::default(),
             http_metrics: HttpMetrics::default(),
@@ -104,10 +105,15 @@ impl WasmtimeRuntime {
         })
     }
 
-    /// The engine, for tools that must share its configuration (benchmarks) and for tests that
-    /// advance its epoch themselves ([`EpochTicker::Manual`](super::config::EpochTicker::Manual)).
+    /// The engine, for tools that must share its configuration (benchmarks).
     pub fn engine(&self) -> &Engine {
         self.inner.engines.host()
+    }
+
+    /// The engine's epoch, for tests that advance it themselves
+    /// ([`EpochTicker::Manual`](super::config::EpochTicker::Manual)).
+    pub fn epoch(&self) -> &Epoch {
+        self.inner.engines.epoch()
     }
 
     /// The routes of the HTTP replicas running here, for the ingress.
@@ -169,11 +175,12 @@ impl SandboxRuntime for WasmtimeRuntime {
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> impl Future<Output = Result<WasmtimeInstance, Exit>> + Send {
         self.inner
             .instantiator
-            .instantiate(prepared, sandbox, logs, volumes)
+            .instantiate(prepared, sandbox, logs, cpu, volumes)
     }
 
     fn capacity(&self) -> &Capacity {

@@ -29,8 +29,8 @@ use tracing::Instrument;
 use self::backoff::{Backoff, BackoffConfig};
 use crate::metrics::Metrics;
 use crate::runtime::{
-    Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxName, SandboxRuntime,
-    WasmtimeRuntime,
+    CpuUsage, Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxName,
+    SandboxRuntime, WasmtimeRuntime,
 };
 
 /// Supervisor settings.
@@ -173,13 +173,14 @@ struct SandboxEntry {
     task: Option<JoinHandle<()>>,
 }
 
-/// The shared record of one sandbox: identity, status and logs.
+/// The shared record of one sandbox: identity, status, logs and CPU used.
 struct SandboxCell {
     workload: Arc<str>,
     replica: u32,
     generation: u64,
     cancel: CancellationToken,
     logs: Arc<LogBuffer>,
+    cpu: Arc<CpuUsage>,
     status: Mutex<CellStatus>,
 }
 
@@ -709,7 +710,13 @@ async fn run_once<R: SandboxRuntime>(
         let begun = Instant::now();
         let instance = match shared
             .runtime
-            .instantiate(prepared, cell.name(), cell.logs.clone(), volumes)
+            .instantiate(
+                prepared,
+                cell.name(),
+                cell.logs.clone(),
+                cell.cpu.clone(),
+                volumes,
+            )
             .await
         {
             Ok(instance) => instance,
@@ -767,6 +774,7 @@ impl SandboxCell {
             generation,
             cancel,
             logs: Arc::new(LogBuffer::new(log_bytes)),
+            cpu: Arc::default(),
             status: Mutex::new(CellStatus {
                 phase: SandboxPhase::Pending,
                 reason: "",
@@ -812,6 +820,7 @@ impl SandboxCell {
             restart_count: s.restart_count,
             started_at_ms: s.started_at_ms,
             last_termination: s.last.as_deref().cloned(),
+            cpu_used_ms: self.cpu.millis(),
         }
     }
 }

@@ -142,6 +142,52 @@ async fn many_memories_hit_one_aggregate_limit() {
     assert_eq!(termination(only(&statuses)).0, "OutOfMemory");
 }
 
+/// A guest that grows its table by `elements` in one `table.grow`, trapping if that fails.
+fn table_grower(elements: u32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") 1)
+             (table 1 funcref)
+             (func (export "_start")
+               (if (i32.eq (table.grow (ref.null func) (i32.const {elements})) (i32.const -1))
+                 (then unreachable))))"#
+    ))
+    .expect("valid wat")
+}
+
+/// A table grown past the agent's element limit, or past the memory limit (each element costs
+/// a pointer), ends the sandbox as memory does: `OutOfMemory`, with the limit in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_growth_past_a_limit_is_reported_as_memory_is() {
+    let sup = supervisor(runtime_config());
+    // Past the default limit of 100,000 elements, well within memory.
+    sup.apply(spec("elements", table_grower(200_000)))
+        .await
+        .expect("applied");
+    let statuses = wait_for(&sup, "elements", "oom", all_ended()).await;
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "OutOfMemory");
+    assert!(
+        message.contains("table limit of 100000 elements"),
+        "{message}"
+    );
+
+    // 50,000 elements (400 KB of pointers) past a 256 KiB memory limit.
+    let mut s = spec("pointers", table_grower(50_000));
+    s.resources = Some(Resources {
+        memory_limit_bytes: 256 << 10,
+        ..Resources::default()
+    });
+    sup.apply(s).await.expect("applied");
+    let statuses = wait_for(&sup, "pointers", "oom", all_ended()).await;
+    let (reason, message, _) = termination(only(&statuses));
+    assert_eq!(reason, "OutOfMemory");
+    assert!(
+        message.contains("memory limit of 262144 bytes"),
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spinning_guest_is_stopped_by_cpu_limit() {
     let sup = supervisor(runtime_config());
@@ -157,6 +203,41 @@ async fn spinning_guest_is_stopped_by_cpu_limit() {
     assert!(message.contains("100 ms"), "{message}");
 }
 
+/// A CPU limit caps a spinning sandbox's rate (it pauses after each slice), and each sandbox's
+/// CPU used is in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_limit_caps_the_rate_and_the_cpu_used_is_reported() {
+    let sup = supervisor(runtime_config());
+    let mut capped = spec("capped", fixture("spin"));
+    capped.resources = Some(Resources {
+        cpu_limit_millicores: 250,
+        ..Resources::default()
+    });
+    sup.apply(capped).await.expect("applied");
+    sup.apply(spec("free", fixture("spin")))
+        .await
+        .expect("applied");
+    wait_for(&sup, "capped", "running", all_in(SandboxPhase::Running)).await;
+    wait_for(&sup, "free", "running", all_in(SandboxPhase::Running)).await;
+    let used = |name: &str| only(&sup.list(Some(name))).cpu_used_ms;
+    let (capped_before, free_before, started) = (used("capped"), used("free"), Instant::now());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let elapsed = started.elapsed().as_millis() as f64;
+    let rate = |before: u64, name: &str| (used(name) - before) as f64 / elapsed;
+    let (capped_rate, free_rate) = (rate(capped_before, "capped"), rate(free_before, "free"));
+    // 250m of one core, within the granularity of 10 ms ticks; lower on a loaded machine.
+    assert!(
+        (0.05..=0.30).contains(&capped_rate),
+        "the capped sandbox ran at {capped_rate:.2} of a core"
+    );
+    assert!(
+        free_rate > capped_rate,
+        "the uncapped sandbox ran at {free_rate:.2}, the capped one at {capped_rate:.2}"
+    );
+    sup.stop("capped", None).await;
+    sup.stop("free", None).await;
+}
+
 /// CPU time is counted in the epochs a guest sees, not on the wall clock: with the test
 /// advancing the epoch itself, a spinning guest with a budget of 100 ms (ten ticks of 10 ms)
 /// runs on while no epoch passes, and ends with `CpuLimit` once it has seen its eleventh.
@@ -165,7 +246,7 @@ async fn cpu_time_is_counted_in_the_epochs_that_pass() {
     let mut config = runtime_config();
     config.epoch_ticker = EpochTicker::Manual;
     let runtime = runtime(config);
-    let engine = runtime.engine().clone();
+    let runtime_epoch = runtime.epoch().clone();
     let sup = Supervisor::new(runtime, SupervisorConfig::default(), Metrics::new());
     let mut s = spec("spin", fixture("spin"));
     s.resources = Some(Resources {
@@ -187,7 +268,7 @@ async fn cpu_time_is_counted_in_the_epochs_that_pass() {
             break statuses;
         }
         assert!(epochs < 10_000, "still running after {epochs} epochs");
-        engine.increment_epoch();
+        runtime_epoch.advance();
         epochs += 1;
         tokio::time::sleep(Duration::from_millis(2)).await;
     };

@@ -168,6 +168,13 @@ pub struct Resources {
     /// is set, as for a Pod, and to 0 when neither is.
     #[prost(uint64, tag = "6")]
     pub memory_request_bytes: u64,
+    /// CPU the sandbox is guaranteed under contention, in millicores (`resources.requests.cpu`, or
+    /// the limit when only the limit is set): its weight against the agent's other sandboxes.
+    #[prost(uint64, tag = "7")]
+    pub cpu_request_millicores: u64,
+    /// CPU rate the sandbox may use at most, in millicores (`resources.limits.cpu`).
+    #[prost(uint64, tag = "8")]
+    pub cpu_limit_millicores: u64,
 }
 /// The desired state of one workload on one agent.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -277,6 +284,9 @@ pub struct SandboxStatus {
     /// Set once a run has ended.
     #[prost(message, optional, tag = "10")]
     pub last_termination: ::core::option::Option<Termination>,
+    /// CPU time the sandbox has used in all its runs, in milliseconds (counted in epoch ticks).
+    #[prost(uint64, tag = "11")]
+    pub cpu_used_ms: u64,
 }
 /// A ConfigMap or a Secret.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
