@@ -9,6 +9,8 @@
 //! - the agent's heartbeats as the control plane sees them during that compile, sampled every
 //!   50 ms: the oldest heartbeat age, the heartbeats missed (an age of two intervals is one
 //!   missed) and the times the node turned NotReady.
+//! - the same neighbour start latency and heartbeats beside `--spinners` guests that spin
+//!   without end (1,000 by default), against the quiet p99.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -32,8 +34,14 @@ const CADENCE: Duration = Duration::from_millis(200);
 /// Functions of the costly module.
 const COSTLY_FUNCTIONS: usize = 100_000;
 
-/// `isolation`: neighbour start latency beside a costly compile, and the agent's heartbeats.
-pub async fn isolation() -> anyhow::Result<()> {
+/// A guest that spins without end.
+const SPIN_GUEST: &str = include_str!("../../node-agent/tests/fixtures/spin.wat");
+/// Neighbours applied beside the spinning guests.
+const SPINNING_NEIGHBOURS: usize = 20;
+
+/// `isolation`: neighbour start latency beside a costly compile and beside `spinners` spinning
+/// guests, and the agent's heartbeats meanwhile.
+pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     machine();
     let data = tempfile::tempdir()?;
     let (_control_plane, addr) = Server::spawn(&[
@@ -148,6 +156,84 @@ pub async fn isolation() -> anyhow::Result<()> {
         not_ready as f64,
         "transitions",
     );
+
+    // Beside guests that spin without end.
+    let spin = client
+        .push_module(PushModuleRequest {
+            module: wat::parse_str(SPIN_GUEST)?,
+            sha256: String::new(),
+        })
+        .await?
+        .into_inner()
+        .sha256;
+    let manifest = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: spinners}}\n\
+         spec: {{module: {{sha256: \"{spin}\"}}, replicas: {spinners}, \
+         resources: {{requests: {{memory: 64Ki}}, limits: {{memory: 1Mi}}}}}}\n"
+    );
+    client
+        .apply(ApplyRequest {
+            manifest: manifest.into_bytes(),
+        })
+        .await?;
+    ready.wait_for(&mut watch, "spinners", spinners).await?;
+    let (spinning_done, done) = tokio::sync::watch::channel(false);
+    let heartbeats = tokio::spawn(sample_heartbeats(client.clone(), done));
+    let mut count = 0;
+    let spinning = neighbours(
+        &mut client,
+        &mut watch,
+        &mut ready,
+        &idle,
+        "spinning",
+        || {
+            count += 1;
+            count > SPINNING_NEIGHBOURS
+        },
+    )
+    .await?;
+    let _ = spinning_done.send(true);
+    let samples = heartbeats.await?;
+    let spinning_p99 = p99(&spinning);
+    let mut sorted = spinning.clone();
+    sorted.sort_by(f64::total_cmp);
+    result(
+        "isolation_neighbour_start_p50_beside_spinners",
+        sorted[sorted.len() / 2] * 1e3,
+        "ms",
+    );
+    result("isolation_spinners", spinners as f64, "sandboxes");
+    result(
+        "isolation_neighbour_start_p99_beside_spinners",
+        spinning_p99 * 1e3,
+        "ms",
+    );
+    result(
+        "isolation_neighbour_start_p99_ratio_spinners",
+        spinning_p99 / quiet_p99,
+        "x",
+    );
+    let oldest = samples.iter().map(|s| s.age).max().unwrap_or_default();
+    let missed = (oldest.as_millis() / interval.as_millis()).saturating_sub(1);
+    let not_ready = samples
+        .windows(2)
+        .filter(|w| w[0].ready && !w[1].ready)
+        .count();
+    result(
+        "isolation_heartbeat_age_max_spinners",
+        oldest.as_secs_f64() * 1e3,
+        "ms",
+    );
+    result(
+        "isolation_heartbeats_missed_spinners",
+        missed as f64,
+        "heartbeats",
+    );
+    result(
+        "isolation_not_ready_transitions_spinners",
+        not_ready as f64,
+        "transitions",
+    );
     Ok(())
 }
 
@@ -187,7 +273,7 @@ async fn neighbours(
     ready: &mut Ready,
     sha: &str,
     prefix: &str,
-    stop: impl Fn() -> bool,
+    mut stop: impl FnMut() -> bool,
 ) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::new();
     for i in 0..NEIGHBOURS {
@@ -233,8 +319,18 @@ impl Ready {
         watch: &mut tonic::Streaming<WatchEvent>,
         name: &str,
     ) -> anyhow::Result<()> {
+        self.wait_for(watch, name, 1).await
+    }
+
+    /// Follows `watch` until `name` has `replicas` ready.
+    async fn wait_for(
+        &mut self,
+        watch: &mut tonic::Streaming<WatchEvent>,
+        name: &str,
+        replicas: u64,
+    ) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while self.0.get(name).copied().unwrap_or(0) == 0 {
+        while self.0.get(name).copied().unwrap_or(0) < replicas {
             let event = tokio::time::timeout_at(deadline, watch.next())
                 .await
                 .map_err(|_| anyhow::anyhow!("{name} not ready within 300 s"))?

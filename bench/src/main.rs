@@ -128,8 +128,12 @@ enum Scenario {
         steady_seconds: u64,
     },
     /// Tenant isolation on one agent: neighbour start latency while a 100,000-function module
-    /// compiles, and the agent's heartbeats meanwhile.
-    Isolation,
+    /// compiles and beside spinning guests, and the agent's heartbeats meanwhile.
+    Isolation {
+        /// Guests that spin without end beside the neighbours.
+        #[arg(long, default_value_t = 1_000)]
+        spinners: u64,
+    },
     /// Runs a control plane as `flotilla-control-plane` does (used by the scenarios above).
     #[command(hide = true)]
     ServeControlPlane {
@@ -184,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
         Scenario::Http(args) => http::http(args),
-        Scenario::Isolation => tokio_main(isolation::isolation()),
+        Scenario::Isolation { spinners } => tokio_main(isolation::isolation(spinners)),
         Scenario::Rollout {
             agents,
             replicas,

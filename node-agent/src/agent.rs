@@ -1,5 +1,5 @@
-//! Assembles a running agent: runtime, supervisor, admin gRPC server, metrics endpoint and
-//! static manifests. `main.rs` and `flotilla dev` both start agents through [`Agent::start`].
+//! Assembles a running agent: runtime, supervisor (its sandboxes on a [`GuestRuntime`] of their
+//! own), admin gRPC server, metrics endpoint and static manifests. `main.rs` and `flotilla dev` both start agents through [`Agent::start`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminService;
 use crate::config::Config;
+use crate::guests::GuestRuntime;
 use crate::metrics::Metrics;
 use crate::runtime::{WasmtimeRuntime, capacity};
 use crate::supervisor::{ShutdownReport, Supervisor};
@@ -29,6 +30,8 @@ pub struct Agent {
     grace: Duration,
     /// Emptied when the agent stops.
     volumes: crate::runtime::volumes::VolumeConfig,
+    /// Where sandboxes run; shut down last.
+    guests: GuestRuntime,
 }
 
 impl Agent {
@@ -60,7 +63,11 @@ impl Agent {
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
         let metrics = Metrics::with_http(runtime.http_metrics().clone());
-        let supervisor = Supervisor::new(runtime, config.supervisor.clone(), metrics.clone());
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let guests = GuestRuntime::new(workers).context("starting the sandboxes' runtime")?;
+        let mut supervisor_config = config.supervisor.clone();
+        supervisor_config.guests = guests.handle();
+        let supervisor = Supervisor::new(runtime, supervisor_config, metrics.clone());
         let shutdown = CancellationToken::new();
         let ingress_shutdown = CancellationToken::new();
 
@@ -106,6 +113,7 @@ impl Agent {
                 ingress,
                 ingress_shutdown.clone(),
                 config.shutdown_grace,
+                guests.handle(),
             ))
         });
         let service = AdminService::new(supervisor.clone()).into_server();
@@ -152,6 +160,7 @@ impl Agent {
             servers,
             grace: config.shutdown_grace,
             volumes: config.runtime.volumes.clone(),
+            guests,
         })
     }
 
@@ -191,6 +200,7 @@ impl Agent {
             let _ = server.await;
         }
         crate::runtime::volumes::clear(&self.volumes);
+        drop(self.guests);
         report
     }
 }

@@ -13,6 +13,7 @@ mod admin;
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod guests;
 mod ingress;
 pub mod manifest;
 pub mod metrics;

@@ -101,11 +101,14 @@ pub(crate) fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name
 }
 
 /// Serves `listener` until `shutdown`, then drains in-flight requests for up to `grace`.
+/// Each connection (and the guests its requests run) is served on `guests`, the sandboxes'
+/// runtime, when given; accepting stays here.
 pub(crate) async fn serve(
     listener: TcpListener,
     ingress: Ingress,
     shutdown: CancellationToken,
     grace: Duration,
+    guests: Option<tokio::runtime::Handle>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -137,11 +140,15 @@ pub(crate) async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        let served = async move {
             if let Err(error) = connection.await {
                 tracing::debug!(error = %error, "ingress connection ended with an error");
             }
-        });
+        };
+        match &guests {
+            Some(guests) => drop(guests.spawn(served)),
+            None => drop(tokio::spawn(served)),
+        }
     }
     drop(listener);
     tokio::select! {

@@ -260,23 +260,9 @@ impl Drop for Slot {
     }
 }
 
-/// Lowers the calling thread's priority to [`COMPILE_NICE`]. On Linux a nice value belongs to
-/// the thread, not the process.
+/// Lowers the calling thread's priority to [`COMPILE_NICE`].
 fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
-    let result = unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::gettid() as libc::id_t,
-            COMPILE_NICE,
-        )
-    };
-    #[cfg(target_os = "linux")]
-    if result != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the compile thread's priority");
-    }
+    super::priority::nice_current_thread(COMPILE_NICE);
 }
 
 #[cfg(test)]

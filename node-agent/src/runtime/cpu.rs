@@ -11,10 +11,16 @@
 //!   slice for as long as keeps its rate at the limit (a slice of 10 ms at a limit of 250m
 //!   pauses 30 ms), as CFS bandwidth control does with a quota per period. A limit of a core
 //!   or more caps nothing: one sandbox is one task and never uses more.
+//! - **Wake-ups run first.** A deadline reached after more than a tick since the sandbox last
+//!   resumed means it was not running wasm all that time: it has just started, or it was
+//!   blocked in WASI (a sleep, a socket). It gets a fresh slice instead of a turn at the back
+//!   of the queue, as CFS places a waking task ahead, so starts and I/O-bound guests are not
+//!   queued behind guests that spin. A guest that sleeps to game this gets at most one tick
+//!   per two ticks asleep.
 //! - **Accounting.** A slice is charged when it ends. A deadline reached before a tick has
 //!   passed since the sandbox resumed (it waited for a worker while the epoch moved on) extends
-//!   the slice instead of ending it, so time spent waiting is not charged. A guest blocked in
-//!   WASI is charged at most one slice for the block.
+//!   the slice instead of ending it, so time spent waiting for a worker, or blocked in WASI, is
+//!   not charged.
 //!
 //! Shares weighted by `resources.requests.cpu` are not enforced yet: the requests count in
 //! placement and admission only.
@@ -69,7 +75,8 @@ pub(crate) enum AtDeadline {
 pub(crate) struct CpuShare {
     rate: Option<u64>,
     tick: Duration,
-    /// The epoch at which the sandbox last resumed after a yield.
+    /// The epoch at which the slice under way began: when the sandbox last resumed after a
+    /// yield or woke.
     resumed_at: Arc<AtomicU64>,
 }
 
@@ -91,6 +98,11 @@ impl CpuShare {
     pub(crate) fn at_deadline(&self, now: u64) -> AtDeadline {
         let ran = now.saturating_sub(self.resumed_at.load(Ordering::Relaxed));
         if ran == 0 {
+            return AtDeadline::Continue(1);
+        }
+        if ran > 1 {
+            // Not running wasm since the slice began: started or woke. A fresh slice.
+            self.resumed_at.store(now, Ordering::Relaxed);
             return AtDeadline::Continue(1);
         }
         let pause = self.rate.map(|rate| {
@@ -145,6 +157,19 @@ mod tests {
         assert!(matches!(share.at_deadline(6), AtDeadline::Continue(1)));
         assert!(matches!(
             share.at_deadline(7),
+            AtDeadline::Yield { charged: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn a_sandbox_that_started_or_woke_gets_a_fresh_slice_uncharged() {
+        // Created at epoch 0, first deadline check at epoch 5: it was instantiating, or
+        // blocked in WASI.
+        let share = CpuShare::new(None, TICK, 0);
+        assert!(matches!(share.at_deadline(5), AtDeadline::Continue(1)));
+        // Then it spins: its slice ends a tick later.
+        assert!(matches!(
+            share.at_deadline(6),
             AtDeadline::Yield { charged: 1, .. }
         ));
     }

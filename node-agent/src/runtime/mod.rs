@@ -22,6 +22,7 @@
 //! | `store` | per-run state (`SandboxState`, WASI views) and the [`Stores`] that make it |
 //! | `linker` | the host functions guests may import |
 //! | `cpu` | CPU slices, rate caps by limit, CPU used |
+//! | `priority` | thread priorities (nice values) of guests and compiles |
 //! | `cost`, `compiler` | what a compile would cost; where compiles run (low priority, bounded, round-robin) |
 //! | `artifacts` | the compile cache, in memory and on disk |
 //! | `http` | HTTP replicas: a fresh sandbox per request |
@@ -45,6 +46,7 @@ pub(crate) mod limits;
 mod linker;
 pub(crate) mod logs;
 mod prepared;
+mod priority;
 mod sandbox;
 mod source;
 mod store;
@@ -67,6 +69,7 @@ pub use self::instantiate::WasmtimeInstance;
 pub use self::limits::{LimitsError, SandboxLimits};
 pub use self::logs::LogBuffer;
 pub use self::prepared::PreparedWorkload;
+pub use self::priority::nice_current_thread;
 pub use self::sandbox::{Prepared, SandboxInstance, SandboxName, SandboxRuntime};
 pub use self::store::{P2State, Stores};
 pub use self::wasmtime::{RuntimeError, WasmtimeRuntime};

@@ -42,6 +42,9 @@ pub struct SupervisorConfig {
     pub default_grace: Duration,
     /// Status events buffered for slow watchers before they must resynchronise. Default 16,384.
     pub event_buffer: usize,
+    /// The tokio runtime sandboxes run on; default the one that starts them. The agent gives
+    /// them one of their own, so that guests never hold up its own work.
+    pub guests: Option<tokio::runtime::Handle>,
 }
 
 impl Default for SupervisorConfig {
@@ -50,6 +53,7 @@ impl Default for SupervisorConfig {
             backoff: BackoffConfig::default(),
             default_grace: Duration::from_secs(5),
             event_buffer: 16_384,
+            guests: None,
         }
     }
 }
@@ -552,9 +556,12 @@ impl<R: SandboxRuntime> Shared<R> {
             ));
             self.metrics.transition(None, Some(SandboxPhase::Pending));
             let span = tracing::debug_span!("sandbox", workload = %name, replica);
-            let task = self.tracker.spawn(
-                run_sandbox(self.clone(), cell.clone(), prepared.clone(), policy).instrument(span),
-            );
+            let run =
+                run_sandbox(self.clone(), cell.clone(), prepared.clone(), policy).instrument(span);
+            let task = match &self.config.guests {
+                Some(guests) => self.tracker.spawn_on(run, guests),
+                None => self.tracker.spawn(run),
+            };
             workload.sandboxes.push(SandboxEntry {
                 cell,
                 task: Some(task),
