@@ -134,28 +134,12 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         "x",
     );
     let interval = HEARTBEAT_TIMEOUT / 3;
-    let oldest = samples.iter().map(|s| s.age).max().unwrap_or_default();
-    let missed = (oldest.as_millis() / interval.as_millis()).saturating_sub(1);
-    let not_ready = samples
-        .windows(2)
-        .filter(|w| w[0].ready && !w[1].ready)
-        .count();
     result(
         "isolation_heartbeat_interval",
         interval.as_secs_f64() * 1e3,
         "ms",
     );
-    result(
-        "isolation_heartbeat_age_max",
-        oldest.as_secs_f64() * 1e3,
-        "ms",
-    );
-    result("isolation_heartbeats_missed", missed as f64, "heartbeats");
-    result(
-        "isolation_not_ready_transitions",
-        not_ready as f64,
-        "transitions",
-    );
+    report_heartbeats(&samples, interval, "");
 
     // Beside guests that spin without end.
     let spin = client
@@ -213,28 +197,31 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         spinning_p99 / quiet_p99,
         "x",
     );
+    report_heartbeats(&samples, interval, "_spinners");
+    Ok(())
+}
+
+/// Prints the oldest heartbeat, the heartbeats missed (an age of two intervals is one) and the
+/// NotReady transitions in `samples`, with `suffix` on each metric's name.
+fn report_heartbeats(samples: &[Sample], interval: Duration, suffix: &str) {
     let oldest = samples.iter().map(|s| s.age).max().unwrap_or_default();
     let missed = (oldest.as_millis() / interval.as_millis()).saturating_sub(1);
     let not_ready = samples
         .windows(2)
         .filter(|w| w[0].ready && !w[1].ready)
         .count();
+    let age = oldest.as_secs_f64() * 1e3;
+    result(&format!("isolation_heartbeat_age_max{suffix}"), age, "ms");
     result(
-        "isolation_heartbeat_age_max_spinners",
-        oldest.as_secs_f64() * 1e3,
-        "ms",
-    );
-    result(
-        "isolation_heartbeats_missed_spinners",
+        &format!("isolation_heartbeats_missed{suffix}"),
         missed as f64,
         "heartbeats",
     );
     result(
-        "isolation_not_ready_transitions_spinners",
+        &format!("isolation_not_ready_transitions{suffix}"),
         not_ready as f64,
         "transitions",
     );
-    Ok(())
 }
 
 /// One sample of the agent's node as the control plane lists it.
