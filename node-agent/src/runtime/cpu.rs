@@ -61,13 +61,9 @@ impl CpuUsage {
 pub(crate) enum AtDeadline {
     /// Run on for this many ticks: the slice has not run its course since the sandbox resumed.
     Continue(u64),
-    /// The slice ran: charge `charged` ticks, then yield (and pause for `pause`, if any) and
-    /// run `next` ticks once resumed.
-    Yield {
-        charged: u64,
-        next: u64,
-        pause: Option<Duration>,
-    },
+    /// The slice of one tick ran: charge it, then yield (and pause for `pause`, if any) and
+    /// run another once resumed.
+    Yield { pause: Option<Duration> },
 }
 
 /// One run's CPU schedule: its rate cap and when it last resumed.
@@ -109,11 +105,7 @@ impl CpuShare {
             let idle = CORE_MILLICORES - rate;
             self.tick * u32::try_from(idle).unwrap_or(u32::MAX) / u32::try_from(rate).unwrap_or(1)
         });
-        AtDeadline::Yield {
-            charged: 1,
-            next: 1,
-            pause,
-        }
+        AtDeadline::Yield { pause }
     }
 
     /// What the sandbox awaits when it yields: a turn at the back of its worker's queue, after
@@ -145,20 +137,13 @@ mod tests {
         let share = CpuShare::new(None, TICK, 0);
         assert!(matches!(
             share.at_deadline(1),
-            AtDeadline::Yield {
-                charged: 1,
-                next: 1,
-                pause: None
-            }
+            AtDeadline::Yield { pause: None }
         ));
         // It waited 5 ticks for a worker and resumed at epoch 6; its old deadline (epoch 2)
         // has passed: it runs on, uncharged, until a tick has passed.
         share.resumed_at.store(6, Ordering::Relaxed);
         assert!(matches!(share.at_deadline(6), AtDeadline::Continue(1)));
-        assert!(matches!(
-            share.at_deadline(7),
-            AtDeadline::Yield { charged: 1, .. }
-        ));
+        assert!(matches!(share.at_deadline(7), AtDeadline::Yield { .. }));
     }
 
     #[test]
@@ -168,10 +153,7 @@ mod tests {
         let share = CpuShare::new(None, TICK, 0);
         assert!(matches!(share.at_deadline(5), AtDeadline::Continue(1)));
         // Then it spins: its slice ends a tick later.
-        assert!(matches!(
-            share.at_deadline(6),
-            AtDeadline::Yield { charged: 1, .. }
-        ));
+        assert!(matches!(share.at_deadline(6), AtDeadline::Yield { .. }));
     }
 
     #[test]

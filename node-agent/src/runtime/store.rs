@@ -141,15 +141,11 @@ impl Stores {
             let state = cx.data_mut();
             match state.cpu.at_deadline(epoch.now()) {
                 AtDeadline::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
-                AtDeadline::Yield {
-                    charged,
-                    next,
-                    pause,
-                } => {
-                    state.usage.charge(charged, tick);
-                    state.limiter.charge(charged, tick)?;
+                AtDeadline::Yield { pause } => {
+                    state.usage.charge(1, tick);
+                    state.limiter.charge(1, tick)?;
                     let resume = state.cpu.yield_future(pause, epoch.clone());
-                    Ok(UpdateDeadline::YieldCustom(next, resume))
+                    Ok(UpdateDeadline::YieldCustom(1, resume))
                 }
             }
         });
