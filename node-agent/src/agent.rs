@@ -63,8 +63,8 @@ impl Agent {
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
         let metrics = Metrics::with_http(runtime.http_metrics().clone());
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let guests = GuestRuntime::new(workers).context("starting the sandboxes' runtime")?;
+        let guests = GuestRuntime::new(config.runtime.guest_threads)
+            .context("starting the sandboxes' runtime")?;
         let mut supervisor_config = config.supervisor.clone();
         supervisor_config.guests = guests.handle();
         let supervisor = Supervisor::new(runtime, supervisor_config, metrics.clone());

@@ -60,6 +60,10 @@ pub struct Args {
     /// Bytes of a freed sandbox memory reset in place instead of released to the kernel.
     #[arg(long, env = "FLOTILLA_MEMORY_KEEP_RESIDENT", default_value = "1Mi")]
     pub memory_keep_resident: String,
+    /// Worker threads that run sandboxes; as many sandboxes hold a CPU slot at once, the
+    /// others wait their turn by weighted share (default: the number of CPUs).
+    #[arg(long, env = "FLOTILLA_GUEST_THREADS")]
+    pub guest_threads: Option<usize>,
     /// Epoch tick: the CPU time slice after which a guest yields.
     #[arg(long, env = "FLOTILLA_EPOCH_TICK", default_value = "10ms")]
     pub epoch_tick: humantime::Duration,
@@ -221,6 +225,9 @@ impl TryFrom<Args> for Config {
         }
         if let Some(threads) = args.compile_threads {
             runtime.compile_threads = threads.max(1);
+        }
+        if let Some(threads) = args.guest_threads {
+            runtime.guest_threads = threads.max(1);
         }
         if let Some(dir) = args.volumes_dir {
             runtime.volumes.dir = dir;

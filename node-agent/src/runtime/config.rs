@@ -43,6 +43,9 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// What advances the epoch. Default: a thread, every `epoch_tick`.
     pub epoch_ticker: EpochTicker,
+    /// Worker threads that run sandboxes, and so the sandboxes that run beyond their first
+    /// slice at once (the run queue's slots). Default: the number of CPUs.
+    pub guest_threads: usize,
     /// Largest module accepted, in bytes. Default 32 MiB.
     pub max_module_bytes: u64,
     /// Modules compiled at once. Default: the number of CPUs, at least 2 and at most 4.
@@ -92,6 +95,7 @@ impl Default for RuntimeConfig {
             async_stack_size: 1 << 20,
             epoch_tick: Duration::from_millis(10),
             epoch_ticker: EpochTicker::Thread,
+            guest_threads: cpus(),
             max_module_bytes: 32 << 20,
             compile_concurrency: cpus().clamp(2, 4),
             compile_threads: cpus(),
@@ -116,6 +120,7 @@ impl Default for RuntimeConfig {
                 memories: 8,
                 tables: 8,
                 cpu_rate: None,
+                cpu_weight: None,
             },
         }
     }

@@ -1,37 +1,38 @@
-//! CPU between the sandboxes of one agent: rate caps by `resources.limits.cpu`, and the CPU
-//! each sandbox used.
+//! CPU between the sandboxes of one agent: shares weighted by `resources.requests.cpu`, rate
+//! caps by `resources.limits.cpu`, and the CPU each sandbox used.
 //!
-//! Guests run as tokio tasks on the agent's worker threads and yield at epoch deadlines; the
-//! epoch ticks every `--epoch-tick` (10 ms). What a sandbox gets is decided at each of its
-//! deadlines ([`CpuShare::at_deadline`]):
+//! Guests run as tokio tasks on the agent's guest worker threads and yield at epoch
+//! deadlines; the epoch ticks every `--epoch-tick` (10 ms). What a sandbox gets is decided at
+//! each of its deadlines ([`CpuShare::at_deadline`]):
 //!
-//! - **Slices.** Every sandbox runs slices of one tick and then yields to the back of its
-//!   worker's queue, so runnable sandboxes take equal turns.
+//! - **Slices and shares.** A sandbox runs slices of one tick. At the end of each it gives
+//!   back its CPU slot, if it held one, and waits in the agent's [`RunQueue`] for the next:
+//!   slots go to the lowest virtual runtime (CPU used divided by the request), so sandboxes
+//!   that contend for the guest threads get CPU in proportion to their requests, and a
+//!   thousand spinners never stand in tokio's queues ahead of new work.
 //! - **Rate caps.** With `resources.limits.cpu` below one core, a sandbox pauses after each
 //!   slice for as long as keeps its rate at the limit (a slice of 10 ms at a limit of 250m
-//!   pauses 30 ms), as CFS bandwidth control does with a quota per period. A limit of a core
-//!   or more caps nothing: one sandbox is one task and never uses more.
+//!   pauses 30 ms), as CFS bandwidth control does with a quota per period, and then queues.
+//!   A limit of a core or more caps nothing: one sandbox is one task and never uses more.
 //! - **Wake-ups run first.** A deadline reached after more than a tick since the sandbox last
 //!   resumed means it was not running wasm all that time: it has just started, or it was
-//!   blocked in WASI (a sleep, a socket). It gets a fresh slice instead of a turn at the back
-//!   of the queue, as CFS places a waking task ahead, so starts and I/O-bound guests are not
-//!   queued behind guests that spin. A guest that sleeps to game this gets at most one tick
-//!   per two ticks asleep.
+//!   blocked in WASI (a sleep, a socket). It joins at the queue's virtual time and gets a
+//!   fresh slice at once, without a slot, as CFS places a waking task ahead, so starts and
+//!   I/O-bound guests do not queue behind guests that spin, unless it is already a slice
+//!   ahead of its share.
 //! - **Accounting.** A slice is charged when it ends. A deadline reached before a tick has
 //!   passed since the sandbox resumed (it waited for a worker while the epoch moved on) extends
 //!   the slice instead of ending it, so time spent waiting for a worker, or blocked in WASI, is
 //!   not charged.
-//!
-//! Shares weighted by `resources.requests.cpu` are not enforced yet: the requests count in
-//! placement and admission only.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::engine::Epoch;
+use super::run_queue::{Lease, MIN_WEIGHT_MILLICORES, RunQueue, virtual_ticks};
 
 /// Millicores of one core: a sandbox (one task) never uses more.
 pub const CORE_MILLICORES: u64 = 1000;
@@ -61,68 +62,120 @@ impl CpuUsage {
 pub(crate) enum AtDeadline {
     /// Run on for this many ticks: the slice has not run its course since the sandbox resumed.
     Continue(u64),
-    /// The slice of one tick ran: charge it, then yield (and pause for `pause`, if any) and
-    /// run another once resumed.
-    Yield { pause: Option<Duration> },
+    /// Charge `charge` ticks (the slice that ran, if one did), then yield: pause for `pause`,
+    /// if any, wait for a CPU slot, and run another slice.
+    Yield {
+        charge: u64,
+        pause: Option<Duration>,
+    },
 }
 
-/// One run's CPU schedule: its rate cap and when it last resumed.
+/// One run's CPU schedule: its weight and rate cap, its virtual runtime, when it last
+/// resumed, and the CPU slot it holds.
 #[derive(Debug)]
 pub(crate) struct CpuShare {
+    /// `resources.requests.cpu` in millicores, at least [`MIN_WEIGHT_MILLICORES`].
+    weight: u64,
     rate: Option<u64>,
     tick: Duration,
+    /// The CPU used so far, divided by the weight (see [`RunQueue`]).
+    virtual_runtime: u64,
     /// The epoch at which the slice under way began: when the sandbox last resumed after a
     /// yield or woke.
     resumed_at: Arc<AtomicU64>,
+    /// The slot held since the last yield, if the sandbox waited for one.
+    lease: Arc<Mutex<Option<Lease>>>,
+    queue: Arc<RunQueue>,
 }
 
 impl CpuShare {
-    /// A schedule for a sandbox capped at `rate` millicores (see the module's doc for the
-    /// bounds), starting its first slice at `epoch`.
-    pub(crate) fn new(rate: Option<u64>, tick: Duration, epoch: u64) -> Self {
+    /// A schedule for a sandbox weighing `weight` millicores (its request; the least weight
+    /// without one) and capped at `rate` millicores (see the module's doc for the bounds),
+    /// served by `epoch`'s run queue, starting its first slice now.
+    pub(crate) fn new(
+        weight: Option<u64>,
+        rate: Option<u64>,
+        tick: Duration,
+        epoch: &Epoch,
+    ) -> Self {
+        let queue = epoch.run_queue().clone();
         Self {
+            weight: weight.unwrap_or(0).max(MIN_WEIGHT_MILLICORES),
             rate: rate
                 .filter(|r| *r < CORE_MILLICORES)
                 .map(|r| r.max(MIN_RATE_MILLICORES)),
             tick,
-            resumed_at: Arc::new(AtomicU64::new(epoch)),
+            virtual_runtime: queue.virtual_time(),
+            resumed_at: Arc::new(AtomicU64::new(epoch.now())),
+            lease: Arc::new(Mutex::new(None)),
+            queue,
         }
     }
 
     /// Decides, at a deadline reached at epoch `now`, whether the slice under way goes on or
     /// ends.
-    pub(crate) fn at_deadline(&self, now: u64) -> AtDeadline {
+    pub(crate) fn at_deadline(&mut self, now: u64) -> AtDeadline {
         let ran = now.saturating_sub(self.resumed_at.load(Ordering::Relaxed));
         if ran == 0 {
             return AtDeadline::Continue(1);
         }
+        // The slot, if one is held, goes back: the slice is over, or the sandbox slept
+        // through it.
+        drop(self.lock_lease().take());
         if ran > 1 {
-            // Not running wasm since the slice began: started or woke. A fresh slice.
-            self.resumed_at.store(now, Ordering::Relaxed);
-            return AtDeadline::Continue(1);
+            // Not running wasm since the slice began: started or woke. It rejoins at the
+            // queue's virtual time, and runs a fresh slice at once unless it is a slice or
+            // more ahead of it (it used more than its share while awake).
+            let virtual_time = self.queue.virtual_time();
+            self.virtual_runtime = self.virtual_runtime.max(virtual_time);
+            if self.virtual_runtime <= virtual_time + virtual_ticks(1, self.weight) {
+                self.resumed_at.store(now, Ordering::Relaxed);
+                return AtDeadline::Continue(1);
+            }
+            return AtDeadline::Yield {
+                charge: 0,
+                pause: None,
+            };
         }
+        self.virtual_runtime = self
+            .virtual_runtime
+            .saturating_add(virtual_ticks(1, self.weight));
         let pause = self.rate.map(|rate| {
             let idle = CORE_MILLICORES - rate;
             self.tick * u32::try_from(idle).unwrap_or(u32::MAX) / u32::try_from(rate).unwrap_or(1)
         });
-        AtDeadline::Yield { pause }
+        AtDeadline::Yield { charge: 1, pause }
     }
 
-    /// What the sandbox awaits when it yields: a turn at the back of its worker's queue, after
-    /// `pause` if it has one; it notes the epoch it resumes at.
+    /// What the sandbox awaits when it yields: `pause`, if it has one, then a CPU slot from
+    /// the run queue, then a turn at the back of its worker's queue; it notes the epoch it
+    /// resumes at.
     pub(crate) fn yield_future(
         &self,
         pause: Option<Duration>,
         epoch: Epoch,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let resumed_at = self.resumed_at.clone();
+        let lease_slot = self.lease.clone();
+        let queue = self.queue.clone();
+        let virtual_runtime = self.virtual_runtime;
         Box::pin(async move {
-            match pause {
-                Some(pause) => tokio::time::sleep(pause).await,
-                None => tokio::task::yield_now().await,
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
             }
-            resumed_at.store(epoch.now(), Ordering::Relaxed);
+            let lease = queue.acquire(virtual_runtime).await;
+            // A slot granted by a neighbour's yield wakes this task first on that worker;
+            // the worker's other tasks go before it.
+            tokio::task::yield_now().await;
+            let now = epoch.now();
+            queue.running(&lease, now);
+            *lease_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(lease);
+            resumed_at.store(now, Ordering::Relaxed);
         })
+    }
+
+    fn lock_lease(&self) -> std::sync::MutexGuard<'_, Option<Lease>> {
+        self.lease.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -132,33 +185,70 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(10);
 
+    fn share(weight: Option<u64>, rate: Option<u64>) -> (CpuShare, Epoch) {
+        let epoch = Epoch::manual_for_tests(1);
+        (CpuShare::new(weight, rate, TICK, &epoch), epoch)
+    }
+
     #[test]
     fn ticks_spent_waiting_for_a_worker_are_not_charged() {
-        let share = CpuShare::new(None, TICK, 0);
+        let (mut share, _epoch) = share(None, None);
         assert!(matches!(
             share.at_deadline(1),
-            AtDeadline::Yield { pause: None }
+            AtDeadline::Yield {
+                charge: 1,
+                pause: None
+            }
         ));
         // It waited 5 ticks for a worker and resumed at epoch 6; its old deadline (epoch 2)
         // has passed: it runs on, uncharged, until a tick has passed.
         share.resumed_at.store(6, Ordering::Relaxed);
         assert!(matches!(share.at_deadline(6), AtDeadline::Continue(1)));
-        assert!(matches!(share.at_deadline(7), AtDeadline::Yield { .. }));
+        assert!(matches!(
+            share.at_deadline(7),
+            AtDeadline::Yield { charge: 1, .. }
+        ));
     }
 
     #[test]
     fn a_sandbox_that_started_or_woke_gets_a_fresh_slice_uncharged() {
         // Created at epoch 0, first deadline check at epoch 5: it was instantiating, or
         // blocked in WASI.
-        let share = CpuShare::new(None, TICK, 0);
+        let (mut share, _epoch) = share(None, None);
         assert!(matches!(share.at_deadline(5), AtDeadline::Continue(1)));
         // Then it spins: its slice ends a tick later.
-        assert!(matches!(share.at_deadline(6), AtDeadline::Yield { .. }));
+        assert!(matches!(
+            share.at_deadline(6),
+            AtDeadline::Yield { charge: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn a_sandbox_a_slice_ahead_of_the_queue_waits_its_turn_when_it_wakes() {
+        let (mut share, _epoch) = share(Some(100), None);
+        // Three slices run back to back while nobody else was served: the queue's virtual
+        // time stayed at 0.
+        for now in 1..=3 {
+            share.resumed_at.store(now - 1, Ordering::Relaxed);
+            assert!(matches!(
+                share.at_deadline(now),
+                AtDeadline::Yield { charge: 1, .. }
+            ));
+        }
+        // It wakes from a sleep three slices ahead of everyone: no fresh slice, and nothing
+        // charged for the sleep.
+        assert!(matches!(
+            share.at_deadline(10),
+            AtDeadline::Yield {
+                charge: 0,
+                pause: None
+            }
+        ));
     }
 
     #[test]
     fn a_rate_cap_pauses_each_slice_to_keep_the_rate() {
-        let pause = |rate| match CpuShare::new(rate, TICK, 0).at_deadline(1) {
+        let pause = |rate| match share(None, rate).0.at_deadline(1) {
             AtDeadline::Yield { pause, .. } => pause,
             AtDeadline::Continue(_) => panic!("the slice ran"),
         };
@@ -175,14 +265,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_yield_notes_the_epoch_it_resumes_at() {
-        let epoch = Epoch::manual_for_tests();
-        let share = CpuShare::new(Some(500), TICK, 0);
+    async fn a_yield_takes_a_slot_and_notes_the_epoch_it_resumes_at() {
+        let (share, epoch) = share(None, Some(500));
         epoch.advance();
         epoch.advance();
         share
             .yield_future(Some(Duration::from_millis(10)), epoch.clone())
             .await;
         assert_eq!(share.resumed_at.load(Ordering::Relaxed), 2);
+        assert!(
+            share.lock_lease().is_some(),
+            "it holds the queue's one slot"
+        );
+        // A neighbour waits for that slot until the holder's slice ends.
+        let neighbour = CpuShare::new(None, None, TICK, &epoch);
+        let mut waiting = std::pin::pin!(neighbour.yield_future(None, epoch.clone()));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(share);
+        waiting.await;
+        assert!(neighbour.lock_lease().is_some());
     }
 }

@@ -15,6 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::capacity::Capacity;
 use super::config::{EpochTicker, RuntimeConfig};
 use super::error::SandboxError;
+use super::run_queue::RunQueue;
 
 /// Frames kept in a trap's wasm backtrace.
 const MAX_BACKTRACE_FRAMES: usize = 32;
@@ -26,12 +27,13 @@ pub struct Engines {
     epoch: Epoch,
 }
 
-/// The host engine's epoch, counted where it can be read: wasmtime only increments its own.
-/// Cheap to clone.
+/// The host engine's epoch, counted where it can be read (wasmtime only increments its own),
+/// and the run queue its ticks drive. Cheap to clone.
 #[derive(Clone)]
 pub struct Epoch {
     engine: Engine,
     count: Arc<AtomicU64>,
+    run_queue: Arc<RunQueue>,
 }
 
 // === impl Engines ===
@@ -47,7 +49,7 @@ impl Engines {
             config, capacity,
         )));
         let host = Engine::new(&engine_config)?;
-        let epoch = Epoch::new(host.clone());
+        let epoch = Epoch::new(host.clone(), RunQueue::new(config.guest_threads));
         if config.epoch_ticker == EpochTicker::Thread {
             spawn_epoch_ticker(&epoch, config.epoch_tick);
         }
@@ -68,24 +70,32 @@ impl Engines {
 // === impl Epoch ===
 
 impl Epoch {
-    fn new(engine: Engine) -> Self {
+    fn new(engine: Engine, run_queue: Arc<RunQueue>) -> Self {
         Self {
             engine,
             count: Arc::new(AtomicU64::new(0)),
+            run_queue,
         }
     }
 
-    /// An epoch of a default engine, advanced by hand.
+    /// An epoch of a default engine with a run queue of `slots`, advanced by hand.
     #[cfg(test)]
-    pub(crate) fn manual_for_tests() -> Self {
-        Self::new(Engine::default())
+    pub(crate) fn manual_for_tests(slots: usize) -> Self {
+        Self::new(Engine::default(), RunQueue::new(slots))
     }
 
-    /// Advances the epoch by one tick: what the ticker thread does every `--epoch-tick`, and
-    /// tests with [`EpochTicker::Manual`] do themselves.
+    /// Advances the epoch by one tick and expires the run queue's stale leases: what the
+    /// ticker thread does every `--epoch-tick`, and tests with [`EpochTicker::Manual`] do
+    /// themselves.
     pub fn advance(&self) {
         self.engine.increment_epoch();
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let now = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        self.run_queue.expire(now);
+    }
+
+    /// The queue of sandboxes waiting for a CPU slot.
+    pub fn run_queue(&self) -> &Arc<RunQueue> {
+        &self.run_queue
     }
 
     /// Ticks since the engine started.
@@ -182,6 +192,7 @@ pub fn precompile_for_target(
 fn spawn_epoch_ticker(epoch: &Epoch, tick: Duration) {
     let weak = epoch.engine.weak();
     let count = epoch.count.clone();
+    let run_queue = epoch.run_queue.clone();
     let spawned = std::thread::Builder::new()
         .name("flotilla-epoch".into())
         .spawn(move || {
@@ -189,6 +200,7 @@ fn spawn_epoch_ticker(epoch: &Epoch, tick: Duration) {
                 Epoch {
                     engine,
                     count: count.clone(),
+                    run_queue: run_queue.clone(),
                 }
                 .advance();
                 std::thread::sleep(tick);

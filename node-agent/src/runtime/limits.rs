@@ -32,6 +32,9 @@ pub struct SandboxLimits {
     pub tables: usize,
     /// The most CPU it may use, in millicores (`resources.limits.cpu`); `None` for no cap.
     pub cpu_rate: Option<u64>,
+    /// Its share of contended CPU, in millicores (`resources.requests.cpu`, else its limit);
+    /// `None` for the least share.
+    pub cpu_weight: Option<u64>,
 }
 
 impl SandboxLimits {
@@ -111,6 +114,10 @@ impl SandboxLimits {
                 .table_elements
                 .map_or(defaults.table_elements, |e| e as usize),
             cpu_rate: requested.cpu_limit.or(defaults.cpu_rate),
+            cpu_weight: requested
+                .cpu_request
+                .or(requested.cpu_limit)
+                .or(defaults.cpu_weight),
             ..*defaults
         })
     }
@@ -317,6 +324,7 @@ mod tests {
             memories: 2,
             tables: 2,
             cpu_rate: None,
+            cpu_weight: None,
         }
     }
 

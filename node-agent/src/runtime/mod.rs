@@ -16,12 +16,13 @@
 //! | `error` | why a workload could not be prepared |
 //! | `config`, `capacity` | [`RuntimeConfig`], the process-wide settings; what the agent holds |
 //! | `sandbox` | the [`SandboxRuntime`] boundary |
+//! | `run_queue` | the queue of sandboxes waiting for a CPU slot, by weighted virtual runtime |
 //! | `engine` | [`Engines`]: engine configuration, pooling allocator, epoch ticker, cross-compiling |
 //! | `source` | a module from a file or a spec, read within bounds and verified |
 //! | `environment` | arguments, environment variables, ConfigMaps, Secrets, the downward API |
 //! | `store` | per-run state (`SandboxState`, WASI views) and the [`Stores`] that make it |
 //! | `linker` | the host functions guests may import |
-//! | `cpu` | CPU slices, rate caps by limit, CPU used |
+//! | `cpu` | CPU slices, shares by request, rate caps by limit, CPU used |
 //! | `priority` | thread priorities (nice values) of guests and compiles |
 //! | `cost`, `compiler` | what a compile would cost; where compiles run (low priority, bounded, round-robin) |
 //! | `artifacts` | the compile cache, in memory and on disk |
@@ -47,6 +48,7 @@ mod linker;
 pub(crate) mod logs;
 mod prepared;
 mod priority;
+mod run_queue;
 mod sandbox;
 mod source;
 mod store;
@@ -70,6 +72,7 @@ pub use self::limits::{LimitsError, SandboxLimits};
 pub use self::logs::LogBuffer;
 pub use self::prepared::PreparedWorkload;
 pub use self::priority::nice_current_thread;
+pub use self::run_queue::{LEASE_TICKS, MIN_WEIGHT_MILLICORES, RunQueue};
 pub use self::sandbox::{Prepared, SandboxInstance, SandboxName, SandboxRuntime};
 pub use self::store::{P2State, Stores};
 pub use self::wasmtime::{RuntimeError, WasmtimeRuntime};

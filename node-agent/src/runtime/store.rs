@@ -127,7 +127,12 @@ impl Stores {
             SandboxState {
                 wasi,
                 limiter: Limiter::new(limits),
-                cpu: CpuShare::new(limits.cpu_rate, self.epoch_tick, self.epoch.now()),
+                cpu: CpuShare::new(
+                    limits.cpu_weight,
+                    limits.cpu_rate,
+                    self.epoch_tick,
+                    &self.epoch,
+                ),
                 usage: usage.clone(),
                 _mounts: mounts,
             },
@@ -141,9 +146,9 @@ impl Stores {
             let state = cx.data_mut();
             match state.cpu.at_deadline(epoch.now()) {
                 AtDeadline::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
-                AtDeadline::Yield { pause } => {
-                    state.usage.charge(1, tick);
-                    state.limiter.charge(1, tick)?;
+                AtDeadline::Yield { charge, pause } => {
+                    state.usage.charge(charge, tick);
+                    state.limiter.charge(charge, tick)?;
                     let resume = state.cpu.yield_future(pause, epoch.clone());
                     Ok(UpdateDeadline::YieldCustom(1, resume))
                 }
