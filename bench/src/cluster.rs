@@ -227,27 +227,37 @@ pub(crate) fn spawn_agents(
     count: u32,
     max_sandboxes: u64,
 ) -> anyhow::Result<Vec<(Server, SocketAddr)>> {
+    let any_port: SocketAddr = "127.0.0.1:0".parse()?;
     (0..count)
-        .map(|i| {
-            Server::spawn(&[
-                "serve-agent".into(),
-                "--".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--metrics-listen".into(),
-                "127.0.0.1:0".into(),
-                "--http-listen".into(),
-                "127.0.0.1:0".into(),
-                "--control-plane".into(),
-                format!("http://{addr}"),
-                "--node-name".into(),
-                format!("bench-{i:02}"),
-                "--max-sandboxes".into(),
-                max_sandboxes.to_string(),
-                "--no-cache".into(),
-            ])
-        })
+        .map(|i| spawn_agent(addr, &format!("bench-{i:02}"), max_sandboxes, any_port))
         .collect()
+}
+
+/// One agent process named `node` joining the control plane at `addr`, with its HTTP ingress
+/// on `ingress`; returns it with its admin address.
+pub(crate) fn spawn_agent(
+    addr: SocketAddr,
+    node: &str,
+    max_sandboxes: u64,
+    ingress: SocketAddr,
+) -> anyhow::Result<(Server, SocketAddr)> {
+    Server::spawn(&[
+        "serve-agent".into(),
+        "--".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
+        "--http-listen".into(),
+        ingress.to_string(),
+        "--control-plane".into(),
+        format!("http://{addr}"),
+        "--node-name".into(),
+        node.into(),
+        "--max-sandboxes".into(),
+        max_sandboxes.to_string(),
+        "--no-cache".into(),
+    ])
 }
 
 /// `e2e`: apply → `replicas` running across `agents` agent processes.

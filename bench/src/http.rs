@@ -173,12 +173,12 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
 }
 
 /// An unused loopback port (closed again before the server binds it).
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// Waits (bounded) until `GET /` on `addr` answers 200.
-fn wait_until_serving(addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_until_serving(addr: SocketAddr) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

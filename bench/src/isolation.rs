@@ -11,20 +11,30 @@
 //!   missed) and the times the node turned NotReady.
 //! - the same neighbour start latency and heartbeats beside `--spinners` guests that spin
 //!   without end (1,000 by default), against the quiet p99.
+//! - healthy HTTP requests (a wasi:http guest, a fresh sandbox per request, each request on a
+//!   fresh connection, sent at a fixed rate whatever the answers' latency) beside the
+//!   spinners: the p99 from connect to the whole response, against the same load when quiet.
+//! - the CPU split of two spinning workloads whose replicas request 100m and 300m, each with
+//!   more replicas than the agent has guest threads: the CPU each used over a window, read
+//!   from the agent's sandbox status. The target is 1:3.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_control_plane::model::Workload;
+use flotilla_proto::agent::v1::ListSandboxesRequest;
+use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyRequest, ListNodesRequest, PushModuleRequest, WatchEvent, WatchRequest,
+    ApplyRequest, DeleteRequest, ListNodesRequest, PushModuleRequest, WatchEvent, WatchRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::cluster::{HEARTBEAT_TIMEOUT, Server, push_idle, spawn_agents, wait_nodes};
+use crate::cluster::{HEARTBEAT_TIMEOUT, Server, push_idle, spawn_agent, wait_nodes};
+use crate::http::free_port;
 use crate::{machine, result};
 
 /// Neighbours applied in each phase, at most.
@@ -39,6 +49,21 @@ const SPIN_GUEST: &str = include_str!("../../node-agent/tests/fixtures/spin.wat"
 /// Neighbours applied beside the spinning guests.
 const SPINNING_NEIGHBOURS: usize = 20;
 
+/// The wasi:http guest that answers the healthy requests.
+const HTTP_GUEST: &[u8] = include_bytes!("../../examples/guests/http/hello.wasm");
+/// Healthy HTTP requests sent per second, and for how long.
+const HTTP_RATE: u32 = 200;
+const HTTP_DURATION: Duration = Duration::from_secs(5);
+/// Longest a healthy request may take before the run fails.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two workloads whose CPU split is measured: their replicas' `requests.cpu`.
+const SPLIT: [(&str, u64); 2] = [("light", 100), ("heavy", 300)];
+/// Replicas of each: more than a 2-CPU agent's guest threads, so that they contend.
+const SPLIT_REPLICAS: u64 = 4;
+/// How long the split is measured, after they all run.
+const SPLIT_WINDOW: Duration = Duration::from_secs(10);
+
 /// `isolation`: neighbour start latency beside a costly compile and beside `spinners` spinning
 /// guests, and the agent's heartbeats meanwhile.
 pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
@@ -49,7 +74,8 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         "--data-dir".into(),
         data.path().to_string_lossy().into_owned(),
     ])?;
-    let _agent = spawn_agents(addr, 1, 10_000)?;
+    let ingress = free_port()?;
+    let (_agent, admin) = spawn_agent(addr, "bench-00", 10_000, ingress)?;
     let mut client = crate::cluster::workloads_client(addr).await?;
     wait_nodes(&mut client, 1).await?;
     let idle = push_idle(&mut client).await?;
@@ -64,17 +90,24 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         false
     })
     .await?;
+    let http_sha = push(&mut client, HTTP_GUEST.to_vec()).await?;
+    client
+        .apply(ApplyRequest {
+            manifest: format!(
+                "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: web}}\n\
+                 spec: {{module: {{sha256: \"{http_sha}\"}}, http: {{pathPrefix: /}}, \
+                 resources: {{limits: {{memory: 4Mi}}}}}}\n"
+            )
+            .into_bytes(),
+        })
+        .await?;
+    ready.wait(&mut watch, "web").await?;
+    http_latencies(ingress).await?;
+    let http_quiet = p99(&http_latencies(ingress).await?);
 
     let costly = costly_module()?;
     let costly_bytes = costly.len();
-    let sha = client
-        .push_module(PushModuleRequest {
-            module: costly,
-            sha256: String::new(),
-        })
-        .await?
-        .into_inner()
-        .sha256;
+    let sha = push(&mut client, costly).await?;
     let (compile_done, done) = tokio::sync::watch::channel(false);
     let heartbeats = tokio::spawn(sample_heartbeats(client.clone(), done.clone()));
     let compile_started = Instant::now();
@@ -142,14 +175,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     report_heartbeats(&samples, interval, "");
 
     // Beside guests that spin without end.
-    let spin = client
-        .push_module(PushModuleRequest {
-            module: wat::parse_str(SPIN_GUEST)?,
-            sha256: String::new(),
-        })
-        .await?
-        .into_inner()
-        .sha256;
+    let spin = push(&mut client, wat::parse_str(SPIN_GUEST)?).await?;
     let manifest = format!(
         "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: spinners}}\n\
          spec: {{module: {{sha256: \"{spin}\"}}, replicas: {spinners}, \
@@ -176,6 +202,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let http_spinning = p99(&http_latencies(ingress).await?);
     let _ = spinning_done.send(true);
     let samples = heartbeats.await?;
     let spinning_p99 = p99(&spinning);
@@ -198,7 +225,161 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         "x",
     );
     report_heartbeats(&samples, interval, "_spinners");
+    result("isolation_http_rate", f64::from(HTTP_RATE), "req/s");
+    result("isolation_http_p99_quiet", http_quiet * 1e3, "ms");
+    result(
+        "isolation_http_p99_beside_spinners",
+        http_spinning * 1e3,
+        "ms",
+    );
+    result(
+        "isolation_http_p99_ratio_spinners",
+        http_spinning / http_quiet,
+        "x",
+    );
+
+    client
+        .delete(DeleteRequest {
+            namespace: String::new(),
+            name: "spinners".into(),
+        })
+        .await?;
+    let [light, heavy] = cpu_split(&mut client, &mut watch, &mut ready, &spin, admin).await?;
+    result("isolation_cpu_split_light", light as f64, "ms");
+    result("isolation_cpu_split_heavy", heavy as f64, "ms");
+    let ratio = light as f64 / heavy as f64;
+    let target = SPLIT[0].1 as f64 / SPLIT[1].1 as f64;
+    result("isolation_cpu_split_ratio", ratio, "x");
+    result(
+        "isolation_cpu_split_error",
+        (ratio / target - 1.0).abs() * 100.0,
+        "%",
+    );
     Ok(())
+}
+
+/// Pushes `module` through the control plane; returns its digest.
+async fn push(client: &mut WorkloadsClient<Channel>, module: Vec<u8>) -> anyhow::Result<String> {
+    Ok(client
+        .push_module(PushModuleRequest {
+            module,
+            sha256: String::new(),
+        })
+        .await?
+        .into_inner()
+        .sha256)
+}
+
+/// Sends `GET /` to the ingress at `addr`, [`HTTP_RATE`] times a second for [`HTTP_DURATION`],
+/// each on a fresh connection and whether or not earlier ones were answered; returns each
+/// request's time from connect to the whole response. Any failure fails the run.
+async fn http_latencies(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / HTTP_RATE);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let count = u64::from(HTTP_RATE) * HTTP_DURATION.as_secs();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        ticker.tick().await;
+        requests.spawn(tokio::time::timeout(HTTP_TIMEOUT, timed_get(addr)));
+    }
+    let mut times = Vec::new();
+    while let Some(time) = requests.join_next().await {
+        times.push(time?.context("a healthy request took over 10 s")??);
+    }
+    Ok(times)
+}
+
+/// One `GET /` on a fresh connection: its time from connect to the whole response.
+async fn timed_get(addr: SocketAddr) -> anyhow::Result<f64> {
+    use http_body_util::{BodyExt, Empty};
+    let started = Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "GET / answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Runs the two [`SPLIT`] workloads of the spinning module `spin` and returns the CPU each
+/// used over [`SPLIT_WINDOW`], in milliseconds, as the agent at `admin` reports it.
+async fn cpu_split(
+    client: &mut WorkloadsClient<Channel>,
+    watch: &mut tonic::Streaming<WatchEvent>,
+    ready: &mut Ready,
+    spin: &str,
+    admin: SocketAddr,
+) -> anyhow::Result<[u64; 2]> {
+    for (name, millicores) in SPLIT {
+        let manifest = format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: {name}}}\n\
+             spec: {{module: {{sha256: \"{spin}\"}}, replicas: {SPLIT_REPLICAS}, \
+             resources: {{requests: {{cpu: {millicores}m, memory: 64Ki}}, \
+             limits: {{memory: 1Mi}}}}}}\n"
+        );
+        client
+            .apply(ApplyRequest {
+                manifest: manifest.into_bytes(),
+            })
+            .await?;
+    }
+    for (name, _) in SPLIT {
+        ready.wait_for(watch, name, SPLIT_REPLICAS).await?;
+    }
+    let mut admin = AgentAdminClient::connect(format!("http://{admin}")).await?;
+    // Until the deleted spinners have all stopped, the split is not theirs alone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cpu_by_workload(&mut admin).await?.contains_key("spinners") {
+        if Instant::now() > deadline {
+            bail!("the spinners did not stop within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = cpu_by_workload(&mut admin).await?;
+    tokio::time::sleep(SPLIT_WINDOW).await;
+    let after = cpu_by_workload(&mut admin).await?;
+    let used = |name: &str| {
+        after
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(before.get(name).copied().unwrap_or(0))
+    };
+    Ok([used(SPLIT[0].0), used(SPLIT[1].0)])
+}
+
+/// CPU used by the running sandboxes of each workload, in milliseconds.
+async fn cpu_by_workload(
+    admin: &mut AgentAdminClient<Channel>,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let sandboxes = admin
+        .list_sandboxes(ListSandboxesRequest::default())
+        .await?
+        .into_inner()
+        .sandboxes;
+    let mut used = BTreeMap::new();
+    for sandbox in sandboxes
+        .into_iter()
+        .filter(|s| s.phase() == flotilla_proto::agent::v1::SandboxPhase::Running)
+    {
+        // The agent keys workloads `<namespace>.<name>-<spec hash>`.
+        let key = sandbox.workload.as_str();
+        let name = key.split_once('.').map_or(key, |(_, rest)| rest);
+        let name = name.rsplit_once('-').map_or(name, |(name, _)| name);
+        *used.entry(name.to_string()).or_default() += sandbox.cpu_used_ms;
+    }
+    Ok(used)
 }
 
 /// Prints the oldest heartbeat, the heartbeats missed (an age of two intervals is one) and the

@@ -29,6 +29,58 @@ pub async fn get(agent: &str, workload: Option<String>, output: Output) -> anyho
     print_sandboxes(&sandboxes, output)
 }
 
+/// `flotilla describe sandbox SANDBOX`: one sandbox's identity, status, CPU used and last
+/// termination, as `kubectl describe pod` shows a pod's.
+pub async fn describe(agent: &str, sandbox_id: &str) -> anyhow::Result<()> {
+    let sandboxes = connect(agent)
+        .await?
+        .list_sandboxes(ListSandboxesRequest::default())
+        .await?
+        .into_inner()
+        .sandboxes;
+    let Some(s) = sandboxes.iter().find(|s| s.sandbox_id == sandbox_id) else {
+        anyhow::bail!(
+            "no sandbox {sandbox_id} on the agent at {} (`flotilla get sandboxes` lists them)",
+            endpoint(agent)
+        );
+    };
+    println!("Name:           {}", s.sandbox_id);
+    println!("Workload:       {}", s.workload);
+    println!("Replica:        {}", s.replica);
+    println!("Generation:     {}", s.generation);
+    println!("Phase:          {}", phase_name(s.phase));
+    if !s.reason.is_empty() {
+        println!("Reason:         {}", s.reason);
+    }
+    if !s.message.is_empty() {
+        println!("Message:        {}", s.message);
+    }
+    if s.started_at_ms != 0 {
+        println!("Started:        {}", unix_ms_time(s.started_at_ms));
+    }
+    println!("Restarts:       {}", s.restart_count);
+    println!("CPU used:       {}", cpu_time(s.cpu_used_ms));
+    if let Some(t) = &s.last_termination {
+        println!("Last termination:");
+        println!("  Reason:       {}", t.reason);
+        if let Some(code) = t.exit_code {
+            println!("  Exit code:    {code}");
+        }
+        println!("  Finished:     {}", unix_ms_time(t.finished_at_ms));
+        for (i, line) in t.message.lines().enumerate() {
+            let label = if i == 0 { "  Message:" } else { "" };
+            println!("{label:<16}{line}");
+        }
+    }
+    Ok(())
+}
+
+/// Unix milliseconds as RFC 3339 in UTC, as `kubectl` prints times.
+fn unix_ms_time(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0).unsigned_abs());
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 /// `flotilla delete sandboxes WORKLOAD`.
 pub async fn delete(agent: &str, workload: &str, grace_period: u64) -> anyhow::Result<()> {
     let stopped = connect(agent)

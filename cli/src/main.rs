@@ -134,11 +134,12 @@ enum Commands {
         #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
         namespace: String,
     },
-    /// Shows a workload in detail: spec, placements, conditions and recent failures.
+    /// Shows a workload in detail (spec, placements, conditions and recent failures), or a
+    /// sandbox on one node agent (status, CPU used, last termination).
     Describe {
-        /// `workload`.
+        /// `workload` or `sandbox`.
         resource: Resource,
-        /// The workload's name.
+        /// The workload's name, or the sandbox's id as `get sandboxes` lists it.
         name: String,
     },
     /// Follows a workload's update, lists its revisions, or goes back to an old one.
@@ -277,7 +278,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Commands::Describe { resource, name } => match resource {
             Resource::Workloads => control::describe(&cli.server, &name).await,
-            other => anyhow::bail!("describe supports workloads, not {}", resource_name(other)),
+            Resource::Sandboxes => agent::describe(&cli.agent, &name).await,
+            other => anyhow::bail!(
+                "describe supports workloads and sandboxes, not {}",
+                resource_name(other)
+            ),
         },
         Commands::Rollout { action } => match action {
             RolloutAction::Status { name, timeout } => {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::AdminService;
 use crate::config::Config;
 use crate::guests::GuestRuntime;
-use crate::metrics::Metrics;
+use crate::metrics::{Live, Metrics};
 use crate::runtime::{WasmtimeRuntime, capacity};
 use crate::supervisor::{ShutdownReport, Supervisor};
 
@@ -68,6 +68,20 @@ impl Agent {
         let mut supervisor_config = config.supervisor.clone();
         supervisor_config.guests = guests.handle();
         let supervisor = Supervisor::new(runtime, supervisor_config, metrics.clone());
+        let live = supervisor.downgrade();
+        metrics.read_live(move || {
+            let Some(supervisor) = live.upgrade() else {
+                return Live::default();
+            };
+            let runtime = supervisor.runtime();
+            let cache = runtime.cache_stats();
+            Live {
+                cpu_by_workload: supervisor.cpu_by_workload(),
+                cpu_waiting: runtime.epoch().run_queue().waiting(),
+                compiles_running: cache.compiles_running,
+                compiles_waiting: cache.compiles_waiting,
+            }
+        });
         let shutdown = CancellationToken::new();
         let ingress_shutdown = CancellationToken::new();
 

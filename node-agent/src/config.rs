@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_GUEST_THREADS")]
     pub guest_threads: Option<usize>,
     /// Epoch tick: the CPU time slice after which a guest yields.
-    #[arg(long, env = "FLOTILLA_EPOCH_TICK", default_value = "10ms")]
+    #[arg(long, env = "FLOTILLA_EPOCH_TICK", default_value = "2ms")]
     pub epoch_tick: humantime::Duration,
     /// Largest module accepted.
     #[arg(long, env = "FLOTILLA_MAX_MODULE_SIZE", default_value = "32Mi")]
@@ -251,10 +251,10 @@ impl TryFrom<Args> for Config {
                 message: "must not exceed --max-memory-per-sandbox".into(),
             });
         }
-        if runtime.epoch_tick.is_zero() {
+        if runtime.epoch_tick < std::time::Duration::from_millis(1) {
             return Err(ConfigError {
                 flag: "epoch-tick",
-                message: "must be positive".into(),
+                message: "must be at least 1ms (CPU limits count whole milliseconds)".into(),
             });
         }
         if let Some(url) = &args.http_advertise_url
@@ -408,7 +408,7 @@ mod tests {
     fn defaults_are_valid() {
         let config = parse(&[]).expect("valid");
         assert_eq!(config.runtime.max_memory_per_sandbox, 256 << 20);
-        assert_eq!(config.runtime.epoch_tick, Duration::from_millis(10));
+        assert_eq!(config.runtime.epoch_tick, Duration::from_millis(2));
         assert_eq!(config.supervisor.backoff, BackoffConfig::default());
         assert!(config.runtime.cache_dir.is_none());
     }
@@ -426,6 +426,7 @@ mod tests {
             ),
             (&["--max-sandboxes", "0"][..], "max-sandboxes"),
             (&["--epoch-tick", "0s"][..], "epoch-tick"),
+            (&["--epoch-tick", "500us"][..], "epoch-tick"),
             (&["--control-plane", "ftp://x"][..], "control-plane"),
             (
                 &["--http-advertise-url", "10.0.0.7"][..],

@@ -1,11 +1,16 @@
 //! Prometheus metrics of the node agent, served at `/metrics`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -25,6 +30,7 @@ pub struct Metrics {
     start_latency: Histogram,
     exits: Family<Labels, Counter>,
     http: HttpMetrics,
+    scraped: Scraped,
     /// Exact start latencies in nanoseconds, kept only when a benchmark asks for them.
     latency_samples: Option<Arc<Mutex<Vec<u32>>>>,
 }
@@ -71,6 +77,8 @@ impl Metrics {
             exits.clone(),
         );
         http.register(&mut registry);
+        let scraped = Scraped::default();
+        registry.register_collector(Box::new(scraped.clone()));
         Self {
             registry: Arc::new(registry),
             phases,
@@ -78,6 +86,7 @@ impl Metrics {
             start_latency,
             exits,
             http,
+            scraped,
             latency_samples: None,
         }
     }
@@ -139,6 +148,11 @@ impl Metrics {
         self.exits.get_or_create(&vec![("reason", reason)]).inc();
     }
 
+    /// Reads the [`Live`] figures from `source` at every scrape; the first source set stays.
+    pub fn read_live(&self, source: impl Fn() -> Live + Send + Sync + 'static) {
+        let _ = self.scraped.0.set(Box::new(source));
+    }
+
     /// The HTTP workloads' metrics.
     pub fn http(&self) -> &HttpMetrics {
         &self.http
@@ -150,6 +164,72 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Figures read from the agent's state at each scrape rather than counted as they change: CPU
+/// is charged on every slice of every sandbox, too often for a counter per workload.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// CPU used per workload (as the agent names it), in milliseconds, over its life.
+    pub cpu_by_workload: Vec<(String, u64)>,
+    /// Sandboxes waiting for a CPU slot.
+    pub cpu_waiting: usize,
+    /// Modules compiling.
+    pub compiles_running: usize,
+    /// Modules waiting for a compile slot.
+    pub compiles_waiting: usize,
+}
+
+type LiveSource = Box<dyn Fn() -> Live + Send + Sync>;
+
+/// The collector of [`Live`] figures, once a source is set.
+#[derive(Clone, Default)]
+struct Scraped(Arc<OnceLock<LiveSource>>);
+
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scraped").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(source) = self.0.get() else {
+            return Ok(());
+        };
+        let live = source();
+        let mut cpu = encoder.encode_descriptor(
+            "workload_cpu_seconds",
+            "CPU used by each workload's sandboxes, counted in epoch ticks",
+            None,
+            MetricType::Counter,
+        )?;
+        for (workload, millis) in &live.cpu_by_workload {
+            let labels = [("workload", workload.as_str())];
+            ConstCounter::new(*millis as f64 / 1e3).encode(cpu.encode_family(&labels)?)?;
+        }
+        for (name, help, value) in [
+            (
+                "cpu_run_queue_waiting",
+                "Sandboxes waiting for a CPU slot",
+                live.cpu_waiting,
+            ),
+            (
+                "compiles_running",
+                "Modules compiling",
+                live.compiles_running,
+            ),
+            (
+                "compiles_waiting",
+                "Modules waiting for a compile slot",
+                live.compiles_waiting,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

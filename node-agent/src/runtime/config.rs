@@ -39,7 +39,7 @@ pub struct RuntimeConfig {
     pub max_wasm_stack: usize,
     /// Size of each sandbox's fiber stack (wasm stack plus host headroom). Default 1 MiB.
     pub async_stack_size: usize,
-    /// Interval between epoch ticks; the CPU time slice. Default 10 ms.
+    /// Interval between epoch ticks; the CPU time slice. Default 2 ms.
     pub epoch_tick: Duration,
     /// What advances the epoch. Default: a thread, every `epoch_tick`.
     pub epoch_ticker: EpochTicker,
@@ -93,7 +93,7 @@ impl Default for RuntimeConfig {
             memory_keep_resident: 1 << 20,
             max_wasm_stack: 512 << 10,
             async_stack_size: 1 << 20,
-            epoch_tick: Duration::from_millis(10),
+            epoch_tick: Duration::from_millis(2),
             epoch_ticker: EpochTicker::Thread,
             guest_threads: cpus(),
             max_module_bytes: 32 << 20,

@@ -62,7 +62,7 @@ pub use self::config::{EpochTicker, RuntimeConfig, host_name};
 pub use self::cost::{
     CostError, CostLimits, DEFAULT_MAX_CODE_BYTES, DEFAULT_MAX_FUNCTIONS, ModuleCost,
 };
-pub use self::cpu::{CORE_MILLICORES, CpuUsage, MIN_RATE_MILLICORES};
+pub use self::cpu::{CORE_MILLICORES, CpuUsage, FRESH_SLICE_TICKS, MIN_RATE_MILLICORES};
 pub use self::engine::{Engines, Epoch, precompile_for_target};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;

@@ -100,7 +100,12 @@ impl RunQueue {
 
     /// Sandboxes waiting for a slot.
     pub fn waiting(&self) -> usize {
-        self.lock().waiting.len()
+        let state = self.lock();
+        state
+            .waiting
+            .iter()
+            .filter(|Reverse(waiter)| !waiter.grant.is_closed())
+            .count()
     }
 
     /// Waits for a slot for a sandbox at `virtual_runtime`: at once if one is free and nobody

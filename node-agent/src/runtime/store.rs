@@ -15,7 +15,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::cpu::{AtDeadline, CpuShare, CpuUsage};
+use super::cpu::{AtDeadline, CpuShare, CpuUsage, FRESH_SLICE_TICKS};
 use super::engine::Epoch;
 use super::environment::{Environment, EnvironmentSources};
 use super::exit::Exit;
@@ -139,7 +139,7 @@ impl Stores {
         );
         store.limiter(|s| &mut s.limiter);
         // The first deadline must be set explicitly or every call would yield on entry.
-        store.set_epoch_deadline(1);
+        store.set_epoch_deadline(FRESH_SLICE_TICKS);
         let tick = self.epoch_tick;
         let epoch = self.epoch.clone();
         store.epoch_deadline_callback(move |mut cx| {

@@ -118,6 +118,18 @@ pub struct Supervisor<R: SandboxRuntime = WasmtimeRuntime> {
     shared: Arc<Shared<R>>,
 }
 
+/// A handle on a [`Supervisor`] that does not keep it alive.
+pub struct WeakSupervisor<R: SandboxRuntime> {
+    shared: std::sync::Weak<Shared<R>>,
+}
+
+impl<R: SandboxRuntime> WeakSupervisor<R> {
+    /// The supervisor, while it lives.
+    pub fn upgrade(&self) -> Option<Supervisor<R>> {
+        self.shared.upgrade().map(|shared| Supervisor { shared })
+    }
+}
+
 impl<R: SandboxRuntime> Clone for Supervisor<R> {
     fn clone(&self) -> Self {
         Self {
@@ -170,6 +182,9 @@ struct Workload<R: SandboxRuntime> {
     prepared: Option<Arc<R::Prepared>>,
     cancel: CancellationToken,
     sandboxes: Vec<SandboxEntry>,
+    /// CPU used by the replicas scaled away, in milliseconds: the workload's CPU counter
+    /// never goes down while it lives.
+    retired_cpu_ms: u64,
 }
 
 struct SandboxEntry {
@@ -242,6 +257,27 @@ impl<R: SandboxRuntime> Supervisor<R> {
         failures.drain().map(|(_, f)| f).collect()
     }
 
+    /// CPU used by each workload's sandboxes, in milliseconds, over their lives: a counter
+    /// per workload that never goes down while the workload lives.
+    pub fn cpu_by_workload(&self) -> Vec<(String, u64)> {
+        self.shared
+            .lock_workloads()
+            .iter()
+            .map(|(name, workload)| {
+                let running: u64 = workload.sandboxes.iter().map(|s| s.cell.cpu.millis()).sum();
+                (name.clone(), workload.retired_cpu_ms + running)
+            })
+            .collect()
+    }
+
+    /// A handle that does not keep the supervisor alive (for what the supervisor's own
+    /// state refers back from, such as the metrics).
+    pub fn downgrade(&self) -> WeakSupervisor<R> {
+        WeakSupervisor {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
     /// The runtime the supervisor drives.
     pub fn runtime(&self) -> &R {
         &self.shared.runtime
@@ -289,6 +325,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
             cancel: self.shared.shutdown.child_token(),
             prepared: Some(prepared),
             sandboxes: Vec::with_capacity(replicas as usize),
+            retired_cpu_ms: 0,
             spec,
         };
         self.shared.scale_to(&mut workload, replicas);
@@ -394,6 +431,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 cancel: self.shared.shutdown.child_token(),
                 prepared: None,
                 sandboxes,
+                retired_cpu_ms: 0,
                 spec,
             },
         );
@@ -536,6 +574,7 @@ impl<R: SandboxRuntime> Shared<R> {
         while workload.sandboxes.len() > target {
             if let Some(entry) = workload.sandboxes.pop() {
                 entry.cell.cancel.cancel();
+                workload.retired_cpu_ms += entry.cell.cpu.millis();
             }
         }
         let Some(prepared) = workload.prepared.clone() else {

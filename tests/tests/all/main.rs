@@ -7,6 +7,7 @@ mod chart;
 mod cluster;
 mod config;
 mod http;
+mod isolation;
 mod kind;
 mod kubectl;
 mod kubernetes;

@@ -61,14 +61,7 @@ impl ControlPlane {
 
     /// The Prometheus text from `/metrics`.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(self.metrics).expect("connect to metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: flotilla\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
+        scrape(self.metrics)
     }
 
     pub fn stop(mut self) {
@@ -81,6 +74,7 @@ impl ControlPlane {
 pub struct Agent {
     pub process: Process,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
     /// The HTTP ingress.
     pub ingress: SocketAddr,
 }
@@ -119,13 +113,21 @@ impl Agent {
             .args(["--shutdown-grace", "1s"]);
         configure(&mut command);
         let process = Process::spawn(command, node);
-        let admin = logged_addr(&process.wait_line("serving"), "admin_addr");
+        let serving = process.wait_line("serving");
+        let admin = logged_addr(&serving, "admin_addr");
+        let metrics = logged_addr(&serving, "metrics_addr");
         let ingress = logged_addr(&process.wait_line("serving HTTP workloads"), "ingress_addr");
         Self {
             process,
             admin,
+            metrics,
             ingress,
         }
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics(&self) -> String {
+        scrape(self.metrics)
     }
 
     /// Running sandboxes: id → start time. Equal snapshots mean nothing was restarted.
@@ -140,6 +142,18 @@ impl Agent {
             })
             .collect()
     }
+}
+
+/// The Prometheus text from `/metrics` at `addr`.
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: flotilla\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }
 
 /// The running sandboxes of the agent whose admin API is at `admin`, as
