@@ -127,7 +127,7 @@ impl Agent {
                 ingress,
                 ingress_shutdown.clone(),
                 config.shutdown_grace,
-                guests.handle(),
+                guests.requests(),
             ))
         });
         let service = AdminService::new(supervisor.clone()).into_server();

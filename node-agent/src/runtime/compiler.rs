@@ -3,7 +3,7 @@
 //!
 //! - Compiles run on threads of their own at a lower scheduling priority ([`COMPILE_NICE`]),
 //!   never on the async workers or the blocking pool: heartbeats, the control-plane session,
-//!   the admin API, the ingress and running sandboxes, all at normal priority, come first when
+//!   the admin API, the ingress and running sandboxes, all at higher priority, come first when
 //!   the CPU is short.
 //! - Cranelift's parallelism is bounded: each compile runs in a rayon pool of its own of at most
 //!   `threads_per_compile` threads. wasmtime's parallel compilation would otherwise use rayon's
@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-/// The nice value of compile threads: under contention, a normal-priority thread gets about
-/// ten times the CPU of a compile thread (the kernel's weights for nice 0 and 10 are 1024 and
-/// 110), and an idle machine still compiles at full speed.
-pub const COMPILE_NICE: i32 = 10;
+/// The nice value of compile threads: under contention, a replica's thread (nice 5) gets about
+/// nine times the CPU of a compile thread and the agent's own threads about 28 times (the
+/// kernel's weights for nice 0, 5 and 15 are 1024, 335 and 36), and an idle machine still
+/// compiles at full speed.
+pub const COMPILE_NICE: i32 = 15;
 
 /// Code of a module that compiles in a fraction of a second, and may take the slot kept for
 /// cheap compiles: the default of `RuntimeConfig::cheap_compile_code_bytes`.
