@@ -56,6 +56,8 @@ struct RunningCounter {
     lowest: Arc<AtomicU64>,
     changes: Arc<AtomicU64>,
     measuring: Arc<AtomicBool>,
+    /// Why a status stream ended, if one did: the count is wrong from then on.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RunningCounter {
@@ -65,6 +67,7 @@ impl RunningCounter {
             lowest: Arc::new(AtomicU64::new(u64::MAX)),
             changes: Arc::new(AtomicU64::new(0)),
             measuring: Arc::new(AtomicBool::new(false)),
+            failure: Arc::default(),
         };
         for (i, admin) in admins.iter().enumerate() {
             let mut client = AgentAdminClient::connect(format!("http://{admin}")).await?;
@@ -82,18 +85,27 @@ impl RunningCounter {
                 .into_iter()
                 .map(|s| (s.sandbox_id.clone(), is_running(&s)))
                 .collect();
-            let (per_agent, lowest, changes, measuring) = (
+            let (per_agent, lowest, changes, measuring, failure) = (
                 counter.per_agent.clone(),
                 counter.lowest.clone(),
                 counter.changes.clone(),
                 counter.measuring.clone(),
+                counter.failure.clone(),
             );
             per_agent[i].store(
                 running.values().filter(|r| **r).count() as u64,
                 Ordering::SeqCst,
             );
+            let agent = *admin;
             tokio::spawn(async move {
-                while let Some(Ok(status)) = stream.next().await {
+                let ended = loop {
+                    let status = match stream.next().await {
+                        Some(Ok(status)) => status,
+                        Some(Err(status)) => {
+                            break format!("{}: {}", status.code(), status.message());
+                        }
+                        None => break "it ended".to_string(),
+                    };
                     running.insert(status.sandbox_id.clone(), is_running(&status));
                     let now = running.values().filter(|r| **r).count() as u64;
                     per_agent[i].store(now, Ordering::SeqCst);
@@ -102,10 +114,22 @@ impl RunningCounter {
                         lowest.fetch_min(total, Ordering::SeqCst);
                         changes.fetch_add(1, Ordering::Relaxed);
                     }
-                }
+                };
+                let mut failure = failure.lock().unwrap_or_else(|e| e.into_inner());
+                failure.get_or_insert(format!(
+                    "the status stream of the agent at {agent}: {ended}"
+                ));
             });
         }
         Ok(counter)
+    }
+
+    /// Fails if a status stream ended: its agent's count stopped then.
+    fn check(&self) -> anyhow::Result<()> {
+        match &*self.failure.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(failure) => anyhow::bail!("{failure}; the running count is not valid"),
+            None => Ok(()),
+        }
     }
 
     fn total(&self) -> u64 {
@@ -194,6 +218,7 @@ pub async fn rollout(
     }
     let took = started.elapsed();
     counter.measuring.store(false, Ordering::SeqCst);
+    counter.check()?;
     let lowest_seen = counter.lowest.load(Ordering::SeqCst).min(replicas);
     let changes = counter.changes.load(Ordering::Relaxed);
 

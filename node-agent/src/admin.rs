@@ -200,3 +200,66 @@ pub(crate) fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receive
     });
     rx
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn apply_errors_map_to_the_grpc_codes_clients_act_on() {
+        let refused = Status::from(ApplyError::AdmissionRefused(
+            "64 MiB requested, 10 MiB free".into(),
+        ));
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.message().contains("10 MiB free"), "{refused:?}");
+        let invalid = Status::from(ApplyError::InvalidSpec("replicas: must be >= 0".into()));
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert!(invalid.message().contains("replicas"), "{invalid:?}");
+        assert_eq!(
+            Status::from(ApplyError::ShuttingDown).code(),
+            Code::Unavailable
+        );
+    }
+
+    /// The next chunk, failing the test after a second without one.
+    async fn next(chunks: &mut mpsc::Receiver<LogChunk>) -> Option<LogChunk> {
+        tokio::time::timeout(Duration::from_secs(1), chunks.recv())
+            .await
+            .expect("a chunk or the end within a second")
+    }
+
+    #[tokio::test]
+    async fn followed_logs_stream_what_arrives_and_end_when_the_sandbox_ends() {
+        let buffer = Arc::new(LogBuffer::new(1 << 10));
+        buffer.write(b"before\n");
+        let mut chunks = stream_logs(buffer.clone(), true);
+        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"before\n");
+        // Nothing new: the stream waits rather than ends.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), chunks.recv())
+                .await
+                .is_err(),
+            "a followed stream waits for output"
+        );
+        buffer.write(b"after\n");
+        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"after\n");
+        buffer.close();
+        assert!(
+            next(&mut chunks).await.is_none(),
+            "the end of the sandbox ends the stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn unfollowed_logs_end_after_what_is_there() {
+        let buffer = Arc::new(LogBuffer::new(1 << 10));
+        buffer.write(b"only\n");
+        let mut chunks = stream_logs(buffer.clone(), false);
+        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"only\n");
+        assert!(next(&mut chunks).await.is_none());
+    }
+}

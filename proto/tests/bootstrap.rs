@@ -21,6 +21,21 @@ fn generated_code_is_up_to_date() {
         .expect("code generation succeeds");
 
     let gen_dir = root.join("src/gen");
+    let generated: Vec<std::ffi::OsString> = std::fs::read_dir(out_dir)
+        .expect("read generated dir")
+        .map(|e| e.expect("dir entry").file_name())
+        .collect();
+    // A committed file that generation no longer makes (a package renamed or removed).
+    let extra: Vec<String> = std::fs::read_dir(&gen_dir)
+        .expect("read committed dir")
+        .map(|e| e.expect("dir entry").file_name())
+        .filter(|name| !generated.contains(name))
+        .map(|name| gen_dir.join(name).display().to_string())
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "committed generated files that no proto makes any more; remove them: {extra:?}"
+    );
     let mut stale = Vec::new();
     for entry in std::fs::read_dir(out_dir).expect("read generated dir") {
         let entry = entry.expect("dir entry");

@@ -182,3 +182,50 @@ pub(super) fn set_condition(conditions: &mut Vec<Condition>, mut condition: Cond
 pub(super) fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG_AGO: &str = "2020-01-01T00:00:00Z";
+
+    fn ready(status: &str) -> Condition {
+        Condition {
+            type_: READY.into(),
+            status: status.into(),
+            reason: "Reason".into(),
+            message: "message".into(),
+            last_transition_time: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_transition_time_moves_only_when_the_status_does() {
+        let mut conditions = vec![Condition {
+            last_transition_time: LONG_AGO.into(),
+            ..ready("False")
+        }];
+        let mut same = ready("False");
+        same.message = "another message".into();
+        set_condition(&mut conditions, same);
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].last_transition_time, LONG_AGO);
+        assert_eq!(conditions[0].message, "another message");
+
+        set_condition(&mut conditions, ready("True"));
+        assert_eq!(conditions.len(), 1);
+        let moved = &conditions[0].last_transition_time;
+        assert_ne!(moved, LONG_AGO);
+        assert!(
+            humantime::parse_rfc3339(moved).is_ok(),
+            "an RFC 3339 time: {moved}"
+        );
+    }
+
+    #[test]
+    fn a_new_condition_gets_a_transition_time() {
+        let mut conditions = Vec::new();
+        set_condition(&mut conditions, ready("True"));
+        assert!(humantime::parse_rfc3339(&conditions[0].last_transition_time).is_ok());
+    }
+}

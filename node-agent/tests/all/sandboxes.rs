@@ -420,22 +420,24 @@ async fn bad_modules_are_rejected_with_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_sandboxes_are_available_after_min_ready_seconds() {
     let sup = supervisor(runtime_config());
+    // An hour: running, and not available, however slow this machine is.
+    let mut patient = spec("patient", fixture("sleep"));
+    patient.replicas = 2;
+    patient.min_ready_seconds = 3600;
+    sup.apply(patient).await.expect("applies");
     let mut spec = spec("steady", fixture("sleep"));
     spec.replicas = 3;
     spec.min_ready_seconds = 1;
     sup.apply(spec).await.expect("applies");
-    let running = wait_for(&sup, "steady", "running", all_in(SandboxPhase::Running)).await;
-    let early = sup.available("steady");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let first_start = running.iter().map(|s| s.started_at_ms).min().expect("one");
-    // Unless this machine stalled for most of a second, none has run for 1 s yet.
-    if now_ms - first_start < 800 {
-        assert_eq!(early, 0, "not available before minReadySeconds");
-    }
+    wait_for(&sup, "patient", "running", all_in(SandboxPhase::Running)).await;
+    assert_eq!(
+        sup.available("patient"),
+        0,
+        "not available before minReadySeconds"
+    );
+    wait_for(&sup, "steady", "running", all_in(SandboxPhase::Running)).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(sup.available("steady"), 3, "all have run for 1 s");
+    assert_eq!(sup.available("patient"), 0);
     assert_eq!(sup.available("unknown"), 0);
 }

@@ -85,8 +85,9 @@ fn a_noisy_tenant_neither_stalls_the_node_nor_takes_more_than_its_cpu_share() {
         at(&after).saturating_sub(at(&before))
     };
     let (light, heavy) = (used("light"), used("heavy"));
+    // 200 slices of 2 ms at least: one slice more or less moves the split by under 1%.
     assert!(
-        heavy > 1000,
+        heavy >= 400,
         "the spinners hardly ran: {before:?} → {after:?}"
     );
     let ratio = light as f64 / heavy as f64;

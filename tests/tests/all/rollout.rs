@@ -167,7 +167,10 @@ fn a_rolling_update_keeps_90_of_100_running_stops_on_a_crashing_revision_and_rol
         described.contains("Trap"),
         "the crash is shown: {described}"
     );
-    assert!(object["status"]["updatedReplicas"].as_u64() <= Some(20));
+    let updated = object["status"]["updatedReplicas"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no updatedReplicas in {}", object["status"]));
+    assert!(updated <= 20, "{updated} updated replicas past maxSurge");
 
     // Undo: revision 2's template comes back as revision 4, its sandboxes untouched.
     let out = flotilla(&["--server", &url, "rollout", "undo", "idle"]);
