@@ -10,8 +10,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,id=target-$TARGETPLATFORM \
-    cargo build --release --locked -p flotilla-node-agent --bin flotilla-node-agent \
-    && install -D target/release/flotilla-node-agent /out/flotilla-node-agent
+    cargo build --profile dist --locked -p flotilla-node-agent --bin flotilla-node-agent \
+    && install -D target/dist/flotilla-node-agent /out/flotilla-node-agent
 
 # glibc and libgcc only; runs as the distroless nonroot user (65532), as the chart expects.
 FROM gcr.io/distroless/cc-debian12:nonroot
