@@ -133,7 +133,14 @@ pub(crate) async fn workloads_client(addr: SocketAddr) -> anyhow::Result<Workloa
 
 /// Pushes the idle guest; returns its digest.
 pub(crate) async fn push_idle(client: &mut WorkloadsClient<Channel>) -> anyhow::Result<String> {
-    let module = wat::parse_str(IDLE_GUEST)?;
+    push_module(client, wat::parse_str(IDLE_GUEST)?).await
+}
+
+/// Pushes `module` through the control plane; returns its digest.
+pub(crate) async fn push_module(
+    client: &mut WorkloadsClient<Channel>,
+    module: Vec<u8>,
+) -> anyhow::Result<String> {
     Ok(client
         .push_module(PushModuleRequest {
             module,

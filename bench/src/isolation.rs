@@ -28,12 +28,12 @@ use flotilla_proto::agent::v1::ListSandboxesRequest;
 use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, ListNodesRequest, PushModuleRequest, WatchEvent, WatchRequest,
+    ApplyRequest, DeleteRequest, ListNodesRequest, WatchEvent, WatchRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::cluster::{HEARTBEAT_TIMEOUT, Server, push_idle, spawn_agent, wait_nodes};
+use crate::cluster::{HEARTBEAT_TIMEOUT, Server, push_idle, push_module, spawn_agent, wait_nodes};
 use crate::http::free_port;
 use crate::{machine, result};
 
@@ -90,7 +90,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         false
     })
     .await?;
-    let http_sha = push(&mut client, HTTP_GUEST.to_vec()).await?;
+    let http_sha = push_module(&mut client, HTTP_GUEST.to_vec()).await?;
     client
         .apply(ApplyRequest {
             manifest: format!(
@@ -107,7 +107,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
 
     let costly = costly_module()?;
     let costly_bytes = costly.len();
-    let sha = push(&mut client, costly).await?;
+    let sha = push_module(&mut client, costly).await?;
     let (compile_done, done) = tokio::sync::watch::channel(false);
     let heartbeats = tokio::spawn(sample_heartbeats(client.clone(), done.clone()));
     let compile_started = Instant::now();
@@ -175,7 +175,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     report_heartbeats(&samples, interval, "");
 
     // Beside guests that spin without end.
-    let spin = push(&mut client, wat::parse_str(SPIN_GUEST)?).await?;
+    let spin = push_module(&mut client, wat::parse_str(SPIN_GUEST)?).await?;
     let manifest = format!(
         "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: spinners}}\n\
          spec: {{module: {{sha256: \"{spin}\"}}, replicas: {spinners}, \
@@ -256,18 +256,6 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         "%",
     );
     Ok(())
-}
-
-/// Pushes `module` through the control plane; returns its digest.
-async fn push(client: &mut WorkloadsClient<Channel>, module: Vec<u8>) -> anyhow::Result<String> {
-    Ok(client
-        .push_module(PushModuleRequest {
-            module,
-            sha256: String::new(),
-        })
-        .await?
-        .into_inner()
-        .sha256)
 }
 
 /// Sends `GET /` to the ingress at `addr`, [`HTTP_RATE`] times a second for [`HTTP_DURATION`],
