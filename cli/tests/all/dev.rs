@@ -6,26 +6,26 @@ use std::process::Command;
 
 use flotilla_tests::Process;
 
+/// `flotilla dev` with every listener on a free loopback port.
+fn dev_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command.arg("dev");
+    for flag in [
+        "--listen",
+        "--agent-listen",
+        "--metrics-listen",
+        "--http-listen",
+    ] {
+        command.args([flag, "127.0.0.1:0"]);
+    }
+    command
+}
+
 #[test]
 fn dev_runs_the_examples_and_stops_cleanly() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    command
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--agent-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--manifests")
-        .arg(&examples);
+    let mut command = dev_command();
+    command.arg("--manifests").arg(&examples);
     let mut dev = Process::spawn(command, "flotilla dev");
     dev.wait_line("wasmworkload.flotilla.dev/idle applied (generation 1)");
     let crash = dev.wait_line("  default.crashloop-");
@@ -60,22 +60,8 @@ fn dev_runs_the_examples_and_stops_cleanly() {
 
 #[test]
 fn a_signal_during_startup_still_stops_cleanly() {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    command
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--agent-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--manifests", "none"]);
+    let mut command = dev_command();
+    command.args(["--manifests", "none"]);
     let mut dev = Process::spawn(command, "flotilla dev");
     // As early as the first line: before "running", while the agent may still be starting.
     dev.wait_line("flotilla dev: control plane at");
