@@ -14,12 +14,14 @@ use serde::{Deserialize, Serialize};
 pub mod config;
 pub mod limits;
 pub mod module;
+pub mod network;
 pub mod node;
 pub mod rollout;
 pub mod volumes;
 
 pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
 pub use limits::{Requests, SandboxLimits};
+pub use network::{EgressRule, NetworkSpec};
 pub use rollout::{IntOrPercent, RevisionStatus, RollingUpdate, Strategy, StrategyType};
 pub use volumes::{
     ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, StorageMedium,
@@ -247,6 +249,9 @@ pub struct WorkloadSpec {
     /// route in its node's ingress, and every request runs in a fresh sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSpec>,
+    /// What sandboxes may reach on the network: nothing unless `egress` lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 fn one() -> i64 {
@@ -815,6 +820,9 @@ impl Workload {
         }
         if let Some(http) = &spec.http {
             http.validate(&mut fail);
+        }
+        if let Some(network) = &spec.network {
+            network::validate(network, &mut fail);
         }
         config::validate(&spec.env, &spec.env_from, &mut fail);
         volumes::validate(&spec.volumes, &spec.volume_mounts, &mut fail);

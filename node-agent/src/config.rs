@@ -109,6 +109,18 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allow_host_paths: Vec<HostPathRule>,
+    /// Address ranges no sandbox may connect to, whatever its `spec.network.egress` lists.
+    /// Repeat or separate with commas. Given, it replaces the default: loopback, link-local
+    /// (cloud metadata), multicast and broadcast. Add the node's own addresses and whatever
+    /// tenants must never reach (the Kubernetes API's service address, say).
+    /// A bare address stands for itself alone (`/32` or `/128`).
+    #[arg(
+        long = "egress-deny",
+        env = "FLOTILLA_EGRESS_DENY",
+        value_delimiter = ',',
+        value_parser = parse_denied_range
+    )]
+    pub egress_deny: Vec<ipnet::IpNet>,
     /// Disable the on-disk compiled module cache.
     #[arg(long, env = "FLOTILLA_NO_CACHE")]
     pub no_cache: bool,
@@ -233,6 +245,9 @@ impl TryFrom<Args> for Config {
             runtime.volumes.dir = dir;
         }
         runtime.volumes.host_paths = args.allow_host_paths;
+        if !args.egress_deny.is_empty() {
+            runtime.egress_denied = crate::runtime::DeniedRanges::new(args.egress_deny);
+        }
         runtime.volumes.secrets_dir = args.secrets_dir;
         if let Some(node) = &args.node_name {
             runtime.node_name.clone_from(node);
@@ -387,6 +402,14 @@ fn control_config(
     }))
 }
 
+/// An `--egress-deny` value: a range (`10.0.0.0/8`) or one address (`10.0.0.7`).
+fn parse_denied_range(value: &str) -> Result<ipnet::IpNet, String> {
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{value:?}: must be an address or a range such as 10.0.0.0/8"))
+}
+
 fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -411,6 +434,20 @@ mod tests {
         assert_eq!(config.runtime.epoch_tick, Duration::from_millis(2));
         assert_eq!(config.supervisor.backoff, BackoffConfig::default());
         assert!(config.runtime.cache_dir.is_none());
+    }
+
+    #[test]
+    fn egress_deny_takes_ranges_and_bare_addresses_and_replaces_the_default() {
+        let config = parse(&["--egress-deny", "169.254.0.0/16,10.0.0.7,fd00::1"]).expect("valid");
+        let denied = format!("{:?}", config.runtime.egress_denied);
+        assert!(denied.contains("169.254.0.0/16"), "{denied}");
+        assert!(denied.contains("10.0.0.7/32"), "{denied}");
+        assert!(denied.contains("fd00::1/128"), "{denied}");
+        assert!(!denied.contains("127.0.0.0/8"), "{denied}");
+        let default = format!("{:?}", parse(&[]).expect("valid").runtime.egress_denied);
+        assert!(default.contains("127.0.0.0/8"), "{default}");
+        let bad = Args::try_parse_from(["flotilla-node-agent", "--egress-deny", "metadata"]);
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use flotilla_model::{
 };
 
 use crate::agent::v1::{
-    ConfigKind, ConfigRef, EmptyDir, EnvFrom, EnvVar, HttpRoute, KeyRef, KeyToPath, ModuleSource,
-    Resources, RestartPolicy as RestartPolicyMessage, Volume, WorkloadSpec, volume,
+    ConfigKind, ConfigRef, EgressRule, EmptyDir, EnvFrom, EnvVar, HttpRoute, KeyRef, KeyToPath,
+    ModuleSource, Resources, RestartPolicy as RestartPolicyMessage, Volume, WorkloadSpec, volume,
 };
 
 /// The agent's spec for `spec`: named `name` on the agent, at `generation` (a new generation
@@ -52,6 +52,16 @@ pub fn agent_workload_spec(
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
         owner: String::new(),
+        egress: spec
+            .network
+            .iter()
+            .flat_map(|network| &network.egress)
+            .map(|rule| EgressRule {
+                host: rule.host.clone().unwrap_or_default(),
+                cidr: rule.cidr.clone().unwrap_or_default(),
+                ports: rule.ports.iter().map(|&p| u32::from(p)).collect(),
+            })
+            .collect(),
     }
 }
 

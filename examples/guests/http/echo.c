@@ -6,6 +6,9 @@
  *   .../sleep?ms=N  answers after N milliseconds (default 1000)
  *   .../trap        traps (the ingress answers 500)
  *   .../spin        loops forever (cut at the request's CPU or time limit)
+ *   .../fetch?URL   GETs URL (http or https) with wasi:http/outgoing-handler and answers with
+ *                   its status and body, or 502 and the error code, e.g. "error 4" for
+ *                   destination-ip-prohibited (the agent's egress rules refused it)
  *   anything else   a JSON document with the method, path, request count and a header count
  * Built by build.sh; node-agent/tests/examples.rs rebuilds it and fails if the committed
  * echo.wasm differs. */
@@ -50,6 +53,88 @@ static void echo_body(exports_wasi_http_incoming_handler_own_incoming_request_t 
     finish_body(&rb);
 }
 
+/* GETs `url` and relays the answer: its status and body, or 502 "error N" with the
+ * wasi:http error-code's case number. */
+static void fetch(const char *url, outparam_t out) {
+    const char *sep = url ? strstr(url, "://") : NULL;
+    if (!sep) {
+        respond(out, 400, "text/plain", "usage: fetch?http://host[:port]/path\n");
+        return;
+    }
+    wasi_http_types_scheme_t scheme;
+    scheme.tag = strncmp(url, "https", 5) == 0 ? WASI_HTTP_TYPES_SCHEME_HTTPS
+                                                : WASI_HTTP_TYPES_SCHEME_HTTP;
+    const char *authority = sep + 3;
+    const char *path = strchr(authority, '/');
+    http_guest_string_t authority_s = {(uint8_t *)authority,
+                                       path ? (size_t)(path - authority) : strlen(authority)};
+    http_guest_string_t path_s;
+    http_guest_string_set(&path_s, path ? path : "/");
+
+    wasi_http_types_own_outgoing_request_t request =
+        wasi_http_types_constructor_outgoing_request(wasi_http_types_constructor_fields());
+    wasi_http_types_borrow_outgoing_request_t borrowed =
+        wasi_http_types_borrow_outgoing_request(request);
+    wasi_http_types_method_outgoing_request_set_scheme(borrowed, &scheme);
+    wasi_http_types_method_outgoing_request_set_authority(borrowed, &authority_s);
+    wasi_http_types_method_outgoing_request_set_path_with_query(borrowed, &path_s);
+
+    char text[4096];
+    wasi_http_outgoing_handler_own_future_incoming_response_t future;
+    wasi_http_outgoing_handler_error_code_t err;
+    if (!wasi_http_outgoing_handler_handle(request, NULL, &future, &err)) {
+        snprintf(text, sizeof text, "error %u\n", err.tag);
+        wasi_http_types_error_code_free(&err);
+        respond(out, 502, "text/plain", text);
+        return;
+    }
+    wasi_http_types_borrow_future_incoming_response_t pending =
+        wasi_http_types_borrow_future_incoming_response(future);
+    wasi_io_poll_own_pollable_t ready =
+        wasi_http_types_method_future_incoming_response_subscribe(pending);
+    wasi_io_poll_method_pollable_block(wasi_io_poll_borrow_pollable(ready));
+    wasi_io_poll_pollable_drop_own(ready);
+    wasi_http_types_result_result_own_incoming_response_error_code_void_t result;
+    wasi_http_types_method_future_incoming_response_get(pending, &result);
+    wasi_http_types_future_incoming_response_drop_own(future);
+    if (result.is_err || result.val.ok.is_err) {
+        snprintf(text, sizeof text, "error %u\n", result.is_err ? 38 : result.val.ok.val.err.tag);
+        wasi_http_types_result_result_own_incoming_response_error_code_void_free(&result);
+        respond(out, 502, "text/plain", text);
+        return;
+    }
+    wasi_http_types_own_incoming_response_t response = result.val.ok.val.ok;
+    wasi_http_types_borrow_incoming_response_t answer =
+        wasi_http_types_borrow_incoming_response(response);
+    uint16_t status = wasi_http_types_method_incoming_response_status(answer);
+    /* The first 4 KiB of the body: enough for what a test or a demo shows. */
+    size_t used = 0;
+    wasi_http_types_own_incoming_body_t body;
+    if (wasi_http_types_method_incoming_response_consume(answer, &body)) {
+        wasi_http_types_own_input_stream_t in;
+        wasi_http_types_method_incoming_body_stream(wasi_http_types_borrow_incoming_body(body),
+                                                    &in);
+        while (used < sizeof text - 1) {
+            http_guest_list_u8_t chunk;
+            wasi_io_streams_stream_error_t stream_err;
+            if (!wasi_io_streams_method_input_stream_blocking_read(
+                    wasi_io_streams_borrow_input_stream(in), sizeof text - 1 - used, &chunk,
+                    &stream_err)) {
+                wasi_io_streams_stream_error_free(&stream_err);
+                break;
+            }
+            memcpy(text + used, chunk.ptr, chunk.len);
+            used += chunk.len;
+            http_guest_list_u8_free(&chunk);
+        }
+        wasi_io_streams_input_stream_drop_own(in);
+        wasi_http_types_incoming_body_drop_own(body);
+    }
+    text[used] = '\0';
+    wasi_http_types_incoming_response_drop_own(response);
+    respond(out, status, "text/plain", text);
+}
+
 static void sleep_ms(uint64_t ms) {
     wasi_clocks_monotonic_clock_own_pollable_t timer =
         wasi_clocks_monotonic_clock_subscribe_duration(ms * 1000000ull);
@@ -87,6 +172,8 @@ void exports_wasi_http_incoming_handler_handle(
         const char *ms = query ? strstr(query, "ms=") : NULL;
         sleep_ms(ms ? strtoull(ms + 3, NULL, 10) : 1000);
         respond(out, 200, "text/plain", "slept\n");
+    } else if (strcmp(last, "fetch") == 0) {
+        fetch(query, out);
     } else if (strcmp(last, "trap") == 0) {
         __builtin_trap();
     } else if (strcmp(last, "spin") == 0) {

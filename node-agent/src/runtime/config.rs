@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::compiler::CHEAP_CODE_BYTES;
 use super::cost::CostLimits;
+use super::egress::DeniedRanges;
 use super::limits::SandboxLimits;
 use super::volumes;
 
@@ -69,6 +70,9 @@ pub struct RuntimeConfig {
     pub volumes: volumes::VolumeConfig,
     /// The node's name, as sandboxes' `spec.nodeName` field reads it. Default: the host name.
     pub node_name: String,
+    /// Addresses no sandbox may connect to, whatever its egress rules list. Default:
+    /// [`DEFAULT_DENIED_RANGES`](super::DEFAULT_DENIED_RANGES).
+    pub egress_denied: DeniedRanges,
 }
 
 /// The CPUs this process may use.
@@ -109,6 +113,7 @@ impl Default for RuntimeConfig {
                 secrets_dir: None,
             },
             node_name: host_name(),
+            egress_denied: DeniedRanges::defaults(),
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,
                 memory_request_bytes: 0,

@@ -6,11 +6,14 @@
 //! name and the ConfigMaps and Secrets it holds), [`Environment::configure`] once per workload,
 //! [`Environment::wasi`] at every start, so that a changed ConfigMap reaches the next run.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flotilla_proto::agent::v1::{EnvFrom, EnvVar, WorkloadSpec};
 use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::sockets::SocketAddrUse;
 
+use super::egress::{DeniedRanges, EgressPolicy, EgressRules};
 use super::exit::Exit;
 use super::logs::{LogBuffer, LogSink};
 use super::volumes::{ConfigFiles, ConfigKey, Mounts};
@@ -21,16 +24,19 @@ use super::volumes::{ConfigFiles, ConfigKey, Mounts};
 pub struct EnvironmentSources {
     node_name: Arc<str>,
     config_files: Arc<ConfigFiles>,
+    egress_denied: DeniedRanges,
 }
 
 // === impl EnvironmentSources ===
 
 impl EnvironmentSources {
-    /// Sources for sandboxes of the node `node_name`.
-    pub fn new(node_name: &str, config_files: ConfigFiles) -> Self {
+    /// Sources for sandboxes of the node `node_name`, which may never connect to
+    /// `egress_denied`.
+    pub fn new(node_name: &str, config_files: ConfigFiles, egress_denied: DeniedRanges) -> Self {
         Self {
             node_name: node_name.into(),
             config_files: Arc::new(config_files),
+            egress_denied,
         }
     }
 
@@ -50,13 +56,18 @@ pub struct Environment {
     config_env: Option<Box<ConfigEnv>>,
     /// The namespace of the ConfigMaps and Secrets it refers to.
     namespace: String,
+    /// Where sandboxes may connect to.
+    egress: EgressRules,
 }
 
 // === impl Environment ===
 
 impl Environment {
     /// The environment `spec` declares.
-    pub fn configure(spec: &WorkloadSpec) -> Self {
+    ///
+    /// # Errors
+    /// A message for egress rules the control plane would have refused.
+    pub fn configure(spec: &WorkloadSpec) -> Result<Self, String> {
         let mut args = Vec::with_capacity(spec.args.len() + 1);
         // argv[0] is the workload's name, not the name of one of its revisions.
         args.push(if spec.owner.is_empty() {
@@ -70,7 +81,7 @@ impl Environment {
                 .env
                 .iter()
                 .any(|e| e.value_from.is_some() || !e.field_path.is_empty());
-        Self {
+        Ok(Self {
             args: args.into(),
             env: spec
                 .env
@@ -84,7 +95,13 @@ impl Environment {
                 })
             }),
             namespace: spec.namespace.clone(),
-        }
+            egress: EgressRules::parse(&spec.egress)?,
+        })
+    }
+
+    /// Where this workload's sandboxes may connect to on this agent; `None` for nowhere.
+    pub fn egress(&self, sources: &EnvironmentSources) -> Option<EgressPolicy> {
+        (!self.egress.is_empty()).then(|| self.egress.under(&sources.egress_denied))
     }
 
     /// The namespace of the workload, whose ConfigMaps and Secrets it may read.
@@ -126,7 +143,37 @@ impl Environment {
         if let Some(mounts) = mounts {
             mounts.preopen(&mut wasi)?;
         }
+        // Sockets stay closed (wasmtime's default check refuses every address) unless the
+        // workload lists destinations; then each connect and datagram is checked.
+        if let Some(policy) = self.egress(sources) {
+            wasi.allow_ip_name_lookup(true)
+                .socket_addr_check(move |addr, used| {
+                    let allowed = socket_allowed(&policy, addr, used);
+                    Box::pin(std::future::ready(allowed))
+                });
+        }
         Ok(wasi)
+    }
+}
+
+/// Whether a guest's socket may use `addr` for `used`: connecting and sending to addresses the
+/// policy allows (and receiving from them), and binding the wildcard address on an ephemeral
+/// port, which connecting and sending do. Listening, which would serve on the node, is refused.
+fn socket_allowed(policy: &EgressPolicy, addr: SocketAddr, used: SocketAddrUse) -> bool {
+    match used {
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+            match policy.check_addr(addr) {
+                Ok(()) => true,
+                Err(refusal) => {
+                    tracing::debug!(%refusal, "socket refused");
+                    false
+                }
+            }
+        }
+        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+            addr.ip().is_unspecified() && addr.port() == 0
+        }
+        SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => false,
     }
 }
 
@@ -220,5 +267,53 @@ impl SandboxFields<'_> {
                 flotilla_model::config::FIELD_PATHS.join(", ")
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_connect_only_where_the_policy_allows_and_never_listen() {
+        let rules = EgressRules::parse(&[flotilla_proto::agent::v1::EgressRule {
+            cidr: "10.0.0.0/8".into(),
+            ports: vec![5432],
+            ..Default::default()
+        }])
+        .expect("valid");
+        let policy = rules.under(&DeniedRanges::defaults());
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+        let db = addr("10.1.2.3:5432");
+        assert!(socket_allowed(&policy, db, SocketAddrUse::TcpConnect));
+        assert!(socket_allowed(&policy, db, SocketAddrUse::UdpSend));
+        assert!(socket_allowed(&policy, db, SocketAddrUse::UdpReceive));
+        for refused in ["10.1.2.3:22", "169.254.169.254:80", "127.0.0.1:5432"] {
+            assert!(
+                !socket_allowed(&policy, addr(refused), SocketAddrUse::TcpConnect),
+                "{refused}"
+            );
+            assert!(
+                !socket_allowed(&policy, addr(refused), SocketAddrUse::UdpSend),
+                "{refused}"
+            );
+        }
+        // The implicit bind of a connect, yes; a port of its own or a listener, no.
+        assert!(socket_allowed(
+            &policy,
+            addr("0.0.0.0:0"),
+            SocketAddrUse::TcpBind
+        ));
+        assert!(!socket_allowed(
+            &policy,
+            addr("0.0.0.0:8080"),
+            SocketAddrUse::TcpBind
+        ));
+        assert!(!socket_allowed(
+            &policy,
+            addr("0.0.0.0:0"),
+            SocketAddrUse::TcpListen
+        ));
+        assert!(!socket_allowed(&policy, db, SocketAddrUse::TcpAccept));
     }
 }

@@ -89,6 +89,9 @@ pub enum SandboxError {
     /// A `hostPath` volume the agent does not allow, or `items` that would leave a volume.
     #[error(transparent)]
     VolumeNotAllowed(#[from] VolumeRefused),
+    /// Egress rules the control plane would have refused.
+    #[error("invalid egress rules: {0}")]
+    Egress(String),
 }
 
 // === impl SandboxError ===
@@ -100,6 +103,7 @@ impl SandboxError {
             SandboxError::ReadModule { .. } | SandboxError::MissingModule => "ModuleUnavailable",
             SandboxError::Limits(_) => "InvalidLimits",
             SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
+            SandboxError::Egress(_) => "InvalidEgress",
             SandboxError::TooCostly(_) | SandboxError::CompileTimeout(_) => "ModuleTooCostly",
             _ => "InvalidModule",
         }

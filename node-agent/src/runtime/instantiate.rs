@@ -99,6 +99,7 @@ impl Instantiator {
             prepared
                 .environment
                 .wasi(self.stores.sources(), &sandbox, &logs, mounts.as_deref())?;
+        let egress = prepared.environment.egress(self.stores.sources());
         match &*prepared.artifact {
             Artifact::Module(pre) => {
                 let mut store =
@@ -114,9 +115,12 @@ impl Instantiator {
                 Ok(WasmtimeInstance::Module(store, start))
             }
             Artifact::Command(pre) => {
-                let mut store =
-                    self.stores
-                        .new_store(P2Wasi::new(wasi), &prepared.limits, &cpu, mounts);
+                let mut store = self.stores.new_store(
+                    P2Wasi::new(wasi, egress),
+                    &prepared.limits,
+                    &cpu,
+                    mounts,
+                );
                 let command = Box::pin(pre.instantiate_async(&mut store))
                     .await
                     .map_err(classify)?;
@@ -129,7 +133,7 @@ impl Instantiator {
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
                 let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi),
+                    P2Wasi::new(wasi, egress),
                     &prepared.limits,
                     &cpu,
                     mounts.clone(),

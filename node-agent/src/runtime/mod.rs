@@ -19,7 +19,8 @@
 //! | `run_queue` | the queue of sandboxes waiting for a CPU slot, by weighted virtual runtime |
 //! | `engine` | [`Engines`]: engine configuration, pooling allocator, epoch ticker, cross-compiling |
 //! | `source` | a module from a file or a spec, read within bounds and verified |
-//! | `environment` | arguments, environment variables, ConfigMaps, Secrets, the downward API |
+//! | `egress`, `outgoing` | what a sandbox may connect to; its outgoing HTTP, sent under that |
+//! | `environment` | arguments, environment variables, ConfigMaps, Secrets, the downward API, egress |
 //! | `store` | per-run state (`SandboxState`, WASI views) and the [`Stores`] that make it |
 //! | `linker` | the host functions guests may import |
 //! | `cpu` | CPU slices, shares by request, rate caps by limit, CPU used |
@@ -37,6 +38,7 @@ mod compiler;
 mod config;
 mod cost;
 mod cpu;
+mod egress;
 mod engine;
 mod environment;
 mod error;
@@ -46,6 +48,7 @@ mod instantiate;
 pub(crate) mod limits;
 mod linker;
 pub(crate) mod logs;
+mod outgoing;
 mod prepared;
 mod priority;
 mod run_queue;
@@ -63,6 +66,7 @@ pub use self::cost::{
     CostError, CostLimits, DEFAULT_MAX_CODE_BYTES, DEFAULT_MAX_FUNCTIONS, ModuleCost,
 };
 pub use self::cpu::{CORE_MILLICORES, CpuUsage, FRESH_SLICE_TICKS, MIN_RATE_MILLICORES};
+pub use self::egress::{DEFAULT_DENIED_RANGES, DeniedRanges, EgressPolicy, EgressRules, Refusal};
 pub use self::engine::{Engines, Epoch, precompile_for_target};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;

@@ -76,7 +76,7 @@ impl PreparedWorkload {
             digest,
             artifact,
             http,
-            environment: Arc::new(Environment::configure(spec)),
+            environment: Arc::new(Environment::configure(spec).map_err(SandboxError::Egress)?),
             volumes: spec.volumes.clone().into(),
             limits,
         })

@@ -16,11 +16,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::cpu::{AtDeadline, CpuShare, CpuUsage, FRESH_SLICE_TICKS};
+use super::egress::EgressPolicy;
 use super::engine::Epoch;
 use super::environment::{Environment, EnvironmentSources};
 use super::exit::Exit;
 use super::limits::{Limiter, SandboxLimits};
 use super::logs::LogBuffer;
+use super::outgoing::EgressHooks;
 use super::volumes::Mounts;
 
 /// Per-store state: the guest's WASI context, its limits, and the volumes its run mounts
@@ -41,6 +43,8 @@ pub struct P2Wasi {
     ctx: WasiCtx,
     table: ResourceTable,
     http: WasiHttpCtx,
+    /// Sends the guest's outgoing requests under its egress policy.
+    hooks: EgressHooks,
 }
 
 /// Store state of a preview 1 command module.
@@ -51,12 +55,14 @@ pub type P2State = SandboxState<P2Wasi>;
 // === impl P2Wasi ===
 
 impl P2Wasi {
-    /// Builds the context of one component sandbox.
-    pub fn new(mut wasi: WasiCtxBuilder) -> Self {
+    /// Builds the context of one component sandbox, whose outgoing HTTP requests go out under
+    /// `egress` (none at all when `None`).
+    pub fn new(mut wasi: WasiCtxBuilder, egress: Option<EgressPolicy>) -> Self {
         Self {
             ctx: wasi.build(),
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
+            hooks: EgressHooks::new(egress),
         }
     }
 }
@@ -75,7 +81,7 @@ impl WasiHttpView for SandboxState<P2Wasi> {
         WasiHttpCtxView {
             ctx: &mut self.wasi.http,
             table: &mut self.wasi.table,
-            hooks: wasmtime_wasi_http::default_hooks(),
+            hooks: &mut self.wasi.hooks,
         }
     }
 }
@@ -172,6 +178,7 @@ impl Stores {
         mounts: Option<&Arc<Mounts>>,
     ) -> Result<Store<P2State>, Exit> {
         let wasi = environment.wasi(&self.sources, &sandbox, logs, mounts.map(|m| &**m))?;
-        Ok(self.new_store(P2Wasi::new(wasi), limits, usage, mounts.cloned()))
+        let egress = environment.egress(&self.sources);
+        Ok(self.new_store(P2Wasi::new(wasi, egress), limits, usage, mounts.cloned()))
     }
 }

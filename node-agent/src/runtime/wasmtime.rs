@@ -87,7 +87,11 @@ impl WasmtimeRuntime {
             config.compile_timeout,
         )
         .map_err(|e| RuntimeError::CacheDir(config.cache_dir.clone().unwrap_or_default(), e))?;
-        let sources = EnvironmentSources::new(&config.node_name, ConfigFiles::new(&config.volumes));
+        let sources = EnvironmentSources::new(
+            &config.node_name,
+            ConfigFiles::new(&config.volumes),
+            config.egress_denied.clone(),
+        );
         let instantiator = Instantiator {
             stores: Stores::new(engine, engines.epoch().clone(), config.epoch_tick, sources),
             volumes: config.volumes.clone(),

@@ -57,6 +57,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         namespace: "default".into(),
         env_from: vec![],
         volumes: vec![],
+        egress: vec![],
     }
 }
 

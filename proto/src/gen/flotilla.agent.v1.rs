@@ -219,6 +219,24 @@ pub struct WorkloadSpec {
     pub env_from: ::prost::alloc::vec::Vec<EnvFrom>,
     #[prost(message, repeated, tag = "14")]
     pub volumes: ::prost::alloc::vec::Vec<Volume>,
+    /// Destinations sandboxes may connect to; nothing when empty. The agent refuses its own
+    /// denied ranges whatever is listed.
+    #[prost(message, repeated, tag = "15")]
+    pub egress: ::prost::alloc::vec::Vec<EgressRule>,
+}
+/// One allowed network destination: a host name pattern or an address range, on some ports.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EgressRule {
+    /// `api.example.com` or `*.example.com`, for outgoing HTTP; only where it resolves to a public
+    /// address. Empty when `cidr` is set.
+    #[prost(string, tag = "1")]
+    pub host: ::prost::alloc::string::String,
+    /// An address range such as `10.0.0.0/8`, for HTTP and sockets. Empty when `host` is set.
+    #[prost(string, tag = "2")]
+    pub cidr: ::prost::alloc::string::String,
+    /// Destination ports; every port when empty.
+    #[prost(uint32, repeated, tag = "3")]
+    pub ports: ::prost::alloc::vec::Vec<u32>,
 }
 /// Where an HTTP workload answers in the agent's ingress, and its per-request limits.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -172,6 +172,9 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--secrets-dir=/run/flotilla/secrets",
         "medium: Memory",
         "sizeLimit: 64Mi",
+        // No sandbox reaches the metadata address or its own node, whatever it lists.
+        "--egress-deny=127.0.0.0/8,0.0.0.0/8,169.254.0.0/16,",
+        ",ff00::/8,$(HOST_IP),$(POD_IP)",
     ] {
         assert!(
             default.contains(expected),

@@ -6,6 +6,7 @@
 mod chart;
 mod cluster;
 mod config;
+mod egress;
 mod http;
 mod isolation;
 mod kind;
