@@ -97,6 +97,7 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
             join_token: None,
             tls: None,
             shutdown_grace: Duration::from_secs(1),
+            fetch_guard: flotilla_control_plane::FetchGuard::defaults(),
         })
         .await?;
     println!("LISTENING {}", control_plane.addr());

@@ -65,6 +65,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         join_token: None,
         tls: None,
         shutdown_grace: Duration::from_secs(2),
+        fetch_guard: flotilla_control_plane::FetchGuard::defaults(),
     })
     .await?;
     let url = format!("http://{}", control_plane.addr());

@@ -40,7 +40,7 @@ pub use flotilla_proto as proto;
 pub use self::cluster::{Cluster, DesiredIndex};
 pub use self::controller::{Action, Batch, Controller, PassReport};
 pub use self::grpc::{AgentService, WorkloadService};
-pub use self::modules::{ModuleError, ModuleStore};
+pub use self::modules::{DeniedAddress, FetchGuard, ModuleError, ModuleStore};
 pub use self::server::{ControlPlane, ServerConfig, StoreBackend};
 pub use self::store::{
     EmbeddedStore, Error as StoreError, KubeStore, Watch, WatchEvent, WorkloadStore,

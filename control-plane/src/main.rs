@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
-use flotilla_control_plane::{ControlPlane, ServerConfig, StoreBackend};
+use flotilla_control_plane::{ControlPlane, FetchGuard, ServerConfig, StoreBackend};
 
 /// BSD's EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
@@ -58,6 +58,17 @@ struct Args {
     /// user API still accepts clients without one.
     #[arg(long, env = "FLOTILLA_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     tls_client_ca_file: Option<PathBuf>,
+    /// Address ranges module downloads (`spec.module.url`, OCI pulls) may not reach, checked
+    /// on every connection and redirect. Repeat or separate with commas; a bare address stands
+    /// for itself. Given, it replaces the default: loopback, link-local (cloud metadata),
+    /// multicast and broadcast.
+    #[arg(
+        long = "fetch-deny",
+        env = "FLOTILLA_FETCH_DENY",
+        value_delimiter = ',',
+        value_parser = flotilla_model::network::parse_denied_range
+    )]
+    fetch_deny: Vec<ipnet::IpNet>,
     /// Where desired state is kept.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -170,6 +181,11 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         join_token,
         tls,
         shutdown_grace: *args.shutdown_grace,
+        fetch_guard: if args.fetch_deny.is_empty() {
+            FetchGuard::defaults()
+        } else {
+            FetchGuard::new(args.fetch_deny)
+        },
     })
     .await?;
     let lost = async {

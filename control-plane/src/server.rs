@@ -15,7 +15,7 @@ use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::grpc::{AgentService, WorkloadService};
 use crate::kubernetes;
-use crate::modules::{DEFAULT_MAX_MODULE_BYTES, ModuleStore};
+use crate::modules::{DEFAULT_MAX_MODULE_BYTES, FetchGuard, ModuleStore, UrlModules};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{ConfigStore, EmbeddedStore, KubeStore, WorkloadStore};
 
@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub tls: Option<flotilla_proto::tls::ServerTls>,
     /// Time open streams get after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Addresses module downloads (`spec.module.url`, OCI pulls) may not reach.
+    pub fetch_guard: FetchGuard,
 }
 
 /// A running control plane. Every task it starts is tracked in its cluster's
@@ -154,6 +156,8 @@ impl ControlPlane {
             .tasks
             .spawn(controller.run(config.node_heartbeat_timeout, stopped()));
 
+        // One downloader for both APIs: one download per digest, under one guard.
+        let downloads = UrlModules::new(modules.clone(), config.fetch_guard.clone());
         // Agents heartbeat three times per timeout, so one lost heartbeat does not lose a node.
         let agents = AgentService::new(
             store.clone(),
@@ -161,6 +165,7 @@ impl ControlPlane {
             cluster.clone(),
             config.node_heartbeat_timeout / 3,
         )
+        .with_downloads(downloads.clone())
         .with_join_token(config.join_token.clone())
         .with_client_certs_required(
             config
@@ -220,6 +225,7 @@ impl ControlPlane {
             let serve = builder
                 .add_service(
                     WorkloadService::new(store, modules)
+                        .with_downloads(downloads)
                         .with_cluster(served_cluster)
                         .with_config(config_store)
                         .into_server(),

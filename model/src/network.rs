@@ -7,9 +7,78 @@
 //! link-local with the cloud metadata address, the node itself; see `--egress-deny`).
 
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+/// Ranges denied by default to sandboxes (the agent's `--egress-deny`) and to the control
+/// plane's module downloads (`--fetch-deny`): loopback, "this network", link-local
+/// (169.254.169.254 and fd00:ec2::254 are cloud metadata services), multicast, broadcast.
+pub const DEFAULT_DENIED_RANGES: &[&str] = &[
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::1/128",
+    "::/128",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "ff00::/8",
+];
+
+/// Ranges that are not public (RFC 1918, shared address space, benchmarking, unique local).
+pub const PRIVATE_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "198.18.0.0/15",
+    "fc00::/7",
+];
+
+/// The ranges of [`DEFAULT_DENIED_RANGES`], parsed.
+pub fn default_denied_ranges() -> Vec<IpNet> {
+    parse_all(DEFAULT_DENIED_RANGES)
+}
+
+/// Whether `ip` is neither private nor in a default-denied range.
+pub fn is_public(ip: IpAddr) -> bool {
+    static NOT_PUBLIC: LazyLock<Vec<IpNet>> = LazyLock::new(|| {
+        parse_all(PRIVATE_RANGES)
+            .into_iter()
+            .chain(default_denied_ranges())
+            .collect()
+    });
+    !NOT_PUBLIC.iter().any(|range| range.contains(&ip))
+}
+
+/// `ip`, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it is, so
+/// that no range check can be passed by writing an address another way.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// Parses an `--egress-deny` or `--fetch-deny` value: a range (`10.0.0.0/8`) or one address
+/// (`10.0.0.7`, standing for `10.0.0.7/32`).
+///
+/// # Errors
+/// A message for anything else.
+pub fn parse_denied_range(value: &str) -> Result<IpNet, String> {
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{value:?}: must be an address or a range such as 10.0.0.0/8"))
+}
+
+fn parse_all(ranges: &[&str]) -> Vec<IpNet> {
+    ranges.iter().filter_map(|r| r.parse().ok()).collect()
+}
 
 /// Most egress rules one workload may list.
 pub const MAX_EGRESS_RULES: usize = 64;
@@ -207,6 +276,33 @@ mod tests {
             errors[5]
         );
         assert!(errors[7].contains("egress[7].ports"), "{}", errors[7]);
+    }
+
+    #[test]
+    fn private_and_denied_ranges_are_not_public() {
+        for ip in [
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "100.64.0.1",
+            "fd12::1",
+            "127.0.0.1",
+            "169.254.169.254",
+        ] {
+            assert!(!is_public(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["93.184.215.14", "2606:2800::1", "172.32.0.1"] {
+            assert!(is_public(ip.parse().expect("ip")), "{ip}");
+        }
+        assert_eq!(
+            canonical_ip("::ffff:169.254.169.254".parse().expect("ip")),
+            "169.254.169.254".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            parse_denied_range("10.0.0.7").map(|n| n.to_string()),
+            Ok("10.0.0.7/32".into())
+        );
+        assert!(parse_denied_range("metadata").is_err());
     }
 
     #[test]

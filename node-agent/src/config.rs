@@ -118,7 +118,7 @@ pub struct Args {
         long = "egress-deny",
         env = "FLOTILLA_EGRESS_DENY",
         value_delimiter = ',',
-        value_parser = parse_denied_range
+        value_parser = flotilla_model::network::parse_denied_range
     )]
     pub egress_deny: Vec<ipnet::IpNet>,
     /// Disable the on-disk compiled module cache.
@@ -400,14 +400,6 @@ fn control_config(
         tls,
         ingress_url: String::new(),
     }))
-}
-
-/// An `--egress-deny` value: a range (`10.0.0.0/8`) or one address (`10.0.0.7`).
-fn parse_denied_range(value: &str) -> Result<ipnet::IpNet, String> {
-    value
-        .parse::<ipnet::IpNet>()
-        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("{value:?}: must be an address or a range such as 10.0.0.0/8"))
 }
 
 fn default_cache_dir() -> Option<PathBuf> {

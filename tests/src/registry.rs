@@ -28,6 +28,8 @@ struct Content {
     manifests: BTreeMap<String, Vec<u8>>,
     /// Digest → bytes.
     blobs: BTreeMap<String, Vec<u8>>,
+    /// Set by [`FakeRegistry::require_token`]: (token realm URL, token).
+    token: Option<(String, String)>,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -102,6 +104,14 @@ impl FakeRegistry {
         manifest_digest
     }
 
+    /// From now on, answers `401` with a `Bearer` challenge unless a request carries `token`,
+    /// which `GET /token` hands out, as Docker Hub and GHCR do for anonymous pulls.
+    pub fn require_token(&self, token: &str) {
+        let realm = format!("http://{}/token", self.addr);
+        self.content.lock().unwrap_or_else(|e| e.into_inner()).token =
+            Some((realm, token.to_string()));
+    }
+
     /// Stores a wasm module as an artifact; returns the manifest's digest.
     pub fn push_wasm(&self, repository: &str, tag: &str, module: &[u8]) -> String {
         self.push(
@@ -122,6 +132,31 @@ fn serve(content: &Mutex<Content>, request: &Request<Body>) -> Response<Body> {
     let path = request.uri().path();
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "", Vec::new());
+    }
+    let token = content
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .token
+        .clone();
+    if let Some((realm, token)) = token {
+        if path == "/token" {
+            let answer = json!({ "token": token }).to_string().into_bytes();
+            return respond(StatusCode::OK, "application/json", answer);
+        }
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if presented != Some(&format!("Bearer {token}")) {
+            let mut response = respond(StatusCode::UNAUTHORIZED, "", Vec::new());
+            let challenge = format!("Bearer realm=\"{realm}\",service=\"fake-registry\"");
+            if let Ok(value) = header::HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+            return response;
+        }
     }
     if path == "/v2/" || path == "/v2" {
         return respond(StatusCode::OK, "application/json", b"{}".to_vec());

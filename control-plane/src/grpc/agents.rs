@@ -31,7 +31,7 @@ use super::convert::{module_status, store_status, url_module_status};
 use crate::cluster::config::{NodeConfigRefs, NodeConfigState};
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, validate_name};
-use crate::modules::{ModuleError, ModuleStore, UrlModules};
+use crate::modules::{FetchGuard, ModuleError, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeInfo, NodeResources};
 use crate::store::WorkloadStore;
 
@@ -60,7 +60,7 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     ) -> Self {
         Self {
             store,
-            downloads: UrlModules::new(modules.clone()),
+            downloads: UrlModules::new(modules.clone(), FetchGuard::default()),
             modules,
             cluster,
             heartbeat_interval,
@@ -68,6 +68,14 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
             client_certs_required: false,
             sessions: Arc::default(),
         }
+    }
+
+    /// Downloads modules named by URL with `downloads` (shared with the user API, and with
+    /// its fetch guard) instead of its own.
+    #[must_use]
+    pub(crate) fn with_downloads(mut self, downloads: UrlModules) -> Self {
+        self.downloads = downloads;
+        self
     }
 
     /// Admits only agents that present `token` as `authorization: Bearer <token>`.

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{module_status, parse_manifest, store_status, to_object, url_module_status};
 use crate::cluster::{Cluster, ConfigKey};
 use crate::model::WorkloadKey;
-use crate::modules::{ModuleStore, UrlModules};
+use crate::modules::{FetchGuard, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeResources, WorkloadRequest};
 use crate::store::{ConfigError, ConfigStore, WatchEvent, WorkloadStore};
 
@@ -41,11 +41,19 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
     pub fn new(store: S, modules: ModuleStore) -> Self {
         Self {
             store,
-            downloads: UrlModules::new(modules.clone()),
+            downloads: UrlModules::new(modules.clone(), FetchGuard::default()),
             modules,
             cluster: Arc::default(),
             config: None,
         }
+    }
+
+    /// Downloads modules named by URL with `downloads` (shared with the agent API, and with
+    /// its fetch guard) instead of its own.
+    #[must_use]
+    pub(crate) fn with_downloads(mut self, downloads: UrlModules) -> Self {
+        self.downloads = downloads;
+        self
     }
 
     /// Serves ConfigMaps and Secrets from `config`.

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use flotilla_model::module::{Download, ModuleCheckError};
 
+use super::guard::{DeniedAddress, FetchGuard};
+
 /// How long a download may take by default, connection included.
 pub(super) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -22,6 +24,23 @@ pub(crate) enum FetchError {
         /// The cause (connection refused, DNS, TLS, timeout, ...).
         #[source]
         source: reqwest::Error,
+    },
+    /// The URL does not parse.
+    #[error("{url}: not a URL ({message})")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The URL names an address the control plane may not reach.
+    #[error("fetching {url}")]
+    Denied {
+        /// The URL.
+        url: String,
+        /// The denied range.
+        #[source]
+        source: DeniedAddress,
     },
     /// The server answered with an error status.
     #[error("fetching {url}: the server answered {status}")]
@@ -53,16 +72,23 @@ pub(super) fn install_crypto_provider() {
 pub(super) struct ModuleFetcher {
     client: reqwest::Client,
     max_bytes: u64,
+    guard: FetchGuard,
 }
 
 impl ModuleFetcher {
-    /// A fetcher that gives up after `timeout` and refuses bodies over `max_bytes`.
+    /// A fetcher that gives up after `timeout`, refuses bodies over `max_bytes` and connects
+    /// nowhere `guard` denies.
     ///
     /// # Errors
     /// The HTTP client cannot be built.
-    pub(super) fn new(max_bytes: u64, timeout: Duration) -> Result<Self, FetchError> {
+    pub(super) fn new(
+        max_bytes: u64,
+        timeout: Duration,
+        guard: FetchGuard,
+    ) -> Result<Self, FetchError> {
         install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let client = guard
+            .client_builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!(
@@ -71,7 +97,21 @@ impl ModuleFetcher {
             ))
             .build()
             .map_err(FetchError::Client)?;
-        Ok(Self { client, max_bytes })
+        Ok(Self {
+            client,
+            max_bytes,
+            guard,
+        })
+    }
+
+    /// The client, for OCI pulls on the same guard, timeout and TLS.
+    pub(super) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The guard, for the URLs of requests made on [`client`](Self::client).
+    pub(super) fn guard(&self) -> &FetchGuard {
+        &self.guard
     }
 
     /// Downloads `url` and checks that it is a binary module whose SHA-256 is `sha256`.
@@ -87,7 +127,22 @@ impl ModuleFetcher {
             url: url.to_string(),
             source,
         };
-        let mut response = self.client.get(url).send().await.map_err(request_error)?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| FetchError::Url {
+            url: url.to_string(),
+            message: e.to_string(),
+        })?;
+        self.guard
+            .check_url(&parsed)
+            .map_err(|source| FetchError::Denied {
+                url: url.to_string(),
+                source,
+            })?;
+        let mut response = self
+            .client
+            .get(parsed)
+            .send()
+            .await
+            .map_err(request_error)?;
         if !response.status().is_success() {
             return Err(FetchError::Status {
                 url: url.to_string(),

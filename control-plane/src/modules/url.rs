@@ -2,6 +2,7 @@
 //! per digest into the [`ModuleStore`].
 
 use super::fetch::{DEFAULT_FETCH_TIMEOUT, FetchError, ModuleFetcher};
+use super::guard::FetchGuard;
 use super::oci::{self, OciError};
 use super::store::{ModuleError, ModuleStore};
 
@@ -39,9 +40,10 @@ pub(crate) struct UrlModules {
 }
 
 impl UrlModules {
-    /// Downloads into `store`, within its size limit and [`DEFAULT_FETCH_TIMEOUT`].
-    pub(crate) fn new(store: ModuleStore) -> Self {
-        let fetcher = ModuleFetcher::new(store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
+    /// Downloads into `store`, within its size limit and [`DEFAULT_FETCH_TIMEOUT`], from
+    /// nowhere `guard` denies.
+    pub(crate) fn new(store: ModuleStore, guard: FetchGuard) -> Self {
+        let fetcher = ModuleFetcher::new(store.max_bytes(), DEFAULT_FETCH_TIMEOUT, guard)
             .map_err(|error| {
                 tracing::error!(
                     error = %flotilla_telemetry::error_chain(&error),
@@ -95,9 +97,16 @@ impl UrlModules {
         sha256: &str,
     ) -> Result<(), UrlModuleError> {
         let bytes = if url.starts_with("oci://") {
-            oci::pull(url, sha256, self.store.max_bytes(), DEFAULT_FETCH_TIMEOUT)
-                .await
-                .map_err(UrlModuleError::Pull)?
+            oci::pull(
+                fetcher.client(),
+                fetcher.guard(),
+                url,
+                sha256,
+                self.store.max_bytes(),
+                DEFAULT_FETCH_TIMEOUT,
+            )
+            .await
+            .map_err(UrlModuleError::Pull)?
         } else {
             fetcher
                 .fetch(url, sha256)

@@ -16,36 +16,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_model::network::{host_matches, parse_cidr, validate_host_pattern};
+pub use flotilla_model::network::DEFAULT_DENIED_RANGES;
+use flotilla_model::network::{
+    canonical_ip, default_denied_ranges, host_matches, is_public, parse_cidr, validate_host_pattern,
+};
 use flotilla_proto::agent::v1::EgressRule;
 use ipnet::IpNet;
-
-/// Ranges the agent denies every sandbox by default: loopback, "this network", link-local
-/// (169.254.169.254 and fd00:ec2::254 are cloud metadata services), multicast and broadcast.
-pub const DEFAULT_DENIED_RANGES: &[&str] = &[
-    "127.0.0.0/8",
-    "0.0.0.0/8",
-    "169.254.0.0/16",
-    "224.0.0.0/4",
-    "255.255.255.255/32",
-    "::1/128",
-    "::/128",
-    "fe80::/10",
-    "fd00:ec2::254/128",
-    "ff00::/8",
-];
-
-/// Ranges that are not public (RFC 1918, shared address space, benchmarking, unique local):
-/// a `host` rule never admits them, only a `cidr` rule that covers them.
-const PRIVATE_RANGES: &[&str] = &[
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "192.0.0.0/24",
-    "198.18.0.0/15",
-    "fc00::/7",
-];
 
 /// How long a name lookup for an outgoing request may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,11 +40,7 @@ impl DeniedRanges {
 
     /// [`DEFAULT_DENIED_RANGES`].
     pub fn defaults() -> Self {
-        Self::new(
-            DEFAULT_DENIED_RANGES
-                .iter()
-                .filter_map(|range| range.parse().ok()),
-        )
+        Self::new(default_denied_ranges())
     }
 
     /// The denied range that holds `ip`, if any.
@@ -319,25 +291,9 @@ impl Rule {
     }
 }
 
-/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it is, so
-/// that no range check can be passed by writing an address another way.
+/// `addr` with its address in [`canonical_ip`] form.
 fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
-}
-
-/// Whether `ip` is neither private nor in a default-denied range.
-fn is_public(ip: IpAddr) -> bool {
-    !PRIVATE_RANGES
-        .iter()
-        .chain(DEFAULT_DENIED_RANGES)
-        .filter_map(|range| range.parse::<IpNet>().ok())
-        .any(|range| range.contains(&ip))
+    SocketAddr::new(canonical_ip(addr.ip()), addr.port())
 }
 
 #[cfg(test)]
@@ -445,21 +401,5 @@ mod tests {
             db.resolve("[::ffff:a9fe:a9fe]", 80).await,
             Err(Refusal::Denied { .. })
         ));
-    }
-
-    #[test]
-    fn private_ranges_are_not_public() {
-        for ip in [
-            "10.0.0.1",
-            "172.16.5.4",
-            "192.168.1.1",
-            "100.64.0.1",
-            "fd12::1",
-        ] {
-            assert!(!is_public(ip.parse().expect("ip")), "{ip}");
-        }
-        for ip in ["93.184.215.14", "2606:2800::1", "172.32.0.1"] {
-            assert!(is_public(ip.parse().expect("ip")), "{ip}");
-        }
     }
 }

@@ -175,6 +175,9 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         // No sandbox reaches the metadata address or its own node, whatever it lists.
         "--egress-deny=127.0.0.0/8,0.0.0.0/8,169.254.0.0/16,",
         ",ff00::/8,$(HOST_IP),$(POD_IP)",
+        // Nor do module downloads, nor do they reach the control plane's own pod.
+        "--fetch-deny=127.0.0.0/8,0.0.0.0/8,169.254.0.0/16,",
+        ",ff00::/8,$(POD_IP),$(HOST_IP)",
     ] {
         assert!(
             default.contains(expected),

@@ -266,6 +266,19 @@ fn bad_manifests_fail_with_the_error_the_user_needs_and_change_nothing() {
             ],
         ),
         (
+            "module URL at the cloud metadata address",
+            format!("{{module: {{url: \"http://169.254.169.254/m.wasm\", sha256: \"{zeros}\"}}}}"),
+            vec![
+                "spec.module.url: fetching http://169.254.169.254/m.wasm",
+                "169.254.169.254 is in the control plane's denied range 169.254.0.0/16",
+            ],
+        ),
+        (
+            "OCI registry at the cloud metadata address",
+            format!("{{module: {{url: \"oci://169.254.169.254/x/y:v1\", sha256: \"{zeros}\"}}}}"),
+            vec!["169.254.169.254 is in the control plane's denied range 169.254.0.0/16"],
+        ),
+        (
             "module URL not found",
             format!("{{module: {{url: \"{web}/nope.wasm\", sha256: \"{zeros}\"}}}}"),
             vec!["the server answered 404 Not Found"],

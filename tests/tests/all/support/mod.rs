@@ -49,6 +49,9 @@ impl ControlPlane {
             .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
             .args(["--node-heartbeat-timeout", "3s"])
             .args(["--node-startup-grace", "3s"])
+            // The tests' module servers and registries are on loopback, which the default
+            // denies: only link-local (cloud metadata) stays denied here.
+            .args(["--fetch-deny", "169.254.0.0/16"])
             .arg("--data-dir")
             .arg(data_dir);
         configure(&mut command);
