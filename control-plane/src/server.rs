@@ -89,12 +89,15 @@ impl ControlPlane {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("creating the data directory {}", config.data_dir.display())
         })?;
+        // Desired state and Secrets: for the control plane's user alone.
+        restrict(&config.data_dir, 0o700);
         let modules = ModuleStore::open(&config.data_dir.join("modules"), DEFAULT_MAX_MODULE_BYTES)
             .context("opening the module store")?;
         match config.store.clone() {
             StoreBackend::Embedded => {
-                let store = EmbeddedStore::open(&config.data_dir.join("store.redb"))
-                    .context("opening the store")?;
+                let store_path = config.data_dir.join("store.redb");
+                let store = EmbeddedStore::open(&store_path).context("opening the store")?;
+                restrict(&store_path, 0o600);
                 let config_path = config.data_dir.join("config.redb");
                 Self::start_with(config, store, modules, Some(config_path)).await
             }
@@ -137,8 +140,12 @@ impl ControlPlane {
     ) -> anyhow::Result<Self> {
         let cluster = Arc::new(Cluster::default());
         let config_store = match &config_path {
-            Some(path) => ConfigStore::open(path, cluster.clone())
-                .context("opening the ConfigMap and Secret store")?,
+            Some(path) => {
+                let store = ConfigStore::open(path, cluster.clone())
+                    .context("opening the ConfigMap and Secret store")?;
+                restrict(path, 0o600);
+                store
+            }
             None => ConfigStore::kubernetes(cluster.clone()),
         };
         let stopped = || cluster.shutdown.clone().cancelled_owned();
@@ -287,5 +294,13 @@ impl ControlPlane {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Sets `path`'s mode to `mode`, warning when it cannot (a volume root owned by another user).
+fn restrict(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(error) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        tracing::warn!(path = %path.display(), %error, "cannot restrict the file's mode");
     }
 }

@@ -60,6 +60,12 @@ impl Agent {
             "capacity"
         );
         crate::runtime::volumes::clear(&config.runtime.volumes);
+        crate::runtime::volumes::create_dir(&config.runtime.volumes).with_context(|| {
+            format!(
+                "creating the volume directory {}",
+                config.runtime.volumes.dir.display()
+            )
+        })?;
         let runtime = WasmtimeRuntime::with_capacity(config.runtime.clone(), capacity)
             .context("creating the sandbox runtime")?;
         let metrics = Metrics::with_http(runtime.http_metrics().clone());

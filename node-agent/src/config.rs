@@ -272,6 +272,32 @@ impl TryFrom<Args> for Config {
                 message: "must be at least 1ms (CPU limits count whole milliseconds)".into(),
             });
         }
+        // A hostPath over the agent's own state would hand tenants its compiled artifacts
+        // (which it runs), other sandboxes' scratch files and the Secrets it holds.
+        let own: Vec<(&str, PathBuf)> = [
+            ("cache", runtime.cache_dir.clone()),
+            ("volumes", Some(runtime.volumes.dir.clone())),
+            ("secrets", runtime.volumes.secrets_dir.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(what, dir)| dir.map(|d| (what, resolved(&d))))
+        .collect();
+        for rule in &runtime.volumes.host_paths {
+            let prefix = resolved(&rule.prefix);
+            if let Some((what, dir)) = own
+                .iter()
+                .find(|(_, dir)| dir.starts_with(&prefix) || prefix.starts_with(dir))
+            {
+                return Err(ConfigError {
+                    flag: "allow-host-path",
+                    message: format!(
+                        "{} overlaps the agent's {what} directory {}",
+                        rule.prefix.display(),
+                        dir.display()
+                    ),
+                });
+            }
+        }
         if let Some(url) = &args.http_advertise_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -402,6 +428,22 @@ fn control_config(
     }))
 }
 
+/// `path` with symlinks resolved as far as it exists, for comparing directories.
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while let Some(parent) = existing.parent() {
+        if let Ok(canonical) = std::fs::canonicalize(existing) {
+            return rest.iter().rev().fold(canonical, |p, name| p.join(name));
+        }
+        if let Some(name) = existing.file_name() {
+            rest.push(name.to_owned());
+        }
+        existing = parent;
+    }
+    path.to_path_buf()
+}
+
 fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -440,6 +482,47 @@ mod tests {
         assert!(default.contains("127.0.0.0/8"), "{default}");
         let bad = Args::try_parse_from(["flotilla-node-agent", "--egress-deny", "metadata"]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn host_path_rules_may_not_cover_the_agents_own_directories() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().to_str().expect("utf-8");
+        let cache = format!("{state}/cache/modules");
+        let volumes = format!("{state}/volumes");
+        for rule in [state.to_string(), format!("{state}/cache"), cache.clone()] {
+            let err = Config::try_from(
+                Args::try_parse_from([
+                    "flotilla-node-agent",
+                    "--cache-dir",
+                    &cache,
+                    "--volumes-dir",
+                    &volumes,
+                    "--allow-host-path",
+                    &rule,
+                ])
+                .expect("flags parse"),
+            )
+            .expect_err(&rule);
+            assert_eq!(err.flag, "allow-host-path");
+            assert!(err.message.contains("overlaps"), "{}", err.message);
+        }
+        let elsewhere = format!("{state}/srv");
+        assert!(
+            Config::try_from(
+                Args::try_parse_from([
+                    "flotilla-node-agent",
+                    "--cache-dir",
+                    &cache,
+                    "--volumes-dir",
+                    &volumes,
+                    "--allow-host-path",
+                    &elsewhere,
+                ])
+                .expect("flags parse"),
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -49,6 +49,20 @@ impl ControlPlane {
 async fn a_restarted_control_plane_loses_nothing() {
     let data = tempfile::tempdir().expect("temp dir");
     let first = ControlPlane::start(data.path());
+    // Desired state and Secrets are for the control plane's user alone.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        (data.path().to_path_buf(), 0o700),
+        (data.path().join("store.redb"), 0o600),
+        (data.path().join("config.redb"), 0o600),
+    ] {
+        let got = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(got, mode, "{}", path.display());
+    }
     let mut client = WorkloadsClient::connect(format!("http://{}", first.addr))
         .await
         .expect("connect");

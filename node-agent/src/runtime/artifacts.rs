@@ -87,7 +87,7 @@ impl Artifacts {
         timeout: Duration,
     ) -> std::io::Result<Self> {
         if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir)?;
+            super::volumes::create_private_dir(dir)?;
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -242,12 +242,13 @@ impl Inner {
         if let Some(path) = &path
             && path.exists()
         {
-            match T::deserialize_file(&self.engine, path) {
+            match read_sealed(path).and_then(|code| T::deserialize(&self.engine, &code)) {
                 Ok(artifact) => {
                     self.loaded.fetch_add(1, Ordering::Relaxed);
                     return Ok(artifact);
                 }
-                // Another wasmtime version or configuration wrote it: compile again.
+                // Another wasmtime version or configuration wrote it, or it is not what this
+                // agent wrote: compile again.
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "ignoring cached artifact")
                 }
@@ -276,7 +277,8 @@ impl Inner {
 /// A compiled artifact that can be written to and read from the disk cache.
 trait Serialize: Sized {
     fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
-    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self>;
+    /// The artifact from `code`, which [`read_sealed`] has checked.
+    fn deserialize(engine: &Engine, code: &[u8]) -> wasmtime::Result<Self>;
 }
 
 impl Serialize for Module {
@@ -285,12 +287,12 @@ impl Serialize for Module {
     }
 
     #[allow(unsafe_code)]
-    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
-        // SAFETY: the file lives in the agent's own cache directory, was written by this agent
-        // from an artifact that wasmtime compiled (atomically, via rename), and is named by the
-        // module digest and the engine's compatibility hash; wasmtime checks its version and
-        // configuration header before using it.
-        unsafe { Module::deserialize_file(engine, path) }
+    fn deserialize(engine: &Engine, code: &[u8]) -> wasmtime::Result<Self> {
+        // SAFETY: `code` is, byte for byte, what this agent's wasmtime serialized: read_sealed
+        // checked it against the SHA-256 sealed with it in a file of the agent's private cache
+        // directory, named by the module digest and the engine's compatibility hash; wasmtime
+        // checks its version and configuration header before using it.
+        unsafe { Module::deserialize(engine, code) }
     }
 }
 
@@ -300,19 +302,49 @@ impl Serialize for Component {
     }
 
     #[allow(unsafe_code)]
-    fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+    fn deserialize(engine: &Engine, code: &[u8]) -> wasmtime::Result<Self> {
         // SAFETY: as for `Module` above.
-        unsafe { Component::deserialize_file(engine, path) }
+        unsafe { Component::deserialize(engine, code) }
     }
 }
 
-/// Writes an artifact to a temporary file and renames it into place. Loaded artifacts are
-/// memory-mapped from their file, so a file must never be rewritten in place.
+/// What a cache file starts with: this tag, then the SHA-256 of the rest (the serialized
+/// artifact), so that a file this agent did not write whole is never deserialized.
+const SEAL: &[u8; 16] = b"flotilla-cwasm/1";
+
+/// Writes an artifact, sealed, to a temporary file and renames it into place.
 fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<()> {
-    let bytes = artifact
+    use sha2::Digest;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let code = artifact
         .serialize()
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(SEAL)?;
+    file.write_all(&sha2::Sha256::digest(&code))?;
+    file.write_all(&code)?;
+    drop(file);
     std::fs::rename(&tmp, path)
+}
+
+/// The serialized artifact in the cache file at `path`, if its seal holds.
+fn read_sealed(path: &Path) -> wasmtime::Result<Vec<u8>> {
+    use sha2::Digest;
+    let mut bytes = std::fs::read(path)?;
+    let header = SEAL.len() + 32;
+    if bytes.len() < header || &bytes[..SEAL.len()] != SEAL {
+        wasmtime::bail!("not a sealed Flotilla artifact");
+    }
+    if sha2::Sha256::digest(&bytes[header..])[..] != bytes[SEAL.len()..header] {
+        wasmtime::bail!("its content does not match its seal");
+    }
+    bytes.drain(..header);
+    Ok(bytes)
 }

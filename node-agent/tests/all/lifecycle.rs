@@ -171,12 +171,38 @@ async fn compiled_modules_survive_a_restart_and_incompatible_ones_are_rebuilt() 
     let stats = second.cache_stats();
     assert_eq!((stats.compiled, stats.loaded_from_disk), (0, 1));
 
+    // Only the agent's user may read the cache or write to it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(cache.path()), 0o700);
+    assert_eq!(mode(&files[0]), 0o600);
+
+    // The file is sealed with the SHA-256 of what the agent wrote: one changed byte, and it
+    // is compiled again instead of deserialized.
+    let mut sealed = std::fs::read(&files[0]).expect("read");
+    assert!(sealed.starts_with(b"flotilla-cwasm/1"));
+    let last = sealed.len() - 1;
+    sealed[last] ^= 0xff;
+    let tmp = files[0].with_extension("tmp");
+    std::fs::write(&tmp, &sealed).expect("write");
+    std::fs::rename(&tmp, &files[0]).expect("replace");
+    let tampered = runtime(config.clone());
+    tampered.prepare(&hello).await.expect("recompiles");
+    let stats = tampered.cache_stats();
+    assert_eq!((stats.compiled, stats.loaded_from_disk), (1, 0));
+
     // An artifact for another architecture is refused on load and rebuilt.
     let arm = precompile_for_target(&config, "aarch64-unknown-linux-gnu", &fixture("hello"))
         .expect("cross-compiles");
     // Replace it the way the agent writes artifacts: a new file renamed over the old one. Loaded
     // modules map their artifact file, so rewriting it in place would corrupt them.
-    drop((first, second));
+    drop((first, second, tampered));
     let tmp = files[0].with_extension("tmp");
     std::fs::write(&tmp, arm).expect("write");
     std::fs::rename(&tmp, &files[0]).expect("replace");

@@ -167,6 +167,7 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "targetPort: http",
         // Volumes of the sandboxes in the pod; ConfigMaps and Secrets readable for them.
         "--volumes-dir=/var/lib/flotilla/volumes",
+        "--cache-dir=/var/cache/flotilla/modules",
         "resources: [\"configmaps\", \"secrets\"]",
         // Secrets' files in memory, never on the node's disk.
         "--secrets-dir=/run/flotilla/secrets",

@@ -164,15 +164,44 @@ pub fn check(volumes: &[Volume], config: &VolumeConfig) -> Result<(), VolumeRefu
     Ok(())
 }
 
-/// The node directory a `hostPath` names, resolved, if a rule allows it.
-fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBuf, VolumeRefused> {
+/// The node directory a `hostPath` names, opened beneath the directory of the rule that
+/// allows it: a symlink swapped in after the check cannot lead outside that directory.
+fn open_host_path(
+    path: &str,
+    writable: bool,
+    config: &VolumeConfig,
+) -> Result<cap_std::fs::Dir, VolumeRefused> {
+    let (resolved, prefix) = host_path(path, writable, config)?;
+    let unresolved = |source| VolumeRefused::HostPathUnresolved {
+        path: path.to_string(),
+        source,
+    };
+    let allowed = cap_std::fs::Dir::open_ambient_dir(&prefix, cap_std::ambient_authority())
+        .map_err(unresolved)?;
+    match resolved.strip_prefix(&prefix) {
+        Ok(relative) if relative.as_os_str().is_empty() => Ok(allowed),
+        Ok(relative) => allowed.open_dir(relative).map_err(unresolved),
+        Err(_) => Err(unresolved(io::Error::other("outside its rule's directory"))),
+    }
+}
+
+/// The node directory a `hostPath` names, resolved, and the resolved directory of the rule
+/// that allows it.
+fn host_path(
+    path: &str,
+    writable: bool,
+    config: &VolumeConfig,
+) -> Result<(PathBuf, PathBuf), VolumeRefused> {
     let resolved =
         std::fs::canonicalize(path).map_err(|source| VolumeRefused::HostPathUnresolved {
             path: path.to_string(),
             source,
         })?;
-    let rule = config.host_paths.iter().find(|rule| {
-        std::fs::canonicalize(&rule.prefix).is_ok_and(|prefix| resolved.starts_with(prefix))
+    let rule = config.host_paths.iter().find_map(|rule| {
+        std::fs::canonicalize(&rule.prefix)
+            .ok()
+            .filter(|prefix| resolved.starts_with(prefix))
+            .map(|prefix| (rule, prefix))
     });
     match rule {
         None => Err(VolumeRefused::HostPathNotAllowed {
@@ -188,10 +217,10 @@ fn host_path(path: &str, writable: bool, config: &VolumeConfig) -> Result<PathBu
                     .join(", ")
             },
         }),
-        Some(rule) if writable && !rule.writable => Err(VolumeRefused::HostPathReadOnly {
+        Some((rule, _)) if writable && !rule.writable => Err(VolumeRefused::HostPathReadOnly {
             path: path.to_string(),
         }),
-        Some(_) => Ok(resolved),
+        Some((_, prefix)) => Ok((resolved, prefix)),
     }
 }
 
@@ -209,11 +238,19 @@ struct Preopen {
     perms: FsPerms,
 }
 
-/// A directory of the host, by path or, for a `subPath`, held open.
+/// A directory of the host, by path or held open.
 enum HostDir {
+    /// A directory only the agent writes to the path of (an emptyDir, ConfigMap files).
     Path(PathBuf),
-    /// A `subPath`, opened beneath its volume once (so a symlink swapped in later cannot
-    /// redirect it) and preopened through `/proc/self/fd`, as the kubelet mounts subPaths.
+    /// A `hostPath` or a `subPath`, opened once beneath what allows it (so a symlink a guest
+    /// swaps in later cannot redirect it) and preopened through `/proc/self/fd` at every
+    /// start, as the kubelet mounts subPaths.
+    Held(cap_std::fs::Dir),
+}
+
+/// A volume's directory, before its `subPath` is opened beneath it.
+enum Root {
+    Path(PathBuf),
     Held(cap_std::fs::Dir),
 }
 
@@ -271,11 +308,16 @@ impl Mounts {
                         0 if empty.memory => memory_limit,
                         bytes => bytes,
                     };
-                    (mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?, true)
+                    (
+                        Root::Path(mounts.empty_dir(run, &v.name, tmpfs_bytes, config)?),
+                        true,
+                    )
                 }
                 Some(volume::Source::HostPath(path)) => (
-                    host_path(path, !v.read_only, config)
-                        .map_err(|e| Exit::Volume(flotilla_telemetry::error_chain(&e)))?,
+                    Root::Held(
+                        open_host_path(path, !v.read_only, config)
+                            .map_err(|e| Exit::Volume(flotilla_telemetry::error_chain(&e)))?,
+                    ),
                     !v.read_only,
                 ),
                 Some(volume::Source::Config(reference)) => {
@@ -303,19 +345,18 @@ impl Mounts {
                         )));
                     };
                     // check() refuses a subPath here.
-                    (dir, false)
+                    (Root::Path(dir), false)
                 }
                 None => continue,
             };
-            let host = if v.sub_path.is_empty() {
-                HostDir::Path(root)
-            } else {
-                HostDir::Held(
-                    open_beneath(&root, &v.sub_path, make_sub_path).map_err(|e| {
-                        Exit::Volume(format!("volume {} subPath {}: {e}", v.name, v.sub_path))
-                    })?,
-                )
-            };
+            let host =
+                match root {
+                    Root::Path(path) if v.sub_path.is_empty() => HostDir::Path(path),
+                    Root::Held(dir) if v.sub_path.is_empty() => HostDir::Held(dir),
+                    root => HostDir::Held(open_beneath(root, &v.sub_path, make_sub_path).map_err(
+                        |e| Exit::Volume(format!("volume {} subPath {}: {e}", v.name, v.sub_path)),
+                    )?),
+                };
             mounts.preopens.push(Preopen {
                 host,
                 guest: v.mount_path.clone(),
@@ -346,7 +387,7 @@ impl Mounts {
             tmpfs: false,
         });
         if size_limit > 0 {
-            mount_tmpfs(&path, Some(size_limit), 0o777).map_err(|e| {
+            mount_tmpfs(&path, Some(size_limit), 0o700).map_err(|e| {
                 Exit::Volume(format!(
                     "emptyDir {volume} with a sizeLimit or medium: Memory is a tmpfs, which \
                      the agent cannot mount ({e}); it needs CAP_SYS_ADMIN"
@@ -382,10 +423,13 @@ impl Mounts {
 
 /// Opens `sub_path` beneath `root` (making it first when `make`), refusing any `..` or
 /// symlink that would leave `root`.
-fn open_beneath(root: &Path, sub_path: &str, make: bool) -> io::Result<cap_std::fs::Dir> {
+fn open_beneath(root: Root, sub_path: &str, make: bool) -> io::Result<cap_std::fs::Dir> {
     flotilla_model::volumes::validate_relative_path(sub_path)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let root = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
+    let root = match root {
+        Root::Path(path) => cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())?,
+        Root::Held(dir) => dir,
+    };
     if make {
         root.create_dir_all(sub_path)?;
     }
@@ -421,6 +465,35 @@ pub fn clear(config: &VolumeConfig) {
         }
         _ => {}
     }
+}
+
+/// Creates the (cleared) volume directory for the agent alone (mode 0700): sandboxes' scratch
+/// files and ConfigMap files live under it. Runs when the agent starts, after [`clear`].
+///
+/// # Errors
+/// It cannot be created, or it exists and belongs to another user.
+pub fn create_dir(config: &VolumeConfig) -> io::Result<()> {
+    create_private_dir(&config.dir)
+}
+
+/// Creates `dir` (and its parents) for the agent alone: mode 0700. A directory that exists
+/// and belongs to another user is refused: they could plant files in it.
+pub(in crate::runtime) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if std::fs::metadata(dir)?.uid() != rustix::process::geteuid().as_raw() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to another user; give the agent a directory of its own",
+                dir.display()
+            ),
+        ));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The directory of configuration files, under the volume directory.
@@ -503,5 +576,59 @@ mod tests {
         let rule: HostPathRule = "/srv/data:rw".parse().expect("rule");
         assert!(rule.writable);
         assert!("relative".parse::<HostPathRule>().is_err());
+    }
+
+    #[test]
+    fn a_host_path_stays_the_directory_it_was_when_mounted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let srv = dir.path().join("srv");
+        let outside = dir.path().join("etc");
+        std::fs::create_dir_all(srv.join("data")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(srv.join("data/mine"), "tenant data").expect("write");
+        std::fs::write(outside.join("shadow"), "not yours").expect("write");
+        let config = VolumeConfig {
+            dir: dir.path().join("volumes"),
+            host_paths: vec![format!("{}:rw", srv.display()).parse().expect("rule")],
+            secrets_dir: None,
+        };
+        let volume = Volume {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            read_only: false,
+            source: Some(volume::Source::HostPath(
+                srv.join("data").to_string_lossy().into_owned(),
+            )),
+            ..Volume::default()
+        };
+        let mounts = Mounts::create(
+            std::slice::from_ref(&volume),
+            "default",
+            1 << 20,
+            &config,
+            &ConfigFiles::new(&config),
+        )
+        .expect("mounts");
+        // The tenant, through a mount of /srv, swaps data for a symlink out of /srv; every
+        // later start preopens the directory that was checked, not the symlink.
+        std::fs::rename(srv.join("data"), srv.join("data.old")).expect("rename");
+        std::os::unix::fs::symlink("../etc", srv.join("data")).expect("symlink");
+        let [Preopen { host, .. }] = &mounts.preopens[..] else {
+            panic!("one preopen");
+        };
+        let HostDir::Held(held) = host else {
+            panic!("a hostPath is held open");
+        };
+        assert!(held.exists("mine"));
+        assert!(!held.exists("shadow"));
+        // A new mount checks again: the symlink leads out of the allowed directory.
+        let again = Mounts::create(
+            std::slice::from_ref(&volume),
+            "default",
+            1 << 20,
+            &config,
+            &ConfigFiles::new(&config),
+        );
+        assert!(again.is_err());
     }
 }
