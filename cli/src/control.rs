@@ -186,15 +186,20 @@ pub(crate) fn decode(object: &WorkloadObject) -> anyhow::Result<Workload> {
     serde_json::from_slice(&object.json).context("decoding a workload from the server")
 }
 
-/// `flotilla get workloads [NAME]`.
-pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Result<()> {
+/// `flotilla get workloads [NAME] [-n NAMESPACE]`: every namespace's without a name.
+pub async fn get(
+    server: &str,
+    name: Option<&str>,
+    namespace: &str,
+    output: Output,
+) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
     let single = name.is_some();
     let workloads: Vec<Workload> = match name {
         Some(name) => vec![decode(
             &client
                 .get(GetRequest {
-                    namespace: String::new(),
+                    namespace: namespace.to_string(),
                     name: name.to_string(),
                 })
                 .await
@@ -256,12 +261,12 @@ pub async fn get(server: &str, name: Option<&str>, output: Output) -> anyhow::Re
     Ok(())
 }
 
-/// `flotilla delete workload NAME`.
-pub async fn delete(server: &str, name: &str) -> anyhow::Result<()> {
+/// `flotilla delete workload NAME [-n NAMESPACE]`.
+pub async fn delete(server: &str, name: &str, namespace: &str) -> anyhow::Result<()> {
     connect(server)
         .await?
         .delete(DeleteRequest {
-            namespace: String::new(),
+            namespace: namespace.to_string(),
             name: name.to_string(),
         })
         .await
@@ -272,11 +277,12 @@ pub async fn delete(server: &str, name: &str) -> anyhow::Result<()> {
 
 pub(crate) async fn get_workload(
     client: &mut WorkloadsClient<Channel>,
+    namespace: &str,
     name: &str,
 ) -> anyhow::Result<Workload> {
     let object = client
         .get(GetRequest {
-            namespace: String::new(),
+            namespace: namespace.to_string(),
             name: name.to_string(),
         })
         .await
@@ -403,7 +409,7 @@ fn progress(workload: &Workload) -> String {
 pub async fn scale(server: &str, name: &str, replicas: u32) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
     for _ in 0..5 {
-        let mut workload = get_workload(&mut client, name).await?;
+        let mut workload = get_workload(&mut client, "", name).await?;
         workload.spec.replicas = i64::from(replicas);
         workload.status = None;
         let manifest = serde_json::to_vec(&workload)?;
@@ -581,12 +587,12 @@ fn bytes(value: u64) -> String {
 }
 
 /// `flotilla describe workload NAME`.
-pub async fn describe(server: &str, name: &str) -> anyhow::Result<()> {
+pub async fn describe(server: &str, name: &str, namespace: &str) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let workload = get_workload(&mut client, name).await?;
+    let workload = get_workload(&mut client, namespace, name).await?;
     let events = client
         .list_events(ListEventsRequest {
-            namespace: String::new(),
+            namespace: namespace.to_string(),
             name: name.to_string(),
         })
         .await

@@ -130,7 +130,7 @@ enum Commands {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
-        /// The namespace of ConfigMaps and Secrets.
+        /// The namespace of the workload, ConfigMap or Secret.
         #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
         namespace: String,
     },
@@ -141,6 +141,9 @@ enum Commands {
         resource: Resource,
         /// The workload's name, or the sandbox's id as `get sandboxes` lists it.
         name: String,
+        /// The workload's namespace.
+        #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
+        namespace: String,
     },
     /// Follows a workload's update, lists its revisions, or goes back to an old one.
     Rollout {
@@ -162,7 +165,7 @@ enum Commands {
         resource: Resource,
         /// The object's name.
         name: String,
-        /// The namespace of ConfigMaps and Secrets.
+        /// The namespace of the workload, ConfigMap or Secret.
         #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Seconds sandboxes get to end (agent).
@@ -268,7 +271,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             namespace,
         } => match resource {
-            Resource::Workloads => control::get(&cli.server, name.as_deref(), output).await,
+            Resource::Workloads => {
+                control::get(&cli.server, name.as_deref(), &namespace, output).await
+            }
             Resource::Nodes => control::get_nodes(&cli.server, name.as_deref(), output).await,
             Resource::Sandboxes => agent::get(&cli.agent, name, output).await,
             Resource::Configmaps | Resource::Secrets => {
@@ -276,8 +281,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config::get(&cli.server, kind, name.as_deref(), &namespace, output).await
             }
         },
-        Commands::Describe { resource, name } => match resource {
-            Resource::Workloads => control::describe(&cli.server, &name).await,
+        Commands::Describe {
+            resource,
+            name,
+            namespace,
+        } => match resource {
+            Resource::Workloads => control::describe(&cli.server, &name, &namespace).await,
             Resource::Sandboxes => agent::describe(&cli.agent, &name).await,
             other => anyhow::bail!(
                 "describe supports workloads and sandboxes, not {}",
@@ -300,7 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             grace_period,
         } => match resource {
-            Resource::Workloads => control::delete(&cli.server, &name).await,
+            Resource::Workloads => control::delete(&cli.server, &name, &namespace).await,
             Resource::Configmaps | Resource::Secrets => {
                 config::delete(&cli.server, config_kind(resource), &name, &namespace).await
             }

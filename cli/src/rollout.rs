@@ -59,7 +59,7 @@ pub async fn status(server: &str, name: &str, timeout: Duration) -> anyhow::Resu
     let mut client = connect(server).await?;
     let mut watch = watch_workloads(&mut client).await?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut workload = get_workload(&mut client, name).await?;
+    let mut workload = get_workload(&mut client, "", name).await?;
     let key = workload.key();
     let mut shown = String::new();
     loop {
@@ -99,7 +99,7 @@ pub async fn status(server: &str, name: &str, timeout: Duration) -> anyhow::Resu
 /// `flotilla rollout history NAME`: the revisions kept, newest first.
 pub async fn history(server: &str, name: &str) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let workload = get_workload(&mut client, name).await?;
+    let workload = get_workload(&mut client, "", name).await?;
     let status = workload.status.clone().unwrap_or_default();
     println!(
         "{:>8}  {:<16} {:>8} {:>6} {:>9}  TEMPLATE",
@@ -132,7 +132,7 @@ pub async fn history(server: &str, name: &str) -> anyhow::Result<()> {
 pub async fn undo(server: &str, name: &str, to_revision: Option<u64>) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
     for _ in 0..5 {
-        let mut workload = get_workload(&mut client, name).await?;
+        let mut workload = get_workload(&mut client, "", name).await?;
         let status = workload.status.take().unwrap_or_default();
         let target = status
             .rollback_target(to_revision)

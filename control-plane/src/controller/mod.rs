@@ -81,6 +81,9 @@ pub(crate) const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait before a failed pass runs again.
 pub(crate) const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
 
+/// How often a workload whose host another namespace holds is looked at again.
+const HOST_CONFLICT_RETRY: Duration = Duration::from_secs(5);
+
 /// Longest wait for a progress deadline before a pass looks at it again.
 const MAX_DEADLINE_WAIT: Duration = Duration::from_secs(3600);
 
@@ -149,6 +152,8 @@ struct Pass {
     ready: u64,
     /// The ingress routes of every HTTP workload.
     routes: Vec<flotilla_proto::control::v1::ClusterRoute>,
+    /// Which namespace each claimed host belongs to.
+    hosts: hosts::HostOwners,
 }
 
 impl Pass {
@@ -263,6 +268,7 @@ impl<S: WorkloadStore> Controller<S> {
             self.queue().retain(|key| keys.contains(key));
         }
         let workload_count = workloads.len();
+        let hosts = hosts::HostOwners::of(&workloads);
         let mut pass = Pass {
             nodes,
             index,
@@ -273,6 +279,7 @@ impl<S: WorkloadStore> Controller<S> {
             placed: 0,
             ready: 0,
             routes: Vec::new(),
+            hosts,
         };
         let mut report = PassReport {
             written: 0,
@@ -351,8 +358,15 @@ impl<S: WorkloadStore> Controller<S> {
         let in_grace = pass.in_grace;
         let no_reports = BTreeMap::new();
         let reported = pass.running.get(&key).unwrap_or(&no_reports);
-        let mut status =
-            self.reconcile(&workload, &mut pass.nodes, &pass.index, in_grace, reported)?;
+        let conflict = pass.hosts.conflict(&workload);
+        let mut status = self.reconcile(
+            &workload,
+            &mut pass.nodes,
+            &pass.index,
+            in_grace,
+            reported,
+            conflict.as_deref(),
+        )?;
         self.notice_scheduling(&workload, &status);
         // Sandboxes of every revision that agents report running; while agents are still
         // reconnecting, a count does not drop for want of their reports.
@@ -402,13 +416,20 @@ impl<S: WorkloadStore> Controller<S> {
         set_condition(&mut status.conditions, progressing);
         // A deadline still running is looked at again when it passes (a far one within the
         // hour, so no timer is ever set past what the clock can hold).
-        let action = deadline.map_or(Action::AwaitChange, |deadline| {
+        let mut action = deadline.map_or(Action::AwaitChange, |deadline| {
             let wait = deadline
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
                 .min(MAX_DEADLINE_WAIT);
             Action::RequeueAfter(wait + Duration::from_millis(10))
         });
+        // A host held by another namespace may be let go: looked at again until it is.
+        if conflict.is_some() {
+            action = match action {
+                Action::RequeueAfter(wait) => Action::RequeueAfter(wait.min(HOST_CONFLICT_RETRY)),
+                _ => Action::RequeueAfter(HOST_CONFLICT_RETRY),
+            };
+        }
         pass.desired += wanted;
         pass.placed += status.replicas;
         pass.ready += ready;
@@ -456,24 +477,20 @@ impl<S: WorkloadStore> Controller<S> {
         let find = |status: Option<&WorkloadStatus>| {
             status
                 .and_then(|s| s.conditions.iter().find(|c| c.type_ == SCHEDULED))
-                .map(|c| (c.status.clone(), c.message.clone()))
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
         };
-        let Some((now, message)) = find(Some(status)) else {
+        let Some(now) = find(Some(status)) else {
             return;
         };
-        if find(workload.status.as_ref()) == Some((now.clone(), message.clone())) {
+        if find(workload.status.as_ref()).as_ref() == Some(&now) {
             return;
         }
-        let warning = now != "True";
+        let (condition, reason, message) = now;
+        let warning = condition != "True";
         self.cluster.events.notify(Notice {
             key: workload.key().to_string(),
             warning,
-            reason: if warning {
-                "Unschedulable"
-            } else {
-                "Scheduled"
-            }
-            .into(),
+            reason: if warning { reason } else { "Scheduled".into() },
             message,
         });
     }
@@ -533,6 +550,7 @@ impl<S: WorkloadStore> Controller<S> {
         index: &BTreeMap<String, usize>,
         in_grace: bool,
         reported: &BTreeMap<u64, Counts>,
+        host_conflict: Option<&str>,
     ) -> Result<WorkloadStatus, Error> {
         let request = WorkloadRequest::from_workload(workload);
         let mut revisions = Revisions::load(workload, &template_hash(&workload.spec));
@@ -554,7 +572,12 @@ impl<S: WorkloadStore> Controller<S> {
             drop_lost(&mut old.placements, &requests);
         }
 
-        let desired = desired_replicas(workload);
+        // A workload whose host another namespace holds keeps no replica.
+        let desired = if host_conflict.is_some() {
+            0
+        } else {
+            desired_replicas(workload)
+        };
         let targets = rollout::targets(&workload.spec, desired, &revisions, reported);
         // Old sandboxes first: what they free, new ones may take.
         for (old, target) in revisions.old.iter_mut().zip(targets.old) {
@@ -638,15 +661,22 @@ impl<S: WorkloadStore> Controller<S> {
             None => Vec::new(),
         };
         status.observed_generation = workload.metadata.generation;
-        let condition = match unschedulable {
-            None => Condition {
+        let condition = match (host_conflict, unschedulable) {
+            (Some(message), _) => Condition {
+                type_: SCHEDULED.into(),
+                status: "False".into(),
+                reason: "HostConflict".into(),
+                message: message.to_string(),
+                last_transition_time: String::new(),
+            },
+            (None, None) => Condition {
                 type_: SCHEDULED.into(),
                 status: "True".into(),
                 reason: "AllReplicasScheduled".into(),
                 message: format!("{} of {desired} replicas placed", status.updated_replicas),
                 last_transition_time: String::new(),
             },
-            Some((count, message)) => Condition {
+            (None, Some((count, message))) => Condition {
                 type_: SCHEDULED.into(),
                 status: "False".into(),
                 reason: "Unschedulable".into(),
@@ -727,6 +757,7 @@ fn placements_of(workload: &Workload) -> &BTreeMap<String, u64> {
 }
 
 mod conditions;
+mod hosts;
 mod queue;
 mod rollout;
 mod run;

@@ -158,3 +158,88 @@ fn http_workloads_serve_through_every_agent_and_show_their_endpoints() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_host_belongs_to_the_namespace_that_claimed_it_first() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let agent = Agent::start(&url, "node-1");
+    agent.process.wait_line("connected to the control plane");
+    let hello = support::example("guests/http/hello.wasm");
+    let echo = support::example("guests/http/echo.wasm");
+    let apply = |name: &str, yaml: String| {
+        let path = data.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).expect("write manifest");
+        flotilla(&[
+            "--server",
+            &url,
+            "apply",
+            "-f",
+            path.to_str().expect("utf-8"),
+        ])
+    };
+    let manifest = |namespace: &str, name: &str, module: &str, prefix: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\n\
+             metadata:\n  name: {name}\n  namespace: {namespace}\n\
+             spec:\n  module:\n    path: {module}\n  http:\n    host: shop.example.com\n\
+             \x20   pathPrefix: {prefix}\n"
+        )
+    };
+    apply("shop", manifest("team-a", "shop", &hello, "/"));
+    wait_for(&url, "team-a/shop", "ready", |o| ready(o) == 1);
+    // Another tenant claims the same host with a longer prefix, which would win its requests.
+    apply("thief", manifest("team-b", "thief", &echo, "/api"));
+    let thief = wait_for(&url, "team-b/thief", "a HostConflict", |o| {
+        o["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["reason"] == "HostConflict"))
+    });
+    assert_eq!(thief["status"]["replicas"], 0, "{thief}");
+    let conflict = thief["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["reason"] == "HostConflict"))
+        .expect("condition");
+    assert!(
+        conflict["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("belongs to namespace team-a (workload shop)")),
+        "{conflict}"
+    );
+    let events = flotilla(&[
+        "--server", &url, "describe", "workload", "thief", "-n", "team-b",
+    ]);
+    assert!(events.contains("HostConflict"), "{events}");
+    // The owner's requests stay the owner's.
+    let get = |path: &str| {
+        block_on(flotilla_tests::http::request(
+            agent.ingress,
+            "GET",
+            "shop.example.com",
+            path,
+            Vec::new(),
+        ))
+        .expect("response")
+    };
+    let answer = get("/api/orders");
+    assert_eq!(
+        (answer.status, answer.text()),
+        (200, "Hello from Flotilla\n".into())
+    );
+
+    // Once the owner is gone, the host passes to the next claim.
+    flotilla(&[
+        "--server", &url, "delete", "workload", "shop", "-n", "team-a",
+    ]);
+    wait_for(&url, "team-b/thief", "ready", |o| ready(o) == 1);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let answer = get("/api/orders");
+        if answer.status == 200 && answer.text().contains("\"path\":\"/api/orders\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", answer.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -319,8 +319,10 @@ impl Kubectl {
 }
 
 /// Polls `get workload NAME -o json` until `done` holds, and returns that object.
+/// Polls workload `name` (`namespace/name` outside `default`) until `done`.
 pub fn wait_for(server: &str, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let (namespace, name) = name.split_once('/').unwrap_or(("default", name));
     loop {
         let object: Value = serde_json::from_str(&flotilla(&[
             "--server",
@@ -328,6 +330,8 @@ pub fn wait_for(server: &str, name: &str, what: &str, done: impl Fn(&Value) -> b
             "get",
             "workloads",
             name,
+            "-n",
+            namespace,
             "-o",
             "json",
         ]))
