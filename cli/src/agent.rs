@@ -5,14 +5,39 @@ use flotilla_proto::agent::v1::{
     GetCapacityRequest, ListSandboxesRequest, LogsRequest, SandboxPhase, SandboxStatus,
     StopWorkloadRequest,
 };
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::{Output, endpoint};
 
-async fn connect(agent: &str) -> anyhow::Result<AgentAdminClient<Channel>> {
+/// A client of the admin API that sends `--agent-token-file`'s token, when given.
+type AdminClient = AgentAdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds the admin token to every request.
+#[derive(Clone)]
+struct BearerToken(Option<String>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            flotilla_proto::auth::insert_bearer(&mut request, token);
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(agent: &str) -> anyhow::Result<AdminClient> {
+    let file = crate::AGENT_TOKEN_FILE.get().and_then(Option::as_deref);
+    let token = flotilla_proto::auth::load_token(None, file).map_err(|e| {
+        anyhow::anyhow!(
+            "--agent-token-file: {}",
+            flotilla_telemetry::error_chain(&e)
+        )
+    })?;
     crate::channel(agent)
         .await
-        .map(AgentAdminClient::new)
+        .map(|channel| AgentAdminClient::with_interceptor(channel, BearerToken(token)))
         .map_err(|e| anyhow::anyhow!("cannot reach the agent at {}: {e}", endpoint(agent)))
 }
 

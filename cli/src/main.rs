@@ -41,6 +41,9 @@ struct Cli {
     /// The CA that signs an `https://` control plane's certificate (default: the webpki roots).
     #[arg(long, env = "FLOTILLA_TLS_CA_FILE", global = true)]
     tls_ca_file: Option<std::path::PathBuf>,
+    /// A file holding the agent's admin token, for an agent started with --admin-token-file.
+    #[arg(long, env = "FLOTILLA_AGENT_TOKEN_FILE", global = true)]
+    agent_token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -234,6 +237,7 @@ enum Output {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = TLS_CA_FILE.set(cli.tls_ca_file.clone());
+    let _ = AGENT_TOKEN_FILE.set(cli.agent_token_file.clone());
     flotilla_telemetry::init("flotilla");
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -366,6 +370,10 @@ fn config_kind(resource: Resource) -> ConfigKind {
 /// Adds `http://` when an address has no scheme.
 /// Where `--tls-ca-file` points, set once at startup for every connection.
 static TLS_CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Where `--agent-token-file` points, set once at startup for every agent connection.
+static AGENT_TOKEN_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> =
+    std::sync::OnceLock::new();
 
 /// A channel to `address`, with TLS for `https://` (trusting `--tls-ca-file` or the webpki
 /// roots).

@@ -8,7 +8,7 @@ use flotilla_proto::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer
 use flotilla_proto::agent::v1::{
     Capacity, GetCapacityRequest, ListSandboxesRequest, ListSandboxesResponse, LogChunk,
     LogsRequest, RunWorkloadRequest, RunWorkloadResponse, SandboxStatus, StopWorkloadRequest,
-    StopWorkloadResponse, WatchRequest,
+    StopWorkloadResponse, WatchRequest, WorkloadSpec, volume,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -18,6 +18,64 @@ use tonic::{Request, Response, Status};
 
 use crate::runtime::logs::LogBuffer;
 use crate::supervisor::{ApplyError, Supervisor};
+
+/// Lets `request` through when the agent has no admin token or the request carries it.
+///
+/// # Errors
+/// `UNAUTHENTICATED` otherwise.
+pub(crate) fn authenticate(
+    request: Request<()>,
+    expected: Option<&str>,
+) -> Result<Request<()>, Status> {
+    let Some(expected) = expected else {
+        return Ok(request);
+    };
+    match flotilla_proto::auth::check_bearer(&request, expected) {
+        Ok(()) => Ok(request),
+        Err(flotilla_proto::auth::BearerError::Missing) => Err(Status::unauthenticated(
+            "this agent's admin API requires a token; pass --agent-token-file to flotilla",
+        )),
+        Err(flotilla_proto::auth::BearerError::Invalid) => {
+            Err(Status::unauthenticated("invalid admin token"))
+        }
+    }
+}
+
+/// Why `spec` cannot run through the admin API, if it cannot. Workloads run here are the
+/// node's own, as a kubelet's static pods are: they may not refer to ConfigMaps or Secrets
+/// (whose namespace they would name at will), join another workload's route (`owner`), or
+/// take the name of a workload the control plane placed here.
+fn local_workload_problem(spec: &WorkloadSpec) -> Option<String> {
+    if is_placed_name(&spec.name) {
+        return Some(format!(
+            "name {:?}: names with '.' are the control plane's; use a name without dots",
+            spec.name
+        ));
+    }
+    if !spec.owner.is_empty() {
+        return Some("owner: set only by the control plane".into());
+    }
+    if !spec.namespace.is_empty() {
+        return Some("namespace: set only by the control plane".into());
+    }
+    let refers = !spec.env_from.is_empty()
+        || spec.env.iter().any(|e| e.value_from.is_some())
+        || spec
+            .volumes
+            .iter()
+            .any(|v| matches!(v.source, Some(volume::Source::Config(_))));
+    refers.then(|| {
+        "env and volumes from ConfigMaps or Secrets: only for workloads of the control plane, \
+         which holds them"
+            .into()
+    })
+}
+
+/// Whether `name` is one the control plane gives the workloads it places
+/// (`<namespace>.<name>-<hash>`).
+fn is_placed_name(name: &str) -> bool {
+    name.contains('.')
+}
 
 /// Messages buffered per stream before the sender waits for the client.
 const STREAM_BUFFER: usize = 256;
@@ -65,6 +123,7 @@ impl AgentAdmin for AdminService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        local_workload_problem(&spec).map_or(Ok(()), |p| Err(Status::invalid_argument(p)))?;
         let applied = self.supervisor.apply(spec).await?;
         Ok(Response::new(RunWorkloadResponse {
             sha256: applied.digest,
@@ -77,6 +136,12 @@ impl AgentAdmin for AdminService {
         request: Request<StopWorkloadRequest>,
     ) -> Result<Response<StopWorkloadResponse>, Status> {
         let request = request.into_inner();
+        if is_placed_name(&request.name) {
+            return Err(Status::permission_denied(format!(
+                "{}: placed by the control plane; delete it there",
+                request.name
+            )));
+        }
         let grace =
             (request.grace_period_ms > 0).then(|| Duration::from_millis(request.grace_period_ms));
         let stopped = self
@@ -208,6 +273,55 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    #[test]
+    fn local_workloads_refer_to_nothing_of_the_control_planes() {
+        use flotilla_proto::agent::v1::{ConfigRef, EnvFrom, EnvVar, KeyRef, Volume};
+        let ok = WorkloadSpec {
+            name: "debug".into(),
+            ..WorkloadSpec::default()
+        };
+        assert_eq!(local_workload_problem(&ok), None);
+        let cases = [
+            WorkloadSpec {
+                name: "default.web-1234".into(),
+                ..ok.clone()
+            },
+            WorkloadSpec {
+                owner: "default.web".into(),
+                ..ok.clone()
+            },
+            WorkloadSpec {
+                namespace: "team-a".into(),
+                ..ok.clone()
+            },
+            WorkloadSpec {
+                env_from: vec![EnvFrom {
+                    name: "db".into(),
+                    ..EnvFrom::default()
+                }],
+                ..ok.clone()
+            },
+            WorkloadSpec {
+                env: vec![EnvVar {
+                    name: "PASSWORD".into(),
+                    value_from: Some(KeyRef::default()),
+                    ..EnvVar::default()
+                }],
+                ..ok.clone()
+            },
+            WorkloadSpec {
+                volumes: vec![Volume {
+                    source: Some(volume::Source::Config(ConfigRef::default())),
+                    ..Volume::default()
+                }],
+                ..ok.clone()
+            },
+        ];
+        for spec in cases {
+            assert!(local_workload_problem(&spec).is_some(), "{spec:?}");
+        }
+    }
 
     #[test]
     fn apply_errors_map_to_the_grpc_codes_clients_act_on() {

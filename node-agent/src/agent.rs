@@ -137,6 +137,13 @@ impl Agent {
             ))
         });
         let service = AdminService::new(supervisor.clone()).into_server();
+        let admin_token = config.admin_token.clone();
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |request: tonic::Request<()>| {
+                crate::admin::authenticate(request, admin_token.as_deref())
+            },
+        );
         let token = shutdown.clone();
         servers.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()

@@ -16,9 +16,14 @@ use flotilla_model::parse_bytes;
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Address of the admin gRPC API.
+    /// Address of the admin gRPC API. Beyond loopback it needs --admin-token-file: the admin
+    /// API runs, stops and reads the logs of workloads on this node.
     #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// A file holding the token admin API clients must present (`authorization: Bearer`);
+    /// the CLI sends it from --agent-token-file.
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(
         long,
@@ -169,6 +174,8 @@ pub struct Args {
 pub struct Config {
     /// Admin gRPC address.
     pub listen: SocketAddr,
+    /// The token admin API clients must present, if any.
+    pub admin_token: Option<String>,
     /// Metrics address.
     pub metrics_listen: SocketAddr,
     /// The HTTP ingress, unless disabled.
@@ -306,8 +313,24 @@ impl TryFrom<Args> for Config {
                 message: format!("{url:?}: must be an http:// or https:// URL"),
             });
         }
+        let admin_token = flotilla_proto::auth::load_token(None, args.admin_token_file.as_deref())
+            .map_err(|error| ConfigError {
+                flag: "admin-token-file",
+                message: flotilla_telemetry::error_chain(&error),
+            })?;
+        if !args.listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(ConfigError {
+                flag: "listen",
+                message: format!(
+                    "{}: the admin API runs and stops workloads on this node; beyond loopback \
+                     it needs --admin-token-file",
+                    args.listen
+                ),
+            });
+        }
         Ok(Config {
             listen: args.listen,
+            admin_token,
             metrics_listen: args.metrics_listen,
             ingress: (!args.no_http_ingress).then_some(crate::ingress::IngressConfig {
                 listen: args.http_listen,
@@ -523,6 +546,24 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_admin_api_beyond_loopback_needs_a_token() {
+        let err = parse(&["--listen", "0.0.0.0:7070"]).expect_err("no token");
+        assert_eq!(err.flag, "listen");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").expect("write");
+        let config = parse(&[
+            "--listen",
+            "0.0.0.0:7070",
+            "--admin-token-file",
+            token.to_str().expect("utf-8"),
+        ])
+        .expect("valid");
+        assert_eq!(config.admin_token.as_deref(), Some("s3cret"));
+        assert!(parse(&[]).expect("valid").admin_token.is_none());
     }
 
     #[test]

@@ -183,6 +183,53 @@ async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
         err.message()
     );
 
+    // The admin API runs the node's own workloads: none that reads a namespace's Secrets,
+    // joins another workload's route or replaces or stops what the control plane placed.
+    for (spec, expected) in [
+        (
+            WorkloadSpec {
+                name: "peek".into(),
+                namespace: "team-a".into(),
+                env_from: vec![flotilla_proto::agent::v1::EnvFrom {
+                    name: "db-credentials".into(),
+                    ..Default::default()
+                }],
+                ..WorkloadSpec::default()
+            },
+            "namespace: set only by the control plane",
+        ),
+        (
+            WorkloadSpec {
+                name: "join".into(),
+                owner: "team-a.shop".into(),
+                ..WorkloadSpec::default()
+            },
+            "owner: set only by the control plane",
+        ),
+        (
+            WorkloadSpec {
+                name: "team-a.shop-1234".into(),
+                ..WorkloadSpec::default()
+            },
+            "names with '.' are the control plane's",
+        ),
+    ] {
+        let err = client
+            .run_workload(RunWorkloadRequest { spec: Some(spec) })
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(expected), "{}", err.message());
+    }
+    let err = client
+        .stop_workload(flotilla_proto::agent::v1::StopWorkloadRequest {
+            name: "team-a.shop-1234".into(),
+            grace_period_ms: 0,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
     let capacity = client
         .get_capacity(GetCapacityRequest {})
         .await

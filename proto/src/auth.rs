@@ -1,6 +1,7 @@
-//! The agent protocol's join token: agents send it as `authorization: Bearer <token>` on every
-//! call to `flotilla.control.v1.Agents`, and the control plane refuses calls without it when it
-//! has one configured.
+//! Bearer tokens: the agent protocol's join token (agents send it as
+//! `authorization: Bearer <token>` on every call to `flotilla.control.v1.Agents`, and the
+//! control plane refuses calls without it when it has one configured), and the agent admin
+//! API's token, when it listens beyond loopback.
 
 use std::path::{Path, PathBuf};
 
@@ -58,5 +59,53 @@ pub fn load_token(
 pub fn insert_bearer<T>(request: &mut tonic::Request<T>, token: &str) {
     if let Ok(value) = format!("Bearer {token}").parse() {
         request.metadata_mut().insert(AUTHORIZATION, value);
+    }
+}
+
+/// Why a request's bearer token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `authorization: Bearer ...` header.
+    Missing,
+    /// Another token.
+    Invalid,
+}
+
+/// Checks that `request` carries `authorization: Bearer <expected>`, comparing in time that
+/// depends only on the lengths.
+///
+/// # Errors
+/// [`BearerError`] when it does not.
+pub fn check_bearer<T>(request: &tonic::Request<T>, expected: &str) -> Result<(), BearerError> {
+    let presented = request
+        .metadata()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(BearerError::Missing)?;
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(BearerError::Invalid)
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        let mut request = tonic::Request::new(());
+        assert_eq!(check_bearer(&request, "s3cret"), Err(BearerError::Missing));
+        insert_bearer(&mut request, "s3cre");
+        assert_eq!(check_bearer(&request, "s3cret"), Err(BearerError::Invalid));
+        insert_bearer(&mut request, "s3cret");
+        assert_eq!(check_bearer(&request, "s3cret"), Ok(()));
     }
 }

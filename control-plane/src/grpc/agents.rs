@@ -9,6 +9,7 @@
 //! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
+use flotilla_proto::auth::BearerError;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -114,21 +115,13 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
         let Some(expected) = &self.join_token else {
             return Ok(());
         };
-        let presented = request
-            .metadata()
-            .get(flotilla_proto::auth::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "this control plane requires a join token; start the agent with \
-                     --join-token-file or FLOTILLA_JOIN_TOKEN",
-                )
-            })?;
-        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            return Err(Status::unauthenticated("invalid join token"));
-        }
-        Ok(())
+        flotilla_proto::auth::check_bearer(request, expected).map_err(|error| match error {
+            BearerError::Missing => Status::unauthenticated(
+                "this control plane requires a join token; start the agent with \
+                 --join-token-file or FLOTILLA_JOIN_TOKEN",
+            ),
+            BearerError::Invalid => Status::unauthenticated("invalid join token"),
+        })
     }
 
     /// Wraps the service for a tonic server.
@@ -464,9 +457,4 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         // Ending the call tells a following agent to stop.
         Ok(Response::new(UploadLogsResponse {}))
     }
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

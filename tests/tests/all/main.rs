@@ -3,6 +3,7 @@
 //! processes (see `support`); the Kubernetes ones talk to a fake API server, or, when run with
 //! `--ignored`, to a real cluster (`kind`).
 
+mod admin;
 mod chart;
 mod cluster;
 mod config;
