@@ -45,6 +45,11 @@ pub const DEFAULT_LOG_BYTES: u64 = 64 << 10;
 /// hold more than this (Kubernetes rotates a container's log at 10 MiB by default).
 pub const MAX_LOG_BYTES: u64 = 16 << 20;
 
+/// Largest object the control plane stores: a workload's manifest, or the data of one
+/// ConfigMap or Secret (keys and values), as Kubernetes bounds ConfigMaps and Secrets. Every
+/// object is sent to agents, so one tenant's object may not crowd others off the session.
+pub const MAX_OBJECT_BYTES: usize = 1 << 20;
+
 /// A `WasmWorkload`: desired state (`spec`) and observed state (`status`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

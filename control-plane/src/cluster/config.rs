@@ -127,6 +127,7 @@ impl NodeConfigState {
                 objects: self.sent.values().map(|o| (**o).clone()).collect(),
                 incremental: false,
                 removed: vec![],
+                continued: false,
             });
         }
         let removed: Vec<ConfigObjectKey> = self
@@ -145,6 +146,7 @@ impl NodeConfigState {
             objects,
             incremental: true,
             removed,
+            continued: false,
         })
     }
 }

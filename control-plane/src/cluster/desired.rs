@@ -240,6 +240,7 @@ impl Index {
                         workloads,
                         incremental: true,
                         removed,
+                        continued: false,
                     }));
                 }
                 None if entry.workloads.is_empty() => {
@@ -258,6 +259,7 @@ impl NodeEntry {
             workloads: self.workloads.values().flatten().cloned().collect(),
             incremental: false,
             removed: vec![],
+            continued: false,
         }
     }
 }

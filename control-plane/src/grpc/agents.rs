@@ -312,7 +312,10 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                             }
                         }
                     };
-                    for kind in messages {
+                    let parts = messages
+                        .into_iter()
+                        .flat_map(|kind| super::chunks::split(kind, super::chunks::PART_BYTES));
+                    for kind in parts {
                         let message = ControlMessage { kind: Some(kind) };
                         if tx.send(Ok(message)).await.is_err() {
                             return; // The agent has gone.

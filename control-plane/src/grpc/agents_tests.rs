@@ -12,6 +12,7 @@ use flotilla_proto::control::v1::{
     NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts, WorkloadLogsRequest,
     agent_message, control_message, log_upload,
 };
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -399,6 +400,46 @@ async fn the_desired_set_comes_whole_then_as_deltas() {
     assert!(removed.incremental && removed.workloads.is_empty());
     assert_eq!(removed.removed.len(), 1);
     assert!(removed.removed[0].starts_with("default.api-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_set_larger_than_a_message_comes_in_parts() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    assert!(a.next_desired().await.workloads.is_empty());
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    // Ten workloads of 600 KB each: 6 MB, more than one part (4 MiB).
+    let arg = "x".repeat(600_000);
+    for i in 0..10 {
+        apply_spec(
+            &mut cluster,
+            &format!("big-{i}"),
+            &sha,
+            &format!("args: [\"{arg}\"]"),
+        )
+        .await;
+    }
+    let mut seen = 0;
+    while seen < 10 {
+        seen += a.next_desired().await.workloads.len();
+    }
+    // The agent reconnects: its new session opens with the node's complete set, in parts.
+    drop(a);
+    let mut again = FakeAgent::join(&mut cluster, "node-a").await;
+    let mut parts = Vec::new();
+    loop {
+        let part = again.next_desired().await;
+        assert!(!part.incremental);
+        assert!(part.encoded_len() <= 4 << 20, "{}", part.encoded_len());
+        let continued = part.continued;
+        parts.push(part);
+        if !continued {
+            break;
+        }
+    }
+    assert!(parts.len() >= 2, "{} part(s)", parts.len());
+    let total: usize = parts.iter().map(|p| p.workloads.len()).sum();
+    assert_eq!(total, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! conversions to and from the model live in [`convert`].
 
 pub(crate) mod agents;
+mod chunks;
 pub(crate) mod convert;
 pub(crate) mod server;
 

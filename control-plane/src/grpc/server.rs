@@ -90,7 +90,15 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<WorkloadObject>, Status> {
-        let workload = parse_manifest(&request.into_inner().manifest)
+        let manifest = request.into_inner().manifest;
+        if manifest.len() > crate::model::MAX_OBJECT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "invalid workload: the manifest is {} bytes, over the limit of {} (1 MiB)",
+                manifest.len(),
+                crate::model::MAX_OBJECT_BYTES
+            )));
+        }
+        let workload = parse_manifest(&manifest)
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
         workload
             .validate()

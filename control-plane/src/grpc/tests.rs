@@ -202,6 +202,20 @@ async fn bad_manifests_get_the_error_the_user_needs_and_change_nothing() {
             Code::InvalidArgument,
             "invalid workload",
         ),
+        (
+            // Every object goes to agents: one may not crowd others off their sessions.
+            "over 1 MiB",
+            manifest(
+                "f",
+                &sha,
+                &format!(
+                    "  args: [\"{}\"]\n",
+                    "x".repeat(crate::model::MAX_OBJECT_BYTES)
+                ),
+            ),
+            Code::InvalidArgument,
+            "over the limit of 1048576 (1 MiB)",
+        ),
     ];
     for (case, manifest, code, needle) in cases {
         let err = h

@@ -128,6 +128,13 @@ impl ConfigStore {
             .map_err(|m| ConfigError::Invalid(format!("name: {m}")))?;
         flotilla_model::validate_name(&key.namespace)
             .map_err(|m| ConfigError::Invalid(format!("namespace: {m}")))?;
+        let size: usize = object.data.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > flotilla_model::MAX_OBJECT_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "data: {size} bytes, over the limit of {} (1 MiB, as Kubernetes)",
+                flotilla_model::MAX_OBJECT_BYTES
+            )));
+        }
         if let Some(bad) = object
             .data
             .keys()
@@ -248,6 +255,12 @@ mod tests {
         assert!(matches!(
             store.apply(bad, false).await,
             Err(ConfigError::Invalid(_))
+        ));
+        // Over 1 MiB of data, as Kubernetes refuses it: every object goes to agents.
+        let huge = object("huge", &"x".repeat(flotilla_model::MAX_OBJECT_BYTES));
+        assert!(matches!(
+            store.apply(huge, false).await,
+            Err(ConfigError::Invalid(message)) if message.contains("over the limit")
         ));
         store
             .apply(object("other", "c"), false)

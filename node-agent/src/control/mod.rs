@@ -16,9 +16,9 @@ use std::time::Duration;
 use flotilla_proto::agent::v1::{ModuleSource, SandboxPhase, module_source};
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest, Heartbeat,
-    Hello, LogUpload, LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent, StreamLogs,
-    WorkloadCounts, agent_message, control_message, log_upload,
+    AgentMessage, ConfigObjects, ControlMessage, DesiredState, DesiredWorkload, FetchModuleRequest,
+    Heartbeat, Hello, LogUpload, LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent,
+    StreamLogs, WorkloadCounts, agent_message, control_message, log_upload,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -131,6 +131,42 @@ pub async fn run(config: ControlConfig, supervisor: Supervisor, shutdown: Cancel
     }
 }
 
+/// The parts of complete sets that continue in a later message (`continued`): the control
+/// plane splits a large set to stay within message limits, and it applies once whole.
+#[derive(Default)]
+struct ContinuedParts {
+    desired: Vec<DesiredWorkload>,
+    config: Vec<flotilla_proto::agent::v1::ConfigObject>,
+}
+
+impl ContinuedParts {
+    /// `desired`, whole: `None` while the set continues.
+    fn desired(&mut self, mut desired: DesiredState) -> Option<DesiredState> {
+        if desired.incremental {
+            return Some(desired);
+        }
+        self.desired.append(&mut desired.workloads);
+        if desired.continued {
+            return None;
+        }
+        desired.workloads = std::mem::take(&mut self.desired);
+        Some(desired)
+    }
+
+    /// `config`, whole: `None` while the set continues.
+    fn config(&mut self, mut config: ConfigObjects) -> Option<ConfigObjects> {
+        if config.incremental {
+            return Some(config);
+        }
+        self.config.append(&mut config.objects);
+        if config.continued {
+            return None;
+        }
+        config.objects = std::mem::take(&mut self.config);
+        Some(config)
+    }
+}
+
 /// What the agent remembers across sessions.
 #[derive(Default)]
 struct AgentState {
@@ -224,6 +260,8 @@ async fn session(
     let early = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(early);
     let mut early_pending = false;
+    // Parts of a complete set that continues in the next message; this session's alone.
+    let mut parts = ContinuedParts::default();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -248,14 +286,20 @@ async fn session(
             }
             () = sleep_until(state.next_fetch()) => {
                 let due = state.due_fetches();
-                let retry = DesiredState { workloads: due, incremental: true, removed: vec![] };
+                let retry = DesiredState {
+                    workloads: due,
+                    incremental: true,
+                    ..DesiredState::default()
+                };
                 apply_desired(&mut client, supervisor, state, retry).await;
             }
             message = down.next() => match message {
                 None => return Err(SessionError::Closed),
                 Some(Err(status)) => return Err(SessionError::Rpc(status)),
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Desired(desired)) })) => {
-                    apply_desired(&mut client, supervisor, state, desired).await;
+                    if let Some(desired) = parts.desired(desired) {
+                        apply_desired(&mut client, supervisor, state, desired).await;
+                    }
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Routes(routes)) })) => {
                     supervisor
@@ -264,6 +308,9 @@ async fn session(
                         .set_remote(routes.routes, &config.ingress_url);
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Config(config)) })) => {
+                    let Some(config) = parts.config(config) else {
+                        continue;
+                    };
                     let removed = config
                         .removed
                         .into_iter()
@@ -521,5 +568,69 @@ fn heartbeat(supervisor: &Supervisor, state: &mut AgentState) -> AgentMessage {
             workloads,
             events,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::agent::v1::{ConfigObject, WorkloadSpec};
+
+    use super::*;
+
+    fn workload(name: &str) -> DesiredWorkload {
+        DesiredWorkload {
+            spec: Some(WorkloadSpec {
+                name: name.into(),
+                ..WorkloadSpec::default()
+            }),
+            ..DesiredWorkload::default()
+        }
+    }
+
+    fn names(desired: &DesiredState) -> Vec<String> {
+        desired
+            .workloads
+            .iter()
+            .filter_map(|w| w.spec.as_ref().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_complete_set_in_parts_applies_once_whole() {
+        let mut parts = ContinuedParts::default();
+        let part = |names: &[&str], continued| DesiredState {
+            workloads: names.iter().map(|n| workload(n)).collect(),
+            incremental: false,
+            removed: Vec::new(),
+            continued,
+        };
+        assert!(parts.desired(part(&["a", "b"], true)).is_none());
+        assert!(parts.desired(part(&["c"], true)).is_none());
+        let whole = parts.desired(part(&["d"], false)).expect("whole");
+        assert_eq!(names(&whole), ["a", "b", "c", "d"]);
+        assert!(!whole.incremental);
+        // Deltas pass as they are, and the next complete set starts afresh.
+        let delta = DesiredState {
+            workloads: vec![workload("e")],
+            incremental: true,
+            ..DesiredState::default()
+        };
+        assert_eq!(names(&parts.desired(delta).expect("delta")), ["e"]);
+        assert_eq!(
+            names(&parts.desired(part(&["f"], false)).expect("whole")),
+            ["f"]
+        );
+
+        let config = |name: &str, continued| ConfigObjects {
+            objects: vec![ConfigObject {
+                name: name.into(),
+                ..ConfigObject::default()
+            }],
+            continued,
+            ..ConfigObjects::default()
+        };
+        assert!(parts.config(config("x", true)).is_none());
+        let whole = parts.config(config("y", false)).expect("whole");
+        assert_eq!(whole.objects.len(), 2);
     }
 }

@@ -164,6 +164,9 @@ pub struct ConfigObjects {
     pub incremental: bool,
     #[prost(message, repeated, tag = "3")]
     pub removed: ::prost::alloc::vec::Vec<ConfigObjectKey>,
+    /// Set on every message of a complete set but its last, as for `DesiredState`.
+    #[prost(bool, tag = "4")]
+    pub continued: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConfigObjectKey {
@@ -209,6 +212,10 @@ pub struct DesiredState {
     /// Agent workload names (`spec.name`) that should no longer run on the node.
     #[prost(string, repeated, tag = "3")]
     pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Set on every message of a complete set but its last: a large set is split to stay within
+    /// message limits, and the agent applies it once the last part has arrived.
+    #[prost(bool, tag = "4")]
+    pub continued: bool,
 }
 /// Asks the agent to open UploadLogs for one sandbox's output.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

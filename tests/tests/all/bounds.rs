@@ -1,0 +1,77 @@
+//! Bounds on what tenants send, across real processes: no object over 1 MiB is stored, and a
+//! node whose workloads add up to more than one gRPC message (70 MiB) runs all of them. How a
+//! complete set that large is split is tested on the protocol itself, in the control plane's
+//! `agents_tests`.
+
+use support::{Agent, ControlPlane, flotilla, ready, running_sandboxes, try_flotilla, wait_for};
+
+use crate::support;
+
+/// Workloads of nearly 1 MiB each, 70 MiB together: more than one message takes (65 MiB).
+const WORKLOADS: usize = 70;
+const ARG_BYTES: usize = 1_000_000;
+
+#[test]
+fn a_node_gets_every_workload_however_large_its_desired_set_grows() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let agent = Agent::start(&url, "node-1");
+    agent.process.wait_line("connected to the control plane");
+    let guest = support::example("guests/idle.wasm");
+    let arg = "x".repeat(ARG_BYTES);
+    let manifest: String = (0..WORKLOADS)
+        .map(|i| {
+            format!(
+                "---\napiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\n\
+                 metadata: {{name: big-{i}}}\n\
+                 spec: {{module: {{path: {guest}}}, args: [\"{arg}\"]}}\n"
+            )
+        })
+        .collect();
+    let path = data.path().join("big.yaml");
+    std::fs::write(&path, manifest).expect("write manifest");
+    flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "-f",
+        path.to_str().expect("utf-8"),
+    ]);
+    let last = format!("big-{}", WORKLOADS - 1);
+    wait_for(&url, &last, "running", |o| ready(o) == 1);
+    for i in 0..WORKLOADS {
+        wait_for(&url, &format!("big-{i}"), "running", |o| ready(o) == 1);
+    }
+
+    let nodes = flotilla(&["--server", &url, "get", "nodes"]);
+    assert!(
+        nodes.contains("Ready") && !nodes.contains("NotReady"),
+        "{nodes}"
+    );
+    assert_eq!(running_sandboxes(agent.admin).len(), WORKLOADS);
+
+    // One object over 1 MiB is refused at apply, with nothing stored.
+    let huge = data.path().join("huge.yaml");
+    std::fs::write(
+        &huge,
+        format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: huge}}\n\
+             spec: {{module: {{path: {guest}}}, args: [\"{}\"]}}\n",
+            "x".repeat(2 * ARG_BYTES)
+        ),
+    )
+    .expect("write manifest");
+    let (ok, _, stderr) = try_flotilla(&[
+        "--server",
+        &url,
+        "apply",
+        "-f",
+        huge.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("over the limit of 1048576 (1 MiB)"),
+        "{stderr}"
+    );
+}
