@@ -69,6 +69,11 @@ struct Args {
         value_parser = flotilla_model::network::parse_denied_range
     )]
     fetch_deny: Vec<ipnet::IpNet>,
+    /// With --store kubernetes: the namespaces whose ConfigMaps and Secrets sandboxes may use,
+    /// so that the control plane needs read access to those alone (namespaced Roles); every
+    /// namespace's (cluster-wide read access) when not given.
+    #[arg(long, env = "FLOTILLA_CONFIG_NAMESPACES", value_delimiter = ',')]
+    config_namespaces: Vec<String>,
     /// Where desired state is kept.
     #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -153,6 +158,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
             instance: identity.clone(),
+            config_namespaces: args.config_namespaces.clone(),
         },
     };
     let mut leadership = None;

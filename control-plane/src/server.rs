@@ -32,6 +32,9 @@ pub enum StoreBackend {
         client: kube::Client,
         /// This replica's name in Events (the pod name).
         instance: String,
+        /// The namespaces whose ConfigMaps and Secrets sandboxes may use; every namespace's
+        /// (with cluster-wide read access) when empty.
+        config_namespaces: Vec<String>,
     },
 }
 
@@ -101,7 +104,11 @@ impl ControlPlane {
                 let config_path = config.data_dir.join("config.redb");
                 Self::start_with(config, store, modules, Some(config_path)).await
             }
-            StoreBackend::Kubernetes { client, instance } => {
+            StoreBackend::Kubernetes {
+                client,
+                instance,
+                config_namespaces,
+            } => {
                 let store = KubeStore::start(client.clone());
                 let control_plane =
                     Self::start_with(config.clone(), store.clone(), modules, None).await?;
@@ -116,6 +123,7 @@ impl ControlPlane {
                 cluster.tasks.spawn(kubernetes::config::publish(
                     client.clone(),
                     cluster.clone(),
+                    config_namespaces,
                     stopped(),
                 ));
                 cluster.tasks.spawn(kubernetes::events::publish(

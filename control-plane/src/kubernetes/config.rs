@@ -91,26 +91,55 @@ fn convert<K>(event: watcher::Event<K>, to: fn(K) -> ConfigObject) -> watcher::E
     }
 }
 
-/// Watches every ConfigMap and Secret and publishes the set to `cluster` after the initial
-/// lists and after each change, until `stopped` completes.
+/// Watches the ConfigMaps and Secrets of `namespaces` (of every namespace when empty, which
+/// needs cluster-wide read access) and publishes the set to `cluster` after the initial lists
+/// and after each change, until `stopped` completes.
 pub async fn publish(
     client: kube::Client,
     cluster: Arc<Cluster>,
+    namespaces: Vec<String>,
     stopped: impl Future<Output = ()>,
 ) {
-    let config_maps = watcher::watcher(
-        Api::<ConfigMap>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|event| event.map(|e| (ConfigKind::ConfigMap, convert(e, from_config_map))));
-    let secrets = watcher::watcher(Api::<Secret>::all(client), watcher::Config::default())
-        .default_backoff()
-        .map(|event| event.map(|e| (ConfigKind::Secret, convert(e, from_secret))));
-    let mut events = std::pin::pin!(futures::stream::select(config_maps, secrets));
-    // Per kind: the objects, and those of a relist in progress, which replace them when it ends.
-    let mut known: BTreeMap<ConfigKind, ConfigObjectsByKey> = BTreeMap::new();
-    let mut relisting: BTreeMap<ConfigKind, ConfigObjectsByKey> = BTreeMap::new();
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let mut streams = Vec::new();
+    for (index, scope) in scopes.iter().enumerate() {
+        let (config_maps, secrets) = match scope {
+            Some(namespace) => (
+                Api::<ConfigMap>::namespaced(client.clone(), namespace),
+                Api::<Secret>::namespaced(client.clone(), namespace),
+            ),
+            None => (
+                Api::<ConfigMap>::all(client.clone()),
+                Api::<Secret>::all(client.clone()),
+            ),
+        };
+        streams.push(
+            watcher::watcher(config_maps, watcher::Config::default())
+                .default_backoff()
+                .map(move |event| {
+                    event.map(|e| ((ConfigKind::ConfigMap, index), convert(e, from_config_map)))
+                })
+                .boxed(),
+        );
+        streams.push(
+            watcher::watcher(secrets, watcher::Config::default())
+                .default_backoff()
+                .map(move |event| {
+                    event.map(|e| ((ConfigKind::Secret, index), convert(e, from_secret)))
+                })
+                .boxed(),
+        );
+    }
+    let watches = streams.len();
+    let mut events = futures::stream::select_all(streams);
+    // Per watch (a kind in a scope): the objects, and those of a relist in progress, which
+    // replace them when it ends.
+    let mut known: BTreeMap<(ConfigKind, usize), ConfigObjectsByKey> = BTreeMap::new();
+    let mut relisting: BTreeMap<(ConfigKind, usize), ConfigObjectsByKey> = BTreeMap::new();
     let mut synced = std::collections::BTreeSet::new();
     tokio::pin!(stopped);
     loop {
@@ -129,15 +158,12 @@ pub async fn publish(
         let changed = match event {
             watcher::Event::Apply(object) => {
                 let key = ConfigKey::of(&object);
-                known
-                    .entry(key.kind)
-                    .or_default()
-                    .insert(key, Arc::new(object));
+                known.entry(kind).or_default().insert(key, Arc::new(object));
                 true
             }
             watcher::Event::Delete(object) => {
                 let key = ConfigKey::of(&object);
-                known.entry(key.kind).or_default().remove(&key);
+                known.entry(kind).or_default().remove(&key);
                 true
             }
             watcher::Event::Init => {
@@ -158,8 +184,9 @@ pub async fn publish(
                 true
             }
         };
-        // Nothing is published until both kinds are listed: agents would drop what is missing.
-        if changed && synced.len() == 2 {
+        // Nothing is published until every watch has listed: agents would drop what is
+        // missing.
+        if changed && synced.len() == watches {
             cluster.config.publish(
                 known
                     .values()
@@ -213,9 +240,14 @@ mod tests {
         .expect("secret");
         let cluster = Arc::new(Cluster::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(publish(fake_client(&api), cluster.clone(), async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(publish(
+            fake_client(&api),
+            cluster.clone(),
+            Vec::new(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
 
         wait(&cluster, "both objects", |set| set.len() == 2).await;
         let set = cluster.config.current();
@@ -239,6 +271,54 @@ mod tests {
             .await
             .expect("delete");
         wait(&cluster, "the deletion", |set| set.len() == 1).await;
+        let _ = stop.send(());
+        task.await.expect("stops");
+    }
+
+    #[tokio::test]
+    async fn with_namespaces_given_only_theirs_are_read() {
+        let api = FakeApiServer::start().await;
+        for namespace in ["team-a", "team-b", "kube-system"] {
+            api.apply_object(
+                &format!("/api/v1/namespaces/{namespace}/secrets"),
+                json!({"apiVersion": "v1", "kind": "Secret",
+                       "metadata": {"name": "creds", "namespace": namespace},
+                       "data": {"password": "czNjcmV0"}}),
+            )
+            .await
+            .expect("secret");
+        }
+        let before = api.requests().len();
+        let cluster = Arc::new(Cluster::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(publish(
+            fake_client(&api),
+            cluster.clone(),
+            vec!["team-a".into(), "team-b".into()],
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        wait(&cluster, "both namespaces' secrets", |set| set.len() == 2).await;
+        let namespaces: Vec<String> = cluster
+            .config
+            .current()
+            .values()
+            .map(|o| o.namespace.clone())
+            .collect();
+        assert_eq!(namespaces, ["team-a", "team-b"]);
+        // Nothing was asked of the API beyond those namespaces.
+        let paths: Vec<String> = api.requests()[before..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect();
+        assert!(
+            paths
+                .iter()
+                .filter(|p| p.contains("secrets") || p.contains("configmaps"))
+                .all(|p| p.contains("/namespaces/team-a/") || p.contains("/namespaces/team-b/")),
+            "{paths:#?}"
+        );
         let _ = stop.send(());
         task.await.expect("stops");
     }

@@ -238,6 +238,22 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         all.contains("--node-labels=flotilla.dev/pool=wasm,tier=edge"),
         "{all}"
     );
+    // Secrets of the listed namespaces only: a Role in each, none cluster-wide.
+    assert!(all.contains("--config-namespaces=team-a,team-b"), "{all}");
+    for namespace in ["team-a", "team-b"] {
+        assert!(
+            all.contains(&format!(
+                "name: flotilla-max-config\n  namespace: {namespace}"
+            )),
+            "no Role in {namespace}"
+        );
+    }
+    let cluster_role = all
+        .split("\n---")
+        .find(|doc| doc.contains("kind: ClusterRole\n") && doc.contains("wasmworkloads"))
+        .expect("the control plane's ClusterRole");
+    assert!(!cluster_role.contains("secrets"), "{cluster_role}");
+    assert!(default.contains("resources: [\"configmaps\", \"secrets\"]"));
     // With an existing Secret the chart generates none and both components read that one.
     assert!(!kinds.iter().any(|k| k == "Secret"), "{kinds:?}");
     assert_eq!(
