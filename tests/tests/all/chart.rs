@@ -10,6 +10,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -100,6 +101,7 @@ fn parse_render(rendered: &str) -> Vec<String> {
             "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc),
             "Role" => check::<Role>(&doc),
             "RoleBinding" => check::<RoleBinding>(&doc),
+            "NetworkPolicy" => check::<NetworkPolicy>(&doc),
             "Deployment" => check::<Deployment>(&doc),
             "DaemonSet" => check::<DaemonSet>(&doc),
             "Service" => check::<Service>(&doc),
@@ -144,6 +146,7 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "CustomResourceDefinition",
         "DaemonSet",
         "Deployment",
+        "NetworkPolicy",
         "Secret",
         "Service",
         "ServiceAccount",
@@ -189,6 +192,14 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         !default.contains("livenessProbe"),
         "a standby would fail it"
     );
+    // The agents admit their ingress and metrics ports, never the admin API's.
+    let agent_policy = default
+        .split("\n---")
+        .find(|doc| doc.contains("kind: NetworkPolicy") && doc.contains("node-agent"))
+        .expect("the agents' NetworkPolicy");
+    assert!(agent_policy.contains("port: 8080"), "{agent_policy}");
+    assert!(agent_policy.contains("port: 9090"), "{agent_policy}");
+    assert!(!agent_policy.contains("7070"), "{agent_policy}");
 
     // The embedded store keeps one writer: Recreate, a liveness probe, no Lease.
     let embedded = helm(&[
