@@ -22,10 +22,14 @@ use tonic::transport::Channel;
 use crate::output::{print_logs, print_structured};
 use crate::{Output, endpoint};
 
+/// The largest answer the CLI reads: a list holds whole objects (each up to 1 MiB), and the
+/// user API does not page lists yet.
+const MAX_ANSWER_BYTES: usize = 256 << 20;
+
 pub(crate) async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
     crate::channel(server)
         .await
-        .map(WorkloadsClient::new)
+        .map(|channel| WorkloadsClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES))
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach the control plane at {}: {e}",
