@@ -15,81 +15,100 @@ pub(crate) const PART_BYTES: usize = 4 << 20;
 /// `kind` as one or more messages of at most about `limit` bytes each.
 pub(crate) fn split(kind: Kind, limit: usize) -> Vec<Kind> {
     match kind {
-        Kind::Desired(desired) if desired.encoded_len() > limit => split_desired(desired, limit),
-        Kind::Config(config) if config.encoded_len() > limit => split_config(config, limit),
+        Kind::Desired(desired) if desired.encoded_len() > limit => split_set(desired, limit)
+            .into_iter()
+            .map(Kind::Desired)
+            .collect(),
+        Kind::Config(config) if config.encoded_len() > limit => split_set(config, limit)
+            .into_iter()
+            .map(Kind::Config)
+            .collect(),
         other => vec![other],
     }
 }
 
-fn split_desired(desired: DesiredState, limit: usize) -> Vec<Kind> {
-    let DesiredState {
-        workloads,
-        incremental,
-        removed,
-        ..
-    } = desired;
-    let mut parts: Vec<DesiredState> = groups(workloads, limit, Message::encoded_len)
-        .into_iter()
-        .map(|workloads| DesiredState {
-            workloads,
-            incremental,
-            removed: Vec::new(),
-            continued: false,
-        })
-        .collect();
-    // Names to stop are small; they ride with the last part.
-    match parts.last_mut() {
-        Some(last) => last.removed = removed,
-        None => parts.push(DesiredState {
-            workloads: Vec::new(),
-            incremental,
-            removed,
-            continued: false,
-        }),
-    }
-    let count = parts.len();
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut part)| {
-            part.continued = !incremental && i + 1 < count;
-            Kind::Desired(part)
-        })
-        .collect()
+/// A set sent down a session, complete or a delta: items, and the names of those to drop.
+trait Set: Sized {
+    type Item: Message;
+    type Removed: Default;
+
+    fn into_parts(self) -> (Vec<Self::Item>, bool, Self::Removed);
+    fn from_parts(
+        items: Vec<Self::Item>,
+        incremental: bool,
+        removed: Self::Removed,
+        continued: bool,
+    ) -> Self;
 }
 
-fn split_config(config: ConfigObjects, limit: usize) -> Vec<Kind> {
-    let ConfigObjects {
-        objects,
-        incremental,
-        removed,
-        ..
-    } = config;
-    let mut parts: Vec<ConfigObjects> = groups(objects, limit, Message::encoded_len)
-        .into_iter()
-        .map(|objects| ConfigObjects {
-            objects,
-            incremental,
-            removed: Vec::new(),
-            continued: false,
-        })
-        .collect();
-    match parts.last_mut() {
-        Some(last) => last.removed = removed,
-        None => parts.push(ConfigObjects {
-            objects: Vec::new(),
+impl Set for DesiredState {
+    type Item = flotilla_proto::control::v1::DesiredWorkload;
+    type Removed = Vec<String>;
+
+    fn into_parts(self) -> (Vec<Self::Item>, bool, Self::Removed) {
+        (self.workloads, self.incremental, self.removed)
+    }
+
+    fn from_parts(
+        workloads: Vec<Self::Item>,
+        incremental: bool,
+        removed: Self::Removed,
+        continued: bool,
+    ) -> Self {
+        Self {
+            workloads,
             incremental,
             removed,
-            continued: false,
-        }),
+            continued,
+        }
     }
-    let count = parts.len();
-    parts
+}
+
+impl Set for ConfigObjects {
+    type Item = flotilla_proto::agent::v1::ConfigObject;
+    type Removed = Vec<flotilla_proto::control::v1::ConfigObjectKey>;
+
+    fn into_parts(self) -> (Vec<Self::Item>, bool, Self::Removed) {
+        (self.objects, self.incremental, self.removed)
+    }
+
+    fn from_parts(
+        objects: Vec<Self::Item>,
+        incremental: bool,
+        removed: Self::Removed,
+        continued: bool,
+    ) -> Self {
+        Self {
+            objects,
+            incremental,
+            removed,
+            continued,
+        }
+    }
+}
+
+/// `set` in parts of about `limit` bytes: a complete set's parts but the last marked
+/// `continued`, a delta's as deltas. The names to drop, which are small, ride with the last.
+fn split_set<S: Set>(set: S, limit: usize) -> Vec<S> {
+    let (items, incremental, removed) = set.into_parts();
+    let mut groups = groups(items, limit, Message::encoded_len);
+    if groups.is_empty() {
+        groups.push(Vec::new());
+    }
+    let count = groups.len();
+    let mut removed = Some(removed);
+    groups
         .into_iter()
         .enumerate()
-        .map(|(i, mut part)| {
-            part.continued = !incremental && i + 1 < count;
-            Kind::Config(part)
+        .map(|(i, items)| {
+            let last = i + 1 == count;
+            let removed = if last { removed.take() } else { None };
+            S::from_parts(
+                items,
+                incremental,
+                removed.unwrap_or_default(),
+                !incremental && !last,
+            )
         })
         .collect()
 }

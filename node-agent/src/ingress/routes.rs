@@ -51,6 +51,13 @@ impl RouteKey {
         }
     }
 
+    /// Whether the key names `host` (not any host).
+    fn names(&self, host: &str) -> bool {
+        self.host
+            .as_deref()
+            .is_some_and(|h| h.eq_ignore_ascii_case(host))
+    }
+
     /// How specific the key is: a host beats any host, then longer prefixes win.
     fn specificity(&self) -> (bool, usize) {
         (self.host.is_some(), self.prefix.len())
@@ -262,17 +269,24 @@ impl<B: Backend> Routes<B> {
     /// Finds the route for `host` (without port) and `path`: a local replica with a free slot
     /// or, when `forward` allows and the most specific match is served only elsewhere, another
     /// node's ingress.
+    ///
+    /// A host that some route names is served by such routes alone, as a web server's named
+    /// virtual host is: its other paths answer 404 rather than fall to an any-host route, which
+    /// may belong to another namespace and would receive the host's cookies.
     pub fn dispatch(&self, host: &str, path: &str, forward: bool) -> Dispatch<B> {
         let table = self.snapshot();
-        let local = table.iter().find(|r| r.key.matches(host, path));
+        let remote = self
+            .remote
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let named =
+            table.iter().any(|r| r.key.names(host)) || remote.iter().any(|r| r.key.names(host));
+        let candidate = |key: &RouteKey| key.matches(host, path) && (key.host.is_some() || !named);
+        let local = table.iter().find(|r| candidate(&r.key));
         if forward {
-            let remote = self
-                .remote
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
             let elsewhere = remote.iter().find(|r| {
-                r.key.matches(host, path)
+                candidate(&r.key)
                     && local.is_none_or(|l| {
                         l.workload != r.workload && r.key.specificity() > l.key.specificity()
                     })
@@ -401,5 +415,35 @@ mod tests {
             routes.dispatch("x", "/api", true),
             Dispatch::NotFound
         ));
+    }
+
+    #[test]
+    fn a_named_host_never_falls_to_an_any_host_route() {
+        let routes = Routes::<NoBackend>::default();
+        routes.set_remote(
+            vec![
+                route("team-a.catch-all", "", "/", &["http://a:8080"]),
+                route(
+                    "team-b.shop",
+                    "shop.example.com",
+                    "/api",
+                    &["http://b:8080"],
+                ),
+            ],
+            "http://me:8080",
+        );
+        assert_eq!(
+            forwarded_to(routes.dispatch("shop.example.com", "/api/cart", true)),
+            Some(("team-b.shop".into(), "http://b:8080".into()))
+        );
+        // Another path of the shop's host is the shop's to answer (404), not team-a's.
+        assert!(matches!(
+            routes.dispatch("shop.example.com", "/login", true),
+            Dispatch::NotFound
+        ));
+        assert_eq!(
+            forwarded_to(routes.dispatch("other.example.com", "/login", true)),
+            Some(("team-a.catch-all".into(), "http://a:8080".into()))
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! complete set that large is split is tested on the protocol itself, in the control plane's
 //! `agents_tests`.
 
-use support::{Agent, ControlPlane, flotilla, ready, running_sandboxes, try_flotilla, wait_for};
+use support::{Agent, ControlPlane, flotilla, ready, running_sandboxes, wait_for};
 
 use crate::support;
 
@@ -29,15 +29,7 @@ fn a_node_gets_every_workload_however_large_its_desired_set_grows() {
             )
         })
         .collect();
-    let path = data.path().join("big.yaml");
-    std::fs::write(&path, manifest).expect("write manifest");
-    flotilla(&[
-        "--server",
-        &url,
-        "apply",
-        "-f",
-        path.to_str().expect("utf-8"),
-    ]);
+    support::apply(&url, &data.path().join("big.yaml"), &manifest, false);
     let last = format!("big-{}", WORKLOADS - 1);
     wait_for(&url, &last, "running", |o| ready(o) == 1);
     // One list of all of them: 70 MiB of workloads in one answer.
@@ -71,23 +63,16 @@ fn a_node_gets_every_workload_however_large_its_desired_set_grows() {
     assert_eq!(running_sandboxes(agent.admin).len(), WORKLOADS);
 
     // One object over 1 MiB is refused at apply, with nothing stored.
-    let huge = data.path().join("huge.yaml");
-    std::fs::write(
-        &huge,
-        format!(
+    let (ok, _, stderr) = support::try_apply(
+        &url,
+        &data.path().join("huge.yaml"),
+        &format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata: {{name: huge}}\n\
              spec: {{module: {{path: {guest}}}, args: [\"{}\"]}}\n",
             "x".repeat(2 * ARG_BYTES)
         ),
-    )
-    .expect("write manifest");
-    let (ok, _, stderr) = try_flotilla(&[
-        "--server",
-        &url,
-        "apply",
-        "-f",
-        huge.to_str().expect("utf-8"),
-    ]);
+        false,
+    );
     assert!(!ok);
     assert!(
         stderr.contains("over the limit of 1048576 (1 MiB)"),

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use support::{Agent, ControlPlane, flotilla, http_get};
+use support::{Agent, ControlPlane, http_get};
 
 use crate::support;
 
@@ -65,10 +65,10 @@ fn sandboxes_reach_only_what_their_rules_list_and_never_the_agents_denied_ranges
     let port = upstream.addr.port();
 
     let guest = support::example("guests/http/echo.wasm");
-    let manifest = data.path().join("egress.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
+    let out = support::apply(
+        &url,
+        &data.path().join("egress.yaml"),
+        &format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: closed\n\
              spec:\n  module:\n    path: {guest}\n  http:\n    pathPrefix: /closed\n\
              ---\n\
@@ -79,16 +79,8 @@ fn sandboxes_reach_only_what_their_rules_list_and_never_the_agents_denied_ranges
              \x20   - cidr: 169.254.169.254/32\n\
              \x20   - host: localhost\n"
         ),
-    )
-    .expect("write manifest");
-    let out = flotilla(&[
-        "--server",
-        &url,
-        "apply",
-        "--wait",
-        "-f",
-        manifest.to_str().expect("utf-8"),
-    ]);
+        true,
+    );
     assert!(out.contains("closed: 1/1 ready"), "{out}");
     assert!(out.contains("open: 1/1 ready"), "{out}");
 
@@ -143,25 +135,18 @@ fn invalid_egress_rules_are_refused_at_apply() {
     let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
     let url = control_plane.url();
     let guest = support::example("guests/http/echo.wasm");
-    let manifest = data.path().join("bad.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
+    let (ok, stdout, stderr) = support::try_apply(
+        &url,
+        &data.path().join("bad.yaml"),
+        &format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: bad\n\
              spec:\n  module:\n    path: {guest}\n  http:\n    pathPrefix: /bad\n\
              \x20 network:\n    egress:\n\
              \x20   - host: 169.254.169.254\n\
              \x20   - cidr: 10.1.2.3/8\n"
         ),
-    )
-    .expect("write manifest");
-    let (ok, stdout, stderr) = support::try_flotilla(&[
-        "--server",
-        &url,
-        "apply",
-        "-f",
-        manifest.to_str().expect("utf-8"),
-    ]);
+        false,
+    );
     assert!(!ok, "{stdout}");
     assert!(stderr.contains("spec.network.egress[0].host"), "{stderr}");
     assert!(stderr.contains("did you mean 10.0.0.0/8"), "{stderr}");

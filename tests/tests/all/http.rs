@@ -169,15 +169,12 @@ fn a_host_belongs_to_the_namespace_that_claimed_it_first() {
     let hello = support::example("guests/http/hello.wasm");
     let echo = support::example("guests/http/echo.wasm");
     let apply = |name: &str, yaml: String| {
-        let path = data.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, yaml).expect("write manifest");
-        flotilla(&[
-            "--server",
+        support::apply(
             &url,
-            "apply",
-            "-f",
-            path.to_str().expect("utf-8"),
-        ])
+            &data.path().join(format!("{name}.yaml")),
+            &yaml,
+            false,
+        )
     };
     let manifest = |namespace: &str, name: &str, module: &str, prefix: &str| {
         format!(

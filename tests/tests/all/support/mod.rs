@@ -184,6 +184,25 @@ pub fn flotilla(args: &[&str]) -> String {
     stdout
 }
 
+/// Writes `yaml` to `path` and runs `flotilla apply -f` on it (with `--wait` when `wait`);
+/// returns whether it succeeded, its stdout and its stderr.
+pub fn try_apply(server: &str, path: &Path, yaml: &str, wait: bool) -> (bool, String, String) {
+    std::fs::write(path, yaml).expect("write manifest");
+    let file = path.to_str().expect("utf-8 path");
+    let mut args = vec!["--server", server, "apply", "-f", file];
+    if wait {
+        args.push("--wait");
+    }
+    try_flotilla(&args)
+}
+
+/// Like [`try_apply`], failing the test unless it succeeds; returns its stdout.
+pub fn apply(server: &str, path: &Path, yaml: &str, wait: bool) -> String {
+    let (ok, stdout, stderr) = try_apply(server, path, yaml, wait);
+    assert!(ok, "flotilla apply {}: {stderr}", path.display());
+    stdout
+}
+
 /// Runs the CLI; returns whether it succeeded, its stdout and its stderr.
 pub fn try_flotilla(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(workspace_binary("flotilla"))
