@@ -146,9 +146,10 @@ impl Environment {
         // Sockets stay closed (wasmtime's default check refuses every address) unless the
         // workload lists destinations; then each connect and datagram is checked.
         if let Some(policy) = self.egress(sources) {
+            let logs = logs.clone();
             wasi.allow_ip_name_lookup(true)
                 .socket_addr_check(move |addr, used| {
-                    let allowed = socket_allowed(&policy, addr, used);
+                    let allowed = socket_allowed(&policy, addr, used, &logs);
                     Box::pin(std::future::ready(allowed))
                 });
         }
@@ -159,17 +160,23 @@ impl Environment {
 /// Whether a guest's socket may use `addr` for `used`: connecting and sending to addresses the
 /// policy allows (and receiving from them), and binding the wildcard address on an ephemeral
 /// port, which connecting and sending do. Listening, which would serve on the node, is refused.
-fn socket_allowed(policy: &EgressPolicy, addr: SocketAddr, used: SocketAddrUse) -> bool {
+/// A refused connect or send is a line in the sandbox's `logs`.
+fn socket_allowed(
+    policy: &EgressPolicy,
+    addr: SocketAddr,
+    used: SocketAddrUse,
+    logs: &LogBuffer,
+) -> bool {
     match used {
-        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
-            match policy.check_addr(addr) {
-                Ok(()) => true,
-                Err(refusal) => {
-                    tracing::debug!(%refusal, "socket refused");
-                    false
-                }
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => match policy.check_addr(addr) {
+            Ok(()) => true,
+            Err(refusal) => {
+                logs.write(format!("flotilla: egress refused: {refusal}\n").as_bytes());
+                false
             }
-        }
+        },
+        // Datagrams from elsewhere are dropped without a word: they are not the guest's doing.
+        SocketAddrUse::UdpReceive => policy.check_addr(addr).is_ok(),
         SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
             addr.ip().is_unspecified() && addr.port() == 0
         }
@@ -283,6 +290,9 @@ mod tests {
         }])
         .expect("valid");
         let policy = rules.under(&DeniedRanges::defaults());
+        let logs = LogBuffer::new(4096);
+        let socket_allowed =
+            |policy: &EgressPolicy, addr, used| super::socket_allowed(policy, addr, used, &logs);
         let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
         let db = addr("10.1.2.3:5432");
         assert!(socket_allowed(&policy, db, SocketAddrUse::TcpConnect));
@@ -315,5 +325,17 @@ mod tests {
             SocketAddrUse::TcpListen
         ));
         assert!(!socket_allowed(&policy, db, SocketAddrUse::TcpAccept));
+        // Each refused connect or send is a line in the sandbox's log.
+        let read = logs.read_from(0);
+        let text = String::from_utf8_lossy(&read.data);
+        assert_eq!(
+            text.matches("flotilla: egress refused:").count(),
+            6,
+            "{text}"
+        );
+        assert!(
+            text.contains("169.254.169.254:80 is in the agent's denied range"),
+            "{text}"
+        );
     }
 }

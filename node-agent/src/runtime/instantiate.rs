@@ -116,7 +116,7 @@ impl Instantiator {
             }
             Artifact::Command(pre) => {
                 let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi, egress),
+                    P2Wasi::new(wasi, egress, &logs),
                     &prepared.limits,
                     &cpu,
                     mounts,
@@ -133,7 +133,7 @@ impl Instantiator {
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
                 let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi, egress),
+                    P2Wasi::new(wasi, egress, &logs),
                     &prepared.limits,
                     &cpu,
                     mounts.clone(),

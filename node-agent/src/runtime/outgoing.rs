@@ -24,21 +24,25 @@ use tokio::net::TcpStream;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::egress::{EgressPolicy, Refusal};
+use super::logs::LogBuffer;
 
 /// Timeouts of a request whose guest sets none, as wasmtime's sender has them.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The `wasi:http` hooks of one sandbox: its requests go out under `policy`, or not at all.
+/// The `wasi:http` hooks of one sandbox: its requests go out under `policy`, or not at all,
+/// and each refusal is a line in the sandbox's log.
 pub(super) struct EgressHooks {
     policy: Option<EgressPolicy>,
+    logs: Arc<LogBuffer>,
 }
 
 // === impl EgressHooks ===
 
 impl EgressHooks {
-    /// Hooks that send under `policy`; `None` refuses every request.
-    pub(super) fn new(policy: Option<EgressPolicy>) -> Self {
-        Self { policy }
+    /// Hooks that send under `policy` (`None` refuses every request), telling `logs` why a
+    /// request was refused.
+    pub(super) fn new(policy: Option<EgressPolicy>, logs: Arc<LogBuffer>) -> Self {
+        Self { policy, logs }
     }
 }
 
@@ -60,13 +64,15 @@ impl WasiHttpHooks for EgressHooks {
         // The guest's response-processing result: nothing to do with it here.
         drop(fut);
         let policy = self.policy.clone();
-        Box::new(async move { send(policy, request, options.unwrap_or_default()).await })
+        let logs = self.logs.clone();
+        Box::new(async move { send(policy, &logs, request, options.unwrap_or_default()).await })
     }
 }
 
 /// Sends `request` to an address `policy` allows.
 async fn send(
     policy: Option<EgressPolicy>,
+    logs: &LogBuffer,
     mut request: http::Request<WasiBody>,
     options: RequestOptions,
 ) -> Sent {
@@ -76,11 +82,14 @@ async fn send(
     let host = authority.host().to_string();
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let Some(policy) = policy else {
-        tracing::debug!(%host, port, "outgoing request refused: no egress rules");
+        logs.write(
+            format!("flotilla: egress refused: {host}:{port}: spec.network.egress lists nothing\n")
+                .as_bytes(),
+        );
         return Err(Error::HttpRequestDenied);
     };
     let addrs = policy.resolve(&host, port).await.map_err(|refusal| {
-        tracing::debug!(%refusal, "outgoing request refused");
+        logs.write(format!("flotilla: egress refused: {refusal}\n").as_bytes());
         match refusal {
             Refusal::NotListed { .. } => Error::HttpRequestDenied,
             Refusal::Denied { .. } | Refusal::Private { .. } => Error::DestinationIpProhibited,

@@ -56,13 +56,17 @@ pub type P2State = SandboxState<P2Wasi>;
 
 impl P2Wasi {
     /// Builds the context of one component sandbox, whose outgoing HTTP requests go out under
-    /// `egress` (none at all when `None`).
-    pub fn new(mut wasi: WasiCtxBuilder, egress: Option<EgressPolicy>) -> Self {
+    /// `egress` (none at all when `None`), refusals noted in `logs`.
+    pub fn new(
+        mut wasi: WasiCtxBuilder,
+        egress: Option<EgressPolicy>,
+        logs: &Arc<LogBuffer>,
+    ) -> Self {
         Self {
             ctx: wasi.build(),
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            hooks: EgressHooks::new(egress),
+            hooks: EgressHooks::new(egress, logs.clone()),
         }
     }
 }
@@ -179,6 +183,11 @@ impl Stores {
     ) -> Result<Store<P2State>, Exit> {
         let wasi = environment.wasi(&self.sources, &sandbox, logs, mounts.map(|m| &**m))?;
         let egress = environment.egress(&self.sources);
-        Ok(self.new_store(P2Wasi::new(wasi, egress), limits, usage, mounts.cloned()))
+        Ok(self.new_store(
+            P2Wasi::new(wasi, egress, logs),
+            limits,
+            usage,
+            mounts.cloned(),
+        ))
     }
 }

@@ -523,20 +523,22 @@ impl<R: SandboxRuntime> Supervisor<R> {
 
     /// Stops every sandbox: each is cancelled, and those still alive after `grace` are aborted.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        self.shared.shutdown.cancel();
-        let workloads: Vec<Workload<R>> = self
-            .shared
-            .lock_workloads()
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
         let mut report = ShutdownReport::default();
+        // Counted before the cancellation: a sandbox that ends at once was still stopped.
+        let workloads: Vec<Workload<R>> = {
+            let mut workloads = self.shared.lock_workloads();
+            report.stopped = workloads
+                .values()
+                .flat_map(|w| &w.sandboxes)
+                .filter(|entry| entry.task.as_ref().is_some_and(|t| !t.is_finished()))
+                .count();
+            self.shared.shutdown.cancel();
+            workloads.drain().map(|(_, w)| w).collect()
+        };
         let mut tasks = Vec::new();
         for workload in workloads {
             report.sandboxes += workload.sandboxes.len();
-            let live = self.shared.retire(workload);
-            report.stopped += live.iter().filter(|t| !t.is_finished()).count();
-            tasks.extend(live);
+            tasks.extend(self.shared.retire(workload));
         }
         report.aborted = await_or_abort(tasks, grace).await;
         self.shared.tracker.close();

@@ -127,6 +127,20 @@ fn sandboxes_reach_only_what_their_rules_list_and_never_the_agents_denied_ranges
         assert_eq!(response.status, 200, "{}", response.text());
     }
     assert_eq!(upstream.connections(), 1);
+
+    // Each refusal is a line in the workload's log, where its owner looks.
+    let logs = support::flotilla(&["--server", &url, "logs", "open"]);
+    assert!(
+        logs.contains("flotilla: egress refused: 169.254.169.254:80 is in the agent's denied range 169.254.0.0/16"),
+        "{logs}"
+    );
+    let logs = support::flotilla(&["--server", &url, "logs", "closed"]);
+    assert!(
+        logs.contains(&format!(
+            "egress refused: 127.0.0.1:{port}: spec.network.egress lists nothing"
+        )),
+        "{logs}"
+    );
 }
 
 #[test]
