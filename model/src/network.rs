@@ -7,7 +7,7 @@
 //! link-local with the cloud metadata address, the node itself; see `--egress-deny`).
 
 use std::net::IpAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -40,8 +40,37 @@ pub const PRIVATE_RANGES: &[&str] = &[
 ];
 
 /// The ranges of [`DEFAULT_DENIED_RANGES`], parsed.
-pub fn default_denied_ranges() -> Vec<IpNet> {
+fn default_denied_ranges() -> Vec<IpNet> {
     parse_all(DEFAULT_DENIED_RANGES)
+}
+
+/// Address ranges that are never connected to: the agent's for sandboxes (`--egress-deny`),
+/// the control plane's for module downloads (`--fetch-deny`). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DeniedRanges(Arc<[IpNet]>);
+
+impl DeniedRanges {
+    /// The given ranges.
+    pub fn new(ranges: impl IntoIterator<Item = IpNet>) -> Self {
+        Self(ranges.into_iter().collect())
+    }
+
+    /// [`DEFAULT_DENIED_RANGES`].
+    pub fn defaults() -> Self {
+        Self::new(default_denied_ranges())
+    }
+
+    /// The denied range that holds `ip` (in [`canonical_ip`] form), if any.
+    pub fn holding(&self, ip: IpAddr) -> Option<IpNet> {
+        let ip = canonical_ip(ip);
+        self.0.iter().find(|range| range.contains(&ip)).copied()
+    }
+}
+
+impl Default for DeniedRanges {
+    fn default() -> Self {
+        Self::defaults()
+    }
 }
 
 /// Whether `ip` is neither private nor in a default-denied range.
@@ -177,7 +206,8 @@ pub fn parse_cidr(cidr: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-pub(crate) fn validate(network: &NetworkSpec, fail: &mut impl FnMut(&str, String)) {
+/// Checks `network`, calling `fail` with the field path and message of each invalid part.
+pub fn validate(network: &NetworkSpec, fail: &mut impl FnMut(&str, String)) {
     if network.egress.len() > MAX_EGRESS_RULES {
         fail(
             "spec.network.egress",

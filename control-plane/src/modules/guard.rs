@@ -8,10 +8,9 @@
 //! before a request is sent, and every redirect is checked again before it is followed.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_model::network::{canonical_ip, default_denied_ranges};
+use flotilla_model::network::{DeniedRanges, canonical_ip};
 use ipnet::IpNet;
 
 /// Redirects one download may follow, as browsers and reqwest allow.
@@ -22,7 +21,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Address ranges module downloads may not reach. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct FetchGuard {
-    denied: Arc<[IpNet]>,
+    denied: DeniedRanges,
 }
 
 /// A download refused because of where it would connect.
@@ -41,14 +40,16 @@ impl FetchGuard {
     /// A guard denying `ranges`.
     pub fn new(ranges: impl IntoIterator<Item = IpNet>) -> Self {
         Self {
-            denied: ranges.into_iter().collect(),
+            denied: DeniedRanges::new(ranges),
         }
     }
 
     /// A guard denying [`DEFAULT_DENIED_RANGES`](flotilla_model::network::DEFAULT_DENIED_RANGES):
     /// loopback, link-local (cloud metadata), multicast.
     pub fn defaults() -> Self {
-        Self::new(default_denied_ranges())
+        Self {
+            denied: DeniedRanges::defaults(),
+        }
     }
 
     /// Whether downloads may connect to `ip`.
@@ -56,11 +57,10 @@ impl FetchGuard {
     /// # Errors
     /// The denied range that holds it.
     pub fn check(&self, ip: IpAddr) -> Result<(), DeniedAddress> {
-        let ip = canonical_ip(ip);
-        match self.denied.iter().find(|range| range.contains(&ip)) {
+        match self.denied.holding(ip) {
             Some(range) => Err(DeniedAddress {
-                addr: ip,
-                range: *range,
+                addr: canonical_ip(ip),
+                range,
             }),
             None => Ok(()),
         }

@@ -16,44 +16,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use flotilla_model::network::DEFAULT_DENIED_RANGES;
+pub use flotilla_model::network::{DEFAULT_DENIED_RANGES, DeniedRanges};
 use flotilla_model::network::{
-    canonical_ip, default_denied_ranges, host_matches, is_public, parse_cidr, validate_host_pattern,
+    EgressRule as ModelRule, NetworkSpec, canonical_ip, host_matches, is_public, parse_cidr,
 };
 use flotilla_proto::agent::v1::EgressRule;
 use ipnet::IpNet;
 
 /// How long a name lookup for an outgoing request may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The ranges no sandbox of this agent may reach (`--egress-deny`). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct DeniedRanges(Arc<[IpNet]>);
-
-// === impl DeniedRanges ===
-
-impl DeniedRanges {
-    /// The given ranges.
-    pub fn new(ranges: impl IntoIterator<Item = IpNet>) -> Self {
-        Self(ranges.into_iter().collect())
-    }
-
-    /// [`DEFAULT_DENIED_RANGES`].
-    pub fn defaults() -> Self {
-        Self::new(default_denied_ranges())
-    }
-
-    /// The denied range that holds `ip`, if any.
-    fn holding(&self, ip: IpAddr) -> Option<&IpNet> {
-        self.0.iter().find(|range| range.contains(&ip))
-    }
-}
-
-impl Default for DeniedRanges {
-    fn default() -> Self {
-        Self::defaults()
-    }
-}
 
 /// Why a connection was refused; the guest sees `destination-ip-prohibited` or
 /// `http-request-denied`.
@@ -126,38 +97,44 @@ impl EgressRules {
     /// # Errors
     /// A message naming the first invalid rule.
     pub fn parse(rules: &[EgressRule]) -> Result<Self, String> {
-        if rules.len() > flotilla_model::network::MAX_EGRESS_RULES {
-            return Err(format!(
-                "spec.network.egress: at most {} rules",
-                flotilla_model::network::MAX_EGRESS_RULES
-            ));
+        // The model's rules, checked by the model's validation, as the control plane checks
+        // them at apply.
+        let network = NetworkSpec {
+            egress: rules
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| {
+                    let ports = rule.ports.iter().map(|&p| u16::try_from(p).ok());
+                    Ok(ModelRule {
+                        host: (!rule.host.is_empty()).then(|| rule.host.clone()),
+                        cidr: (!rule.cidr.is_empty()).then(|| rule.cidr.clone()),
+                        ports: ports.collect::<Option<_>>().ok_or_else(|| {
+                            format!("spec.network.egress[{i}].ports: ports are 1-65535")
+                        })?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        };
+        let mut invalid = None;
+        flotilla_model::network::validate(&network, &mut |field, message| {
+            invalid.get_or_insert(format!("{field}: {message}"));
+        });
+        if let Some(invalid) = invalid {
+            return Err(invalid);
         }
-        let parsed = rules
-            .iter()
-            .enumerate()
-            .map(|(i, rule)| {
-                let field = format!("spec.network.egress[{i}]");
-                let destination = match (rule.host.is_empty(), rule.cidr.is_empty()) {
-                    (false, true) => {
-                        validate_host_pattern(&rule.host)
-                            .map_err(|e| format!("{field}.host: {e}"))?;
-                        Destination::Host(rule.host.clone())
-                    }
-                    (true, false) => Destination::Range(
-                        parse_cidr(&rule.cidr).map_err(|e| format!("{field}.cidr: {e}"))?,
-                    ),
-                    _ => return Err(format!("{field}: must set exactly one of host and cidr")),
+        let parsed = network
+            .egress
+            .into_iter()
+            .map(|rule| {
+                let destination = match (rule.host, &rule.cidr) {
+                    (Some(host), _) => Destination::Host(host),
+                    (None, Some(cidr)) => Destination::Range(parse_cidr(cidr)?),
+                    (None, None) => return Err("a rule without a destination".to_string()),
                 };
-                if rule.ports.len() > flotilla_model::network::MAX_EGRESS_PORTS {
-                    return Err(format!("{field}.ports: too many ports"));
-                }
-                let ports = rule
-                    .ports
-                    .iter()
-                    .map(|&p| u16::try_from(p).ok().filter(|&p| p != 0))
-                    .collect::<Option<Box<[u16]>>>()
-                    .ok_or_else(|| format!("{field}.ports: ports are 1-65535"))?;
-                Ok(Rule { destination, ports })
+                Ok(Rule {
+                    destination,
+                    ports: rule.ports.into(),
+                })
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self(parsed.into()))
@@ -188,10 +165,7 @@ impl EgressPolicy {
     pub fn check_addr(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let addr = canonical(addr);
         if let Some(range) = self.denied.holding(addr.ip()) {
-            return Err(Refusal::Denied {
-                addr,
-                range: *range,
-            });
+            return Err(Refusal::Denied { addr, range });
         }
         if self.range_allows(addr) {
             Ok(())
@@ -261,7 +235,7 @@ impl EgressPolicy {
         // Say why, naming a denied range when that is the cause.
         if let Some((addr, range)) = resolved
             .iter()
-            .find_map(|addr| self.denied.holding(addr.ip()).map(|r| (*addr, *r)))
+            .find_map(|addr| self.denied.holding(addr.ip()).map(|r| (*addr, r)))
         {
             return Err(Refusal::Denied { addr, range });
         }
