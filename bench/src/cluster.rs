@@ -316,6 +316,8 @@ async fn simulated_agent(
         .register(RegisterRequest {
             node_name: node.clone(),
             agent_id: format!("sim-{node}"),
+            // Each simulated agent is its own installation, with its own credential.
+            node_credential: flotilla_node_agent::control::identity::generate(),
             arch: "amd64".into(),
             os: "linux".into(),
             allocatable: Some(NodeResources {

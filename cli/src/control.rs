@@ -10,9 +10,9 @@ use flotilla_model::{Condition, Workload};
 use flotilla_proto::agent::v1::ConfigObject;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyConfigRequest, ApplyRequest, DeleteRequest, GetRequest, ListEventsRequest,
-    ListNodesRequest, ListRequest, Node, PushModuleRequest, WatchRequest, WorkloadLogsRequest,
-    WorkloadObject, watch_event,
+    ApplyConfigRequest, ApplyRequest, DeleteNodeRequest, DeleteRequest, GetRequest,
+    ListEventsRequest, ListNodesRequest, ListRequest, Node, PushModuleRequest, WatchRequest,
+    WorkloadLogsRequest, WorkloadObject, watch_event,
 };
 use serde::Deserialize;
 use tokio_stream::StreamExt;
@@ -276,6 +276,24 @@ pub async fn delete(server: &str, name: &str, namespace: &str) -> anyhow::Result
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("wasmworkload.flotilla.dev/{name} deleted");
+    Ok(())
+}
+
+/// Forgets a node and releases its name, as `kubectl delete node` does.
+pub async fn delete_node(server: &str, name: &str) -> anyhow::Result<()> {
+    let deleted = connect(server)
+        .await?
+        .delete_node(DeleteNodeRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    if deleted.registered {
+        println!("node/{name} deleted");
+    } else {
+        println!("node/{name} released (it was not registered)");
+    }
     Ok(())
 }
 

@@ -83,6 +83,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.node_name.clone(),
         "--cache-dir".into(),
         data_dir.join("compiled").to_string_lossy().into_owned(),
+        "--state-dir".into(),
+        data_dir.join("agent").to_string_lossy().into_owned(),
         "--shutdown-grace".into(),
         "5s".into(),
     ];

@@ -161,10 +161,11 @@ enum Commands {
         #[arg(long)]
         replicas: u32,
     },
-    /// Deletes a workload, ConfigMap or Secret (control plane) or stops a workload's sandboxes
-    /// on the agent.
+    /// Deletes a workload, ConfigMap, Secret or node (control plane) or stops a workload's
+    /// sandboxes on the agent. Deleting a node moves its replicas elsewhere and releases its
+    /// name for another agent's credential.
     Delete {
-        /// `workload`, `configmap`, `secret` or `sandboxes`.
+        /// `workload`, `configmap`, `secret`, `node` or `sandboxes`.
         resource: Resource,
         /// The object's name.
         name: String,
@@ -318,9 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config::delete(&cli.server, config_kind(resource), &name, &namespace).await
             }
             Resource::Sandboxes => agent::delete(&cli.agent, &name, grace_period).await,
-            Resource::Nodes => {
-                anyhow::bail!("nodes leave by stopping their agent; the control plane forgets them")
-            }
+            Resource::Nodes => control::delete_node(&cli.server, &name).await,
         },
         Commands::Logs {
             workload,

@@ -31,6 +31,7 @@ pub struct Metrics {
     reconcile_errors: Family<Labels, Counter>,
     heartbeats: Counter,
     log_streams: Counter,
+    agent_refusals: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -93,6 +94,15 @@ impl Metrics {
             "Log streams relayed from agents to users",
             log_streams.clone(),
         );
+        let agent_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "agent_refusals",
+            "What agents sent that was refused, by reason: registrations with another node's \
+             credential (CredentialMismatch) or a malformed one (CredentialMalformed), reports \
+             of workloads not placed on the node (UnplacedWorkload) or of more sandboxes than \
+             placed (OverPlacement)",
+            agent_refusals.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             nodes,
@@ -106,6 +116,7 @@ impl Metrics {
             reconcile_errors,
             heartbeats,
             log_streams,
+            agent_refusals,
         }
     }
 
@@ -138,6 +149,13 @@ impl Metrics {
     /// Counts an agent heartbeat.
     pub fn heartbeat(&self) {
         self.heartbeats.inc();
+    }
+
+    /// Counts something an agent sent that was refused, by `reason`.
+    pub fn agent_refusal(&self, reason: &'static str) {
+        self.agent_refusals
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// Counts a log stream opened for a user.

@@ -147,6 +147,13 @@ impl ControlPlane {
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let cluster = Arc::new(Cluster::default());
+        // Which credential may register each node name, across restarts.
+        let identities_path = config.data_dir.join("nodes.redb");
+        cluster
+            .identities
+            .persist(&identities_path)
+            .context("opening the node identities")?;
+        restrict(&identities_path, 0o600);
         let config_store = match &config_path {
             Some(path) => {
                 let store = ConfigStore::open(path, cluster.clone())

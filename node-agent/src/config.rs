@@ -97,6 +97,15 @@ pub struct Args {
     /// ~/.cache/flotilla).
     #[arg(long, env = "FLOTILLA_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where the agent keeps what must outlive it: its node credential, which the control
+    /// plane binds the node name to (default: $XDG_STATE_HOME/flotilla or
+    /// ~/.local/state/flotilla).
+    #[arg(long, env = "FLOTILLA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Only create --state-dir for the user `UID:GID` (mode 0700) and exit: for an init
+    /// container that runs as root before the agent runs as that user on a node directory.
+    #[arg(long, value_name = "UID:GID", requires = "state_dir", value_parser = parse_owner)]
+    pub prepare_state_dir_for: Option<(u32, u32)>,
     /// Where emptyDir volumes and ConfigMap and Secret files live (default: a fresh directory
     /// under the system's temporary directory, removed when the agent stops).
     #[arg(long, env = "FLOTILLA_VOLUMES_DIR")]
@@ -283,6 +292,12 @@ impl TryFrom<Args> for Config {
         // (which it runs), other sandboxes' scratch files and the Secrets it holds.
         let own: Vec<(&str, PathBuf)> = [
             ("cache", runtime.cache_dir.clone()),
+            (
+                "state",
+                args.state_dir
+                    .clone()
+                    .or_else(crate::control::identity::default_state_dir),
+            ),
             ("volumes", Some(runtime.volumes.dir.clone())),
             ("secrets", runtime.volumes.secrets_dir.clone()),
         ]
@@ -356,6 +371,7 @@ impl TryFrom<Args> for Config {
                 tls,
                 args.control_plane,
                 args.node_name,
+                args.state_dir,
                 &args.node_labels,
                 flotilla_proto::auth::load_token(args.join_token, args.join_token_file.as_deref())
                     .map_err(|error| ConfigError {
@@ -398,6 +414,7 @@ fn control_config(
     tls: Option<tonic::transport::ClientTlsConfig>,
     url: Option<String>,
     node_name: Option<String>,
+    state_dir: Option<PathBuf>,
     labels: &[String],
     join_token: Option<String>,
 ) -> Result<Option<crate::control::ControlConfig>, ConfigError> {
@@ -425,6 +442,21 @@ fn control_config(
         flag: "node-name",
         message: error.to_string(),
     })?;
+    let Some(state_dir) = state_dir.or_else(crate::control::identity::default_state_dir) else {
+        return Err(ConfigError {
+            flag: "state-dir",
+            message: "no default (neither XDG_STATE_HOME nor HOME is set); set it".into(),
+        });
+    };
+    let node_credential = crate::control::identity::load_or_create(&state_dir, &node_name)
+        .map_err(|error| ConfigError {
+            flag: "state-dir",
+            message: format!(
+                "{}: the node credential: {}",
+                state_dir.display(),
+                flotilla_telemetry::error_chain(&error)
+            ),
+        })?;
     let mut parsed = std::collections::BTreeMap::new();
     for label in labels.iter().filter(|l| !l.is_empty()) {
         let Some((key, value)) = label.split_once('=') else {
@@ -446,9 +478,17 @@ fn control_config(
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_secs(10),
         join_token,
+        node_credential,
         tls,
         ingress_url: String::new(),
     }))
+}
+
+fn parse_owner(value: &str) -> Result<(u32, u32), String> {
+    let parsed = value
+        .split_once(':')
+        .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)));
+    parsed.ok_or_else(|| format!("{value:?}: must be UID:GID, two numbers"))
 }
 
 /// `path` with symlinks resolved as far as it exists, for comparing directories.

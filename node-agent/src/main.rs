@@ -16,6 +16,18 @@ const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let (Some((uid, gid)), Some(dir)) = (args.prepare_state_dir_for, &args.state_dir) {
+        return match flotilla_node_agent::control::identity::prepare_state_dir(dir, uid, gid) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!(
+                    "flotilla-node-agent: --state-dir {}: {error}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     flotilla_telemetry::init("flotilla_node_agent");
     let config = match Config::try_from(args) {
         Ok(config) => config,

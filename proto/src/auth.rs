@@ -8,6 +8,20 @@ use std::path::{Path, PathBuf};
 /// The metadata key carrying the token.
 pub const AUTHORIZATION: &str = "authorization";
 
+/// Fewest characters of a node credential (`RegisterRequest.node_credential`): 32 random bytes
+/// in unpadded base64url are 43.
+pub const MIN_NODE_CREDENTIAL_CHARS: usize = 43;
+/// Most characters of a node credential.
+pub const MAX_NODE_CREDENTIAL_CHARS: usize = 256;
+
+/// Whether `credential` has a node credential's form: 43 to 256 characters of base64url.
+pub fn is_node_credential(credential: &str) -> bool {
+    (MIN_NODE_CREDENTIAL_CHARS..=MAX_NODE_CREDENTIAL_CHARS).contains(&credential.len())
+        && credential
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Why the join token could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {

@@ -44,8 +44,18 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
 {{/* The control plane's in-cluster gRPC URL, which agents dial. */}}
+{{/* The Secret with the control plane's serving certificate: the user's, the generated one,
+or none (plain gRPC). */}}
+{{- define "flotilla.controlPlaneTLSSecret" -}}
+{{- if .Values.tls.controlPlaneSecret -}}
+{{- .Values.tls.controlPlaneSecret -}}
+{{- else if .Values.tls.generate -}}
+{{- printf "%s-control-plane-tls" (include "flotilla.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "flotilla.controlPlaneURL" -}}
-{{- $scheme := ternary "https" "http" (not (empty .Values.tls.controlPlaneSecret)) -}}
+{{- $scheme := ternary "https" "http" (not (empty (include "flotilla.controlPlaneTLSSecret" .))) -}}
 {{- printf "%s://%s-control-plane.%s.svc:%v" $scheme (include "flotilla.fullname" .) .Release.Namespace .Values.controlPlane.port -}}
 {{- end -}}
 

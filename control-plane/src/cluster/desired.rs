@@ -76,6 +76,13 @@ pub struct Subscription {
     updates: broadcast::Receiver<Arc<DesiredState>>,
 }
 
+impl Subscription {
+    /// The complete set the subscription yields first, if the index had started.
+    pub fn complete(&self) -> Option<&DesiredState> {
+        self.first.as_deref()
+    }
+}
+
 // === impl DesiredIndex ===
 
 impl DesiredIndex {

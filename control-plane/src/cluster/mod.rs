@@ -7,6 +7,7 @@
 pub(crate) mod config;
 pub(crate) mod desired;
 pub(crate) mod events;
+pub(crate) mod identity;
 pub(crate) mod nodes;
 pub(crate) mod routes;
 pub(crate) mod sessions;
@@ -14,6 +15,7 @@ pub(crate) mod sessions;
 pub(crate) use self::config::{ConfigKey, ConfigSet};
 pub use self::desired::DesiredIndex;
 pub(crate) use self::events::{Event, EventLog, Notice};
+pub(crate) use self::identity::NodeIdentities;
 pub(crate) use self::nodes::{Counts, ListedNode, NodeRegistry, Reported};
 pub(crate) use self::routes::RouteTable;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,8 @@ use crate::metrics::Metrics;
 pub struct Cluster {
     /// Registered nodes, their readiness and what they run.
     pub nodes: NodeRegistry,
+    /// Which credential may register each node name.
+    pub identities: NodeIdentities,
     /// Open agent sessions and log requests in flight.
     pub sessions: Sessions,
     /// Recent sandbox failures.
@@ -49,6 +53,7 @@ impl Default for Cluster {
         let tasks = TaskTracker::new();
         Self {
             nodes: NodeRegistry::default(),
+            identities: NodeIdentities::default(),
             sessions: Sessions::new(tasks.clone()),
             events: EventLog::default(),
             desired: DesiredIndex::default(),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::{ControlMessage, StreamLogs, control_message};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
@@ -28,10 +29,18 @@ pub(crate) const UPLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunks buffered between the agent's upload and the user.
 const LOG_BUFFER: usize = 32;
 
+/// One agent's open session.
+struct LiveSession {
+    id: String,
+    down: SessionSender,
+    /// Cancelled to end the session from the control plane's side.
+    ended: CancellationToken,
+}
+
 /// Live sessions by node, and log requests waiting for their upload.
 #[derive(Default)]
 pub struct Sessions {
-    live: Mutex<HashMap<String, (String, SessionSender)>>,
+    live: Mutex<HashMap<String, LiveSession>>,
     pending: Arc<Mutex<HashMap<String, LogSender>>>,
     /// Where the upload timeouts run.
     tasks: TaskTracker,
@@ -46,16 +55,35 @@ impl Sessions {
         }
     }
 
-    /// Records the session `session_id` of `node`, replacing an older one.
-    pub fn open(&self, node: &str, session_id: &str, down: SessionSender) {
-        lock(&self.live).insert(node.to_string(), (session_id.to_string(), down));
+    /// Records the session `session_id` of `node`, replacing an older one; cancelling
+    /// `ended` must end it.
+    pub fn open(
+        &self,
+        node: &str,
+        session_id: &str,
+        down: SessionSender,
+        ended: CancellationToken,
+    ) {
+        let session = LiveSession {
+            id: session_id.to_string(),
+            down,
+            ended,
+        };
+        lock(&self.live).insert(node.to_string(), session);
     }
 
     /// Forgets `node`'s session if it is still `session_id`.
     pub fn close(&self, node: &str, session_id: &str) {
         let mut live = lock(&self.live);
-        if live.get(node).is_some_and(|(id, _)| id == session_id) {
+        if live.get(node).is_some_and(|s| s.id == session_id) {
             live.remove(node);
+        }
+    }
+
+    /// Ends `node`'s session, if it has one.
+    pub fn end(&self, node: &str) {
+        if let Some(session) = lock(&self.live).remove(node) {
+            session.ended.cancel();
         }
     }
 
@@ -73,7 +101,7 @@ impl Sessions {
     ) -> Result<mpsc::Receiver<Result<LogChunk, Status>>, Status> {
         let down = lock(&self.live)
             .get(node)
-            .map(|(_, down)| down.clone())
+            .map(|s| s.down.clone())
             .ok_or_else(|| Status::unavailable(format!("node {node} is not connected")))?;
         let request_id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = mpsc::channel(LOG_BUFFER);

@@ -1,9 +1,11 @@
 //! [`AgentService`]: the agent protocol (`flotilla.control.v1.Agents`).
 //!
-//! `Register` admits a node into the [`NodeRegistry`](crate::cluster::NodeRegistry); a live
-//! node's name cannot be taken by another agent. `Session` is one long-lived stream per agent:
+//! `Register` admits a node into the [`NodeRegistry`](crate::cluster::NodeRegistry): its name
+//! is bound to the first agent credential that registers it
+//! ([`NodeIdentities`](crate::cluster::NodeIdentities)), and a live node's name cannot be taken
+//! by another agent process either. `Session` is one long-lived stream per agent:
 //! the agent says Hello, then heartbeats with per-workload counts and aggregated failure
-//! events; the control plane sends the node's full desired set when the stream opens, then
+//! events, each checked against what was placed on the node ([`NodePlacements`]); the control plane sends the node's full desired set when the stream opens, then
 //! only the workloads whose share on that node changed, as the
 //! [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log requests,
 //! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
@@ -29,7 +31,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::{module_status, store_status, url_module_status};
+use super::reports::{NodePlacements, Refusal};
 use crate::cluster::config::{NodeConfigRefs, NodeConfigState};
+use crate::cluster::identity::{Admitted, IdentityError};
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, validate_name};
 use crate::modules::{FetchGuard, ModuleError, ModuleStore, UrlModules};
@@ -134,6 +138,10 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -182,6 +190,31 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                 value: t.value.clone(),
                 effect,
             });
+        }
+        // The name's credential binding, written before anything else changes.
+        let cluster = self.cluster.clone();
+        let (node, credential) = (r.node_name.clone(), r.node_credential.clone());
+        let admitted =
+            tokio::task::spawn_blocking(move || cluster.identities.admit(&node, &credential))
+                .await
+                .map_err(|e| Status::internal(format!("node identity task failed: {e}")))?;
+        match admitted {
+            Ok(Admitted::Bound) => {
+                tracing::info!(node = %r.node_name, "node name bound to its agent's credential");
+            }
+            Ok(Admitted::Matched) => {}
+            Err(error @ IdentityError::Malformed) => {
+                self.cluster.metrics.agent_refusal("CredentialMalformed");
+                return Err(Status::invalid_argument(error.to_string()));
+            }
+            Err(error @ IdentityError::Taken(_)) => {
+                self.cluster.metrics.agent_refusal("CredentialMismatch");
+                tracing::warn!(node = %r.node_name, agent = %r.agent_id, "registration with another credential than the node name's refused");
+                return Err(Status::permission_denied(error.to_string()));
+            }
+            Err(error) => {
+                return Err(Status::unavailable(flotilla_telemetry::error_chain(&error)));
+            }
         }
         let live = self
             .cluster
@@ -255,12 +288,22 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         let session_id = hello.session_id;
         self.cluster.nodes.heartbeat(&node);
         let mut desired = self.cluster.desired.subscribe(&node);
-        // Both directions end when the control plane shuts down, as when the agent leaves.
-        let stopped = || Box::pin(self.cluster.shutdown.clone().cancelled_owned());
+        // What the node may report on; known before its first heartbeat is read.
+        let placements = Arc::new(Mutex::new(NodePlacements::default()));
+        if let Some(complete) = desired.complete() {
+            lock(&placements).apply(complete);
+        }
+        let sent = placements.clone();
+        // Both directions end when the control plane shuts down or deletes the node, as when
+        // the agent leaves.
+        let ended = self.cluster.shutdown.child_token();
+        let stopped = || Box::pin(ended.clone().cancelled_owned());
         let mut inbound = futures::StreamExt::take_until(inbound, stopped());
         let mut down_stopped = stopped();
         let (tx, rx) = mpsc::channel(16);
-        self.cluster.sessions.open(&node, &session_id, tx.clone());
+        self.cluster
+            .sessions
+            .open(&node, &session_id, tx.clone(), ended.clone());
 
         // Down: the full desired set on open, then what changes; the ConfigMaps and Secrets its
         // workloads use, before the workloads that need them; and the cluster's HTTP routes, on
@@ -282,6 +325,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                         () = &mut down_stopped => return,
                         update = desired.next() => {
                             let Some(update) = update else { return };
+                            lock(&sent).apply(&update);
                             node_refs.apply(&update);
                             let objects = config.borrow().clone();
                             messages.extend(
@@ -348,9 +392,15 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                                     ((w.key, w.generation), reported)
                                 })
                                 .collect();
+                            let refused = |r: Refusal| cluster.metrics.agent_refusal(r.reason());
+                            let (running, events) = {
+                                let mut placements = lock(&placements);
+                                let running = placements.check(running, refused);
+                                (running, placements.check_events(beat.events, refused))
+                            };
                             cluster.metrics.heartbeat();
                             cluster.nodes.report(&node, running);
-                            cluster.events.record(&node, beat.events);
+                            cluster.events.record(&node, events);
                         }
                         Ok(_) => {}
                         Err(status) => {

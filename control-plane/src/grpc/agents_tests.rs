@@ -7,10 +7,10 @@ use flotilla_proto::agent::v1::LogChunk;
 use flotilla_proto::control::v1::agents_client::AgentsClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    AgentMessage, ApplyRequest, ClusterRoute, ControlMessage, DeleteRequest, DesiredState,
-    GetRequest, Heartbeat, Hello, ListEventsRequest, ListNodesRequest, LogUpload, LogUploadHeader,
-    NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts, WorkloadLogsRequest,
-    agent_message, control_message, log_upload,
+    AgentMessage, ApplyRequest, ClusterRoute, ControlMessage, DeleteNodeRequest, DeleteRequest,
+    DesiredState, GetRequest, Heartbeat, Hello, ListEventsRequest, ListNodesRequest, LogUpload,
+    LogUploadHeader, NodeResources, RegisterRequest, SandboxEvent, StreamLogs, WorkloadCounts,
+    WorkloadLogsRequest, agent_message, control_message, log_upload,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -31,6 +31,7 @@ use crate::store::EmbeddedStore;
 struct Cluster {
     agents: AgentsClient<Channel>,
     workloads: WorkloadsClient<Channel>,
+    state: Arc<ClusterState>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,7 +72,7 @@ async fn cluster_with_token(join_token: Option<&str>) -> Cluster {
                     .into_server(),
             )
             .add_service(
-                AgentService::new(store, modules, cluster, Duration::from_secs(1))
+                AgentService::new(store, modules, cluster.clone(), Duration::from_secs(1))
                     .with_join_token(join_token.map(str::to_string))
                     .into_server(),
             )
@@ -81,14 +82,21 @@ async fn cluster_with_token(join_token: Option<&str>) -> Cluster {
     Cluster {
         agents: AgentsClient::connect(url.clone()).await.expect("connect"),
         workloads: WorkloadsClient::connect(url).await.expect("connect"),
+        state: cluster,
         _dir: dir,
     }
+}
+
+/// A credential of the agent installation named `installation` (base64url, long enough).
+fn credential(installation: &str) -> String {
+    format!("{installation}-{}", "x".repeat(43))
 }
 
 fn registration(node: &str, agent_id: &str, arch: &str) -> RegisterRequest {
     RegisterRequest {
         node_name: node.into(),
         agent_id: agent_id.into(),
+        node_credential: credential(node),
         arch: arch.into(),
         os: "linux".into(),
         allocatable: Some(NodeResources {
@@ -984,4 +992,197 @@ async fn agents_get_the_secrets_their_workloads_use_before_the_workloads() {
             break;
         }
     }
+}
+
+/// Waits (bounded) until the control plane's metrics contain `line`.
+async fn metric_until(cluster: &Cluster, line: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !cluster.state.encode_metrics().contains(line) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("metric {line:?} within 10 s"));
+}
+
+async fn node_ready(cluster: &mut Cluster, node: &str) -> Option<bool> {
+    let nodes = cluster
+        .workloads
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("list nodes")
+        .into_inner()
+        .nodes;
+    nodes.into_iter().find(|n| n.name == node).map(|n| n.ready)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_name_stays_with_its_credential_until_the_node_is_deleted() {
+    let mut cluster = cluster().await;
+    let a = FakeAgent::join(&mut cluster, "node-a").await;
+    // node-a's agent goes away: its name is free of any live agent, not of its credential.
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while node_ready(&mut cluster, "node-a").await != Some(false) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("node-a not ready within 10 s");
+    let imposter = RegisterRequest {
+        node_credential: credential("mallory"),
+        ..registration("node-a", "mallory", "amd64")
+    };
+    let err = cluster
+        .agents
+        .register(imposter.clone())
+        .await
+        .expect_err("another credential");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("flotilla delete node node-a"),
+        "{}",
+        err.message()
+    );
+    metric_until(
+        &cluster,
+        "flotilla_control_plane_agent_refusals_total{reason=\"CredentialMismatch\"} 1",
+    )
+    .await;
+    let weak = RegisterRequest {
+        node_credential: "guessable".into(),
+        ..registration("node-b", "mallory", "amd64")
+    };
+    let err = cluster.agents.register(weak).await.expect_err("weak");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(node_ready(&mut cluster, "node-b").await, None);
+
+    // Its own agent, restarted (another process, the same credential), takes it back.
+    let back =
+        FakeAgent::join_with(&mut cluster, registration("node-a", "restarted", "amd64")).await;
+    assert_eq!(node_ready(&mut cluster, "node-a").await, Some(true));
+    drop(back);
+
+    // An operator deletes the node: the name is released for whoever registers it next.
+    let deleted = cluster
+        .workloads
+        .delete_node(DeleteNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .expect("delete node")
+        .into_inner();
+    assert!(deleted.registered && deleted.released, "{deleted:?}");
+    assert_eq!(node_ready(&mut cluster, "node-a").await, None);
+    let _replacement = FakeAgent::join_with(&mut cluster, imposter).await;
+    assert_eq!(node_ready(&mut cluster, "node-a").await, Some(true));
+    let err = cluster
+        .workloads
+        .delete_node(DeleteNodeRequest {
+            name: "node-z".into(),
+        })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_live_node_ends_its_session_and_moves_its_replicas() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    let mut b = FakeAgent::join(&mut cluster, "node-b").await;
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    apply(&mut cluster, "web", &sha, 4).await;
+    a.desired_until(|d| replicas_of(d, "default/web") > 0).await;
+    cluster
+        .workloads
+        .delete_node(DeleteNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .expect("delete node");
+    // node-a's session ends from the control plane's side...
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = a.down.next().await {}
+    })
+    .await
+    .expect("node-a's session ends within 10 s");
+    // ... and node-b gets all four replicas.
+    b.desired_until(|d| replicas_of(d, "default/web") == 4)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_count_only_what_was_placed_on_the_reporting_node() {
+    let mut cluster = cluster().await;
+    let mut a = FakeAgent::join(&mut cluster, "node-a").await;
+    let b = FakeAgent::join(&mut cluster, "node-b").await;
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    apply_spec(
+        &mut cluster,
+        "victim",
+        &sha,
+        "replicas: 1, nodeSelector: {kubernetes.io/hostname: node-a}",
+    )
+    .await;
+    a.desired_until(|d| replicas_of(d, "default/victim") == 1)
+        .await;
+    // node-b, which runs none of it, claims five running replicas and a trap.
+    let claim = |running| Heartbeat {
+        workloads: vec![WorkloadCounts {
+            key: "default/victim".into(),
+            generation: 1,
+            running,
+            available: running,
+            ..WorkloadCounts::default()
+        }],
+        events: vec![SandboxEvent {
+            key: "default/victim".into(),
+            generation: 1,
+            reason: "Trap".into(),
+            message: "forged".into(),
+            count: 1,
+            last_at_ms: 1,
+        }],
+    };
+    b.heartbeat(claim(5)).await;
+    metric_until(
+        &cluster,
+        "flotilla_control_plane_agent_refusals_total{reason=\"UnplacedWorkload\"} 2",
+    )
+    .await;
+    // node-a, which runs one, claims three.
+    a.heartbeat(claim(3)).await;
+    metric_until(
+        &cluster,
+        "flotilla_control_plane_agent_refusals_total{reason=\"OverPlacement\"} 1",
+    )
+    .await;
+    let nodes = cluster
+        .workloads
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("list nodes")
+        .into_inner()
+        .nodes;
+    let running: Vec<(String, u64)> = nodes.into_iter().map(|n| (n.name, n.running)).collect();
+    assert_eq!(
+        running,
+        [("node-a".to_string(), 1), ("node-b".to_string(), 0)]
+    );
+    let events = cluster
+        .workloads
+        .list_events(ListEventsRequest {
+            name: "victim".into(),
+            ..ListEventsRequest::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().all(|e| e.node != "node-b"),
+        "a forged event got through: {events:?}"
+    );
+    assert!(events.iter().any(|e| e.node == "node-a"), "{events:?}");
 }

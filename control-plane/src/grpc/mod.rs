@@ -4,6 +4,7 @@
 pub(crate) mod agents;
 mod chunks;
 pub(crate) mod convert;
+mod reports;
 pub(crate) mod server;
 
 pub use self::agents::AgentService;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use flotilla_proto::agent::v1::{ConfigObject, LogChunk};
 use flotilla_proto::control::v1::workloads_server::{Workloads, WorkloadsServer};
 use flotilla_proto::control::v1::{
-    ApplyConfigRequest, ApplyRequest, ConfigSummary, DeleteConfigRequest, DeleteRequest,
-    Event as EventMessage, GetRequest, ListConfigRequest, ListConfigResponse, ListEventsRequest,
-    ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRequest, ListResponse,
-    Node as NodeMessage, NodeResources as NodeResourcesMessage, PushModuleRequest,
-    PushModuleResponse, Taint as TaintMessage, WatchEvent as WatchEventMessage, WatchRequest,
-    WorkloadLogsRequest, WorkloadObject, watch_event,
+    ApplyConfigRequest, ApplyRequest, ConfigSummary, DeleteConfigRequest, DeleteNodeRequest,
+    DeleteNodeResponse, DeleteRequest, Event as EventMessage, GetRequest, ListConfigRequest,
+    ListConfigResponse, ListEventsRequest, ListEventsResponse, ListNodesRequest, ListNodesResponse,
+    ListRequest, ListResponse, Node as NodeMessage, NodeResources as NodeResourcesMessage,
+    PushModuleRequest, PushModuleResponse, Taint as TaintMessage, WatchEvent as WatchEventMessage,
+    WatchRequest, WorkloadLogsRequest, WorkloadObject, watch_event,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -261,6 +261,36 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             .await?;
         self.cluster.metrics.log_stream();
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delete_node(
+        &self,
+        request: Request<DeleteNodeRequest>,
+    ) -> Result<Response<DeleteNodeResponse>, Status> {
+        let name = request.into_inner().name;
+        let registered = self.cluster.nodes.names().contains(&name);
+        let cluster = self.cluster.clone();
+        let node = name.clone();
+        let released = tokio::task::spawn_blocking(move || cluster.identities.release(&node))
+            .await
+            .map_err(|e| Status::internal(format!("node identity task failed: {e}")))?
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "releasing node {name}'s name: {}",
+                    flotilla_telemetry::error_chain(&e)
+                ))
+            })?;
+        if !registered && !released {
+            return Err(Status::not_found(format!("node {name} not found")));
+        }
+        // Its agent's session ends; the controller moves the node's replicas elsewhere.
+        self.cluster.sessions.end(&name);
+        self.cluster.nodes.remove(&name);
+        tracing::info!(node = %name, registered, released, "node deleted");
+        Ok(Response::new(DeleteNodeResponse {
+            registered,
+            released,
+        }))
     }
 
     async fn list_nodes(

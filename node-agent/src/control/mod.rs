@@ -31,6 +31,7 @@ use crate::admin::stream_logs;
 use crate::runtime::volumes::ConfigKey;
 use crate::supervisor::Supervisor;
 
+pub mod identity;
 mod operations;
 
 /// After a sandbox changes, the control plane hears of it this soon (and no more often),
@@ -62,6 +63,8 @@ pub struct ControlConfig {
     pub backoff_max: Duration,
     /// The token the control plane requires of agents, if any.
     pub join_token: Option<String>,
+    /// This node's credential, which its name is bound to ([`identity`]).
+    pub node_credential: String,
     /// TLS towards an `https://` control plane (trust, and a client identity for mutual TLS).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Base URL of this node's HTTP ingress, told to the control plane; empty without one.
@@ -239,6 +242,7 @@ async fn session(
                 sandboxes: capacity.max_sandboxes,
             }),
             ingress_url: config.ingress_url.clone(),
+            node_credential: config.node_credential.clone(),
         })
         .await?
         .into_inner();

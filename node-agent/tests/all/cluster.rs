@@ -66,6 +66,7 @@ fn join(url: &str, node: &str) -> (Supervisor, CancellationToken) {
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
         join_token: None,
+        node_credential: control::identity::generate(),
         tls: None,
         ingress_url: String::new(),
     };

@@ -53,6 +53,11 @@ pub struct RegisterRequest {
     /// Base URL of the agent's HTTP ingress (`<http://10.0.0.7:8080`>); empty when it has none.
     #[prost(string, tag = "8")]
     pub ingress_url: ::prost::alloc::string::String,
+    /// The agent's own random credential (43 to 256 characters of base64url), kept across its
+    /// restarts. The first registration of a node name binds the name to it; later ones must
+    /// present the same (PERMISSION_DENIED otherwise) until the name is released with DeleteNode.
+    #[prost(string, tag = "9")]
+    pub node_credential: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterResponse {
@@ -361,8 +366,8 @@ pub mod agents_client {
             self
         }
         /// Registers a node, or re-registers it after a restart or reconnect. Fails with
-        /// ALREADY_EXISTS while another live agent holds the node name, INVALID_ARGUMENT for a bad name
-        /// or arch.
+        /// PERMISSION_DENIED when the node name is bound to another credential, ALREADY_EXISTS while
+        /// another live agent holds the node name, INVALID_ARGUMENT for a bad name, arch or credential.
         pub async fn register(
             &mut self,
             request: impl tonic::IntoRequest<super::RegisterRequest>,
@@ -480,8 +485,8 @@ pub mod agents_server {
     #[async_trait]
     pub trait Agents: std::marker::Send + std::marker::Sync + 'static {
         /// Registers a node, or re-registers it after a restart or reconnect. Fails with
-        /// ALREADY_EXISTS while another live agent holds the node name, INVALID_ARGUMENT for a bad name
-        /// or arch.
+        /// PERMISSION_DENIED when the node name is bound to another credential, ALREADY_EXISTS while
+        /// another live agent holds the node name, INVALID_ARGUMENT for a bad name, arch or credential.
         async fn register(
             &self,
             request: tonic::Request<super::RegisterRequest>,
@@ -985,6 +990,20 @@ pub struct WorkloadLogsRequest {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteNodeRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteNodeResponse {
+    /// Whether the node was registered (it is no longer).
+    #[prost(bool, tag = "1")]
+    pub registered: bool,
+    /// Whether its name was bound to a credential (it is no longer).
+    #[prost(bool, tag = "2")]
+    pub released: bool,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListNodesResponse {
     #[prost(message, repeated, tag = "1")]
@@ -1334,6 +1353,33 @@ pub mod workloads_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "ListNodes"));
             self.inner.unary(req, path, codec).await
         }
+        /// Forgets a node, as `kubectl delete node` does: its replicas move elsewhere, its agent's
+        /// session ends, and its name is released for any agent's credential. NOT_FOUND when the name
+        /// is neither registered nor bound.
+        pub async fn delete_node(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteNodeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/DeleteNode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "DeleteNode"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Recent sandbox failures of a workload, aggregated per node and reason, newest first.
         pub async fn list_events(
             &mut self,
@@ -1508,6 +1554,16 @@ pub mod workloads_server {
             request: tonic::Request<super::ListNodesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListNodesResponse>,
+            tonic::Status,
+        >;
+        /// Forgets a node, as `kubectl delete node` does: its replicas move elsewhere, its agent's
+        /// session ends, and its name is released for any agent's credential. NOT_FOUND when the name
+        /// is neither registered nor bound.
+        async fn delete_node(
+            &self,
+            request: tonic::Request<super::DeleteNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteNodeResponse>,
             tonic::Status,
         >;
         /// Recent sandbox failures of a workload, aggregated per node and reason, newest first.
@@ -1954,6 +2010,51 @@ pub mod workloads_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListNodesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/DeleteNode" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteNodeSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::UnaryService<super::DeleteNodeRequest>
+                    for DeleteNodeSvc<T> {
+                        type Response = super::DeleteNodeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteNodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::delete_node(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteNodeSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -17,6 +17,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
+use crate::support;
+
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/flotilla")
 }
@@ -182,6 +184,14 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         // Nor do module downloads, nor do they reach the control plane's own pod.
         "--fetch-deny=127.0.0.0/8,0.0.0.0/8,169.254.0.0/16,",
         ",ff00::/8,$(POD_IP),$(HOST_IP)",
+        // Agents verify the control plane with the generated CA...
+        "--control-plane=https://flotilla-control-plane.flotilla.svc:7080",
+        "--tls-ca-file=/etc/flotilla/tls/ca.crt",
+        "type: kubernetes.io/tls",
+        // ... and keep their node credential on the node, in a directory made theirs.
+        "--state-dir=/var/lib/flotilla-agent",
+        "--prepare-state-dir-for=65532:65532",
+        "type: DirectoryOrCreate",
     ] {
         assert!(
             default.contains(expected),
@@ -353,4 +363,61 @@ fn rendered_manifests_pass_the_kubernetes_schemas_strictly() {
         assert!(!ok, "a misspelt field passed: {report}");
         assert!(report.contains("serviceAcountName"), "{report}");
     }
+}
+
+/// The data of the Secret named `name` in a render.
+fn secret_data(rendered: &str, name: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let yaml = serde_yaml::Value::deserialize(doc).expect("YAML");
+        if yaml["kind"].as_str() != Some("Secret")
+            || yaml["metadata"]["name"].as_str() != Some(name)
+        {
+            continue;
+        }
+        let secret: Secret = serde_yaml::from_value(yaml).expect("a Secret");
+        return secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| (key, value.0))
+            .collect();
+    }
+    panic!("no Secret {name} in the render");
+}
+
+#[test]
+fn the_generated_certificate_serves_agents_and_the_cli() {
+    let chart = chart();
+    let rendered = render(chart.to_str().expect("utf-8 path"), &[]);
+    let data = secret_data(&rendered, "flotilla-control-plane-tls");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for file in ["tls.crt", "tls.key", "ca.crt"] {
+        let bytes = data.get(file).unwrap_or_else(|| panic!("no {file}"));
+        std::fs::write(dir.path().join(file), bytes).expect("write");
+    }
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let control_plane =
+        support::ControlPlane::start_with(&dir.path().join("cp"), "127.0.0.1:0", |c| {
+            c.args(["--tls-cert-file", &file("tls.crt")])
+                .args(["--tls-key-file", &file("tls.key")]);
+        });
+    // Through a port-forward: `localhost` is among the certificate's names.
+    let url = format!("https://localhost:{}", control_plane.addr.port());
+    let agent = support::Agent::start_with(&url, "node-chart-tls", |c| {
+        c.args(["--tls-ca-file", &file("ca.crt")]);
+    });
+    agent.process.wait_line("connected to the control plane");
+    let (ok, nodes, stderr) = support::try_flotilla(&[
+        "--server",
+        &url,
+        "--tls-ca-file",
+        &file("ca.crt"),
+        "get",
+        "nodes",
+    ]);
+    assert!(ok && nodes.contains("node-chart-tls"), "{nodes}{stderr}");
+    // Without the CA, the CLI refuses the server, as agents would.
+    let (ok, _, stderr) = support::try_flotilla(&["--server", &url, "get", "nodes"]);
+    assert!(!ok, "an unverified server was trusted");
+    assert!(!stderr.is_empty());
 }

@@ -96,6 +96,27 @@ fn three_agents_run_300_replicas_through_an_agent_kill_and_a_control_plane_resta
         !placements(o).contains_key("node-2") && ready(o) == 300
     });
     assert_eq!(placements(&object).values().sum::<u64>(), 300);
+
+    // Another agent installation (its own credential) cannot take node-2's name while its
+    // agent is away, join token or not...
+    let elsewhere = data.path().join("another-installation");
+    let taker = Agent::start_with(&url, "node-2", |c| {
+        c.env("FLOTILLA_STATE_DIR", &elsewhere);
+    });
+    taker
+        .process
+        .wait_line("node node-2 is bound to another agent's credential");
+    assert!(
+        control_plane
+            .metrics()
+            .contains("flotilla_control_plane_agent_refusals_total{reason=\"CredentialMismatch\"}"),
+        "the refusal is counted"
+    );
+    // ... until an operator deletes the node, which releases the name.
+    let deleted = flotilla(&["--server", &url, "delete", "node", "node-2"]);
+    assert!(deleted.contains("node/node-2 deleted"), "{deleted}");
+    taker.process.wait_line("connected to the control plane");
+    drop(taker);
     let (after_1, after_3) = (node_1.running(), node_3.running());
     assert_eq!(after_1.len() + after_3.len(), 300);
     for (before, after) in [(&before_1, &after_1), (&before_3, &after_3)] {

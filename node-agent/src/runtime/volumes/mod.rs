@@ -478,7 +478,7 @@ pub fn create_dir(config: &VolumeConfig) -> io::Result<()> {
 
 /// Creates `dir` (and its parents) for the agent alone: mode 0700. A directory that exists
 /// and belongs to another user is refused: they could plant files in it.
-pub(in crate::runtime) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)

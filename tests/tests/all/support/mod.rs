@@ -107,8 +107,12 @@ impl Agent {
         configure: impl FnOnce(&mut Command),
     ) -> Self {
         let mut command = Command::new(workspace_binary("flotilla-node-agent"));
+        // One state directory (node credentials) for the test run, not the user's home: an
+        // agent restarted for the same node name takes it back.
+        let state_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-state");
         command
             .env("FLOTILLA_JOIN_TOKEN", JOIN_TOKEN)
+            .env("FLOTILLA_STATE_DIR", state_dir)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0"])
             .args(["--control-plane", control_plane, "--node-name", node])

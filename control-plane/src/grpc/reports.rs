@@ -1,0 +1,257 @@
+//! [`NodePlacements`]: what one agent's heartbeats may claim, so that a node reports only on
+//! the workloads placed on it, and never more sandboxes than placed.
+//!
+//! A report decides workload status (ready and available replicas, a rollout's progress, the
+//! `running` count a deletion waits on) and carries failure events into the workload's events.
+//! Without a check, any agent could mark another tenant's workload Ready or keep its deletion
+//! waiting. The session's down side records every revision it sends the node; the up side
+//! passes each report through [`NodePlacements::check`]. A revision removed from the node stays
+//! reportable until the agent stops reporting it, so a deletion still waits for its sandboxes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use flotilla_proto::control::v1::{DesiredState, SandboxEvent};
+
+use crate::cluster::Reported;
+
+/// A workload revision on a node: its key (`namespace/name`) and generation.
+type Revision = (String, u64);
+
+/// The revisions placed on one node, as its session sent them.
+#[derive(Debug, Default)]
+pub(crate) struct NodePlacements {
+    /// Agent workload name → its revision and this node's replicas of it.
+    placed: HashMap<String, (Revision, u64)>,
+    /// Revisions removed from the node whose sandboxes may still be running or stopping, with
+    /// the replicas they had.
+    draining: HashMap<Revision, u64>,
+}
+
+/// Why a report, or part of one, was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// It names a revision that is not and was not placed on the node.
+    UnplacedWorkload,
+    /// It counts more sandboxes than the node has replicas of the revision.
+    OverPlacement,
+}
+
+impl Refusal {
+    /// The reason label of the refusal metric.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::UnplacedWorkload => "UnplacedWorkload",
+            Self::OverPlacement => "OverPlacement",
+        }
+    }
+}
+
+impl NodePlacements {
+    /// Records a desired state sent to the node: a complete one replaces what was placed.
+    pub(crate) fn apply(&mut self, update: &DesiredState) {
+        if !update.incremental {
+            let names: Vec<String> = self.placed.keys().cloned().collect();
+            for name in names {
+                self.unplace(&name);
+            }
+        }
+        for name in &update.removed {
+            self.unplace(name);
+        }
+        for workload in &update.workloads {
+            let Some(spec) = &workload.spec else { continue };
+            let revision = (workload.key.clone(), spec.generation);
+            self.draining.remove(&revision);
+            self.placed
+                .insert(spec.name.clone(), (revision, u64::from(spec.replicas)));
+        }
+    }
+
+    fn unplace(&mut self, name: &str) {
+        if let Some((revision, replicas)) = self.placed.remove(name) {
+            let draining = self.draining.entry(revision).or_default();
+            *draining = (*draining).max(replicas);
+        }
+    }
+
+    /// The most sandboxes the node may report for `revision`; `None` when it is not its own.
+    fn cap(&self, revision: &Revision) -> Option<u64> {
+        let placed = self
+            .placed
+            .values()
+            .filter(|(r, _)| r == revision)
+            .map(|(_, replicas)| *replicas)
+            .reduce(u64::saturating_add);
+        match (placed, self.draining.get(revision)) {
+            (None, None) => None,
+            (placed, draining) => Some(placed.unwrap_or(0).max(draining.copied().unwrap_or(0))),
+        }
+    }
+
+    /// Keeps what the node may report: revisions placed on it, with counts capped at its
+    /// replicas. Draining revisions the report no longer names are forgotten.
+    pub(crate) fn check(
+        &mut self,
+        reports: BTreeMap<Revision, Reported>,
+        mut refused: impl FnMut(Refusal),
+    ) -> BTreeMap<Revision, Reported> {
+        let mut kept = BTreeMap::new();
+        for (revision, mut reported) in reports {
+            let Some(cap) = self.cap(&revision) else {
+                refused(Refusal::UnplacedWorkload);
+                continue;
+            };
+            if reported.running > cap || reported.succeeded > cap {
+                refused(Refusal::OverPlacement);
+                reported.running = reported.running.min(cap);
+                reported.succeeded = reported.succeeded.min(cap);
+            }
+            reported.available = reported.available.min(reported.running);
+            kept.insert(revision, reported);
+        }
+        self.draining
+            .retain(|revision, _| kept.contains_key(revision));
+        kept
+    }
+
+    /// Keeps the failure events of revisions placed on the node (or draining from it).
+    pub(crate) fn check_events(
+        &self,
+        events: Vec<SandboxEvent>,
+        mut refused: impl FnMut(Refusal),
+    ) -> Vec<SandboxEvent> {
+        events
+            .into_iter()
+            .filter(|event| {
+                let own = self.cap(&(event.key.clone(), event.generation)).is_some();
+                if !own {
+                    refused(Refusal::UnplacedWorkload);
+                }
+                own
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::agent::v1::WorkloadSpec;
+    use flotilla_proto::control::v1::DesiredWorkload;
+
+    use super::*;
+
+    fn desired(
+        incremental: bool,
+        workloads: &[(&str, u64, u32)],
+        removed: &[&str],
+    ) -> DesiredState {
+        DesiredState {
+            workloads: workloads
+                .iter()
+                .map(|&(key, generation, replicas)| DesiredWorkload {
+                    key: key.into(),
+                    spec: Some(WorkloadSpec {
+                        name: format!("{}-{generation}", key.replace('/', ".")),
+                        generation,
+                        replicas,
+                        ..WorkloadSpec::default()
+                    }),
+                })
+                .collect(),
+            incremental,
+            removed: removed.iter().map(|s| (*s).to_string()).collect(),
+            continued: false,
+        }
+    }
+
+    fn report(entries: &[(&str, u64, u64)]) -> BTreeMap<Revision, Reported> {
+        entries
+            .iter()
+            .map(|&(key, generation, running)| {
+                let reported = Reported {
+                    generation,
+                    running,
+                    available: running,
+                    succeeded: 0,
+                };
+                ((key.to_string(), generation), reported)
+            })
+            .collect()
+    }
+
+    fn check(
+        placements: &mut NodePlacements,
+        entries: &[(&str, u64, u64)],
+    ) -> (BTreeMap<Revision, Reported>, Vec<Refusal>) {
+        let mut refusals = Vec::new();
+        let kept = placements.check(report(entries), |r| refusals.push(r));
+        (kept, refusals)
+    }
+
+    #[test]
+    fn reports_of_other_workloads_are_refused_and_counts_capped() {
+        let mut placements = NodePlacements::default();
+        placements.apply(&desired(false, &[("a/web", 1, 2)], &[]));
+        let (kept, refusals) = check(
+            &mut placements,
+            &[("a/web", 1, 5), ("b/victim", 1, 3), ("a/web", 2, 1)],
+        );
+        assert_eq!(kept.len(), 1);
+        let web = &kept[&("a/web".to_string(), 1)];
+        assert_eq!((web.running, web.available), (2, 2));
+        assert_eq!(
+            refusals,
+            [
+                Refusal::OverPlacement,
+                Refusal::UnplacedWorkload,
+                Refusal::UnplacedWorkload
+            ]
+        );
+        let events = vec![
+            SandboxEvent {
+                key: "b/victim".into(),
+                generation: 1,
+                ..SandboxEvent::default()
+            },
+            SandboxEvent {
+                key: "a/web".into(),
+                generation: 1,
+                ..SandboxEvent::default()
+            },
+        ];
+        let kept = placements.check_events(events, |_| {});
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].key, "a/web");
+    }
+
+    #[test]
+    fn a_removed_revision_is_reportable_until_its_sandboxes_are_gone() {
+        let mut placements = NodePlacements::default();
+        placements.apply(&desired(false, &[("a/web", 1, 3)], &[]));
+        placements.apply(&desired(true, &[], &["a.web-1"]));
+        // Still stopping: the deletion must keep waiting for them.
+        let (kept, refusals) = check(&mut placements, &[("a/web", 1, 3)]);
+        assert_eq!(kept[&("a/web".to_string(), 1)].running, 3);
+        assert!(refusals.is_empty());
+        // Gone from one report: gone for good.
+        let (kept, _) = check(&mut placements, &[]);
+        assert!(kept.is_empty());
+        let (kept, refusals) = check(&mut placements, &[("a/web", 1, 1)]);
+        assert!(kept.is_empty());
+        assert_eq!(refusals, [Refusal::UnplacedWorkload]);
+    }
+
+    #[test]
+    fn a_complete_set_drains_what_it_no_longer_lists() {
+        let mut placements = NodePlacements::default();
+        placements.apply(&desired(false, &[("a/web", 1, 2), ("a/job", 4, 1)], &[]));
+        placements.apply(&desired(false, &[("a/web", 2, 2)], &[]));
+        let (kept, refusals) = check(&mut placements, &[("a/web", 1, 2), ("a/web", 2, 2)]);
+        assert_eq!(kept.len(), 2);
+        assert!(refusals.is_empty());
+        // a/job was not reported: it is no longer the node's to report.
+        let (kept, refusals) = check(&mut placements, &[("a/job", 4, 1)]);
+        assert!(kept.is_empty());
+        assert_eq!(refusals, [Refusal::UnplacedWorkload]);
+    }
+}
