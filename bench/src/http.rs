@@ -82,15 +82,19 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
         args.threads, args.connections, args.duration, args.rounds
     );
 
-    // Flotilla: the node agent in its own process, the guest from a static manifest.
+    // Flotilla: the node agent in its own process, the guest from a static manifest. The
+    // replica serves as many requests at once as the load generator has connections, so no
+    // request is turned away (wasmtime serve sets no such limit).
     let manifests = tempfile::tempdir()?;
     std::fs::write(
         manifests.path().join("hello.yaml"),
         format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: hello\n\
              spec:\n  module:\n    path: {}\n  http:\n    pathPrefix: /\n    maxConcurrency: \
-             100000\n  resources:\n    limits:\n      memory: 4Mi\n",
-            guest.display()
+             {}\n  resources:\n    limits:\n      memory: 4Mi\n",
+            guest.display(),
+            args.connections
+                .clamp(1, flotilla_model::HttpSpec::MAX_MAX_CONCURRENCY),
         ),
     )?;
     let flotilla_addr = free_port()?;

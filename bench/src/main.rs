@@ -373,6 +373,7 @@ fn scheduler(node_count: u32, replicas: u64) -> anyhow::Result<()> {
             requests: Requests {
                 memory: 1 << (16 + i % 8),
                 cpu_millis: 10 * (1 + i as u64 % 5),
+                sandboxes: 1,
             },
             ..WorkloadRequest::default()
         };

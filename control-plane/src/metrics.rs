@@ -100,7 +100,8 @@ impl Metrics {
             "What agents sent that was refused, by reason: registrations with another node's \
              credential (CredentialMismatch) or a malformed one (CredentialMalformed), reports \
              of workloads not placed on the node (UnplacedWorkload) or of more sandboxes than \
-             placed (OverPlacement)",
+             placed (OverPlacement), and fetches of modules no workload on the node runs \
+             (UnplacedModule)",
             agent_refusals.clone(),
         );
         Self {

@@ -276,10 +276,11 @@ pub struct HttpSpec {
     /// `/api/x`, not `/apix`). Default `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
-    /// Requests one replica serves at once; more are answered `503` with `Retry-After`.
-    /// Default: the agent's (1,000).
+    /// Requests one replica serves at once, each in a sandbox of its own; more are answered
+    /// `503` with `Retry-After`. A replica is placed and admitted for this many sandboxes and
+    /// this many times its memory request. Default 80, at most 10,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 10000)))]
     pub max_concurrency: Option<u32>,
     /// Wall-clock limit of one request, e.g. `10s` or `500ms`. Default: the agent's (30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -290,6 +291,17 @@ pub struct HttpSpec {
 }
 
 impl HttpSpec {
+    /// Requests a replica serves at once when `maxConcurrency` is unset (Cloud Run's default).
+    pub const DEFAULT_MAX_CONCURRENCY: u32 = 80;
+    /// Most requests a replica may serve at once.
+    pub const MAX_MAX_CONCURRENCY: u32 = 10_000;
+
+    /// Requests a replica serves at once: `maxConcurrency`, or the default.
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency
+            .unwrap_or(Self::DEFAULT_MAX_CONCURRENCY)
+    }
+
     /// The path prefix, `/` when unset.
     pub fn path_prefix(&self) -> &str {
         self.path_prefix.as_deref().unwrap_or("/")
@@ -316,8 +328,13 @@ impl HttpSpec {
                 format!("{path:?}: must be a path starting with '/', without '#' or spaces"),
             );
         }
-        if self.max_concurrency == Some(0) {
-            fail("spec.http.maxConcurrency", "must be >= 1".into());
+        match self.max_concurrency {
+            Some(0) => fail("spec.http.maxConcurrency", "must be >= 1".into()),
+            Some(n) if n > Self::MAX_MAX_CONCURRENCY => fail(
+                "spec.http.maxConcurrency",
+                format!("{n}: must be at most {}", Self::MAX_MAX_CONCURRENCY),
+            ),
+            _ => {}
         }
         if let Some(timeout) = &self.timeout {
             match parse_bounded_duration(timeout) {

@@ -29,13 +29,16 @@ pub struct SandboxLimits {
     pub cpu_limit: Option<u64>,
 }
 
-/// Placement requests of one sandbox, parsed from its quantities.
+/// Placement requests of one replica, parsed from its quantities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Requests {
     /// Bytes of memory.
     pub memory: u64,
     /// Millicores of CPU.
     pub cpu_millis: u64,
+    /// Sandboxes it may hold at once: one, or for an HTTP workload the requests a replica serves
+    /// at once (`spec.http.maxConcurrency`), each in a sandbox of its own.
+    pub sandboxes: u64,
 }
 
 // === impl WorkloadSpec ===
@@ -66,16 +69,26 @@ impl WorkloadSpec {
         }
     }
 
-    /// Placement requests of one sandbox. As for a Pod, a resource with a limit and no request
-    /// requests its limit; memory also counts the sandbox's log ring (`resources.limits.logs`,
-    /// or [`DEFAULT_LOG_BYTES`]), which lives in the agent's heap. Call on a validated spec;
+    /// Placement requests of one replica. As for a Pod, a resource with a limit and no request
+    /// requests its limit. An HTTP replica runs a sandbox per request, up to
+    /// `spec.http.maxConcurrency` at once, so it requests that many sandboxes and that many
+    /// times the memory: one tenant's traffic can never take what was promised to another.
+    /// Memory also counts the replica's log ring (`resources.limits.logs`, or
+    /// [`DEFAULT_LOG_BYTES`]), which lives in the agent's heap. Call on a validated spec;
     /// unparsable quantities count as zero.
     pub fn requests(&self) -> Requests {
         let limits = self.sandbox_limits();
-        let memory = limits.memory_request.or(limits.memory).unwrap_or(0);
+        let per_sandbox = limits.memory_request.or(limits.memory).unwrap_or(0);
+        let sandboxes = self
+            .http
+            .as_ref()
+            .map_or(1, |http| u64::from(http.max_concurrency()));
         Requests {
-            memory: memory.saturating_add(limits.logs.unwrap_or(DEFAULT_LOG_BYTES)),
+            memory: per_sandbox
+                .saturating_mul(sandboxes)
+                .saturating_add(limits.logs.unwrap_or(DEFAULT_LOG_BYTES)),
             cpu_millis: limits.cpu_request.unwrap_or(0),
+            sandboxes,
         }
     }
 }

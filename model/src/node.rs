@@ -94,7 +94,7 @@ impl NodeResources {
         };
         self.memory = apply(self.memory, requests.memory);
         self.cpu_millis = apply(self.cpu_millis, requests.cpu_millis);
-        self.sandboxes = apply(self.sandboxes, 1);
+        self.sandboxes = apply(self.sandboxes, requests.sandboxes);
     }
 }
 

@@ -31,7 +31,8 @@ fn parses_a_full_manifest() {
         Requests {
             // The request and the default log ring.
             memory: (1 << 20) + DEFAULT_LOG_BYTES,
-            cpu_millis: 100
+            cpu_millis: 100,
+            sandboxes: 1,
         }
     );
 }
@@ -104,6 +105,10 @@ fn bad_manifests_get_field_pointed_errors() {
         (
             "  http: {maxConcurrency: 0}\n",
             "spec.http.maxConcurrency: must be >= 1",
+        ),
+        (
+            "  http: {maxConcurrency: 10001}\n",
+            "spec.http.maxConcurrency: 10001: must be at most 10000",
         ),
         ("  http: {timeout: soon}\n", "spec.http.timeout"),
         ("  http: {timeout: 0s}\n", "spec.http.timeout: must be > 0"),
@@ -269,12 +274,45 @@ fn limits_alone_request_the_limit() {
         spec.requests(),
         Requests {
             memory: (8 << 20) + DEFAULT_LOG_BYTES,
-            cpu_millis: 500
+            cpu_millis: 500,
+            sandboxes: 1,
         }
     );
     // The log ring is memory in the agent's heap, so its limit is requested too.
     spec.resources.limits.logs = Some("1Mi".into());
     assert_eq!(spec.requests().memory, 9 << 20);
+}
+
+#[test]
+fn an_http_replica_requests_a_sandbox_and_its_memory_per_concurrent_request() {
+    let mut spec = WorkloadSpec::default();
+    spec.resources.requests.memory = Some("2Mi".into());
+    spec.resources.limits.memory = Some("8Mi".into());
+    spec.resources.limits.logs = Some("1Mi".into());
+    spec.http = Some(HttpSpec {
+        max_concurrency: Some(50),
+        ..HttpSpec::default()
+    });
+    // Fifty request sandboxes of 2 MiB each, one log ring for the replica.
+    assert_eq!(
+        spec.requests(),
+        Requests {
+            memory: 50 * (2 << 20) + (1 << 20),
+            cpu_millis: 0,
+            sandboxes: 50,
+        }
+    );
+    spec.http = Some(HttpSpec::default());
+    assert_eq!(
+        spec.requests().sandboxes,
+        u64::from(HttpSpec::DEFAULT_MAX_CONCURRENCY)
+    );
+    let mut node = node::NodeResources::default();
+    node.allocate(&spec.requests(), 2);
+    assert_eq!(
+        node.sandboxes,
+        2 * u64::from(HttpSpec::DEFAULT_MAX_CONCURRENCY)
+    );
 }
 
 #[test]

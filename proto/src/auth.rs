@@ -69,6 +69,25 @@ pub fn load_token(
     Ok(Some(token))
 }
 
+/// The metadata key naming the agent's session (`RegisterResponse.session_id`) on the calls it
+/// makes for that session: a module is fetched only for workloads placed on the session's node.
+pub const SESSION: &str = "flotilla-session";
+
+/// Adds `session_id` to a request's metadata.
+pub fn insert_session<T>(request: &mut tonic::Request<T>, session_id: &str) {
+    if let Ok(value) = session_id.parse() {
+        request.metadata_mut().insert(SESSION, value);
+    }
+}
+
+/// The session a request names, if any.
+pub fn session_of<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(SESSION)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// Adds the token to a request's metadata.
 pub fn insert_bearer<T>(request: &mut tonic::Request<T>, token: &str) {
     if let Ok(value) = format!("Bearer {token}").parse() {
@@ -105,7 +124,7 @@ pub fn check_bearer<T>(request: &tonic::Request<T>, expected: &str) -> Result<()
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

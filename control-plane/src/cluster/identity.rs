@@ -99,7 +99,9 @@ impl NodeIdentities {
         let digest = digest(credential)?;
         let mut bound = self.lock();
         match bound.get(node) {
-            Some(held) if constant_time_eq(held, &digest) => return Ok(Admitted::Matched),
+            Some(held) if flotilla_proto::auth::constant_time_eq(held, &digest) => {
+                return Ok(Admitted::Matched);
+            }
             Some(_) => return Err(IdentityError::Taken(node.to_string())),
             None => {}
         }
@@ -155,10 +157,6 @@ fn digest(credential: &str) -> Result<[u8; 32], IdentityError> {
         return Err(IdentityError::Malformed);
     }
     Ok(Sha256::digest(credential.as_bytes()).into())
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! ready, and the controller moves its replicas elsewhere.
 
 use flotilla_proto::auth::BearerError;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +53,8 @@ pub struct AgentService<S> {
     client_certs_required: bool,
     /// Node name → (agent id, session id) of the agent that registered it last.
     sessions: Arc<Mutex<BTreeMap<String, (String, String)>>>,
+    /// Open session id → what it placed on its node, which scopes `FetchModule`.
+    placements: Arc<Mutex<HashMap<String, Arc<Mutex<NodePlacements>>>>>,
 }
 
 impl<S: WorkloadStore + Clone> AgentService<S> {
@@ -72,6 +74,7 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
             join_token: None,
             client_certs_required: false,
             sessions: Arc::default(),
+            placements: Arc::default(),
         }
     }
 
@@ -294,6 +297,8 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             lock(&placements).apply(complete);
         }
         let sent = placements.clone();
+        lock(&self.placements).insert(session_id.clone(), placements.clone());
+        let open_placements = self.placements.clone();
         // Both directions end when the control plane shuts down or deletes the node, as when
         // the agent leaves.
         let ended = self.cluster.shutdown.child_token();
@@ -413,6 +418,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                     tracing::warn!(%node, "agent disconnected; node marked not ready");
                 }
                 cluster.sessions.close(&node, &session_id);
+                lock(&open_placements).remove(&session_id);
                 cluster.nodes.mark_lost(&node);
                 down.abort();
             }
@@ -426,7 +432,24 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         request: Request<FetchModuleRequest>,
     ) -> Result<Response<FetchModuleResponse>, Status> {
         self.authenticate(&request)?;
+        // Only the modules of workloads placed on the caller's node: never another tenant's.
+        let placed = flotilla_proto::auth::session_of(&request)
+            .and_then(|session| lock(&self.placements).get(session).cloned());
+        let Some(placed) = placed else {
+            return Err(Status::failed_precondition(
+                "FetchModule names no open session (the flotilla-session metadata); open the \
+                 node's Session first",
+            ));
+        };
         let sha256 = request.into_inner().sha256;
+        if !lock(&placed).uses_module(&sha256) {
+            self.cluster
+                .metrics
+                .agent_refusal(Refusal::UnplacedModule.reason());
+            return Err(Status::permission_denied(format!(
+                "module {sha256} is not run by any workload placed on this node"
+            )));
+        }
         match self.read_module(&sha256).await? {
             Err(ModuleError::NotFound(_)) => {}
             result => {

@@ -112,6 +112,7 @@ fn registration(node: &str, agent_id: &str, arch: &str) -> RegisterRequest {
 struct FakeAgent {
     up: mpsc::Sender<AgentMessage>,
     down: tonic::Streaming<ControlMessage>,
+    session_id: String,
 }
 
 impl FakeAgent {
@@ -136,7 +137,7 @@ impl FakeAgent {
         up.send(AgentMessage {
             kind: Some(agent_message::Kind::Hello(Hello {
                 node_name: node,
-                session_id,
+                session_id: session_id.clone(),
             })),
         })
         .await
@@ -152,7 +153,25 @@ impl FakeAgent {
             .await
             .expect("session")
             .into_inner();
-        Self { up, down }
+        Self {
+            up,
+            down,
+            session_id,
+        }
+    }
+
+    /// Fetches a module as this agent's session.
+    async fn fetch(&self, cluster: &mut Cluster, sha256: &str) -> Result<Vec<u8>, tonic::Status> {
+        let mut request = tonic::Request::new(flotilla_proto::control::v1::FetchModuleRequest {
+            sha256: sha256.into(),
+        });
+        flotilla_proto::auth::insert_session(&mut request, &self.session_id);
+        Ok(cluster
+            .agents
+            .fetch_module(request)
+            .await?
+            .into_inner()
+            .module)
     }
 
     /// The next message down the session, past route tables and config objects (sent on open
@@ -668,7 +687,7 @@ async fn every_agent_learns_which_ingresses_serve_each_http_workload() {
     // No ingress: HTTP replicas never go here, but it still learns the routes.
     let mut b = FakeAgent::join(&mut cluster, "node-b").await;
     let sha = super::tests::push(&mut cluster.workloads).await;
-    let fields = "replicas: 2, http: {pathPrefix: /api, host: api.example.com}";
+    let fields = "replicas: 2, http: {pathPrefix: /api, host: api.example.com, maxConcurrency: 40}";
     apply_spec(&mut cluster, "web", &sha, fields).await;
     let expected = [ClusterRoute {
         workload: "default.web".into(),
@@ -1185,4 +1204,28 @@ async fn reports_count_only_what_was_placed_on_the_reporting_node() {
         "a forged event got through: {events:?}"
     );
     assert!(events.iter().any(|e| e.node == "node-a"), "{events:?}");
+
+    // Modules likewise: node-a fetches the victim's module, node-b may not, nor may a call
+    // that names no session.
+    assert!(
+        !a.fetch(&mut cluster, &sha)
+            .await
+            .expect("own module")
+            .is_empty()
+    );
+    let err = b.fetch(&mut cluster, &sha).await.expect_err("not node-b's");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    metric_until(
+        &cluster,
+        "flotilla_control_plane_agent_refusals_total{reason=\"UnplacedModule\"} 1",
+    )
+    .await;
+    let err = cluster
+        .agents
+        .fetch_module(flotilla_proto::control::v1::FetchModuleRequest {
+            sha256: sha.clone(),
+        })
+        .await
+        .expect_err("no session");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
 }

@@ -7,6 +7,8 @@
 //! waiting. The session's down side records every revision it sends the node; the up side
 //! passes each report through [`NodePlacements::check`]. A revision removed from the node stays
 //! reportable until the agent stops reporting it, so a deletion still waits for its sandboxes.
+//! The same record scopes `FetchModule`: an agent fetches only the modules of workloads placed
+//! on its node, never another tenant's by digest.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,8 +22,8 @@ type Revision = (String, u64);
 /// The revisions placed on one node, as its session sent them.
 #[derive(Debug, Default)]
 pub(crate) struct NodePlacements {
-    /// Agent workload name → its revision and this node's replicas of it.
-    placed: HashMap<String, (Revision, u64)>,
+    /// Agent workload name → its revision, this node's replicas of it and its module's digest.
+    placed: HashMap<String, (Revision, u64, String)>,
     /// Revisions removed from the node whose sandboxes may still be running or stopping, with
     /// the replicas they had.
     draining: HashMap<Revision, u64>,
@@ -34,6 +36,8 @@ pub(crate) enum Refusal {
     UnplacedWorkload,
     /// It counts more sandboxes than the node has replicas of the revision.
     OverPlacement,
+    /// It fetches a module no workload placed on the node runs.
+    UnplacedModule,
 }
 
 impl Refusal {
@@ -42,6 +46,7 @@ impl Refusal {
         match self {
             Self::UnplacedWorkload => "UnplacedWorkload",
             Self::OverPlacement => "OverPlacement",
+            Self::UnplacedModule => "UnplacedModule",
         }
     }
 }
@@ -62,13 +67,20 @@ impl NodePlacements {
             let Some(spec) = &workload.spec else { continue };
             let revision = (workload.key.clone(), spec.generation);
             self.draining.remove(&revision);
-            self.placed
-                .insert(spec.name.clone(), (revision, u64::from(spec.replicas)));
+            let module = spec
+                .module
+                .as_ref()
+                .map(|m| m.sha256.clone())
+                .unwrap_or_default();
+            self.placed.insert(
+                spec.name.clone(),
+                (revision, u64::from(spec.replicas), module),
+            );
         }
     }
 
     fn unplace(&mut self, name: &str) {
-        if let Some((revision, replicas)) = self.placed.remove(name) {
+        if let Some((revision, replicas, _)) = self.placed.remove(name) {
             let draining = self.draining.entry(revision).or_default();
             *draining = (*draining).max(replicas);
         }
@@ -79,13 +91,19 @@ impl NodePlacements {
         let placed = self
             .placed
             .values()
-            .filter(|(r, _)| r == revision)
-            .map(|(_, replicas)| *replicas)
+            .filter(|(r, _, _)| r == revision)
+            .map(|(_, replicas, _)| *replicas)
             .reduce(u64::saturating_add);
         match (placed, self.draining.get(revision)) {
             (None, None) => None,
             (placed, draining) => Some(placed.unwrap_or(0).max(draining.copied().unwrap_or(0))),
         }
+    }
+
+    /// Whether a workload placed on the node runs the module `sha256`: only then may its agent
+    /// fetch it.
+    pub(crate) fn uses_module(&self, sha256: &str) -> bool {
+        !sha256.is_empty() && self.placed.values().any(|(_, _, module)| module == sha256)
     }
 
     /// Keeps what the node may report: revisions placed on it, with counts capped at its
@@ -135,7 +153,7 @@ impl NodePlacements {
 
 #[cfg(test)]
 mod tests {
-    use flotilla_proto::agent::v1::WorkloadSpec;
+    use flotilla_proto::agent::v1::{ModuleSource, WorkloadSpec};
     use flotilla_proto::control::v1::DesiredWorkload;
 
     use super::*;
@@ -154,6 +172,10 @@ mod tests {
                         name: format!("{}-{generation}", key.replace('/', ".")),
                         generation,
                         replicas,
+                        module: Some(ModuleSource {
+                            sha256: format!("sha-of-{key}"),
+                            ..ModuleSource::default()
+                        }),
                         ..WorkloadSpec::default()
                     }),
                 })
@@ -222,6 +244,12 @@ mod tests {
         let kept = placements.check_events(events, |_| {});
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].key, "a/web");
+        // Its own module may be fetched; another tenant's may not, nor a removed one's.
+        assert!(placements.uses_module("sha-of-a/web"));
+        assert!(!placements.uses_module("sha-of-b/victim"));
+        assert!(!placements.uses_module(""));
+        placements.apply(&desired(true, &[], &["a.web-1"]));
+        assert!(!placements.uses_module("sha-of-a/web"));
     }
 
     #[test]

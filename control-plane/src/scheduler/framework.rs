@@ -121,7 +121,10 @@ impl NodeView<'_> {
                 .allocated
                 .cpu_millis
                 .saturating_add(workload.requests.cpu_millis),
-            sandboxes: self.allocated.sandboxes.saturating_add(1),
+            sandboxes: self
+                .allocated
+                .sandboxes
+                .saturating_add(workload.requests.sandboxes),
         }
     }
 }

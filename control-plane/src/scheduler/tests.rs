@@ -29,6 +29,7 @@ fn workload(memory: u64) -> WorkloadRequest {
         requests: Requests {
             memory,
             cpu_millis: 0,
+            sandboxes: 1,
         },
         ..WorkloadRequest::default()
     }
@@ -64,6 +65,27 @@ fn stops_at_capacity_and_says_why() {
     assert_eq!(
         placement.message.as_deref(),
         Some("0/3 nodes are available: 3 too many sandboxes")
+    );
+}
+
+#[test]
+fn an_http_replica_takes_a_sandbox_per_concurrent_request() {
+    let nodes = ["a", "b"].map(|name| NodeInfo {
+        ingress_url: format!("http://{name}:8080"),
+        ..node(name, 100)
+    });
+    let mut w = workload(0);
+    w.http = true;
+    w.requests.sandboxes = 80;
+    let placement = scheduler()
+        .schedule(&w, &nodes, &BTreeMap::new(), 3)
+        .expect("schedules");
+    // One replica of 80 per node of 100: the third fits nowhere.
+    assert_eq!(placement.assigned, counts(&[("a", 1), ("b", 1)]));
+    assert_eq!(placement.unschedulable, 1);
+    assert_eq!(
+        placement.message.as_deref(),
+        Some("0/2 nodes are available: 2 too many sandboxes")
     );
 }
 

@@ -71,24 +71,31 @@ pub struct ControlConfig {
     pub ingress_url: String,
 }
 
-/// Adds the join token to every call to the control plane.
-#[derive(Clone)]
-struct JoinToken(Option<std::sync::Arc<str>>);
+/// Adds the join token to every call to the control plane and, once the node is registered,
+/// the session's id, which scopes what the agent may fetch to what is placed on its node.
+#[derive(Clone, Default)]
+struct Credentials {
+    join_token: Option<std::sync::Arc<str>>,
+    session: Option<std::sync::Arc<str>>,
+}
 
-impl tonic::service::Interceptor for JoinToken {
+impl tonic::service::Interceptor for Credentials {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
+        if let Some(token) = &self.join_token {
             flotilla_proto::auth::insert_bearer(&mut request, token);
+        }
+        if let Some(session) = &self.session {
+            flotilla_proto::auth::insert_session(&mut request, session);
         }
         Ok(request)
     }
 }
 
-/// A client of the agent protocol that presents the join token.
-type Client = AgentsClient<tonic::service::interceptor::InterceptedService<Channel, JoinToken>>;
+/// A client of the agent protocol that presents the join token and the session.
+type Client = AgentsClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -223,9 +230,12 @@ async fn session(
             .map_err(SessionError::Connect)?;
     }
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
-    let token = JoinToken(config.join_token.as_deref().map(std::sync::Arc::from));
-    let mut client =
-        AgentsClient::with_interceptor(channel, token).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut credentials = Credentials {
+        join_token: config.join_token.as_deref().map(std::sync::Arc::from),
+        session: None,
+    };
+    let mut client = AgentsClient::with_interceptor(channel.clone(), credentials.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let capacity = supervisor.capacity();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let registered = client
@@ -246,6 +256,9 @@ async fn session(
         })
         .await?
         .into_inner();
+    credentials.session = Some(registered.session_id.as_str().into());
+    let mut client = AgentsClient::with_interceptor(channel, credentials)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(50));
     let (up, rx) = mpsc::channel(16);
     let hello = AgentMessage {

@@ -92,6 +92,9 @@ pub enum SandboxError {
     /// Egress rules the control plane would have refused.
     #[error("invalid egress rules: {0}")]
     Egress(String),
+    /// HTTP settings the control plane would have refused.
+    #[error("invalid spec.http: {0}")]
+    Http(String),
 }
 
 // === impl SandboxError ===
@@ -104,6 +107,7 @@ impl SandboxError {
             SandboxError::Limits(_) => "InvalidLimits",
             SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
             SandboxError::Egress(_) => "InvalidEgress",
+            SandboxError::Http(_) => "InvalidHttp",
             SandboxError::TooCostly(_) | SandboxError::CompileTimeout(_) => "ModuleTooCostly",
             _ => "InvalidModule",
         }

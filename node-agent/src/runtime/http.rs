@@ -32,9 +32,6 @@ use crate::metrics::WorkloadHttpMetrics;
 /// The body of every response the ingress sends: the guest's stream, or a short error text.
 pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
-/// Requests one replica serves at once when the workload sets no limit.
-pub(crate) const DEFAULT_MAX_CONCURRENCY: u32 = 1000;
-
 /// Wall-clock limit of one request when the workload sets none.
 pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

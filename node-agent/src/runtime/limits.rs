@@ -122,10 +122,11 @@ impl SandboxLimits {
         })
     }
 
-    /// Bytes one sandbox is accounted for at admission: its memory request and its log ring,
-    /// which lives in the agent's heap.
-    pub fn admitted_bytes(&self) -> u64 {
+    /// Bytes a replica of `slots` sandboxes is accounted for at admission: each sandbox's
+    /// memory request, and the replica's log ring, which lives in the agent's heap.
+    pub fn admitted_bytes(&self, slots: u64) -> u64 {
         self.memory_request_bytes
+            .saturating_mul(slots)
             .saturating_add(u64::try_from(self.log_bytes).unwrap_or(u64::MAX))
     }
 }

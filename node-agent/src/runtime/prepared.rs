@@ -9,10 +9,11 @@ use flotilla_proto::agent::v1::{Volume, WorkloadSpec};
 use super::artifacts::Artifact;
 use super::environment::Environment;
 use super::error::SandboxError;
-use super::http::{DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, HttpSettings};
+use super::http::{DEFAULT_REQUEST_TIMEOUT, HttpSettings};
 use super::limits::SandboxLimits;
 use super::sandbox::Prepared;
 use crate::ingress::routes::RouteKey;
+use flotilla_model::HttpSpec;
 
 /// A workload ready to be instantiated: its artifact plus the per-workload configuration.
 pub struct PreparedWorkload {
@@ -59,7 +60,13 @@ impl PreparedWorkload {
                     owner: owner.as_str().into(),
                     route: RouteKey::new(&route.host, &route.path_prefix),
                     max_concurrency: match route.max_concurrency {
-                        0 => DEFAULT_MAX_CONCURRENCY,
+                        0 => HttpSpec::DEFAULT_MAX_CONCURRENCY,
+                        n if n > HttpSpec::MAX_MAX_CONCURRENCY => {
+                            return Err(SandboxError::Http(format!(
+                                "maxConcurrency {n}: must be at most {}",
+                                HttpSpec::MAX_MAX_CONCURRENCY
+                            )));
+                        }
                         n => n,
                     },
                     timeout,
@@ -100,5 +107,9 @@ impl Prepared for PreparedWorkload {
 
     fn limits(&self) -> &SandboxLimits {
         &self.limits
+    }
+
+    fn slots(&self) -> u32 {
+        self.http.as_ref().map_or(1, |http| http.max_concurrency)
     }
 }

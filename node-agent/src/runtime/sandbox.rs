@@ -81,6 +81,17 @@ pub trait Prepared: Send + Sync + 'static {
     fn digest(&self) -> &str;
     /// The limits every sandbox of this workload runs under.
     fn limits(&self) -> &SandboxLimits;
+    /// Sandboxes one replica may hold at once: one, or an HTTP replica's `maxConcurrency` (a
+    /// sandbox per request).
+    fn slots(&self) -> u32 {
+        1
+    }
+    /// What one replica is accounted for at admission: its sandbox slots, and their memory
+    /// requests with its log ring.
+    fn per_replica(&self) -> (u64, u64) {
+        let slots = u64::from(self.slots());
+        (slots, self.limits().admitted_bytes(slots))
+    }
 }
 
 /// An instantiated sandbox.

@@ -315,7 +315,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         };
 
         let mut workloads = self.shared.lock_workloads();
-        self.admit(&workloads, &spec, prepared.limits().admitted_bytes())?;
+        self.admit(&workloads, &spec, prepared.per_replica())?;
         if let Some(old) = workloads.remove(&spec.name) {
             self.shared.retire(old);
         }
@@ -347,7 +347,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         if same != *spec {
             return Ok(None);
         }
-        self.admit(&workloads, spec, prepared.limits().admitted_bytes())?;
+        self.admit(&workloads, spec, prepared.per_replica())?;
         let workload = workloads
             .get_mut(&spec.name)
             .expect("the workload was found under the same lock");
@@ -364,7 +364,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
         &self,
         workloads: &HashMap<String, Workload<R>>,
         spec: &WorkloadSpec,
-        admitted_bytes: u64,
+        (slots, admitted_bytes): (u64, u64),
     ) -> Result<(), ApplyError> {
         let capacity = self.shared.runtime.capacity();
         let (mut sandboxes, mut memory) = (0u64, 0u64);
@@ -373,19 +373,31 @@ impl<R: SandboxRuntime> Supervisor<R> {
                 && let Some(prepared) = &w.prepared
             {
                 let n = u64::from(w.spec.replicas);
-                sandboxes += n;
-                memory += n * prepared.limits().admitted_bytes();
+                let (slots, bytes) = prepared.per_replica();
+                sandboxes = sandboxes.saturating_add(n.saturating_mul(slots));
+                memory = memory.saturating_add(n.saturating_mul(bytes));
             }
         }
-        let wanted = u64::from(spec.replicas);
+        let replicas = u64::from(spec.replicas);
+        // An HTTP replica holds a sandbox per request it serves at once.
+        let wanted = replicas.saturating_mul(slots);
         let free = u64::from(capacity.max_sandboxes).saturating_sub(sandboxes);
         if wanted > free {
+            let per_request = if slots > 1 {
+                format!(
+                    " ({replicas} replicas serving up to {slots} requests at once, each in a \
+                     sandbox: spec.http.maxConcurrency)"
+                )
+            } else {
+                String::new()
+            };
             return Err(ApplyError::AdmissionRefused(format!(
-                "workload {} needs {wanted} sandboxes but only {free} of {} are free ({})",
+                "workload {} needs {wanted} sandboxes{per_request} but only {free} of {} are \
+                 free ({})",
                 spec.name, capacity.max_sandboxes, capacity.limited_by
             )));
         }
-        let wanted_memory = wanted.saturating_mul(admitted_bytes);
+        let wanted_memory = replicas.saturating_mul(admitted_bytes);
         let free_memory = capacity.memory_bytes.saturating_sub(memory);
         if wanted_memory > free_memory {
             return Err(ApplyError::AdmissionRefused(format!(
@@ -507,8 +519,9 @@ impl<R: SandboxRuntime> Supervisor<R> {
         for w in workloads.values() {
             if let Some(prepared) = &w.prepared {
                 let n = w.sandboxes.len() as u64;
-                sandboxes += n;
-                memory += n * prepared.limits().admitted_bytes();
+                let (slots, bytes) = prepared.per_replica();
+                sandboxes = sandboxes.saturating_add(n.saturating_mul(slots));
+                memory = memory.saturating_add(n.saturating_mul(bytes));
             }
         }
         CapacityMessage {

@@ -538,3 +538,52 @@ async fn http2_with_prior_knowledge_is_served_too() {
     }
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_replica_is_admitted_as_a_sandbox_per_concurrent_request() {
+    // 2,000 sandboxes (start_agent's --max-sandboxes).
+    let agent = start_agent().await;
+    let route = |path: &str, max_concurrency| HttpRoute {
+        max_concurrency,
+        ..prefix(path)
+    };
+    // Two replicas of 600 concurrent requests each hold 1,200 of the 2,000 sandboxes.
+    serve(
+        &agent,
+        WorkloadSpec {
+            replicas: 2,
+            ..http_spec("wide", guest("hello"), route("/wide", 600))
+        },
+    )
+    .await;
+    let capacity = agent.supervisor().capacity();
+    assert_eq!(capacity.sandboxes, 1200, "{capacity:?}");
+    // A replica of 1,000 more does not fit in the 800 left, and changes nothing.
+    let error = agent
+        .supervisor()
+        .apply(http_spec("greedy", guest("hello"), route("/greedy", 1000)))
+        .await
+        .expect_err("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("needs 1000 sandboxes (1 replicas serving up to 1000 requests at once")
+            && message.contains("only 800 of 2000 are free"),
+        "{message}"
+    );
+    // Past the model's ceiling, whichever door it came through.
+    let error = agent
+        .supervisor()
+        .apply(http_spec("huge", guest("hello"), route("/huge", 10_001)))
+        .await
+        .expect_err("refused");
+    assert!(
+        format!("{error:?}").contains("must be at most 10000"),
+        "{error:?}"
+    );
+    // One of the default concurrency (80) fits, and the first still serves.
+    serve(&agent, http_spec("small", guest("hello"), prefix("/small"))).await;
+    assert_eq!(agent.supervisor().capacity().sandboxes, 1280);
+    let wide = get(ingress(&agent), "/wide").await.expect("wide");
+    assert_eq!(wide.status, 200);
+    agent.shutdown().await;
+}

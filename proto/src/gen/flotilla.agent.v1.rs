@@ -247,7 +247,8 @@ pub struct HttpRoute {
     /// Path prefix matched on whole segments; empty means "/".
     #[prost(string, tag = "2")]
     pub path_prefix: ::prost::alloc::string::String,
-    /// Requests one replica serves at once; 0 for the agent's default.
+    /// Requests one replica serves at once, each in a sandbox (at most 10,000); 0 for the default
+    /// (80). The agent admits a replica as this many sandboxes.
     #[prost(uint32, tag = "3")]
     pub max_concurrency: u32,
     /// Wall-clock limit of one request in milliseconds; 0 for the agent's default.

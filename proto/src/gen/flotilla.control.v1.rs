@@ -418,7 +418,9 @@ pub mod agents_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Agents", "Session"));
             self.inner.streaming(req, path, codec).await
         }
-        /// The module blob pushed under a digest; NOT_FOUND when there is none.
+        /// The module blob pushed under a digest; NOT_FOUND when there is none. The call names the
+        /// agent's open session in `flotilla-session` metadata; PERMISSION_DENIED unless a workload
+        /// placed on that session's node runs the module.
         pub async fn fetch_module(
             &mut self,
             request: impl tonic::IntoRequest<super::FetchModuleRequest>,
@@ -506,7 +508,9 @@ pub mod agents_server {
             &self,
             request: tonic::Request<tonic::Streaming<super::AgentMessage>>,
         ) -> std::result::Result<tonic::Response<Self::SessionStream>, tonic::Status>;
-        /// The module blob pushed under a digest; NOT_FOUND when there is none.
+        /// The module blob pushed under a digest; NOT_FOUND when there is none. The call names the
+        /// agent's open session in `flotilla-session` metadata; PERMISSION_DENIED unless a workload
+        /// placed on that session's node runs the module.
         async fn fetch_module(
             &self,
             request: tonic::Request<super::FetchModuleRequest>,

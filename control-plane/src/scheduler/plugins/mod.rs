@@ -44,7 +44,11 @@ pub(crate) mod testing {
     pub(crate) fn workload(memory: u64, cpu_millis: u64) -> WorkloadRequest {
         WorkloadRequest {
             key: "default/w".into(),
-            requests: Requests { memory, cpu_millis },
+            requests: Requests {
+                memory,
+                cpu_millis,
+                sandboxes: 1,
+            },
             ..WorkloadRequest::default()
         }
     }
