@@ -14,7 +14,7 @@ use flotilla_model::parse_bytes;
 
 /// `flotilla-node-agent`: hosts WASI sandboxes with wasmtime.
 #[derive(Debug, Clone, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 pub struct Args {
     /// Address of the admin gRPC API. Beyond loopback it needs --admin-token-file: the admin
     /// API runs, stops and reads the logs of workloads on this node.

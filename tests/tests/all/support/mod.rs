@@ -106,7 +106,18 @@ impl Agent {
         node: &'static str,
         configure: impl FnOnce(&mut Command),
     ) -> Self {
-        let mut command = Command::new(workspace_binary("flotilla-node-agent"));
+        let command = Command::new(workspace_binary("flotilla-node-agent"));
+        Self::start_command(command, control_plane, node, configure)
+    }
+
+    /// Starts the agent that `command` runs (another build, or one under an emulator), with
+    /// the usual test flags and more from `configure`.
+    pub fn start_command(
+        mut command: Command,
+        control_plane: &str,
+        node: &'static str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         // One state directory (node credentials) for the test run, not the user's home: an
         // agent restarted for the same node name takes it back.
         let state_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-state");

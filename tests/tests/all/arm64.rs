@@ -1,0 +1,184 @@
+//! arm64 for real: the node agent and the CLI cross-built for aarch64 (`.ci/build-arm64`, which
+//! this test runs) under qemu-user beside the x86-64 control plane.
+//!
+//! The aarch64 agent registers as `arm64` and runs what users run: a WASI p1 module in C with
+//! args and env, a trap, a memory limit and a `wasi:http` component (a WASI p2 component)
+//! answering through its ingress, placed there by `kubernetes.io/arch`. So the agent's platform
+//! assumptions (page size, the signal handling that turns faults into traps, the pooling
+//! allocator's reservations, the `vm.max_map_count` arithmetic, Cranelift's aarch64 backend)
+//! are checked on aarch64 code, and the aarch64 CLI talks to the control plane too.
+//!
+//! Under qemu every instruction is emulated, so the agent gets a small pool (64 sandboxes); the
+//! README gives pool set-up times natively and under qemu.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use support::{Agent, ControlPlane, apply, flotilla, wait_for};
+
+use crate::support;
+
+/// The directory of the aarch64 binaries, built (or found up to date) by `.ci/build-arm64`.
+fn arm64_binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/build-arm64");
+        let output = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run .ci/build-arm64");
+        assert!(
+            output.status.success(),
+            "{} failed (install the cross toolchain with `bash .ci/setup`):\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+}
+
+/// `binary` under qemu-user, with the aarch64 libraries Debian's cross packages install.
+fn under_qemu(binary: &str) -> Command {
+    let mut command = Command::new("qemu-aarch64");
+    command
+        .args(["-L", "/usr/aarch64-linux-gnu"])
+        .arg(arm64_binaries().join(binary));
+    command
+}
+
+fn condition<'a>(object: &'a Value, type_: &str) -> &'a Value {
+    object["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
+fn guest(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/guests")
+        .join(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A workload on arm64 nodes, its spec's other fields in `fields` (YAML, two-space indented).
+fn on_arm64(name: &str, module: &str, fields: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: {name}\n\
+         spec:\n  module:\n    path: {module}\n  nodeSelector:\n    kubernetes.io/arch: arm64\n\
+         {fields}"
+    )
+}
+
+#[test]
+fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(&dir.path().join("cp"), "127.0.0.1:0");
+    let url = control_plane.url();
+    let agent = Agent::start_command(under_qemu("flotilla-node-agent"), &url, "arm-1", |c| {
+        c.args(["--max-sandboxes", "64"]);
+    });
+    agent.process.wait_line("connected to the control plane");
+
+    // The aarch64 CLI, under qemu too, reads the node: arm64, as the agent registered it.
+    let output = under_qemu("flotilla")
+        .args(["--server", &url, "get", "nodes", "arm-1", "-o", "json"])
+        .output()
+        .expect("the aarch64 CLI runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let node: Value = serde_json::from_slice(&output.stdout).expect("node as JSON");
+    assert_eq!(node["labels"]["kubernetes.io/arch"], "arm64", "{node}");
+    assert_eq!(node["ready"], true, "{node}");
+
+    // A WASI p1 module in C: args, env and its output.
+    let manifest = dir.path().join("manifest.yaml");
+    apply(
+        &url,
+        &manifest,
+        &on_arm64(
+            "hello-c",
+            &guest("hello-c.wasm"),
+            "  args: [on, arm64]\n  env: [{name: GREETING, value: Ahoy}]\n  restartPolicy: Never\n",
+        ),
+        false,
+    );
+    wait_for(&url, "hello-c", "hello-c completed on arm64", |o| {
+        o["status"]["succeededReplicas"] == 1
+    });
+    let logs = flotilla(&["--server", &url, "logs", "hello-c"]);
+    assert_eq!(logs, "Ahoy from C on arm64\n");
+
+    // A trap: a signal on aarch64 that the agent reports as the guest's trap.
+    apply(
+        &url,
+        &manifest,
+        &on_arm64(
+            "crash",
+            &guest("crash.wasm"),
+            "  restartPolicy: Never\n  resources: {limits: {memory: 1Mi}}\n",
+        ),
+        false,
+    );
+    let crashed = wait_for(&url, "crash", "the trap reported", |o| {
+        condition(o, "Ready")["reason"] == "Trap"
+    });
+    let message = condition(&crashed, "Ready")["message"].to_string();
+    assert!(message.contains("integer divide by zero"), "{message}");
+
+    // A memory limit: growth past 1 MiB is refused and reported as such.
+    let membomb = wat::parse_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../node-agent/tests/fixtures/membomb.wat"),
+    )
+    .expect("membomb.wat");
+    let membomb_path = dir.path().join("membomb.wasm");
+    std::fs::write(&membomb_path, membomb).expect("write membomb.wasm");
+    apply(
+        &url,
+        &manifest,
+        &on_arm64(
+            "membomb",
+            &membomb_path.to_string_lossy(),
+            "  restartPolicy: Never\n  resources: {limits: {memory: 1Mi, cpuTime: 5s}}\n",
+        ),
+        false,
+    );
+    wait_for(&url, "membomb", "the memory limit reported", |o| {
+        condition(o, "Ready")["reason"] == "OutOfMemory"
+    });
+
+    // A wasi:http component, a fresh sandbox per request, through the aarch64 ingress.
+    apply(
+        &url,
+        &manifest,
+        &on_arm64(
+            "echo",
+            &guest("http/echo.wasm"),
+            "  http: {pathPrefix: /echo, maxConcurrency: 4}\n  resources: {limits: {memory: 8Mi}}\n",
+        ),
+        false,
+    );
+    wait_for(&url, "echo", "the HTTP replica ready", |o| {
+        support::ready(o) == 1
+    });
+    for request in 1..=3 {
+        let response = support::block_on(flotilla_tests::http::get(agent.ingress, "/echo/info"))
+            .expect("GET /echo/info");
+        assert_eq!(
+            response.status,
+            200,
+            "request {request}: {}",
+            response.text()
+        );
+        assert!(
+            response.text().contains("\"path\":\"/echo/info\""),
+            "{}",
+            response.text()
+        );
+    }
+}
