@@ -95,7 +95,7 @@ pub struct Args {
     pub max_module_code_size: String,
     /// Where compiled modules are cached across restarts (default: $XDG_CACHE_HOME/flotilla or
     /// ~/.cache/flotilla).
-    #[arg(long, env = "FLOTILLA_CACHE_DIR")]
+    #[arg(long, env = "FLOTILLA_CACHE_DIR", overrides_with = "no_cache")]
     pub cache_dir: Option<PathBuf>,
     /// Where the agent keeps what must outlive it: its node credential, which the control
     /// plane binds the node name to (default: $XDG_STATE_HOME/flotilla or
@@ -136,8 +136,17 @@ pub struct Args {
     )]
     pub egress_deny: Vec<ipnet::IpNet>,
     /// Disable the on-disk compiled module cache.
-    #[arg(long, env = "FLOTILLA_NO_CACHE")]
+    #[arg(long, env = "FLOTILLA_NO_CACHE", overrides_with = "cache_dir")]
     pub no_cache: bool,
+    /// Only compile these modules ahead of time into --cache-dir, with the engine settings the
+    /// other flags give, then exit: an agent for --precompile-for with the same settings loads
+    /// them instead of compiling. Repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub precompile: Vec<PathBuf>,
+    /// The target triple --precompile compiles for, e.g. `aarch64-unknown-linux-gnu` (default:
+    /// this agent's).
+    #[arg(long, requires = "precompile")]
+    pub precompile_for: Option<String>,
     /// First crash-loop restart delay; doubles up to --backoff-max.
     #[arg(long, env = "FLOTILLA_BACKOFF_INITIAL", default_value = "10s")]
     pub backoff_initial: humantime::Duration,

@@ -17,6 +17,7 @@ pub mod guests;
 mod ingress;
 pub mod manifest;
 pub mod metrics;
+pub mod precompile;
 pub mod runtime;
 pub mod supervisor;
 

@@ -29,6 +29,13 @@ fn main() -> ExitCode {
         };
     }
     flotilla_telemetry::init("flotilla_node_agent");
+    let precompile = (!args.precompile.is_empty()).then(|| {
+        let target = args
+            .precompile_for
+            .clone()
+            .unwrap_or_else(flotilla_node_agent::runtime::host_target);
+        (target, args.precompile.clone())
+    });
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(error) => {
@@ -36,6 +43,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if let Some((target, modules)) = precompile {
+        return match flotilla_node_agent::precompile::precompile(&config.runtime, &target, &modules)
+        {
+            Ok(written) => {
+                for path in written {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("flotilla-node-agent: --precompile: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

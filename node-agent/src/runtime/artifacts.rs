@@ -58,7 +58,7 @@ pub(super) struct Artifacts {
 struct Inner {
     engine: Engine,
     linkers: Linkers,
-    cache_dir: Option<PathBuf>,
+    cache: Option<DiskCache>,
     compiler: Compiler,
     compile_timeout: Duration,
     cost_limits: CostLimits,
@@ -68,32 +68,41 @@ struct Inner {
     loaded: AtomicU64,
 }
 
+/// Where compiled artifacts are kept across restarts.
+pub(super) struct DiskCache {
+    /// The directory, the agent's alone.
+    pub dir: PathBuf,
+    /// The name a precompiled artifact of a digest (made elsewhere for this agent's target and
+    /// settings by `--precompile`) has in `dir`, `{}` standing for the digest.
+    pub precompiled_name: Option<String>,
+}
+
 // === impl Artifacts ===
 
 impl Artifacts {
     /// A cache for `engine`, pre-linking with `linkers`, compiling with `compiler` modules
     /// within `cost_limits` and `timeout` (those of up to `cheap_code_bytes` of code as cheap
-    /// ones), and keeping artifacts in `cache_dir` (created here) when set.
+    /// ones), and keeping artifacts in `cache`'s directory (created here) when set.
     ///
     /// # Errors
     /// The cache directory could not be created.
     pub(super) fn new(
         engine: Engine,
         linkers: Linkers,
-        cache_dir: Option<PathBuf>,
+        cache: Option<DiskCache>,
         compiler: Compiler,
         cost_limits: CostLimits,
         cheap_code_bytes: u64,
         timeout: Duration,
     ) -> std::io::Result<Self> {
-        if let Some(dir) = &cache_dir {
-            super::volumes::create_private_dir(dir)?;
+        if let Some(cache) = &cache {
+            super::volumes::create_private_dir(&cache.dir)?;
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 linkers,
-                cache_dir,
+                cache,
                 compiler,
                 compile_timeout: timeout,
                 cost_limits,
@@ -239,33 +248,47 @@ impl Inner {
         compile: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
     ) -> Result<T, SandboxError> {
         let path = self.cache_path(digest);
-        if let Some(path) = &path
-            && path.exists()
-        {
-            match read_sealed(path).and_then(|code| T::deserialize(&self.engine, &code)) {
+        // What this agent compiled before, then what was precompiled for it elsewhere.
+        let precompiled = self.precompiled_path(digest);
+        for candidate in [&path, &precompiled].into_iter().flatten() {
+            if !candidate.exists() {
+                continue;
+            }
+            match read_sealed(candidate).and_then(|code| T::deserialize(&self.engine, &code)) {
                 Ok(artifact) => {
                     self.loaded.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%digest, path = %candidate.display(), "artifact loaded from the cache");
                     return Ok(artifact);
                 }
                 // Another wasmtime version or configuration wrote it, or it is not what this
                 // agent wrote: compile again.
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring cached artifact")
+                    tracing::warn!(path = %candidate.display(), error = %e, "ignoring cached artifact")
                 }
             }
         }
         let artifact = compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(e.into()))?;
         self.compiled.fetch_add(1, Ordering::Relaxed);
-        if let Some(path) = &path
-            && let Err(e) = write_atomically(path, &artifact)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled artifact");
+        if let Some(path) = &path {
+            let written = artifact
+                .serialize()
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))
+                .and_then(|code| write_sealed(path, &code));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled artifact");
+            }
         }
         Ok(artifact)
     }
 
+    fn precompiled_path(&self, digest: &str) -> Option<PathBuf> {
+        let cache = self.cache.as_ref()?;
+        let name = cache.precompiled_name.as_ref()?;
+        Some(cache.dir.join(name.replace("{}", digest)))
+    }
+
     fn cache_path(&self, digest: &str) -> Option<PathBuf> {
-        let dir = self.cache_dir.as_ref()?;
+        let dir = &self.cache.as_ref()?.dir;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.engine
             .precompile_compatibility_hash()
@@ -312,14 +335,11 @@ impl Serialize for Component {
 /// artifact), so that a file this agent did not write whole is never deserialized.
 const SEAL: &[u8; 16] = b"flotilla-cwasm/1";
 
-/// Writes an artifact, sealed, to a temporary file and renames it into place.
-fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<()> {
+/// Writes a serialized artifact, sealed, to a temporary file and renames it into place.
+pub fn write_sealed(path: &Path, code: &[u8]) -> std::io::Result<()> {
     use sha2::Digest;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let code = artifact
-        .serialize()
-        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -328,8 +348,8 @@ fn write_atomically<T: Serialize>(path: &Path, artifact: &T) -> std::io::Result<
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(SEAL)?;
-    file.write_all(&sha2::Sha256::digest(&code))?;
-    file.write_all(&code)?;
+    file.write_all(&sha2::Sha256::digest(code))?;
+    file.write_all(code)?;
     drop(file);
     std::fs::rename(&tmp, path)
 }

@@ -171,21 +171,56 @@ pub fn precompile_for_target(
     wasm: &[u8],
 ) -> Result<Vec<u8>, SandboxError> {
     flotilla_model::module::check_header(wasm).map_err(SandboxError::Module)?;
-    let mut cfg = engine_config(config);
-    cfg.target(target).map_err(|e| SandboxError::Target {
-        target: target.to_string(),
-        source: e.into(),
-    })?;
-    let engine = Engine::new(&cfg).map_err(|e| SandboxError::Target {
-        target: target.to_string(),
-        source: e.into(),
-    })?;
+    let engine = target_engine(config, target)?;
     let compiled = if flotilla_model::module::is_component(wasm) {
         engine.precompile_component(wasm)
     } else {
         engine.precompile_module(wasm)
     };
     compiled.map_err(|e| SandboxError::Compile(e.into()))
+}
+
+/// An engine with the agent's settings that compiles for `target` with the target's baseline
+/// CPU features (no host detection), so that its artifacts run on every CPU of that target.
+fn target_engine(config: &RuntimeConfig, target: &str) -> Result<Engine, SandboxError> {
+    let mut cfg = engine_config(config);
+    cfg.target(target).map_err(|e| SandboxError::Target {
+        target: target.to_string(),
+        source: e.into(),
+    })?;
+    Engine::new(&cfg).map_err(|e| SandboxError::Target {
+        target: target.to_string(),
+        source: e.into(),
+    })
+}
+
+/// The target triple this agent was built for, as [`precompile_for_target`] takes it.
+pub fn host_target() -> String {
+    let env = if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "gnu"
+    };
+    format!("{}-unknown-linux-{env}", std::env::consts::ARCH)
+}
+
+/// The file name, in an agent's cache directory, of the artifact of the module `digest` that
+/// [`precompile_for_target`] made for `target` with `config`'s settings: an agent for that
+/// target with the same settings loads it instead of compiling (its own CPU may have more
+/// features than the baseline; never fewer).
+///
+/// # Errors
+/// Fails for an unknown target.
+pub fn precompiled_file_name(
+    config: &RuntimeConfig,
+    target: &str,
+    digest: &str,
+) -> Result<String, SandboxError> {
+    use std::hash::{Hash, Hasher};
+    let engine = target_engine(config, target)?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    Ok(format!("{digest}-{target}-{:016x}.cwasm", hasher.finish()))
 }
 
 /// Advances `epoch` every `tick` until its engine is dropped.

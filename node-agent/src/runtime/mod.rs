@@ -59,6 +59,7 @@ pub mod volumes;
 mod wasmtime;
 
 pub use self::artifacts::CacheStats;
+pub use self::artifacts::write_sealed;
 pub use self::capacity::Capacity;
 pub use self::compiler::{CHEAP_CODE_BYTES, COMPILE_NICE, CompilerError};
 pub use self::config::{EpochTicker, RuntimeConfig, host_name};
@@ -67,7 +68,7 @@ pub use self::cost::{
 };
 pub use self::cpu::{CORE_MILLICORES, CpuUsage, FRESH_SLICE_TICKS, MIN_RATE_MILLICORES};
 pub use self::egress::{DEFAULT_DENIED_RANGES, DeniedRanges, EgressPolicy, EgressRules, Refusal};
-pub use self::engine::{Engines, Epoch, precompile_for_target};
+pub use self::engine::{Engines, Epoch, host_target, precompile_for_target, precompiled_file_name};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;
 pub use self::exit::Exit;

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use flotilla_proto::agent::v1::WorkloadSpec;
 use wasmtime::Engine;
 
-use super::artifacts::{Artifacts, CacheStats};
+use super::artifacts::{Artifacts, CacheStats, DiskCache};
 use super::capacity::{self, Capacity};
 use super::compiler::Compiler;
 use super::config::RuntimeConfig;
 use super::cpu::CpuUsage;
+use super::engine::host_target;
 use super::engine::{Engines, Epoch};
 use super::environment::EnvironmentSources;
 use super::error::SandboxError;
@@ -77,10 +78,19 @@ impl WasmtimeRuntime {
         let engines = Engines::new(&config, &capacity).map_err(RuntimeError::CreateEngine)?;
         let engine = engines.host().clone();
         let linkers = Linkers::new(&engine).map_err(RuntimeError::LinkWasi)?;
+        // Artifacts precompiled elsewhere for this target and these settings, by the name
+        // `--precompile` gives them ("{}" for the digest).
+        let precompiled_name = super::engine::precompiled_file_name(&config, &host_target(), "{}")
+            .map_err(|e| tracing::warn!(error = %e, "no precompiled artifacts for this target"))
+            .ok();
+        let cache = config.cache_dir.clone().map(|dir| DiskCache {
+            dir,
+            precompiled_name,
+        });
         let artifacts = Artifacts::new(
             engine.clone(),
             linkers,
-            config.cache_dir.clone(),
+            cache,
             Compiler::new(config.compile_concurrency, config.compile_threads),
             config.compile_cost_limits,
             config.cheap_compile_code_bytes,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use flotilla_node_agent::runtime::{
-    RuntimeConfig, SandboxError, SandboxRuntime, capacity, precompile_for_target,
+    RuntimeConfig, SandboxError, SandboxRuntime, capacity, host_target, precompile_for_target,
 };
 use flotilla_node_agent::supervisor::ApplyError;
 use flotilla_proto::agent::v1::{Resources, RestartPolicy, SandboxPhase};
@@ -236,6 +236,41 @@ fn precompiles_for_arm64_nodes() {
     let err =
         precompile_for_target(&config, "not-a-target", &fixture("hello")).expect_err("bad target");
     assert!(err.to_string().contains("not-a-target"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_precompiled_elsewhere_are_loaded_instead_of_compiled() {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let config = RuntimeConfig {
+        cache_dir: Some(cache.path().join("modules")),
+        ..runtime_config()
+    };
+    // As `flotilla-node-agent --precompile` does on a build machine, for this agent's target
+    // with its baseline CPU features.
+    let written = flotilla_node_agent::precompile::precompile(
+        &config,
+        &host_target(),
+        &[flotilla_tests::guests::guests_dir().join("hello-c.wasm")],
+    )
+    .expect("precompiles");
+    assert_eq!(written.len(), 1);
+    let loader = runtime(config.clone());
+    let hello = spec(
+        "hello-c",
+        std::fs::read(flotilla_tests::guests::guests_dir().join("hello-c.wasm")).expect("read"),
+    );
+    loader.prepare(&hello).await.expect("loads");
+    let stats = loader.cache_stats();
+    assert_eq!((stats.compiled, stats.loaded_from_disk), (0, 1));
+    // Made for other settings (another memory reservation), it is not this agent's: compiled.
+    let other = RuntimeConfig {
+        memory_reservation: Some(8 << 30),
+        ..config
+    };
+    let other = runtime(other);
+    other.prepare(&hello).await.expect("compiles");
+    let stats = other.cache_stats();
+    assert_eq!((stats.compiled, stats.loaded_from_disk), (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! this test runs) under qemu-user beside the x86-64 control plane.
 //!
 //! The aarch64 agent registers as `arm64` and runs what users run: a WASI p1 module in C with
-//! args and env, a trap, a memory limit and a `wasi:http` component (a WASI p2 component)
+//! args and env (precompiled for aarch64 by the x86-64 agent binary and loaded, not compiled,
+//! by the aarch64 one), a trap, a memory limit and a `wasi:http` component (a WASI p2 component)
 //! answering through its ingress, placed there by `kubernetes.io/arch`. So the agent's platform
 //! assumptions (page size, the signal handling that turns faults into traps, the pooling
 //! allocator's reservations, the `vm.max_map_count` arithmetic, Cranelift's aarch64 backend)
@@ -74,11 +75,34 @@ fn on_arm64(name: &str, module: &str, fields: &str) -> String {
 
 #[test]
 fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
+    // qemu takes a CPU for most of the test; CPU-share measurements wait for it.
+    let _cpus = support::cpu_bound_test();
     let dir = tempfile::tempdir().expect("temp dir");
     let control_plane = ControlPlane::start(&dir.path().join("cp"), "127.0.0.1:0");
     let url = control_plane.url();
+    // The C module precompiled for aarch64 by the x86-64 agent binary, as a build machine
+    // would, into the cache directory the aarch64 agent starts with.
+    let cache = dir.path().join("cache");
+    let output = Command::new(flotilla_tests::workspace_binary("flotilla-node-agent"))
+        .args(["--precompile", &guest("hello-c.wasm")])
+        .args([
+            "--precompile-for",
+            "aarch64-unknown-linux-gnu",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        .output()
+        .expect("the x86-64 agent precompiles");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(written.contains("-aarch64-unknown-linux-gnu-"), "{written}");
+
     let agent = Agent::start_command(under_qemu("flotilla-node-agent"), &url, "arm-1", |c| {
-        c.args(["--max-sandboxes", "64"]);
+        c.args(["--max-sandboxes", "64", "--cache-dir"]).arg(&cache);
     });
     agent.process.wait_line("connected to the control plane");
 
@@ -108,6 +132,9 @@ fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
         ),
         false,
     );
+    // Loaded, not compiled: the aarch64 agent runs what x86-64 compiled for it.
+    let loaded = agent.process.wait_line("artifact loaded from the cache");
+    assert!(loaded.contains("-aarch64-unknown-linux-gnu-"), "{loaded}");
     wait_for(&url, "hello-c", "hello-c completed on arm64", |o| {
         o["status"]["succeededReplicas"] == 1
     });

@@ -74,6 +74,13 @@ impl ControlPlane {
     }
 }
 
+/// Held for their whole run by the tests that load the CPUs for long (the arm64 test's
+/// emulator) or that measure CPU shares, so that the first never skews the second.
+pub fn cpu_bound_test() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct Agent {
     pub process: Process,
     pub admin: SocketAddr,
