@@ -1024,14 +1024,18 @@ async fn metric_until(cluster: &Cluster, line: &str) {
     .unwrap_or_else(|_| panic!("metric {line:?} within 10 s"));
 }
 
-async fn node_ready(cluster: &mut Cluster, node: &str) -> Option<bool> {
-    let nodes = cluster
+async fn list_nodes(cluster: &mut Cluster) -> Vec<flotilla_proto::control::v1::Node> {
+    cluster
         .workloads
         .list_nodes(ListNodesRequest {})
         .await
         .expect("list nodes")
         .into_inner()
-        .nodes;
+        .nodes
+}
+
+async fn node_ready(cluster: &mut Cluster, node: &str) -> Option<bool> {
+    let nodes = list_nodes(cluster).await;
     nodes.into_iter().find(|n| n.name == node).map(|n| n.ready)
 }
 
@@ -1177,13 +1181,7 @@ async fn reports_count_only_what_was_placed_on_the_reporting_node() {
         "flotilla_control_plane_agent_refusals_total{reason=\"OverPlacement\"} 1",
     )
     .await;
-    let nodes = cluster
-        .workloads
-        .list_nodes(ListNodesRequest {})
-        .await
-        .expect("list nodes")
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut cluster).await;
     let running: Vec<(String, u64)> = nodes.into_iter().map(|n| (n.name, n.running)).collect();
     assert_eq!(
         running,

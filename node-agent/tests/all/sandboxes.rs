@@ -247,7 +247,15 @@ async fn cpu_time_is_counted_in_the_epochs_that_pass() {
     config.epoch_ticker = EpochTicker::Manual;
     let runtime = runtime(config);
     let runtime_epoch = runtime.epoch().clone();
-    let sup = Supervisor::new(runtime, SupervisorConfig::default(), Metrics::new());
+    // The guest spins without yielding until an epoch passes, so it runs where the agent runs
+    // guests, on a runtime of its own: on the test's, it could hold the worker that drives the
+    // timers this test sleeps on, and nothing would advance the epoch.
+    let guests = flotilla_node_agent::guests::GuestRuntime::new(1).expect("guest runtime");
+    let config = SupervisorConfig {
+        guests: guests.handle(),
+        ..SupervisorConfig::default()
+    };
+    let sup = Supervisor::new(runtime, config, Metrics::new());
     let mut s = spec("spin", fixture("spin"));
     s.resources = Some(Resources {
         cpu_limit_ms: 100,

@@ -26,18 +26,25 @@ fn arm64_binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/build-arm64");
-        let output = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run .ci/build-arm64");
-        assert!(
-            output.status.success(),
-            "{} failed (install the cross toolchain with `bash .ci/setup`):\n{}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
+        let mut command = Command::new("bash");
+        command.arg(&script);
+        let built = stdout_of(
+            command,
+            ".ci/build-arm64 (install the cross toolchain with `bash .ci/setup`)",
         );
-        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+        PathBuf::from(built.trim())
     })
+}
+
+/// What `command` printed, failing the test with its stderr unless it succeeds.
+fn stdout_of(mut command: Command, what: &str) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// `binary` under qemu-user, with the aarch64 libraries Debian's cross packages install.
@@ -83,22 +90,16 @@ fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
     // The C module precompiled for aarch64 by the x86-64 agent binary, as a build machine
     // would, into the cache directory the aarch64 agent starts with.
     let cache = dir.path().join("cache");
-    let output = Command::new(flotilla_tests::workspace_binary("flotilla-node-agent"))
+    let mut precompile = Command::new(flotilla_tests::workspace_binary("flotilla-node-agent"));
+    precompile
         .args(["--precompile", &guest("hello-c.wasm")])
         .args([
             "--precompile-for",
             "aarch64-unknown-linux-gnu",
             "--cache-dir",
         ])
-        .arg(&cache)
-        .output()
-        .expect("the x86-64 agent precompiles");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+        .arg(&cache);
+    let written = stdout_of(precompile, "the x86-64 agent's --precompile");
     assert!(written.contains("-aarch64-unknown-linux-gnu-"), "{written}");
 
     let agent = Agent::start_command(under_qemu("flotilla-node-agent"), &url, "arm-1", |c| {
@@ -107,16 +108,10 @@ fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
     agent.process.wait_line("connected to the control plane");
 
     // The aarch64 CLI, under qemu too, reads the node: arm64, as the agent registered it.
-    let output = under_qemu("flotilla")
-        .args(["--server", &url, "get", "nodes", "arm-1", "-o", "json"])
-        .output()
-        .expect("the aarch64 CLI runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let node: Value = serde_json::from_slice(&output.stdout).expect("node as JSON");
+    let mut cli = under_qemu("flotilla");
+    cli.args(["--server", &url, "get", "nodes", "arm-1", "-o", "json"]);
+    let node: Value =
+        serde_json::from_str(&stdout_of(cli, "the aarch64 CLI")).expect("node as JSON");
     assert_eq!(node["labels"]["kubernetes.io/arch"], "arm64", "{node}");
     assert_eq!(node["ready"], true, "{node}");
 
