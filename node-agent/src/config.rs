@@ -299,14 +299,13 @@ impl TryFrom<Args> for Config {
         }
         // A hostPath over the agent's own state would hand tenants its compiled artifacts
         // (which it runs), other sandboxes' scratch files and the Secrets it holds.
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or_else(crate::control::identity::default_state_dir);
         let own: Vec<(&str, PathBuf)> = [
             ("cache", runtime.cache_dir.clone()),
-            (
-                "state",
-                args.state_dir
-                    .clone()
-                    .or_else(crate::control::identity::default_state_dir),
-            ),
+            ("state", state_dir.clone()),
             ("volumes", Some(runtime.volumes.dir.clone())),
             ("secrets", runtime.volumes.secrets_dir.clone()),
         ]
@@ -380,7 +379,7 @@ impl TryFrom<Args> for Config {
                 tls,
                 args.control_plane,
                 args.node_name,
-                args.state_dir,
+                state_dir,
                 &args.node_labels,
                 flotilla_proto::auth::load_token(args.join_token, args.join_token_file.as_deref())
                     .map_err(|error| ConfigError {
@@ -451,7 +450,7 @@ fn control_config(
         flag: "node-name",
         message: error.to_string(),
     })?;
-    let Some(state_dir) = state_dir.or_else(crate::control::identity::default_state_dir) else {
+    let Some(state_dir) = state_dir else {
         return Err(ConfigError {
             flag: "state-dir",
             message: "no default (neither XDG_STATE_HOME nor HOME is set); set it".into(),

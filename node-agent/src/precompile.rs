@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use sha2::Digest;
 
-use crate::runtime::{RuntimeConfig, precompile_for_target, precompiled_file_name, write_sealed};
+use crate::runtime::{RuntimeConfig, precompile_for_target, precompiled_suffix, write_sealed};
 
 /// Compiles each of `modules` for `target` with `config`'s engine settings into `config`'s
 /// cache directory; returns the files written.
@@ -27,9 +27,10 @@ pub fn precompile(
         .context("--precompile needs a cache directory (--cache-dir, without --no-cache)")?;
     crate::runtime::volumes::create_private_dir(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
+    let suffix = precompiled_suffix(config, target)?;
     modules
         .iter()
-        .map(|module| precompile_one(config, target, dir, module))
+        .map(|module| precompile_one(config, target, dir, &suffix, module))
         .collect()
 }
 
@@ -37,13 +38,14 @@ fn precompile_one(
     config: &RuntimeConfig,
     target: &str,
     dir: &Path,
+    suffix: &str,
     module: &Path,
 ) -> anyhow::Result<PathBuf> {
     let wasm = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
     let digest = hex::encode(sha2::Sha256::digest(&wasm));
     let code = precompile_for_target(config, target, &wasm)
         .with_context(|| format!("compiling {} for {target}", module.display()))?;
-    let path = dir.join(precompiled_file_name(config, target, &digest)?);
+    let path = dir.join(format!("{digest}{suffix}"));
     write_sealed(&path, &code).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }

@@ -203,10 +203,13 @@ impl NodeRegistry {
         self.bump();
     }
 
-    /// Forgets a node.
-    pub fn remove(&self, name: &str) {
-        self.lock().remove(name);
-        self.bump();
+    /// Forgets a node; returns whether it was known.
+    pub fn remove(&self, name: &str) -> bool {
+        let removed = self.lock().remove(name).is_some();
+        if removed {
+            self.bump();
+        }
+        removed
     }
 
     /// A snapshot of every node, sorted by name.

@@ -3,11 +3,11 @@
 //! `Register` admits a node into the [`NodeRegistry`](crate::cluster::NodeRegistry): its name
 //! is bound to the first agent credential that registers it
 //! ([`NodeIdentities`](crate::cluster::NodeIdentities)), and a live node's name cannot be taken
-//! by another agent process either. `Session` is one long-lived stream per agent:
-//! the agent says Hello, then heartbeats with per-workload counts and aggregated failure
-//! events, each checked against what was placed on the node ([`NodePlacements`]); the control plane sends the node's full desired set when the stream opens, then
-//! only the workloads whose share on that node changed, as the
-//! [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log requests,
+//! by another agent process either. `Session` is one long-lived stream per agent: the agent
+//! says Hello, then heartbeats with per-workload counts and aggregated failure events, each
+//! checked against what was placed on the node ([`NodePlacements`]); the control plane sends
+//! the node's full desired set when the stream opens, then only the workloads whose share on
+//! that node changed, as the [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log requests,
 //! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
@@ -135,10 +135,6 @@ impl<S: WorkloadStore + Clone> AgentService<S> {
     pub fn into_server(self) -> AgentsServer<Self> {
         AgentsServer::new(self).max_encoding_message_size(super::MAX_MODULE_MESSAGE_BYTES)
     }
-
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, String)>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,7 +223,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             .any(|n| n.name == r.node_name && n.ready);
         let session_id = uuid::Uuid::new_v4().to_string();
         {
-            let mut sessions = self.lock_sessions();
+            let mut sessions = lock(&self.sessions);
             if let Some((holder, _)) = sessions.get(&r.node_name)
                 && *holder != r.agent_id
                 && live
@@ -277,8 +273,7 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             Some(Err(status)) => return Err(status),
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
-        let registered = self
-            .lock_sessions()
+        let registered = lock(&self.sessions)
             .get(&hello.node_name)
             .is_some_and(|(_, session)| *session == hello.session_id);
         if !registered {

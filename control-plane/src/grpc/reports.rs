@@ -86,18 +86,20 @@ impl NodePlacements {
         }
     }
 
-    /// The most sandboxes the node may report for `revision`; `None` when it is not its own.
-    fn cap(&self, revision: &Revision) -> Option<u64> {
-        let placed = self
-            .placed
-            .values()
-            .filter(|(r, _, _)| r == revision)
-            .map(|(_, replicas, _)| *replicas)
-            .reduce(u64::saturating_add);
-        match (placed, self.draining.get(revision)) {
-            (None, None) => None,
-            (placed, draining) => Some(placed.unwrap_or(0).max(draining.copied().unwrap_or(0))),
+    /// The most sandboxes the node may report of each revision that is its own: its replicas
+    /// placed, or, draining, those it had.
+    fn caps(&self) -> HashMap<Revision, u64> {
+        let mut caps = self.draining.clone();
+        let mut placed: HashMap<&Revision, u64> = HashMap::new();
+        for (revision, replicas, _) in self.placed.values() {
+            let sum = placed.entry(revision).or_default();
+            *sum = sum.saturating_add(*replicas);
         }
+        for (revision, replicas) in placed {
+            let cap = caps.entry(revision.clone()).or_default();
+            *cap = (*cap).max(replicas);
+        }
+        caps
     }
 
     /// Whether a workload placed on the node runs the module `sha256`: only then may its agent
@@ -113,9 +115,10 @@ impl NodePlacements {
         reports: BTreeMap<Revision, Reported>,
         mut refused: impl FnMut(Refusal),
     ) -> BTreeMap<Revision, Reported> {
+        let caps = self.caps();
         let mut kept = BTreeMap::new();
         for (revision, mut reported) in reports {
-            let Some(cap) = self.cap(&revision) else {
+            let Some(&cap) = caps.get(&revision) else {
                 refused(Refusal::UnplacedWorkload);
                 continue;
             };
@@ -138,10 +141,11 @@ impl NodePlacements {
         events: Vec<SandboxEvent>,
         mut refused: impl FnMut(Refusal),
     ) -> Vec<SandboxEvent> {
+        let caps = self.caps();
         events
             .into_iter()
             .filter(|event| {
-                let own = self.cap(&(event.key.clone(), event.generation)).is_some();
+                let own = caps.contains_key(&(event.key.clone(), event.generation));
                 if !own {
                     refused(Refusal::UnplacedWorkload);
                 }

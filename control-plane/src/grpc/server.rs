@@ -268,7 +268,6 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         request: Request<DeleteNodeRequest>,
     ) -> Result<Response<DeleteNodeResponse>, Status> {
         let name = request.into_inner().name;
-        let registered = self.cluster.nodes.names().contains(&name);
         let cluster = self.cluster.clone();
         let node = name.clone();
         let released = tokio::task::spawn_blocking(move || cluster.identities.release(&node))
@@ -280,12 +279,12 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                     flotilla_telemetry::error_chain(&e)
                 ))
             })?;
+        // Its agent's session ends; the controller moves the node's replicas elsewhere.
+        self.cluster.sessions.end(&name);
+        let registered = self.cluster.nodes.remove(&name);
         if !registered && !released {
             return Err(Status::not_found(format!("node {name} not found")));
         }
-        // Its agent's session ends; the controller moves the node's replicas elsewhere.
-        self.cluster.sessions.end(&name);
-        self.cluster.nodes.remove(&name);
         tracing::info!(node = %name, registered, released, "node deleted");
         Ok(Response::new(DeleteNodeResponse {
             registered,

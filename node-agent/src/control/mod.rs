@@ -73,7 +73,7 @@ pub struct ControlConfig {
 
 /// Adds the join token to every call to the control plane and, once the node is registered,
 /// the session's id, which scopes what the agent may fetch to what is placed on its node.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Credentials {
     join_token: Option<std::sync::Arc<str>>,
     session: Option<std::sync::Arc<str>>,

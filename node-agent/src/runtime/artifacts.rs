@@ -72,9 +72,9 @@ struct Inner {
 pub(super) struct DiskCache {
     /// The directory, the agent's alone.
     pub dir: PathBuf,
-    /// The name a precompiled artifact of a digest (made elsewhere for this agent's target and
-    /// settings by `--precompile`) has in `dir`, `{}` standing for the digest.
-    pub precompiled_name: Option<String>,
+    /// What follows the digest in the name of an artifact precompiled elsewhere for this
+    /// agent's target and settings (by `--precompile`).
+    pub precompiled_suffix: Option<String>,
 }
 
 // === impl Artifacts ===
@@ -283,8 +283,8 @@ impl Inner {
 
     fn precompiled_path(&self, digest: &str) -> Option<PathBuf> {
         let cache = self.cache.as_ref()?;
-        let name = cache.precompiled_name.as_ref()?;
-        Some(cache.dir.join(name.replace("{}", digest)))
+        let suffix = cache.precompiled_suffix.as_ref()?;
+        Some(cache.dir.join(format!("{digest}{suffix}")))
     }
 
     fn cache_path(&self, digest: &str) -> Option<PathBuf> {

@@ -204,23 +204,19 @@ pub fn host_target() -> String {
     format!("{}-unknown-linux-{env}", std::env::consts::ARCH)
 }
 
-/// The file name, in an agent's cache directory, of the artifact of the module `digest` that
-/// [`precompile_for_target`] made for `target` with `config`'s settings: an agent for that
-/// target with the same settings loads it instead of compiling (its own CPU may have more
+/// What follows the module's digest in the file name, in an agent's cache directory, of an
+/// artifact [`precompile_for_target`] made for `target` with `config`'s settings: an agent for
+/// that target with the same settings loads it instead of compiling (its own CPU may have more
 /// features than the baseline; never fewer).
 ///
 /// # Errors
 /// Fails for an unknown target.
-pub fn precompiled_file_name(
-    config: &RuntimeConfig,
-    target: &str,
-    digest: &str,
-) -> Result<String, SandboxError> {
+pub fn precompiled_suffix(config: &RuntimeConfig, target: &str) -> Result<String, SandboxError> {
     use std::hash::{Hash, Hasher};
     let engine = target_engine(config, target)?;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    Ok(format!("{digest}-{target}-{:016x}.cwasm", hasher.finish()))
+    Ok(format!("-{target}-{:016x}.cwasm", hasher.finish()))
 }
 
 /// Advances `epoch` every `tick` until its engine is dropped.

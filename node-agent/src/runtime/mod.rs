@@ -68,7 +68,7 @@ pub use self::cost::{
 };
 pub use self::cpu::{CORE_MILLICORES, CpuUsage, FRESH_SLICE_TICKS, MIN_RATE_MILLICORES};
 pub use self::egress::{DEFAULT_DENIED_RANGES, DeniedRanges, EgressPolicy, EgressRules, Refusal};
-pub use self::engine::{Engines, Epoch, host_target, precompile_for_target, precompiled_file_name};
+pub use self::engine::{Engines, Epoch, host_target, precompile_for_target, precompiled_suffix};
 pub use self::environment::{Environment, EnvironmentSources};
 pub use self::error::SandboxError;
 pub use self::exit::Exit;

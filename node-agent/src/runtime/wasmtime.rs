@@ -78,14 +78,13 @@ impl WasmtimeRuntime {
         let engines = Engines::new(&config, &capacity).map_err(RuntimeError::CreateEngine)?;
         let engine = engines.host().clone();
         let linkers = Linkers::new(&engine).map_err(RuntimeError::LinkWasi)?;
-        // Artifacts precompiled elsewhere for this target and these settings, by the name
-        // `--precompile` gives them ("{}" for the digest).
-        let precompiled_name = super::engine::precompiled_file_name(&config, &host_target(), "{}")
-            .map_err(|e| tracing::warn!(error = %e, "no precompiled artifacts for this target"))
-            .ok();
+        // With a cache directory, it may hold artifacts precompiled elsewhere for this target
+        // and these settings, named as `--precompile` names them.
         let cache = config.cache_dir.clone().map(|dir| DiskCache {
             dir,
-            precompiled_name,
+            precompiled_suffix: super::engine::precompiled_suffix(&config, &host_target())
+                .map_err(|e| tracing::warn!(error = %e, "no precompiled artifacts for this target"))
+                .ok(),
         });
         let artifacts = Artifacts::new(
             engine.clone(),

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::Value;
-use support::{Agent, ControlPlane, apply, flotilla, wait_for};
+use support::{Agent, ControlPlane, apply, condition, flotilla, wait_for};
 
 use crate::support;
 
@@ -54,13 +54,6 @@ fn under_qemu(binary: &str) -> Command {
         .args(["-L", "/usr/aarch64-linux-gnu"])
         .arg(arm64_binaries().join(binary));
     command
-}
-
-fn condition<'a>(object: &'a Value, type_: &str) -> &'a Value {
-    object["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
 }
 
 fn guest(path: &str) -> String {

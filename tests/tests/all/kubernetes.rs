@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use flotilla_tests::apiserver::FakeApiServer;
 use flotilla_tests::registry::FakeRegistry;
 use serde_json::{Value, json};
-use support::{Agent, ControlPlane, SETTLE_TIMEOUT, flotilla, serve_http, sha256_hex};
+use support::{Agent, ControlPlane, SETTLE_TIMEOUT, condition, flotilla, serve_http, sha256_hex};
 
 use crate::support;
 
@@ -55,13 +55,6 @@ fn apply_workload(runtime: &tokio::runtime::Runtime, api: &FakeApiServer, name: 
             }),
         ))
         .expect("apply");
-}
-
-fn condition<'a>(object: &'a Value, type_: &str) -> &'a Value {
-    object["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
 }
 
 fn kube_control_plane(

@@ -389,6 +389,14 @@ pub fn wait_for(server: &str, name: &str, what: &str, done: impl Fn(&Value) -> b
     }
 }
 
+/// The status condition of `type_` of a workload object (`null` when it has none).
+pub fn condition<'a>(object: &'a Value, type_: &str) -> &'a Value {
+    object["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
 pub fn placements(object: &Value) -> BTreeMap<String, u64> {
     object["status"]["placements"]
         .as_object()
