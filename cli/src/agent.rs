@@ -2,13 +2,14 @@
 
 use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
 use flotilla_proto::agent::v1::{
-    GetCapacityRequest, ListSandboxesRequest, LogsRequest, SandboxPhase, SandboxStatus,
+    GetCapacityRequest, ListSandboxesRequest, LogOptions, LogsRequest, SandboxPhase, SandboxStatus,
     StopWorkloadRequest,
 };
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::output::{LogView, copy_logs};
 use crate::{Output, endpoint};
 
 /// A client of the admin API that sends `--agent-token-file`'s token, when given.
@@ -121,18 +122,26 @@ pub async fn delete(agent: &str, workload: &str, grace_period: u64) -> anyhow::R
     Ok(())
 }
 
-/// `flotilla logs WORKLOAD`.
-pub async fn logs(agent: &str, workload: String, replica: u32, follow: bool) -> anyhow::Result<()> {
+/// `flotilla logs --from-agent WORKLOAD`.
+pub async fn logs(
+    agent: &str,
+    workload: String,
+    replica: u32,
+    follow: bool,
+    options: LogOptions,
+    view: LogView,
+) -> anyhow::Result<()> {
     let stream = connect(agent)
         .await?
         .logs(LogsRequest {
             workload,
             replica,
             follow,
+            options: Some(options),
         })
         .await?
         .into_inner();
-    crate::output::print_logs(stream).await
+    copy_logs(stream, view).await.map(drop)
 }
 
 /// `flotilla capacity`.

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use flotilla_control_plane::kubernetes;
 use flotilla_model::{Condition, Workload};
-use flotilla_proto::agent::v1::ConfigObject;
+use flotilla_proto::agent::v1::{ConfigObject, LogChunk, LogOptions};
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
     ApplyConfigRequest, ApplyRequest, DeleteNodeRequest, DeleteRequest, GetRequest,
@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::output::{print_logs, print_structured};
+use crate::output::{LogView, copy_logs, print_structured};
 use crate::{Output, endpoint};
 
 /// The largest answer the CLI reads: a list holds whole objects (each up to 1 MiB), and the
@@ -77,29 +77,10 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
     for mut doc in documents {
         if let Some(path) = doc.workload.spec.module.path.take() {
             let path = doc.base.join(path);
-            let module = std::fs::read(&path).with_context(|| {
-                format!(
-                    "{}: reading spec.module.path {}",
-                    doc.source,
-                    path.display()
-                )
-            })?;
-            let pushed = client
-                .push_module(PushModuleRequest {
-                    module,
-                    sha256: doc.workload.spec.module.sha256.clone(),
-                })
+            let sha256 = &doc.workload.spec.module.sha256;
+            doc.workload.spec.module.sha256 = push_module(&mut client, &path, sha256)
                 .await
-                .map_err(|s| {
-                    anyhow::anyhow!(
-                        "{}: pushing {}: {}",
-                        doc.source,
-                        path.display(),
-                        s.message()
-                    )
-                })?
-                .into_inner();
-            doc.workload.spec.module.sha256 = pushed.sha256;
+                .with_context(|| format!("{}: spec.module.path", doc.source))?;
         }
         let manifest = serde_json::to_vec(&doc.workload)?;
         let applied = client
@@ -115,6 +96,25 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
         applied_all.push(applied);
     }
     Ok(applied_all)
+}
+
+/// Pushes the module at `path` (which must have `sha256` when that is not empty) and returns
+/// its digest.
+pub(crate) async fn push_module(
+    client: &mut WorkloadsClient<Channel>,
+    path: &Path,
+    sha256: &str,
+) -> anyhow::Result<String> {
+    let module = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let pushed = client
+        .push_module(PushModuleRequest {
+            module,
+            sha256: sha256.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("pushing {}: {}", path.display(), s.message()))?
+        .into_inner();
+    Ok(pushed.sha256)
 }
 
 fn read_documents(file: &str, out: &mut Vec<Document>) -> anyhow::Result<()> {
@@ -448,27 +448,49 @@ pub async fn scale(server: &str, name: &str, replicas: u32) -> anyhow::Result<()
     bail!("workload {name} kept changing; try again")
 }
 
+/// One sandbox of a workload, as the control plane finds it.
+pub struct SandboxRef {
+    pub namespace: String,
+    pub name: String,
+    /// The node; empty for the first the workload is placed on.
+    pub node: String,
+    /// Its replica index on that node.
+    pub replica: u32,
+}
+
+/// Opens one sandbox's log stream through the control plane.
+pub(crate) async fn open_logs(
+    client: &mut WorkloadsClient<Channel>,
+    sandbox: &SandboxRef,
+    follow: bool,
+    options: LogOptions,
+) -> Result<tonic::Streaming<LogChunk>, tonic::Status> {
+    client
+        .logs(WorkloadLogsRequest {
+            namespace: sandbox.namespace.clone(),
+            name: sandbox.name.clone(),
+            node: sandbox.node.clone(),
+            replica: sandbox.replica,
+            follow,
+            options: Some(options),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// `flotilla logs NAME`: one sandbox's output, through the control plane.
 pub async fn logs(
     server: &str,
-    name: &str,
-    node: Option<String>,
-    replica: u32,
+    sandbox: SandboxRef,
     follow: bool,
+    options: LogOptions,
+    view: LogView,
 ) -> anyhow::Result<()> {
-    let stream = connect(server)
-        .await?
-        .logs(WorkloadLogsRequest {
-            namespace: String::new(),
-            name: name.to_string(),
-            node: node.unwrap_or_default(),
-            replica,
-            follow,
-        })
+    let mut client = connect(server).await?;
+    let stream = open_logs(&mut client, &sandbox, follow, options)
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
-    print_logs(stream).await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    copy_logs(stream, view).await.map(drop)
 }
 
 /// A node as `-o json|yaml` prints it.

@@ -186,7 +186,15 @@ async fn print_output(agent_url: &str, sandboxes: &[SandboxStatus]) {
     completed.sort_by(|a, b| a.workload.cmp(&b.workload));
     for s in completed {
         println!("  --- output of {} ---", s.sandbox_id);
-        if let Err(error) = crate::agent::logs(agent_url, s.workload.clone(), 0, false).await {
+        let logs = crate::agent::logs(
+            agent_url,
+            s.workload.clone(),
+            0,
+            false,
+            Default::default(),
+            Default::default(),
+        );
+        if let Err(error) = logs.await {
             println!("  (logs unavailable: {error})");
         }
     }

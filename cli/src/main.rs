@@ -9,6 +9,7 @@ mod describe;
 mod dev;
 mod output;
 mod rollout;
+mod run;
 
 // The all-in-one mode hosts sandboxes; see the node agent's main.rs for why not glibc's malloc.
 #[global_allocator]
@@ -107,6 +108,10 @@ enum RolloutAction {
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Runs a module once as a one-replica workload, with the guest's stdout and stderr on
+    /// ours and its exit code as ours, as `docker run` does: `flotilla run NAME --module PATH
+    /// [--rm] [-- ARGS...]`.
+    Run(run::RunArgs),
     /// Creates or updates workloads from manifests; local module paths are pushed first.
     Apply {
         /// A manifest file, a directory of them, or `-` for standard input.
@@ -192,6 +197,11 @@ enum Commands {
         /// Read from the agent at --agent directly instead.
         #[arg(long)]
         from_agent: bool,
+        /// The workload's namespace.
+        #[arg(short, long, default_value = flotilla_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[command(flatten)]
+        options: output::LogArgs,
     },
     /// Shows what the agent can hold and holds.
     Capacity,
@@ -240,7 +250,16 @@ async fn main() -> ExitCode {
     let _ = TLS_CA_FILE.set(cli.tls_ca_file.clone());
     let _ = AGENT_TOKEN_FILE.set(cli.agent_token_file.clone());
     flotilla_telemetry::init("flotilla");
-    match run(cli).await {
+    let Cli {
+        server,
+        agent,
+        command,
+        ..
+    } = cli;
+    if let Commands::Run(args) = command {
+        return run::run(&server, args).await;
+    }
+    match dispatch(command, &server, &agent).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -249,26 +268,27 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+async fn dispatch(command: Commands, server: &str, agent: &str) -> anyhow::Result<()> {
+    match command {
+        Commands::Run(_) => unreachable!("flotilla run returns its own exit code"),
         Commands::Apply {
             files,
             wait,
             timeout,
         } => {
-            let applied = control::apply(&cli.server, &files).await?;
+            let applied = control::apply(server, &files).await?;
             if wait {
-                control::wait_ready(&cli.server, &applied, *timeout).await?;
+                control::wait_ready(server, &applied, *timeout).await?;
             }
             Ok(())
         }
         Commands::Create { what } => match what {
             CreateWhat::Configmap { name, sources } => {
-                config::create(&cli.server, ConfigKind::ConfigMap, &name, &sources).await
+                config::create(server, ConfigKind::ConfigMap, &name, &sources).await
             }
             CreateWhat::Secret {
                 kind: SecretKind::Generic { name, sources },
-            } => config::create(&cli.server, ConfigKind::Secret, &name, &sources).await,
+            } => config::create(server, ConfigKind::Secret, &name, &sources).await,
         },
         Commands::Get {
             resource,
@@ -276,14 +296,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             namespace,
         } => match resource {
-            Resource::Workloads => {
-                control::get(&cli.server, name.as_deref(), &namespace, output).await
-            }
-            Resource::Nodes => control::get_nodes(&cli.server, name.as_deref(), output).await,
-            Resource::Sandboxes => agent::get(&cli.agent, name, output).await,
+            Resource::Workloads => control::get(server, name.as_deref(), &namespace, output).await,
+            Resource::Nodes => control::get_nodes(server, name.as_deref(), output).await,
+            Resource::Sandboxes => agent::get(agent, name, output).await,
             Resource::Configmaps | Resource::Secrets => {
                 let kind = config_kind(resource);
-                config::get(&cli.server, kind, name.as_deref(), &namespace, output).await
+                config::get(server, kind, name.as_deref(), &namespace, output).await
             }
         },
         Commands::Describe {
@@ -291,8 +309,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             namespace,
         } => match resource {
-            Resource::Workloads => control::describe(&cli.server, &name, &namespace).await,
-            Resource::Sandboxes => agent::describe(&cli.agent, &name).await,
+            Resource::Workloads => control::describe(server, &name, &namespace).await,
+            Resource::Sandboxes => agent::describe(agent, &name).await,
             other => anyhow::bail!(
                 "describe supports workloads and sandboxes, not {}",
                 resource_name(other)
@@ -300,26 +318,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Commands::Rollout { action } => match action {
             RolloutAction::Status { name, timeout } => {
-                rollout::status(&cli.server, &name, *timeout).await
+                rollout::status(server, &name, *timeout).await
             }
-            RolloutAction::History { name } => rollout::history(&cli.server, &name).await,
+            RolloutAction::History { name } => rollout::history(server, &name).await,
             RolloutAction::Undo { name, to_revision } => {
-                rollout::undo(&cli.server, &name, to_revision).await
+                rollout::undo(server, &name, to_revision).await
             }
         },
-        Commands::Scale { name, replicas } => control::scale(&cli.server, &name, replicas).await,
+        Commands::Scale { name, replicas } => control::scale(server, &name, replicas).await,
         Commands::Delete {
             resource,
             name,
             namespace,
             grace_period,
         } => match resource {
-            Resource::Workloads => control::delete(&cli.server, &name, &namespace).await,
+            Resource::Workloads => control::delete(server, &name, &namespace).await,
             Resource::Configmaps | Resource::Secrets => {
-                config::delete(&cli.server, config_kind(resource), &name, &namespace).await
+                config::delete(server, config_kind(resource), &name, &namespace).await
             }
-            Resource::Sandboxes => agent::delete(&cli.agent, &name, grace_period).await,
-            Resource::Nodes => control::delete_node(&cli.server, &name).await,
+            Resource::Sandboxes => agent::delete(agent, &name, grace_period).await,
+            Resource::Nodes => control::delete_node(server, &name).await,
         },
         Commands::Logs {
             workload,
@@ -327,14 +345,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replica,
             follow,
             from_agent,
+            namespace,
+            options,
         } => {
+            let (request, view) = options.split()?;
             if from_agent {
-                agent::logs(&cli.agent, workload, replica, follow).await
+                agent::logs(agent, workload, replica, follow, request, view).await
             } else {
-                control::logs(&cli.server, &workload, node, replica, follow).await
+                let sandbox = control::SandboxRef {
+                    namespace,
+                    name: workload,
+                    node: node.unwrap_or_default(),
+                    replica,
+                };
+                control::logs(server, sandbox, follow, request, view).await
             }
         }
-        Commands::Capacity => agent::capacity(&cli.agent).await,
+        Commands::Capacity => agent::capacity(agent).await,
         Commands::Completion { shell } => {
             clap_complete::generate(
                 shell,

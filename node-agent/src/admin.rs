@@ -8,7 +8,7 @@ use flotilla_proto::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer
 use flotilla_proto::agent::v1::{
     Capacity, GetCapacityRequest, ListSandboxesRequest, ListSandboxesResponse, LogChunk,
     LogsRequest, RunWorkloadRequest, RunWorkloadResponse, SandboxStatus, StopWorkloadRequest,
-    StopWorkloadResponse, WatchRequest, WorkloadSpec, volume,
+    StopWorkloadResponse, Termination, WatchRequest, WorkloadSpec, volume,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -16,8 +16,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::runtime::logs::LogBuffer;
-use crate::supervisor::{ApplyError, Supervisor};
+use crate::runtime::logs::{LogBuffer, LogFilter, unix_nanos};
+use crate::supervisor::{ApplyError, SandboxOutput, Supervisor};
 
 /// Lets `request` through when the agent has no admin token or the request carries it.
 ///
@@ -209,16 +209,17 @@ impl AgentAdmin for AdminService {
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
-        let buffer = self
+        let output = self
             .supervisor
-            .logs(&request.workload, request.replica)
+            .output(&request.workload, request.replica)
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "sandbox {} of workload {:?} not found",
                     request.replica, request.workload
                 ))
             })?;
-        let chunks = ReceiverStream::new(stream_logs(buffer, request.follow)).map(Ok);
+        let filter = LogFilter::from_options(request.options.as_ref(), unix_nanos());
+        let chunks = ReceiverStream::new(stream_logs(output, request.follow, filter)).map(Ok);
         Ok(Response::new(Box::pin(chunks)))
     }
 
@@ -230,31 +231,65 @@ impl AgentAdmin for AdminService {
     }
 }
 
-/// A sandbox's output from the start of its ring buffer, then (when `follow`) as it arrives,
-/// until the sandbox ends for good or the receiver is dropped.
-pub(crate) fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receiver<LogChunk> {
+/// A sandbox's output from the start of its ring buffer (as `filter` keeps it), then (when
+/// `follow`) as it arrives, until the sandbox ends for good or the receiver is dropped. Once the
+/// ring is closed and read to its end, a last chunk says how the sandbox ended.
+pub(crate) fn stream_logs(
+    output: SandboxOutput,
+    follow: bool,
+    filter: LogFilter,
+) -> mpsc::Receiver<LogChunk> {
+    let SandboxOutput { logs, .. } = &output;
+    stream_ring(logs.clone(), move || output.ended(), follow, filter)
+}
+
+/// [`stream_logs`] over a bare ring; `ended` says how the sandbox ended once the ring is closed.
+fn stream_ring(
+    buffer: Arc<LogBuffer>,
+    ended: impl FnOnce() -> Option<Termination> + Send + 'static,
+    follow: bool,
+    filter: LogFilter,
+) -> mpsc::Receiver<LogChunk> {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let notify = buffer.notifier();
         let mut offset = 0;
+        let mut first = true;
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let read = buffer.read_from(offset);
             offset = read.next_offset;
-            if (!read.data.is_empty() || read.skipped > 0)
-                && tx
-                    .send(LogChunk {
-                        data: read.data,
-                        skipped: read.skipped,
-                    })
-                    .await
-                    .is_err()
-            {
+            let mut pieces = read.pieces;
+            if std::mem::take(&mut first) {
+                filter.first_read(&mut pieces);
+            } else {
+                filter.retain(&mut pieces);
+            }
+            let mut skipped = read.skipped;
+            for piece in pieces {
+                let chunk = LogChunk {
+                    data: piece.data,
+                    skipped: std::mem::take(&mut skipped),
+                    stream: piece.stream as i32,
+                    time_unix_nanos: piece.at,
+                    ended: None,
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            if read.closed {
+                let chunk = LogChunk {
+                    skipped,
+                    ended: ended(),
+                    ..LogChunk::default()
+                };
+                let _ = tx.send(chunk).await;
                 return;
             }
-            if !follow || read.closed {
+            if !follow {
                 return;
             }
             tokio::select! {
@@ -270,6 +305,7 @@ pub(crate) fn stream_logs(buffer: Arc<LogBuffer>, follow: bool) -> mpsc::Receive
 mod tests {
     use std::time::Duration;
 
+    use flotilla_proto::agent::v1::LogStream;
     use tonic::Code;
 
     use super::*;
@@ -346,12 +382,22 @@ mod tests {
             .expect("a chunk or the end within a second")
     }
 
+    fn stopped() -> Option<Termination> {
+        Some(Termination {
+            reason: "Stopped".into(),
+            ..Termination::default()
+        })
+    }
+
     #[tokio::test]
     async fn followed_logs_stream_what_arrives_and_end_when_the_sandbox_ends() {
         let buffer = Arc::new(LogBuffer::new(1 << 10));
-        buffer.write(b"before\n");
-        let mut chunks = stream_logs(buffer.clone(), true);
-        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"before\n");
+        buffer.write(LogStream::Stdout, b"before\n");
+        let mut chunks = stream_ring(buffer.clone(), stopped, true, LogFilter::default());
+        let chunk = next(&mut chunks).await.expect("chunk");
+        assert_eq!(chunk.data, b"before\n");
+        assert_eq!(chunk.stream(), LogStream::Stdout);
+        assert!(chunk.time_unix_nanos > 0);
         // Nothing new: the stream waits rather than ends.
         assert!(
             tokio::time::timeout(Duration::from_millis(50), chunks.recv())
@@ -359,9 +405,14 @@ mod tests {
                 .is_err(),
             "a followed stream waits for output"
         );
-        buffer.write(b"after\n");
-        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"after\n");
+        buffer.write(LogStream::Stderr, b"after\n");
+        let chunk = next(&mut chunks).await.expect("chunk");
+        assert_eq!(chunk.data, b"after\n");
+        assert_eq!(chunk.stream(), LogStream::Stderr);
         buffer.close();
+        let last = next(&mut chunks).await.expect("the ending");
+        assert!(last.data.is_empty());
+        assert_eq!(last.ended.expect("ended").reason, "Stopped");
         assert!(
             next(&mut chunks).await.is_none(),
             "the end of the sandbox ends the stream"
@@ -371,9 +422,14 @@ mod tests {
     #[tokio::test]
     async fn unfollowed_logs_end_after_what_is_there() {
         let buffer = Arc::new(LogBuffer::new(1 << 10));
-        buffer.write(b"only\n");
-        let mut chunks = stream_logs(buffer.clone(), false);
-        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"only\n");
-        assert!(next(&mut chunks).await.is_none());
+        buffer.write(LogStream::Stdout, b"only\n");
+        buffer.write(LogStream::Stderr, b"oops\n");
+        let stderr = LogFilter {
+            stream: Some(LogStream::Stderr),
+            ..LogFilter::default()
+        };
+        let mut chunks = stream_ring(buffer.clone(), stopped, false, stderr);
+        assert_eq!(next(&mut chunks).await.expect("chunk").data, b"oops\n");
+        assert!(next(&mut chunks).await.is_none(), "no ending while it runs");
     }
 }

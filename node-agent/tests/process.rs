@@ -148,15 +148,22 @@ async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
             workload: "hello".into(),
             replica: 1,
             follow: false,
+            ..LogsRequest::default()
         })
         .await
         .expect("logs")
         .into_inner();
     let mut output = Vec::new();
+    let mut ended = None;
     while let Some(chunk) = logs.next().await {
-        output.extend(chunk.expect("chunk").data);
+        let chunk = chunk.expect("chunk");
+        output.extend(chunk.data);
+        ended = chunk.ended.or(ended);
     }
     assert_eq!(output, b"hello from flotilla\n");
+    // The sandbox has completed: the stream's last message says so.
+    let ended = ended.expect("how the sandbox ended");
+    assert_eq!((ended.reason.as_str(), ended.exit_code), ("Completed", Some(0)));
 
     // Malformed wasm over the API: a clear InvalidArgument, and the agent keeps serving.
     let err = client

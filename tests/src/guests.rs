@@ -43,7 +43,7 @@ pub fn clang(sources: &[PathBuf], flags: &[&str]) -> anyhow::Result<Vec<u8>> {
     Ok(std::fs::read(&wasm)?)
 }
 
-/// A C command of `examples/guests/` (`hello-c`, `files`).
+/// A C command of `examples/guests/` (`hello-c`, `files`, `stdio`).
 ///
 /// # Errors
 /// Fails when clang does.
@@ -52,7 +52,7 @@ pub fn build_c_command(name: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The C commands of `examples/guests/`.
-pub const C_COMMANDS: [&str; 2] = ["hello-c", "files"];
+pub const C_COMMANDS: [&str; 3] = ["hello-c", "files", "stdio"];
 
 /// The HTTP guest `examples/guests/http/<name>.c` as a `wasi:http/proxy` component: compiled as
 /// a reactor with the committed `wit-bindgen` bindings, given the world's type information from

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::agent::v1::LogChunk;
+use flotilla_proto::agent::v1::{LogChunk, LogOptions};
 use flotilla_proto::control::v1::{ControlMessage, StreamLogs, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,7 @@ impl Sessions {
         key: &str,
         replica: u32,
         follow: bool,
+        options: Option<LogOptions>,
     ) -> Result<mpsc::Receiver<Result<LogChunk, Status>>, Status> {
         let down = lock(&self.live)
             .get(node)
@@ -112,6 +113,7 @@ impl Sessions {
                 key: key.to_string(),
                 replica,
                 follow,
+                options,
             })),
         };
         if down.send(Ok(request)).await.is_err() {

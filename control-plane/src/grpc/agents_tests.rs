@@ -510,7 +510,7 @@ async fn logs_events_and_nodes_reach_the_user_through_the_control_plane() {
             messages.push(LogUpload {
                 kind: Some(log_upload::Kind::Chunk(LogChunk {
                     data: data.to_vec(),
-                    skipped: 0,
+                    ..LogChunk::default()
                 })),
             });
         }

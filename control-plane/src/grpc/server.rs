@@ -257,7 +257,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         let rx = self
             .cluster
             .sessions
-            .request_logs(&node, &key.to_string(), request.replica, request.follow)
+            .request_logs(
+                &node,
+                &key.to_string(),
+                request.replica,
+                request.follow,
+                request.options,
+            )
             .await?;
         self.cluster.metrics.log_stream();
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -28,6 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use self::operations::{Operation, Operations};
 use crate::admin::stream_logs;
+use crate::runtime::logs::{LogFilter, unix_nanos};
 use crate::runtime::volumes::ConfigKey;
 use crate::supervisor::Supervisor;
 
@@ -345,7 +346,7 @@ async fn session(
                         .managed
                         .iter()
                         .filter(|(name, key)| {
-                            **key == request.key && supervisor.logs(name, request.replica).is_some()
+                            **key == request.key && supervisor.output(name, request.replica).is_some()
                         })
                         .max_by_key(|(name, _)| {
                             supervisor.list(Some(name)).first().map_or(0, |s| s.generation)
@@ -498,9 +499,10 @@ fn upload_logs(
     name: Option<String>,
     request: StreamLogs,
 ) {
-    let buffer = name
+    let output = name
         .as_deref()
-        .and_then(|name| supervisor.logs(name, request.replica));
+        .and_then(|name| supervisor.output(name, request.replica));
+    let filter = LogFilter::from_options(request.options.as_ref(), unix_nanos());
     tokio::spawn(async move {
         let (tx, rx) = mpsc::channel(16);
         let header = |error: String| LogUpload {
@@ -509,7 +511,7 @@ fn upload_logs(
                 error,
             })),
         };
-        let forward = match buffer {
+        let forward = match output {
             None => {
                 let error = format!(
                     "sandbox {} of workload {} not found on this node",
@@ -520,9 +522,9 @@ fn upload_logs(
                 drop(tx);
                 None
             }
-            Some(buffer) => {
+            Some(output) => {
                 let _ = tx.try_send(header(String::new()));
-                let mut chunks = stream_logs(buffer, request.follow);
+                let mut chunks = stream_logs(output, request.follow, filter);
                 Some(tokio::spawn(async move {
                     while let Some(chunk) = chunks.recv().await {
                         let message = LogUpload {

@@ -17,6 +17,7 @@ use super::egress::{DeniedRanges, EgressPolicy, EgressRules};
 use super::exit::Exit;
 use super::logs::{LogBuffer, LogSink};
 use super::volumes::{ConfigFiles, ConfigKey, Mounts};
+use flotilla_proto::agent::v1::LogStream;
 
 /// What every sandbox's environment is resolved from: the node it runs on and the ConfigMaps
 /// and Secrets the control plane handed this agent. Cheap to clone.
@@ -125,8 +126,8 @@ impl Environment {
     ) -> Result<WasiCtxBuilder, Exit> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&self.args)
-            .stdout(LogSink(logs.clone()))
-            .stderr(LogSink(logs.clone()));
+            .stdout(LogSink(logs.clone(), LogStream::Stdout))
+            .stderr(LogSink(logs.clone(), LogStream::Stderr));
         match &self.config_env {
             None => {
                 wasi.envs(&self.env);
@@ -171,7 +172,10 @@ fn socket_allowed(
         SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => match policy.check_addr(addr) {
             Ok(()) => true,
             Err(refusal) => {
-                logs.write(format!("flotilla: egress refused: {refusal}\n").as_bytes());
+                logs.write(
+                    LogStream::Stderr,
+                    format!("flotilla: egress refused: {refusal}\n").as_bytes(),
+                );
                 false
             }
         },
@@ -327,7 +331,8 @@ mod tests {
         assert!(!socket_allowed(&policy, db, SocketAddrUse::TcpAccept));
         // Each refused connect or send is a line in the sandbox's log.
         let read = logs.read_from(0);
-        let text = String::from_utf8_lossy(&read.data);
+        let data = read.data();
+        let text = String::from_utf8_lossy(&data);
         assert_eq!(
             text.matches("flotilla: egress refused:").count(),
             6,

@@ -28,6 +28,7 @@ use super::store::{P2State, Stores};
 use super::volumes::Mounts;
 use crate::ingress::routes::{Backend, Registration, RouteKey, Routes};
 use crate::metrics::WorkloadHttpMetrics;
+use flotilla_proto::agent::v1::LogStream;
 
 /// The body of every response the ingress sends: the guest's stream, or a short error text.
 pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
@@ -138,7 +139,7 @@ impl HttpPool {
             Ok(store) => store,
             Err(exit) => {
                 let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
-                self.sandbox.logs.write(line.as_bytes());
+                self.sandbox.logs.write(LogStream::Stderr, line.as_bytes());
                 return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
             }
         };
@@ -265,9 +266,10 @@ impl HttpPool {
             %message,
             "request sandbox failed"
         );
-        self.sandbox
-            .logs
-            .write(format!("flotilla: request failed: {}: {message}\n", exit.reason()).as_bytes());
+        self.sandbox.logs.write(
+            LogStream::Stderr,
+            format!("flotilla: request failed: {}: {message}\n", exit.reason()).as_bytes(),
+        );
     }
 }
 

@@ -74,7 +74,7 @@ pub use self::error::SandboxError;
 pub use self::exit::Exit;
 pub use self::instantiate::WasmtimeInstance;
 pub use self::limits::{LimitsError, SandboxLimits};
-pub use self::logs::LogBuffer;
+pub use self::logs::{LogBuffer, LogPiece, LogRead, SEGMENT_COST};
 pub use self::prepared::PreparedWorkload;
 pub use self::priority::nice_current_thread;
 pub use self::run_queue::{LEASE_TICKS, MIN_WEIGHT_MILLICORES, RunQueue};

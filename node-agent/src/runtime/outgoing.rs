@@ -25,6 +25,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::egress::{EgressPolicy, Refusal};
 use super::logs::LogBuffer;
+use flotilla_proto::agent::v1::LogStream;
 
 /// Timeouts of a request whose guest sets none, as wasmtime's sender has them.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -83,13 +84,17 @@ async fn send(
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let Some(policy) = policy else {
         logs.write(
+            LogStream::Stderr,
             format!("flotilla: egress refused: {host}:{port}: spec.network.egress lists nothing\n")
                 .as_bytes(),
         );
         return Err(Error::HttpRequestDenied);
     };
     let addrs = policy.resolve(&host, port).await.map_err(|refusal| {
-        logs.write(format!("flotilla: egress refused: {refusal}\n").as_bytes());
+        logs.write(
+            LogStream::Stderr,
+            format!("flotilla: egress refused: {refusal}\n").as_bytes(),
+        );
         match refusal {
             Refusal::NotListed { .. } => Error::HttpRequestDenied,
             Refusal::Denied { .. } | Refusal::Private { .. } => Error::DestinationIpProhibited,

@@ -113,6 +113,23 @@ pub struct ShutdownReport {
     pub aborted: usize,
 }
 
+/// One sandbox's output, for log readers.
+pub struct SandboxOutput {
+    /// Its stdout and stderr.
+    pub logs: Arc<LogBuffer>,
+    cell: Arc<SandboxCell>,
+}
+
+impl SandboxOutput {
+    /// How its last run ended, once it has ended for good (its log ring is closed then).
+    pub fn ended(&self) -> Option<Termination> {
+        if !self.logs.is_closed() {
+            return None;
+        }
+        self.cell.lock().last.as_deref().cloned()
+    }
+}
+
 /// Owns every sandbox of the agent. Cheap to clone.
 pub struct Supervisor<R: SandboxRuntime = WasmtimeRuntime> {
     shared: Arc<Shared<R>>,
@@ -499,11 +516,14 @@ impl<R: SandboxRuntime> Supervisor<R> {
         Some(prepared.digest().to_string())
     }
 
-    /// The log ring of one sandbox.
-    pub fn logs(&self, workload: &str, replica: u32) -> Option<Arc<LogBuffer>> {
+    /// The output of one sandbox: its log ring, and how it ended once it has.
+    pub fn output(&self, workload: &str, replica: u32) -> Option<SandboxOutput> {
         let workloads = self.shared.lock_workloads();
         let entry = workloads.get(workload)?.sandboxes.get(replica as usize)?;
-        Some(entry.cell.logs.clone())
+        Some(SandboxOutput {
+            logs: entry.cell.logs.clone(),
+            cell: entry.cell.clone(),
+        })
     }
 
     /// Subscribes to status changes.

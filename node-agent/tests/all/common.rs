@@ -131,8 +131,11 @@ pub fn all_ended() -> impl Fn(&[SandboxStatus]) -> bool {
 }
 
 pub fn logs(supervisor: &Supervisor, workload: &str, replica: u32) -> String {
-    let buffer = supervisor.logs(workload, replica).expect("sandbox exists");
-    String::from_utf8_lossy(&buffer.read_from(0).data).into_owned()
+    let buffer = supervisor
+        .output(workload, replica)
+        .expect("sandbox exists")
+        .logs;
+    String::from_utf8_lossy(&buffer.read_from(0).data()).into_owned()
 }
 
 pub type Shared<T> = Arc<T>;

@@ -463,8 +463,23 @@ pub struct LogsRequest {
     /// Keep the stream open and send new output as it arrives.
     #[prost(bool, tag = "3")]
     pub follow: bool,
+    #[prost(message, optional, tag = "4")]
+    pub options: ::core::option::Option<LogOptions>,
 }
-/// A piece of a sandbox's interleaved stdout and stderr.
+/// Which of a sandbox's retained output a log request wants, as `kubectl logs` chooses it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LogOptions {
+    /// Only this stream; UNSPECIFIED for both, interleaved in the order they were written.
+    #[prost(enumeration = "LogStream", tag = "1")]
+    pub stream: i32,
+    /// Only output written in the last this many milliseconds (by the agent's clock); 0 for all.
+    #[prost(uint64, tag = "2")]
+    pub since_ms: u64,
+    /// Only the last this many lines of what the other options keep; unset for all.
+    #[prost(uint64, optional, tag = "3")]
+    pub tail_lines: ::core::option::Option<u64>,
+}
+/// A piece of one of a sandbox's output streams, in the order the guest wrote it.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LogChunk {
     #[prost(bytes = "vec", tag = "1")]
@@ -472,6 +487,17 @@ pub struct LogChunk {
     /// Bytes dropped from the ring buffer before this chunk because the reader fell behind.
     #[prost(uint64, tag = "2")]
     pub skipped: u64,
+    /// The stream `data` was written to (output the agent adds, such as a refused egress, is on
+    /// stderr).
+    #[prost(enumeration = "LogStream", tag = "3")]
+    pub stream: i32,
+    /// Unix time in nanoseconds at which the first byte of `data` was written.
+    #[prost(int64, tag = "4")]
+    pub time_unix_nanos: i64,
+    /// Set on the last message of a followed stream once the sandbox has ended for good (its
+    /// restart policy runs it no more, or it was stopped): how its last run ended. `data` is empty.
+    #[prost(message, optional, tag = "5")]
+    pub ended: ::core::option::Option<Termination>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCapacityRequest {}
@@ -494,6 +520,36 @@ pub struct Capacity {
     /// Why max_sandboxes is what it is, e.g. the vm.max_map_count ceiling.
     #[prost(string, tag = "6")]
     pub limited_by: ::prost::alloc::string::String,
+}
+/// One of a sandbox's output streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LogStream {
+    Unspecified = 0,
+    Stdout = 1,
+    Stderr = 2,
+}
+impl LogStream {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LOG_STREAM_UNSPECIFIED",
+            Self::Stdout => "LOG_STREAM_STDOUT",
+            Self::Stderr => "LOG_STREAM_STDERR",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LOG_STREAM_UNSPECIFIED" => Some(Self::Unspecified),
+            "LOG_STREAM_STDOUT" => Some(Self::Stdout),
+            "LOG_STREAM_STDERR" => Some(Self::Stderr),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod agent_admin_client {

@@ -235,6 +235,8 @@ pub struct StreamLogs {
     pub replica: u32,
     #[prost(bool, tag = "4")]
     pub follow: bool,
+    #[prost(message, optional, tag = "5")]
+    pub options: ::core::option::Option<super::super::agent::v1::LogOptions>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LogUpload {
@@ -988,9 +990,12 @@ pub struct WorkloadLogsRequest {
     /// The sandbox's replica index on that node.
     #[prost(uint32, tag = "4")]
     pub replica: u32,
-    /// Keep streaming new output.
+    /// Keep streaming new output; the last message carries how the sandbox ended once it has
+    /// ended for good.
     #[prost(bool, tag = "5")]
     pub follow: bool,
+    #[prost(message, optional, tag = "6")]
+    pub options: ::core::option::Option<super::super::agent::v1::LogOptions>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {}

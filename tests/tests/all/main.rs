@@ -17,6 +17,7 @@ mod kubectl;
 mod kubernetes;
 mod layout;
 mod rollout;
+mod run;
 mod setup;
 mod support;
 mod tls;
