@@ -257,7 +257,10 @@ async fn main() -> ExitCode {
         ..
     } = cli;
     if let Commands::Run(args) = command {
-        return run::run(&server, args).await;
+        let code = run::run(&server, args).await;
+        // Not through the runtime's shutdown: a read of our stdin may be blocked in a thread
+        // that nothing can cancel.
+        std::process::exit(i32::from(code));
     }
     match dispatch(command, &server, &agent).await {
         Ok(()) => ExitCode::SUCCESS,

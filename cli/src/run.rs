@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,8 +12,14 @@ use flotilla_model::{
 };
 use flotilla_proto::agent::v1::{LogChunk, LogOptions, Termination};
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
-use flotilla_proto::control::v1::{ApplyRequest, DeleteRequest};
+use flotilla_proto::control::v1::{
+    ApplyRequest, AttachRequest, AttachResponse, DeleteRequest, GetRequest,
+    SandboxRef as ProtoSandboxRef, attach_request,
+};
 use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -39,6 +44,10 @@ pub struct RunArgs {
     /// Delete the workload when it ends, or when this command is interrupted.
     #[arg(long)]
     rm: bool,
+    /// Connect our stdin to the guest's (`spec.stdin`); the guest reads EOF when ours ends.
+    /// Without it the guest's stdin is empty.
+    #[arg(short = 'i', long = "stdin")]
+    stdin: bool,
     /// What the agent does when the sandbox ends; output follows it across restarts.
     #[arg(long, value_enum, default_value_t = Restart::Never)]
     restart: Restart,
@@ -73,7 +82,7 @@ enum Restart {
 }
 
 /// Runs the workload, copies its output and returns its exit code.
-pub async fn run(server: &str, args: RunArgs) -> ExitCode {
+pub async fn run(server: &str, args: RunArgs) -> u8 {
     let rm = args.rm;
     let key = (args.namespace.clone(), args.name.clone());
     let mut created = false;
@@ -91,10 +100,10 @@ pub async fn run(server: &str, args: RunArgs) -> ExitCode {
         eprintln!("flotilla: deleting workload {}: {error:#}", key.1);
     }
     match outcome {
-        Ok(ended) => ExitCode::from(ended.exit_code()),
+        Ok(ended) => ended.exit_code(),
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(EXIT_FLOTILLA_ERROR)
+            EXIT_FLOTILLA_ERROR
         }
     }
 }
@@ -150,7 +159,7 @@ async fn run_to_end(server: &str, args: RunArgs, created: &mut bool) -> anyhow::
         workload.spec.module.sha256 = control::push_module(&mut client, path, "").await?;
     }
     let exists = client
-        .get(flotilla_proto::control::v1::GetRequest {
+        .get(GetRequest {
             namespace: args.namespace.clone(),
             name: args.name.clone(),
         })
@@ -177,6 +186,14 @@ async fn run_to_end(server: &str, args: RunArgs, created: &mut bool) -> anyhow::
         replica: 0,
     };
     let stream = open_when_started(&mut client, &sandbox, *args.start_timeout).await?;
+    if args.stdin {
+        let attach = attach_stdin(client.clone(), sandbox, *args.start_timeout);
+        tokio::spawn(async move {
+            if let Err(error) = attach.await {
+                eprintln!("flotilla: stdin: {error:#}");
+            }
+        });
+    }
     let view = LogView {
         timestamps: false,
         split: true,
@@ -240,6 +257,72 @@ async fn open_when_started(
     }
 }
 
+/// Copies our stdin to the sandbox's until ours ends (the guest then reads EOF) or the sandbox
+/// does. Our stdin is read only once the sandbox's is attached, so retries lose nothing.
+async fn attach_stdin(
+    mut client: WorkloadsClient<Channel>,
+    sandbox: SandboxRef,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    let (input, mut responses) = loop {
+        let (input, rx) = mpsc::channel(2);
+        let first = AttachRequest {
+            kind: Some(attach_request::Kind::Sandbox(ProtoSandboxRef {
+                namespace: sandbox.namespace.clone(),
+                name: sandbox.name.clone(),
+                node: sandbox.node.clone(),
+                replica: sandbox.replica,
+            })),
+        };
+        input.try_send(first)?;
+        let status = match client.attach(ReceiverStream::new(rx)).await {
+            Ok(response) => {
+                let mut responses = response.into_inner();
+                match responses.next().await {
+                    Some(Ok(AttachResponse { attached: true })) => break (input, responses),
+                    Some(Ok(_)) => bail!("the control plane did not attach"),
+                    Some(Err(status)) => status,
+                    None => return Ok(()),
+                }
+            }
+            Err(status) => status,
+        };
+        if !matches!(status.code(), Code::NotFound | Code::Unavailable)
+            || tokio::time::Instant::now() + delay > deadline
+        {
+            bail!("{}", status.message());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    };
+    let mut stdin = tokio::io::stdin();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            read = stdin.read(&mut buffer) => {
+                let n = read.context("reading stdin")?;
+                if n == 0 {
+                    break;
+                }
+                let chunk = AttachRequest {
+                    kind: Some(attach_request::Kind::Stdin(buffer[..n].to_vec())),
+                };
+                if input.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            // The call ended: the sandbox has.
+            _ = responses.next() => return Ok(()),
+        }
+    }
+    // Closing our side is the guest's EOF; the call ends once the agent has it all.
+    drop(input);
+    while responses.next().await.is_some() {}
+    Ok(())
+}
+
 /// The workload's `Scheduled` condition when it is not met, for a run that did not start.
 async fn scheduling(client: &mut WorkloadsClient<Channel>, sandbox: &SandboxRef) -> String {
     let Ok(workload) = control::get_workload(client, &sandbox.namespace, &sandbox.name).await
@@ -255,16 +338,29 @@ async fn scheduling(client: &mut WorkloadsClient<Channel>, sandbox: &SandboxRef)
         .unwrap_or_default()
 }
 
+/// Deletes the workload and waits (up to 30 s) until it is gone, its sandboxes stopped, so that
+/// its name can be used again at once.
 async fn delete(server: &str, namespace: &str, name: &str) -> anyhow::Result<()> {
-    control::connect(server)
-        .await?
+    let mut client = control::connect(server).await?;
+    client
         .delete(DeleteRequest {
             namespace: namespace.to_string(),
             name: name.to_string(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    Ok(())
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let get = GetRequest {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match client.get(get).await {
+            Err(status) if status.code() == Code::NotFound => return Ok(()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    bail!("it was still being deleted after 30 s")
 }
 
 /// The one-replica workload `args` describe.
@@ -308,6 +404,7 @@ fn workload(args: &RunArgs) -> anyhow::Result<Workload> {
         limits: resource_list(args.limits.as_deref(), "--limits")?,
     };
     let spec = WorkloadSpec {
+        stdin: args.stdin,
         module,
         args: args.args.clone(),
         env,

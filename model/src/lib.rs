@@ -257,6 +257,11 @@ pub struct WorkloadSpec {
     /// What sandboxes may reach on the network: nothing unless `egress` lists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+    /// Give each sandbox a stdin that one client at a time may write to (`flotilla run -i`, the
+    /// user API's `Attach`); when that client closes its input the guest reads EOF, in later
+    /// runs too, as a Pod's `stdin` with `stdinOnce`. Default: stdin is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 fn one() -> i64 {
@@ -842,6 +847,14 @@ impl Workload {
         }
         if let Some(http) = &spec.http {
             http.validate(&mut fail);
+            if spec.stdin {
+                fail(
+                    "spec.stdin",
+                    "HTTP workloads read requests, not stdin: unset one of spec.stdin and \
+                     spec.http"
+                        .into(),
+                );
+            }
         }
         if let Some(network) = &spec.network {
             network::validate(network, &mut fail);

@@ -118,6 +118,10 @@ fn bad_manifests_get_field_pointed_errors() {
         ),
         ("  http: {prefix: /}\n", "unknown field `prefix`"),
         (
+            "  stdin: true\n  http: {}\n",
+            "spec.stdin: HTTP workloads read requests, not stdin",
+        ),
+        (
             "  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 0%}}\n",
             "spec.strategy.rollingUpdate: maxSurge and maxUnavailable may not both be 0",
         ),

@@ -163,7 +163,10 @@ async fn agent_runs_manifests_serves_grpc_and_stops_on_sigterm() {
     assert_eq!(output, b"hello from flotilla\n");
     // The sandbox has completed: the stream's last message says so.
     let ended = ended.expect("how the sandbox ended");
-    assert_eq!((ended.reason.as_str(), ended.exit_code), ("Completed", Some(0)));
+    assert_eq!(
+        (ended.reason.as_str(), ended.exit_code),
+        ("Completed", Some(0))
+    );
 
     // Malformed wasm over the API: a clear InvalidArgument, and the agent keeps serving.
     let err = client

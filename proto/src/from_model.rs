@@ -62,6 +62,7 @@ pub fn agent_workload_spec(
                 ports: rule.ports.iter().map(|&p| u32::from(p)).collect(),
             })
             .collect(),
+        stdin: spec.stdin,
     }
 }
 

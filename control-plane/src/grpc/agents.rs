@@ -7,8 +7,8 @@
 //! says Hello, then heartbeats with per-workload counts and aggregated failure events, each
 //! checked against what was placed on the node ([`NodePlacements`]); the control plane sends
 //! the node's full desired set when the stream opens, then only the workloads whose share on
-//! that node changed, as the [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log requests,
-//! which the agent answers with `UploadLogs`. When the stream ends the node is marked not
+//! that node changed, as the [`DesiredIndex`](crate::cluster::DesiredIndex) publishes them. The session also carries log and stdin
+//! requests, which the agent answers with `UploadLogs` and `OpenStdin`. When the stream ends the node is marked not
 //! ready, and the controller moves its replicas elsewhere.
 
 use flotilla_proto::auth::BearerError;
@@ -20,8 +20,8 @@ use std::time::Duration;
 use flotilla_proto::control::v1::agents_server::{Agents, AgentsServer};
 use flotilla_proto::control::v1::{
     AgentMessage, ClusterRoutes, ControlMessage, FetchModuleRequest, FetchModuleResponse,
-    LogUpload, RegisterRequest, RegisterResponse, UploadLogsResponse, agent_message,
-    control_message, log_upload,
+    LogUpload, OpenStdinRequest, RegisterRequest, RegisterResponse, StdinChunk, UploadLogsResponse,
+    agent_message, control_message, log_upload,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -34,6 +34,7 @@ use super::convert::{module_status, store_status, url_module_status};
 use super::reports::{NodePlacements, Refusal};
 use crate::cluster::config::{NodeConfigRefs, NodeConfigState};
 use crate::cluster::identity::{Admitted, IdentityError};
+use crate::cluster::sessions::STDIN_BUFFER;
 use crate::cluster::{Cluster, Reported};
 use crate::model::{TaintEffect, validate_name};
 use crate::modules::{FetchGuard, ModuleError, ModuleStore, UrlModules};
@@ -527,5 +528,36 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
         }
         // Ending the call tells a following agent to stop.
         Ok(Response::new(UploadLogsResponse {}))
+    }
+
+    type OpenStdinStream = BoxStream<StdinChunk>;
+
+    async fn open_stdin(
+        &self,
+        request: Request<OpenStdinRequest>,
+    ) -> Result<Response<Self::OpenStdinStream>, Status> {
+        self.authenticate(&request)?;
+        let session = flotilla_proto::auth::session_of(&request).map(str::to_string);
+        let open = request.into_inner();
+        let Some(user) = self
+            .cluster
+            .sessions
+            .take_pending_stdin(&open.request_id, session.as_deref())
+        else {
+            return Err(Status::not_found(format!(
+                "no stdin request {} is waiting for this session (it timed out, was cancelled \
+                 or went to another node)",
+                open.request_id
+            )));
+        };
+        if !open.error.is_empty() {
+            let _ = user.send(Err(Status::failed_precondition(open.error)));
+            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        }
+        let (tx, rx) = mpsc::channel(STDIN_BUFFER);
+        if user.send(Ok(tx)).is_err() {
+            return Err(Status::cancelled("the user went away"));
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -7,17 +7,19 @@ use std::sync::Arc;
 use flotilla_proto::agent::v1::{ConfigObject, LogChunk};
 use flotilla_proto::control::v1::workloads_server::{Workloads, WorkloadsServer};
 use flotilla_proto::control::v1::{
-    ApplyConfigRequest, ApplyRequest, ConfigSummary, DeleteConfigRequest, DeleteNodeRequest,
-    DeleteNodeResponse, DeleteRequest, Event as EventMessage, GetRequest, ListConfigRequest,
-    ListConfigResponse, ListEventsRequest, ListEventsResponse, ListNodesRequest, ListNodesResponse,
-    ListRequest, ListResponse, Node as NodeMessage, NodeResources as NodeResourcesMessage,
-    PushModuleRequest, PushModuleResponse, Taint as TaintMessage, WatchEvent as WatchEventMessage,
-    WatchRequest, WorkloadLogsRequest, WorkloadObject, watch_event,
+    ApplyConfigRequest, ApplyRequest, AttachRequest, AttachResponse, ConfigSummary,
+    DeleteConfigRequest, DeleteNodeRequest, DeleteNodeResponse, DeleteRequest,
+    Event as EventMessage, GetRequest, ListConfigRequest, ListConfigResponse, ListEventsRequest,
+    ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRequest, ListResponse,
+    Node as NodeMessage, NodeResources as NodeResourcesMessage, PushModuleRequest,
+    PushModuleResponse, StdinChunk, Taint as TaintMessage, WatchEvent as WatchEventMessage,
+    WatchRequest, WorkloadLogsRequest, WorkloadObject, attach_request, watch_event,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, parse_manifest, store_status, to_object, url_module_status};
 use crate::cluster::{Cluster, ConfigKey};
@@ -61,6 +63,51 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
     pub fn with_config(mut self, config: ConfigStore) -> Self {
         self.config = Some(config);
         self
+    }
+
+    /// Finds sandbox `replica` on `node` (empty: the first node, by name, the workload is
+    /// placed on) of a workload: its key, its node, and whether it has `spec.stdin`.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown workload, one not placed yet, or a replica it does not have.
+    async fn locate(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: String,
+        replica: u32,
+    ) -> Result<(WorkloadKey, String, bool), Status> {
+        let key = WorkloadKey::new(namespace, name);
+        let workload = self
+            .store
+            .get(&key)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("workload {key} not found")))?;
+        let placements = workload
+            .status
+            .as_ref()
+            .map(|s| s.placements.clone())
+            .unwrap_or_default();
+        let node = if node.is_empty() {
+            placements
+                .iter()
+                .find(|(_, count)| **count > 0)
+                .map(|(node, _)| node.clone())
+                .ok_or_else(|| {
+                    Status::not_found(format!("workload {key} has no replicas placed yet"))
+                })?
+        } else {
+            node
+        };
+        let on_node = placements.get(&node).copied().unwrap_or(0);
+        if u64::from(replica) >= on_node {
+            return Err(Status::not_found(format!(
+                "workload {key} has {on_node} replicas on node {node}; replica {replica} does not \
+                 exist"
+            )));
+        }
+        Ok((key, node, workload.spec.stdin))
     }
 
     fn config(&self) -> Result<&ConfigStore, Status> {
@@ -224,36 +271,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         request: Request<WorkloadLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
-        let key = WorkloadKey::new(&request.namespace, &request.name);
-        let workload = self
-            .store
-            .get(&key)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("workload {key} not found")))?;
-        let placements = workload
-            .status
-            .as_ref()
-            .map(|s| s.placements.clone())
-            .unwrap_or_default();
-        let node = if request.node.is_empty() {
-            placements
-                .iter()
-                .find(|(_, count)| **count > 0)
-                .map(|(node, _)| node.clone())
-                .ok_or_else(|| {
-                    Status::not_found(format!("workload {key} has no replicas placed yet"))
-                })?
-        } else {
-            request.node
-        };
-        let on_node = placements.get(&node).copied().unwrap_or(0);
-        if u64::from(request.replica) >= on_node {
-            return Err(Status::not_found(format!(
-                "workload {key} has {on_node} replicas on node {node}; replica {} does not exist",
-                request.replica
-            )));
-        }
+        let (key, node, _) = self
+            .locate(
+                &request.namespace,
+                &request.name,
+                request.node,
+                request.replica,
+            )
+            .await?;
         let rx = self
             .cluster
             .sessions
@@ -266,6 +291,73 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             )
             .await?;
         self.cluster.metrics.log_stream();
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type AttachStream = BoxStream<AttachResponse>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AttachRequest>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut input = request.into_inner();
+        let sandbox = match input.next().await {
+            Some(Ok(AttachRequest {
+                kind: Some(attach_request::Kind::Sandbox(sandbox)),
+            })) => sandbox,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must name the sandbox",
+                ));
+            }
+        };
+        let (key, node, stdin) = self
+            .locate(
+                &sandbox.namespace,
+                &sandbox.name,
+                sandbox.node,
+                sandbox.replica,
+            )
+            .await?;
+        if !stdin {
+            return Err(Status::failed_precondition(format!(
+                "workload {key} has no stdin: set spec.stdin (flotilla run -i)"
+            )));
+        }
+        let opened = self
+            .cluster
+            .sessions
+            .request_stdin(&node, &key.to_string(), sandbox.replica)
+            .await?;
+        let agent = opened
+            .await
+            .map_err(|_| Status::unavailable(format!("node {node} went away")))??;
+        tracing::info!(workload = %key, %node, replica = sandbox.replica, "stdin attached");
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Ok(AttachResponse { attached: true }));
+        let shutdown = self.cluster.shutdown.clone();
+        self.cluster.tasks.spawn(async move {
+            // Each chunk waits for room towards the agent, which waits for the guest to read.
+            loop {
+                tokio::select! {
+                    message = input.next() => match message {
+                        Some(Ok(AttachRequest { kind: Some(attach_request::Kind::Stdin(data)) })) => {
+                            if agent.send(Ok(StdinChunk { data })).await.is_err() {
+                                break; // The sandbox ended.
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        // The user closed their input, or went away: the guest reads EOF.
+                        Some(Err(_)) | None => break,
+                    },
+                    () = agent.closed() => break,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            // Dropping `agent` ends the agent's stream; dropping `tx` ends the user's call.
+            drop(tx);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

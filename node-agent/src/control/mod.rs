@@ -1,7 +1,7 @@
 //! The agent's side of the agent protocol: dial the control plane, register the node, hold a
 //! `Session`, apply the desired set and its deltas to the [`Supervisor`], heartbeat with
-//! per-workload counts and aggregated failures (never one message per sandbox), and answer log
-//! requests by uploading a sandbox's output.
+//! per-workload counts and aggregated failures (never one message per sandbox), answer log
+//! requests by uploading a sandbox's output, and attach a user's input to a sandbox's stdin.
 //!
 //! Workloads are applied and stopped off the session loop ([`operations`]): a module that
 //! takes long to compile holds up neither the heartbeats nor any other workload.
@@ -34,6 +34,7 @@ use crate::supervisor::Supervisor;
 
 pub mod identity;
 mod operations;
+mod stdin;
 
 /// After a sandbox changes, the control plane hears of it this soon (and no more often),
 /// rather than at the next periodic heartbeat.
@@ -341,18 +342,12 @@ async fn session(
                     supervisor.config_changed();
                 }
                 Some(Ok(ControlMessage { kind: Some(control_message::Kind::Logs(request)) })) => {
-                    // The newest revision of the workload that has the replica.
-                    let name = state
-                        .managed
-                        .iter()
-                        .filter(|(name, key)| {
-                            **key == request.key && supervisor.output(name, request.replica).is_some()
-                        })
-                        .max_by_key(|(name, _)| {
-                            supervisor.list(Some(name)).first().map_or(0, |s| s.generation)
-                        })
-                        .map(|(name, _)| name.clone());
+                    let name = sandbox_workload(state, supervisor, &request.key, request.replica);
                     upload_logs(client.clone(), supervisor, name, request);
+                }
+                Some(Ok(ControlMessage { kind: Some(control_message::Kind::Stdin(request)) })) => {
+                    let name = sandbox_workload(state, supervisor, &request.key, request.replica);
+                    stdin::open(client.clone(), supervisor, name.as_deref(), request);
                 }
                 Some(Ok(_)) => {}
             },
@@ -489,6 +484,26 @@ fn event(key: &str, generation: u64, reason: &str, message: String) -> SandboxEv
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
     }
+}
+
+/// The agent workload of the newest revision of `key` that has sandbox `replica`.
+fn sandbox_workload(
+    state: &AgentState,
+    supervisor: &Supervisor,
+    key: &str,
+    replica: u32,
+) -> Option<String> {
+    state
+        .managed
+        .iter()
+        .filter(|(name, k)| *k == key && supervisor.output(name, replica).is_some())
+        .max_by_key(|(name, _)| {
+            supervisor
+                .list(Some(name))
+                .first()
+                .map_or(0, |s| s.generation)
+        })
+        .map(|(name, _)| name.clone())
 }
 
 /// Answers a log request: opens `UploadLogs`, sends the header, then the sandbox's output

@@ -16,6 +16,7 @@ use wasmtime_wasi::sockets::SocketAddrUse;
 use super::egress::{DeniedRanges, EgressPolicy, EgressRules};
 use super::exit::Exit;
 use super::logs::{LogBuffer, LogSink};
+use super::stdin::StdinPipe;
 use super::volumes::{ConfigFiles, ConfigKey, Mounts};
 use flotilla_proto::agent::v1::LogStream;
 
@@ -111,8 +112,8 @@ impl Environment {
     }
 
     /// The WASI context of `sandbox`: arguments, environment (read from `sources` now, when it
-    /// comes from ConfigMaps, Secrets or the downward API), output to `logs`, and the
-    /// directories of `mounts`.
+    /// comes from ConfigMaps, Secrets or the downward API), output to `logs`, input from
+    /// `stdin` (empty without one), and the directories of `mounts`.
     ///
     /// # Errors
     /// [`Exit::Config`] for a ConfigMap, Secret or key that is missing (and not optional);
@@ -122,12 +123,16 @@ impl Environment {
         sources: &EnvironmentSources,
         sandbox: &dyn std::fmt::Display,
         logs: &Arc<LogBuffer>,
+        stdin: Option<&Arc<StdinPipe>>,
         mounts: Option<&Mounts>,
     ) -> Result<WasiCtxBuilder, Exit> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&self.args)
             .stdout(LogSink(logs.clone(), LogStream::Stdout))
             .stderr(LogSink(logs.clone(), LogStream::Stderr));
+        if let Some(stdin) = stdin {
+            wasi.stdin(stdin.stream());
+        }
         match &self.config_env {
             None => {
                 wasi.envs(&self.env);

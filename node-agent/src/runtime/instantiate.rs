@@ -14,6 +14,7 @@ use super::http::{HttpPool, HttpReplica, HttpRoutes, RequestSandbox};
 use super::logs::LogBuffer;
 use super::prepared::PreparedWorkload;
 use super::sandbox::{SandboxInstance, SandboxName};
+use super::stdin::StdinPipe;
 use super::store::{P1State, P2State, P2Wasi, Stores};
 use super::volumes::{Mounts, VolumeConfig};
 use crate::metrics::HttpMetrics;
@@ -77,6 +78,7 @@ impl Instantiator {
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        stdin: Option<Arc<StdinPipe>>,
         cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> Result<WasmtimeInstance, Exit> {
@@ -95,10 +97,13 @@ impl Instantiator {
                 Some(mounts)
             }
         };
-        let mut wasi =
-            prepared
-                .environment
-                .wasi(self.stores.sources(), &sandbox, &logs, mounts.as_deref())?;
+        let mut wasi = prepared.environment.wasi(
+            self.stores.sources(),
+            &sandbox,
+            &logs,
+            stdin.as_ref(),
+            mounts.as_deref(),
+        )?;
         let egress = prepared.environment.egress(self.stores.sources());
         match &*prepared.artifact {
             Artifact::Module(pre) => {

@@ -446,7 +446,10 @@ mod tests {
         buf.write_at(OUT, b"!", 2 + COALESCE_NANOS);
         let pieces = buf.read_from(0).pieces;
         assert_eq!(pieces.len(), 2);
-        assert_eq!((pieces[0].at, pieces[0].data.as_slice()), (1, &b"hello world"[..]));
+        assert_eq!(
+            (pieces[0].at, pieces[0].data.as_slice()),
+            (1, &b"hello world"[..])
+        );
         assert_eq!(pieces[1].at, 2 + COALESCE_NANOS);
     }
 

@@ -13,6 +13,7 @@ use super::error::SandboxError;
 use super::exit::Exit;
 use super::limits::SandboxLimits;
 use super::logs::LogBuffer;
+use super::stdin::StdinPipe;
 
 /// Compiles workloads and runs their sandboxes.
 pub trait SandboxRuntime: Send + Sync + 'static {
@@ -35,8 +36,8 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// Creates a fresh sandbox named `sandbox` (its `metadata.name`): a new store, WASI
     /// context and limits, then instantiation (which already runs guest code: start functions
-    /// and data segments). It prints to `logs` and charges its CPU to `cpu`, both kept across
-    /// its runs. `volumes` holds the sandbox's volumes between runs: set up on its first run,
+    /// and data segments). It prints to `logs`, reads `stdin` (empty when `None`) and charges
+    /// its CPU to `cpu`, all kept across its runs. `volumes` holds the sandbox's volumes between runs: set up on its first run,
     /// reused by its restarts.
     ///
     /// # Errors
@@ -46,6 +47,7 @@ pub trait SandboxRuntime: Send + Sync + 'static {
         prepared: &Arc<Self::Prepared>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        stdin: Option<Arc<StdinPipe>>,
         cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Self::Volumes>>,
     ) -> impl Future<Output = Result<Self::Instance, Exit>> + Send;

@@ -181,7 +181,7 @@ impl Stores {
         usage: &Arc<CpuUsage>,
         mounts: Option<&Arc<Mounts>>,
     ) -> Result<Store<P2State>, Exit> {
-        let wasi = environment.wasi(&self.sources, &sandbox, logs, mounts.map(|m| &**m))?;
+        let wasi = environment.wasi(&self.sources, &sandbox, logs, None, mounts.map(|m| &**m))?;
         let egress = environment.egress(&self.sources);
         Ok(self.new_store(
             P2Wasi::new(wasi, egress, logs),

@@ -25,6 +25,7 @@ use super::logs::LogBuffer;
 use super::prepared::PreparedWorkload;
 use super::sandbox::{SandboxName, SandboxRuntime};
 use super::source;
+use super::stdin::StdinPipe;
 use super::store::Stores;
 use super::volumes::{self, ConfigFiles, Mounts};
 use crate::metrics::HttpMetrics;
@@ -188,12 +189,13 @@ impl SandboxRuntime for WasmtimeRuntime {
         prepared: &Arc<PreparedWorkload>,
         sandbox: SandboxName<'_>,
         logs: Arc<LogBuffer>,
+        stdin: Option<Arc<StdinPipe>>,
         cpu: Arc<CpuUsage>,
         volumes: &mut Option<Arc<Mounts>>,
     ) -> impl Future<Output = Result<WasmtimeInstance, Exit>> + Send {
         self.inner
             .instantiator
-            .instantiate(prepared, sandbox, logs, cpu, volumes)
+            .instantiate(prepared, sandbox, logs, stdin, cpu, volumes)
     }
 
     fn capacity(&self) -> &Capacity {

@@ -29,8 +29,8 @@ use tracing::Instrument;
 use self::backoff::{Backoff, BackoffConfig};
 use crate::metrics::Metrics;
 use crate::runtime::{
-    CpuUsage, Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxName,
-    SandboxRuntime, WasmtimeRuntime,
+    AttachError, CpuUsage, Exit, LogBuffer, Prepared, SandboxError, SandboxInstance, SandboxName,
+    SandboxRuntime, StdinPipe, StdinWriter, WasmtimeRuntime,
 };
 
 /// Supervisor settings.
@@ -216,6 +216,8 @@ struct SandboxCell {
     generation: u64,
     cancel: CancellationToken,
     logs: Arc<LogBuffer>,
+    /// Its attachable stdin, when the workload asks for one.
+    stdin: Option<Arc<StdinPipe>>,
     cpu: Arc<CpuUsage>,
     status: Mutex<CellStatus>,
 }
@@ -442,6 +444,7 @@ impl<R: SandboxRuntime> Supervisor<R> {
                     spec.generation,
                     CancellationToken::new(),
                     1,
+                    false,
                 ));
                 self.shared
                     .metrics
@@ -524,6 +527,25 @@ impl<R: SandboxRuntime> Supervisor<R> {
             logs: entry.cell.logs.clone(),
             cell: entry.cell.clone(),
         })
+    }
+
+    /// Takes the write end of one sandbox's stdin.
+    ///
+    /// # Errors
+    /// A message saying why not: no such sandbox, a workload without `stdin`, or an
+    /// [`AttachError`].
+    pub fn attach_stdin(&self, workload: &str, replica: u32) -> Result<StdinWriter, String> {
+        let workloads = self.shared.lock_workloads();
+        let entry = workloads
+            .get(workload)
+            .and_then(|w| w.sandboxes.get(replica as usize))
+            .ok_or_else(|| format!("sandbox {replica} of workload {workload} not found"))?;
+        let stdin = entry.cell.stdin.as_ref().ok_or_else(|| {
+            format!("workload {workload} has no stdin: set spec.stdin (flotilla run -i)")
+        })?;
+        stdin
+            .attach()
+            .map_err(|e: AttachError| format!("sandbox {replica} of workload {workload}: {e}"))
     }
 
     /// Subscribes to status changes.
@@ -627,6 +649,7 @@ impl<R: SandboxRuntime> Shared<R> {
                 workload.spec.generation,
                 workload.cancel.child_token(),
                 prepared.limits().log_bytes,
+                workload.spec.stdin,
             ));
             self.metrics.transition(None, Some(SandboxPhase::Pending));
             let span = tracing::debug_span!("sandbox", workload = %name, replica);
@@ -720,7 +743,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                 s.started_at_ms = 0;
             });
             metrics.transition(Some(phase), None);
-            cell.logs.close();
+            cell.finish();
             shared.publish(&cell);
             return;
         }
@@ -744,7 +767,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                 s.started_at_ms = 0;
             });
             metrics.transition(Some(old), Some(phase));
-            cell.logs.close();
+            cell.finish();
             shared.publish(&cell);
             return;
         }
@@ -769,7 +792,7 @@ async fn run_sandbox<R: SandboxRuntime>(
                 drop(volumes.take());
                 metrics.transition(Some(SandboxPhase::Pending), None);
                 cell.update(|s| s.reason = "Stopped");
-                cell.logs.close();
+                cell.finish();
                 shared.publish(&cell);
                 return;
             }
@@ -795,6 +818,7 @@ async fn run_once<R: SandboxRuntime>(
                 prepared,
                 cell.name(),
                 cell.logs.clone(),
+                cell.stdin.clone(),
                 cell.cpu.clone(),
                 volumes,
             )
@@ -848,6 +872,7 @@ impl SandboxCell {
         generation: u64,
         cancel: CancellationToken,
         log_bytes: usize,
+        stdin: bool,
     ) -> Self {
         Self {
             workload,
@@ -855,6 +880,7 @@ impl SandboxCell {
             generation,
             cancel,
             logs: Arc::new(LogBuffer::new(log_bytes)),
+            stdin: stdin.then(|| Arc::new(StdinPipe::new())),
             cpu: Arc::default(),
             status: Mutex::new(CellStatus {
                 phase: SandboxPhase::Pending,
@@ -869,6 +895,14 @@ impl SandboxCell {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CellStatus> {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the end of the sandbox for good: its log ring closes, its stdin ends.
+    fn finish(&self) {
+        self.logs.close();
+        if let Some(stdin) = &self.stdin {
+            stdin.end();
+        }
     }
 
     /// Applies `f` to the status and returns the phase it had before.

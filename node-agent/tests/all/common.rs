@@ -58,6 +58,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         env_from: vec![],
         volumes: vec![],
         egress: vec![],
+        stdin: false,
     }
 }
 

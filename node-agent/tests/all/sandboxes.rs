@@ -454,3 +454,41 @@ async fn running_sandboxes_are_available_after_min_ready_seconds() {
     assert_eq!(sup.available("patient"), 0);
     assert_eq!(sup.available("unknown"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_stdin_reaches_the_guest_once_and_its_end_is_eof() {
+    let stdio = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/guests/stdio.wasm"
+    ))
+    .expect("examples/guests/stdio.wasm");
+    let sup = supervisor(runtime_config());
+    let mut s = spec("cat", stdio.clone());
+    s.stdin = true;
+    sup.apply(s).await.expect("applied");
+    let mut writer = sup.attach_stdin("cat", 0).expect("attach");
+    let again = sup
+        .attach_stdin("cat", 0)
+        .err()
+        .expect("one writer at a time");
+    assert!(again.contains("attached already"), "{again}");
+    assert!(writer.write(b"line one\n").await);
+    assert!(writer.write(b"line two\n").await);
+    writer.close().await;
+    wait_for(&sup, "cat", "EOF to end the guest", all_ended()).await;
+    assert_eq!(
+        logs(&sup, "cat", 0),
+        "out: \u{fffd}\nerr: to stderr\nline one\nline two\n"
+    );
+    let ended = sup
+        .attach_stdin("cat", 0)
+        .err()
+        .expect("the sandbox has ended");
+    assert!(ended.contains("ended"), "{ended}");
+
+    // Without spec.stdin there is nothing to attach to, and the guest reads EOF at once.
+    sup.apply(spec("no-stdin", stdio)).await.expect("applied");
+    let refused = sup.attach_stdin("no-stdin", 0).err().expect("no stdin");
+    assert!(refused.contains("set spec.stdin"), "{refused}");
+    wait_for(&sup, "no-stdin", "the guest to end", all_ended()).await;
+}

@@ -223,6 +223,11 @@ pub struct WorkloadSpec {
     /// denied ranges whatever is listed.
     #[prost(message, repeated, tag = "15")]
     pub egress: ::prost::alloc::vec::Vec<EgressRule>,
+    /// Each sandbox's stdin is a pipe that one client at a time may write to (the control plane's
+    /// Attach); when that client closes its input the guest reads EOF, for every later run too
+    /// (a Pod's `stdin` with `stdinOnce`). Unset: stdin is empty.
+    #[prost(bool, tag = "16")]
+    pub stdin: bool,
 }
 /// One allowed network destination: a host name pattern or an address range, on some ports.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -494,8 +499,9 @@ pub struct LogChunk {
     /// Unix time in nanoseconds at which the first byte of `data` was written.
     #[prost(int64, tag = "4")]
     pub time_unix_nanos: i64,
-    /// Set on the last message of a followed stream once the sandbox has ended for good (its
-    /// restart policy runs it no more, or it was stopped): how its last run ended. `data` is empty.
+    /// Set on the last message of a stream that reached the end of a sandbox that has ended for
+    /// good (its restart policy runs it no more, or it was stopped): how its last run ended.
+    /// `data` is empty then.
     #[prost(message, optional, tag = "5")]
     pub ended: ::core::option::Option<Termination>,
 }

@@ -142,7 +142,7 @@ pub struct WorkloadCounts {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4, 5")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -157,7 +157,36 @@ pub mod control_message {
         Routes(super::ClusterRoutes),
         #[prost(message, tag = "4")]
         Config(super::ConfigObjects),
+        #[prost(message, tag = "5")]
+        Stdin(super::StreamStdin),
     }
+}
+/// Asks the agent to open OpenStdin for one sandbox's standard input.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamStdin {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// `namespace/name`.
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
+    /// The sandbox's replica index on this node.
+    #[prost(uint32, tag = "3")]
+    pub replica: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OpenStdinRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// Set when the agent cannot attach (no such sandbox, no `stdin`, already attached or
+    /// closed); nothing follows.
+    #[prost(string, tag = "2")]
+    pub error: ::prost::alloc::string::String,
+}
+/// Bytes for a sandbox's standard input.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StdinChunk {
+    #[prost(bytes = "vec", tag = "1")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
 }
 /// The ConfigMaps and Secrets that workloads placed on the node refer to. The first message of a
 /// session is complete (`incremental` false); later ones carry what changed and what left.
@@ -473,6 +502,34 @@ pub mod agents_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Agents", "UploadLogs"));
             self.inner.client_streaming(req, path, codec).await
         }
+        /// Answers a StreamStdin request received on the Session: the control plane streams what the
+        /// attached user writes, and ends the stream when the user closes their input (EOF). An agent
+        /// that cannot attach sets `error` and gets an empty stream. The call names the agent's open
+        /// session in `flotilla-session` metadata; PERMISSION_DENIED unless the request was sent to it.
+        pub async fn open_stdin(
+            &mut self,
+            request: impl tonic::IntoRequest<super::OpenStdinRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::StdinChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Agents/OpenStdin",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Agents", "OpenStdin"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -529,6 +586,20 @@ pub mod agents_server {
             tonic::Response<super::UploadLogsResponse>,
             tonic::Status,
         >;
+        /// Server streaming response type for the OpenStdin method.
+        type OpenStdinStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::StdinChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Answers a StreamStdin request received on the Session: the control plane streams what the
+        /// attached user writes, and ends the stream when the user closes their input (EOF). An agent
+        /// that cannot attach sets `error` and gets an empty stream. The call names the agent's open
+        /// session in `flotilla-session` metadata; PERMISSION_DENIED unless the request was sent to it.
+        async fn open_stdin(
+            &self,
+            request: tonic::Request<super::OpenStdinRequest>,
+        ) -> std::result::Result<tonic::Response<Self::OpenStdinStream>, tonic::Status>;
     }
     /// Served by the control plane for node agents.
     #[derive(Debug)]
@@ -786,6 +857,52 @@ pub mod agents_server {
                     };
                     Box::pin(fut)
                 }
+                "/flotilla.control.v1.Agents/OpenStdin" => {
+                    #[allow(non_camel_case_types)]
+                    struct OpenStdinSvc<T: Agents>(pub Arc<T>);
+                    impl<
+                        T: Agents,
+                    > tonic::server::ServerStreamingService<super::OpenStdinRequest>
+                    for OpenStdinSvc<T> {
+                        type Response = super::StdinChunk;
+                        type ResponseStream = T::OpenStdinStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::OpenStdinRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agents>::open_stdin(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = OpenStdinSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -996,6 +1113,43 @@ pub struct WorkloadLogsRequest {
     pub follow: bool,
     #[prost(message, optional, tag = "6")]
     pub options: ::core::option::Option<super::super::agent::v1::LogOptions>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttachRequest {
+    #[prost(oneof = "attach_request::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<attach_request::Kind>,
+}
+/// Nested message and enum types in `AttachRequest`.
+pub mod attach_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// First message: which sandbox.
+        #[prost(message, tag = "1")]
+        Sandbox(super::SandboxRef),
+        /// Every later message: bytes for its stdin, in order.
+        #[prost(bytes, tag = "2")]
+        Stdin(::prost::alloc::vec::Vec<u8>),
+    }
+}
+/// One sandbox of a workload.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SandboxRef {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// The node; empty for the first node (by name) the workload is placed on.
+    #[prost(string, tag = "3")]
+    pub node: ::prost::alloc::string::String,
+    /// The sandbox's replica index on that node.
+    #[prost(uint32, tag = "4")]
+    pub replica: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttachResponse {
+    /// The agent holds the sandbox's stdin: send bytes now.
+    #[prost(bool, tag = "1")]
+    pub attached: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {}
@@ -1337,6 +1491,37 @@ pub mod workloads_client {
                 .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "Logs"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Writes to one sandbox's standard input, as `kubectl attach -i`: the first message names
+        /// the sandbox of a workload with `spec.stdin`, the next ones carry bytes, and closing the
+        /// request stream closes the guest's stdin for good (EOF). The server answers `attached` once
+        /// the agent holds the pipe, then ends the call when everything was handed to the agent or
+        /// the sandbox ended. NOT_FOUND for an unknown workload or sandbox (not placed or started
+        /// yet), FAILED_PRECONDITION when the workload has no `stdin` or the sandbox's stdin is
+        /// attached or closed already, UNAVAILABLE when its node is offline.
+        pub async fn attach(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::AttachRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::AttachResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flotilla.control.v1.Workloads/Attach",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flotilla.control.v1.Workloads", "Attach"));
+            self.inner.streaming(req, path, codec).await
+        }
         /// The nodes whose agents have registered, sorted by name.
         pub async fn list_nodes(
             &mut self,
@@ -1557,6 +1742,23 @@ pub mod workloads_server {
             &self,
             request: tonic::Request<super::WorkloadLogsRequest>,
         ) -> std::result::Result<tonic::Response<Self::LogsStream>, tonic::Status>;
+        /// Server streaming response type for the Attach method.
+        type AttachStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::AttachResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Writes to one sandbox's standard input, as `kubectl attach -i`: the first message names
+        /// the sandbox of a workload with `spec.stdin`, the next ones carry bytes, and closing the
+        /// request stream closes the guest's stdin for good (EOF). The server answers `attached` once
+        /// the agent holds the pipe, then ends the call when everything was handed to the agent or
+        /// the sandbox ended. NOT_FOUND for an unknown workload or sandbox (not placed or started
+        /// yet), FAILED_PRECONDITION when the workload has no `stdin` or the sandbox's stdin is
+        /// attached or closed already, UNAVAILABLE when its node is offline.
+        async fn attach(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::AttachRequest>>,
+        ) -> std::result::Result<tonic::Response<Self::AttachStream>, tonic::Status>;
         /// The nodes whose agents have registered, sorted by name.
         async fn list_nodes(
             &self,
@@ -1985,6 +2187,54 @@ pub mod workloads_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flotilla.control.v1.Workloads/Attach" => {
+                    #[allow(non_camel_case_types)]
+                    struct AttachSvc<T: Workloads>(pub Arc<T>);
+                    impl<
+                        T: Workloads,
+                    > tonic::server::StreamingService<super::AttachRequest>
+                    for AttachSvc<T> {
+                        type Response = super::AttachResponse;
+                        type ResponseStream = T::AttachStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::AttachRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Workloads>::attach(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AttachSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -91,3 +91,97 @@ fn run_copies_each_stream_and_exits_with_the_guests_code() {
     let (ok, _, _) = try_flotilla(&["--server", &url, "get", "workloads", "job-bad"]);
     assert!(!ok, "no workload for a module that was refused");
 }
+
+/// `flotilla --server URL run ARGS...` with `input` on its stdin.
+fn run_with_input(url: &str, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(workspace_binary("flotilla"))
+        .args(["--server", url, "run"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flotilla run starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    // A writer of its own: the guest's output must be read while the input is still going in.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("flotilla run ends");
+    writer.join().expect("writer");
+    out
+}
+
+#[test]
+fn run_dash_i_feeds_our_stdin_to_the_guest_and_ctrl_c_cleans_up() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let control_plane = ControlPlane::start(data.path(), "127.0.0.1:0");
+    let url = control_plane.url();
+    let _agent = Agent::start_connected(&url, "runner");
+    let stdio = guest("stdio.wasm");
+
+    // 1 MiB through a 64 KiB pipe: the guest's slow reading holds the CLI back, nothing is lost,
+    // and our EOF is the guest's.
+    let input: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let out = run_with_input(
+        &url,
+        &[
+            "cat", "--module", &stdio, "-i", "--rm", "--limits", "logs=4Mi",
+        ],
+        &input,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = [&b"out: \xff\n"[..], &input].concat();
+    assert!(out.stdout == expected, "{} bytes back", out.stdout.len());
+
+    // Without -i the guest's stdin is empty: it ends at once, whatever we have.
+    let out = run_with_input(&url, &["no-stdin", "--module", &stdio, "--rm"], b"ignored");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"out: \xff\n");
+
+    // Ctrl-C while the guest waits on its stdin: 130, and --rm deletes the workload.
+    let child = Command::new(workspace_binary("flotilla"))
+        .args([
+            "--server", &url, "run", "waiting", "--module", &stdio, "-i", "--rm",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flotilla run starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, json, _) = try_flotilla(&[
+            "--server",
+            &url,
+            "get",
+            "workloads",
+            "waiting",
+            "-o",
+            "json",
+        ]);
+        let running = serde_json::from_str(&json).is_ok_and(|o| support::ready(&o) == 1);
+        if running {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = i32::try_from(child.id()).expect("pid");
+    let killed = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("flotilla run ends");
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let (ok, _, stderr) = try_flotilla(&["--server", &url, "get", "workloads", "waiting"]);
+    assert!(!ok && stderr.contains("not found"), "{stderr}");
+}
