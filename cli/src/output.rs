@@ -76,6 +76,7 @@ impl LogArgs {
             stream: stream as i32,
             since_ms,
             tail_lines,
+            wait_for_reader: false,
         };
         let view = LogView {
             timestamps: self.timestamps,

@@ -231,7 +231,12 @@ async fn open_when_started(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(20);
     loop {
-        let last = match control::open_logs(client, sandbox, true, LogOptions::default()).await {
+        // Every byte, however slowly we read: the guest waits for us rather than drop output.
+        let options = LogOptions {
+            wait_for_reader: true,
+            ..LogOptions::default()
+        };
+        let last = match control::open_logs(client, sandbox, true, options).await {
             Ok(mut stream) => match stream.next().await {
                 Some(Err(status)) => status,
                 first => {

@@ -253,6 +253,11 @@ fn stream_ring(
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let notify = buffer.notifier();
+        let hold = if filter.wait_for_reader {
+            buffer.hold(0)
+        } else {
+            None
+        };
         let mut offset = 0;
         let mut first = true;
         loop {
@@ -279,6 +284,10 @@ fn stream_ring(
                 if tx.send(chunk).await.is_err() {
                     return;
                 }
+            }
+            // Sent (into a bounded channel, towards the reader): the writer may drop it now.
+            if let Some(hold) = &hold {
+                hold.advance(read.next_offset);
             }
             if read.closed {
                 let chunk = LogChunk {

@@ -8,9 +8,12 @@
 //!
 //! The ring is allocated on the first byte written (or the first follower), so a sandbox that
 //! prints nothing costs only the empty [`LogBuffer`]. When the ring is full the oldest bytes are
-//! dropped; readers learn how many they missed.
+//! dropped; readers learn how many they missed. One reader at a time may instead hold the ring
+//! ([`LogBuffer::hold`], for `flotilla run`): then the guest's writes wait for room rather than
+//! drop what that reader has not read, so a slow reader slows its own sandbox and nothing else.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +52,10 @@ struct Ring {
     written: u64,
     /// Wakes followers when output arrives or the sandbox ends.
     notify: Arc<Notify>,
+    /// The offset up to which the holding reader has read; bytes from it on are not dropped.
+    hold: Option<u64>,
+    /// Wakes writers waiting for room when the holding reader reads on or lets go.
+    room: Arc<Notify>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +101,8 @@ pub(crate) struct LogFilter {
     pub since: i64,
     /// Only the last this many lines of the first read.
     pub tail_lines: Option<u64>,
+    /// Hold the ring: the writer waits for this reader ([`LogBuffer::hold`]).
+    pub wait_for_reader: bool,
 }
 
 /// The current Unix time in nanoseconds.
@@ -129,6 +138,8 @@ impl LogBuffer {
                 segments: VecDeque::new(),
                 written: 0,
                 notify: Arc::new(Notify::new()),
+                hold: None,
+                room: Arc::new(Notify::new()),
             })
         })
     }
@@ -147,7 +158,8 @@ impl LogBuffer {
         let ring = self.ring(&mut slot);
         let keep = data.len().min(self.limit - SEGMENT_COST);
         let tail = &data[data.len() - keep..];
-        // Room first (for a new segment too), so the ring never grows past its limit.
+        // Room first (for a new segment too), so the ring never grows past its limit; what a
+        // holding reader has not read stays (its writer asked for room first).
         ring.trim(self.limit - keep - SEGMENT_COST);
         let start = ring.written + (data.len() - keep) as u64;
         let joins = start == ring.written
@@ -232,6 +244,66 @@ impl LogBuffer {
         self.ring(&mut slot).notify.clone()
     }
 
+    /// Bytes a writer may append now without dropping what the holding reader has not read:
+    /// unbounded without a holder.
+    pub fn room(&self) -> usize {
+        let slot = self.lock();
+        let Some(ring) = slot.as_ref() else {
+            return usize::MAX;
+        };
+        let Some(hold) = ring.hold else {
+            return usize::MAX;
+        };
+        let unread_from = hold.max(ring.oldest());
+        let unread = usize::try_from(ring.written - unread_from).unwrap_or(usize::MAX);
+        // The segments holding unread bytes, and one more for the next write.
+        let segments = ring
+            .segments
+            .iter()
+            .rev()
+            .take_while(|s| s.start > unread_from)
+            .count()
+            + 2;
+        self.limit
+            .saturating_sub(unread.saturating_add(segments * SEGMENT_COST))
+    }
+
+    /// Waits until [`Self::room`] is not zero.
+    pub async fn wait_for_room(&self) {
+        let room = {
+            let mut slot = self.lock();
+            self.ring(&mut slot).room.clone()
+        };
+        loop {
+            let notified = room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.room() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Makes the reader at `offset` the ring's holder, unless another reader holds it.
+    pub fn hold(self: &Arc<Self>, offset: u64) -> Option<LogHold> {
+        let mut slot = self.lock();
+        let ring = self.ring(&mut slot);
+        if ring.hold.is_some() {
+            return None;
+        }
+        ring.hold = Some(offset);
+        Some(LogHold(self.clone()))
+    }
+
+    /// Moves or ends the hold, and wakes writers waiting for room.
+    fn set_hold(&self, hold: Option<u64>) {
+        let mut slot = self.lock();
+        let ring = self.ring(&mut slot);
+        ring.hold = hold;
+        ring.room.notify_waiters();
+    }
+
     /// Bytes currently allocated for the ring (0 for a sandbox that printed nothing).
     pub fn allocated_bytes(&self) -> usize {
         self.lock().as_ref().map_or(0, |r| {
@@ -249,14 +321,21 @@ impl Ring {
     }
 
     /// Drops the oldest bytes, and the segments they leave empty, until bytes and segments fit
-    /// in `limit`.
+    /// in `limit`, but none that the holding reader has not read.
     fn trim(&mut self, limit: usize) {
         loop {
             let cost = self.bytes.len() + self.segments.len() * SEGMENT_COST;
-            let Some(excess) = cost.checked_sub(limit).filter(|&e| e > 0) else {
+            let Some(mut excess) = cost.checked_sub(limit).filter(|&e| e > 0) else {
                 return;
             };
             let oldest = self.oldest();
+            if let Some(hold) = self.hold {
+                let droppable = usize::try_from(hold.saturating_sub(oldest)).unwrap_or(usize::MAX);
+                if droppable == 0 {
+                    return;
+                }
+                excess = excess.min(droppable);
+            }
             let first_end = self.segments.get(1).map_or(self.written, |s| s.start);
             let in_first = usize::try_from(first_end.saturating_sub(oldest)).unwrap_or(usize::MAX);
             if in_first <= excess {
@@ -266,6 +345,23 @@ impl Ring {
                 self.bytes.drain(..excess);
             }
         }
+    }
+}
+
+/// A reader's hold on a [`LogBuffer`] (see [`LogBuffer::hold`]); dropping it lets go.
+#[derive(Debug)]
+pub struct LogHold(Arc<LogBuffer>);
+
+impl LogHold {
+    /// The reader has read everything before `offset`.
+    pub fn advance(&self, offset: u64) {
+        self.0.set_hold(Some(offset));
+    }
+}
+
+impl Drop for LogHold {
+    fn drop(&mut self) {
+        self.0.set_hold(None);
     }
 }
 
@@ -303,6 +399,7 @@ impl LogFilter {
             stream,
             since,
             tail_lines: options.tail_lines,
+            wait_for_reader: options.wait_for_reader,
         }
     }
 
@@ -363,7 +460,11 @@ impl IsTerminal for LogSink {
 
 impl StdoutStream for LogSink {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
+        Box::new(AsyncLogSink {
+            buffer: self.0.clone(),
+            stream: self.1,
+            waiting: None,
+        })
     }
 
     fn p2_stream(&self) -> Box<dyn OutputStream> {
@@ -373,7 +474,9 @@ impl StdoutStream for LogSink {
 
 #[async_trait::async_trait]
 impl Pollable for LogSink {
-    async fn ready(&mut self) {}
+    async fn ready(&mut self) {
+        self.0.wait_for_room().await;
+    }
 }
 
 impl OutputStream for LogSink {
@@ -387,19 +490,44 @@ impl OutputStream for LogSink {
     }
 
     fn check_write(&mut self) -> Result<usize, StreamError> {
-        // The ring never blocks a writer: old output is dropped instead.
-        Ok(64 * 1024)
+        // Without a holding reader the ring never blocks a writer: old output is dropped
+        // instead. With one, the guest waits in `ready` for room.
+        Ok(self.0.room().min(64 * 1024))
     }
 }
 
-impl tokio::io::AsyncWrite for LogSink {
+/// [`LogSink`] as an [`AsyncWrite`](tokio::io::AsyncWrite), which waits for room as `ready`
+/// does.
+struct AsyncLogSink {
+    buffer: Arc<LogBuffer>,
+    stream: LogStream,
+    /// Set while a write waits for a holding reader to make room.
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+}
+
+impl tokio::io::AsyncWrite for AsyncLogSink {
     fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.0.write(self.1, buf);
-        Poll::Ready(Ok(buf.len()))
+        loop {
+            let room = self.buffer.room();
+            if room > 0 {
+                self.waiting = None;
+                let n = room.min(buf.len());
+                self.buffer.write(self.stream, &buf[..n]);
+                return Poll::Ready(Ok(n));
+            }
+            let buffer = self.buffer.clone();
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(async move { buffer.wait_for_room().await }));
+            if waiting.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.waiting = None;
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -567,6 +695,7 @@ mod tests {
             stream: LogStream::Stderr as i32,
             since_ms: 60_000,
             tail_lines: Some(5),
+            wait_for_reader: false,
         };
         let filter = LogFilter::from_options(Some(&options), 100_000_000_000);
         assert_eq!(filter.stream, Some(ERR));
@@ -576,6 +705,46 @@ mod tests {
             text(LogFilter::from_options(Some(&options), unix_nanos())),
             "E\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_holding_reader_makes_writers_wait_instead_of_dropping() {
+        let limit = 4 * SEGMENT_COST + 64;
+        let buf = Arc::new(LogBuffer::new(limit));
+        assert_eq!(buf.room(), usize::MAX, "no holder: never waits");
+        let hold = buf.hold(0).expect("the first holder");
+        assert!(buf.hold(0).is_none(), "one holder at a time");
+        let mut sink = LogSink(buf.clone(), OUT);
+        let mut written = 0u64;
+        // Write as the guest does: only what check_write allows.
+        while let n @ 1.. = sink.check_write().expect("check") {
+            let chunk = vec![b'x'; n.min(10)];
+            OutputStream::write(&mut sink, Bytes::from(chunk.clone())).expect("write");
+            written += chunk.len() as u64;
+        }
+        let read = buf.read_from(0);
+        assert_eq!(
+            read.skipped, 0,
+            "nothing the holder has not read was dropped"
+        );
+        assert_eq!(read.data().len() as u64, written);
+        // A writer waits until the holder reads on.
+        let waiting = tokio::spawn({
+            let mut sink = sink.clone();
+            async move { sink.ready().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "no room: the writer waits");
+        hold.advance(read.next_offset);
+        waiting
+            .await
+            .expect("the writer goes on once the holder has read");
+        assert!(buf.room() > 0);
+        // Once the holder lets go, old output is dropped again rather than waited for.
+        drop(hold);
+        assert_eq!(buf.room(), usize::MAX);
+        buf.write(OUT, &[b'y'; 1000]);
+        assert!(buf.read_from(0).skipped > 0);
     }
 
     #[test]

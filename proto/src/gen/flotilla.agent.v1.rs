@@ -483,6 +483,11 @@ pub struct LogOptions {
     /// Only the last this many lines of what the other options keep; unset for all.
     #[prost(uint64, optional, tag = "3")]
     pub tail_lines: ::core::option::Option<u64>,
+    /// The guest's writes wait for this reader instead of dropping output it has not read yet, so
+    /// it gets every byte however slowly it reads (`flotilla run`); a slow reader slows only this
+    /// sandbox. One such reader per sandbox at a time: a second one reads as if unset.
+    #[prost(bool, tag = "4")]
+    pub wait_for_reader: bool,
 }
 /// A piece of one of a sandbox's output streams, in the order the guest wrote it.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
