@@ -98,6 +98,8 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
             tls: None,
             shutdown_grace: Duration::from_secs(1),
             fetch_guard: flotilla_control_plane::FetchGuard::defaults(),
+            user_auth: Default::default(),
+            insecure_allow_anonymous: false,
         })
         .await?;
     println!("LISTENING {}", control_plane.addr());
@@ -282,7 +284,7 @@ pub async fn e2e(agents: u32, replicas: u64) -> anyhow::Result<()> {
     wait_nodes(&mut client, agents as usize).await?;
     let sha256 = push_idle(&mut client).await?;
 
-    let mut watch = client.watch(WatchRequest {}).await?.into_inner();
+    let mut watch = client.watch(WatchRequest::default()).await?.into_inner();
     let want = |n: u64| BTreeMap::from([("e2e".to_string(), n)]);
     let elapsed = apply_until_ready(&mut client, &mut watch, &sha256, &want(replicas), LIMIT)
         .await?
@@ -460,7 +462,7 @@ pub async fn fleet(agents: u32, per_agent: u64, steady: Duration) -> anyhow::Res
         left -= n;
         i += 1;
     }
-    let mut watch = client.watch(WatchRequest {}).await?.into_inner();
+    let mut watch = client.watch(WatchRequest::default()).await?.into_inner();
     let to_ready = apply_until_ready(
         &mut client,
         &mut watch,

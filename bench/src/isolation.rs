@@ -79,7 +79,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     let mut client = crate::cluster::workloads_client(addr).await?;
     wait_nodes(&mut client, 1).await?;
     let idle = push_idle(&mut client).await?;
-    let mut watch = client.watch(WatchRequest {}).await?.into_inner();
+    let mut watch = client.watch(WatchRequest::default()).await?.into_inner();
     let mut ready = Ready::default();
 
     // The neighbours' module compiled once, before anything is timed.
@@ -112,7 +112,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     let heartbeats = tokio::spawn(sample_heartbeats(client.clone(), done.clone()));
     let compile_started = Instant::now();
     apply(&mut client, "costly", &sha).await?;
-    let mut costly_watch = client.watch(WatchRequest {}).await?.into_inner();
+    let mut costly_watch = client.watch(WatchRequest::default()).await?.into_inner();
     let compiled = tokio::spawn(async move {
         let mut ready = Ready::default();
         let outcome = ready.wait(&mut costly_watch, "costly").await;

@@ -165,7 +165,7 @@ pub async fn rollout(
     let mut client = workloads_client(addr).await?;
     wait_nodes(&mut client, agents as usize).await?;
     let sha256 = push_idle(&mut client).await?;
-    let mut watch = client.watch(WatchRequest {}).await?.into_inner();
+    let mut watch = client.watch(WatchRequest::default()).await?.into_inner();
     let next = async |watch: &mut tonic::Streaming<_>| -> anyhow::Result<Vec<Workload>> {
         let event: flotilla_proto::control::v1::WatchEvent =
             tokio::time::timeout(LIMIT, watch.next())

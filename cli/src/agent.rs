@@ -5,28 +5,14 @@ use flotilla_proto::agent::v1::{
     GetCapacityRequest, ListSandboxesRequest, LogOptions, LogsRequest, SandboxPhase, SandboxStatus,
     StopWorkloadRequest,
 };
-use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::output::{LogView, copy_logs};
-use crate::{Output, endpoint};
+use crate::{BearerToken, Output, endpoint};
 
 /// A client of the admin API that sends `--agent-token-file`'s token, when given.
 type AdminClient = AgentAdminClient<InterceptedService<Channel, BearerToken>>;
-
-/// Adds the admin token to every request.
-#[derive(Clone)]
-struct BearerToken(Option<String>);
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            flotilla_proto::auth::insert_bearer(&mut request, token);
-        }
-        Ok(request)
-    }
-}
 
 async fn connect(agent: &str) -> anyhow::Result<AdminClient> {
     let file = crate::AGENT_TOKEN_FILE.get().and_then(Option::as_deref);

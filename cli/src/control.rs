@@ -1,6 +1,6 @@
 //! Commands against the control plane's user API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,7 @@ use flotilla_proto::control::v1::{
 use serde::Deserialize;
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::output::{LogView, copy_logs, print_structured};
@@ -26,10 +27,17 @@ use crate::{Output, endpoint};
 /// user API does not page lists yet.
 const MAX_ANSWER_BYTES: usize = 256 << 20;
 
-pub(crate) async fn connect(server: &str) -> anyhow::Result<WorkloadsClient<Channel>> {
+/// A client of the user API that presents the user's token, when given.
+pub(crate) type Client = WorkloadsClient<InterceptedService<Channel, crate::BearerToken>>;
+
+pub(crate) async fn connect(server: &str) -> anyhow::Result<Client> {
+    let token = crate::user_token()?;
     crate::channel(server)
         .await
-        .map(|channel| WorkloadsClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES))
+        .map(|channel| {
+            WorkloadsClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_ANSWER_BYTES)
+        })
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach the control plane at {}: {e}",
@@ -101,7 +109,7 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
 /// Pushes the module at `path` (which must have `sha256` when that is not empty) and returns
 /// its digest.
 pub(crate) async fn push_module(
-    client: &mut WorkloadsClient<Channel>,
+    client: &mut Client,
     path: &Path,
     sha256: &str,
 ) -> anyhow::Result<String> {
@@ -175,12 +183,15 @@ fn parse_documents(
     Ok(())
 }
 
-/// Every workload, then each change.
+/// Every workload of `namespace` (empty: of every namespace), then each change.
 pub(crate) async fn watch_workloads(
-    client: &mut WorkloadsClient<Channel>,
+    client: &mut Client,
+    namespace: &str,
 ) -> anyhow::Result<tonic::Streaming<flotilla_proto::control::v1::WatchEvent>> {
     Ok(client
-        .watch(WatchRequest {})
+        .watch(WatchRequest {
+            namespace: namespace.to_string(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("watching workloads: {}", s.message()))?
         .into_inner())
@@ -298,7 +309,7 @@ pub async fn delete_node(server: &str, name: &str) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn get_workload(
-    client: &mut WorkloadsClient<Channel>,
+    client: &mut Client,
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<Workload> {
@@ -343,7 +354,13 @@ pub async fn wait_ready(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let mut watch = watch_workloads(&mut client).await?;
+    // One namespace's watch when they share one: a user may watch no further.
+    let namespaces: BTreeSet<String> = applied.iter().map(|w| w.key().namespace).collect();
+    let namespace = match namespaces.len() {
+        1 => namespaces.first().cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let mut watch = watch_workloads(&mut client, &namespace).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut waiting: BTreeMap<String, Workload> = applied
         .iter()
@@ -460,7 +477,7 @@ pub struct SandboxRef {
 
 /// Opens one sandbox's log stream through the control plane.
 pub(crate) async fn open_logs(
-    client: &mut WorkloadsClient<Channel>,
+    client: &mut Client,
     sandbox: &SandboxRef,
     follow: bool,
     options: LogOptions,

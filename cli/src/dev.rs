@@ -66,6 +66,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tls: None,
         shutdown_grace: Duration::from_secs(2),
         fetch_guard: flotilla_control_plane::FetchGuard::defaults(),
+        // One user on their own machine: open on loopback, and refused elsewhere.
+        user_auth: Default::default(),
+        insecure_allow_anonymous: false,
     })
     .await?;
     let url = format!("http://{}", control_plane.addr());

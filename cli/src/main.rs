@@ -42,6 +42,12 @@ struct Cli {
     /// The CA that signs an `https://` control plane's certificate (default: the webpki roots).
     #[arg(long, env = "FLOTILLA_TLS_CA_FILE", global = true)]
     tls_ca_file: Option<std::path::PathBuf>,
+    /// A file holding your token for the control plane's user API (from its --token-auth-file).
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
+    /// Your token for the control plane's user API (better: --token-file).
+    #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// A file holding the agent's admin token, for an agent started with --admin-token-file.
     #[arg(long, env = "FLOTILLA_AGENT_TOKEN_FILE", global = true)]
     agent_token_file: Option<std::path::PathBuf>,
@@ -249,6 +255,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = TLS_CA_FILE.set(cli.tls_ca_file.clone());
     let _ = AGENT_TOKEN_FILE.set(cli.agent_token_file.clone());
+    let _ = USER_TOKEN.set((cli.token.clone(), cli.token_file.clone()));
     flotilla_telemetry::init("flotilla");
     let Cli {
         server,
@@ -403,6 +410,34 @@ static TLS_CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync:
 /// Where `--agent-token-file` points, set once at startup for every agent connection.
 static AGENT_TOKEN_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> =
     std::sync::OnceLock::new();
+
+/// `--token` and `--token-file`, set once at startup for every control-plane connection.
+static USER_TOKEN: std::sync::OnceLock<(Option<String>, Option<std::path::PathBuf>)> =
+    std::sync::OnceLock::new();
+
+/// The user's token for the control plane, from `--token` or `--token-file`.
+fn user_token() -> anyhow::Result<BearerToken> {
+    let (value, file) = USER_TOKEN.get().cloned().unwrap_or_default();
+    let token = flotilla_proto::auth::load_token(value, file.as_deref())
+        .map_err(|e| anyhow::anyhow!("--token-file: {}", flotilla_telemetry::error_chain(&e)))?;
+    Ok(BearerToken(token))
+}
+
+/// Adds a bearer token (when there is one) to every request.
+#[derive(Clone)]
+struct BearerToken(Option<String>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            flotilla_proto::auth::insert_bearer(&mut request, token);
+        }
+        Ok(request)
+    }
+}
 
 /// A channel to `address`, with TLS for `https://` (trusting `--tls-ca-file` or the webpki
 /// roots).

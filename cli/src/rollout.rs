@@ -57,10 +57,10 @@ fn progress(workload: &Workload) -> Progress {
 /// replica; fails past the progress deadline or `timeout`.
 pub async fn status(server: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let mut watch = watch_workloads(&mut client).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut workload = get_workload(&mut client, "", name).await?;
     let key = workload.key();
+    let mut watch = watch_workloads(&mut client, &key.namespace).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut shown = String::new();
     loop {
         match progress(&workload) {

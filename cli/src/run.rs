@@ -11,7 +11,6 @@ use flotilla_model::{
     Volume, VolumeMount, Workload, WorkloadSpec,
 };
 use flotilla_proto::agent::v1::{LogChunk, LogOptions, Termination};
-use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
     ApplyRequest, AttachRequest, AttachResponse, DeleteRequest, GetRequest,
     SandboxRef as ProtoSandboxRef, attach_request,
@@ -21,9 +20,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::control::{self, SandboxRef};
+use crate::control::{self, Client, SandboxRef};
 use crate::output::{LogView, copy_logs};
 
 /// Exit code of a run that Flotilla could not carry out (as `docker run`'s 125): the control
@@ -224,7 +222,7 @@ fn report(name: &str, termination: &Termination) {
 /// has it, the control plane or the agent answers NOT_FOUND (or UNAVAILABLE while the node
 /// reconnects), and we ask again.
 async fn open_when_started(
-    client: &mut WorkloadsClient<Channel>,
+    client: &mut Client,
     sandbox: &SandboxRef,
     timeout: Duration,
 ) -> anyhow::Result<futures::stream::BoxStream<'static, Result<LogChunk, tonic::Status>>> {
@@ -265,7 +263,7 @@ async fn open_when_started(
 /// Copies our stdin to the sandbox's until ours ends (the guest then reads EOF) or the sandbox
 /// does. Our stdin is read only once the sandbox's is attached, so retries lose nothing.
 async fn attach_stdin(
-    mut client: WorkloadsClient<Channel>,
+    mut client: Client,
     sandbox: SandboxRef,
     timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -329,7 +327,7 @@ async fn attach_stdin(
 }
 
 /// The workload's `Scheduled` condition when it is not met, for a run that did not start.
-async fn scheduling(client: &mut WorkloadsClient<Channel>, sandbox: &SandboxRef) -> String {
+async fn scheduling(client: &mut Client, sandbox: &SandboxRef) -> String {
     let Ok(workload) = control::get_workload(client, &sandbox.namespace, &sandbox.name).await
     else {
         return String::new();

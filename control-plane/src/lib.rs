@@ -24,6 +24,7 @@
 
 #![warn(unreachable_pub)]
 
+pub mod auth;
 mod cluster;
 mod controller;
 mod grpc;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use flotilla_control_plane::auth::UserAuth;
 use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
 use flotilla_control_plane::{ControlPlane, FetchGuard, ServerConfig, StoreBackend};
 
@@ -58,6 +59,22 @@ struct Args {
     /// user API still accepts clients without one.
     #[arg(long, env = "FLOTILLA_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     tls_client_ca_file: Option<PathBuf>,
+    /// Users of the user API and their tokens, one per line: `token,user,uid[,"group1,group2"]`
+    /// (kube-apiserver's static token file). Without it the user API is open to every caller,
+    /// which is refused beyond loopback unless --insecure-allow-anonymous.
+    #[arg(long, env = "FLOTILLA_TOKEN_AUTH_FILE")]
+    token_auth_file: Option<PathBuf>,
+    /// Who may do what (verbs, resources, namespaces) through the user API; without it every
+    /// authenticated user may do everything. See the README's "Users and permissions".
+    #[arg(
+        long,
+        env = "FLOTILLA_AUTHORIZATION_POLICY_FILE",
+        requires = "token_auth_file"
+    )]
+    authorization_policy_file: Option<PathBuf>,
+    /// Serve the user API open (no authentication) on an address beyond loopback.
+    #[arg(long, env = "FLOTILLA_INSECURE_ALLOW_ANONYMOUS")]
+    insecure_allow_anonymous: bool,
     /// Address ranges module downloads (`spec.module.url`, OCI pulls) may not reach, checked
     /// on every connection and redirect. Repeat or separate with commas; a bare address stands
     /// for itself. Given, it replaces the default: loopback, link-local (cloud metadata),
@@ -142,6 +159,10 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
+    let user_auth = match &args.token_auth_file {
+        Some(tokens) => UserAuth::load(tokens, args.authorization_policy_file.as_deref())?,
+        None => UserAuth::open(),
+    };
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = flotilla_telemetry::shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -192,6 +213,8 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         } else {
             FetchGuard::new(args.fetch_deny)
         },
+        user_auth: std::sync::Arc::new(user_auth),
+        insecure_allow_anonymous: args.insecure_allow_anonymous,
     })
     .await?;
     let lost = async {

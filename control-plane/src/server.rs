@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::UserAuth;
 use crate::cluster::Cluster;
 use crate::controller::Controller;
 use crate::grpc::{AgentService, WorkloadService};
@@ -70,6 +71,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Addresses module downloads (`spec.module.url`, OCI pulls) may not reach.
     pub fetch_guard: FetchGuard,
+    /// Who may use the user API.
+    pub user_auth: Arc<UserAuth>,
+    /// Serve an open user API (no `user_auth` tokens) on an address beyond loopback.
+    pub insecure_allow_anonymous: bool,
 }
 
 /// A running control plane. Every task it starts is tracked in its cluster's
@@ -146,6 +151,20 @@ impl ControlPlane {
         modules: ModuleStore,
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
+        if config.user_auth.is_open() {
+            if !config.listen.ip().is_loopback() && !config.insecure_allow_anonymous {
+                anyhow::bail!(
+                    "the user API would let anyone who reaches {} run workloads: give \
+                     --token-auth-file (and --authorization-policy-file), or \
+                     --insecure-allow-anonymous to serve it open anyway",
+                    config.listen
+                );
+            }
+            tracing::warn!(
+                listen = %config.listen,
+                "the user API is open: every caller is system:anonymous and may do everything"
+            );
+        }
         let cluster = Arc::new(Cluster::default());
         // Which credential may register each node name, across restarts.
         let identities_path = config.data_dir.join("nodes.redb");
@@ -250,6 +269,7 @@ impl ControlPlane {
                         .with_downloads(downloads)
                         .with_cluster(served_cluster)
                         .with_config(config_store)
+                        .with_auth(config.user_auth.clone())
                         .into_server(),
                 )
                 .add_service(agents.into_server())

@@ -64,6 +64,11 @@ or none (plain gRPC). */}}
 {{- default (printf "%s-join-token" (include "flotilla.fullname" .)) .Values.joinToken.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret holding the user API's token file (and policy), generated unless given. */}}
+{{- define "flotilla.usersSecret" -}}
+{{- default (printf "%s-users" (include "flotilla.fullname" .)) .Values.userAuth.existingSecret -}}
+{{- end -}}
+
 {{/* The join token as an environment variable. */}}
 {{- define "flotilla.joinTokenEnv" -}}
 - name: FLOTILLA_JOIN_TOKEN

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use flotilla_proto::agent::v1::{ConfigObject, LogChunk};
+use flotilla_proto::agent::v1::{ConfigKind, ConfigObject, LogChunk};
 use flotilla_proto::control::v1::workloads_server::{Workloads, WorkloadsServer};
 use flotilla_proto::control::v1::{
     ApplyConfigRequest, ApplyRequest, AttachRequest, AttachResponse, ConfigSummary,
@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{module_status, parse_manifest, store_status, to_object, url_module_status};
+use crate::auth::{Access, Resource, User, UserAuth, Verb};
 use crate::cluster::{Cluster, ConfigKey};
 use crate::model::WorkloadKey;
 use crate::modules::{FetchGuard, ModuleStore, UrlModules};
@@ -36,6 +37,8 @@ pub struct WorkloadService<S> {
     cluster: Arc<Cluster>,
     /// Where ConfigMaps and Secrets are written; none: the config calls are unavailable.
     config: Option<ConfigStore>,
+    /// Who may do what; open by default.
+    auth: Arc<UserAuth>,
 }
 
 impl<S: WorkloadStore + Clone> WorkloadService<S> {
@@ -47,7 +50,33 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
             modules,
             cluster: Arc::default(),
             config: None,
+            auth: Arc::new(UserAuth::open()),
         }
+    }
+
+    /// Authenticates and authorizes callers with `auth`.
+    #[must_use]
+    pub fn with_auth(mut self, auth: Arc<UserAuth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Lets the caller of `request` do `verb` on `resource` in `namespace` (empty: every
+    /// namespace, or cluster-wide), or says why not.
+    fn allow<T>(
+        &self,
+        request: &Request<T>,
+        verb: Verb,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<User, Status> {
+        let access = Access {
+            verb,
+            resource,
+            namespace,
+        };
+        self.auth.check(request, access, name)
     }
 
     /// Downloads modules named by URL with `downloads` (shared with the agent API, and with
@@ -137,6 +166,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<WorkloadObject>, Status> {
+        let user = self.auth.authenticate(&request)?;
         let manifest = request.into_inner().manifest;
         if manifest.len() > crate::model::MAX_OBJECT_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -147,6 +177,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         }
         let workload = parse_manifest(&manifest)
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
+        let key = workload.key();
+        let access = Access {
+            verb: Verb::Apply,
+            resource: Resource::Workloads,
+            namespace: &key.namespace,
+        };
+        self.auth.authorize(&user, access, &key.name)?;
         workload
             .validate()
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
@@ -175,8 +212,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<WorkloadObject>, Status> {
-        let request = request.into_inner();
-        let key = WorkloadKey::new(&request.namespace, &request.name);
+        let key = WorkloadKey::new(&request.get_ref().namespace, &request.get_ref().name);
+        self.allow(
+            &request,
+            Verb::Get,
+            Resource::Workloads,
+            &key.namespace,
+            &key.name,
+        )?;
         match self.store.get(&key).await.map_err(store_status)? {
             Some(workload) => Ok(Response::new(to_object(&workload)?)),
             None => Err(Status::not_found(format!("workload {key} not found"))),
@@ -184,6 +227,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let namespace = &request.get_ref().namespace;
+        self.allow(&request, Verb::List, Resource::Workloads, namespace, "")?;
         let namespace = request.into_inner().namespace;
         let items = self
             .store
@@ -201,8 +246,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<WorkloadObject>, Status> {
-        let request = request.into_inner();
-        let key = WorkloadKey::new(&request.namespace, &request.name);
+        let key = WorkloadKey::new(&request.get_ref().namespace, &request.get_ref().name);
+        self.allow(
+            &request,
+            Verb::Delete,
+            Resource::Workloads,
+            &key.namespace,
+            &key.name,
+        )?;
         match self.store.delete(&key).await.map_err(store_status)? {
             Some(workload) => Ok(Response::new(to_object(&workload)?)),
             None => Err(Status::not_found(format!("workload {key} not found"))),
@@ -213,8 +264,10 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
 
     async fn watch(
         &self,
-        _request: Request<WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let namespace = request.get_ref().namespace.clone();
+        self.allow(&request, Verb::Watch, Resource::Workloads, &namespace, "")?;
         let mut watch = self.store.watch().await.map_err(store_status)?;
         // Ends when the control plane shuts down, as when the client leaves.
         let mut stopped = Box::pin(self.cluster.shutdown.clone().cancelled_owned());
@@ -227,6 +280,19 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                 };
                 let Some(event) = event else {
                     return;
+                };
+                let in_scope = |w: &crate::model::Workload| {
+                    namespace.is_empty() || w.key().namespace == namespace
+                };
+                let event = match event {
+                    Ok(WatchEvent::Applied(w) | WatchEvent::Deleted(w)) if !in_scope(&w) => {
+                        continue;
+                    }
+                    Ok(WatchEvent::Restarted(mut all)) => {
+                        all.retain(|w| in_scope(w));
+                        Ok(WatchEvent::Restarted(all))
+                    }
+                    other => other,
                 };
                 let message = event.map_err(store_status).and_then(|event| {
                     let (kind, workloads) = match event {
@@ -252,6 +318,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<PushModuleRequest>,
     ) -> Result<Response<PushModuleResponse>, Status> {
+        self.allow(&request, Verb::Create, Resource::Modules, "", "")?;
         let request = request.into_inner();
         let modules = self.modules.clone();
         let size = request.module.len() as u64;
@@ -270,6 +337,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<WorkloadLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let key = WorkloadKey::new(&request.get_ref().namespace, &request.get_ref().name);
+        self.allow(
+            &request,
+            Verb::Get,
+            Resource::WorkloadLogs,
+            &key.namespace,
+            &key.name,
+        )?;
         let request = request.into_inner();
         let (key, node, _) = self
             .locate(
@@ -300,6 +375,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let user = self.auth.authenticate(&request)?;
         let mut input = request.into_inner();
         let sandbox = match input.next().await {
             Some(Ok(AttachRequest {
@@ -312,6 +388,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                 ));
             }
         };
+        let key = WorkloadKey::new(&sandbox.namespace, &sandbox.name);
+        let access = Access {
+            verb: Verb::Create,
+            resource: Resource::WorkloadAttach,
+            namespace: &key.namespace,
+        };
+        self.auth.authorize(&user, access, &key.name)?;
         let (key, node, stdin) = self
             .locate(
                 &sandbox.namespace,
@@ -365,6 +448,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<DeleteNodeRequest>,
     ) -> Result<Response<DeleteNodeResponse>, Status> {
+        self.allow(
+            &request,
+            Verb::Delete,
+            Resource::Nodes,
+            "",
+            &request.get_ref().name,
+        )?;
         let name = request.into_inner().name;
         let cluster = self.cluster.clone();
         let node = name.clone();
@@ -392,8 +482,9 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
 
     async fn list_nodes(
         &self,
-        _request: Request<ListNodesRequest>,
+        request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        self.allow(&request, Verb::List, Resource::Nodes, "", "")?;
         // What each node has allocated, from the placements in the workloads' status.
         let mut allocated: BTreeMap<String, NodeResources> = BTreeMap::new();
         for workload in self.store.list().await.map_err(store_status)? {
@@ -441,8 +532,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let request = request.into_inner();
-        let key = WorkloadKey::new(&request.namespace, &request.name);
+        let key = WorkloadKey::new(&request.get_ref().namespace, &request.get_ref().name);
+        self.allow(
+            &request,
+            Verb::List,
+            Resource::Events,
+            &key.namespace,
+            &key.name,
+        )?;
         let events = self
             .cluster
             .events
@@ -465,6 +562,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ApplyConfigRequest>,
     ) -> Result<Response<ConfigSummary>, Status> {
+        let user = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let mut object = request
             .object
@@ -472,6 +570,12 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         if object.namespace.is_empty() {
             object.namespace = crate::model::DEFAULT_NAMESPACE.to_string();
         }
+        let access = Access {
+            verb: Verb::Apply,
+            resource: config_resource(object.kind()),
+            namespace: &object.namespace,
+        };
+        self.auth.authorize(&user, access, &object.name)?;
         let summary = summary(&object);
         self.config()?
             .apply(object, request.create_only)
@@ -484,6 +588,15 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ListConfigRequest>,
     ) -> Result<Response<ListConfigResponse>, Status> {
+        let resource = config_resource(request.get_ref().kind());
+        let namespace = &request.get_ref().namespace;
+        self.allow(
+            &request,
+            Verb::List,
+            resource,
+            namespace,
+            &request.get_ref().name,
+        )?;
         let request = request.into_inner();
         let items = self
             .config()?
@@ -501,6 +614,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<DeleteConfigRequest>,
     ) -> Result<Response<ConfigSummary>, Status> {
+        let user = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let key = ConfigKey {
             kind: request.kind(),
@@ -511,8 +625,22 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             },
             name: request.name,
         };
+        let access = Access {
+            verb: Verb::Delete,
+            resource: config_resource(key.kind),
+            namespace: &key.namespace,
+        };
+        self.auth.authorize(&user, access, &key.name)?;
         let object = self.config()?.delete(key).await.map_err(config_status)?;
         Ok(Response::new(summary(&object)))
+    }
+}
+
+/// The policy's resource for a ConfigMap or Secret.
+fn config_resource(kind: ConfigKind) -> Resource {
+    match kind {
+        ConfigKind::Secret => Resource::Secrets,
+        ConfigKind::ConfigMap | ConfigKind::Unspecified => Resource::ConfigMaps,
     }
 }
 

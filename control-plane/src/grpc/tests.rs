@@ -78,7 +78,7 @@ async fn apply_get_list_watch_delete() {
     let sha = push(&mut h.client).await;
     let mut watch = h
         .client
-        .watch(WatchRequest {})
+        .watch(WatchRequest::default())
         .await
         .expect("watch")
         .into_inner();

@@ -111,7 +111,7 @@ async fn a_restarted_control_plane_loses_nothing() {
     // With no agent registered, the controller in the new process reports why nothing is
     // placed. Wait for its status write through the Watch API.
     let mut events = client
-        .watch(WatchRequest {})
+        .watch(WatchRequest::default())
         .await
         .expect("watch")
         .into_inner();

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -99,6 +101,7 @@ fn parse_render(rendered: &str) -> Vec<String> {
         let lost = match kind.as_str() {
             "ServiceAccount" => check::<ServiceAccount>(&doc),
             "Secret" => check::<Secret>(&doc),
+            "ConfigMap" => check::<ConfigMap>(&doc),
             "ClusterRole" => check::<ClusterRole>(&doc),
             "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc),
             "Role" => check::<Role>(&doc),
@@ -192,6 +195,9 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--state-dir=/var/lib/flotilla-agent",
         "--prepare-state-dir-for=65532:65532",
         "type: DirectoryOrCreate",
+        // Users authenticate with a generated admin token; nobody is anonymous.
+        "--token-auth-file=/etc/flotilla/users/tokens.csv",
+        "secretName: flotilla-users",
     ] {
         assert!(
             default.contains(expected),
@@ -241,6 +247,10 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--allow-host-path=/srv/models",
         "--allow-host-path=/var/spool/wasm:rw",
         "path: /var/spool/wasm",
+        // Users from an existing Secret, and a policy in a ConfigMap.
+        "secretName: flotilla-users-from-vault",
+        "--authorization-policy-file=/etc/flotilla/policy/policy.yaml",
+        "name: flotilla-max-policy",
     ] {
         assert!(
             all.contains(expected),

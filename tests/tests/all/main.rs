@@ -21,3 +21,4 @@ mod run;
 mod setup;
 mod support;
 mod tls;
+mod users;
