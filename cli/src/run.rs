@@ -260,6 +260,10 @@ async fn open_when_started(
     }
 }
 
+/// How the agent ends its refusal to attach to a sandbox that has ended
+/// (`AttachError::Ended`).
+const ENDED: &str = "the sandbox has ended";
+
 /// Copies our stdin to the sandbox's until ours ends (the guest then reads EOF) or the sandbox
 /// does. Our stdin is read only once the sandbox's is attached, so retries lose nothing.
 async fn attach_stdin(
@@ -292,6 +296,10 @@ async fn attach_stdin(
             }
             Err(status) => status,
         };
+        // A guest that ended before we attached did not want our stdin: nothing to say.
+        if status.code() == Code::FailedPrecondition && status.message().ends_with(ENDED) {
+            return Ok(());
+        }
         if !matches!(status.code(), Code::NotFound | Code::Unavailable)
             || tokio::time::Instant::now() + delay > deadline
         {

@@ -141,6 +141,17 @@ fn run_dash_i_feeds_our_stdin_to_the_guest_and_ctrl_c_cleans_up() {
     let expected = [&b"out: \xff\n"[..], &input].concat();
     assert!(out.stdout == expected, "{} bytes back", out.stdout.len());
 
+    // A guest that never reads its stdin may end before we attach: not worth a word.
+    let hello = guest("hello.wasm");
+    let out = run_with_input(
+        &url,
+        &["quick", "--module", &hello, "-i", "--rm"],
+        b"unread",
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"hello from flotilla\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+
     // Without -i the guest's stdin is empty: it ends at once, whatever we have.
     let out = run_with_input(&url, &["no-stdin", "--module", &stdio, "--rm"], b"ignored");
     assert_eq!(out.status.code(), Some(0));
