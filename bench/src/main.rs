@@ -15,6 +15,7 @@
 //! cargo run --release -p flotilla-bench -- fleet --agents 1000 --per-agent 100
 //! cargo run --release -p flotilla-bench -- http --wasmtime /path/to/wasmtime-48
 //! cargo run --release -p flotilla-bench -- isolation
+//! cargo run --release -p flotilla-bench -- features --sandboxes 10000
 //! ```
 
 mod cluster;
@@ -47,6 +48,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const IDLE_GUEST: &str = include_str!("../../node-agent/tests/fixtures/sleep.wat");
 /// A guest that returns from `_start` at once.
 const EXIT_GUEST: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+/// An idle guest with a GC heap (`spec.wasm.features: [gc]`).
+const GC_IDLE_GUEST: &str = include_str!("../guests/gc_idle.wat");
+/// A guest that allocates 2,000,000 GC structs and keeps 1,024 alive.
+const GC_HEAVY_GUEST: &str = include_str!("../guests/gc_heavy.wat");
 
 #[derive(Parser)]
 #[command(about = "Flotilla benchmarks; results are printed as `RESULT <metric> <value> <unit>`")]
@@ -127,6 +132,17 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         steady_seconds: u64,
     },
+    /// What a WebAssembly feature costs (`spec.wasm.features`): start latency and RSS of idle
+    /// GC sandboxes against plain ones, and a GC-heavy guest's run time, each against bare
+    /// wasmtime with the same engine.
+    Features {
+        /// Idle sandboxes started per variant.
+        #[arg(long, default_value_t = 10_000)]
+        sandboxes: u32,
+        /// GC-heavy runs at once per variant.
+        #[arg(long, default_value_t = 8)]
+        runs: u32,
+    },
     /// Tenant isolation on one agent: neighbour start latency while a 100,000-function module
     /// compiles and beside spinning guests, and the agent's heartbeats meanwhile.
     Isolation {
@@ -168,6 +184,32 @@ enum Variant {
 enum Guest {
     Idle,
     Exit,
+    GcIdle,
+    GcHeavy,
+}
+
+impl Guest {
+    fn wat(self) -> &'static str {
+        match self {
+            Guest::Idle => IDLE_GUEST,
+            Guest::Exit => EXIT_GUEST,
+            Guest::GcIdle => GC_IDLE_GUEST,
+            Guest::GcHeavy => GC_HEAVY_GUEST,
+        }
+    }
+
+    /// Whether a sandbox counts as done once running (it sleeps) rather than once it ended.
+    fn is_idle(self) -> bool {
+        matches!(self, Guest::Idle | Guest::GcIdle)
+    }
+
+    /// `spec.wasm.features` of its workload.
+    fn features(self) -> Vec<String> {
+        match self {
+            Guest::Idle | Guest::Exit => vec![],
+            Guest::GcIdle | Guest::GcHeavy => vec!["gc".into()],
+        }
+    }
 }
 
 /// What one child measurement reports.
@@ -189,6 +231,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
         Scenario::Http(args) => http::http(args),
         Scenario::Isolation { spinners } => tokio_main(isolation::isolation(spinners)),
+        Scenario::Features { sandboxes, runs } => features(sandboxes, runs),
         Scenario::Rollout {
             agents,
             replicas,
@@ -312,6 +355,52 @@ fn startup(sandboxes: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn features(sandboxes: u32, runs: u32) -> anyhow::Result<()> {
+    machine();
+    let plain = run_child(Variant::Flotilla, Guest::Idle, sandboxes)?;
+    let gc = run_child(Variant::Flotilla, Guest::GcIdle, sandboxes)?;
+    let bare_gc = run_child(Variant::Bare, Guest::GcIdle, sandboxes)?;
+    let per_sandbox = |m: &Measurement| m.rss_delta_bytes / m.count / 1024.0;
+    result("features_gc_start_p50", gc.p50_ns / 1000.0, "us");
+    result("features_gc_start_p99", gc.p99_ns / 1000.0, "us");
+    result("features_gc_rss_per_sandbox", per_sandbox(&gc), "KiB");
+    result("features_plain_start_p50", plain.p50_ns / 1000.0, "us");
+    result("features_plain_rss_per_sandbox", per_sandbox(&plain), "KiB");
+    result("features_bare_gc_start_p50", bare_gc.p50_ns / 1000.0, "us");
+    result("features_bare_gc_start_p99", bare_gc.p99_ns / 1000.0, "us");
+    result(
+        "features_gc_start_p50_ratio_to_plain",
+        gc.p50_ns / plain.p50_ns,
+        "x",
+    );
+    result(
+        "features_gc_rss_ratio_to_plain",
+        per_sandbox(&gc) / per_sandbox(&plain),
+        "x",
+    );
+    result(
+        "features_gc_start_p50_ratio_to_bare",
+        gc.p50_ns / bare_gc.p50_ns,
+        "x",
+    );
+    result(
+        "features_gc_start_p99_ratio_to_bare",
+        gc.p99_ns / bare_gc.p99_ns,
+        "x",
+    );
+    let heavy = run_child(Variant::Flotilla, Guest::GcHeavy, runs)?;
+    let bare_heavy = run_child(Variant::Bare, Guest::GcHeavy, runs)?;
+    result("features_gc_heavy_runs", heavy.count, "runs");
+    result("features_gc_heavy_time", heavy.elapsed_s, "s");
+    result("features_bare_gc_heavy_time", bare_heavy.elapsed_s, "s");
+    result(
+        "features_gc_heavy_time_ratio_to_bare",
+        heavy.elapsed_s / bare_heavy.elapsed_s,
+        "x",
+    );
+    Ok(())
+}
+
 fn churn(runs: u32, processes: u32) -> anyhow::Result<()> {
     machine();
     let flotilla = run_child(Variant::Flotilla, Guest::Exit, runs)?;
@@ -432,12 +521,20 @@ fn spawn_true(processes: u32) -> anyhow::Result<f64> {
     Ok(f64::from(processes / threads * threads) / started.elapsed().as_secs_f64())
 }
 
+/// How clap spells `value` on the command line.
+fn value_name(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 fn run_child(variant: Variant, guest: Guest, count: u32) -> anyhow::Result<Measurement> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args(["child", "--variant"])
         .arg(format!("{variant:?}").to_lowercase())
-        .args(["--guest", &format!("{guest:?}").to_lowercase()])
+        .args(["--guest", &value_name(guest)])
         .args(["--count", &count.to_string()])
         .output()
         .context("running the measurement child")?;
@@ -486,10 +583,7 @@ async fn child(variant: Variant, guest: Guest, count: u32) -> anyhow::Result<Mea
         );
     }
     let runtime = WasmtimeRuntime::with_capacity(config, capacity)?;
-    let wasm = wat::parse_str(match guest {
-        Guest::Idle => IDLE_GUEST,
-        Guest::Exit => EXIT_GUEST,
-    })?;
+    let wasm = wat::parse_str(guest.wat())?;
     match variant {
         Variant::Flotilla => flotilla(runtime, wasm, guest, count).await,
         Variant::Bare => bare(runtime, wasm, guest, count).await,
@@ -513,6 +607,7 @@ async fn flotilla(
         }),
         replicas,
         restart_policy: RestartPolicy::Never as i32,
+        wasm_features: guest.features(),
         ..WorkloadSpec::default()
     };
     // Compile once (a cached module), then measure the starts alone.
@@ -520,13 +615,18 @@ async fn flotilla(
     let rss_before = rss_bytes();
     let started = Instant::now();
     supervisor.apply(spec(count)).await?;
-    let done_phase = match guest {
-        Guest::Idle => SandboxPhase::Running,
-        Guest::Exit => SandboxPhase::Succeeded,
+    let done_phase = if guest.is_idle() {
+        SandboxPhase::Running
+    } else {
+        SandboxPhase::Succeeded
     };
     while metrics.in_phase(done_phase) < i64::from(count) {
         if metrics.in_phase(SandboxPhase::Failed) > 0 {
-            bail!("sandboxes failed: {:?}", supervisor.list(None).first());
+            let failed = supervisor
+                .list(None)
+                .into_iter()
+                .find(|s| s.phase == SandboxPhase::Failed as i32);
+            bail!("a sandbox failed: {failed:?}");
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -549,42 +649,56 @@ async fn bare(
     let pre: InstancePre<WasiP1Ctx> = linker.instantiate_pre(&module)?;
     let pre = Arc::new(pre);
     let done = Arc::new(AtomicUsize::new(0));
+    // The first error of any sandbox: a broken bare run fails, never prints plausible numbers.
+    let failure = Arc::new(std::sync::OnceLock::<String>::new());
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
 
     let rss_before = rss_bytes();
     let started = Instant::now();
     for _ in 0..count {
-        let (pre, engine, done, samples) =
-            (pre.clone(), engine.clone(), done.clone(), samples.clone());
+        let (pre, engine, done, failure, samples) = (
+            pre.clone(),
+            engine.clone(),
+            done.clone(),
+            failure.clone(),
+            samples.clone(),
+        );
         tokio::spawn(async move {
             let begun = Instant::now();
             let mut store = Store::new(&engine, WasiCtxBuilder::new().build_p1());
             store.set_epoch_deadline(1);
             store.epoch_deadline_async_yield_and_update(1);
-            let Ok(instance) = Box::pin(pre.instantiate_async(&mut store)).await else {
-                return;
-            };
-            let Ok(start) = instance.get_typed_func::<(), ()>(&mut store, "_start") else {
-                return;
+            let instance = Box::pin(pre.instantiate_async(&mut store)).await;
+            let start = match instance
+                .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+            {
+                Ok(start) => start,
+                Err(e) => {
+                    let _ = failure.set(format!("instantiating: {e:#}"));
+                    return;
+                }
             };
             let latency = begun.elapsed();
             if let Ok(mut samples) = samples.lock() {
                 samples.push(u32::try_from(latency.as_nanos()).unwrap_or(u32::MAX));
             }
-            match guest {
-                Guest::Idle => {
-                    done.fetch_add(1, Ordering::Relaxed);
-                    let _ = Box::pin(start.call_async(&mut store, ())).await;
-                }
-                Guest::Exit => {
-                    let _ = Box::pin(start.call_async(&mut store, ())).await;
-                    drop(store);
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
+            if guest.is_idle() {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = Box::pin(start.call_async(&mut store, ())).await {
+                let _ = failure.set(format!("running: {e:#}"));
+                return;
+            }
+            if !guest.is_idle() {
+                drop(store);
+                done.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
     while done.load(Ordering::Relaxed) < count as usize {
+        if let Some(failure) = failure.get() {
+            bail!("a bare sandbox failed: {failure}");
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();

@@ -152,6 +152,27 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
         ],
     );
     check(
+        &["features", "--sandboxes", "200", "--runs", "2"],
+        &[],
+        &[
+            "features_gc_start_p50",
+            "features_gc_start_p99",
+            "features_gc_rss_per_sandbox",
+            "features_plain_start_p50",
+            "features_plain_rss_per_sandbox",
+            "features_bare_gc_start_p50",
+            "features_bare_gc_start_p99",
+            "features_gc_start_p50_ratio_to_plain",
+            "features_gc_rss_ratio_to_plain",
+            "features_gc_start_p50_ratio_to_bare",
+            "features_gc_start_p99_ratio_to_bare",
+            "features_gc_heavy_runs",
+            "features_gc_heavy_time",
+            "features_bare_gc_heavy_time",
+            "features_gc_heavy_time_ratio_to_bare",
+        ],
+    );
+    check(
         &["isolation", "--spinners", "4"],
         &[],
         &[

@@ -674,6 +674,10 @@ pub async fn describe(server: &str, name: &str, namespace: &str) -> anyhow::Resu
         println!("Args:           {}", spec.args.join(" "));
     }
     println!("Restart policy: {:?}", spec.restart_policy);
+    let features = spec.wasm_features();
+    if !features.is_empty() {
+        println!("Wasm features:  {features}");
+    }
     for line in crate::describe::template_sections(spec) {
         println!("{line}");
     }

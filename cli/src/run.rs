@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Requests for placement, e.g. `memory=16Mi,cpu=100m`.
     #[arg(long, value_name = "NAME=QUANTITY,...")]
     requests: Option<String>,
+    /// WebAssembly proposals the module may use beyond the default set (`spec.wasm.features`):
+    /// gc, exceptions, wide-arithmetic, custom-page-sizes. Repeat or separate with commas.
+    #[arg(long = "wasm-feature", value_name = "FEATURE", value_delimiter = ',')]
+    wasm_features: Vec<flotilla_model::WasmFeature>,
     /// How long to wait for the sandbox to be placed and started.
     #[arg(long, default_value = "1m")]
     start_timeout: humantime::Duration,
@@ -424,6 +428,9 @@ fn workload(args: &RunArgs) -> anyhow::Result<Workload> {
         replicas: 1,
         resources,
         restart_policy,
+        wasm: (!args.wasm_features.is_empty()).then(|| flotilla_model::WasmSpec {
+            features: args.wasm_features.clone(),
+        }),
         ..WorkloadSpec::default()
     };
     let mut workload = Workload::new(&args.namespace, &args.name, spec);

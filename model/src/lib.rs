@@ -18,6 +18,7 @@ pub mod network;
 pub mod node;
 pub mod rollout;
 pub mod volumes;
+pub mod wasm;
 
 pub use config::{EnvFromSource, EnvVarSource, KeySelector, ObjectRef};
 pub use limits::{Requests, SandboxLimits};
@@ -27,6 +28,7 @@ pub use volumes::{
     ConfigMapVolume, EmptyDirVolume, HostPathVolume, KeyToPath, SecretVolume, StorageMedium,
     Volume, VolumeMount,
 };
+pub use wasm::{WasmFeature, WasmSpec};
 
 /// `apiVersion` of every Flotilla object.
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
@@ -262,6 +264,9 @@ pub struct WorkloadSpec {
     /// runs too, as a Pod's `stdin` with `stdinOnce`. Default: stdin is empty.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    /// WebAssembly proposals beyond the default set that the module may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmSpec>,
 }
 
 fn one() -> i64 {
@@ -863,6 +868,16 @@ impl Workload {
         volumes::validate(&spec.volumes, &spec.volume_mounts, &mut fail);
         if let Some(strategy) = &spec.strategy {
             strategy.validate(&mut fail);
+        }
+        if let Some(wasm) = &spec.wasm {
+            for (i, feature) in wasm.features.iter().enumerate() {
+                if wasm.features[..i].contains(feature) {
+                    fail(
+                        &format!("spec.wasm.features[{i}]"),
+                        format!("{feature} is listed twice"),
+                    );
+                }
+            }
         }
         if spec.revision_history_limit.is_some_and(|n| n < 0) {
             fail("spec.revisionHistoryLimit", "must be >= 0".into());

@@ -63,6 +63,11 @@ pub fn agent_workload_spec(
             })
             .collect(),
         stdin: spec.stdin,
+        wasm_features: spec
+            .wasm_features()
+            .iter()
+            .map(|feature| feature.name().to_string())
+            .collect(),
     }
 }
 

@@ -139,6 +139,22 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
         Ok((key, node, workload.spec.stdin))
     }
 
+    /// Refuses a workload whose module (in the module store) uses WebAssembly features that
+    /// its `spec.wasm.features` does not enable.
+    async fn check_features(&self, workload: &flotilla_model::Workload) -> Result<(), Status> {
+        let modules = self.modules.clone();
+        let sha256 = workload.spec.module.sha256.clone();
+        let requires = tokio::task::spawn_blocking(move || modules.required_features(&sha256))
+            .await
+            .map_err(|e| Status::internal(format!("checking the module's features: {e}")))?
+            .map_err(module_status)?;
+        workload
+            .spec
+            .wasm_features()
+            .check(requires)
+            .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))
+    }
+
     fn config(&self) -> Result<&ConfigStore, Status> {
         self.config.as_ref().ok_or_else(|| {
             Status::unimplemented("this control plane serves no ConfigMaps or Secrets")
@@ -207,6 +223,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
                     .map_err(url_module_status)?,
             }
         }
+        self.check_features(&workload).await?;
         let stored = self.store.apply(workload).await.map_err(store_status)?;
         Ok(Response::new(to_object(&stored)?))
     }

@@ -72,6 +72,54 @@ pub(super) async fn push(client: &mut WorkloadsClient<Channel>) -> String {
         .sha256
 }
 
+/// A module that uses WebAssembly GC (a struct type) is refused at apply unless the workload
+/// enables `gc`, with the field to set in the message.
+#[tokio::test]
+async fn apply_refuses_a_module_whose_features_the_workload_does_not_enable() {
+    let mut h = serve().await;
+    let mut gc_module = MODULE.to_vec();
+    // Type section: one struct type of one mutable i32 field.
+    gc_module.extend_from_slice(&[0x01, 0x05, 0x01, 0x5f, 0x01, 0x7f, 0x01]);
+    let sha = h
+        .client
+        .push_module(PushModuleRequest {
+            module: gc_module,
+            sha256: String::new(),
+        })
+        .await
+        .expect("push")
+        .into_inner()
+        .sha256;
+    let err = h
+        .client
+        .apply(ApplyRequest {
+            manifest: manifest("plain", &sha, ""),
+        })
+        .await
+        .expect_err("gc not enabled");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("add `gc` to spec.wasm.features"),
+        "{}",
+        err.message()
+    );
+    h.client
+        .apply(ApplyRequest {
+            manifest: manifest("gc", &sha, "  wasm:\n    features: [gc]\n"),
+        })
+        .await
+        .expect("gc enabled");
+    let err = h
+        .client
+        .apply(ApplyRequest {
+            manifest: manifest("unknown", &sha, "  wasm:\n    features: [gc, threadz]\n"),
+        })
+        .await
+        .expect_err("unknown feature");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("threadz"), "{}", err.message());
+}
+
 #[tokio::test]
 async fn apply_get_list_watch_delete() {
     let mut h = serve().await;

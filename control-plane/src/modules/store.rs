@@ -1,8 +1,11 @@
 //! [`ModuleStore`]: verified wasm blobs on disk, one file per SHA-256.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use flotilla_model::module::{self, ModuleCheckError};
+use flotilla_model::wasm::{self, FeatureSet};
 
 /// Largest module accepted by default: 64 MiB.
 pub(crate) const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
@@ -35,6 +38,9 @@ pub enum ModuleError {
 pub struct ModuleStore {
     dir: PathBuf,
     max_bytes: u64,
+    /// The WebAssembly features each stored module uses, found when it was stored or first
+    /// asked for since the control plane started.
+    features: Arc<Mutex<HashMap<String, FeatureSet>>>,
 }
 
 impl ModuleStore {
@@ -50,6 +56,7 @@ impl ModuleStore {
         Ok(Self {
             dir: dir.to_path_buf(),
             max_bytes,
+            features: Arc::default(),
         })
     }
 
@@ -69,10 +76,10 @@ impl ModuleStore {
     pub fn put(&self, bytes: &[u8], expected: Option<&str>) -> Result<String, ModuleError> {
         let digest =
             module::verify(bytes, self.max_bytes, expected).map_err(ModuleError::Refused)?;
-        // Malformed modules are refused here, where the user pushes them, not on every agent.
-        wasmparser::Validator::new()
-            .validate_all(bytes)
-            .map_err(|e| ModuleError::Invalid(e.to_string()))?;
+        // Malformed modules are refused here, where the user pushes them, not on every agent;
+        // what the module uses is checked against each workload that runs it.
+        let requires = wasm::required_features(bytes).map_err(|e| ModuleError::Invalid(e.0))?;
+        self.remember(&digest, requires);
         let path = self.path(&digest);
         if !path.exists() {
             let io = |source| ModuleError::Io {
@@ -87,6 +94,29 @@ impl ModuleStore {
             std::fs::rename(&tmp, &path).map_err(io)?;
         }
         Ok(digest)
+    }
+
+    /// The WebAssembly features (beyond the default set) the module stored under `sha256`
+    /// uses. Reads and validates the blob the first time it is asked for after a restart.
+    ///
+    /// # Errors
+    /// [`ModuleError::NotFound`], an I/O failure, or a blob that is not valid WebAssembly.
+    pub fn required_features(&self, sha256: &str) -> Result<FeatureSet, ModuleError> {
+        if let Some(known) = self.lock_features().get(sha256) {
+            return Ok(*known);
+        }
+        let bytes = self.get(sha256)?;
+        let requires = wasm::required_features(&bytes).map_err(|e| ModuleError::Invalid(e.0))?;
+        self.remember(sha256, requires);
+        Ok(requires)
+    }
+
+    fn remember(&self, sha256: &str, requires: FeatureSet) {
+        self.lock_features().insert(sha256.to_string(), requires);
+    }
+
+    fn lock_features(&self) -> std::sync::MutexGuard<'_, HashMap<String, FeatureSet>> {
+        self.features.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a blob is stored under `sha256`.
@@ -138,6 +168,19 @@ mod tests {
             store.put(b"\0asm\x01\0\0\0\x01\xff", None),
             Err(ModuleError::Invalid(_))
         ));
+        assert_eq!(
+            store.required_features(&digest).expect("known"),
+            FeatureSet::NONE
+        );
+        // What a module uses is found again for a blob stored before a restart.
+        let mut gc = WASM.to_vec();
+        gc.extend_from_slice(&[0x01, 0x05, 0x01, 0x5f, 0x01, 0x7f, 0x01]);
+        let gc_digest = store.put(&gc, None).expect("stored");
+        let reopened = ModuleStore::open(dir.path(), 1024).expect("reopen");
+        assert_eq!(
+            reopened.required_features(&gc_digest).expect("read"),
+            FeatureSet::NONE.with(flotilla_model::wasm::WasmFeature::Gc)
+        );
         assert!(matches!(
             store.put(WASM, Some(&"0".repeat(64))),
             Err(ModuleError::Refused(

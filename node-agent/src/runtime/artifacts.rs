@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use flotilla_model::wasm::{self, FeatureSet};
 use tokio::sync::OnceCell;
 use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, InstancePre, Module};
@@ -32,6 +33,13 @@ pub enum Artifact {
     Command(CommandPre<P2State>),
     /// A component exporting `wasi:http/incoming-handler`.
     Proxy(ProxyPre<P2State>),
+}
+
+/// An artifact and the WebAssembly features its module uses, which a workload must enable to
+/// run it.
+struct Compiled {
+    artifact: Arc<Artifact>,
+    requires: FeatureSet,
 }
 
 /// How modules were obtained since the runtime started.
@@ -63,7 +71,7 @@ struct Inner {
     compile_timeout: Duration,
     cost_limits: CostLimits,
     cheap_code_bytes: u64,
-    cells: Mutex<HashMap<String, Arc<OnceCell<Arc<Artifact>>>>>,
+    cells: Mutex<HashMap<String, Arc<OnceCell<Compiled>>>>,
     compiled: AtomicU64,
     loaded: AtomicU64,
 }
@@ -115,16 +123,18 @@ impl Artifacts {
     }
 
     /// The artifact of the module `bytes` whose digest is `digest`: from memory, from disk, or
-    /// compiled now in `owner`'s turn (the workload that asks first).
+    /// compiled now in `owner`'s turn (the workload that asks first), for a workload that
+    /// enables `features`.
     ///
     /// # Errors
-    /// The module costs more than the limits, does not compile, takes too long to, or cannot
-    /// be linked.
+    /// The module uses a WebAssembly feature not in `features`, costs more than the limits,
+    /// does not compile, takes too long to, or cannot be linked.
     pub(super) async fn get(
         &self,
         owner: &str,
         digest: &str,
         bytes: Vec<u8>,
+        features: FeatureSet,
     ) -> Result<Arc<Artifact>, SandboxError> {
         let cell = self
             .inner
@@ -132,10 +142,12 @@ impl Artifacts {
             .entry(digest.to_string())
             .or_default()
             .clone();
-        let artifact = cell
+        let compiled = cell
             .get_or_try_init(|| self.compile(owner, digest.to_string(), bytes))
             .await?;
-        Ok(artifact.clone())
+        // One module may serve workloads that enable different features: each is checked.
+        features.check(compiled.requires)?;
+        Ok(compiled.artifact.clone())
     }
 
     /// How modules were obtained so far.
@@ -153,7 +165,7 @@ impl Artifacts {
     /// Drops the artifacts no prepared workload holds any more.
     pub(super) fn evict_unused(&self) {
         self.inner.lock_cells().retain(|_, cell| match cell.get() {
-            Some(artifact) => Arc::strong_count(artifact) > 1,
+            Some(compiled) => Arc::strong_count(&compiled.artifact) > 1,
             None => Arc::strong_count(cell) > 1,
         });
     }
@@ -165,7 +177,7 @@ impl Artifacts {
         owner: &str,
         digest: String,
         bytes: Vec<u8>,
-    ) -> Result<Arc<Artifact>, SandboxError> {
+    ) -> Result<Compiled, SandboxError> {
         let on_disk = self.inner.cache_path(&digest).is_some_and(|p| p.exists());
         let cheap = if on_disk {
             true
@@ -185,7 +197,7 @@ impl Artifacts {
             .run(slot, move || inner.compile_blocking(&digest, &bytes))
             .map_err(SandboxError::Compiler)?;
         match tokio::time::timeout(timeout, done).await {
-            Ok(Ok(result)) => result.map(Arc::new),
+            Ok(Ok(result)) => result,
             Ok(Err(error)) => Err(SandboxError::Compiler(error)),
             Err(_) => Err(SandboxError::CompileTimeout(timeout)),
         }
@@ -195,12 +207,16 @@ impl Artifacts {
 // === impl Inner ===
 
 impl Inner {
-    fn lock_cells(&self) -> MutexGuard<'_, HashMap<String, Arc<OnceCell<Arc<Artifact>>>>> {
+    fn lock_cells(&self) -> MutexGuard<'_, HashMap<String, Arc<OnceCell<Compiled>>>> {
         self.cells.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn compile_blocking(&self, digest: &str, bytes: &[u8]) -> Result<Artifact, SandboxError> {
+    fn compile_blocking(&self, digest: &str, bytes: &[u8]) -> Result<Compiled, SandboxError> {
         let started = Instant::now();
+        // The engine accepts every feature a workload may enable; which of them this module
+        // uses is found here, once per digest, and checked for each workload that runs it.
+        let requires =
+            wasm::required_features(bytes).map_err(|e| SandboxError::Compile(e.into()))?;
         let artifact = if flotilla_model::module::is_component(bytes) {
             let component =
                 self.load_or_compile(digest, bytes, |engine, bytes| Component::new(engine, bytes))?;
@@ -236,8 +252,11 @@ impl Inner {
                 .map_err(|e| SandboxError::Link(e.into()))?;
             Artifact::Module(pre)
         };
-        tracing::info!(%digest, elapsed = ?started.elapsed(), "module prepared");
-        Ok(artifact)
+        tracing::info!(%digest, elapsed = ?started.elapsed(), %requires, "module prepared");
+        Ok(Compiled {
+            artifact: Arc::new(artifact),
+            requires,
+        })
     }
 
     /// Loads a precompiled artifact from the disk cache or compiles and stores it.

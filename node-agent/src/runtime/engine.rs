@@ -114,6 +114,8 @@ fn pool_config(config: &RuntimeConfig, capacity: &Capacity) -> PoolingAllocation
         .total_memories(sandboxes.saturating_mul(2))
         .total_tables(sandboxes.saturating_mul(2))
         .total_stacks(sandboxes)
+        // A GC heap takes a slot of the memory pool, which holds two per sandbox.
+        .total_gc_heaps(sandboxes)
         .max_memory_size(usize::try_from(config.max_memory_per_sandbox).unwrap_or(usize::MAX))
         .max_memories_per_module(defaults.memories as u32)
         .max_tables_per_module(defaults.tables as u32)
@@ -147,8 +149,10 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .memory_init_cow(true)
         // A runaway recursion must not produce a megabyte of status message.
         .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(MAX_BACKTRACE_FRAMES))
-        // Post-MVP features that wasmtime 48 supports and Flotilla enables; threads (shared
-        // memories) and GC are compiled out and rejected with a validation error.
+        // Post-MVP features that wasmtime 48 supports and Flotilla enables: the default set of
+        // every workload, and those a workload opts into (`spec.wasm.features`), which the
+        // artifacts check per workload. Threads (shared memories, which the pool cannot hold)
+        // are refused.
         .wasm_simd(true)
         .wasm_relaxed_simd(true)
         .wasm_bulk_memory(true)
@@ -156,7 +160,13 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .wasm_multi_memory(true)
         .wasm_tail_call(true)
         .wasm_extended_const(true)
-        .wasm_component_model(true);
+        .wasm_component_model(true)
+        .wasm_gc(true)
+        .wasm_function_references(true)
+        .wasm_exceptions(true)
+        .wasm_wide_arithmetic(true)
+        .wasm_custom_page_sizes(true)
+        .collector(wasmtime::Collector::DeferredReferenceCounting);
     cfg
 }
 

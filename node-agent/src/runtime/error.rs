@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_model::module::ModuleCheckError;
+use flotilla_model::wasm::{MissingFeatures, UnknownFeature};
 
 use super::compiler::CompilerError;
 use super::cost::CostError;
@@ -32,6 +33,12 @@ pub enum SandboxError {
     /// wasm.
     #[error("module refused")]
     Module(#[source] ModuleCheckError),
+    /// The module uses WebAssembly proposals that the workload does not enable.
+    #[error(transparent)]
+    FeaturesNotEnabled(#[from] MissingFeatures),
+    /// `spec.wasm.features` names a feature this agent does not know (a newer control plane's).
+    #[error(transparent)]
+    UnknownFeature(#[from] UnknownFeature),
     /// Validation or compilation failed.
     #[error("invalid module")]
     Compile(#[source] BoxError),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use wasmtime_wasi::I32Exit;
 
-use super::limits::{CpuLimitExceeded, MemoryLimitExceeded, TableLimitExceeded};
+use super::limits::{CpuLimitExceeded, Limiter, MemoryLimitExceeded, TableLimitExceeded};
 
 /// How one run of a sandbox ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,9 +81,10 @@ impl Exit {
     }
 }
 
-/// Turns a wasmtime error from a guest run into the [`Exit`] a user can act on: the guest's own
-/// exit code, a limit it hit, or a trap with its wasm backtrace.
-pub(super) fn classify(err: wasmtime::Error) -> Exit {
+/// Turns a wasmtime error from a guest run, whose store's limiter is `limiter`, into the
+/// [`Exit`] a user can act on: the guest's own exit code, a limit it hit, or a trap with its
+/// wasm backtrace.
+pub(super) fn classify(err: wasmtime::Error, limiter: &Limiter) -> Exit {
     if let Some(exit) = err.downcast_ref::<I32Exit>() {
         return Exit::Exited(exit.0);
     }
@@ -92,6 +93,17 @@ pub(super) fn classify(err: wasmtime::Error) -> Exit {
     }
     if let Some(oom) = err.downcast_ref::<TableLimitExceeded>() {
         return Exit::OutOfMemory(oom.to_string());
+    }
+    if err
+        .downcast_ref::<wasmtime::GcHeapOutOfMemory<()>>()
+        .is_some()
+    {
+        // The GC heap could not grow: past the memory limit, or past the agent's most per
+        // sandbox (the pool's slot).
+        return Exit::OutOfMemory(match limiter.refused() {
+            Some(refusal) => format!("{refusal} (growing its GC heap)"),
+            None => err.root_cause().to_string(),
+        });
     }
     if let Some(cpu) = err.downcast_ref::<CpuLimitExceeded>() {
         return Exit::CpuLimit(cpu.to_string());

@@ -22,7 +22,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use super::cpu::CpuUsage;
 use super::environment::Environment;
 use super::exit::{Exit, classify};
-use super::limits::SandboxLimits;
+use super::limits::{Limiter, SandboxLimits};
 use super::logs::LogBuffer;
 use super::store::{P2State, Stores};
 use super::volumes::Mounts;
@@ -164,9 +164,10 @@ impl HttpPool {
                     .call_handle(&mut store, request, outparam)
                     .await
             };
-            let exit = match tokio::time::timeout(pool.timeout, run).await {
+            let result = tokio::time::timeout(pool.timeout, run).await;
+            let exit = match result {
                 Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(classify_request_error(error)),
+                Ok(Err(error)) => Some(classify_request_error(error, &store.data().limiter)),
                 Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(pool.timeout))),
             };
             drop(store);
@@ -287,14 +288,14 @@ enum RequestFailure {
     PoolExhausted,
 }
 
-fn classify_request_error(error: wasmtime::Error) -> RequestFailure {
+fn classify_request_error(error: wasmtime::Error, limiter: &Limiter) -> RequestFailure {
     if error
         .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
         .is_some()
     {
         return RequestFailure::PoolExhausted;
     }
-    RequestFailure::Exit(classify(error))
+    RequestFailure::Exit(classify(error, limiter))
 }
 
 fn handler_error(code: &impl std::fmt::Debug) -> hyper::Response<ResponseBody> {

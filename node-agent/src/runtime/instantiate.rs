@@ -35,14 +35,14 @@ impl SandboxInstance for WasmtimeInstance {
             WasmtimeInstance::Module(mut store, start) => {
                 match Box::pin(start.call_async(&mut store, ())).await {
                     Ok(()) => Exit::Exited(0),
-                    Err(e) => classify(e),
+                    Err(e) => classify(e, &store.data().limiter),
                 }
             }
             WasmtimeInstance::Component(mut store, command) => {
                 match Box::pin(command.wasi_cli_run().call_run(&mut store)).await {
                     Ok(Ok(())) => Exit::Exited(0),
                     Ok(Err(())) => Exit::Exited(1),
-                    Err(e) => classify(e),
+                    Err(e) => classify(e, &store.data().limiter),
                 }
             }
             WasmtimeInstance::Http(replica) => replica.run().await,
@@ -111,12 +111,10 @@ impl Instantiator {
                     self.stores
                         .new_store(wasi.build_p1(), &prepared.limits, &cpu, mounts);
                 // Boxed: inline, this future would enlarge every long-lived sandbox task.
-                let instance = Box::pin(pre.instantiate_async(&mut store))
-                    .await
-                    .map_err(classify)?;
+                let instance = Box::pin(pre.instantiate_async(&mut store)).await;
                 let start = instance
-                    .get_typed_func::<(), ()>(&mut store, "_start")
-                    .map_err(classify)?;
+                    .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+                    .map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::Module(store, start))
             }
             Artifact::Command(pre) => {
@@ -126,9 +124,8 @@ impl Instantiator {
                     &cpu,
                     mounts,
                 );
-                let command = Box::pin(pre.instantiate_async(&mut store))
-                    .await
-                    .map_err(classify)?;
+                let command = Box::pin(pre.instantiate_async(&mut store)).await;
+                let command = command.map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::Component(store, command))
             }
             Artifact::Proxy(pre) => {
@@ -143,9 +140,8 @@ impl Instantiator {
                     &cpu,
                     mounts.clone(),
                 );
-                Box::pin(pre.instantiate_async(&mut store))
-                    .await
-                    .map_err(classify)?;
+                let instantiated = Box::pin(pre.instantiate_async(&mut store)).await;
+                instantiated.map_err(|e| classify(e, &store.data().limiter))?;
                 drop(store);
                 let pool = Arc::new(HttpPool::new(
                     RequestSandbox {

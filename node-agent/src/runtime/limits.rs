@@ -184,7 +184,7 @@ pub enum LimitsError {
 }
 
 /// The error with which a sandbox traps when it grows past its memory limit.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("memory limit of {limit} bytes exceeded: the sandbox asked for {desired} bytes in all")]
 pub(crate) struct MemoryLimitExceeded {
     /// The limit in bytes.
@@ -220,8 +220,11 @@ pub(crate) struct Limiter {
     instances: usize,
     memories: usize,
     tables: usize,
-    /// Bytes held by all memories and tables of the sandbox.
+    /// Bytes held by all memories, tables and the GC heap of the sandbox.
     used: u64,
+    /// The last growth refused for the memory limit: wasmtime reports a GC heap that could not
+    /// grow as the allocation that failed, without the limiter's error.
+    refused: Option<MemoryLimitExceeded>,
     /// CPU ticks spent so far in this run.
     pub cpu_ticks: u64,
     /// CPU tick budget of this run.
@@ -240,6 +243,7 @@ impl Limiter {
             memories: limits.memories,
             tables: limits.tables,
             used: 0,
+            refused: None,
             cpu_ticks: 0,
             cpu_limit: limits.cpu_ticks,
         }
@@ -248,13 +252,20 @@ impl Limiter {
     fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
         let total = self.used - current.min(self.used) + desired;
         if total > self.memory_limit {
-            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+            let refusal = MemoryLimitExceeded {
                 limit: self.memory_limit,
                 desired: total,
-            }));
+            };
+            self.refused = Some(refusal.clone());
+            return Err(wasmtime::Error::new(refusal));
         }
         self.used = total;
         Ok(true)
+    }
+
+    /// The last growth refused for the memory limit in this run.
+    pub(crate) fn refused(&self) -> Option<&MemoryLimitExceeded> {
+        self.refused.as_ref()
     }
 
     /// Records `ticks` epoch ticks of CPU; fails once the budget is spent.

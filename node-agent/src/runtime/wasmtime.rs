@@ -176,7 +176,10 @@ impl SandboxRuntime for WasmtimeRuntime {
         } else {
             &spec.owner
         };
-        let artifact = self.inner.artifacts.get(owner, &digest, bytes).await?;
+        let features = flotilla_model::wasm::FeatureSet::parse(&spec.wasm_features)?;
+        let artifact = (self.inner.artifacts)
+            .get(owner, &digest, bytes, features)
+            .await?;
         let prepared = PreparedWorkload::new(spec, digest, artifact, limits)?;
         volumes::check(&spec.volumes, &config.volumes)?;
         Ok(Arc::new(prepared))

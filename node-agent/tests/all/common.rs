@@ -59,6 +59,7 @@ pub fn spec(name: &str, module: Vec<u8>) -> WorkloadSpec {
         volumes: vec![],
         egress: vec![],
         stdin: false,
+        wasm_features: vec![],
     }
 }
 
@@ -120,6 +121,18 @@ pub async fn wait_for(
 
 pub fn all_in(phase: SandboxPhase) -> impl Fn(&[SandboxStatus]) -> bool {
     move |s: &[SandboxStatus]| !s.is_empty() && s.iter().all(|s| s.phase == phase as i32)
+}
+
+/// The one status in `statuses`.
+pub fn only(statuses: &[SandboxStatus]) -> &SandboxStatus {
+    assert_eq!(statuses.len(), 1, "{statuses:#?}");
+    &statuses[0]
+}
+
+/// The reason, message and exit code of a sandbox's last run.
+pub fn termination(status: &SandboxStatus) -> (&str, &str, Option<i32>) {
+    let t = status.last_termination.as_ref().expect("terminated");
+    (t.reason.as_str(), t.message.as_str(), t.exit_code)
 }
 
 pub fn all_ended() -> impl Fn(&[SandboxStatus]) -> bool {

@@ -32,7 +32,7 @@ fn committed_guests_are_built_from_their_sources() {
 async fn example_manifests_run_as_documented() {
     let sup = supervisor(runtime_config());
     let specs = manifest::load_dir(&examples()).expect("examples dir");
-    assert_eq!(specs.len(), 6);
+    assert_eq!(specs.len(), 7);
     for spec in specs {
         let spec = spec.expect("example manifest is valid");
         sup.apply(spec).await.expect("example applies");
@@ -41,6 +41,11 @@ async fn example_manifests_run_as_documented() {
     assert_eq!(logs(&sup, "hello", 1), "hello from flotilla\n");
     wait_for(&sup, "hello-c", "hello-c", all_in(SandboxPhase::Succeeded)).await;
     assert_eq!(logs(&sup, "hello-c", 0), "Ahoy from C and welcome aboard\n");
+    wait_for(&sup, "gc", "gc", all_in(SandboxPhase::Succeeded)).await;
+    assert_eq!(
+        logs(&sup, "gc", 0),
+        "summed a GC list of 100000 structs: 5000050000\n"
+    );
     for http in ["http-hello", "http-echo"] {
         let replicas = wait_for(&sup, http, http, all_in(SandboxPhase::Running)).await;
         assert_eq!(replicas.len(), 1);

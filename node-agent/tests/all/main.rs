@@ -3,6 +3,7 @@
 //!
 //! - `sandboxes`, `lifecycle`, `restarts` (paused clock), `isolation` (1,000 faulty sandboxes
 //!   beside 100 healthy ones): the supervisor over a real wasmtime runtime;
+//! - `features`: WebAssembly proposals a workload opts into (GC, exceptions, ...);
 //! - `http`: the ingress and HTTP workloads; `volumes`: preopens, escapes, ConfigMap and Secret
 //!   files; `examples`: the repository's example manifests;
 //! - `cluster`: an agent against an in-process control plane.
@@ -17,6 +18,7 @@
 mod cluster;
 mod common;
 mod examples;
+mod features;
 mod http;
 mod isolation;
 mod lifecycle;

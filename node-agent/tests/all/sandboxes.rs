@@ -6,19 +6,7 @@ use crate::common::*;
 use flotilla_node_agent::metrics::Metrics;
 use flotilla_node_agent::runtime::{EpochTicker, SEGMENT_COST};
 use flotilla_node_agent::supervisor::{ApplyError, Supervisor, SupervisorConfig};
-use flotilla_proto::agent::v1::{
-    ModuleSource, Resources, SandboxPhase, SandboxStatus, module_source,
-};
-
-fn only(statuses: &[SandboxStatus]) -> &SandboxStatus {
-    assert_eq!(statuses.len(), 1, "{statuses:#?}");
-    &statuses[0]
-}
-
-fn termination(status: &SandboxStatus) -> (&str, &str, Option<i32>) {
-    let t = status.last_termination.as_ref().expect("terminated");
-    (t.reason.as_str(), t.message.as_str(), t.exit_code)
-}
+use flotilla_proto::agent::v1::{ModuleSource, Resources, SandboxPhase, module_source};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_world_p1_module_logs_its_output() {

@@ -228,6 +228,11 @@ pub struct WorkloadSpec {
     /// (a Pod's `stdin` with `stdinOnce`). Unset: stdin is empty.
     #[prost(bool, tag = "16")]
     pub stdin: bool,
+    /// WebAssembly proposals beyond the default set that the module may use, by their manifest
+    /// names (`gc`, `exceptions`, `wide-arithmetic`, `custom-page-sizes`). The agent refuses a
+    /// name it does not know, and a module that uses a proposal not listed.
+    #[prost(string, repeated, tag = "17")]
+    pub wasm_features: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// One allowed network destination: a host name pattern or an address range, on some ports.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

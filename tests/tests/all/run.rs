@@ -1,5 +1,5 @@
 //! `flotilla run`: a module once, its output on the CLI's stdout and stderr byte for byte, its
-//! exit code as the CLI's; and `flotilla logs` choosing a stream, a tail and timestamps.
+//! exit code as the CLI's, WebAssembly features it enables; and `flotilla logs` choosing a stream, a tail and timestamps.
 
 use std::process::{Command, Output};
 
@@ -90,6 +90,26 @@ fn run_copies_each_stream_and_exits_with_the_guests_code() {
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let (ok, _, _) = try_flotilla(&["--server", &url, "get", "workloads", "job-bad"]);
     assert!(!ok, "no workload for a module that was refused");
+
+    // A GC guest runs with --wasm-feature gc, and is refused at apply without it, with the
+    // field to set.
+    let gc = guest("gc.wasm");
+    let out = run(
+        &url,
+        &["job-gc", "--module", &gc, "--rm", "--wasm-feature", "gc"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "summed a GC list of 100000 structs: 5000050000\n"
+    );
+    let out = run(&url, &["job-no-gc", "--module", &gc, "--rm"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("add `gc` to spec.wasm.features"),
+        "{stderr}"
+    );
 }
 
 /// `flotilla --server URL run ARGS...` with `input` on its stdin.
