@@ -40,6 +40,9 @@ pub enum WasmFeature {
     WideArithmetic,
     /// Memories with a page size of one byte instead of 64 KiB, for small embedded guests.
     CustomPageSizes,
+    /// The component model's async ABI, which WASI 0.3 components use: `async` functions,
+    /// `stream` and `future` values, tasks. A WASI 0.3 command (`wasi:cli/run@0.3.0`) needs it.
+    ComponentModelAsync,
 }
 
 /// A set of [`WasmFeature`]s. Cheap to copy.
@@ -49,7 +52,7 @@ pub struct FeatureSet(u8);
 /// A module that uses proposals its workload did not enable.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the module uses WebAssembly {what} that the workload does not enable: add {list} to \
+    "the module uses {what}, which the workload does not enable: add {list} to \
      spec.wasm.features",
     what = self.describe(),
     list = self.missing.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
@@ -85,11 +88,12 @@ impl crate::WorkloadSpec {
 
 impl WasmFeature {
     /// Every feature a workload may enable.
-    pub const ALL: [WasmFeature; 4] = [
+    pub const ALL: [WasmFeature; 5] = [
         WasmFeature::Gc,
         WasmFeature::Exceptions,
         WasmFeature::WideArithmetic,
         WasmFeature::CustomPageSizes,
+        WasmFeature::ComponentModelAsync,
     ];
 
     /// The name in manifests and on the wire.
@@ -99,16 +103,18 @@ impl WasmFeature {
             WasmFeature::Exceptions => "exceptions",
             WasmFeature::WideArithmetic => "wide-arithmetic",
             WasmFeature::CustomPageSizes => "custom-page-sizes",
+            WasmFeature::ComponentModelAsync => "component-model-async",
         }
     }
 
     /// The proposal, as a message names it.
     fn proposal(self) -> &'static str {
         match self {
-            WasmFeature::Gc => "garbage collection (the GC proposal)",
-            WasmFeature::Exceptions => "exception handling",
-            WasmFeature::WideArithmetic => "wide arithmetic",
-            WasmFeature::CustomPageSizes => "custom page sizes",
+            WasmFeature::Gc => "WebAssembly garbage collection (the GC proposal)",
+            WasmFeature::Exceptions => "WebAssembly exception handling",
+            WasmFeature::WideArithmetic => "WebAssembly wide arithmetic",
+            WasmFeature::CustomPageSizes => "WebAssembly custom page sizes",
+            WasmFeature::ComponentModelAsync => "the component model's async ABI (WASI 0.3)",
         }
     }
 
@@ -119,6 +125,7 @@ impl WasmFeature {
             WasmFeature::Exceptions => WasmFeatures::EXCEPTIONS,
             WasmFeature::WideArithmetic => WasmFeatures::WIDE_ARITHMETIC,
             WasmFeature::CustomPageSizes => WasmFeatures::CUSTOM_PAGE_SIZES,
+            WasmFeature::ComponentModelAsync => WasmFeatures::CM_ASYNC,
         }
     }
 
@@ -308,8 +315,8 @@ mod tests {
             .expect_err("gc not enabled");
         assert_eq!(
             err.to_string(),
-            "the module uses WebAssembly garbage collection (the GC proposal) that the workload \
-             does not enable: add `gc` to spec.wasm.features"
+            "the module uses WebAssembly garbage collection (the GC proposal), which the \
+             workload does not enable: add `gc` to spec.wasm.features"
         );
         assert!(required.check(required).is_ok());
     }

@@ -85,6 +85,48 @@ pub fn build_http_guest(name: &str) -> anyhow::Result<Vec<u8>> {
         .encode()
 }
 
+/// The WASI 0.3 command `examples/guests/p3/` as a component: its Rust crate built with cargo
+/// for `wasm32-wasip1` (`wit-bindgen` embeds the world's type information), then made a
+/// component with the preview 1 reactor adapter for what Rust's `std` imports.
+///
+/// # Errors
+/// Fails when cargo or the `wasm32-wasip1` target is missing, or the module does not fit the
+/// world.
+pub fn build_p3_command() -> anyhow::Result<Vec<u8>> {
+    let crate_dir = guests_dir().join("p3");
+    let target_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        .arg("--manifest-path")
+        .arg(crate_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status()
+        .context("running cargo for examples/guests/p3")?;
+    if !status.success() {
+        bail!(
+            "building examples/guests/p3 failed (rustup target add wasm32-wasip1, as .ci/setup \
+             does)"
+        );
+    }
+    let module = std::fs::read(target_dir.join("wasm32-wasip1/release/flotilla_guest_p3.wasm"))?;
+    wit_component::ComponentEncoder::default()
+        .module(&module)?
+        .adapter(
+            WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+            wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+        )?
+        .validate(true)
+        .encode()
+}
+
 /// Every committed guest binary built from source: `(path, bytes)`.
 ///
 /// # Errors
@@ -108,6 +150,7 @@ pub fn build_all() -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
             build_http_guest(name)?,
         ));
     }
+    built.push((dir.join("p3.wasm"), build_p3_command()?));
     built.sort();
     Ok(built)
 }

@@ -29,8 +29,10 @@ use super::store::{P1State, P2State};
 pub enum Artifact {
     /// A preview 1 command module with a `_start`.
     Module(InstancePre<P1State>),
-    /// A component exporting `wasi:cli/run`.
+    /// A component exporting `wasi:cli/run` of WASI 0.2.
     Command(CommandPre<P2State>),
+    /// A component exporting `wasi:cli/run` of WASI 0.3, an async function.
+    CommandP3(wasmtime_wasi::p3::bindings::CommandPre<P2State>),
     /// A component exporting `wasi:http/incoming-handler`.
     Proxy(ProxyPre<P2State>),
 }
@@ -225,17 +227,19 @@ impl Inner {
                 .component
                 .instantiate_pre(&component)
                 .map_err(|e| SandboxError::Link(e.into()))?;
-            match CommandPre::new(pre.clone()) {
-                Ok(command) => Artifact::Command(command),
-                Err(not_command) => match ProxyPre::new(pre) {
+            if let Ok(command) = CommandPre::new(pre.clone()) {
+                Artifact::Command(command)
+            } else if let Ok(command) = wasmtime_wasi::p3::bindings::CommandPre::new(pre.clone()) {
+                Artifact::CommandP3(command)
+            } else {
+                match ProxyPre::new(pre) {
                     Ok(proxy) => Artifact::Proxy(proxy),
                     Err(not_proxy) => {
                         return Err(SandboxError::NotRunnable {
-                            command: format!("{not_command:#}"),
                             handler: format!("{not_proxy:#}"),
                         });
                     }
-                },
+                }
             }
         } else {
             let module =

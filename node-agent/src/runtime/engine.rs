@@ -166,6 +166,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .wasm_exceptions(true)
         .wasm_wide_arithmetic(true)
         .wasm_custom_page_sizes(true)
+        .wasm_component_model_async(true)
         .collector(wasmtime::Collector::DeferredReferenceCounting);
     cfg
 }

@@ -66,12 +66,10 @@ pub enum SandboxError {
     Link(#[source] BoxError),
     /// A component that is neither a command nor an HTTP handler.
     #[error(
-        "cannot link module: the component exports neither wasi:cli/run ({command}) nor \
-         wasi:http/incoming-handler ({handler})"
+        "cannot link module: the component exports neither wasi:cli/run (of WASI 0.2 or 0.3) \
+         nor wasi:http/incoming-handler ({handler})"
     )]
     NotRunnable {
-        /// Why it is no command.
-        command: String,
         /// Why it is no HTTP handler.
         handler: String,
     },

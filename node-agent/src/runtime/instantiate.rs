@@ -25,6 +25,8 @@ pub enum WasmtimeInstance {
     Module(Store<P1State>, TypedFunc<(), ()>),
     /// A preview 2 command component.
     Component(Store<P2State>, Command),
+    /// A WASI 0.3 command component, whose `run` is an async export.
+    ComponentP3(Store<P2State>, wasmtime_wasi::p3::bindings::Command),
     /// A replica of an HTTP workload: a route, with a fresh sandbox per request.
     Http(HttpReplica),
 }
@@ -43,6 +45,16 @@ impl SandboxInstance for WasmtimeInstance {
                     Ok(Ok(())) => Exit::Exited(0),
                     Ok(Err(())) => Exit::Exited(1),
                     Err(e) => classify(e, &store.data().limiter),
+                }
+            }
+            WasmtimeInstance::ComponentP3(mut store, command) => {
+                let run = store.run_concurrent(async move |accessor| {
+                    command.wasi_cli_run().call_run(accessor).await
+                });
+                match Box::pin(run).await {
+                    Ok(Ok(Ok(()))) => Exit::Exited(0),
+                    Ok(Ok(Err(()))) => Exit::Exited(1),
+                    Ok(Err(e)) | Err(e) => classify(e, &store.data().limiter),
                 }
             }
             WasmtimeInstance::Http(replica) => replica.run().await,
@@ -127,6 +139,17 @@ impl Instantiator {
                 let command = Box::pin(pre.instantiate_async(&mut store)).await;
                 let command = command.map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::Component(store, command))
+            }
+            Artifact::CommandP3(pre) => {
+                let mut store = self.stores.new_store(
+                    P2Wasi::new(wasi, egress, &logs),
+                    &prepared.limits,
+                    &cpu,
+                    mounts,
+                );
+                let command = Box::pin(pre.instantiate_async(&mut store)).await;
+                let command = command.map_err(|e| classify(e, &store.data().limiter))?;
+                Ok(WasmtimeInstance::ComponentP3(store, command))
             }
             Artifact::Proxy(pre) => {
                 let Some(settings) = prepared.http() else {

@@ -1,5 +1,5 @@
 //! [`Linkers`]: the host functions guests may import, filled once per process: WASI preview 1
-//! for core modules; WASI preview 2 and `wasi:http` for components.
+//! for core modules; WASI preview 2, WASI 0.3 and `wasi:http` for components.
 
 use wasmtime::Engine;
 use wasmtime::Linker;
@@ -11,7 +11,7 @@ use super::store::{P1State, P2State};
 pub(super) struct Linkers {
     /// For preview 1 command modules.
     pub module: Linker<P1State>,
-    /// For components: commands and HTTP handlers.
+    /// For components: commands (WASI 0.2 and 0.3) and HTTP handlers.
     pub component: ComponentLinker<P2State>,
 }
 
@@ -27,6 +27,7 @@ impl Linkers {
         wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi)?;
         let mut component = ComponentLinker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        wasmtime_wasi::p3::add_to_linker(&mut component)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
         Ok(Self { module, component })
     }

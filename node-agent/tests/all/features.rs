@@ -198,3 +198,38 @@ async fn wide_arithmetic_and_custom_page_sizes_run_when_enabled() {
         );
     }
 }
+
+/// The WASI 0.3 command of `examples/guests/p3/` (Rust, `wasi:cli/run@0.3.0`).
+fn p3_command() -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/p3.wasm");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A WASI 0.3 command component runs with `component-model-async`: it gets its arguments and
+/// environment, writes to stdout through a stream, and exits with the code it chose; without
+/// the feature it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
+    let sup = supervisor(runtime_config());
+    let mut command = with_features(spec("p3", p3_command()), &["component-model-async"]);
+    command.args = vec!["one".into(), "two words".into()];
+    command.env = vec![env("GREETING", "ahoy"), env("EXIT_CODE", "7")];
+    let (reason, message, code) = run(&sup, command).await;
+    assert_eq!((reason.as_str(), code), ("Error", Some(7)), "{message}");
+    assert_eq!(
+        logs(&sup, "p3", 0),
+        "args: p3 one two words\nenv: GREETING=ahoy\nenv: EXIT_CODE=7\n"
+    );
+
+    let mut ok = with_features(spec("p3-ok", p3_command()), &["component-model-async"]);
+    ok.env = vec![env("EXIT_CODE", "0")];
+    let (reason, message, code) = run(&sup, ok).await;
+    assert_eq!((reason.as_str(), code), ("Completed", Some(0)), "{message}");
+
+    let message = refused(&sup, spec("p3-refused", p3_command())).await;
+    assert!(
+        message.contains("async ABI (WASI 0.3)")
+            && message.contains("add `component-model-async` to spec.wasm.features"),
+        "{message}"
+    );
+}

