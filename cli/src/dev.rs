@@ -38,6 +38,10 @@ pub struct DevArgs {
     /// The agent's node name.
     #[arg(long, default_value = "dev")]
     node_name: String,
+    /// WebAssembly proposals workloads may enable, as the agent's `--wasm-features` (default:
+    /// all but the experimental `component-model-async`).
+    #[arg(long)]
+    wasm_features: Option<String>,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -72,7 +76,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     })
     .await?;
     let url = format!("http://{}", control_plane.addr());
-    let agent_argv = [
+    let mut agent_argv = vec![
         "flotilla-node-agent".to_string(),
         "--listen".into(),
         args.agent_listen.to_string(),
@@ -91,6 +95,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "--shutdown-grace".into(),
         "5s".into(),
     ];
+    if let Some(features) = &args.wasm_features {
+        agent_argv.extend(["--wasm-features".into(), features.clone()]);
+    }
     let agent_config = flotilla_node_agent::config::Config::try_from(
         flotilla_node_agent::config::Args::try_parse_from(agent_argv)?,
     )?;

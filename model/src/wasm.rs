@@ -107,6 +107,21 @@ impl WasmFeature {
         }
     }
 
+    /// The label a node carries when its agent offers this feature (value `"true"`), set by
+    /// the control plane from the agent's registration: `wasm.flotilla.dev/gc`, ...
+    pub fn node_label(self) -> &'static str {
+        match self {
+            WasmFeature::Gc => "wasm.flotilla.dev/gc",
+            WasmFeature::Exceptions => "wasm.flotilla.dev/exceptions",
+            WasmFeature::WideArithmetic => "wasm.flotilla.dev/wide-arithmetic",
+            WasmFeature::CustomPageSizes => "wasm.flotilla.dev/custom-page-sizes",
+            WasmFeature::ComponentModelAsync => "wasm.flotilla.dev/component-model-async",
+        }
+    }
+
+    /// The prefix of every [`node_label`](Self::node_label).
+    pub const NODE_LABEL_PREFIX: &'static str = "wasm.flotilla.dev/";
+
     /// The proposal, as a message names it.
     fn proposal(self) -> &'static str {
         match self {
@@ -127,6 +142,13 @@ impl WasmFeature {
             WasmFeature::CustomPageSizes => WasmFeatures::CUSTOM_PAGE_SIZES,
             WasmFeature::ComponentModelAsync => WasmFeatures::CM_ASYNC,
         }
+    }
+
+    /// Whether wasmtime 48 ranks the proposal below its tier 2 (its implementation is
+    /// incomplete, and security fixes limited to it get no patch release): a node offers it
+    /// only when its operator says so ([`FeatureSet::NODE_DEFAULT`] leaves it out).
+    pub fn is_experimental(self) -> bool {
+        matches!(self, WasmFeature::ComponentModelAsync)
     }
 
     fn bit(self) -> u8 {
@@ -160,6 +182,18 @@ impl FromStr for WasmFeature {
 impl FeatureSet {
     /// No feature beyond the default set.
     pub const NONE: FeatureSet = FeatureSet(0);
+
+    /// What a node agent offers unless told otherwise: every feature that is not
+    /// [experimental](WasmFeature::is_experimental).
+    pub const NODE_DEFAULT: FeatureSet = FeatureSet(
+        (1 << WasmFeature::Gc as u8)
+            | (1 << WasmFeature::Exceptions as u8)
+            | (1 << WasmFeature::WideArithmetic as u8)
+            | (1 << WasmFeature::CustomPageSizes as u8),
+    );
+
+    /// Every feature.
+    pub const ALL: FeatureSet = FeatureSet((1 << WasmFeature::ALL.len()) - 1);
 
     /// Whether `feature` is in the set.
     pub fn contains(self, feature: WasmFeature) -> bool {
@@ -297,6 +331,27 @@ mod tests {
         assert!(err.to_string().contains("gc, exceptions"), "{err}");
         let set = FeatureSet::parse(&["exceptions", "gc"]).expect("known");
         assert_eq!(set.to_string(), "gc, exceptions");
+    }
+
+    #[test]
+    fn nodes_offer_every_feature_but_the_experimental_ones_by_default() {
+        let experimental: FeatureSet = WasmFeature::ALL
+            .into_iter()
+            .filter(|f| f.is_experimental())
+            .collect();
+        assert_eq!(experimental.to_string(), "component-model-async");
+        assert_eq!(
+            FeatureSet::NODE_DEFAULT,
+            FeatureSet::ALL.without(experimental)
+        );
+        assert_eq!(FeatureSet::ALL.iter().count(), WasmFeature::ALL.len());
+        for feature in WasmFeature::ALL {
+            let label = feature.node_label();
+            assert_eq!(
+                label.strip_prefix(WasmFeature::NODE_LABEL_PREFIX),
+                Some(feature.name())
+            );
+        }
     }
 
     #[test]

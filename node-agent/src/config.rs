@@ -11,6 +11,7 @@ use crate::runtime::volumes::HostPathRule;
 use crate::supervisor::SupervisorConfig;
 use crate::supervisor::backoff::BackoffConfig;
 use flotilla_model::parse_bytes;
+use flotilla_model::wasm::FeatureSet;
 
 /// `flotilla-node-agent`: hosts WASI sandboxes with wasmtime.
 #[derive(Debug, Clone, Parser)]
@@ -85,6 +86,15 @@ pub struct Args {
     /// Threads of each compile (default: the number of CPUs).
     #[arg(long, env = "FLOTILLA_COMPILE_THREADS")]
     pub compile_threads: Option<usize>,
+    /// WebAssembly proposals beyond the default set that workloads may enable here
+    /// (`spec.wasm.features`): comma-separated, or `none`. The default leaves out the
+    /// experimental `component-model-async` (WASI 0.3), which also costs every sandbox memory.
+    #[arg(
+        long,
+        env = "FLOTILLA_WASM_FEATURES",
+        default_value = "gc,exceptions,wide-arithmetic,custom-page-sizes"
+    )]
+    pub wasm_features: String,
     /// Most functions a module may define (over every core module of a component); a module
     /// with more is refused before compiling, as ModuleTooCostly.
     #[arg(long, env = "FLOTILLA_MAX_MODULE_FUNCTIONS", default_value_t = crate::runtime::CostLimits::default().max_functions)]
@@ -263,6 +273,7 @@ impl TryFrom<Args> for Config {
         if let Some(threads) = args.compile_threads {
             runtime.compile_threads = threads.max(1);
         }
+        runtime.wasm_features = parse_wasm_features(&args.wasm_features)?;
         if let Some(threads) = args.guest_threads {
             runtime.guest_threads = threads.max(1);
         }
@@ -492,6 +503,22 @@ fn control_config(
     }))
 }
 
+/// `--wasm-features`: names separated by commas, or `none`.
+fn parse_wasm_features(value: &str) -> Result<FeatureSet, ConfigError> {
+    if value.trim() == "none" {
+        return Ok(FeatureSet::NONE);
+    }
+    let names: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    FeatureSet::parse(&names).map_err(|error| ConfigError {
+        flag: "wasm-features",
+        message: error.to_string(),
+    })
+}
+
 fn parse_owner(value: &str) -> Result<(u32, u32), String> {
     let parsed = value
         .split_once(':')
@@ -539,6 +566,25 @@ mod tests {
         assert_eq!(config.runtime.epoch_tick, Duration::from_millis(2));
         assert_eq!(config.supervisor.backoff, BackoffConfig::default());
         assert!(config.runtime.cache_dir.is_none());
+    }
+
+    #[test]
+    fn wasm_features_default_to_all_but_the_experimental_and_name_their_flag() {
+        let default = parse(&[]).expect("valid").runtime.wasm_features;
+        assert_eq!(default, FeatureSet::NODE_DEFAULT);
+        let all = parse(&[
+            "--wasm-features",
+            "gc, exceptions,wide-arithmetic,custom-page-sizes,component-model-async",
+        ])
+        .expect("valid");
+        assert_eq!(all.runtime.wasm_features, FeatureSet::ALL);
+        for none in ["none", ""] {
+            let config = parse(&["--wasm-features", none]).expect("valid");
+            assert_eq!(config.runtime.wasm_features, FeatureSet::NONE, "{none:?}");
+        }
+        let err = parse(&["--wasm-features", "gc,threadz"]).expect_err("unknown");
+        assert_eq!(err.flag, "wasm-features");
+        assert!(err.message.contains("\"threadz\""), "{}", err.message);
     }
 
     #[test]

@@ -69,7 +69,7 @@ async fn apply_pushes_local_modules_and_get_shows_them() {
     let list: List = serde_json::from_str(&json).expect("json list");
     assert_eq!(list.kind, "List");
     let workloads = list.items;
-    assert_eq!(workloads.len(), 6);
+    assert_eq!(workloads.len(), 7);
     let hello_c = workloads
         .iter()
         .find(|w| w.metadata.name == "hello-c")

@@ -33,10 +33,14 @@ fn dev_runs_the_examples_and_stops_cleanly() {
         crash.contains("last: Trap: wasm trap: integer divide by zero"),
         "{crash}"
     );
+    let gc = dev.wait_line("  default.gc-");
+    assert!(gc.contains("1 Succeeded"), "{gc}");
     let hello = dev.wait_line("  default.hello-");
     assert!(hello.contains("2 Succeeded"), "{hello}");
     let idle = dev.wait_line("  default.idle-");
     assert!(idle.contains("1000 Running"), "{idle}");
+    // Outputs in workload order: gc, hello, hello-c.
+    dev.wait_line("summed a GC list of 100000 structs: 5000050000");
     dev.wait_line("hello from flotilla");
     dev.wait_line("Ahoy from C and welcome aboard");
     // One request to each HTTP example through the agent's ingress.
@@ -52,7 +56,7 @@ fn dev_runs_the_examples_and_stops_cleanly() {
     dev.signal(libc::SIGTERM);
     let stopped = dev.wait_line("flotilla dev: stopped");
     assert!(
-        stopped.contains("stopped 1006 sandboxes (0 aborted)"),
+        stopped.contains("stopped 1007 sandboxes (0 aborted)"),
         "{stopped}"
     );
     assert!(dev.wait().success());

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::model::wasm::WasmFeature;
 use crate::scheduler::framework::NodeInfo;
 
 /// A node as `flotilla get nodes` lists it (its `WasmNode` status, in Kubernetes mode, is made
@@ -245,7 +246,12 @@ fn merged_labels(
     agent: &BTreeMap<String, String>,
     cluster: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let mut labels = cluster.clone();
+    // What a node offers guests is the agent's to say (its registration), never a Node's label.
+    let mut labels: BTreeMap<_, _> = cluster
+        .iter()
+        .filter(|(k, _)| !k.starts_with(WasmFeature::NODE_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     labels.extend(agent.iter().map(|(k, v)| (k.clone(), v.clone())));
     labels
 }
@@ -270,6 +276,8 @@ mod tests {
         let cluster: BTreeMap<String, String> = [
             ("kubernetes.io/arch", "amd64"),
             ("topology.kubernetes.io/zone", "z1"),
+            // Only the agent says what it offers guests.
+            ("wasm.flotilla.dev/component-model-async", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -287,6 +295,7 @@ mod tests {
             "the agent's label wins"
         );
         assert_eq!(labels(&registry)["topology.kubernetes.io/zone"], "z1");
+        assert!(!labels(&registry).contains_key("wasm.flotilla.dev/component-model-async"));
         // The agent reconnects: the cluster's labels stay until the next sync says otherwise.
         registry.upsert(info);
         assert_eq!(labels(&registry)["topology.kubernetes.io/zone"], "z1");

@@ -36,6 +36,7 @@ use crate::cluster::config::{NodeConfigRefs, NodeConfigState};
 use crate::cluster::identity::{Admitted, IdentityError};
 use crate::cluster::sessions::STDIN_BUFFER;
 use crate::cluster::{Cluster, Reported};
+use crate::model::wasm::WasmFeature;
 use crate::model::{TaintEffect, validate_name};
 use crate::modules::{FetchGuard, ModuleError, ModuleStore, UrlModules};
 use crate::scheduler::framework::{NodeInfo, NodeResources};
@@ -239,7 +240,23 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
                 (r.agent_id.clone(), session_id.clone()),
             );
         }
-        let mut labels = r.labels.into_iter().collect::<BTreeMap<_, _>>();
+        let mut labels = r
+            .labels
+            .into_iter()
+            .filter(|(key, _)| !key.starts_with(WasmFeature::NODE_LABEL_PREFIX))
+            .collect::<BTreeMap<_, _>>();
+        // What the agent offers, as labels the WasmFeatures filter reads and users see; a
+        // feature this control plane does not know is of no use to its workloads.
+        for name in &r.wasm_features {
+            match name.parse::<WasmFeature>() {
+                Ok(feature) => {
+                    labels.insert(feature.node_label().into(), "true".into());
+                }
+                Err(unknown) => {
+                    tracing::warn!(node = %r.node_name, %unknown, "offered wasm feature ignored");
+                }
+            }
+        }
         labels.insert("kubernetes.io/arch".into(), r.arch.clone());
         labels.insert("kubernetes.io/hostname".into(), r.node_name.clone());
         self.cluster.nodes.upsert(NodeInfo {

@@ -1,5 +1,6 @@
 //! The agent protocol on a loopback socket, with scripted fake agents and the real controller.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1022,6 +1023,68 @@ async fn metric_until(cluster: &Cluster, line: &str) {
     })
     .await
     .unwrap_or_else(|_| panic!("metric {line:?} within 10 s"));
+}
+
+/// A workload that enables WebAssembly features goes only to nodes whose agents offer them, as
+/// their registrations say (labels the agent sets itself are not believed); with no such node it
+/// is unschedulable, and says which feature no node offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_go_only_to_nodes_that_offer_their_wasm_features() {
+    let mut cluster = cluster().await;
+    let mut offering = registration("node-a", "agent-a", "amd64");
+    offering.wasm_features = vec!["gc".into(), "component-model-async".into(), "warp".into()];
+    offering.labels = [("wasm.flotilla.dev/exceptions".into(), "true".into())].into();
+    let _a = FakeAgent::join_with(&mut cluster, offering).await;
+    let _b = FakeAgent::join(&mut cluster, "node-b").await;
+    let labels = list_nodes(&mut cluster)
+        .await
+        .into_iter()
+        .map(|n| {
+            (
+                n.name,
+                n.labels.into_iter().filter(|(k, _)| k.starts_with("wasm.")),
+            )
+        })
+        .map(|(name, wasm)| {
+            (
+                name,
+                wasm.map(|(k, v)| format!("{k}={v}"))
+                    .collect::<BTreeSet<_>>(),
+            )
+        })
+        .collect::<BTreeMap<_, _>>();
+    assert_eq!(
+        labels["node-a"],
+        [
+            "wasm.flotilla.dev/component-model-async=true".to_string(),
+            "wasm.flotilla.dev/gc=true".to_string()
+        ]
+        .into()
+    );
+    assert!(labels["node-b"].is_empty(), "{labels:?}");
+
+    let sha = super::tests::push(&mut cluster.workloads).await;
+    let async_abi = "replicas: 4, wasm: {features: [component-model-async]}";
+    apply_spec(&mut cluster, "p3", &sha, async_abi).await;
+    let placements = status_until(&mut cluster, "p3", |status| {
+        (status.placements.values().sum::<u64>() == 4).then_some(status.placements)
+    })
+    .await;
+    assert_eq!(placements, [("node-a".to_string(), 4)].into());
+
+    apply_spec(&mut cluster, "eh", &sha, "wasm: {features: [exceptions]}").await;
+    let scheduled = status_until(&mut cluster, "eh", |status| {
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Scheduled" && c.status == "False")
+    })
+    .await;
+    assert_eq!(
+        scheduled.message,
+        "1 of 1 replicas cannot be placed: 0/2 nodes are available: 2 node(s) did not offer \
+         wasm feature exceptions"
+    );
 }
 
 async fn list_nodes(cluster: &mut Cluster) -> Vec<flotilla_proto::control::v1::Node> {

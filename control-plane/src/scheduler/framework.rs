@@ -94,6 +94,8 @@ pub struct WorkloadRequest {
     pub tolerations: Vec<Toleration>,
     /// Whether it serves HTTP (needs a node with an ingress).
     pub http: bool,
+    /// WebAssembly proposals it enables (`spec.wasm.features`), which its node must offer.
+    pub wasm_features: crate::model::wasm::FeatureSet,
 }
 
 impl WorkloadRequest {
@@ -105,6 +107,7 @@ impl WorkloadRequest {
             node_selector: workload.spec.node_selector.clone(),
             tolerations: workload.spec.tolerations.clone(),
             http: workload.spec.http.is_some(),
+            wasm_features: workload.spec.wasm_features(),
         }
     }
 }

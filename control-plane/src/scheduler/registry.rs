@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::framework::{FilterPlugin, PreFilterPlugin, PreScorePlugin, ScorePlugin};
 use super::plugins::{
     balanced_allocation, http_ingress, least_allocated, node_ready, node_selector, resource_fit,
-    taint_toleration, workload_spread,
+    taint_toleration, wasm_features, workload_spread,
 };
 
 /// Which plugins run, and how much each score counts.
@@ -28,6 +28,7 @@ impl Default for SchedulerConfig {
                 taint_toleration::NAME,
                 resource_fit::NAME,
                 http_ingress::NAME,
+                wasm_features::NAME,
             ]
             .map(String::from)
             .to_vec(),
@@ -78,6 +79,7 @@ impl Profile {
                 taint_toleration::NAME => Arc::new(taint_toleration::TaintToleration),
                 resource_fit::NAME => Arc::new(resource_fit::ResourceFit),
                 http_ingress::NAME => Arc::new(http_ingress::HttpIngress),
+                wasm_features::NAME => Arc::new(wasm_features::WasmFeatures),
                 _ => {
                     return Err(UnknownPlugin {
                         point: "filter",
@@ -117,7 +119,7 @@ mod tests {
     #[test]
     fn default_config_builds() {
         let profile = Profile::from_config(&SchedulerConfig::default()).expect("valid");
-        assert_eq!(profile.filters.len(), 5);
+        assert_eq!(profile.filters.len(), 6);
         assert_eq!(profile.scores.len(), 4);
         assert_eq!(profile.pre_scores.len(), 1);
     }

@@ -255,6 +255,7 @@ async fn session(
             }),
             ingress_url: config.ingress_url.clone(),
             node_credential: config.node_credential.clone(),
+            wasm_features: capacity.wasm_features.clone(),
         })
         .await?
         .into_inner();

@@ -23,6 +23,8 @@ pub struct Capacity {
     pub memory_bytes: u64,
     /// `kubernetes.io/arch` of this agent.
     pub arch: &'static str,
+    /// The WebAssembly proposals beyond the default set that workloads may enable here.
+    pub wasm_features: flotilla_model::wasm::FeatureSet,
     /// Why `max_sandboxes` is what it is.
     pub limited_by: String,
 }
@@ -84,6 +86,7 @@ pub fn derive(
         max_sandboxes: u32::try_from(max_sandboxes).unwrap_or(u32::MAX),
         memory_bytes: memory_limit.or_else(read_mem_total).unwrap_or(u64::MAX),
         arch: kubernetes_arch(),
+        wasm_features: config.wasm_features,
         limited_by,
     }
 }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use flotilla_model::wasm::FeatureSet;
+
 use super::compiler::CHEAP_CODE_BYTES;
 use super::cost::CostLimits;
 use super::egress::DeniedRanges;
@@ -73,6 +75,11 @@ pub struct RuntimeConfig {
     /// Addresses no sandbox may connect to, whatever its egress rules list. Default:
     /// [`DEFAULT_DENIED_RANGES`](super::DEFAULT_DENIED_RANGES).
     pub egress_denied: DeniedRanges,
+    /// The WebAssembly proposals beyond the default set that the engine accepts and workloads
+    /// may enable (`spec.wasm.features`). Default: [`FeatureSet::NODE_DEFAULT`], every one but
+    /// the experimental `component-model-async`, whose support in wasmtime 48 is incomplete
+    /// and also costs every sandbox memory.
+    pub wasm_features: FeatureSet,
 }
 
 /// The CPUs this process may use.
@@ -114,6 +121,7 @@ impl Default for RuntimeConfig {
             },
             node_name: host_name(),
             egress_denied: DeniedRanges::defaults(),
+            wasm_features: FeatureSet::NODE_DEFAULT,
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,
                 memory_request_bytes: 0,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use flotilla_model::wasm::WasmFeature;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::capacity::Capacity;
@@ -150,9 +151,9 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         // A runaway recursion must not produce a megabyte of status message.
         .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(MAX_BACKTRACE_FRAMES))
         // Post-MVP features that wasmtime 48 supports and Flotilla enables: the default set of
-        // every workload, and those a workload opts into (`spec.wasm.features`), which the
-        // artifacts check per workload. Threads (shared memories, which the pool cannot hold)
-        // are refused.
+        // every workload, and those the node offers (`--wasm-features`) for a workload to opt
+        // into (`spec.wasm.features`), which the artifacts check per workload. Threads (shared
+        // memories, which the pool cannot hold) are refused.
         .wasm_simd(true)
         .wasm_relaxed_simd(true)
         .wasm_bulk_memory(true)
@@ -161,13 +162,18 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .wasm_tail_call(true)
         .wasm_extended_const(true)
         .wasm_component_model(true)
-        .wasm_gc(true)
         .wasm_function_references(true)
-        .wasm_exceptions(true)
-        .wasm_wide_arithmetic(true)
-        .wasm_custom_page_sizes(true)
-        .wasm_component_model_async(true)
         .collector(wasmtime::Collector::DeferredReferenceCounting);
+    let offered = |feature| config.wasm_features.contains(feature);
+    cfg.wasm_gc(offered(WasmFeature::Gc))
+        .wasm_exceptions(offered(WasmFeature::Exceptions))
+        .wasm_wide_arithmetic(offered(WasmFeature::WideArithmetic))
+        .wasm_custom_page_sizes(offered(WasmFeature::CustomPageSizes));
+    // Stores set up for concurrent (async ABI) execution cost every sandbox memory, so only
+    // a node that offers the async ABI pays for it.
+    let concurrent = offered(WasmFeature::ComponentModelAsync);
+    cfg.concurrency_support(concurrent)
+        .wasm_component_model_async(concurrent);
     cfg
 }
 

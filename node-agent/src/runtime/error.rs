@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_model::module::ModuleCheckError;
-use flotilla_model::wasm::{MissingFeatures, UnknownFeature};
+use flotilla_model::wasm::{FeatureSet, MissingFeatures, UnknownFeature};
 
 use super::compiler::CompilerError;
 use super::cost::CostError;
@@ -39,6 +39,18 @@ pub enum SandboxError {
     /// `spec.wasm.features` names a feature this agent does not know (a newer control plane's).
     #[error(transparent)]
     UnknownFeature(#[from] UnknownFeature),
+    /// `spec.wasm.features` enables proposals that this node does not offer (`--wasm-features`).
+    #[error(
+        "spec.wasm.features enables {missing}, which this node does not offer (its agent offers \
+         {offered}, set by --wasm-features)",
+        offered = if offered.is_empty() { "none".to_string() } else { offered.to_string() }
+    )]
+    FeaturesNotOffered {
+        /// What the workload enables and the node does not offer.
+        missing: FeatureSet,
+        /// What the node offers.
+        offered: FeatureSet,
+    },
     /// Validation or compilation failed.
     #[error("invalid module")]
     Compile(#[source] BoxError),
@@ -111,6 +123,7 @@ impl SandboxError {
             SandboxError::ReadModule { .. } | SandboxError::MissingModule => "ModuleUnavailable",
             SandboxError::Limits(_) => "InvalidLimits",
             SandboxError::VolumeNotAllowed(_) => "VolumeNotAllowed",
+            SandboxError::FeaturesNotOffered { .. } => "WasmFeatureNotOffered",
             SandboxError::Egress(_) => "InvalidEgress",
             SandboxError::Http(_) => "InvalidHttp",
             SandboxError::TooCostly(_) | SandboxError::CompileTimeout(_) => "ModuleTooCostly",

@@ -78,7 +78,13 @@ impl WasmtimeRuntime {
     pub fn with_capacity(config: RuntimeConfig, capacity: Capacity) -> Result<Self, RuntimeError> {
         let engines = Engines::new(&config, &capacity).map_err(RuntimeError::CreateEngine)?;
         let engine = engines.host().clone();
-        let linkers = Linkers::new(&engine).map_err(RuntimeError::LinkWasi)?;
+        let linkers = Linkers::new(
+            &engine,
+            config
+                .wasm_features
+                .contains(flotilla_model::wasm::WasmFeature::ComponentModelAsync),
+        )
+        .map_err(RuntimeError::LinkWasi)?;
         // With a cache directory, it may hold artifacts precompiled elsewhere for this target
         // and these settings, named as `--precompile` names them.
         let cache = config.cache_dir.clone().map(|dir| DiskCache {
@@ -169,6 +175,14 @@ impl SandboxRuntime for WasmtimeRuntime {
             config.max_memory_per_sandbox,
             config.epoch_tick,
         )?;
+        let features = flotilla_model::wasm::FeatureSet::parse(&spec.wasm_features)?;
+        let missing = features.without(config.wasm_features);
+        if !missing.is_empty() {
+            return Err(SandboxError::FeaturesNotOffered {
+                missing,
+                offered: config.wasm_features,
+            });
+        }
         let (digest, bytes) = source::load(spec.module.as_ref(), config.max_module_bytes).await?;
         // Compiles take turns per workload (its owner, for the revisions of one workload).
         let owner = if spec.owner.is_empty() {
@@ -176,7 +190,6 @@ impl SandboxRuntime for WasmtimeRuntime {
         } else {
             &spec.owner
         };
-        let features = flotilla_model::wasm::FeatureSet::parse(&spec.wasm_features)?;
         let artifact = (self.inner.artifacts)
             .get(owner, &digest, bytes, features)
             .await?;

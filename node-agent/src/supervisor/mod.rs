@@ -573,6 +573,11 @@ impl<R: SandboxRuntime> Supervisor<R> {
             memory_reserved_bytes: memory,
             arch: capacity.arch.to_string(),
             limited_by: capacity.limited_by.clone(),
+            wasm_features: capacity
+                .wasm_features
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect(),
         }
     }
 

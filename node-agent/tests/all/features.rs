@@ -3,6 +3,8 @@
 //! to set, even when another workload compiled the same module with it.
 
 use crate::common::*;
+use flotilla_model::wasm::FeatureSet;
+use flotilla_node_agent::runtime::RuntimeConfig;
 use flotilla_node_agent::supervisor::{ApplyError, Supervisor};
 use flotilla_proto::agent::v1::{Resources, SandboxPhase, WorkloadSpec};
 
@@ -32,12 +34,18 @@ async fn run(sup: &Supervisor, spec: WorkloadSpec) -> (String, String, Option<i3
 /// Applies `spec` and returns the message of its refusal, checking that it is an
 /// `InvalidModule` in the workload's status too.
 async fn refused(sup: &Supervisor, spec: WorkloadSpec) -> String {
+    refused_as(sup, spec, "InvalidModule").await
+}
+
+/// Applies `spec` and returns the message of its refusal, checking its reason and that the
+/// workload's status shows it failed.
+async fn refused_as(sup: &Supervisor, spec: WorkloadSpec, reason: &str) -> String {
     let name = spec.name.clone();
     let err = sup.apply(spec).await.expect_err("refused");
     let ApplyError::Prepare { source, .. } = &err else {
         panic!("{name}: unexpected error {err:?}");
     };
-    assert_eq!(source.reason(), "InvalidModule", "{name}");
+    assert_eq!(source.reason(), reason, "{name}");
     let status = only(&sup.list(Some(&name))).clone();
     assert_eq!(status.phase, SandboxPhase::Failed as i32, "{name}");
     flotilla_telemetry::error_chain(source)
@@ -210,7 +218,10 @@ fn p3_command() -> Vec<u8> {
 /// the feature it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
-    let sup = supervisor(runtime_config());
+    let sup = supervisor(RuntimeConfig {
+        wasm_features: FeatureSet::ALL,
+        ..runtime_config()
+    });
     let mut command = with_features(spec("p3", p3_command()), &["component-model-async"]);
     command.args = vec!["one".into(), "two words".into()];
     command.env = vec![env("GREETING", "ahoy"), env("EXIT_CODE", "7")];
@@ -232,4 +243,31 @@ async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
             && message.contains("add `component-model-async` to spec.wasm.features"),
         "{message}"
     );
+}
+
+/// A node offers what its agent's `--wasm-features` lists: by default not the experimental
+/// `component-model-async`, so a WASI 0.3 command is refused there, naming what the node
+/// offers, before its module is even read; with none offered, a GC workload is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_is_refused_where_the_node_does_not_offer_its_features() {
+    let sup = supervisor(runtime_config());
+    let p3 = with_features(spec("p3", p3_command()), &["component-model-async"]);
+    let message = refused_as(&sup, p3, "WasmFeatureNotOffered").await;
+    assert_eq!(
+        message,
+        "spec.wasm.features enables component-model-async, which this node does not offer (its \
+         agent offers gc, exceptions, wide-arithmetic, custom-page-sizes, set by \
+         --wasm-features)"
+    );
+
+    let bare = supervisor(RuntimeConfig {
+        wasm_features: FeatureSet::NONE,
+        ..runtime_config()
+    });
+    let gc = with_features(spec("gc", gc_guest(false)), &["gc"]);
+    let message = refused_as(&bare, gc, "WasmFeatureNotOffered").await;
+    assert!(message.contains("its agent offers none"), "{message}");
+    // What needs nothing still runs there.
+    let (reason, message, _) = run(&bare, spec("plain", fixture("hello"))).await;
+    assert_eq!(reason, "Completed", "{message}");
 }

@@ -536,6 +536,10 @@ pub struct Capacity {
     /// Why max_sandboxes is what it is, e.g. the vm.max_map_count ceiling.
     #[prost(string, tag = "6")]
     pub limited_by: ::prost::alloc::string::String,
+    /// WebAssembly proposals beyond the default set that workloads may enable here
+    /// (`--wasm-features`), by their `spec.wasm.features` names.
+    #[prost(string, repeated, tag = "7")]
+    pub wasm_features: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// One of a sandbox's output streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -58,6 +58,11 @@ pub struct RegisterRequest {
     /// present the same (PERMISSION_DENIED otherwise) until the name is released with DeleteNode.
     #[prost(string, tag = "9")]
     pub node_credential: ::prost::alloc::string::String,
+    /// WebAssembly proposals beyond the default set that workloads may enable on this node
+    /// (`spec.wasm.features` names: gc, exceptions, ...). A workload is placed only on nodes that
+    /// offer all it enables.
+    #[prost(string, repeated, tag = "10")]
+    pub wasm_features: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterResponse {

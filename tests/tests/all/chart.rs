@@ -269,6 +269,14 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         all.contains("--node-labels=flotilla.dev/pool=wasm,tier=edge"),
         "{all}"
     );
+    assert!(
+        all.contains("--wasm-features=gc,component-model-async"),
+        "{all}"
+    );
+    assert!(
+        default.contains("--wasm-features=gc,exceptions,wide-arithmetic,custom-page-sizes"),
+        "{default}"
+    );
     // Secrets of the listed namespaces only: a Role in each, none cluster-wide.
     assert!(all.contains("--config-namespaces=team-a,team-b"), "{all}");
     for namespace in ["team-a", "team-b"] {

@@ -7,6 +7,7 @@ pub mod node_ready;
 pub mod node_selector;
 pub mod resource_fit;
 pub mod taint_toleration;
+pub mod wasm_features;
 pub mod workload_spread;
 
 #[cfg(test)]
