@@ -569,6 +569,22 @@ fn runtime_config(count: u32) -> RuntimeConfig {
         ..RuntimeConfig::default()
     };
     config.default_limits.memory_bytes = 1 << 20;
+    // What the node offers, as the agent's `--wasm-features` reads it from the environment:
+    // to measure what offering a feature costs every sandbox.
+    if let Ok(list) = std::env::var("FLOTILLA_WASM_FEATURES") {
+        let names: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        match flotilla_model::wasm::FeatureSet::parse(&names) {
+            Ok(features) => config.wasm_features = features,
+            Err(error) => {
+                eprintln!("FLOTILLA_WASM_FEATURES: {error}");
+                std::process::exit(64);
+            }
+        }
+    }
     config
 }
 

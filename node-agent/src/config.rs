@@ -88,7 +88,8 @@ pub struct Args {
     pub compile_threads: Option<usize>,
     /// WebAssembly proposals beyond the default set that workloads may enable here
     /// (`spec.wasm.features`): comma-separated, or `none`. The default leaves out the
-    /// experimental `component-model-async` (WASI 0.3), which also costs every sandbox memory.
+    /// experimental `component-model-async` (WASI 0.3), whose support in wasmtime 48 is
+    /// incomplete.
     #[arg(
         long,
         env = "FLOTILLA_WASM_FEATURES",

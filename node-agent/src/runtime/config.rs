@@ -77,8 +77,7 @@ pub struct RuntimeConfig {
     pub egress_denied: DeniedRanges,
     /// The WebAssembly proposals beyond the default set that the engine accepts and workloads
     /// may enable (`spec.wasm.features`). Default: [`FeatureSet::NODE_DEFAULT`], every one but
-    /// the experimental `component-model-async`, whose support in wasmtime 48 is incomplete
-    /// and also costs every sandbox memory.
+    /// the experimental `component-model-async`, whose support in wasmtime 48 is incomplete.
     pub wasm_features: FeatureSet,
 }
 
