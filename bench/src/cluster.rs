@@ -148,6 +148,7 @@ pub(crate) async fn push_module(
         .push_module(PushModuleRequest {
             module,
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await?
         .into_inner()

@@ -31,7 +31,7 @@ const MAX_ANSWER_BYTES: usize = 256 << 20;
 pub(crate) type Client = WorkloadsClient<InterceptedService<Channel, crate::BearerToken>>;
 
 pub(crate) async fn connect(server: &str) -> anyhow::Result<Client> {
-    let token = crate::user_token()?;
+    let token = crate::user_token().await?;
     crate::channel(server)
         .await
         .map(|channel| {
@@ -86,7 +86,8 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
         if let Some(path) = doc.workload.spec.module.path.take() {
             let path = doc.base.join(path);
             let sha256 = &doc.workload.spec.module.sha256;
-            doc.workload.spec.module.sha256 = push_module(&mut client, &path, sha256)
+            let namespace = doc.workload.key().namespace;
+            doc.workload.spec.module.sha256 = push_module(&mut client, &path, sha256, &namespace)
                 .await
                 .with_context(|| format!("{}: spec.module.path", doc.source))?;
         }
@@ -106,18 +107,20 @@ pub async fn apply(server: &str, files: &[String]) -> anyhow::Result<Vec<Workloa
     Ok(applied_all)
 }
 
-/// Pushes the module at `path` (which must have `sha256` when that is not empty) and returns
-/// its digest.
+/// Pushes the module at `path` (which must have `sha256` when that is not empty) for the
+/// workloads of `namespace` and returns its digest.
 pub(crate) async fn push_module(
     client: &mut Client,
     path: &Path,
     sha256: &str,
+    namespace: &str,
 ) -> anyhow::Result<String> {
     let module = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let pushed = client
         .push_module(PushModuleRequest {
             module,
             sha256: sha256.to_string(),
+            namespace: namespace.to_string(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("pushing {}: {}", path.display(), s.message()))?

@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod describe;
 mod dev;
+mod kubeconfig;
 mod output;
 mod rollout;
 mod run;
@@ -48,6 +49,16 @@ struct Cli {
     /// Your token for the control plane's user API (better: --token-file).
     #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Send the kubeconfig's current user's token (its `token`, `tokenFile` or exec plugin)
+    /// to a control plane that checks Kubernetes credentials (--kubernetes-auth). Only to one
+    /// you trust with that credential.
+    #[arg(
+        long,
+        env = "FLOTILLA_TOKEN_FROM_KUBECONFIG",
+        global = true,
+        conflicts_with_all = ["token", "token_file"]
+    )]
+    token_from_kubeconfig: bool,
     /// A file holding the agent's admin token, for an agent started with --admin-token-file.
     #[arg(long, env = "FLOTILLA_AGENT_TOKEN_FILE", global = true)]
     agent_token_file: Option<std::path::PathBuf>,
@@ -256,6 +267,7 @@ async fn main() -> ExitCode {
     let _ = TLS_CA_FILE.set(cli.tls_ca_file.clone());
     let _ = AGENT_TOKEN_FILE.set(cli.agent_token_file.clone());
     let _ = USER_TOKEN.set((cli.token.clone(), cli.token_file.clone()));
+    let _ = TOKEN_FROM_KUBECONFIG.set(cli.token_from_kubeconfig);
     flotilla_telemetry::init("flotilla");
     let Cli {
         server,
@@ -415,8 +427,15 @@ static AGENT_TOKEN_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> =
 static USER_TOKEN: std::sync::OnceLock<(Option<String>, Option<std::path::PathBuf>)> =
     std::sync::OnceLock::new();
 
-/// The user's token for the control plane, from `--token` or `--token-file`.
-fn user_token() -> anyhow::Result<BearerToken> {
+/// `--token-from-kubeconfig`, set once at startup.
+static TOKEN_FROM_KUBECONFIG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The user's token for the control plane, from `--token`, `--token-file` or, with
+/// `--token-from-kubeconfig`, the kubeconfig.
+async fn user_token() -> anyhow::Result<BearerToken> {
+    if TOKEN_FROM_KUBECONFIG.get().copied().unwrap_or(false) {
+        return Ok(BearerToken(Some(kubeconfig::token().await?)));
+    }
     let (value, file) = USER_TOKEN.get().cloned().unwrap_or_default();
     let token = flotilla_proto::auth::load_token(value, file.as_deref())
         .map_err(|e| anyhow::anyhow!("--token-file: {}", flotilla_telemetry::error_chain(&e)))?;

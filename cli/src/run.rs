@@ -158,7 +158,8 @@ async fn run_to_end(server: &str, args: RunArgs, created: &mut bool) -> anyhow::
     let mut workload = workload(&args)?;
     if !args.module.contains("://") {
         let path = Path::new(&args.module);
-        workload.spec.module.sha256 = control::push_module(&mut client, path, "").await?;
+        workload.spec.module.sha256 =
+            control::push_module(&mut client, path, "", &args.namespace).await?;
     }
     let exists = client
         .get(GetRequest {

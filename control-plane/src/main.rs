@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use flotilla_control_plane::auth::UserAuth;
+use flotilla_control_plane::auth::{KubernetesAuth, UserAuth};
 use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
 use flotilla_control_plane::{ControlPlane, FetchGuard, ServerConfig, StoreBackend};
 
@@ -72,6 +72,16 @@ struct Args {
         requires = "token_auth_file"
     )]
     authorization_policy_file: Option<PathBuf>,
+    /// With --store kubernetes: users present their own Kubernetes tokens (checked with a
+    /// TokenReview) and every call is checked with a SubjectAccessReview, so the cluster's
+    /// RBAC decides who may do what (the control plane needs `create` on `tokenreviews` and
+    /// `subjectaccessreviews`).
+    #[arg(
+        long,
+        env = "FLOTILLA_KUBERNETES_AUTH",
+        conflicts_with_all = ["token_auth_file", "insecure_allow_anonymous"]
+    )]
+    kubernetes_auth: bool,
     /// Serve the user API open (no authentication) on an address beyond loopback.
     #[arg(long, env = "FLOTILLA_INSECURE_ALLOW_ANONYMOUS")]
     insecure_allow_anonymous: bool,
@@ -159,7 +169,7 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    let user_auth = match &args.token_auth_file {
+    let mut user_auth = match &args.token_auth_file {
         Some(tokens) => UserAuth::load(tokens, args.authorization_policy_file.as_deref())?,
         None => UserAuth::open(),
     };
@@ -182,6 +192,12 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
             config_namespaces: args.config_namespaces.clone(),
         },
     };
+    if args.kubernetes_auth {
+        let StoreBackend::Kubernetes { client, .. } = &store else {
+            anyhow::bail!("--kubernetes-auth needs --store kubernetes");
+        };
+        user_auth = UserAuth::kubernetes(KubernetesAuth::new(client.clone()));
+    }
     let mut leadership = None;
     if args.leader_elect {
         let StoreBackend::Kubernetes { client, .. } = &store else {

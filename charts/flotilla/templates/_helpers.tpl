@@ -64,6 +64,19 @@ or none (plain gRPC). */}}
 {{- default (printf "%s-join-token" (include "flotilla.fullname" .)) .Values.joinToken.existingSecret -}}
 {{- end -}}
 
+{{/* How users of the user API are authenticated: anonymous, tokens (a token file) or kubernetes
+(their own Kubernetes credentials, checked with TokenReview and SubjectAccessReview; needs
+store=kubernetes, so the embedded store falls back to tokens). */}}
+{{- define "flotilla.userAuthMode" -}}
+{{- if .Values.userAuth.insecureAllowAnonymous -}}
+anonymous
+{{- else if and (eq .Values.userAuth.mode "kubernetes") (eq .Values.controlPlane.store "kubernetes") -}}
+kubernetes
+{{- else -}}
+tokens
+{{- end -}}
+{{- end -}}
+
 {{/* The Secret holding the user API's token file (and policy), generated unless given. */}}
 {{- define "flotilla.usersSecret" -}}
 {{- default (printf "%s-users" (include "flotilla.fullname" .)) .Values.userAuth.existingSecret -}}

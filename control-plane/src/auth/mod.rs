@@ -1,20 +1,26 @@
-//! Who may use the user API: authentication of the caller (bearer tokens from a static token
-//! file, as kube-apiserver's `--token-auth-file`) and authorization of each call by verb,
-//! resource and namespace (a small RBAC-like policy file), with an audit line for every call
-//! that changes something.
+//! Who may use the user API: authentication of the caller and authorization of each call by
+//! verb, resource and namespace, with an audit line for every call that changes something.
 //!
-//! Without a token file the user API is open: every caller is `system:anonymous`, allowed
-//! everything. `flotilla-control-plane` refuses to serve it so beyond loopback unless told
-//! `--insecure-allow-anonymous`.
+//! Three ways, chosen at startup:
+//! - open: without credentials every caller is `system:anonymous`, allowed everything;
+//!   `flotilla-control-plane` refuses to serve it so beyond loopback unless told
+//!   `--insecure-allow-anonymous`;
+//! - standalone: bearer tokens from a static token file (kube-apiserver's `--token-auth-file`)
+//!   and a small RBAC-like policy file ([`Policy`]);
+//! - Kubernetes: the caller's own Kubernetes token, checked with a TokenReview, and each call
+//!   checked with a SubjectAccessReview, so the cluster's RBAC decides ([`KubernetesAuth`]).
 
+mod kubernetes;
 mod policy;
 mod tokens;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use tonic::Status;
 
+pub use self::kubernetes::KubernetesAuth;
 pub use self::policy::{Policy, PolicyError};
 pub use self::tokens::{MIN_TOKEN_CHARS, TokenFile, TokenFileError};
 
@@ -24,12 +30,17 @@ pub const ANONYMOUS: &str = "system:anonymous";
 pub const AUTHENTICATED: &str = "system:authenticated";
 
 /// An authenticated caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     /// Its name.
     pub name: String,
+    /// Its unique id, when the authenticator gives one.
+    pub uid: String,
     /// Its groups (authenticated users are in [`AUTHENTICATED`] too).
     pub groups: Vec<String>,
+    /// Whatever else the authenticator says about it (Kubernetes' `userInfo.extra`), passed
+    /// on to authorization.
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 /// What a call does.
@@ -64,14 +75,13 @@ pub enum Resource {
     ConfigMaps,
     /// Secrets.
     Secrets,
-    /// Module blobs (cluster-wide).
+    /// Module blobs, pushed for the workloads of a namespace (empty: any).
     Modules,
     /// Nodes (cluster-wide).
     Nodes,
 }
 
-/// One call's verb, resource and namespace (empty for cluster-wide resources and for calls
-/// across every namespace).
+/// One call: its verb, resource, namespace and object.
 #[derive(Clone, Copy, Debug)]
 pub struct Access<'a> {
     /// What it does.
@@ -80,15 +90,42 @@ pub struct Access<'a> {
     pub resource: Resource,
     /// Where; empty: cluster-wide, or every namespace.
     pub namespace: &'a str,
+    /// Which object; empty: many, or a new one without a name yet.
+    pub name: &'a str,
+    /// For [`Verb::Apply`]: the object does not exist yet, so the apply creates it (in
+    /// Kubernetes terms `create`, otherwise `update`).
+    pub creates: bool,
+}
+
+/// How callers are known.
+#[derive(Debug, Default)]
+enum Authentication {
+    /// Everyone is anonymous.
+    #[default]
+    Open,
+    /// Users by token.
+    Tokens(TokenFile),
+    /// TokenReview.
+    Kubernetes(std::sync::Arc<KubernetesAuth>),
+}
+
+/// How calls are decided.
+#[derive(Debug, Default)]
+enum Authorization {
+    /// Every caller may do everything.
+    #[default]
+    Everyone,
+    /// The policy file's rules.
+    Policy(Policy),
+    /// SubjectAccessReview.
+    Kubernetes(std::sync::Arc<KubernetesAuth>),
 }
 
 /// How the user API decides who may do what.
 #[derive(Debug, Default)]
 pub struct UserAuth {
-    /// Users by token; `None`: the API is open.
-    tokens: Option<TokenFile>,
-    /// Rules; `None`: every authenticated user may do everything.
-    policy: Option<Policy>,
+    authentication: Authentication,
+    authorization: Authorization,
 }
 
 // === impl UserAuth ===
@@ -99,74 +136,109 @@ impl UserAuth {
         Self::default()
     }
 
-    /// Loads the token file and, when given, the policy file.
+    /// Loads the token file and, when given, the policy file (without one, every
+    /// authenticated user may do everything).
     ///
     /// # Errors
     /// A file cannot be read or parsed.
     pub fn load(tokens: &Path, policy: Option<&Path>) -> anyhow::Result<Self> {
-        let tokens = TokenFile::load(tokens)?;
-        let policy = policy.map(Policy::load).transpose()?;
-        Ok(Self {
-            tokens: Some(tokens),
-            policy,
-        })
+        Ok(Self::standalone(
+            TokenFile::load(tokens)?,
+            policy.map(Policy::load).transpose()?,
+        ))
     }
 
-    /// Whether callers must authenticate.
+    /// Users from `tokens`, their rights from `policy`.
+    pub fn standalone(tokens: TokenFile, policy: Option<Policy>) -> Self {
+        Self {
+            authentication: Authentication::Tokens(tokens),
+            authorization: policy.map_or(Authorization::Everyone, Authorization::Policy),
+        }
+    }
+
+    /// Callers present their Kubernetes tokens, and the cluster's RBAC decides each call.
+    pub fn kubernetes(reviews: KubernetesAuth) -> Self {
+        let reviews = std::sync::Arc::new(reviews);
+        Self {
+            authentication: Authentication::Kubernetes(reviews.clone()),
+            authorization: Authorization::Kubernetes(reviews),
+        }
+    }
+
+    /// Whether callers need no credentials.
     pub fn is_open(&self) -> bool {
-        self.tokens.is_none()
+        matches!(self.authentication, Authentication::Open)
     }
 
     /// The caller of `request`.
     ///
     /// # Errors
-    /// UNAUTHENTICATED without a token, or with one the token file does not know.
-    pub fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<User, Status> {
-        let Some(tokens) = &self.tokens else {
-            return Ok(User {
-                name: ANONYMOUS.to_string(),
-                groups: Vec::new(),
-            });
-        };
+    /// UNAUTHENTICATED without a token, or with one that is not valid; UNAVAILABLE when the
+    /// Kubernetes API cannot say.
+    pub async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<User, Status> {
         let presented = request
             .metadata()
             .get(flotilla_proto::auth::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let Some(presented) = presented else {
-            return Err(Status::unauthenticated(
-                "this control plane requires authentication: give flotilla a token with \
-                 --token-file (or FLOTILLA_TOKEN_FILE)",
-            ));
-        };
-        tokens
-            .user(presented)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("the token is not valid"))
+        match &self.authentication {
+            Authentication::Open => Ok(User {
+                name: ANONYMOUS.to_string(),
+                ..User::default()
+            }),
+            Authentication::Tokens(tokens) => {
+                let presented = presented.ok_or_else(|| {
+                    Status::unauthenticated(
+                        "this control plane requires authentication: give flotilla a token \
+                         with --token-file (or FLOTILLA_TOKEN_FILE)",
+                    )
+                })?;
+                tokens
+                    .user(presented)
+                    .cloned()
+                    .ok_or_else(|| Status::unauthenticated("the token is not valid"))
+            }
+            Authentication::Kubernetes(reviews) => {
+                let presented = presented.ok_or_else(|| {
+                    Status::unauthenticated(
+                        "this control plane authenticates users with their Kubernetes \
+                         credentials: run flotilla with --token-from-kubeconfig (or \
+                         FLOTILLA_TOKEN_FROM_KUBECONFIG=1), or give a token with --token-file",
+                    )
+                })?;
+                reviews.authenticate(presented).await
+            }
+        }
     }
 
-    /// Whether `user` may do `access`; every decision on something that changes is logged.
+    /// Whether `user` may do `access`; every decision on something that changes, and every
+    /// denial, is logged.
     ///
     /// # Errors
-    /// PERMISSION_DENIED naming the user, verb, resource and namespace.
-    pub fn authorize(&self, user: &User, access: Access<'_>, name: &str) -> Result<(), Status> {
-        let allowed = self
-            .policy
-            .as_ref()
-            .is_none_or(|policy| policy.allows(user, access));
+    /// PERMISSION_DENIED naming the user, verb, resource and namespace; UNAVAILABLE when the
+    /// Kubernetes API cannot say.
+    pub async fn authorize(&self, user: &User, access: Access<'_>) -> Result<(), Status> {
+        let denial = match &self.authorization {
+            Authorization::Everyone => None,
+            Authorization::Policy(policy) => {
+                (!policy.allows(user, access)).then(|| "no rule of the policy allows it".into())
+            }
+            Authorization::Kubernetes(reviews) => reviews.authorize(user, access).await?,
+        };
         let mutating = matches!(access.verb, Verb::Apply | Verb::Delete | Verb::Create);
-        if !allowed {
+        if let Some(reason) = denial {
             tracing::warn!(
                 target: "flotilla::audit",
                 user = %user.name,
                 verb = %access.verb,
                 resource = %access.resource,
                 namespace = access.namespace,
-                name,
+                name = access.name,
+                %reason,
                 "denied"
             );
             return Err(Status::permission_denied(format!(
-                "user {:?} may not {} {} {}",
+                "user {:?} may not {} {} {}: {reason}",
                 user.name,
                 access.verb,
                 access.resource,
@@ -180,7 +252,7 @@ impl UserAuth {
                 verb = %access.verb,
                 resource = %access.resource,
                 namespace = access.namespace,
-                name,
+                name = access.name,
                 "allowed"
             );
         }
@@ -191,14 +263,13 @@ impl UserAuth {
     ///
     /// # Errors
     /// As they fail.
-    pub fn check<T>(
+    pub async fn check<T>(
         &self,
         request: &tonic::Request<T>,
         access: Access<'_>,
-        name: &str,
     ) -> Result<User, Status> {
-        let user = self.authenticate(request)?;
-        self.authorize(&user, access, name)?;
+        let user = self.authenticate(request).await?;
+        self.authorize(&user, access).await?;
         Ok(user)
     }
 }
@@ -206,16 +277,28 @@ impl UserAuth {
 /// Where an access applies, for messages.
 fn scope(access: Access<'_>) -> String {
     match (access.resource, access.namespace) {
-        (Resource::Modules | Resource::Nodes, _) => "(cluster-wide)".to_string(),
+        (Resource::Nodes, _) => "(cluster-wide)".to_string(),
         (_, "") => "in every namespace".to_string(),
         (_, namespace) => format!("in namespace {namespace:?}"),
     }
 }
 
-impl Access<'_> {
-    /// Whether the resource is cluster-wide (no namespace).
+impl<'a> Access<'a> {
+    /// `verb` on `resource` `name` (empty: many) in `namespace` (empty: every namespace, or
+    /// cluster-wide).
+    pub fn new(verb: Verb, resource: Resource, namespace: &'a str, name: &'a str) -> Self {
+        Self {
+            verb,
+            resource,
+            namespace,
+            name,
+            creates: false,
+        }
+    }
+
+    /// Whether the resource is cluster-wide in the policy file (no namespace).
     pub fn cluster_wide(&self) -> bool {
-        matches!(self.resource, Resource::Modules | Resource::Nodes)
+        matches!(self.resource, Resource::Nodes)
     }
 }
 

@@ -15,9 +15,10 @@
 //! ```
 //!
 //! Verbs: get, list, watch, apply, delete, create. Resources: workloads, workloads/log,
-//! workloads/attach, events, configmaps, secrets, modules (pushing blobs), nodes. Modules and
-//! nodes are cluster-wide, as are calls across every namespace (a list without a namespace, a
-//! watch): only a rule with `namespaces: ["*"]` allows those.
+//! workloads/attach, events, configmaps, secrets, modules (pushing blobs for a namespace's
+//! workloads), nodes. Nodes are cluster-wide, as are calls across every namespace (a list
+//! without a namespace, a watch, a module push that names no namespace): only a rule with
+//! `namespaces: ["*"]` allows those.
 
 use std::path::{Path, PathBuf};
 

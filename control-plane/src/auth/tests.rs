@@ -24,10 +24,10 @@ rules:
 ";
 
 fn auth() -> UserAuth {
-    UserAuth {
-        tokens: Some(TokenFile::parse(TOKENS).expect("tokens")),
-        policy: Some(Policy::parse(POLICY).expect("policy")),
-    }
+    UserAuth::standalone(
+        TokenFile::parse(TOKENS).expect("tokens"),
+        Some(Policy::parse(POLICY).expect("policy")),
+    )
 }
 
 fn request(token: Option<&str>) -> tonic::Request<()> {
@@ -39,44 +39,48 @@ fn request(token: Option<&str>) -> tonic::Request<()> {
 }
 
 fn access(verb: Verb, resource: Resource, namespace: &str) -> Access<'_> {
-    Access {
-        verb,
-        resource,
-        namespace,
-    }
+    Access::new(verb, resource, namespace, "x")
 }
 
-#[test]
-fn tokens_name_users_and_their_groups() {
+#[tokio::test]
+async fn tokens_name_users_and_their_groups() {
     let auth = auth();
     let bob = auth
         .authenticate(&request(Some("bob-token-0123456789ab")))
+        .await
         .expect("bob");
     assert_eq!(bob.name, "bob");
+    assert_eq!(bob.uid, "2");
     assert_eq!(bob.groups, ["team-b", "readers", AUTHENTICATED]);
-    let anonymous = auth.authenticate(&request(None)).expect_err("no token");
+    let anonymous = auth
+        .authenticate(&request(None))
+        .await
+        .expect_err("no token");
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
     assert!(anonymous.message().contains("--token-file"));
     let wrong = auth
         .authenticate(&request(Some("alice-token-0123456788")))
+        .await
         .expect_err("wrong token");
     assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
     // An open API takes everyone as anonymous.
     let open = UserAuth::open();
     assert_eq!(
-        open.authenticate(&request(None)).expect("open").name,
+        open.authenticate(&request(None)).await.expect("open").name,
         ANONYMOUS
     );
 }
 
-#[test]
-fn rules_allow_by_verb_resource_and_namespace_and_deny_the_rest() {
+#[tokio::test]
+async fn rules_allow_by_verb_resource_and_namespace_and_deny_the_rest() {
     let auth = auth();
-    let user = |token| auth.authenticate(&request(Some(token))).expect("user");
+    let tokens = TokenFile::parse(TOKENS).expect("tokens");
+    let user = |token| tokens.user(token).cloned().expect("user");
     let alice = user("alice-token-0123456789");
     let bob = user("bob-token-0123456789ab");
     let root = user("admin-token-0123456789");
-    let allowed = |user: &User, a| auth.authorize(user, a, "x").is_ok();
+    let policy = Policy::parse(POLICY).expect("policy");
+    let allowed = |user: &User, a| policy.allows(user, a);
 
     assert!(allowed(
         &alice,
@@ -118,18 +122,30 @@ fn rules_allow_by_verb_resource_and_namespace_and_deny_the_rest() {
     ));
     assert!(allowed(&root, access(Verb::Delete, Resource::Nodes, "")));
 
+    // Modules are pushed for a namespace.
+    let alice_modules = Policy::parse(
+        "rules: [{users: [alice], verbs: [create], resources: [modules], namespaces: [team-a]}]",
+    )
+    .expect("policy");
+    assert!(alice_modules.allows(&alice, access(Verb::Create, Resource::Modules, "team-a")));
+    assert!(!alice_modules.allows(&alice, access(Verb::Create, Resource::Modules, "team-b")));
+    assert!(!alice_modules.allows(&alice, access(Verb::Create, Resource::Modules, "")));
+
     let denied = auth
         .authorize(
             &alice,
-            access(Verb::Delete, Resource::Secrets, "team-b"),
-            "db",
+            Access::new(Verb::Delete, Resource::Secrets, "team-b", "db"),
         )
+        .await
         .expect_err("denied");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     assert_eq!(
         denied.message(),
-        "user \"alice\" may not delete secrets in namespace \"team-b\""
+        "user \"alice\" may not delete secrets in namespace \"team-b\": no rule of the policy allows it"
     );
+    auth.authorize(&root, access(Verb::Delete, Resource::Secrets, "team-b"))
+        .await
+        .expect("root may");
 }
 
 #[test]

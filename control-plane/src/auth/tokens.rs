@@ -77,7 +77,7 @@ impl TokenFile {
                 continue;
             }
             let mut fields = line.splitn(4, ',');
-            let (Some(token), Some(name), Some(_uid)) =
+            let (Some(token), Some(name), Some(uid)) =
                 (fields.next(), fields.next(), fields.next())
             else {
                 return Err((number, "expected token,user,uid[,\"groups\"]".into()));
@@ -104,7 +104,9 @@ impl TokenFile {
             groups.push(AUTHENTICATED.to_string());
             let user = User {
                 name: name.to_string(),
+                uid: uid.trim().to_string(),
                 groups,
+                extra: Default::default(),
             };
             if users.insert(digest(token), user).is_some() {
                 return Err((number, "this token is given twice".into()));

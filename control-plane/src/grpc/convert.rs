@@ -52,6 +52,17 @@ pub(crate) fn store_status(error: store::Error) -> Status {
         store::Error::Conflict { .. } => Status::aborted(message),
         store::Error::NotFound(_) => Status::not_found(message),
         store::Error::Decode { .. } => Status::internal(message),
+        // The control plane writes with its own credentials, already checked against the
+        // caller's rights: a refusal means its own RBAC is short.
+        store::Error::Kube(::kube::Error::Api(ref status)) if status.code == 403 => {
+            Status::failed_precondition(format!(
+                "the control plane's own Kubernetes credentials were refused (is the chart's \
+                 RBAC installed?): {message}"
+            ))
+        }
+        store::Error::Kube(::kube::Error::Api(ref status)) if status.code == 422 => {
+            Status::invalid_argument(message)
+        }
         store::Error::Open(_)
         | store::Error::Read(_)
         | store::Error::Write(_)

@@ -63,7 +63,7 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
 
     /// Lets the caller of `request` do `verb` on `resource` in `namespace` (empty: every
     /// namespace, or cluster-wide), or says why not.
-    fn allow<T>(
+    async fn allow<T>(
         &self,
         request: &Request<T>,
         verb: Verb,
@@ -71,12 +71,8 @@ impl<S: WorkloadStore + Clone> WorkloadService<S> {
         namespace: &str,
         name: &str,
     ) -> Result<User, Status> {
-        let access = Access {
-            verb,
-            resource,
-            namespace,
-        };
-        self.auth.check(request, access, name)
+        let access = Access::new(verb, resource, namespace, name);
+        self.auth.check(request, access).await
     }
 
     /// Downloads modules named by URL with `downloads` (shared with the agent API, and with
@@ -182,7 +178,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<WorkloadObject>, Status> {
-        let user = self.auth.authenticate(&request)?;
+        let user = self.auth.authenticate(&request).await?;
         let manifest = request.into_inner().manifest;
         if manifest.len() > crate::model::MAX_OBJECT_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -195,11 +191,10 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
         let key = workload.key();
         let access = Access {
-            verb: Verb::Apply,
-            resource: Resource::Workloads,
-            namespace: &key.namespace,
+            creates: self.store.get(&key).await.map_err(store_status)?.is_none(),
+            ..Access::new(Verb::Apply, Resource::Workloads, &key.namespace, &key.name)
         };
-        self.auth.authorize(&user, access, &key.name)?;
+        self.auth.authorize(&user, access).await?;
         workload
             .validate()
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
@@ -236,7 +231,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             Resource::Workloads,
             &key.namespace,
             &key.name,
-        )?;
+        )
+        .await?;
         match self.store.get(&key).await.map_err(store_status)? {
             Some(workload) => Ok(Response::new(to_object(&workload)?)),
             None => Err(Status::not_found(format!("workload {key} not found"))),
@@ -245,7 +241,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let namespace = &request.get_ref().namespace;
-        self.allow(&request, Verb::List, Resource::Workloads, namespace, "")?;
+        self.allow(&request, Verb::List, Resource::Workloads, namespace, "")
+            .await?;
         let namespace = request.into_inner().namespace;
         let items = self
             .store
@@ -270,7 +267,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             Resource::Workloads,
             &key.namespace,
             &key.name,
-        )?;
+        )
+        .await?;
         match self.store.delete(&key).await.map_err(store_status)? {
             Some(workload) => Ok(Response::new(to_object(&workload)?)),
             None => Err(Status::not_found(format!("workload {key} not found"))),
@@ -284,7 +282,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let namespace = request.get_ref().namespace.clone();
-        self.allow(&request, Verb::Watch, Resource::Workloads, &namespace, "")?;
+        self.allow(&request, Verb::Watch, Resource::Workloads, &namespace, "")
+            .await?;
         let mut watch = self.store.watch().await.map_err(store_status)?;
         // Ends when the control plane shuts down, as when the client leaves.
         let mut stopped = Box::pin(self.cluster.shutdown.clone().cancelled_owned());
@@ -335,7 +334,9 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<PushModuleRequest>,
     ) -> Result<Response<PushModuleResponse>, Status> {
-        self.allow(&request, Verb::Create, Resource::Modules, "", "")?;
+        let namespace = &request.get_ref().namespace;
+        self.allow(&request, Verb::Create, Resource::Modules, namespace, "")
+            .await?;
         let request = request.into_inner();
         let modules = self.modules.clone();
         let size = request.module.len() as u64;
@@ -361,7 +362,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             Resource::WorkloadLogs,
             &key.namespace,
             &key.name,
-        )?;
+        )
+        .await?;
         let request = request.into_inner();
         let (key, node, _) = self
             .locate(
@@ -392,7 +394,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        let user = self.auth.authenticate(&request)?;
+        let user = self.auth.authenticate(&request).await?;
         let mut input = request.into_inner();
         let sandbox = match input.next().await {
             Some(Ok(AttachRequest {
@@ -406,12 +408,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             }
         };
         let key = WorkloadKey::new(&sandbox.namespace, &sandbox.name);
-        let access = Access {
-            verb: Verb::Create,
-            resource: Resource::WorkloadAttach,
-            namespace: &key.namespace,
-        };
-        self.auth.authorize(&user, access, &key.name)?;
+        let access = Access::new(
+            Verb::Create,
+            Resource::WorkloadAttach,
+            &key.namespace,
+            &key.name,
+        );
+        self.auth.authorize(&user, access).await?;
         let (key, node, stdin) = self
             .locate(
                 &sandbox.namespace,
@@ -471,7 +474,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             Resource::Nodes,
             "",
             &request.get_ref().name,
-        )?;
+        )
+        .await?;
         let name = request.into_inner().name;
         let cluster = self.cluster.clone();
         let node = name.clone();
@@ -501,7 +505,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        self.allow(&request, Verb::List, Resource::Nodes, "", "")?;
+        self.allow(&request, Verb::List, Resource::Nodes, "", "")
+            .await?;
         // What each node has allocated, from the placements in the workloads' status.
         let mut allocated: BTreeMap<String, NodeResources> = BTreeMap::new();
         for workload in self.store.list().await.map_err(store_status)? {
@@ -556,7 +561,8 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             Resource::Events,
             &key.namespace,
             &key.name,
-        )?;
+        )
+        .await?;
         let events = self
             .cluster
             .events
@@ -579,7 +585,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<ApplyConfigRequest>,
     ) -> Result<Response<ConfigSummary>, Status> {
-        let user = self.auth.authenticate(&request)?;
+        let user = self.auth.authenticate(&request).await?;
         let request = request.into_inner();
         let mut object = request
             .object
@@ -588,11 +594,15 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             object.namespace = crate::model::DEFAULT_NAMESPACE.to_string();
         }
         let access = Access {
-            verb: Verb::Apply,
-            resource: config_resource(object.kind()),
-            namespace: &object.namespace,
+            creates: request.create_only,
+            ..Access::new(
+                Verb::Apply,
+                config_resource(object.kind()),
+                &object.namespace,
+                &object.name,
+            )
         };
-        self.auth.authorize(&user, access, &object.name)?;
+        self.auth.authorize(&user, access).await?;
         let summary = summary(&object);
         self.config()?
             .apply(object, request.create_only)
@@ -607,13 +617,14 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
     ) -> Result<Response<ListConfigResponse>, Status> {
         let resource = config_resource(request.get_ref().kind());
         let namespace = &request.get_ref().namespace;
-        self.allow(
-            &request,
-            Verb::List,
-            resource,
-            namespace,
-            &request.get_ref().name,
-        )?;
+        // One object by name is a get, as `kubectl get secret NAME` is.
+        let verb = if request.get_ref().name.is_empty() {
+            Verb::List
+        } else {
+            Verb::Get
+        };
+        self.allow(&request, verb, resource, namespace, &request.get_ref().name)
+            .await?;
         let request = request.into_inner();
         let items = self
             .config()?
@@ -631,7 +642,7 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         &self,
         request: Request<DeleteConfigRequest>,
     ) -> Result<Response<ConfigSummary>, Status> {
-        let user = self.auth.authenticate(&request)?;
+        let user = self.auth.authenticate(&request).await?;
         let request = request.into_inner();
         let key = ConfigKey {
             kind: request.kind(),
@@ -642,12 +653,13 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
             },
             name: request.name,
         };
-        let access = Access {
-            verb: Verb::Delete,
-            resource: config_resource(key.kind),
-            namespace: &key.namespace,
-        };
-        self.auth.authorize(&user, access, &key.name)?;
+        let access = Access::new(
+            Verb::Delete,
+            config_resource(key.kind),
+            &key.namespace,
+            &key.name,
+        );
+        self.auth.authorize(&user, access).await?;
         let object = self.config()?.delete(key).await.map_err(config_status)?;
         Ok(Response::new(summary(&object)))
     }

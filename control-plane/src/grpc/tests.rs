@@ -65,6 +65,7 @@ pub(super) async fn push(client: &mut WorkloadsClient<Channel>) -> String {
         .push_module(PushModuleRequest {
             module: MODULE.to_vec(),
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await
         .expect("push")
@@ -85,6 +86,7 @@ async fn apply_refuses_a_module_whose_features_the_workload_does_not_enable() {
         .push_module(PushModuleRequest {
             module: gc_module,
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await
         .expect("push")
@@ -279,6 +281,7 @@ async fn bad_manifests_get_the_error_the_user_needs_and_change_nothing() {
         .push_module(PushModuleRequest {
             module: b"not wasm at all".to_vec(),
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await
         .expect_err("malformed wasm");

@@ -9,7 +9,7 @@ pub(crate) mod events;
 pub mod leader;
 pub(crate) mod nodes;
 
-pub use crate::store::kube::FIELD_MANAGER;
+pub use crate::store::kube::{FIELD_MANAGER, error_line};
 
 /// The label that marks objects the control plane owns (and may delete).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "flotilla-control-plane");

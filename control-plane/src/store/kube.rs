@@ -502,3 +502,22 @@ impl WorkloadStore for KubeStore {
         ))
     }
 }
+
+/// A Kubernetes API error as one plain line: the API server's message (which names the verb,
+/// resource, namespace and reason), its code and reason; never a debug dump.
+pub fn error_line(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            let message = if status.message.is_empty() {
+                "no message"
+            } else {
+                status.message.trim()
+            };
+            match status.reason.as_str() {
+                "" => format!("{message} (HTTP {})", status.code),
+                reason => format!("{message} ({reason}, HTTP {})", status.code),
+            }
+        }
+        other => flotilla_telemetry::error_chain(other),
+    }
+}

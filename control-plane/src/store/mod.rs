@@ -78,9 +78,9 @@ pub enum Error {
     /// The store's worker thread failed.
     #[error("store task failed: {0}")]
     Task(String),
-    /// A Kubernetes API request failed.
-    #[error("Kubernetes API request failed")]
-    Kube(#[source] ::kube::Error),
+    /// A Kubernetes API request failed; shown as the API server's one-line message.
+    #[error("Kubernetes API: {}", kube::error_line(.0))]
+    Kube(::kube::Error),
     /// The store cannot answer yet, e.g. before its first sync with the Kubernetes API.
     #[error("store unavailable: {0}")]
     Unavailable(String),

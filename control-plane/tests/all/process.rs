@@ -70,6 +70,7 @@ async fn a_restarted_control_plane_loses_nothing() {
         .push_module(PushModuleRequest {
             module: b"\0asm\x01\0\0\0".to_vec(),
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await
         .expect("push")

@@ -65,6 +65,7 @@ fn server() -> &'static Server {
             .block_on(client.push_module(PushModuleRequest {
                 module: b"\0asm\x01\0\0\0".to_vec(),
                 sha256: String::new(),
+                namespace: String::new(),
             }))
             .expect("push")
             .into_inner()

@@ -116,6 +116,7 @@ async fn applied_workloads_run_on_agents_and_move_when_an_agent_leaves() {
         .push_module(PushModuleRequest {
             module: fixture("sleep"),
             sha256: String::new(),
+            namespace: String::new(),
         })
         .await
         .expect("push")
@@ -221,6 +222,7 @@ async fn a_costly_compile_holds_up_neither_heartbeats_nor_other_workloads() {
             .push_module(PushModuleRequest {
                 module,
                 sha256: String::new(),
+                namespace: String::new(),
             })
             .await
             .expect("push")

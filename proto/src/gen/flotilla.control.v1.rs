@@ -1096,6 +1096,10 @@ pub struct PushModuleRequest {
     /// Optional lower-case hex SHA-256 the module must have.
     #[prost(string, tag = "2")]
     pub sha256: ::prost::alloc::string::String,
+    /// The namespace whose workloads will use the module (empty: any), which the caller must
+    /// be allowed to push modules for.
+    #[prost(string, tag = "3")]
+    pub namespace: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PushModuleResponse {

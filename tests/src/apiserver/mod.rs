@@ -27,10 +27,14 @@
 //! validation to the server); they hold no schemas. Tables (`kubectl get` columns) are not
 //! served.
 //!
+//! TokenReviews and SubjectAccessReviews are answered from the users and rules given with
+//! [`FakeApiServer::with_user`] and [`FakeApiServer::with_rule`].
+//!
 //! It does not validate objects against schemas. [`FakeApiServer::fail_next`] injects errors,
 //! and [`FakeApiServer::requests`] records every request for assertions.
 
 mod discovery;
+mod reviews;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -109,6 +113,7 @@ struct State {
     address: std::sync::OnceLock<String>,
     faults: Mutex<Vec<Fault>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    reviews: Mutex<reviews::Reviews>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,6 +137,7 @@ impl FakeApiServer {
             address: std::sync::OnceLock::new(),
             faults: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
+            reviews: Mutex::new(reviews::Reviews::default()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -178,6 +184,30 @@ impl FakeApiServer {
             let crd: Value = serde_yaml::from_str(&text).expect("parse a CRD");
             lock(&self.state.resources).extend(discovery::from_crd(&crd));
         }
+        self
+    }
+
+    /// Makes `token` a user's credential: TokenReviews of it answer `name`, in `groups` and
+    /// `system:authenticated`. Other tokens are not authenticated.
+    #[must_use]
+    pub fn with_user(self, token: &str, name: &str, groups: &[&str]) -> Self {
+        lock(&self.state.reviews).add_user(token, name, groups);
+        self
+    }
+
+    /// Lets `subject` (a user or group name) do `verbs` on `resources` (`group/plural`, or
+    /// `group/plural/subresource`; the core group is empty: `/secrets`) in `namespace` (`"*"`:
+    /// every namespace and cluster-wide), as a RoleBinding or ClusterRoleBinding would;
+    /// SubjectAccessReviews allow what some such rule allows and nothing else.
+    #[must_use]
+    pub fn with_rule(
+        self,
+        subject: &str,
+        verbs: &[&str],
+        resources: &[&str],
+        namespace: &str,
+    ) -> Self {
+        lock(&self.state.reviews).allow(subject, verbs, resources, namespace);
         self
     }
 
@@ -445,6 +475,17 @@ impl State {
         }
         if let Some(response) = self.discovery(&path) {
             return response;
+        }
+        if parts.method == Method::POST {
+            match path.as_str() {
+                "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                    return json_response(201, &lock(&self.reviews).token_review(body));
+                }
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+                    return json_response(201, &lock(&self.reviews).subject_access_review(body));
+                }
+                _ => {}
+            }
         }
         let Some(route) = Route::parse(&path) else {
             return status_error(404, "NotFound", &format!("no route for {path}"));

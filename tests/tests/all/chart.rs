@@ -195,9 +195,16 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         "--state-dir=/var/lib/flotilla-agent",
         "--prepare-state-dir-for=65532:65532",
         "type: DirectoryOrCreate",
-        // Users authenticate with a generated admin token; nobody is anonymous.
-        "--token-auth-file=/etc/flotilla/users/tokens.csv",
-        "secretName: flotilla-users",
+        // Users present their Kubernetes tokens and the cluster's RBAC decides: the control
+        // plane may review tokens and access, and write the workloads users may write.
+        "--kubernetes-auth",
+        "resources: [\"tokenreviews\"]",
+        "resources: [\"subjectaccessreviews\"]",
+        "verbs: [\"get\", \"list\", \"watch\", \"create\", \"patch\", \"update\", \"delete\"]",
+        // The default roles include Flotilla's resources.
+        "rbac.authorization.k8s.io/aggregate-to-edit: \"true\"",
+        "rbac.authorization.k8s.io/aggregate-to-view: \"true\"",
+        "resources: [\"wasmworkloads/log\"]",
     ] {
         assert!(
             default.contains(expected),
@@ -208,6 +215,30 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
         !default.contains("livenessProbe"),
         "a standby would fail it"
     );
+    // No token file, nor anyone anonymous, in Kubernetes mode.
+    for absent in [
+        "--token-auth-file",
+        "flotilla-users",
+        "--insecure-allow-anonymous",
+    ] {
+        assert!(!default.contains(absent), "{absent} in the default render");
+    }
+    // With userAuth.mode=tokens, a generated admin token instead, and no reviews.
+    let tokens = helm(&[
+        "template",
+        "flotilla",
+        chart,
+        "--set",
+        "userAuth.mode=tokens",
+    ]);
+    parse_render(&tokens);
+    for expected in [
+        "--token-auth-file=/etc/flotilla/users/tokens.csv",
+        "secretName: flotilla-users",
+    ] {
+        assert!(tokens.contains(expected), "no {expected} with mode=tokens");
+    }
+    assert!(!tokens.contains("--kubernetes-auth") && !tokens.contains("tokenreviews"));
     // The agents admit their ingress and metrics ports, never the admin API's.
     let agent_policy = default
         .split("\n---")
@@ -228,6 +259,9 @@ fn the_chart_lints_renders_and_parses_with_default_and_maximal_values() {
     parse_render(&embedded);
     assert!(embedded.contains("type: Recreate"), "{embedded}");
     assert!(embedded.contains("livenessProbe"), "{embedded}");
+    // The embedded store has no cluster to ask: users have tokens.
+    assert!(embedded.contains("--token-auth-file"), "{embedded}");
+    assert!(!embedded.contains("--kubernetes-auth"), "{embedded}");
     assert!(!embedded.contains("--leader-elect"), "{embedded}");
 
     let all = render(chart, &["-f", &maximal]);
@@ -312,6 +346,7 @@ fn values_outside_the_schema_are_refused() {
         "controlPlane.leaderElection.enabled=false,controlPlane.replicas=2",
         "controlPlane.leaderElection.leaseName=Not_A_Name",
         "controlPlane.store=etcd",
+        "userAuth.mode=oidc",
         "tls.agentSecret=agent-tls",
         "agent.maxSandboxes=0",
         "controlPlane.nodeHeartbeatTimeout=soon",
