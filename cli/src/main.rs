@@ -43,6 +43,23 @@ struct Cli {
     /// The CA that signs an `https://` control plane's certificate (default: the webpki roots).
     #[arg(long, env = "FLOTILLA_TLS_CA_FILE", global = true)]
     tls_ca_file: Option<std::path::PathBuf>,
+    /// Your client certificate (PEM) for an `https://` control plane that knows users by
+    /// certificate (its --user-client-ca-file); with --client-key.
+    #[arg(
+        long,
+        env = "FLOTILLA_CLIENT_CERTIFICATE",
+        global = true,
+        requires = "client_key"
+    )]
+    client_certificate: Option<std::path::PathBuf>,
+    /// The key of --client-certificate (PEM).
+    #[arg(
+        long,
+        env = "FLOTILLA_CLIENT_KEY",
+        global = true,
+        requires = "client_certificate"
+    )]
+    client_key: Option<std::path::PathBuf>,
     /// A file holding your token for the control plane's user API (from its --token-auth-file).
     #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
     token_file: Option<std::path::PathBuf>,
@@ -268,6 +285,7 @@ async fn main() -> ExitCode {
     let _ = AGENT_TOKEN_FILE.set(cli.agent_token_file.clone());
     let _ = USER_TOKEN.set((cli.token.clone(), cli.token_file.clone()));
     let _ = TOKEN_FROM_KUBECONFIG.set(cli.token_from_kubeconfig);
+    let _ = CLIENT_IDENTITY.set(cli.client_certificate.clone().zip(cli.client_key.clone()));
     flotilla_telemetry::init("flotilla");
     let Cli {
         server,
@@ -416,6 +434,11 @@ fn config_kind(resource: Resource) -> ConfigKind {
 }
 
 /// Adds `http://` when an address has no scheme.
+/// `--client-certificate` and `--client-key`, set once at startup for every `https://`
+/// connection.
+static CLIENT_IDENTITY: std::sync::OnceLock<Option<(std::path::PathBuf, std::path::PathBuf)>> =
+    std::sync::OnceLock::new();
+
 /// Where `--tls-ca-file` points, set once at startup for every connection.
 static TLS_CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
 
@@ -466,7 +489,11 @@ async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     if url.starts_with("https://") {
         let ca = TLS_CA_FILE.get().and_then(Option::as_deref);
-        let tls = flotilla_proto::tls::client_config(ca, None)?;
+        let identity = CLIENT_IDENTITY
+            .get()
+            .and_then(Option::as_ref)
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let tls = flotilla_proto::tls::client_config(ca, identity)?;
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;

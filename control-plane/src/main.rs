@@ -55,8 +55,8 @@ struct Args {
     /// The key of --tls-cert-file (PEM).
     #[arg(long, env = "FLOTILLA_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
-    /// Require agents to present a client certificate signed by this CA (mutual TLS). The
-    /// user API still accepts clients without one.
+    /// Require agents to present a client certificate signed by this CA (mutual TLS). It is
+    /// not a users' CA: a node's certificate is no user.
     #[arg(long, env = "FLOTILLA_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     tls_client_ca_file: Option<PathBuf>,
     /// Users of the user API and their tokens, one per line: `token,user,uid[,"group1,group2"]`
@@ -64,13 +64,14 @@ struct Args {
     /// which is refused beyond loopback unless --insecure-allow-anonymous.
     #[arg(long, env = "FLOTILLA_TOKEN_AUTH_FILE")]
     token_auth_file: Option<PathBuf>,
+    /// Users of the user API by client certificate: one signed by this CA (PEM; not the
+    /// agents' CA) names the user by its Common Name and its groups by its Organizations, as
+    /// kube-apiserver's --client-ca-file. With or without --token-auth-file.
+    #[arg(long, env = "FLOTILLA_USER_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    user_client_ca_file: Option<PathBuf>,
     /// Who may do what (verbs, resources, namespaces) through the user API; without it every
     /// authenticated user may do everything. See the README's "Users and permissions".
-    #[arg(
-        long,
-        env = "FLOTILLA_AUTHORIZATION_POLICY_FILE",
-        requires = "token_auth_file"
-    )]
+    #[arg(long, env = "FLOTILLA_AUTHORIZATION_POLICY_FILE")]
     authorization_policy_file: Option<PathBuf>,
     /// With --store kubernetes: users present their own Kubernetes tokens (checked with a
     /// TokenReview) and every call is checked with a SubjectAccessReview, so the cluster's
@@ -79,7 +80,12 @@ struct Args {
     #[arg(
         long,
         env = "FLOTILLA_KUBERNETES_AUTH",
-        conflicts_with_all = ["token_auth_file", "insecure_allow_anonymous"]
+        conflicts_with_all = [
+            "token_auth_file",
+            "user_client_ca_file",
+            "authorization_policy_file",
+            "insecure_allow_anonymous"
+        ]
     )]
     kubernetes_auth: bool,
     /// Serve the user API open (no authentication) on an address beyond loopback.
@@ -166,12 +172,32 @@ async fn run(args: Args, data_dir: PathBuf) -> anyhow::Result<()> {
             cert,
             key,
             args.tls_client_ca_file.as_deref(),
+            args.user_client_ca_file.as_deref(),
         )?),
         _ => None,
     };
-    let mut user_auth = match &args.token_auth_file {
-        Some(tokens) => UserAuth::load(tokens, args.authorization_policy_file.as_deref())?,
-        None => UserAuth::open(),
+    if let (Some(agents), Some(users)) = (&args.tls_client_ca_file, &args.user_client_ca_file) {
+        let same = std::fs::read(agents).ok() == std::fs::read(users).ok();
+        anyhow::ensure!(
+            !same,
+            "--user-client-ca-file must not be the agents' CA (--tls-client-ca-file): every node \
+             holds a certificate from it, and a node must not act as a user"
+        );
+    }
+    let mut user_auth = match (&args.token_auth_file, &args.user_client_ca_file) {
+        (None, None) => {
+            anyhow::ensure!(
+                args.authorization_policy_file.is_none(),
+                "--authorization-policy-file needs users: --token-auth-file or \
+                     --user-client-ca-file"
+            );
+            UserAuth::open()
+        }
+        (tokens, user_ca) => UserAuth::load(
+            tokens.as_deref(),
+            user_ca.as_deref(),
+            args.authorization_policy_file.as_deref(),
+        )?,
     };
     // Installed first: a signal during startup must still stop the server cleanly.
     let shutdown = flotilla_telemetry::shutdown_signal()?;

@@ -155,8 +155,9 @@ impl ControlPlane {
             if !config.listen.ip().is_loopback() && !config.insecure_allow_anonymous {
                 anyhow::bail!(
                     "the user API would let anyone who reaches {} run workloads: give \
-                     --token-auth-file (and --authorization-policy-file), or \
-                     --insecure-allow-anonymous to serve it open anyway",
+                     --token-auth-file or --user-client-ca-file (and \
+                     --authorization-policy-file), or --insecure-allow-anonymous to serve it \
+                     open anyway",
                     config.listen
                 );
             }

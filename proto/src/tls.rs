@@ -1,18 +1,23 @@
 //! TLS for the gRPC APIs, from PEM files as Kubernetes TLS Secrets and cert-manager hold them.
 //!
 //! The control plane serves with a certificate and, for mutual TLS, verifies client certificates
-//! against a CA: agents must then present one, while the user API stays open to clients without
-//! (they authenticate otherwise). Agents and the CLI trust a CA file, or the webpki roots.
+//! against the agents' CA and the users' CA: agents must then present one from theirs, users
+//! may (the user API also takes tokens, and decides which CA signed a certificate itself).
+//! Agents and the CLI trust a CA file, or the webpki roots.
 
 use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-/// The control plane's TLS: its identity, and the CA of agents' client certificates, if any.
+/// The control plane's TLS: its identity, and the CAs of agents' and users' client
+/// certificates, if any.
 #[derive(Clone)]
 pub struct ServerTls {
     identity: Identity,
-    client_ca: Option<Certificate>,
+    /// The agents' CA (PEM).
+    client_ca: Option<Vec<u8>>,
+    /// The users' CA (PEM).
+    user_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -46,16 +51,20 @@ fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsFileError> {
 
 impl ServerTls {
     /// Reads a certificate chain and its key, and optionally the CA that signs agents' client
-    /// certificates (which turns on mutual TLS for agents).
+    /// certificates (which turns on mutual TLS for agents) and the one that signs users'.
     ///
     /// # Errors
     /// A file cannot be read.
-    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsFileError> {
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        user_ca: Option<&Path>,
+    ) -> Result<Self, TlsFileError> {
         Ok(Self {
             identity: Identity::from_pem(read(cert, "certificate")?, read(key, "key")?),
-            client_ca: client_ca
-                .map(|ca| read(ca, "client CA").map(Certificate::from_pem))
-                .transpose()?,
+            client_ca: client_ca.map(|ca| read(ca, "client CA")).transpose()?,
+            user_ca: user_ca.map(|ca| read(ca, "users' CA")).transpose()?,
         })
     }
 
@@ -64,14 +73,22 @@ impl ServerTls {
         self.client_ca.is_some()
     }
 
-    /// The server configuration; client certificates are verified when presented, and
-    /// [`requires_client_certs`](Self::requires_client_certs) says whether agents must.
+    /// The server configuration; client certificates from either CA are verified when
+    /// presented, and [`requires_client_certs`](Self::requires_client_certs) says whether
+    /// agents must.
     pub fn config(&self) -> ServerTlsConfig {
         let config = ServerTlsConfig::new().identity(self.identity.clone());
-        match &self.client_ca {
-            Some(ca) => config.client_ca_root(ca.clone()).client_auth_optional(true),
-            None => config,
+        let mut roots = Vec::new();
+        for ca in [&self.client_ca, &self.user_ca].into_iter().flatten() {
+            roots.extend_from_slice(ca);
+            roots.push(b'\n');
         }
+        if roots.is_empty() {
+            return config;
+        }
+        config
+            .client_ca_root(Certificate::from_pem(roots))
+            .client_auth_optional(true)
     }
 }
 

@@ -6,10 +6,12 @@
 //!   `flotilla-control-plane` refuses to serve it so beyond loopback unless told
 //!   `--insecure-allow-anonymous`;
 //! - standalone: bearer tokens from a static token file (kube-apiserver's `--token-auth-file`)
-//!   and a small RBAC-like policy file ([`Policy`]);
+//!   and/or client certificates from the users' CA ([`ClientCerts`]), and a small RBAC-like
+//!   policy file ([`Policy`]);
 //! - Kubernetes: the caller's own Kubernetes token, checked with a TokenReview, and each call
 //!   checked with a SubjectAccessReview, so the cluster's RBAC decides ([`KubernetesAuth`]).
 
+mod certs;
 mod kubernetes;
 mod policy;
 mod tokens;
@@ -20,6 +22,7 @@ use std::path::Path;
 
 use tonic::Status;
 
+pub use self::certs::{ClientCaError, ClientCerts};
 pub use self::kubernetes::KubernetesAuth;
 pub use self::policy::{Policy, PolicyError};
 pub use self::tokens::{MIN_TOKEN_CHARS, TokenFile, TokenFileError};
@@ -103,8 +106,11 @@ enum Authentication {
     /// Everyone is anonymous.
     #[default]
     Open,
-    /// Users by token.
-    Tokens(TokenFile),
+    /// Users by token, by client certificate, or both (at least one).
+    Standalone {
+        tokens: Option<TokenFile>,
+        certs: Option<ClientCerts>,
+    },
     /// TokenReview.
     Kubernetes(std::sync::Arc<KubernetesAuth>),
 }
@@ -136,22 +142,35 @@ impl UserAuth {
         Self::default()
     }
 
-    /// Loads the token file and, when given, the policy file (without one, every
-    /// authenticated user may do everything).
+    /// Loads the token file and/or the users' CA (at least one) and, when given, the policy
+    /// file (without one, every authenticated user may do everything).
     ///
     /// # Errors
     /// A file cannot be read or parsed.
-    pub fn load(tokens: &Path, policy: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(
+        tokens: Option<&Path>,
+        user_ca: Option<&Path>,
+        policy: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            tokens.is_some() || user_ca.is_some(),
+            "users need a token file or a users' CA"
+        );
         Ok(Self::standalone(
-            TokenFile::load(tokens)?,
+            tokens.map(TokenFile::load).transpose()?,
+            user_ca.map(ClientCerts::load).transpose()?,
             policy.map(Policy::load).transpose()?,
         ))
     }
 
-    /// Users from `tokens`, their rights from `policy`.
-    pub fn standalone(tokens: TokenFile, policy: Option<Policy>) -> Self {
+    /// Users from `tokens` and/or `certs`, their rights from `policy`.
+    pub fn standalone(
+        tokens: Option<TokenFile>,
+        certs: Option<ClientCerts>,
+        policy: Option<Policy>,
+    ) -> Self {
         Self {
-            authentication: Authentication::Tokens(tokens),
+            authentication: Authentication::Standalone { tokens, certs },
             authorization: policy.map_or(Authorization::Everyone, Authorization::Policy),
         }
     }
@@ -186,17 +205,37 @@ impl UserAuth {
                 name: ANONYMOUS.to_string(),
                 ..User::default()
             }),
-            Authentication::Tokens(tokens) => {
-                let presented = presented.ok_or_else(|| {
-                    Status::unauthenticated(
-                        "this control plane requires authentication: give flotilla a token \
-                         with --token-file (or FLOTILLA_TOKEN_FILE)",
-                    )
-                })?;
-                tokens
-                    .user(presented)
-                    .cloned()
-                    .ok_or_else(|| Status::unauthenticated("the token is not valid"))
+            Authentication::Standalone { tokens, certs } => {
+                // A certificate from the users' CA first (as kube-apiserver tries x509 before
+                // tokens), then a token.
+                let by_cert = certs.as_ref().and_then(|certs| {
+                    let chain = request.peer_certs()?;
+                    certs.user(&chain)
+                });
+                if let Some(user) = by_cert {
+                    return Ok(user);
+                }
+                match (tokens, presented) {
+                    (Some(tokens), Some(presented)) => tokens
+                        .user(presented)
+                        .cloned()
+                        .ok_or_else(|| Status::unauthenticated("the token is not valid")),
+                    _ => Err(Status::unauthenticated(format!(
+                        "this control plane requires authentication: give flotilla {}",
+                        match (tokens.is_some(), certs.is_some()) {
+                            (true, false) => "a token with --token-file (or FLOTILLA_TOKEN_FILE)",
+                            (false, _) => {
+                                "a client certificate from the users' CA with \
+                                 --client-certificate and --client-key"
+                            }
+                            (true, true) => {
+                                "a token with --token-file (or FLOTILLA_TOKEN_FILE), or a client \
+                                 certificate from the users' CA with --client-certificate and \
+                                 --client-key"
+                            }
+                        }
+                    ))),
+                }
             }
             Authentication::Kubernetes(reviews) => {
                 let presented = presented.ok_or_else(|| {

@@ -25,7 +25,8 @@ rules:
 
 fn auth() -> UserAuth {
     UserAuth::standalone(
-        TokenFile::parse(TOKENS).expect("tokens"),
+        Some(TokenFile::parse(TOKENS).expect("tokens")),
+        None,
         Some(Policy::parse(POLICY).expect("policy")),
     )
 }

@@ -128,3 +128,125 @@ fn agents_join_over_mutual_tls_and_nothing_else_gets_in() {
     assert!(!ok, "plaintext reached a TLS control plane");
     control_plane.stop();
 }
+
+/// A user's certificate from the users' CA: Common Name and Organizations.
+fn user_leaf(dir: &Path, name: &str, org: &str, issuer: &Issuer<'_, KeyPair>) -> (String, String) {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, org);
+    let cert = params.signed_by(&key, issuer).expect("sign");
+    let (cert_path, key_path) = (
+        dir.join(format!("user-{name}.crt")),
+        dir.join(format!("user-{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    (path(&cert_path), path(&key_path))
+}
+
+#[test]
+fn users_are_known_by_certificates_from_the_users_ca_and_agents_certificates_are_no_users() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = pki(dir.path());
+    let (users_params, users_key, users_pem) = ca("flotilla users CA");
+    let users_ca = dir.path().join("users-ca.crt");
+    std::fs::write(&users_ca, users_pem).expect("write");
+    let users = Issuer::new(users_params, users_key);
+    let alice = user_leaf(dir.path(), "alice", "team-a-devs", &users);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - groups: [team-a-devs]\n    verbs: [\"*\"]\n    \
+         resources: [workloads, workloads/log, modules]\n    namespaces: [team-a]\n",
+    )
+    .expect("write");
+    let tls = |c: &mut std::process::Command| {
+        c.args(["--tls-cert-file", &path(&pki.server.0)])
+            .args(["--tls-key-file", &path(&pki.server.1)])
+            .args(["--tls-client-ca-file", &path(&pki.ca)]);
+    };
+
+    // The agents' CA as the users' too is refused: every node holds a certificate from it.
+    let mut same = ControlPlane::spawn(&dir.path().join("same"), "127.0.0.1:0", |c| {
+        tls(c);
+        c.args(["--user-client-ca-file", &path(&pki.ca)]);
+    });
+    same.wait_line("must not be the agents' CA");
+    assert!(!same.wait().success());
+
+    let control_plane = ControlPlane::start_with(&dir.path().join("cp"), "127.0.0.1:0", |c| {
+        tls(c);
+        c.args(["--user-client-ca-file", &path(&users_ca)])
+            .args(["--authorization-policy-file", &path(&policy)]);
+    });
+    let url = format!("https://127.0.0.1:{}", control_plane.addr.port());
+    let member = Agent::start_with(&url, "node-tls", |c| {
+        c.args(["--tls-ca-file", &path(&pki.ca)])
+            .args(["--tls-cert-file", &path(&pki.client.0)])
+            .args(["--tls-key-file", &path(&pki.client.1)]);
+    });
+    member.process.wait_line("connected to the control plane");
+    let ca = path(&pki.ca);
+    let as_cert = |cert: &(String, String), args: &[&str]| {
+        let mut all = vec![
+            "--server",
+            url.as_str(),
+            "--tls-ca-file",
+            ca.as_str(),
+            "--client-certificate",
+            cert.0.as_str(),
+            "--client-key",
+            cert.1.as_str(),
+        ];
+        all.extend(args);
+        try_flotilla(&all)
+    };
+
+    // Alice, by her certificate, in her group's namespace: allowed, audited by name.
+    let manifest = |namespace: &str| {
+        let file = dir.path().join(format!("{namespace}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: hello\n  \
+                 namespace: {namespace}\nspec:\n  module:\n    path: {}\n  restartPolicy: Never\n",
+                support::example("guests/hello.wasm")
+            ),
+        )
+        .expect("write");
+        path(&file)
+    };
+    let (ok, _, stderr) = as_cert(&alice, &["apply", "-f", &manifest("team-a"), "--wait"]);
+    assert!(ok, "{stderr}");
+    let audit = control_plane.process.wait_line("verb=apply");
+    assert!(audit.contains("user=alice"), "{audit}");
+    let (ok, logs, stderr) = as_cert(&alice, &["logs", "hello", "-n", "team-a"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(logs, "hello from flotilla\n");
+    let (ok, _, stderr) = as_cert(&alice, &["apply", "-f", &manifest("team-b")]);
+    assert!(!ok && stderr.contains("user \"alice\" may not"), "{stderr}");
+
+    // An agent's certificate passes the handshake but is nobody on the user API.
+    let agent = (path(&pki.client.0), path(&pki.client.1));
+    let (ok, _, stderr) = as_cert(&agent, &["get", "workloads", "-n", "team-a"]);
+    assert!(
+        !ok && stderr.contains("requires authentication"),
+        "{stderr}"
+    );
+    // Nor is a caller without a certificate; the error says what to give.
+    let (ok, _, stderr) = try_flotilla(&[
+        "--server",
+        &url,
+        "--tls-ca-file",
+        &ca,
+        "get",
+        "workloads",
+        "-n",
+        "team-a",
+    ]);
+    assert!(!ok && stderr.contains("--client-certificate"), "{stderr}");
+    control_plane.stop();
+}
