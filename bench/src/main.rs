@@ -16,11 +16,15 @@
 //! cargo run --release -p flotilla-bench -- http --wasmtime /path/to/wasmtime-48
 //! cargo run --release -p flotilla-bench -- isolation
 //! cargo run --release -p flotilla-bench -- features --sandboxes 10000
+//! # save a run for the README, then regenerate its tables:
+//! cargo run --release -p flotilla-bench -- record -- density --sandboxes 100000
+//! cargo run --release -p flotilla-bench -- report
 //! ```
 
 mod cluster;
 mod http;
 mod isolation;
+mod report;
 mod rollout;
 
 use std::process::Command;
@@ -150,6 +154,28 @@ enum Scenario {
         #[arg(long, default_value_t = 1_000)]
         spinners: u64,
     },
+    /// Runs one scenario (its name and flags after `--`) and saves its output, headed by the
+    /// command, commit, date and machine, as DIR/SCENARIO.txt for `report`.
+    Record {
+        /// Where saved runs go.
+        #[arg(long, default_value = "bench/results")]
+        dir: std::path::PathBuf,
+        /// The scenario and its flags.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Writes the README's benchmark tables from the saved runs.
+    Report {
+        /// The saved runs.
+        #[arg(long, default_value = "bench/results")]
+        dir: std::path::PathBuf,
+        /// The README to update.
+        #[arg(long, default_value = "README.md")]
+        readme: std::path::PathBuf,
+        /// Change nothing; fail if the README's tables differ from the saved runs.
+        #[arg(long)]
+        check: bool,
+    },
     /// Runs a control plane as `flotilla-control-plane` does (used by the scenarios above).
     #[command(hide = true)]
     ServeControlPlane {
@@ -252,6 +278,8 @@ fn main() -> anyhow::Result<()> {
             per_agent,
             Duration::from_secs(steady_seconds),
         )),
+        Scenario::Record { dir, args } => report::record(&dir, &args),
+        Scenario::Report { dir, readme, check } => report::report(&dir, &readme, check),
         Scenario::ServeControlPlane { data_dir } => {
             flotilla_telemetry::init("flotilla_control_plane");
             tokio_main(cluster::serve_control_plane(&data_dir))

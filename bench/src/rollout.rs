@@ -132,6 +132,41 @@ impl RunningCounter {
         }
     }
 
+    /// Fails unless, once the streams have settled, each agent's count is what its own list of
+    /// sandboxes says: a lost start or stop (a sandbox never forgotten, say) would make the
+    /// lowest fraction wrong without a stream error.
+    async fn verify(&self, admins: &[SocketAddr]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut mismatches = Vec::new();
+            for (i, admin) in admins.iter().enumerate() {
+                let mut client = AgentAdminClient::connect(format!("http://{admin}")).await?;
+                let listed = client
+                    .list_sandboxes(ListSandboxesRequest::default())
+                    .await?
+                    .into_inner()
+                    .sandboxes;
+                let listed = listed.iter().filter(|s| is_running(s)).count() as u64;
+                let counted = self.per_agent[i].load(Ordering::SeqCst);
+                if listed != counted {
+                    mismatches.push(format!(
+                        "the agent at {admin} lists {listed} running, its stream counted {counted}"
+                    ));
+                }
+            }
+            if mismatches.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the status streams missed changes ({}); the running count is not valid",
+                    mismatches.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn total(&self) -> u64 {
         self.per_agent
             .iter()
@@ -218,6 +253,8 @@ pub async fn rollout(
     }
     let took = started.elapsed();
     counter.measuring.store(false, Ordering::SeqCst);
+    counter.check()?;
+    counter.verify(&admins).await?;
     counter.check()?;
     let lowest_seen = counter.lowest.load(Ordering::SeqCst).min(replicas);
     let changes = counter.changes.load(Ordering::Relaxed);
