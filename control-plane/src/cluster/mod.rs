@@ -29,7 +29,7 @@ pub struct Cluster {
     /// Registered nodes, their readiness and what they run.
     pub nodes: NodeRegistry,
     /// Which credential may register each node name.
-    pub identities: NodeIdentities,
+    pub identities: std::sync::Arc<NodeIdentities>,
     /// Open agent sessions and log requests in flight.
     pub sessions: Sessions,
     /// Recent sandbox failures.
@@ -53,7 +53,7 @@ impl Default for Cluster {
         let tasks = TaskTracker::new();
         Self {
             nodes: NodeRegistry::default(),
-            identities: NodeIdentities::default(),
+            identities: std::sync::Arc::default(),
             sessions: Sessions::new(tasks.clone()),
             events: EventLog::default(),
             desired: DesiredIndex::default(),

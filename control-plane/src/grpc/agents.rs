@@ -193,12 +193,11 @@ impl<S: WorkloadStore + Clone> Agents for AgentService<S> {
             });
         }
         // The name's credential binding, written before anything else changes.
-        let cluster = self.cluster.clone();
-        let (node, credential) = (r.node_name.clone(), r.node_credential.clone());
-        let admitted =
-            tokio::task::spawn_blocking(move || cluster.identities.admit(&node, &credential))
-                .await
-                .map_err(|e| Status::internal(format!("node identity task failed: {e}")))?;
+        let admitted = self
+            .cluster
+            .identities
+            .admit_queued(&r.node_name, &r.node_credential)
+            .await;
         match admitted {
             Ok(Admitted::Bound) => {
                 tracing::info!(node = %r.node_name, "node name bound to its agent's credential");

@@ -27,6 +27,9 @@ pub(crate) struct NodePlacements {
     /// Revisions removed from the node whose sandboxes may still be running or stopping, with
     /// the replicas they had.
     draining: HashMap<Revision, u64>,
+    /// [`Self::caps`] as of the last change to `placed` or `draining`: heartbeats come far
+    /// more often than changes.
+    caps: Option<HashMap<Revision, u64>>,
 }
 
 /// Why a report, or part of one, was refused.
@@ -54,6 +57,7 @@ impl Refusal {
 impl NodePlacements {
     /// Records a desired state sent to the node: a complete one replaces what was placed.
     pub(crate) fn apply(&mut self, update: &DesiredState) {
+        self.caps = None;
         if !update.incremental {
             let names: Vec<String> = self.placed.keys().cloned().collect();
             for name in names {
@@ -88,7 +92,14 @@ impl NodePlacements {
 
     /// The most sandboxes the node may report of each revision that is its own: its replicas
     /// placed, or, draining, those it had.
-    fn caps(&self) -> HashMap<Revision, u64> {
+    fn caps(&mut self) -> &HashMap<Revision, u64> {
+        if self.caps.is_none() {
+            self.caps = Some(self.compute_caps());
+        }
+        self.caps.get_or_insert_default()
+    }
+
+    fn compute_caps(&self) -> HashMap<Revision, u64> {
         let mut caps = self.draining.clone();
         let mut placed: HashMap<&Revision, u64> = HashMap::new();
         for (revision, replicas, _) in self.placed.values() {
@@ -130,14 +141,18 @@ impl NodePlacements {
             reported.available = reported.available.min(reported.running);
             kept.insert(revision, reported);
         }
+        let draining = self.draining.len();
         self.draining
             .retain(|revision, _| kept.contains_key(revision));
+        if self.draining.len() != draining {
+            self.caps = None;
+        }
         kept
     }
 
     /// Keeps the failure events of revisions placed on the node (or draining from it).
     pub(crate) fn check_events(
-        &self,
+        &mut self,
         events: Vec<SandboxEvent>,
         mut refused: impl FnMut(Refusal),
     ) -> Vec<SandboxEvent> {
