@@ -461,7 +461,14 @@ fn figure(value: &str, unit: &str) -> String {
     let Ok(number) = value.parse::<f64>() else {
         return format!("{value} {unit}");
     };
-    let digits = if number.abs() >= 1000.0 {
+    // Counts (sandboxes, agents, workloads, ...) have no fraction to show.
+    let measure = matches!(
+        unit,
+        "s" | "ms" | "us" | "KiB" | "MiB" | "%" | "x" | "fraction"
+    );
+    let digits = if !measure && number.fract() == 0.0 && number.abs() < 1000.0 {
+        format!("{number:.0}")
+    } else if number.abs() >= 1000.0 {
         let rounded = format!("{:.0}", number.round());
         let (sign, digits) = rounded
             .strip_prefix('-')
@@ -745,7 +752,7 @@ RESULT something_new 3.00 widgets
             "{tables}"
         );
         assert!(
-            tables.contains("| something_new | 3.00 widgets |  |"),
+            tables.contains("| something_new | 3 widgets |  |"),
             "{tables}"
         );
     }
