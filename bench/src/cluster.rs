@@ -89,7 +89,8 @@ pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
     let control_plane =
         flotilla_control_plane::ControlPlane::start(flotilla_control_plane::ServerConfig {
             listen: "127.0.0.1:0".parse()?,
-            metrics_listen: None,
+            // As the shipped binary: its metrics endpoint serves (on a free port).
+            metrics_listen: Some("127.0.0.1:0".parse()?),
             store: flotilla_control_plane::StoreBackend::Embedded,
             data_dir: data_dir.to_path_buf(),
             node_heartbeat_timeout: HEARTBEAT_TIMEOUT,

@@ -11,6 +11,13 @@ use flotilla_control_plane::auth::{KubernetesAuth, UserAuth};
 use flotilla_control_plane::kubernetes::leader::{self, LeaseConfig};
 use flotilla_control_plane::{ControlPlane, FetchGuard, ServerConfig, StoreBackend};
 
+// The agent's allocator too: the benchmarks (fleet, e2e, rollout, isolation) run the control
+// plane's library entry point in their own binary, which uses it, so their RSS and CPU figures
+// are those of this binary. It also keeps freed memory from piling up in glibc's per-thread
+// arenas when a burst of agent sessions allocates on every worker thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// BSD's EX_USAGE: the configuration is invalid.
 const EX_USAGE: u8 = 64;
 
