@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod guests;
 pub mod http;
+pub mod privileges;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};

@@ -12,6 +12,7 @@ use flotilla_proto::agent::v1::{
     ConfigKind, ConfigObject, ConfigRef, EmptyDir, EnvFrom, EnvVar, KeyRef, KeyToPath,
     RestartPolicy, SandboxPhase, Volume, WorkloadSpec, volume,
 };
+use flotilla_tests::privileges::{can_mount_tmpfs, rerun_without_sys_admin};
 
 fn files_guest() -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/files.wasm");
@@ -193,8 +194,18 @@ async fn host_paths_the_agent_does_not_allow_are_refused() {
     );
 }
 
+/// Needs `CAP_SYS_ADMIN` (root) to mount the tmpfs; without it, the next test covers what the
+/// agent does instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
+    if !can_mount_tmpfs() {
+        println!(
+            "skipped: size-limited and in-memory emptyDirs are tmpfs mounts, which need \
+             CAP_SYS_ADMIN (run the tests as root to run this one); \
+             volumes::without_cap_sys_admin_a_size_limited_empty_dir_fails_saying_why ran instead"
+        );
+        return;
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let volumes_dir = dir.path().join("volumes");
     let sup = supervisor_in(&volumes_dir);
@@ -746,4 +757,46 @@ async fn an_empty_dir_outlives_a_restart_and_goes_with_its_sandbox() {
     );
     sup.stop("keeper", None).await;
     assert_eq!(scratch_entries(&volumes_dir), 0, "removed with the sandbox");
+}
+
+/// An agent without `CAP_SYS_ADMIN` (not root) cannot mount the tmpfs a size-limited emptyDir
+/// is: the sandbox fails saying so. As root, the test runs itself again without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cap_sys_admin_a_size_limited_empty_dir_fails_saying_why() {
+    if can_mount_tmpfs() {
+        rerun_without_sys_admin(
+            "volumes::without_cap_sys_admin_a_size_limited_empty_dir_fails_saying_why",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sup = supervisor_in(&dir.path().join("volumes"));
+    let spec = files_spec(
+        "small",
+        &["write", "/scratch/x", "10"],
+        vec![mount(
+            "scratch",
+            "/scratch",
+            false,
+            volume::Source::EmptyDir(EmptyDir {
+                size_limit_bytes: 256 << 10,
+                memory: false,
+            }),
+        )],
+    );
+    let said = match sup.apply(spec).await {
+        Err(error) => format!(
+            "{error}: {:?}",
+            std::error::Error::source(&error).map(ToString::to_string)
+        ),
+        Ok(_) => {
+            let statuses = wait_for(&sup, "small", "the sandbox to fail", all_ended()).await;
+            let (reason, message, _) = termination(only(&statuses));
+            format!("{reason}: {message}")
+        }
+    };
+    assert!(
+        said.contains("needs CAP_SYS_ADMIN") && said.contains("emptyDir scratch"),
+        "{said}"
+    );
 }

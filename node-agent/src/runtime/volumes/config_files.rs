@@ -549,8 +549,17 @@ mod tests {
         mounts_at(path).pop()
     }
 
+    /// Needs `CAP_SYS_ADMIN` (root) to mount the tmpfs; without it, the fallback test below
+    /// covers what the agent does instead.
     #[test]
     fn secrets_are_kept_in_memory_and_config_maps_on_disk() {
+        if !flotilla_tests::privileges::can_mount_tmpfs() {
+            println!(
+                "skipped: keeping Secrets in memory mounts a tmpfs, which needs CAP_SYS_ADMIN \
+                 (run the tests as root to run this one); the on-disk fallback ran instead"
+            );
+            return;
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         // The mount table names resolved paths.
         let volumes = volumes_in(&std::fs::canonicalize(dir.path()).expect("temp dir"));
@@ -605,8 +614,55 @@ mod tests {
         );
     }
 
+    /// An agent without `CAP_SYS_ADMIN` keeps Secrets' files on its disk, readable by itself
+    /// alone (0400), and says so. As root, the test runs itself again without it.
+    #[test]
+    fn without_cap_sys_admin_secrets_are_kept_on_disk_at_0400() {
+        use std::os::unix::fs::PermissionsExt;
+        if flotilla_tests::privileges::can_mount_tmpfs() {
+            flotilla_tests::privileges::rerun_without_sys_admin(
+                "runtime::volumes::config_files::tests::without_cap_sys_admin_secrets_are_kept_on_disk_at_0400",
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = std::fs::canonicalize(dir.path()).expect("temp dir");
+        if is_tmpfs(&dir) {
+            println!("skipped: the temporary directory is a tmpfs already, so no disk fallback");
+            return;
+        }
+        let volumes = volumes_in(&dir);
+        let root = volumes.config_files_dir();
+        let files = ConfigFiles::new(&volumes);
+        files
+            .apply(
+                vec![object(ConfigKind::Secret, "db", &[("password", "s3cret")])],
+                true,
+                vec![],
+            )
+            .expect("apply");
+        assert_eq!(files.secret_storage(), Some(SecretStorage::Disk));
+        assert_eq!(mounted_at(&root.join(SECRETS)), None, "no tmpfs");
+        let secret = files.dir(&key(ConfigKind::Secret, "db"));
+        let password = secret.join("password");
+        assert_eq!(
+            std::fs::read_to_string(&password).expect("password"),
+            "s3cret"
+        );
+        let mode = std::fs::metadata(&password)
+            .expect("password")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o400, "only the agent reads a Secret's file");
+    }
+
+    /// Needs `CAP_SYS_ADMIN` (root) to mount the tmpfs it is given.
     #[test]
     fn a_secrets_dir_that_is_a_tmpfs_already_is_used_as_it_is() {
+        if !flotilla_tests::privileges::can_mount_tmpfs() {
+            println!("skipped: mounting the tmpfs this test hands the agent needs CAP_SYS_ADMIN");
+            return;
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         // As the chart's `medium: Memory` emptyDir.
         let secrets = std::fs::canonicalize(dir.path())
