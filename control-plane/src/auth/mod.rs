@@ -184,6 +184,12 @@ impl UserAuth {
         }
     }
 
+    /// Whether an apply's decision depends on the object existing ([`Access::creates`]): only
+    /// the cluster's RBAC tells `create` from `update`.
+    pub fn distinguishes_creates(&self) -> bool {
+        matches!(self.authorization, Authorization::Kubernetes(_))
+    }
+
     /// Whether callers need no credentials.
     pub fn is_open(&self) -> bool {
         matches!(self.authentication, Authentication::Open)

@@ -103,12 +103,8 @@ impl NodeIdentities {
     pub fn admit(&self, node: &str, credential: &str) -> Result<Admitted, IdentityError> {
         let digest = digest(credential)?;
         let mut bound = self.lock();
-        match bound.get(node) {
-            Some(held) if flotilla_proto::auth::constant_time_eq(held, &digest) => {
-                return Ok(Admitted::Matched);
-            }
-            Some(_) => return Err(IdentityError::Taken(node.to_string())),
-            None => {}
+        if let Some(answer) = known(&bound, node, &digest) {
+            return answer;
         }
         // Written under the lock: two agents racing for one name cannot both bind it.
         self.store(node, Some(&digest))
@@ -127,13 +123,8 @@ impl NodeIdentities {
         node: &str,
         credential: &str,
     ) -> Result<Admitted, IdentityError> {
-        let digest = digest(credential)?;
-        match self.lock().get(node) {
-            Some(held) if flotilla_proto::auth::constant_time_eq(held, &digest) => {
-                return Ok(Admitted::Matched);
-            }
-            Some(_) => return Err(IdentityError::Taken(node.to_string())),
-            None => {}
+        if let Some(answer) = known(&self.lock(), node, &digest(credential)?) {
+            return answer;
         }
         let _one_writer = self.writes.lock().await;
         let (identities, node, credential) =
@@ -185,6 +176,21 @@ impl NodeIdentities {
         write.commit()?;
         Ok(())
     }
+}
+
+/// The answer for a name already bound: the credential matches its binding or not; `None`
+/// for a name not bound yet.
+fn known(
+    bound: &HashMap<String, [u8; 32]>,
+    node: &str,
+    digest: &[u8; 32],
+) -> Option<Result<Admitted, IdentityError>> {
+    let held = bound.get(node)?;
+    Some(if flotilla_proto::auth::constant_time_eq(held, digest) {
+        Ok(Admitted::Matched)
+    } else {
+        Err(IdentityError::Taken(node.to_string()))
+    })
 }
 
 fn digest(credential: &str) -> Result<[u8; 32], IdentityError> {

@@ -190,8 +190,10 @@ impl<S: WorkloadStore + Clone> Workloads for WorkloadService<S> {
         let workload = parse_manifest(&manifest)
             .map_err(|e| Status::invalid_argument(format!("invalid workload: {e}")))?;
         let key = workload.key();
+        let creates = self.auth.distinguishes_creates()
+            && self.store.get(&key).await.map_err(store_status)?.is_none();
         let access = Access {
-            creates: self.store.get(&key).await.map_err(store_status)?.is_none(),
+            creates,
             ..Access::new(Verb::Apply, Resource::Workloads, &key.namespace, &key.name)
         };
         self.auth.authorize(&user, access).await?;

@@ -27,12 +27,29 @@ fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
     (params, key, cert.pem())
 }
 
+/// A certificate for `name` (its Common Name) with `sans`, signed by `issuer`.
 fn leaf(dir: &Path, name: &str, sans: &[&str], issuer: &Issuer<'_, KeyPair>) -> (PathBuf, PathBuf) {
+    leaf_in_orgs(dir, name, sans, &[], issuer)
+}
+
+/// [`leaf`], with Organizations (a user's groups).
+fn leaf_in_orgs(
+    dir: &Path,
+    name: &str,
+    sans: &[&str],
+    orgs: &[&str],
+    issuer: &Issuer<'_, KeyPair>,
+) -> (PathBuf, PathBuf) {
     let key = KeyPair::generate().expect("key");
     let mut params =
         CertificateParams::new(sans.iter().map(|s| (*s).to_string()).collect::<Vec<_>>())
             .expect("params");
     params.distinguished_name.push(DnType::CommonName, name);
+    for org in orgs {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, *org);
+    }
     let cert = params.signed_by(&key, issuer).expect("sign");
     let (cert_path, key_path) = (
         dir.join(format!("{name}.crt")),
@@ -129,24 +146,6 @@ fn agents_join_over_mutual_tls_and_nothing_else_gets_in() {
     control_plane.stop();
 }
 
-/// A user's certificate from the users' CA: Common Name and Organizations.
-fn user_leaf(dir: &Path, name: &str, org: &str, issuer: &Issuer<'_, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, org);
-    let cert = params.signed_by(&key, issuer).expect("sign");
-    let (cert_path, key_path) = (
-        dir.join(format!("user-{name}.crt")),
-        dir.join(format!("user-{name}.key")),
-    );
-    std::fs::write(&cert_path, cert.pem()).expect("write");
-    std::fs::write(&key_path, key.serialize_pem()).expect("write");
-    (path(&cert_path), path(&key_path))
-}
-
 #[test]
 fn users_are_known_by_certificates_from_the_users_ca_and_agents_certificates_are_no_users() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -155,7 +154,8 @@ fn users_are_known_by_certificates_from_the_users_ca_and_agents_certificates_are
     let users_ca = dir.path().join("users-ca.crt");
     std::fs::write(&users_ca, users_pem).expect("write");
     let users = Issuer::new(users_params, users_key);
-    let alice = user_leaf(dir.path(), "alice", "team-a-devs", &users);
+    let (cert, key) = leaf_in_orgs(dir.path(), "alice", &[], &["team-a-devs"], &users);
+    let alice = (path(&cert), path(&key));
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
