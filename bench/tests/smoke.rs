@@ -241,8 +241,14 @@ fn the_http_benchmark_prints_all_its_results_at_a_smoke_size() {
             "http_wasmtime_serve_p50",
             "http_wasmtime_serve_p99",
             "http_wasmtime_serve_cpu_per_request",
+            "http_wasmtime_serve_tuned_throughput",
+            "http_wasmtime_serve_tuned_p50",
+            "http_wasmtime_serve_tuned_p99",
+            "http_wasmtime_serve_tuned_cpu_per_request",
             "http_throughput_ratio",
             "http_p99_ratio",
+            "http_throughput_ratio_to_defaults",
+            "http_p99_ratio_to_defaults",
         ],
     );
 }
