@@ -96,7 +96,23 @@ pub fn build_p3_command() -> anyhow::Result<Vec<u8>> {
     let crate_dir = guests_dir().join("p3");
     let target_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guests");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Panic locations name the source files of the crate and its dependencies; without these
+    // remaps the binary would hold the builder's CARGO_HOME and checkout, and differ for every
+    // user who builds it.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let rustflags = [
+        format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
+        format!(
+            "--remap-path-prefix={}=/guest",
+            crate_dir.canonicalize()?.display()
+        ),
+    ]
+    .join("\x1f");
     let status = Command::new(cargo)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .args([
             "build",
             "--release",
