@@ -2,6 +2,14 @@
 //! without them, so that both the privileged path and its fallback are tested where the
 //! suite runs as root, and the fallback where it does not.
 
+/// Says on `cargo test`'s own stderr that a test skipped something, and why: libtest shows
+/// what a test prints only when it fails, so a `println!` here would never be seen. Writing to
+/// the stream itself is not captured.
+pub fn skipped(reason: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "skipped: {reason}");
+}
+
 /// Set in a test process that [`rerun_without_sys_admin`] started.
 const WITHOUT_SYS_ADMIN: &str = "FLOTILLA_TEST_WITHOUT_SYS_ADMIN";
 
@@ -41,7 +49,9 @@ pub fn rerun_without_sys_admin(name: &str) {
     let output = match output {
         Ok(output) => output,
         Err(error) => {
-            println!("skipped: {name} without CAP_SYS_ADMIN needs setpriv (util-linux): {error}");
+            skipped(&format!(
+                "{name} without CAP_SYS_ADMIN needs setpriv (util-linux): {error}"
+            ));
             return;
         }
     };

@@ -114,7 +114,7 @@ impl Default for RuntimeConfig {
             compile_timeout: Duration::from_secs(60),
             cache_dir: None,
             volumes: volumes::VolumeConfig {
-                dir: std::env::temp_dir().join(format!("flotilla-volumes-{}", std::process::id())),
+                dir: default_volumes_dir(),
                 host_paths: Vec::new(),
                 secrets_dir: None,
             },
@@ -134,6 +134,43 @@ impl Default for RuntimeConfig {
                 cpu_rate: None,
                 cpu_weight: None,
             },
+        }
+    }
+}
+
+/// The volume directory when none is given: under the system's temporary directory, named
+/// with the process id and a random part. Nobody can create it before the agent does (a
+/// directory of another user's is refused, so a predictable name would let any local user
+/// keep the agent from starting), and no leftover of an earlier agent with the same process
+/// id is taken for it.
+fn default_volumes_dir() -> std::path::PathBuf {
+    use std::hash::{BuildHasher, Hasher};
+    // Keys drawn from the OS's random source, once per process.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    std::env::temp_dir().join(format!(
+        "flotilla-volumes-{}-{random:016x}",
+        std::process::id()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_volume_directory_cannot_be_guessed() {
+        let (a, b) = (default_volumes_dir(), default_volumes_dir());
+        assert_ne!(a, b, "a random part in each");
+        let prefix = format!("flotilla-volumes-{}-", std::process::id());
+        for dir in [a, b] {
+            assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
+            let name = dir.file_name().and_then(|n| n.to_str()).expect("a name");
+            assert!(
+                name.starts_with(&prefix) && name.len() == prefix.len() + 16,
+                "{name}"
+            );
         }
     }
 }

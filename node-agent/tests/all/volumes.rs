@@ -199,10 +199,10 @@ async fn host_paths_the_agent_does_not_allow_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_empty_dir_fails_writes_in_its_own_sandbox_only() {
     if !can_mount_tmpfs() {
-        println!(
-            "skipped: size-limited and in-memory emptyDirs are tmpfs mounts, which need \
-             CAP_SYS_ADMIN (run the tests as root to run this one); \
-             volumes::without_cap_sys_admin_a_size_limited_empty_dir_fails_saying_why ran instead"
+        flotilla_tests::privileges::skipped(
+            "size-limited and in-memory emptyDirs are tmpfs mounts, which need CAP_SYS_ADMIN \
+             (run the tests as root to run this one); \
+             volumes::without_cap_sys_admin_a_size_limited_empty_dir_fails_saying_why ran instead",
         );
         return;
     }

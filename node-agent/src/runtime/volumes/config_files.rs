@@ -554,9 +554,9 @@ mod tests {
     #[test]
     fn secrets_are_kept_in_memory_and_config_maps_on_disk() {
         if !flotilla_tests::privileges::can_mount_tmpfs() {
-            println!(
-                "skipped: keeping Secrets in memory mounts a tmpfs, which needs CAP_SYS_ADMIN \
-                 (run the tests as root to run this one); the on-disk fallback ran instead"
+            flotilla_tests::privileges::skipped(
+                "keeping Secrets in memory mounts a tmpfs, which needs CAP_SYS_ADMIN (run the \
+                 tests as root to run this one); the on-disk fallback ran instead",
             );
             return;
         }
@@ -628,7 +628,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let dir = std::fs::canonicalize(dir.path()).expect("temp dir");
         if is_tmpfs(&dir) {
-            println!("skipped: the temporary directory is a tmpfs already, so no disk fallback");
+            flotilla_tests::privileges::skipped(
+                "the temporary directory is a tmpfs already, so no disk fallback",
+            );
             return;
         }
         let volumes = volumes_in(&dir);
@@ -660,7 +662,9 @@ mod tests {
     #[test]
     fn a_secrets_dir_that_is_a_tmpfs_already_is_used_as_it_is() {
         if !flotilla_tests::privileges::can_mount_tmpfs() {
-            println!("skipped: mounting the tmpfs this test hands the agent needs CAP_SYS_ADMIN");
+            flotilla_tests::privileges::skipped(
+                "mounting the tmpfs this test hands the agent needs CAP_SYS_ADMIN",
+            );
             return;
         }
         let dir = tempfile::tempdir().expect("temp dir");
