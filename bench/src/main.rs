@@ -600,12 +600,7 @@ fn runtime_config(count: u32) -> RuntimeConfig {
     // What the node offers, as the agent's `--wasm-features` reads it from the environment:
     // to measure what offering a feature costs every sandbox.
     if let Ok(list) = std::env::var("FLOTILLA_WASM_FEATURES") {
-        let names: Vec<&str> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .collect();
-        match flotilla_model::wasm::FeatureSet::parse(&names) {
+        match flotilla_model::wasm::FeatureSet::parse_list(&list) {
             Ok(features) => config.wasm_features = features,
             Err(error) => {
                 eprintln!("FLOTILLA_WASM_FEATURES: {error}");

@@ -232,6 +232,23 @@ impl FeatureSet {
         })
     }
 
+    /// Parses a comma-separated list of feature names, as the agent's `--wasm-features` takes
+    /// it; `none` is the empty set and blanks between commas are ignored.
+    ///
+    /// # Errors
+    /// The first name that is no [`WasmFeature`].
+    pub fn parse_list(list: &str) -> Result<FeatureSet, UnknownFeature> {
+        if list.trim() == "none" {
+            return Ok(FeatureSet::NONE);
+        }
+        let names: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .collect();
+        FeatureSet::parse(&names)
+    }
+
     /// What a validator accepts for a workload with these features.
     pub fn validator_features(self) -> WasmFeatures {
         self.iter()
@@ -331,6 +348,10 @@ mod tests {
         assert!(err.to_string().contains("gc, exceptions"), "{err}");
         let set = FeatureSet::parse(&["exceptions", "gc"]).expect("known");
         assert_eq!(set.to_string(), "gc, exceptions");
+        assert_eq!(FeatureSet::parse_list(" gc, ,exceptions "), Ok(set));
+        assert_eq!(FeatureSet::parse_list("none"), Ok(FeatureSet::NONE));
+        assert_eq!(FeatureSet::parse_list(""), Ok(FeatureSet::NONE));
+        assert!(FeatureSet::parse_list("gc,threadz").is_err());
     }
 
     #[test]

@@ -506,15 +506,7 @@ fn control_config(
 
 /// `--wasm-features`: names separated by commas, or `none`.
 fn parse_wasm_features(value: &str) -> Result<FeatureSet, ConfigError> {
-    if value.trim() == "none" {
-        return Ok(FeatureSet::NONE);
-    }
-    let names: Vec<&str> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|name| !name.is_empty())
-        .collect();
-    FeatureSet::parse(&names).map_err(|error| ConfigError {
+    FeatureSet::parse_list(value).map_err(|error| ConfigError {
         flag: "wasm-features",
         message: error.to_string(),
     })

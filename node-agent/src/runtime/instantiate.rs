@@ -116,7 +116,16 @@ impl Instantiator {
             stdin.as_ref(),
             mounts.as_deref(),
         )?;
-        let egress = prepared.environment.egress(self.stores.sources());
+        // The store of any component: WASI with `wasi:http`, under the workload's egress.
+        let component_store = |wasi| {
+            let egress = prepared.environment.egress(self.stores.sources());
+            self.stores.new_store(
+                P2Wasi::new(wasi, egress, &logs),
+                &prepared.limits,
+                &cpu,
+                mounts.clone(),
+            )
+        };
         match &*prepared.artifact {
             Artifact::Module(pre) => {
                 let mut store =
@@ -130,23 +139,13 @@ impl Instantiator {
                 Ok(WasmtimeInstance::Module(store, start))
             }
             Artifact::Command(pre) => {
-                let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi, egress, &logs),
-                    &prepared.limits,
-                    &cpu,
-                    mounts,
-                );
+                let mut store = component_store(wasi);
                 let command = Box::pin(pre.instantiate_async(&mut store)).await;
                 let command = command.map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::Component(store, command))
             }
             Artifact::CommandP3(pre) => {
-                let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi, egress, &logs),
-                    &prepared.limits,
-                    &cpu,
-                    mounts,
-                );
+                let mut store = component_store(wasi);
                 let command = Box::pin(pre.instantiate_async(&mut store)).await;
                 let command = command.map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::ComponentP3(store, command))
@@ -157,12 +156,7 @@ impl Instantiator {
                 };
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
-                let mut store = self.stores.new_store(
-                    P2Wasi::new(wasi, egress, &logs),
-                    &prepared.limits,
-                    &cpu,
-                    mounts.clone(),
-                );
+                let mut store = component_store(wasi);
                 let instantiated = Box::pin(pre.instantiate_async(&mut store)).await;
                 instantiated.map_err(|e| classify(e, &store.data().limiter))?;
                 drop(store);
