@@ -103,7 +103,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         .await?;
     ready.wait(&mut watch, "web").await?;
     http_latencies(ingress).await?;
-    let http_quiet = p99(&http_latencies(ingress).await?);
+    let http_quiet = http_latencies(ingress).await?;
 
     let costly = costly_module()?;
     let costly_bytes = costly.len();
@@ -202,7 +202,7 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let http_spinning = p99(&http_latencies(ingress).await?);
+    let http_spinning = http_latencies(ingress).await?;
     let _ = spinning_done.send(true);
     let samples = heartbeats.await?;
     let spinning_p99 = p99(&spinning);
@@ -226,15 +226,23 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     );
     report_heartbeats(&samples, interval, "_spinners");
     result("isolation_http_rate", f64::from(HTTP_RATE), "req/s");
-    result("isolation_http_p99_quiet", http_quiet * 1e3, "ms");
-    result(
-        "isolation_http_p99_beside_spinners",
-        http_spinning * 1e3,
-        "ms",
-    );
+    for (latencies, phase) in [(&http_quiet, "quiet"), (&http_spinning, "beside_spinners")] {
+        let mut sorted = latencies.clone();
+        sorted.sort_by(f64::total_cmp);
+        result(
+            &format!("isolation_http_p50_{phase}"),
+            sorted[sorted.len() / 2] * 1e3,
+            "ms",
+        );
+        result(
+            &format!("isolation_http_p99_{phase}"),
+            p99(latencies) * 1e3,
+            "ms",
+        );
+    }
     result(
         "isolation_http_p99_ratio_spinners",
-        http_spinning / http_quiet,
+        p99(&http_spinning) / p99(&http_quiet),
         "x",
     );
 

@@ -128,14 +128,18 @@ impl Agent {
                 supervisor.runtime().http_metrics().clone(),
                 node_name,
             );
-            tokio::spawn(crate::ingress::serve(
-                listener,
+            let served = crate::ingress::serve(
+                listener.into_std()?,
                 ingress,
                 ingress_shutdown.clone(),
                 config.shutdown_grace,
-                guests.requests(),
-            ))
+            );
+            Ok::<_, std::io::Error>(match guests.requests() {
+                Some(requests) => requests.spawn(served),
+                None => tokio::spawn(served),
+            })
         });
+        let ingress = ingress.transpose()?;
         let service = AdminService::new(supervisor.clone()).into_server();
         let admin_token = config.admin_token.clone();
         let service = tonic::service::interceptor::InterceptedService::new(

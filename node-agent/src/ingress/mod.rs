@@ -101,15 +101,27 @@ pub(crate) fn advertise_url(config: &IngressConfig, bound: SocketAddr, node_name
 }
 
 /// Serves `listener` until `shutdown`, then drains in-flight requests for up to `grace`.
-/// Each connection (and the guests its requests run) is served on `guests`, the sandboxes'
-/// runtime, when given; accepting stays here.
+///
+/// Everything runs on the runtime this is spawned on: the agent spawns it on the requests'
+/// runtime, whose threads are latency-scheduled ([`crate::guests`]). The listener and every
+/// connection register with that runtime's I/O driver, so no step of a request waits for a
+/// thread of another runtime to be scheduled.
+///
+/// # Panics
+/// Outside a tokio runtime.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     ingress: Ingress,
     shutdown: CancellationToken,
     grace: Duration,
-    guests: Option<tokio::runtime::Handle>,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "the HTTP ingress cannot listen");
+            return;
+        }
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -145,10 +157,7 @@ pub(crate) async fn serve(
                 tracing::debug!(error = %error, "ingress connection ended with an error");
             }
         };
-        match &guests {
-            Some(guests) => drop(guests.spawn(served)),
-            None => drop(tokio::spawn(served)),
-        }
+        drop(tokio::spawn(served));
     }
     drop(listener);
     tokio::select! {
