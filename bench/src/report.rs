@@ -340,7 +340,13 @@ const METRICS: &[(&str, &str, &str)] = &[
         "healthy HTTP requests sent per second",
         "",
     ),
+    ("isolation_http_p50_quiet", "healthy HTTP p50, quiet", ""),
     ("isolation_http_p99_quiet", "healthy HTTP p99, quiet", ""),
+    (
+        "isolation_http_p50_beside_spinners",
+        "healthy HTTP p50 beside the spinners",
+        "",
+    ),
     (
         "isolation_http_p99_beside_spinners",
         "healthy HTTP p99 beside the spinners",
