@@ -85,15 +85,20 @@ pub fn build_http_guest(name: &str) -> anyhow::Result<Vec<u8>> {
         .encode()
 }
 
-/// The WASI 0.3 command `examples/guests/p3/` as a component: its Rust crate built with cargo
-/// for `wasm32-wasip1` (`wit-bindgen` embeds the world's type information), then made a
+/// The WASI 0.3 guests written in Rust, each a crate under `examples/guests/` built to
+/// `examples/guests/<name>.wasm`: a command (`wasi:cli/run`) and an HTTP handler
+/// (`wasi:http/handler`).
+pub const P3_GUESTS: [&str; 2] = ["p3", "p3-http"];
+
+/// The WASI 0.3 guest `examples/guests/<name>/` as a component: its Rust crate built with
+/// cargo for `wasm32-wasip1` (`wit-bindgen` embeds the world's type information), then made a
 /// component with the preview 1 reactor adapter for what Rust's `std` imports.
 ///
 /// # Errors
 /// Fails when cargo or the `wasm32-wasip1` target is missing, or the module does not fit the
 /// world.
-pub fn build_p3_command() -> anyhow::Result<Vec<u8>> {
-    let crate_dir = guests_dir().join("p3");
+pub fn build_p3_guest(name: &str) -> anyhow::Result<Vec<u8>> {
+    let crate_dir = guests_dir().join(name);
     let target_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guests");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // Panic locations name the source files of the crate and its dependencies; without these
@@ -125,14 +130,15 @@ pub fn build_p3_command() -> anyhow::Result<Vec<u8>> {
         .arg("--target-dir")
         .arg(&target_dir)
         .status()
-        .context("running cargo for examples/guests/p3")?;
+        .with_context(|| format!("running cargo for examples/guests/{name}"))?;
     if !status.success() {
         bail!(
-            "building examples/guests/p3 failed (rustup target add wasm32-wasip1, as .ci/setup \
-             does)"
+            "building examples/guests/{name} failed (rustup target add wasm32-wasip1, as \
+             .ci/setup does)"
         );
     }
-    let module = std::fs::read(target_dir.join("wasm32-wasip1/release/flotilla_guest_p3.wasm"))?;
+    let artifact = format!("flotilla_guest_{}.wasm", name.replace('-', "_"));
+    let module = std::fs::read(target_dir.join("wasm32-wasip1/release").join(artifact))?;
     wit_component::ComponentEncoder::default()
         .module(&module)?
         .adapter(
@@ -166,7 +172,9 @@ pub fn build_all() -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
             build_http_guest(name)?,
         ));
     }
-    built.push((dir.join("p3.wasm"), build_p3_command()?));
+    for name in P3_GUESTS {
+        built.push((dir.join(format!("{name}.wasm")), build_p3_guest(name)?));
+    }
     built.sort();
     Ok(built)
 }

@@ -18,10 +18,12 @@ use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, InstancePre, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::compiler::Compiler;
 use super::cost::{self, CostLimits};
 use super::error::SandboxError;
+use super::http::HandlerPre;
 use super::linker::Linkers;
 use super::store::{P1State, P2State};
 
@@ -33,8 +35,9 @@ pub enum Artifact {
     Command(CommandPre<P2State>),
     /// A component exporting `wasi:cli/run` of WASI 0.3, an async function.
     CommandP3(wasmtime_wasi::p3::bindings::CommandPre<P2State>),
-    /// A component exporting `wasi:http/incoming-handler`.
-    Proxy(ProxyPre<P2State>),
+    /// An HTTP handler: a component exporting `wasi:http/incoming-handler` of WASI 0.2 or
+    /// `wasi:http/handler` of WASI 0.3.
+    Proxy(HandlerPre),
 }
 
 /// An artifact and the WebAssembly features its module uses, which a workload must enable to
@@ -232,13 +235,16 @@ impl Inner {
             } else if let Ok(command) = wasmtime_wasi::p3::bindings::CommandPre::new(pre.clone()) {
                 Artifact::CommandP3(command)
             } else {
-                match ProxyPre::new(pre) {
-                    Ok(proxy) => Artifact::Proxy(proxy),
-                    Err(not_proxy) => {
-                        return Err(SandboxError::NotRunnable {
-                            handler: format!("{not_proxy:#}"),
-                        });
-                    }
+                match ProxyPre::new(pre.clone()) {
+                    Ok(proxy) => Artifact::Proxy(HandlerPre::P2(proxy)),
+                    Err(not_proxy) => match ServicePre::new(pre) {
+                        Ok(service) => Artifact::Proxy(HandlerPre::P3(service)),
+                        Err(_) => {
+                            return Err(SandboxError::NotRunnable {
+                                handler: format!("{not_proxy:#}"),
+                            });
+                        }
+                    },
                 }
             }
         } else {

@@ -2,10 +2,16 @@
 //!
 //! A replica of an HTTP workload is a [`HttpPool`] registered in the ingress's [`HttpRoutes`]
 //! under its host and path prefix for as long as the replica runs. The pool owns nothing per
-//! request: each request gets a new `Store` and instance of the pre-linked `wasi:http/proxy`
-//! component (from the pooling allocator's warm slots), runs under the workload's memory,
-//! CPU-time and wall-clock limits, and is dropped when the guest returns. No state survives a
-//! request.
+//! request: each request gets a new `Store` and instance of the pre-linked handler component
+//! (from the pooling allocator's warm slots), runs under the workload's memory, CPU-time and
+//! wall-clock limits, and is dropped when the guest returns. No state survives a request.
+//!
+//! Handlers are WASI 0.2 `wasi:http/proxy` components (`incoming-handler`, answering through
+//! a response outparam) or, on engines with the component model's async ABI, WASI 0.3
+//! `wasi:http/service` components (`handler.handle`, an async function returning the
+//! response, whose body a guest task may still be writing). wasmtime-wasi-http 48 marks its
+//! WASI 0.3 support experimental, without patch releases for fixes limited to it: a workload
+//! opts in with `spec.wasm.features: [component-model-async]`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +24,7 @@ use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::cpu::CpuUsage;
 use super::environment::Environment;
@@ -74,10 +81,34 @@ impl RequestSandbox {
     }
 }
 
+/// A pre-linked HTTP handler component.
+#[derive(Clone)]
+pub enum HandlerPre {
+    /// WASI 0.2: exports `wasi:http/incoming-handler`.
+    P2(ProxyPre<P2State>),
+    /// WASI 0.3: exports `wasi:http/handler`.
+    P3(ServicePre<P2State>),
+}
+
+// === impl HandlerPre ===
+
+impl HandlerPre {
+    /// Instantiates the handler in `store` without calling it.
+    ///
+    /// # Errors
+    /// The instance could not be created (no pool slot, a start function that traps).
+    pub async fn instantiate(&self, store: &mut Store<P2State>) -> wasmtime::Result<()> {
+        match self {
+            Self::P2(pre) => pre.instantiate_async(store).await.map(drop),
+            Self::P3(pre) => pre.instantiate_async(store).await.map(drop),
+        }
+    }
+}
+
 /// One replica of an HTTP workload: what every request needs to get its own sandbox.
 pub struct HttpPool {
     sandbox: RequestSandbox,
-    pre: ProxyPre<P2State>,
+    pre: HandlerPre,
     permits: Arc<Semaphore>,
     max_concurrency: usize,
     timeout: Duration,
@@ -91,7 +122,7 @@ impl HttpPool {
     /// `sandbox`.
     pub fn new(
         sandbox: RequestSandbox,
-        pre: ProxyPre<P2State>,
+        pre: HandlerPre,
         settings: &HttpSettings,
         metrics: WorkloadHttpMetrics,
     ) -> Self {
@@ -134,8 +165,7 @@ impl HttpPool {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let mut store = match self.sandbox.store() {
+        let store = match self.sandbox.store() {
             Ok(store) => store,
             Err(exit) => {
                 let line = format!("request failed: {}: {}\n", exit.reason(), exit.message());
@@ -143,6 +173,25 @@ impl HttpPool {
                 return text_response(500, &format!("{}: {}\n", exit.reason(), exit.message()));
             }
         };
+        match self.pre.clone() {
+            HandlerPre::P2(pre) => self.handle_p2(pre, store, request, permit).await,
+            HandlerPre::P3(pre) => self.handle_p3(pre, store, request, permit).await,
+        }
+    }
+
+    /// [`Self::handle`] for a WASI 0.2 handler, which answers through a response outparam.
+    async fn handle_p2<B>(
+        self: Arc<Self>,
+        pre: ProxyPre<P2State>,
+        mut store: Store<P2State>,
+        request: hyper::Request<B>,
+        permit: OwnedSemaphorePermit,
+    ) -> hyper::Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
         let mut http = store.data_mut().http();
         let resources = http
             .new_incoming_request(Scheme::Http, request)
@@ -158,7 +207,7 @@ impl HttpPool {
             let instances = pool.metrics.instances();
             instances.inc();
             let run = async {
-                let proxy = pool.pre.instantiate_async(&mut store).await?;
+                let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, request, outparam)
@@ -198,24 +247,97 @@ impl HttpPool {
         match receiver.try_recv() {
             Ok(Ok(response)) => response,
             Ok(Err(code)) => handler_error(&code),
-            // The guest ended without a response: say why.
-            Err(_) => match exit {
-                Some(RequestFailure::PoolExhausted) => {
-                    busy_response("the agent has no free sandbox slot; try again shortly\n".into())
-                }
-                Some(RequestFailure::Exit(exit @ Exit::DeadlineExceeded(_))) => {
-                    text_response(504, &format!("{}\n", exit.message()))
-                }
-                Some(RequestFailure::Exit(exit)) => text_response(
-                    500,
-                    &format!(
-                        "the handler failed: {}: {}\n",
-                        exit.reason(),
-                        first_line(&exit)
-                    ),
-                ),
-                None => text_response(500, "the handler returned without a response\n"),
-            },
+            Err(_) => no_response(exit),
+        }
+    }
+
+    /// [`Self::handle`] for a WASI 0.3 handler: `handle` returns the response, and the guest's
+    /// tasks (writing the body, or working after it) run as long as the store's event loop
+    /// does, which is until the body has been read or dropped, or the request's deadline.
+    async fn handle_p3<B>(
+        self: Arc<Self>,
+        pre: ServicePre<P2State>,
+        mut store: Store<P2State>,
+        request: hyper::Request<B>,
+        permit: OwnedSemaphorePermit,
+    ) -> hyper::Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        let guest = async move {
+            let _permit = permit;
+            let instances = pool.metrics.instances();
+            instances.inc();
+            let run = async {
+                let service = pre.instantiate_async(&mut store).await?;
+                let (request, request_io) = wasmtime_wasi_http::p3::Request::from_http(
+                    store.data_mut().http().hooks,
+                    request,
+                );
+                store
+                    .run_concurrent(async move |accessor| {
+                        let response = match service.handle(accessor, request).await? {
+                            Ok(response) => response,
+                            Err(code) => {
+                                let _ = sender.send(Err(code));
+                                return Ok(());
+                            }
+                        };
+                        let response = accessor
+                            .with(|mut store| response.into_http(&mut store, request_io))?;
+                        // Dropped with the body, once hyper has sent it or given up on it.
+                        let (body_dropped, body_gone) = tokio::sync::oneshot::channel::<()>();
+                        let response = response.map(|body| {
+                            body.map_err(move |error| {
+                                let _keep_until_the_body_drops = &body_dropped;
+                                error
+                            })
+                            .boxed_unsync()
+                        });
+                        if sender.send(Ok(response)).is_ok() {
+                            let _ = body_gone.await;
+                        }
+                        wasmtime::Result::<()>::Ok(())
+                    })
+                    .await?
+            };
+            let result = tokio::time::timeout(pool.timeout, run).await;
+            let exit = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(classify_request_error(error, &store.data().limiter)),
+                Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(pool.timeout))),
+            };
+            drop(store);
+            instances.dec();
+            if let Some(failure) = &exit {
+                pool.record_failure(failure);
+            }
+            exit
+        };
+
+        // As for WASI 0.2: the guest runs in this task until it has answered, then in one of
+        // its own while the body streams.
+        let mut guest = Box::pin(guest);
+        let mut receiver = receiver;
+        let exit = tokio::select! {
+            biased;
+            exit = &mut guest => exit,
+            answer = &mut receiver => {
+                tokio::spawn(guest);
+                return match answer {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(code)) => handler_error(&code),
+                    Err(_) => text_response(500, "the handler dropped its response\n"),
+                };
+            }
+        };
+        match receiver.try_recv() {
+            Ok(Ok(response)) => response,
+            Ok(Err(code)) => handler_error(&code),
+            Err(_) => no_response(exit),
         }
     }
 
@@ -298,6 +420,28 @@ fn classify_request_error(error: wasmtime::Error, limiter: &Limiter) -> RequestF
     RequestFailure::Exit(classify(error, limiter))
 }
 
+/// The answer to a request whose guest ended without a response: why it did.
+fn no_response(exit: Option<RequestFailure>) -> hyper::Response<ResponseBody> {
+    match exit {
+        Some(RequestFailure::PoolExhausted) => {
+            busy_response("the agent has no free sandbox slot; try again shortly\n".into())
+        }
+        Some(RequestFailure::Exit(exit @ Exit::DeadlineExceeded(_))) => {
+            text_response(504, &format!("{}\n", exit.message()))
+        }
+        Some(RequestFailure::Exit(exit)) => text_response(
+            500,
+            &format!(
+                "the handler failed: {}: {}\n",
+                exit.reason(),
+                first_line(&exit)
+            ),
+        ),
+        None => text_response(500, "the handler returned without a response\n"),
+    }
+}
+
+/// The answer to a request the handler refused with a `wasi:http` error code.
 fn handler_error(code: &impl std::fmt::Debug) -> hyper::Response<ResponseBody> {
     text_response(
         500,

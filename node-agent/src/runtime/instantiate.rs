@@ -157,7 +157,7 @@ impl Instantiator {
                 // One instantiation up front: a handler that cannot start (a start function
                 // that traps, limits too small) fails the replica, not every request.
                 let mut store = component_store(wasi);
-                let instantiated = Box::pin(pre.instantiate_async(&mut store)).await;
+                let instantiated = Box::pin(pre.instantiate(&mut store)).await;
                 instantiated.map_err(|e| classify(e, &store.data().limiter))?;
                 drop(store);
                 let pool = Arc::new(HttpPool::new(

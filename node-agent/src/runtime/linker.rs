@@ -30,6 +30,7 @@ impl Linkers {
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
         if wasi_0_3 {
             wasmtime_wasi::p3::add_to_linker(&mut component)?;
+            wasmtime_wasi_http::p3::add_to_linker(&mut component)?;
         }
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
         Ok(Self { module, component })

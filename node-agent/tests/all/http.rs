@@ -20,24 +20,32 @@ fn guest(name: &str) -> Vec<u8> {
 }
 
 async fn start_agent() -> Agent {
-    let args = Args::try_parse_from([
-        "flotilla-node-agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--no-cache",
-        "--max-sandboxes",
-        "2000",
-        "--max-memory-per-sandbox",
-        "64Mi",
-        "--default-memory-limit",
-        "32Mi",
-        "--shutdown-grace",
-        "10s",
-    ])
+    start_agent_with(&[]).await
+}
+
+async fn start_agent_with(extra: &[&str]) -> Agent {
+    let args = Args::try_parse_from(
+        [
+            "flotilla-node-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--no-cache",
+            "--max-sandboxes",
+            "2000",
+            "--max-memory-per-sandbox",
+            "64Mi",
+            "--default-memory-limit",
+            "32Mi",
+            "--shutdown-grace",
+            "10s",
+        ]
+        .iter()
+        .chain(extra),
+    )
     .expect("flags parse");
     Agent::start(Config::try_from(args).expect("valid config"))
         .await
@@ -113,6 +121,59 @@ async fn wait_for_instances<T>(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A WASI 0.3 `wasi:http/handler` (`examples/guests/p3-http/`, Rust) serves once the workload
+/// enables `component-model-async` on a node that offers it: `handle` returns the response and
+/// a guest task writes its body after. Without the feature, the workload is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_0_3_handler_serves_requests_with_component_model_async() {
+    let agent = start_agent_with(&[
+        "--wasm-features",
+        "gc,exceptions,wide-arithmetic,custom-page-sizes,component-model-async",
+    ])
+    .await;
+    let path = flotilla_tests::guests::guests_dir().join("p3-http.wasm");
+    let module = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    let refused = agent
+        .supervisor()
+        .apply(http_spec("p3-refused", module.clone(), prefix("/refused")))
+        .await;
+    let Err(flotilla_node_agent::supervisor::ApplyError::Prepare { source, .. }) = refused else {
+        panic!("refused without the feature: {refused:?}");
+    };
+    let message = source.to_string();
+    assert!(
+        message.contains("add `component-model-async` to spec.wasm.features"),
+        "{message}"
+    );
+
+    let mut spec = http_spec("p3", module, prefix("/p3"));
+    spec.wasm_features = vec!["component-model-async".into()];
+    serve(&agent, spec).await;
+    let addr = ingress(&agent);
+    let answer = get(addr, "/p3/hello?x=1").await.expect("p3");
+    assert_eq!(
+        (answer.status, answer.text().as_str()),
+        (200, "hello from WASI 0.3: /p3/hello?x=1\n")
+    );
+    assert_eq!(answer.headers["content-type"], "text/plain");
+    let concurrent =
+        join_all((0..32).map(|i| async move { get(addr, &format!("/p3/{i}")).await })).await;
+    for (i, answer) in concurrent.into_iter().enumerate() {
+        let answer = answer.expect("p3");
+        assert_eq!(answer.text(), format!("hello from WASI 0.3: /p3/{i}\n"));
+    }
+    let text = metrics(&agent).await;
+    assert!(
+        metric(
+            &text,
+            "flotilla_http_requests_total{workload=\"p3\",code=\"200\"}"
+        ) >= 33.0,
+        "{text}"
+    );
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
