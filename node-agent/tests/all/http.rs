@@ -125,7 +125,8 @@ async fn wait_for_instances<T>(
 
 /// A WASI 0.3 `wasi:http/handler` (`examples/guests/p3-http/`, Rust) serves once the workload
 /// enables `component-model-async` on a node that offers it: `handle` returns the response and
-/// a guest task writes its body after. Without the feature, the workload is refused.
+/// a guest task writes its body after; a trap fails only its own request. Without the
+/// feature, the workload is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wasi_0_3_handler_serves_requests_with_component_model_async() {
     let agent = start_agent_with(&[
@@ -165,12 +166,23 @@ async fn a_wasi_0_3_handler_serves_requests_with_component_model_async() {
         let answer = answer.expect("p3");
         assert_eq!(answer.text(), format!("hello from WASI 0.3: /p3/{i}\n"));
     }
+    // A trap ends that request's sandbox with the reason, and nothing else.
+    let trapped = get(addr, "/p3/trap").await.expect("trap");
+    assert_eq!(trapped.status, 500);
+    assert!(
+        trapped.text().starts_with("the handler failed: Trap:"),
+        "{}",
+        trapped.text()
+    );
+    let after = get(addr, "/p3/after").await.expect("after");
+    assert_eq!(after.text(), "hello from WASI 0.3: /p3/after\n");
+
     let text = metrics(&agent).await;
     assert!(
         metric(
             &text,
             "flotilla_http_requests_total{workload=\"p3\",code=\"200\"}"
-        ) >= 33.0,
+        ) >= 34.0,
         "{text}"
     );
     agent.shutdown().await;

@@ -1,5 +1,6 @@
 //! A WASI 0.3 HTTP handler: answers every request `200` with `hello from WASI 0.3: <path>`,
-//! the body written through a `stream<u8>` by a task that runs after `handle` has returned.
+//! the body written through a `stream<u8>` by a task that runs after `handle` has returned;
+//! a path ending in `/trap` traps instead.
 
 wit_bindgen::generate!({
     path: "wit",
@@ -15,6 +16,9 @@ struct Service;
 impl Guest for Service {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
         let path = request.get_path_with_query().unwrap_or_default();
+        if path.ends_with("/trap") {
+            panic!("asked to trap by {path}");
+        }
         let body = format!("hello from WASI 0.3: {path}\n").into_bytes();
         let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
             .map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}"))))?;
