@@ -7,6 +7,14 @@
 //! each alike; the figures are the medians over rounds. The targets are against the tuned
 //! server. Any socket error or timeout that `wrk` counts, on any side, makes the run invalid:
 //! timed-out requests would otherwise drop out of the percentiles.
+//!
+//! `http-p3` is the same with a WASI 0.3 handler (`examples/guests/p3-http.wasm`,
+//! `wasi:http/handler@0.3.0`): the agent offers `component-model-async` and the workload
+//! enables it; both `wasm serve`s get `-Scli` (the guest's Rust `std` imports WASI 0.2's CLI
+//! interfaces, which the agent links for every component) and `--max-instance-reuse-count 1`,
+//! a fresh instance per request as the agent does: for WASI 0.3 `wasmtime serve` would
+//! otherwise reuse an instance for up to 128 requests, so one request would see another's
+//! state. Its metrics are `http_p3_*`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -78,12 +86,33 @@ struct Run {
     cpu_us_per_request: f64,
 }
 
+/// Which `wasi:http` a run serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wasi {
+    /// WASI 0.2's `incoming-handler` (`http`).
+    P2,
+    /// WASI 0.3's `handler` (`http-p3`).
+    P3,
+}
+
 /// Runs the comparison and prints its `RESULT` lines.
-pub fn http(args: HttpArgs) -> anyhow::Result<()> {
+pub fn http(args: HttpArgs, wasi: Wasi) -> anyhow::Result<()> {
     machine();
+    let (default_guest, prefix, manifest_features, agent_features, serve_options) = match wasi {
+        Wasi::P2 => ("http/hello.wasm", "http", "", None, &[][..]),
+        Wasi::P3 => (
+            "p3-http.wasm",
+            "http_p3",
+            "  wasm:\n    features: [component-model-async]\n",
+            Some("gc,exceptions,wide-arithmetic,custom-page-sizes,component-model-async"),
+            &["-Scli", "--max-instance-reuse-count", "1"][..],
+        ),
+    };
     let guest = match &args.guest {
         Some(guest) => guest.clone(),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/guests/http/hello.wasm"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/guests")
+            .join(default_guest),
     };
     let guest = guest
         .canonicalize()
@@ -123,26 +152,35 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
         format!(
             "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\nmetadata:\n  name: hello\n\
              spec:\n  module:\n    path: {}\n  http:\n    pathPrefix: /\n    maxConcurrency: \
-             {}\n  resources:\n    limits:\n      memory: 4Mi\n",
+             {}\n  resources:\n    limits:\n      memory: 4Mi\n{manifest_features}",
             guest.display(),
             args.connections
                 .clamp(1, flotilla_model::HttpSpec::MAX_MAX_CONCURRENCY),
         ),
     )?;
     let flotilla_addr = free_port()?;
-    let (agent, _) = Server::spawn(&[
-        "serve-agent".into(),
-        "--".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-        "--http-listen".into(),
-        flotilla_addr.to_string(),
-        "--manifests".into(),
-        manifests.path().to_string_lossy().into_owned(),
-        "--no-cache".into(),
-    ])?;
+    let features = agent_features
+        .map(|features| vec!["--wasm-features".to_string(), features.into()])
+        .unwrap_or_default();
+    let (agent, _) = Server::spawn(
+        &[
+            &[
+                "serve-agent".into(),
+                "--".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+                "--http-listen".into(),
+                flotilla_addr.to_string(),
+                "--manifests".into(),
+                manifests.path().to_string_lossy().into_owned(),
+                "--no-cache".into(),
+            ][..],
+            &features,
+        ]
+        .concat(),
+    )?;
     wait_until_serving(flotilla_addr)?;
 
     // wasmtime serve, with its defaults (pooling allocator, a fresh instance per request), and
@@ -153,6 +191,7 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
             let mut command = Command::new(&args.wasmtime);
             command
                 .arg("serve")
+                .args(serve_options)
                 .args(options)
                 .args(["--addr", &addr.to_string()])
                 .arg(&guest)
@@ -212,32 +251,36 @@ pub fn http(args: HttpArgs) -> anyhow::Result<()> {
         ("wasmtime_serve_tuned", tuned_run),
     ] {
         result(
-            &format!("http_{name}_throughput"),
+            &format!("{prefix}_{name}_throughput"),
             run.requests_per_second,
             "req/s",
         );
-        result(&format!("http_{name}_p50"), run.p50_us, "us");
-        result(&format!("http_{name}_p99"), run.p99_us, "us");
+        result(&format!("{prefix}_{name}_p50"), run.p50_us, "us");
+        result(&format!("{prefix}_{name}_p99"), run.p99_us, "us");
         result(
-            &format!("http_{name}_cpu_per_request"),
+            &format!("{prefix}_{name}_cpu_per_request"),
             run.cpu_us_per_request,
             "us",
         );
     }
     // The targets are against the tuned server; the ratios to its defaults follow.
     result(
-        "http_throughput_ratio",
+        &format!("{prefix}_throughput_ratio"),
         flotilla.requests_per_second / tuned_run.requests_per_second,
         "x",
     );
-    result("http_p99_ratio", flotilla.p99_us / tuned_run.p99_us, "x");
     result(
-        "http_throughput_ratio_to_defaults",
+        &format!("{prefix}_p99_ratio"),
+        flotilla.p99_us / tuned_run.p99_us,
+        "x",
+    );
+    result(
+        &format!("{prefix}_throughput_ratio_to_defaults"),
         flotilla.requests_per_second / defaults.requests_per_second,
         "x",
     );
     result(
-        "http_p99_ratio_to_defaults",
+        &format!("{prefix}_p99_ratio_to_defaults"),
         flotilla.p99_us / defaults.p99_us,
         "x",
     );

@@ -69,6 +69,9 @@ enum Scenario {
     /// HTTP requests through the agent's ingress (a fresh sandbox each) against
     /// `wasmtime serve`: throughput, latency, server CPU per request.
     Http(http::HttpArgs),
+    /// `http` with a WASI 0.3 handler (`wasi:http/handler@0.3.0`, component-model-async).
+    #[command(name = "http-p3")]
+    HttpP3(http::HttpArgs),
     /// Live idle sandboxes: RSS per sandbox, host overhead, time to start them all.
     Density {
         /// Idle sandboxes to start.
@@ -255,7 +258,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Churn { runs, processes } => churn(runs, processes),
         Scenario::Scheduler { nodes, replicas } => scheduler(nodes, replicas),
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
-        Scenario::Http(args) => http::http(args),
+        Scenario::Http(args) => http::http(args, http::Wasi::P2),
+        Scenario::HttpP3(args) => http::http(args, http::Wasi::P3),
         Scenario::Isolation { spinners } => tokio_main(isolation::isolation(spinners)),
         Scenario::Features { sandboxes, runs } => features(sandboxes, runs),
         Scenario::Rollout {
