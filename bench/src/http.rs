@@ -195,6 +195,9 @@ pub fn http(args: HttpArgs, wasi: Wasi) -> anyhow::Result<()> {
                 .args(options)
                 .args(["--addr", &addr.to_string()])
                 .arg(&guest)
+                // As the agent runs (see `Server::spawn`).
+                .env_remove("RUST_BACKTRACE")
+                .env_remove("RUST_LIB_BACKTRACE")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             if let Some(preload) = preload {
