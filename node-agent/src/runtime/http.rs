@@ -253,7 +253,8 @@ impl HttpPool {
 
     /// [`Self::handle`] for a WASI 0.3 handler: `handle` returns the response, and the guest's
     /// tasks (writing the body, or working after it) run as long as the store's event loop
-    /// does, which is until the body has been read or dropped, or the request's deadline.
+    /// does, which is until the body has been sent or dropped, or the request's deadline; then
+    /// the sandbox ends. `permit` is held until then.
     async fn handle_p3<B>(
         self: Arc<Self>,
         pre: ServicePre<P2State>,
@@ -268,7 +269,6 @@ impl HttpPool {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let pool = self.clone();
         let guest = async move {
-            let _permit = permit;
             let instances = pool.metrics.instances();
             instances.inc();
             let run = async {
@@ -289,10 +289,14 @@ impl HttpPool {
                         let response = accessor
                             .with(|mut store| response.into_http(&mut store, request_io))?;
                         // Dropped with the body, once hyper has sent it or given up on it.
+                        // The replica's concurrency slot goes with it: a client that sends its
+                        // next request as soon as it has read this response finds the slot
+                        // free, though this task has yet to see the body go and end the
+                        // sandbox (which it does at once).
                         let (body_dropped, body_gone) = tokio::sync::oneshot::channel::<()>();
                         let response = response.map(|body| {
                             body.map_err(move |error| {
-                                let _keep_until_the_body_drops = &body_dropped;
+                                let _keep_until_the_body_drops = (&body_dropped, &permit);
                                 error
                             })
                             .boxed_unsync()
