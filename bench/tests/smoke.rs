@@ -196,7 +196,9 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
             "isolation_heartbeats_missed_spinners",
             "isolation_not_ready_transitions_spinners",
             "isolation_http_rate",
+            "isolation_http_p50_quiet",
             "isolation_http_p99_quiet",
+            "isolation_http_p50_beside_spinners",
             "isolation_http_p99_beside_spinners",
             "isolation_http_p99_ratio_spinners",
             "isolation_cpu_split_light",
@@ -207,7 +209,7 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
     );
 }
 
-/// `http` needs `wrk` and the `wasmtime` CLI (`$WASMTIME`, or on the PATH): without them it
+/// `http` and `http-p3` need `wrk` and the `wasmtime` CLI (`$WASMTIME`, or on the PATH): without them it
 /// says what it skips rather than fail the suite of a machine that lacks them.
 #[test]
 fn the_http_benchmark_prints_all_its_results_at_a_smoke_size() {
@@ -253,6 +255,37 @@ fn the_http_benchmark_prints_all_its_results_at_a_smoke_size() {
             "http_p99_ratio",
             "http_throughput_ratio_to_defaults",
             "http_p99_ratio_to_defaults",
+        ],
+    );
+    // The same with a WASI 0.3 handler.
+    check(
+        &[
+            "http-p3",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--connections",
+            "4",
+        ],
+        &[("WASMTIME", wasmtime.as_str())],
+        &[
+            "http_p3_flotilla_throughput",
+            "http_p3_flotilla_p50",
+            "http_p3_flotilla_p99",
+            "http_p3_flotilla_cpu_per_request",
+            "http_p3_wasmtime_serve_throughput",
+            "http_p3_wasmtime_serve_p50",
+            "http_p3_wasmtime_serve_p99",
+            "http_p3_wasmtime_serve_cpu_per_request",
+            "http_p3_wasmtime_serve_tuned_throughput",
+            "http_p3_wasmtime_serve_tuned_p50",
+            "http_p3_wasmtime_serve_tuned_p99",
+            "http_p3_wasmtime_serve_tuned_cpu_per_request",
+            "http_p3_throughput_ratio",
+            "http_p3_p99_ratio",
+            "http_p3_throughput_ratio_to_defaults",
+            "http_p3_p99_ratio_to_defaults",
         ],
     );
 }
