@@ -123,6 +123,63 @@ async fn wait_for_instances<T>(
     }
 }
 
+/// Sends `count` requests for `path_of(i)` one after another over one kept-alive connection
+/// and returns each answer's status and body.
+async fn sequential(
+    addr: SocketAddr,
+    count: usize,
+    path_of: impl Fn(usize) -> String,
+) -> Vec<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let mut answers = Vec::new();
+    for i in 0..count {
+        let request = hyper::Request::get(path_of(i))
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        sender.ready().await.expect("the connection stays open");
+        let response = sender.send_request(request).await.expect("answered");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+    }
+    answers
+}
+
+/// With `maxConcurrency: 1`, a client sending one request after another over a kept-alive
+/// connection is never turned away: the slot is free once it has read the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_at_a_time_over_one_connection_is_never_turned_away() {
+    let agent = start_agent().await;
+    for name in ["hello", "echo"] {
+        let route = HttpRoute {
+            max_concurrency: 1,
+            ..prefix(&format!("/{name}"))
+        };
+        serve(&agent, http_spec(name, guest(name), route)).await;
+    }
+    let addr = ingress(&agent);
+    for name in ["hello", "echo"] {
+        let answers = sequential(addr, 200, |_| format!("/{name}/count")).await;
+        for (i, (status, body)) in answers.iter().enumerate() {
+            assert_eq!(*status, 200, "{name}: request {i}: {body}");
+        }
+    }
+    agent.shutdown().await;
+}
+
 /// A WASI 0.3 `wasi:http/handler` (`examples/guests/p3-http/`, Rust) serves once the workload
 /// enables `component-model-async` on a node that offers it: `handle` returns the response and
 /// a guest task writes its body after; a trap fails only its own request. Without the
@@ -169,30 +226,10 @@ async fn a_wasi_0_3_handler_serves_requests_with_component_model_async() {
         (200, "hello from WASI 0.3: /p3/hello?x=1\n")
     );
     assert_eq!(answer.headers["content-type"], "text/plain");
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(connection);
-    for i in 0..200 {
-        let request = hyper::Request::get(format!("/p3/{i}"))
-            .header(hyper::header::HOST, addr.to_string())
-            .body(http_body_util::Empty::<Bytes>::new())
-            .expect("request");
-        sender.ready().await.expect("the connection stays open");
-        let response = sender.send_request(request).await.expect("answered");
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+    let answers = sequential(addr, 200, |i| format!("/p3/{i}")).await;
+    for (i, answer) in answers.into_iter().enumerate() {
         assert_eq!(
-            (status.as_u16(), String::from_utf8_lossy(&body).into_owned()),
+            answer,
             (200, format!("hello from WASI 0.3: /p3/{i}\n")),
             "request {i} on one kept-alive connection"
         );
