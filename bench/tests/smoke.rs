@@ -209,6 +209,26 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
     );
 }
 
+/// What `http` prints, after its prefix (`http_`, or `http_p3_` for `http-p3`).
+const HTTP_METRICS: [&str; 16] = [
+    "flotilla_throughput",
+    "flotilla_p50",
+    "flotilla_p99",
+    "flotilla_cpu_per_request",
+    "wasmtime_serve_throughput",
+    "wasmtime_serve_p50",
+    "wasmtime_serve_p99",
+    "wasmtime_serve_cpu_per_request",
+    "wasmtime_serve_tuned_throughput",
+    "wasmtime_serve_tuned_p50",
+    "wasmtime_serve_tuned_p99",
+    "wasmtime_serve_tuned_cpu_per_request",
+    "throughput_ratio",
+    "p99_ratio",
+    "throughput_ratio_to_defaults",
+    "p99_ratio_to_defaults",
+];
+
 /// `http` and `http-p3` need `wrk` and the `wasmtime` CLI (`$WASMTIME`, or on the PATH): without them it
 /// says what it skips rather than fail the suite of a machine that lacks them.
 #[test]
@@ -227,65 +247,24 @@ fn the_http_benchmark_prints_all_its_results_at_a_smoke_size() {
         );
         return;
     }
-    check(
-        &[
-            "http",
-            "--duration",
-            "1s",
-            "--rounds",
-            "1",
-            "--connections",
-            "4",
-        ],
-        &[("WASMTIME", wasmtime.as_str())],
-        &[
-            "http_flotilla_throughput",
-            "http_flotilla_p50",
-            "http_flotilla_p99",
-            "http_flotilla_cpu_per_request",
-            "http_wasmtime_serve_throughput",
-            "http_wasmtime_serve_p50",
-            "http_wasmtime_serve_p99",
-            "http_wasmtime_serve_cpu_per_request",
-            "http_wasmtime_serve_tuned_throughput",
-            "http_wasmtime_serve_tuned_p50",
-            "http_wasmtime_serve_tuned_p99",
-            "http_wasmtime_serve_tuned_cpu_per_request",
-            "http_throughput_ratio",
-            "http_p99_ratio",
-            "http_throughput_ratio_to_defaults",
-            "http_p99_ratio_to_defaults",
-        ],
-    );
-    // The same with a WASI 0.3 handler.
-    check(
-        &[
-            "http-p3",
-            "--duration",
-            "1s",
-            "--rounds",
-            "1",
-            "--connections",
-            "4",
-        ],
-        &[("WASMTIME", wasmtime.as_str())],
-        &[
-            "http_p3_flotilla_throughput",
-            "http_p3_flotilla_p50",
-            "http_p3_flotilla_p99",
-            "http_p3_flotilla_cpu_per_request",
-            "http_p3_wasmtime_serve_throughput",
-            "http_p3_wasmtime_serve_p50",
-            "http_p3_wasmtime_serve_p99",
-            "http_p3_wasmtime_serve_cpu_per_request",
-            "http_p3_wasmtime_serve_tuned_throughput",
-            "http_p3_wasmtime_serve_tuned_p50",
-            "http_p3_wasmtime_serve_tuned_p99",
-            "http_p3_wasmtime_serve_tuned_cpu_per_request",
-            "http_p3_throughput_ratio",
-            "http_p3_p99_ratio",
-            "http_p3_throughput_ratio_to_defaults",
-            "http_p3_p99_ratio_to_defaults",
-        ],
-    );
+    for (scenario, prefix) in [("http", "http"), ("http-p3", "http_p3")] {
+        let metrics: Vec<String> = HTTP_METRICS
+            .iter()
+            .map(|metric| format!("{prefix}_{metric}"))
+            .collect();
+        let metrics: Vec<&str> = metrics.iter().map(String::as_str).collect();
+        check(
+            &[
+                scenario,
+                "--duration",
+                "1s",
+                "--rounds",
+                "1",
+                "--connections",
+                "4",
+            ],
+            &[("WASMTIME", wasmtime.as_str())],
+            &metrics,
+        );
+    }
 }

@@ -214,41 +214,12 @@ impl HttpPool {
                     .await
             };
             let result = tokio::time::timeout(pool.timeout, run).await;
-            let exit = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(classify_request_error(error, &store.data().limiter)),
-                Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(pool.timeout))),
-            };
-            drop(store);
+            let exit = pool.end_request(result, store);
             instances.dec();
-            if let Some(failure) = &exit {
-                pool.record_failure(failure);
-            }
             exit
         };
 
-        // The guest runs in this task until it has answered. Most handlers also finish their
-        // body by then, so the request costs no task of its own and no cross-thread wakeup;
-        // one still writing its body (or working after it) moves to a task of its own.
-        let mut guest = Box::pin(guest);
-        let mut receiver = receiver;
-        let exit = tokio::select! {
-            biased;
-            exit = &mut guest => exit,
-            answer = &mut receiver => {
-                tokio::spawn(guest);
-                return match answer {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(code)) => handler_error(&code),
-                    Err(_) => text_response(500, "the handler dropped its response\n"),
-                };
-            }
-        };
-        match receiver.try_recv() {
-            Ok(Ok(response)) => response,
-            Ok(Err(code)) => handler_error(&code),
-            Err(_) => no_response(exit),
-        }
+        answer(guest, receiver).await
     }
 
     /// [`Self::handle`] for a WASI 0.3 handler: `handle` returns the response, and the guest's
@@ -309,40 +280,31 @@ impl HttpPool {
                     .await?
             };
             let result = tokio::time::timeout(pool.timeout, run).await;
-            let exit = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(classify_request_error(error, &store.data().limiter)),
-                Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(pool.timeout))),
-            };
-            drop(store);
+            let exit = pool.end_request(result, store);
             instances.dec();
-            if let Some(failure) = &exit {
-                pool.record_failure(failure);
-            }
             exit
         };
 
-        // As for WASI 0.2: the guest runs in this task until it has answered, then in one of
-        // its own while the body streams.
-        let mut guest = Box::pin(guest);
-        let mut receiver = receiver;
-        let exit = tokio::select! {
-            biased;
-            exit = &mut guest => exit,
-            answer = &mut receiver => {
-                tokio::spawn(guest);
-                return match answer {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(code)) => handler_error(&code),
-                    Err(_) => text_response(500, "the handler dropped its response\n"),
-                };
-            }
+        answer(guest, receiver).await
+    }
+
+    /// How a request's sandbox ended, from its run under the request's timeout: `None` when
+    /// it returned. Drops the sandbox and counts a failure.
+    fn end_request(
+        &self,
+        result: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+        store: Store<P2State>,
+    ) -> Option<RequestFailure> {
+        let exit = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(classify_request_error(error, &store.data().limiter)),
+            Err(_) => Some(RequestFailure::Exit(Exit::DeadlineExceeded(self.timeout))),
         };
-        match receiver.try_recv() {
-            Ok(Ok(response)) => response,
-            Ok(Err(code)) => handler_error(&code),
-            Err(_) => no_response(exit),
+        drop(store);
+        if let Some(failure) = &exit {
+            self.record_failure(failure);
         }
+        exit
     }
 
     /// Sends `GET path` through a fresh sandbox, as a request for the route would be; the
@@ -422,6 +384,34 @@ fn classify_request_error(error: wasmtime::Error, limiter: &Limiter) -> RequestF
         return RequestFailure::PoolExhausted;
     }
     RequestFailure::Exit(classify(error, limiter))
+}
+
+/// Runs `guest` in this task until it has answered on `receiver`, then returns the answer.
+/// Most handlers also finish their body by then, so the request costs no task of its own and
+/// no cross-thread wakeup; one still writing its body (or working after it) moves to a task
+/// of its own.
+async fn answer<E: std::fmt::Debug>(
+    guest: impl Future<Output = Option<RequestFailure>> + Send + 'static,
+    mut receiver: tokio::sync::oneshot::Receiver<Result<hyper::Response<ResponseBody>, E>>,
+) -> hyper::Response<ResponseBody> {
+    let mut guest = Box::pin(guest);
+    let exit = tokio::select! {
+        biased;
+        exit = &mut guest => exit,
+        answer = &mut receiver => {
+            tokio::spawn(guest);
+            return match answer {
+                Ok(Ok(response)) => response,
+                Ok(Err(code)) => handler_error(&code),
+                Err(_) => text_response(500, "the handler dropped its response\n"),
+            };
+        }
+    };
+    match receiver.try_recv() {
+        Ok(Ok(response)) => response,
+        Ok(Err(code)) => handler_error(&code),
+        Err(_) => no_response(exit),
+    }
 }
 
 /// The answer to a request whose guest ended without a response: why it did.
