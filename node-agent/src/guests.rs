@@ -22,9 +22,10 @@
 //!   slice ([`LATENCY_SLICE`](crate::runtime::LATENCY_SLICE)), so that a request preempts a
 //!   spinning replica as soon as it arrives. Beside 1,000 spinning replicas, the requests'
 //!   threads waited 18 µs at p99 from wake-up to CPU (`perf sched timehist`). The `isolation`
-//!   benchmark's healthy-request p99 there was 2.0–2.2 ms with this slice while the ingress's
-//!   listener and connections still lived on the agent's own runtime (their readiness came
-//!   from its I/O driver), and 0.23–1.4 ms over five runs once they moved here.
+//!   benchmark's healthy-request p99 there was 2.0 ms (one run) with this slice while the
+//!   ingress's listener and connections still lived on the agent's own runtime (their
+//!   readiness came from its I/O driver), and 0.23–1.62 ms over nine runs once they moved
+//!   here.
 //!
 //! New sandboxes, started from the agent's runtime, land in the sandboxes runtime's global
 //! queue, which its workers look at every [`GLOBAL_QUEUE_INTERVAL`] turns; guests that spin
