@@ -206,11 +206,9 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     let _ = spinning_done.send(true);
     let samples = heartbeats.await?;
     let spinning_p99 = p99(&spinning);
-    let mut sorted = spinning.clone();
-    sorted.sort_by(f64::total_cmp);
     result(
         "isolation_neighbour_start_p50_beside_spinners",
-        sorted[sorted.len() / 2] * 1e3,
+        p50(&spinning) * 1e3,
         "ms",
     );
     result("isolation_spinners", spinners as f64, "sandboxes");
@@ -227,11 +225,9 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
     report_heartbeats(&samples, interval, "_spinners");
     result("isolation_http_rate", f64::from(HTTP_RATE), "req/s");
     for (latencies, phase) in [(&http_quiet, "quiet"), (&http_spinning, "beside_spinners")] {
-        let mut sorted = latencies.clone();
-        sorted.sort_by(f64::total_cmp);
         result(
             &format!("isolation_http_p50_{phase}"),
-            sorted[sorted.len() / 2] * 1e3,
+            p50(latencies) * 1e3,
             "ms",
         );
         result(
@@ -507,6 +503,13 @@ impl Ready {
         }
         Ok(())
     }
+}
+
+/// The middle of `times` (the upper one of an even count).
+fn p50(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 /// The 99th percentile of `times` (the largest below 100 samples).
