@@ -62,11 +62,7 @@ fn set_slice(slice: Duration) -> std::io::Result<()> {
     // SAFETY: the kernel reads `attr.size` bytes of an initialised sched_attr; pid 0 is the
     // calling thread.
     let result = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0u32) };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    syscall_result(result)
 }
 
 /// The calling thread's scheduling attributes.
@@ -88,8 +84,14 @@ fn thread_attr() -> std::io::Result<libc::sched_attr> {
             0u32,
         )
     };
+    syscall_result(result).map(|()| attr)
+}
+
+/// A raw system call's result: 0 on success, else the error in `errno`.
+#[cfg(target_os = "linux")]
+fn syscall_result(result: libc::c_long) -> std::io::Result<()> {
     if result == 0 {
-        Ok(attr)
+        Ok(())
     } else {
         Err(std::io::Error::last_os_error())
     }
