@@ -5,8 +5,9 @@
 use crate::common::*;
 use flotilla_model::wasm::FeatureSet;
 use flotilla_node_agent::runtime::RuntimeConfig;
+use flotilla_node_agent::runtime::volumes::HostPathRule;
 use flotilla_node_agent::supervisor::{ApplyError, Supervisor};
-use flotilla_proto::agent::v1::{Resources, SandboxPhase, WorkloadSpec};
+use flotilla_proto::agent::v1::{Resources, SandboxPhase, Volume, WorkloadSpec, volume};
 
 /// `spec` with `features` enabled.
 fn with_features(mut spec: WorkloadSpec, features: &[&str]) -> WorkloadSpec {
@@ -214,14 +215,22 @@ fn p3_command() -> Vec<u8> {
 }
 
 /// A WASI 0.3 command component runs with `component-model-async`: it gets its arguments and
-/// environment, writes to stdout through a stream, and exits with the code it chose; without
-/// the feature it is refused.
+/// environment, writes to stdout through a stream, reads a file of its volume through
+/// `wasi:filesystem@0.3.0`, and exits with the code it chose; without the feature it is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
-    let sup = supervisor(RuntimeConfig {
+    let host_dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(host_dir.path().join("greeting.txt"), "ahoy from a volume").expect("write");
+    let mut config = RuntimeConfig {
         wasm_features: FeatureSet::ALL,
         ..runtime_config()
-    });
+    };
+    config.volumes.host_paths = vec![HostPathRule {
+        prefix: host_dir.path().to_path_buf(),
+        writable: false,
+    }];
+    let sup = supervisor(config);
     let mut command = with_features(spec("p3", p3_command()), &["component-model-async"]);
     command.args = vec!["one".into(), "two words".into()];
     command.env = vec![env("GREETING", "ahoy"), env("EXIT_CODE", "7")];
@@ -233,9 +242,23 @@ async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
     );
 
     let mut ok = with_features(spec("p3-ok", p3_command()), &["component-model-async"]);
-    ok.env = vec![env("EXIT_CODE", "0")];
+    ok.env = vec![env("EXIT_CODE", "0"), env("READ_FILE", "greeting.txt")];
+    ok.volumes = vec![Volume {
+        name: "data".into(),
+        mount_path: "/data".into(),
+        read_only: true,
+        source: Some(volume::Source::HostPath(
+            host_dir.path().to_string_lossy().into_owned(),
+        )),
+        sub_path: String::new(),
+    }];
     let (reason, message, code) = run(&sup, ok).await;
     assert_eq!((reason.as_str(), code), ("Completed", Some(0)), "{message}");
+    assert!(
+        logs(&sup, "p3-ok", 0).ends_with("greeting.txt: ahoy from a volume\n"),
+        "{}",
+        logs(&sup, "p3-ok", 0)
+    );
 
     let message = refused(&sup, spec("p3-refused", p3_command())).await;
     assert!(
