@@ -26,6 +26,7 @@ mod http;
 mod isolation;
 mod report;
 mod rollout;
+mod threads;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ const EXIT_GUEST: &str = r#"(module (memory (export "memory") 1) (func (export "
 const GC_IDLE_GUEST: &str = include_str!("../guests/gc_idle.wat");
 /// A guest that allocates 2,000,000 GC structs and keeps 1,024 alive.
 const GC_HEAVY_GUEST: &str = include_str!("../guests/gc_heavy.wat");
+/// A guest that sums 1..4,000,000 on four threads (`spec.wasm.features: [threads]`).
+const THREADS_GUEST: &str = include_str!("../../examples/guests/threads.wat");
 
 #[derive(Parser)]
 #[command(about = "Flotilla benchmarks; results are printed as `RESULT <metric> <value> <unit>`")]
@@ -140,8 +143,9 @@ enum Scenario {
         steady_seconds: u64,
     },
     /// What a WebAssembly feature costs (`spec.wasm.features`): start latency and RSS of idle
-    /// GC sandboxes against plain ones, and a GC-heavy guest's run time, each against bare
-    /// wasmtime with the same engine.
+    /// GC sandboxes against plain ones, a GC-heavy guest's run time, and the start latency and
+    /// run time of a guest summing on four threads, each against bare wasmtime with the same
+    /// engine.
     Features {
         /// Idle sandboxes started per variant.
         #[arg(long, default_value_t = 10_000)]
@@ -149,6 +153,9 @@ enum Scenario {
         /// GC-heavy runs at once per variant.
         #[arg(long, default_value_t = 8)]
         runs: u32,
+        /// Runs of the threads guest at once per variant.
+        #[arg(long, default_value_t = 100)]
+        thread_runs: u32,
     },
     /// Tenant isolation on one agent: neighbour start latency while a 100,000-function module
     /// compiles and beside spinning guests, and the agent's heartbeats meanwhile.
@@ -215,6 +222,7 @@ enum Guest {
     Exit,
     GcIdle,
     GcHeavy,
+    Threads,
 }
 
 impl Guest {
@@ -224,6 +232,7 @@ impl Guest {
             Guest::Exit => EXIT_GUEST,
             Guest::GcIdle => GC_IDLE_GUEST,
             Guest::GcHeavy => GC_HEAVY_GUEST,
+            Guest::Threads => THREADS_GUEST,
         }
     }
 
@@ -237,6 +246,7 @@ impl Guest {
         match self {
             Guest::Idle | Guest::Exit => vec![],
             Guest::GcIdle | Guest::GcHeavy => vec!["gc".into()],
+            Guest::Threads => vec!["threads".into()],
         }
     }
 }
@@ -261,7 +271,11 @@ fn main() -> anyhow::Result<()> {
         Scenario::Http(args) => http::http(args, http::Wasi::P2),
         Scenario::HttpP3(args) => http::http(args, http::Wasi::P3),
         Scenario::Isolation { spinners } => tokio_main(isolation::isolation(spinners)),
-        Scenario::Features { sandboxes, runs } => features(sandboxes, runs),
+        Scenario::Features {
+            sandboxes,
+            runs,
+            thread_runs,
+        } => features(sandboxes, runs, thread_runs),
         Scenario::Rollout {
             agents,
             replicas,
@@ -387,7 +401,7 @@ fn startup(sandboxes: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn features(sandboxes: u32, runs: u32) -> anyhow::Result<()> {
+fn features(sandboxes: u32, runs: u32, thread_runs: u32) -> anyhow::Result<()> {
     machine();
     let plain = run_child(Variant::Flotilla, Guest::Idle, sandboxes)?;
     let gc = run_child(Variant::Flotilla, Guest::GcIdle, sandboxes)?;
@@ -428,6 +442,33 @@ fn features(sandboxes: u32, runs: u32) -> anyhow::Result<()> {
     result(
         "features_gc_heavy_time_ratio_to_bare",
         heavy.elapsed_s / bare_heavy.elapsed_s,
+        "x",
+    );
+    let threads = run_child(Variant::Flotilla, Guest::Threads, thread_runs)?;
+    let bare_threads = run_child(Variant::Bare, Guest::Threads, thread_runs)?;
+    result("features_threads_runs", threads.count, "runs");
+    result("features_threads_start_p50", threads.p50_ns / 1000.0, "us");
+    result("features_threads_start_p99", threads.p99_ns / 1000.0, "us");
+    result("features_threads_time", threads.elapsed_s, "s");
+    result(
+        "features_bare_threads_start_p50",
+        bare_threads.p50_ns / 1000.0,
+        "us",
+    );
+    result(
+        "features_bare_threads_start_p99",
+        bare_threads.p99_ns / 1000.0,
+        "us",
+    );
+    result("features_bare_threads_time", bare_threads.elapsed_s, "s");
+    result(
+        "features_threads_start_p50_ratio_to_bare",
+        threads.p50_ns / bare_threads.p50_ns,
+        "x",
+    );
+    result(
+        "features_threads_time_ratio_to_bare",
+        threads.elapsed_s / bare_threads.elapsed_s,
         "x",
     );
     Ok(())
@@ -616,7 +657,12 @@ fn runtime_config(count: u32) -> RuntimeConfig {
 }
 
 async fn child(variant: Variant, guest: Guest, count: u32) -> anyhow::Result<Measurement> {
-    let config = runtime_config(count);
+    let mut config = runtime_config(count);
+    if let Guest::Threads = guest {
+        config.wasm_features = config
+            .wasm_features
+            .with(flotilla_model::wasm::WasmFeature::Threads);
+    }
     let capacity = capacity::derive(&config, capacity::read_max_map_count(), None);
     if capacity.max_sandboxes < count {
         bail!(
@@ -685,6 +731,10 @@ async fn bare(
     guest: Guest,
     count: u32,
 ) -> anyhow::Result<Measurement> {
+    if let Guest::Threads = guest {
+        let engine = runtime.threads_engine().context("no threads engine")?;
+        return threads::bare(engine, &wasm, count);
+    }
     let engine = runtime.engine().clone();
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx| cx)?;

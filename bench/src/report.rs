@@ -259,6 +259,43 @@ const METRICS: &[(&str, &str, &str)] = &[
         "GC-heavy time ÷ bare wasmtime's",
         "",
     ),
+    ("features_threads_runs", "threads guest: runs at once", ""),
+    (
+        "features_threads_start_p50",
+        "threads guest start p50 (apply to running)",
+        "",
+    ),
+    ("features_threads_start_p99", "threads guest start p99", ""),
+    (
+        "features_threads_time",
+        "threads guest runs: time to finish all",
+        "",
+    ),
+    (
+        "features_bare_threads_start_p50",
+        "bare wasmtime: threads guest start p50 (memory and main instance)",
+        "",
+    ),
+    (
+        "features_bare_threads_start_p99",
+        "bare wasmtime: threads guest start p99",
+        "",
+    ),
+    (
+        "features_bare_threads_time",
+        "bare wasmtime: threads guest runs' time",
+        "",
+    ),
+    (
+        "features_threads_start_p50_ratio_to_bare",
+        "threads start p50 ÷ bare wasmtime's",
+        "",
+    ),
+    (
+        "features_threads_time_ratio_to_bare",
+        "threads runs' time ÷ bare wasmtime's",
+        "",
+    ),
     (
         "isolation_costly_module_functions",
         "the costly module's functions",

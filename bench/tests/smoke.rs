@@ -152,7 +152,15 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
         ],
     );
     check(
-        &["features", "--sandboxes", "200", "--runs", "2"],
+        &[
+            "features",
+            "--sandboxes",
+            "200",
+            "--runs",
+            "2",
+            "--thread-runs",
+            "4",
+        ],
         &[],
         &[
             "features_gc_start_p50",
@@ -170,6 +178,15 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
             "features_gc_heavy_time",
             "features_bare_gc_heavy_time",
             "features_gc_heavy_time_ratio_to_bare",
+            "features_threads_runs",
+            "features_threads_start_p50",
+            "features_threads_start_p99",
+            "features_threads_time",
+            "features_bare_threads_start_p50",
+            "features_bare_threads_start_p99",
+            "features_bare_threads_time",
+            "features_threads_start_p50_ratio_to_bare",
+            "features_threads_time_ratio_to_bare",
         ],
     );
     check(

@@ -39,7 +39,7 @@ pub struct DevArgs {
     #[arg(long, default_value = "dev")]
     node_name: String,
     /// WebAssembly proposals workloads may enable, as the agent's `--wasm-features` (default:
-    /// all but the experimental `component-model-async`).
+    /// all but the experimental `component-model-async` and `threads`).
     #[arg(long)]
     wasm_features: Option<String>,
 }

@@ -43,6 +43,9 @@ pub enum WasmFeature {
     /// The component model's async ABI, which WASI 0.3 components use: `async` functions,
     /// `stream` and `future` values, tasks. A WASI 0.3 command (`wasi:cli/run@0.3.0`) needs it.
     ComponentModelAsync,
+    /// Threads: a shared memory, atomics, and `wasi-threads`' `thread-spawn` for a core module
+    /// (a WASI preview 1 command built for `wasm32-wasip1-threads`).
+    Threads,
 }
 
 /// A set of [`WasmFeature`]s. Cheap to copy.
@@ -88,12 +91,13 @@ impl crate::WorkloadSpec {
 
 impl WasmFeature {
     /// Every feature a workload may enable.
-    pub const ALL: [WasmFeature; 5] = [
+    pub const ALL: [WasmFeature; 6] = [
         WasmFeature::Gc,
         WasmFeature::Exceptions,
         WasmFeature::WideArithmetic,
         WasmFeature::CustomPageSizes,
         WasmFeature::ComponentModelAsync,
+        WasmFeature::Threads,
     ];
 
     /// The name in manifests and on the wire.
@@ -104,6 +108,7 @@ impl WasmFeature {
             WasmFeature::WideArithmetic => "wide-arithmetic",
             WasmFeature::CustomPageSizes => "custom-page-sizes",
             WasmFeature::ComponentModelAsync => "component-model-async",
+            WasmFeature::Threads => "threads",
         }
     }
 
@@ -116,6 +121,7 @@ impl WasmFeature {
             WasmFeature::WideArithmetic => "wasm.flotilla.dev/wide-arithmetic",
             WasmFeature::CustomPageSizes => "wasm.flotilla.dev/custom-page-sizes",
             WasmFeature::ComponentModelAsync => "wasm.flotilla.dev/component-model-async",
+            WasmFeature::Threads => "wasm.flotilla.dev/threads",
         }
     }
 
@@ -130,6 +136,7 @@ impl WasmFeature {
             WasmFeature::WideArithmetic => "WebAssembly wide arithmetic",
             WasmFeature::CustomPageSizes => "WebAssembly custom page sizes",
             WasmFeature::ComponentModelAsync => "the component model's async ABI (WASI 0.3)",
+            WasmFeature::Threads => "WebAssembly threads (a shared memory and atomics)",
         }
     }
 
@@ -141,14 +148,18 @@ impl WasmFeature {
             WasmFeature::WideArithmetic => WasmFeatures::WIDE_ARITHMETIC,
             WasmFeature::CustomPageSizes => WasmFeatures::CUSTOM_PAGE_SIZES,
             WasmFeature::ComponentModelAsync => WasmFeatures::CM_ASYNC,
+            WasmFeature::Threads => WasmFeatures::THREADS,
         }
     }
 
-    /// Whether wasmtime 48 ranks the proposal below its tier 2 (its implementation is
-    /// incomplete, and security fixes limited to it get no patch release): a node offers it
-    /// only when its operator says so ([`FeatureSet::NODE_DEFAULT`] leaves it out).
+    /// Whether wasmtime 48 gives the proposal no security fixes in patch releases (the async
+    /// ABI is below tier 2, shared memories are tier 2): a node offers it only when its
+    /// operator says so ([`FeatureSet::NODE_DEFAULT`] leaves it out).
     pub fn is_experimental(self) -> bool {
-        matches!(self, WasmFeature::ComponentModelAsync)
+        matches!(
+            self,
+            WasmFeature::ComponentModelAsync | WasmFeature::Threads
+        )
     }
 
     fn bit(self) -> u8 {
@@ -360,7 +371,7 @@ mod tests {
             .into_iter()
             .filter(|f| f.is_experimental())
             .collect();
-        assert_eq!(experimental.to_string(), "component-model-async");
+        assert_eq!(experimental.to_string(), "component-model-async, threads");
         assert_eq!(
             FeatureSet::NODE_DEFAULT,
             FeatureSet::ALL.without(experimental)
@@ -406,6 +417,16 @@ mod tests {
         assert_eq!(
             required_features(&wasm),
             Ok(FeatureSet::NONE.with(WasmFeature::Exceptions))
+        );
+    }
+
+    #[test]
+    fn a_shared_memory_needs_threads() {
+        // Memory section (5): one memory, shared with a maximum (flags 3), of 1 to 1 pages.
+        let wasm = module(&[0x05, 0x04, 0x01, 0x03, 0x01, 0x01]);
+        assert_eq!(
+            required_features(&wasm),
+            Ok(FeatureSet::NONE.with(WasmFeature::Threads))
         );
     }
 

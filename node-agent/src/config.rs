@@ -89,13 +89,18 @@ pub struct Args {
     /// WebAssembly proposals beyond the default set that workloads may enable here
     /// (`spec.wasm.features`): comma-separated, or `none`. The default leaves out the
     /// experimental `component-model-async` (WASI 0.3), whose support in wasmtime 48 is
-    /// incomplete.
+    /// incomplete, and `threads`, whose shared memories get no security fixes in wasmtime's
+    /// patch releases.
     #[arg(
         long,
         env = "FLOTILLA_WASM_FEATURES",
         default_value = "gc,exceptions,wide-arithmetic,custom-page-sizes"
     )]
     pub wasm_features: String,
+    /// The most threads one sandbox of a module with threads runs at once, its main thread
+    /// included; `thread-spawn` fails past it.
+    #[arg(long, env = "FLOTILLA_MAX_THREADS_PER_SANDBOX", default_value_t = 16)]
+    pub max_threads_per_sandbox: u32,
     /// Most functions a module may define (over every core module of a component); a module
     /// with more is refused before compiling, as ModuleTooCostly.
     #[arg(long, env = "FLOTILLA_MAX_MODULE_FUNCTIONS", default_value_t = crate::runtime::CostLimits::default().max_functions)]
@@ -275,6 +280,7 @@ impl TryFrom<Args> for Config {
             runtime.compile_threads = threads.max(1);
         }
         runtime.wasm_features = parse_wasm_features(&args.wasm_features)?;
+        runtime.max_threads_per_sandbox = args.max_threads_per_sandbox.max(1);
         if let Some(threads) = args.guest_threads {
             runtime.guest_threads = threads.max(1);
         }
@@ -567,7 +573,7 @@ mod tests {
         assert_eq!(default, FeatureSet::NODE_DEFAULT);
         let all = parse(&[
             "--wasm-features",
-            "gc, exceptions,wide-arithmetic,custom-page-sizes,component-model-async",
+            "gc, exceptions,wide-arithmetic,custom-page-sizes,component-model-async,threads",
         ])
         .expect("valid");
         assert_eq!(all.runtime.wasm_features, FeatureSet::ALL);

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use flotilla_model::wasm::{self, FeatureSet};
+use flotilla_model::wasm::{self, FeatureSet, WasmFeature};
 use tokio::sync::OnceCell;
 use wasmtime::component::Component;
-use wasmtime::{Engine, ExternType, InstancePre, Module};
+use wasmtime::{Engine, ExternType, InstancePre, Linker, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
@@ -26,11 +26,14 @@ use super::error::SandboxError;
 use super::http::HandlerPre;
 use super::linker::Linkers;
 use super::store::{P1State, P2State};
+use super::threads::{GuestThread, ThreadedModule};
 
 /// A compiled, pre-linked module or component, shared by every workload with the same digest.
 pub enum Artifact {
     /// A preview 1 command module with a `_start`.
     Module(InstancePre<P1State>),
+    /// A preview 1 command module with threads, on the threads engine.
+    Threaded(Arc<ThreadedModule>),
     /// A component exporting `wasi:cli/run` of WASI 0.2.
     Command(CommandPre<P2State>),
     /// A component exporting `wasi:cli/run` of WASI 0.3, an async function.
@@ -71,6 +74,7 @@ pub(super) struct Artifacts {
 struct Inner {
     engine: Engine,
     linkers: Linkers,
+    threads: Option<ThreadsEngine>,
     cache: Option<DiskCache>,
     compiler: Compiler,
     compile_timeout: Duration,
@@ -79,6 +83,14 @@ struct Inner {
     cells: Mutex<HashMap<String, Arc<OnceCell<Compiled>>>>,
     compiled: AtomicU64,
     loaded: AtomicU64,
+}
+
+/// The engine of modules with threads, and their linker.
+pub(super) struct ThreadsEngine {
+    /// The engine, with shared memories.
+    pub engine: Engine,
+    /// WASI preview 1 and `thread-spawn`.
+    pub linker: Arc<Linker<GuestThread>>,
 }
 
 /// Where compiled artifacts are kept across restarts.
@@ -93,15 +105,18 @@ pub(super) struct DiskCache {
 // === impl Artifacts ===
 
 impl Artifacts {
-    /// A cache for `engine`, pre-linking with `linkers`, compiling with `compiler` modules
-    /// within `cost_limits` and `timeout` (those of up to `cheap_code_bytes` of code as cheap
-    /// ones), and keeping artifacts in `cache`'s directory (created here) when set.
+    /// A cache for `engine`, pre-linking with `linkers` (modules with threads on `threads`,
+    /// when the node offers them), compiling with `compiler` modules within `cost_limits` and
+    /// `timeout` (those of up to `cheap_code_bytes` of code as cheap ones), and keeping
+    /// artifacts in `cache`'s directory (created here) when set.
     ///
     /// # Errors
     /// The cache directory could not be created.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         engine: Engine,
         linkers: Linkers,
+        threads: Option<ThreadsEngine>,
         cache: Option<DiskCache>,
         compiler: Compiler,
         cost_limits: CostLimits,
@@ -115,6 +130,7 @@ impl Artifacts {
             inner: Arc::new(Inner {
                 engine,
                 linkers,
+                threads,
                 cache,
                 compiler,
                 compile_timeout: timeout,
@@ -183,7 +199,10 @@ impl Artifacts {
         digest: String,
         bytes: Vec<u8>,
     ) -> Result<Compiled, SandboxError> {
-        let on_disk = self.inner.cache_path(&digest).is_some_and(|p| p.exists());
+        let on_disk = self
+            .inner
+            .cache_path(&self.inner.engine, &digest)
+            .is_some_and(|p| p.exists());
         let cheap = if on_disk {
             true
         } else {
@@ -222,9 +241,15 @@ impl Inner {
         // uses is found here, once per digest, and checked for each workload that runs it.
         let requires =
             wasm::required_features(bytes).map_err(|e| SandboxError::Compile(e.into()))?;
+        let threaded = requires.contains(WasmFeature::Threads);
         let artifact = if flotilla_model::module::is_component(bytes) {
+            if threaded {
+                return Err(SandboxError::ThreadsInComponent);
+            }
             let component =
-                self.load_or_compile(digest, bytes, |engine, bytes| Component::new(engine, bytes))?;
+                self.load_or_compile(&self.engine, digest, bytes, |engine, bytes| {
+                    Component::new(engine, bytes)
+                })?;
             let pre = self
                 .linkers
                 .component
@@ -247,9 +272,27 @@ impl Inner {
                     },
                 }
             }
-        } else {
+        } else if threaded {
+            // On a node without threads, the workload is refused for that before this runs:
+            // this one does not enable them.
+            let Some(threads) = &self.threads else {
+                return Err(SandboxError::FeaturesNotEnabled(wasm::MissingFeatures {
+                    missing: FeatureSet::NONE.with(WasmFeature::Threads),
+                }));
+            };
             let module =
-                self.load_or_compile(digest, bytes, |engine, bytes| Module::new(engine, bytes))?;
+                self.load_or_compile(&threads.engine, digest, bytes, |engine, bytes| {
+                    Module::new(engine, bytes)
+                })?;
+            Artifact::Threaded(Arc::new(ThreadedModule::new(
+                module,
+                bytes,
+                threads.linker.clone(),
+            )?))
+        } else {
+            let module = self.load_or_compile(&self.engine, digest, bytes, |engine, bytes| {
+                Module::new(engine, bytes)
+            })?;
             match module.get_export("_start") {
                 Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {
                 }
@@ -272,18 +315,22 @@ impl Inner {
     /// Loads a precompiled artifact from the disk cache or compiles and stores it.
     fn load_or_compile<T: Serialize>(
         &self,
+        engine: &Engine,
         digest: &str,
         bytes: &[u8],
         compile: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
     ) -> Result<T, SandboxError> {
-        let path = self.cache_path(digest);
-        // What this agent compiled before, then what was precompiled for it elsewhere.
-        let precompiled = self.precompiled_path(digest);
+        let path = self.cache_path(engine, digest);
+        // What this agent compiled before, then what was precompiled for it elsewhere (for
+        // the host engine only).
+        let precompiled = self
+            .precompiled_path(digest)
+            .filter(|_| Engine::same(engine, &self.engine));
         for candidate in [&path, &precompiled].into_iter().flatten() {
             if !candidate.exists() {
                 continue;
             }
-            match read_sealed(candidate).and_then(|code| T::deserialize(&self.engine, &code)) {
+            match read_sealed(candidate).and_then(|code| T::deserialize(engine, &code)) {
                 Ok(artifact) => {
                     self.loaded.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%digest, path = %candidate.display(), "artifact loaded from the cache");
@@ -296,7 +343,7 @@ impl Inner {
                 }
             }
         }
-        let artifact = compile(&self.engine, bytes).map_err(|e| SandboxError::Compile(e.into()))?;
+        let artifact = compile(engine, bytes).map_err(|e| SandboxError::Compile(e.into()))?;
         self.compiled.fetch_add(1, Ordering::Relaxed);
         if let Some(path) = &path {
             let written = artifact
@@ -316,12 +363,10 @@ impl Inner {
         Some(cache.dir.join(format!("{digest}{suffix}")))
     }
 
-    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
+    fn cache_path(&self, engine: &Engine, digest: &str) -> Option<PathBuf> {
         let dir = &self.cache.as_ref()?.dir;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
+        engine.precompile_compatibility_hash().hash(&mut hasher);
         Some(dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish())))
     }
 }

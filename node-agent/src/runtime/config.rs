@@ -77,8 +77,11 @@ pub struct RuntimeConfig {
     pub egress_denied: DeniedRanges,
     /// The WebAssembly proposals beyond the default set that the engine accepts and workloads
     /// may enable (`spec.wasm.features`). Default: [`FeatureSet::NODE_DEFAULT`], every one but
-    /// the experimental `component-model-async`, whose support in wasmtime 48 is incomplete.
+    /// the experimental `component-model-async` (incomplete in wasmtime 48) and `threads`
+    /// (shared memories: tier 2, no security fixes in patch releases).
     pub wasm_features: FeatureSet,
+    /// The most threads one sandbox with threads runs at once, its main thread included.
+    pub max_threads_per_sandbox: u32,
 }
 
 /// The CPUs this process may use.
@@ -121,6 +124,7 @@ impl Default for RuntimeConfig {
             node_name: host_name(),
             egress_denied: DeniedRanges::defaults(),
             wasm_features: FeatureSet::NODE_DEFAULT,
+            max_threads_per_sandbox: 16,
             default_limits: SandboxLimits {
                 memory_bytes: 64 << 20,
                 memory_request_bytes: 0,

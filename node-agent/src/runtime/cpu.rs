@@ -54,6 +54,11 @@ impl CpuUsage {
         self.0.load(Ordering::Relaxed) / 1000
     }
 
+    /// Adds `micros` microseconds, measured rather than counted in ticks (threads).
+    pub(crate) fn charge_micros(&self, micros: u64) {
+        self.0.fetch_add(micros, Ordering::Relaxed);
+    }
+
     /// Adds `ticks` of `tick` each.
     pub(crate) fn charge(&self, ticks: u64, tick: Duration) {
         let micros = u64::try_from(tick.as_micros()).unwrap_or(u64::MAX);

@@ -1,10 +1,11 @@
 //! The wasmtime engines: their configuration, the pooling allocator, the epoch ticker, and
 //! engines configured alike for other architectures.
 //!
-//! [`Engines`] holds one engine per kind of sandbox the agent runs. Today that is the host
-//! engine: the pooling allocator sized for the agent's capacity, copy-on-write memory images,
-//! epoch interruption. Workloads that need what the pool cannot host (shared memories, for one)
-//! will get engines of their own here, each with its own limits.
+//! [`Engines`] holds one engine per kind of sandbox the agent runs: the host engine (the pooling
+//! allocator sized for the agent's capacity, copy-on-write memory images, epoch interruption)
+//! and, on a node that offers `threads`, the threads engine, whose modules import a shared
+//! memory that the pool cannot hold: it allocates on demand, and each of its sandboxes is
+//! bounded by its own limits (see `threads`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ const MAX_BACKTRACE_FRAMES: usize = 32;
 #[derive(Clone)]
 pub struct Engines {
     host: Engine,
+    threads: Option<Engine>,
     epoch: Epoch,
 }
 
@@ -54,7 +56,27 @@ impl Engines {
         if config.epoch_ticker == EpochTicker::Thread {
             spawn_epoch_ticker(&epoch, config.epoch_tick);
         }
-        Ok(Self { host, epoch })
+        let threads = if config.wasm_features.contains(WasmFeature::Threads) {
+            let mut threads_config = self::engine_config(config);
+            threads_config.wasm_threads(true).shared_memory(true);
+            let threads = Engine::new(&threads_config)?;
+            // Its threads are not in the run queue: the engine ticks on its own, even when
+            // tests advance the host engine's epoch by hand.
+            spawn_engine_ticker(&threads, config.epoch_tick);
+            Some(threads)
+        } else {
+            None
+        };
+        Ok(Self {
+            host,
+            threads,
+            epoch,
+        })
+    }
+
+    /// The engine of modules with threads, on a node that offers them.
+    pub fn threads(&self) -> Option<&Engine> {
+        self.threads.as_ref()
     }
 
     /// The engine of ordinary sandboxes, on the pooling allocator.
@@ -153,7 +175,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         // Post-MVP features that wasmtime 48 supports and Flotilla enables: the default set of
         // every workload, and those the node offers (`--wasm-features`) for a workload to opt
         // into (`spec.wasm.features`), which the artifacts check per workload. Threads (shared
-        // memories, which the pool cannot hold) are refused.
+        // memories, which the pool cannot hold) are only on the threads engine.
         .wasm_simd(true)
         .wasm_relaxed_simd(true)
         .wasm_bulk_memory(true)
@@ -163,6 +185,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .wasm_extended_const(true)
         .wasm_component_model(true)
         .wasm_function_references(true)
+        .wasm_threads(false)
         .collector(wasmtime::Collector::DeferredReferenceCounting);
     let offered = |feature| config.wasm_features.contains(feature);
     cfg.wasm_gc(offered(WasmFeature::Gc))
@@ -234,6 +257,23 @@ pub fn precompiled_suffix(config: &RuntimeConfig, target: &str) -> Result<String
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
     Ok(format!("-{target}-{:016x}.cwasm", hasher.finish()))
+}
+
+/// Increments `engine`'s epoch every `tick` until it is dropped.
+fn spawn_engine_ticker(engine: &Engine, tick: Duration) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("flotilla-epoch-threads".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the threads engine's epoch ticker");
+    }
 }
 
 /// Advances `epoch` every `tick` until its engine is dropped.

@@ -97,6 +97,15 @@ pub enum SandboxError {
          to serve it"
     )]
     HttpWithoutRoute,
+    /// A module with threads that the agent cannot run as one sandbox.
+    #[error("the module uses threads, but it {0}")]
+    Threads(String),
+    /// A component that uses threads: they are offered to core modules (`wasi-threads`).
+    #[error(
+        "the component uses threads (a shared memory), which are offered to core modules only \
+         (wasi-threads, as wasm32-wasip1-threads builds them)"
+    )]
+    ThreadsInComponent,
     /// A command module without a callable `_start`.
     #[error("module has no callable `_start: func()` export; only WASI command modules can run")]
     MissingStart,

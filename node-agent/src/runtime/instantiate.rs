@@ -16,6 +16,7 @@ use super::prepared::PreparedWorkload;
 use super::sandbox::{SandboxInstance, SandboxName};
 use super::stdin::StdinPipe;
 use super::store::{P1State, P2State, P2Wasi, Stores};
+use super::threads::{MainThread, ThreadGroup, ThreadSettings};
 use super::volumes::{Mounts, VolumeConfig};
 use crate::metrics::HttpMetrics;
 
@@ -25,6 +26,9 @@ pub enum WasmtimeInstance {
     Module(Store<P1State>, TypedFunc<(), ()>),
     /// A preview 2 command component.
     Component(Store<P2State>, Command),
+    /// A preview 1 command module with threads, each on an OS thread of its own, and its main
+    /// thread.
+    Threaded(Arc<ThreadGroup>, MainThread),
     /// A WASI 0.3 command component, whose `run` is an async export.
     ComponentP3(Store<P2State>, wasmtime_wasi::p3::bindings::Command),
     /// A replica of an HTTP workload: a route, with a fresh sandbox per request.
@@ -57,6 +61,7 @@ impl SandboxInstance for WasmtimeInstance {
                     Ok(Err(e)) | Err(e) => classify(e, &store.data().limiter),
                 }
             }
+            WasmtimeInstance::Threaded(group, main) => group.run(main).await,
             WasmtimeInstance::Http(replica) => replica.run().await,
         }
     }
@@ -73,6 +78,8 @@ pub(super) struct Instantiator {
     pub routes: HttpRoutes,
     /// Metrics of the HTTP workloads.
     pub http_metrics: HttpMetrics,
+    /// What bounds the threads of a module with threads.
+    pub threads: ThreadSettings,
 }
 
 // === impl Instantiator ===
@@ -137,6 +144,29 @@ impl Instantiator {
                     .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
                     .map_err(|e| classify(e, &store.data().limiter))?;
                 Ok(WasmtimeInstance::Module(store, start))
+            }
+            Artifact::Threaded(module) => {
+                // `wasi` showed that the environment and volumes resolve; every thread gets a
+                // context of its own, built alike.
+                drop(wasi);
+                let environment = prepared.environment.clone();
+                let sources = self.stores.sources().clone();
+                let sandbox = sandbox.to_string();
+                let wasi = move |main: bool| {
+                    let stdin = stdin.as_ref().filter(|_| main);
+                    environment
+                        .wasi(&sources, &sandbox, &logs, stdin, mounts.as_deref())
+                        .map(|mut wasi| wasi.build_p1())
+                };
+                let group = ThreadGroup::new(
+                    module.clone(),
+                    &prepared.limits,
+                    cpu,
+                    Box::new(wasi),
+                    self.threads,
+                )?;
+                let main = group.instantiate_main()?;
+                Ok(WasmtimeInstance::Threaded(group, main))
             }
             Artifact::Command(pre) => {
                 let mut store = component_store(wasi);

@@ -25,6 +25,7 @@
 //! | `linker` | the host functions guests may import |
 //! | `cpu` | CPU slices, shares by request, rate caps by limit, CPU used |
 //! | `priority` | thread priorities (nice values) of guests and compiles |
+//! | `threads` | modules with threads: an OS thread per guest thread, over one shared memory |
 //! | `cost`, `compiler` | what a compile would cost; where compiles run (low priority, bounded, round-robin) |
 //! | `artifacts` | the compile cache, in memory and on disk |
 //! | `http` | HTTP replicas: a fresh sandbox per request |
@@ -56,6 +57,7 @@ mod sandbox;
 mod source;
 pub(crate) mod stdin;
 mod store;
+mod threads;
 pub mod volumes;
 mod wasmtime;
 
@@ -84,4 +86,5 @@ pub use self::run_queue::{LEASE_TICKS, MIN_WEIGHT_MILLICORES, RunQueue};
 pub use self::sandbox::{Prepared, SandboxInstance, SandboxName, SandboxRuntime};
 pub use self::stdin::{AttachError, STDIN_BUFFER_BYTES, StdinPipe, StdinWriter};
 pub use self::store::{P2State, Stores};
+pub use self::threads::GUEST_THREAD_NAME;
 pub use self::wasmtime::{RuntimeError, WasmtimeRuntime};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use flotilla_proto::agent::v1::WorkloadSpec;
 use wasmtime::Engine;
 
-use super::artifacts::{Artifacts, CacheStats, DiskCache};
+use super::artifacts::{Artifacts, CacheStats, DiskCache, ThreadsEngine};
 use super::capacity::{self, Capacity};
 use super::compiler::Compiler;
 use super::config::RuntimeConfig;
@@ -27,6 +27,7 @@ use super::sandbox::{SandboxName, SandboxRuntime};
 use super::source;
 use super::stdin::StdinPipe;
 use super::store::Stores;
+use super::threads::ThreadSettings;
 use super::volumes::{self, ConfigFiles, Mounts};
 use crate::metrics::HttpMetrics;
 
@@ -93,9 +94,17 @@ impl WasmtimeRuntime {
                 .map_err(|e| tracing::warn!(error = %e, "no precompiled artifacts for this target"))
                 .ok(),
         });
+        let threads = match engines.threads() {
+            Some(engine) => Some(ThreadsEngine {
+                engine: engine.clone(),
+                linker: Arc::new(super::threads::linker(engine).map_err(RuntimeError::LinkWasi)?),
+            }),
+            None => None,
+        };
         let artifacts = Artifacts::new(
             engine.clone(),
             linkers,
+            threads,
             cache,
             Compiler::new(config.compile_concurrency, config.compile_threads),
             config.compile_cost_limits,
@@ -113,6 +122,11 @@ impl WasmtimeRuntime {
             volumes: config.volumes.clone(),
             routes: HttpRoutes::default(),
             http_metrics: HttpMetrics::default(),
+            threads: ThreadSettings {
+                max_threads: config.max_threads_per_sandbox,
+                max_wasm_stack: config.max_wasm_stack,
+                epoch_tick: config.epoch_tick,
+            },
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -128,6 +142,11 @@ impl WasmtimeRuntime {
     /// The engine, for tools that must share its configuration (benchmarks).
     pub fn engine(&self) -> &Engine {
         self.inner.engines.host()
+    }
+
+    /// The engine of modules with threads, on a node that offers them (benchmarks).
+    pub fn threads_engine(&self) -> Option<&Engine> {
+        self.inner.engines.threads()
     }
 
     /// The engine's epoch, for tests that advance it themselves

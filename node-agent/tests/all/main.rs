@@ -3,7 +3,8 @@
 //!
 //! - `sandboxes`, `lifecycle`, `restarts` (paused clock), `isolation` (1,000 faulty sandboxes
 //!   beside 100 healthy ones): the supervisor over a real wasmtime runtime;
-//! - `features`: WebAssembly proposals a workload opts into (GC, exceptions, ...);
+//! - `features`: WebAssembly proposals a workload opts into (GC, exceptions, ...); `threads`:
+//!   modules with threads (`wasi-threads`);
 //! - `http`: the ingress and HTTP workloads; `volumes`: preopens, escapes, ConfigMap and Secret
 //!   files; `examples`: the repository's example manifests;
 //! - `cluster`: an agent against an in-process control plane.
@@ -24,4 +25,5 @@ mod isolation;
 mod lifecycle;
 mod restarts;
 mod sandboxes;
+mod threads;
 mod volumes;

@@ -3,8 +3,9 @@
 //!
 //! The aarch64 agent registers as `arm64` and runs what users run: a WASI p1 module in C with
 //! args and env (precompiled for aarch64 by the x86-64 agent binary and loaded, not compiled,
-//! by the aarch64 one), a trap, a memory limit and a `wasi:http` component (a WASI p2 component)
-//! answering through its ingress, placed there by `kubernetes.io/arch`. So the agent's platform
+//! by the aarch64 one), a trap, a memory limit, a module summing on four threads (atomics and
+//! futex waits on aarch64) and a `wasi:http` component (a WASI p2 component) answering through
+//! its ingress, placed there by `kubernetes.io/arch`. So the agent's platform
 //! assumptions (page size, the signal handling that turns faults into traps, the pooling
 //! allocator's reservations, the `vm.max_map_count` arithmetic, Cranelift's aarch64 backend)
 //! are checked on aarch64 code, and the aarch64 CLI talks to the control plane too.
@@ -96,7 +97,14 @@ fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
     assert!(written.contains("-aarch64-unknown-linux-gnu-"), "{written}");
 
     let agent = Agent::start_command(under_qemu("flotilla-node-agent"), &url, "arm-1", |c| {
-        c.args(["--max-sandboxes", "64", "--cache-dir"]).arg(&cache);
+        c.args(["--max-sandboxes", "64", "--cache-dir"])
+            .arg(&cache)
+            // The default features, whose engine settings the precompiled module was built
+            // with, and threads.
+            .args([
+                "--wasm-features",
+                "gc,exceptions,wide-arithmetic,custom-page-sizes,threads",
+            ]);
     });
     agent.process.wait_line("connected to the control plane");
 
@@ -166,6 +174,26 @@ fn an_arm64_agent_under_qemu_runs_modules_components_traps_and_limits() {
     wait_for(&url, "membomb", "the memory limit reported", |o| {
         condition(o, "Ready")["reason"] == "OutOfMemory"
     });
+
+    // Threads: four OS threads over one shared memory, atomics and waits on aarch64.
+    apply(
+        &url,
+        &manifest,
+        &on_arm64(
+            "threads",
+            &guest("threads.wasm"),
+            "  restartPolicy: Never\n  wasm: {features: [threads]}\n",
+        ),
+        false,
+    );
+    wait_for(
+        &url,
+        "threads",
+        "the threads guest completed on arm64",
+        |o| o["status"]["succeededReplicas"] == 1,
+    );
+    let logs = flotilla(&["--server", &url, "logs", "threads"]);
+    assert_eq!(logs, "summed 1..4000000 on 4 threads: 8000002000000\n");
 
     // A wasi:http component, a fresh sandbox per request, through the aarch64 ingress.
     apply(
