@@ -9,11 +9,12 @@
 //! each of its deadlines ([`CpuShare::at_deadline`]):
 //!
 //! - **Slices and shares.** A sandbox that resumes after waiting its turn runs a slice until
-//!   the next epoch boundary. At the end of each it gives back its CPU slot and waits in the
-//!   agent's [`RunQueue`] for the next: slots go to the lowest virtual runtime (CPU used
-//!   divided by the request), so sandboxes that contend for the guest threads get CPU in
-//!   proportion to their requests, and a thousand spinners never stand in tokio's queues
-//!   ahead of new work.
+//!   the next epoch boundary. At the end of each it queues in the agent's [`RunQueue`] for the
+//!   next, and the slot it held goes to the lowest virtual runtime (CPU used divided by the
+//!   request), itself included: sandboxes that contend for the guest threads get CPU in
+//!   proportion to their requests (two on one slot would otherwise take turns, 1:1 whatever
+//!   their requests, as measured before this), and a thousand spinners never stand in tokio's
+//!   queues ahead of new work.
 //! - **Rate caps.** With `resources.limits.cpu` below one core, a sandbox pauses after each
 //!   slice for as long as keeps its rate at the limit (a slice of 10 ms at a limit of 250m
 //!   pauses 30 ms), as CFS bandwidth control does with a quota per period, and then queues.
@@ -146,6 +147,11 @@ impl CpuShare {
         }
     }
 
+    /// Weighs the sandbox `weight` millicores from now on (the least weight below it).
+    pub(crate) fn set_weight(&mut self, weight: u64) {
+        self.weight = weight.max(MIN_WEIGHT_MILLICORES);
+    }
+
     /// Decides, at a deadline reached at epoch `now`, whether the slice under way goes on or
     /// ends.
     pub(crate) fn at_deadline(&mut self, now: u64) -> AtDeadline {
@@ -155,10 +161,9 @@ impl CpuShare {
             // began when it resumed.
             return AtDeadline::Continue(end - now);
         }
-        // The slot, if one is held, goes back: the slice is over, or the sandbox slept
-        // through it.
-        drop(self.lock_lease().take());
         if now > end {
+            // The slot, if one is held, goes back: the sandbox slept through its slice.
+            drop(self.lock_lease().take());
             // Not running wasm when its slice was to end: it was instantiating, or blocked in
             // WASI. It rejoins at the queue's virtual time, and runs a fresh slice at once
             // unless it is a slice or more ahead of it (it used more than its share while
@@ -183,15 +188,20 @@ impl CpuShare {
             self.tick * u32::try_from(ticks * idle).unwrap_or(u32::MAX)
                 / u32::try_from(rate).unwrap_or(1)
         });
+        // The slice is over. A slot held through it is handed on when the sandbox queues again
+        // ([`yield_future`](Self::yield_future)), to whoever has the lowest virtual runtime,
+        // itself included.
         AtDeadline::Yield {
             charge: ticks,
             pause,
         }
     }
 
-    /// What the sandbox awaits when it yields: `pause`, if it has one, then a CPU slot from
-    /// the run queue, then a turn at the back of its worker's queue; its next slice, of one
-    /// tick, begins when it resumes.
+    /// What the sandbox awaits when it yields: `pause`, if it has one (the slot it held goes
+    /// back first), then a CPU slot from the run queue (the one it held competes with the
+    /// waiters at its new virtual runtime, so that of two sandboxes on one slot each gets its
+    /// share rather than every other slice), then a turn at the back of its worker's queue; its
+    /// next slice, of one tick, begins when it resumes.
     pub(crate) fn yield_future(
         &self,
         pause: Option<Duration>,
@@ -202,10 +212,19 @@ impl CpuShare {
         let queue = self.queue.clone();
         let virtual_runtime = self.virtual_runtime;
         Box::pin(async move {
-            if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
-            }
-            let lease = queue.acquire(virtual_runtime).await;
+            let held = lease_slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let lease = match (pause, held) {
+                (Some(pause), held) => {
+                    drop(held);
+                    tokio::time::sleep(pause).await;
+                    queue.acquire(virtual_runtime).await
+                }
+                (None, Some(held)) => queue.requeue(held, virtual_runtime).await,
+                (None, None) => queue.acquire(virtual_runtime).await,
+            };
             // A slot granted by a neighbour's yield wakes this task first on that worker;
             // the worker's other tasks go before it.
             tokio::task::yield_now().await;

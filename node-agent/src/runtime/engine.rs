@@ -31,10 +31,12 @@ pub struct Engines {
 }
 
 /// The host engine's epoch, counted where it can be read (wasmtime only increments its own),
-/// and the run queue its ticks drive. Cheap to clone.
+/// and the run queue its ticks drive. The threads engine's epoch moves with it, so that guest
+/// threads reach their deadlines at the same ticks as other sandboxes. Cheap to clone.
 #[derive(Clone)]
 pub struct Epoch {
     engine: Engine,
+    threads: Option<Engine>,
     count: Arc<AtomicU64>,
     run_queue: Arc<RunQueue>,
 }
@@ -52,21 +54,21 @@ impl Engines {
             config, capacity,
         )));
         let host = Engine::new(&engine_config)?;
-        let epoch = Epoch::new(host.clone(), RunQueue::new(config.guest_threads));
-        if config.epoch_ticker == EpochTicker::Thread {
-            spawn_epoch_ticker(&epoch, config.epoch_tick);
-        }
         let threads = if config.wasm_features.contains(WasmFeature::Threads) {
             let mut threads_config = self::engine_config(config);
             threads_config.wasm_threads(true).shared_memory(true);
-            let threads = Engine::new(&threads_config)?;
-            // Its threads are not in the run queue: the engine ticks on its own, even when
-            // tests advance the host engine's epoch by hand.
-            spawn_engine_ticker(&threads, config.epoch_tick);
-            Some(threads)
+            Some(Engine::new(&threads_config)?)
         } else {
             None
         };
+        let epoch = Epoch::new(
+            host.clone(),
+            threads.clone(),
+            RunQueue::new(config.guest_threads),
+        );
+        if config.epoch_ticker == EpochTicker::Thread {
+            spawn_epoch_ticker(&epoch, config.epoch_tick);
+        }
         Ok(Self {
             host,
             threads,
@@ -93,9 +95,10 @@ impl Engines {
 // === impl Epoch ===
 
 impl Epoch {
-    fn new(engine: Engine, run_queue: Arc<RunQueue>) -> Self {
+    fn new(engine: Engine, threads: Option<Engine>, run_queue: Arc<RunQueue>) -> Self {
         Self {
             engine,
+            threads,
             count: Arc::new(AtomicU64::new(0)),
             run_queue,
         }
@@ -104,7 +107,7 @@ impl Epoch {
     /// An epoch of a default engine with a run queue of `slots`, advanced by hand.
     #[cfg(test)]
     pub(crate) fn manual_for_tests(slots: usize) -> Self {
-        Self::new(Engine::default(), RunQueue::new(slots))
+        Self::new(Engine::default(), None, RunQueue::new(slots))
     }
 
     /// Advances the epoch by one tick and expires the run queue's stale leases: what the
@@ -112,6 +115,9 @@ impl Epoch {
     /// themselves.
     pub fn advance(&self) {
         self.engine.increment_epoch();
+        if let Some(threads) = &self.threads {
+            threads.increment_epoch();
+        }
         let now = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         self.run_queue.expire(now);
     }
@@ -259,26 +265,10 @@ pub fn precompiled_suffix(config: &RuntimeConfig, target: &str) -> Result<String
     Ok(format!("-{target}-{:016x}.cwasm", hasher.finish()))
 }
 
-/// Increments `engine`'s epoch every `tick` until it is dropped.
-fn spawn_engine_ticker(engine: &Engine, tick: Duration) {
-    let weak = engine.weak();
-    let spawned = std::thread::Builder::new()
-        .name("flotilla-epoch-threads".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(tick);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the threads engine's epoch ticker");
-    }
-}
-
 /// Advances `epoch` every `tick` until its engine is dropped.
 fn spawn_epoch_ticker(epoch: &Epoch, tick: Duration) {
     let weak = epoch.engine.weak();
+    let threads = epoch.threads.as_ref().map(Engine::weak);
     let count = epoch.count.clone();
     let run_queue = epoch.run_queue.clone();
     let spawned = std::thread::Builder::new()
@@ -287,6 +277,7 @@ fn spawn_epoch_ticker(epoch: &Epoch, tick: Duration) {
             while let Some(engine) = weak.upgrade() {
                 Epoch {
                     engine,
+                    threads: threads.as_ref().and_then(|t| t.upgrade()),
                     count: count.clone(),
                     run_queue: run_queue.clone(),
                 }

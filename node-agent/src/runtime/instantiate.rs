@@ -16,7 +16,7 @@ use super::prepared::PreparedWorkload;
 use super::sandbox::{SandboxInstance, SandboxName};
 use super::stdin::StdinPipe;
 use super::store::{P1State, P2State, P2Wasi, Stores};
-use super::threads::{MainThread, ThreadGroup, ThreadSettings};
+use super::threads::{RunningGroup, ThreadGroup, ThreadSettings};
 use super::volumes::{Mounts, VolumeConfig};
 use crate::metrics::HttpMetrics;
 
@@ -26,9 +26,9 @@ pub enum WasmtimeInstance {
     Module(Store<P1State>, TypedFunc<(), ()>),
     /// A preview 2 command component.
     Component(Store<P2State>, Command),
-    /// A preview 1 command module with threads, each on an OS thread of its own, and its main
-    /// thread.
-    Threaded(Arc<ThreadGroup>, MainThread),
+    /// A preview 1 command module with threads, each on an OS thread of its own, its main
+    /// thread started.
+    Threaded(Arc<ThreadGroup>, RunningGroup),
     /// A WASI 0.3 command component, whose `run` is an async export.
     ComponentP3(Store<P2State>, wasmtime_wasi::p3::bindings::Command),
     /// A replica of an HTTP workload: a route, with a fresh sandbox per request.
@@ -61,7 +61,7 @@ impl SandboxInstance for WasmtimeInstance {
                     Ok(Err(e)) | Err(e) => classify(e, &store.data().limiter),
                 }
             }
-            WasmtimeInstance::Threaded(group, main) => group.run(main).await,
+            WasmtimeInstance::Threaded(group, running) => group.run(running).await,
             WasmtimeInstance::Http(replica) => replica.run().await,
         }
     }
@@ -163,10 +163,10 @@ impl Instantiator {
                     &prepared.limits,
                     cpu,
                     Box::new(wasi),
-                    self.threads,
+                    self.threads.clone(),
                 )?;
-                let main = group.instantiate_main()?;
-                Ok(WasmtimeInstance::Threaded(group, main))
+                let running = group.start_main().await?;
+                Ok(WasmtimeInstance::Threaded(group, running))
             }
             Artifact::Command(pre) => {
                 let mut store = component_store(wasi);

@@ -141,6 +141,36 @@ impl RunQueue {
         }
     }
 
+    /// Queues the holder of `held` for its next slice at `virtual_runtime`, and hands its slot
+    /// to the waiter of lowest virtual runtime, itself included: a sandbox that yields competes
+    /// for the slot it gives back.
+    pub async fn requeue(self: &Arc<Self>, mut held: Lease, virtual_runtime: u64) -> Lease {
+        let granted = {
+            let mut state = self.lock();
+            let (grant, granted) = oneshot::channel();
+            let seq = state.next_waiter;
+            state.next_waiter += 1;
+            state.waiting.push(Reverse(Waiter {
+                virtual_runtime,
+                seq,
+                grant,
+            }));
+            held.queue = None;
+            // Unless it expired meanwhile, and went back then.
+            if let Some(index) = state.leased.iter().position(|(id, _)| *id == held.id) {
+                state.leased.swap_remove(index);
+                state.free += 1;
+            }
+            self.serve(&mut state);
+            granted
+        };
+        // As in `acquire`.
+        granted.await.unwrap_or(Lease {
+            id: u64::MAX,
+            queue: None,
+        })
+    }
+
     /// Notes that the holder of `lease` began to run at epoch `now`: its lease expires
     /// [`LEASE_TICKS`] later.
     pub fn running(&self, lease: &Lease, now: u64) {
@@ -289,6 +319,24 @@ mod tests {
         drop(early);
         let _late = late.await;
         assert_eq!(queue.virtual_time(), 300);
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_yields_competes_for_the_slot_it_gives_back() {
+        let queue = RunQueue::new(1);
+        let held = queue.acquire(0).await;
+        let mut other = std::pin::pin!(queue.acquire(300));
+        assert!(poll!(other.as_mut()).is_pending());
+        // Still behind the waiter after its slice: it keeps the slot.
+        let held = queue.requeue(held, 100).await;
+        assert!(poll!(other.as_mut()).is_pending(), "the yielder used less");
+        // Ahead of it now: the slot goes to the waiter, and the yielder waits.
+        let mut yielder = std::pin::pin!(queue.requeue(held, 400));
+        assert!(poll!(yielder.as_mut()).is_pending());
+        let other = other.await;
+        assert_eq!(queue.virtual_time(), 300);
+        drop(other);
+        let _yielder = yielder.await;
     }
 
     #[tokio::test]

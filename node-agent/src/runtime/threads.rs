@@ -8,13 +8,19 @@
 //!   no epoch deadline interrupts it, so a guest thread never runs on the agent's shared guest
 //!   workers: each has an OS thread of its own, created from the sandbox's replica worker and so
 //!   at its nice value. Each thread has its own store and instance over the one shared memory,
-//!   on the threads engine (on-demand allocation: the pool cannot hold shared memories).
+//!   on the threads engine (on-demand allocation: the pool cannot hold shared memories). The
+//!   main thread instantiates the module too: no wasm of the sandbox runs on a guest worker.
 //! - **Bounded.** At most `--max-threads-per-sandbox` threads run at once (`thread-spawn` fails
 //!   past it, as `pthread_create` does with `EAGAIN`). The shared memory's maximum is cut to the
 //!   memory limit, so growing past it fails as any growth past the limit does. The threads
-//!   together are charged their CPU time (measured per OS thread at each epoch tick) against the
+//!   together are charged their CPU time (measured per OS thread at each deadline) against the
 //!   sandbox's `cpuTime` budget and its usage, and kept to its `limits.cpu` rate (one core
-//!   without a limit, as any sandbox): a thread ahead of the rate sleeps at its next tick.
+//!   without a limit, as any sandbox): a thread ahead of the rate pauses at its next deadline.
+//! - **Shares.** Each thread runs in slices and takes turns in the agent's run queue as any
+//!   sandbox does (see `cpu`), blocking its OS thread while it waits for a CPU slot, and weighs
+//!   the sandbox's `requests.cpu` divided by its running threads: a sandbox gets the same share
+//!   of the guest CPU slots however many threads it runs. The threads engine's epoch moves with
+//!   the host engine's, so its deadlines fall on the same ticks.
 //! - **Ending.** The run ends when `_start` returns (exit code 0), when any thread calls
 //!   `proc_exit` (its code) or traps (that trap, or the limit it hit), or when the agent stops
 //!   the sandbox. Then every other thread is stopped: each traps at its next epoch check, and a
@@ -32,11 +38,12 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Caller, Engine, Extern, ExternType, Instance, Linker, MemoryType, MemoryTypeBuilder, Module,
-    SharedMemory, Store, TypedFunc, UpdateDeadline,
+    SharedMemory, Store, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::cpu::{CORE_MILLICORES, CpuUsage};
+use super::cpu::{AtDeadline, CORE_MILLICORES, CpuShare, CpuUsage, FRESH_SLICE_TICKS};
+use super::engine::Epoch;
 use super::error::SandboxError;
 use super::exit::{Exit, classify};
 use super::limits::{CpuLimitExceeded, Limiter, SandboxLimits};
@@ -62,6 +69,8 @@ pub struct ThreadedModule {
 pub(super) struct GuestThread {
     wasi: WasiP1Ctx,
     limiter: Limiter,
+    /// The thread's turns in the agent's run queue.
+    cpu: CpuShare,
     group: Arc<ThreadGroup>,
     /// The OS thread's CPU time when it was last charged.
     charged: Duration,
@@ -81,6 +90,12 @@ pub struct ThreadGroup {
     budget_micros: Option<u64>,
     /// The rate cap in millicores.
     rate: u64,
+    /// `resources.requests.cpu` in millicores, shared out between the running threads.
+    weight: u64,
+    tick: Duration,
+    epoch: Epoch,
+    /// The sandboxes' runtime, on which threads wait for their turns.
+    handle: tokio::runtime::Handle,
     max_threads: u32,
     /// Native stack of each thread: the wasm stack and room for the host's calls.
     stack_size: usize,
@@ -116,14 +131,17 @@ struct Stopping;
 
 /// Which entry point a thread runs.
 enum Entry {
-    Main(MainThread),
-    Spawned { id: i32, start_arg: i32 },
+    /// `_start`, once the instance is made; whether it could be is sent on the channel.
+    Main(tokio::sync::oneshot::Sender<Result<(), Exit>>),
+    Spawned {
+        id: i32,
+        start_arg: i32,
+    },
 }
 
-/// The main thread, instantiated: its store and `_start`.
-pub struct MainThread {
-    store: Store<GuestThread>,
-    start: TypedFunc<(), ()>,
+/// A run whose main thread is instantiated and running: stops every thread when dropped.
+pub struct RunningGroup {
+    _stop: StopOnDrop,
 }
 
 // === impl ThreadedModule ===
@@ -286,6 +304,8 @@ impl ThreadGroup {
         let memory = SharedMemory::new(module.module.engine(), ty)
             .map_err(|e| Exit::OutOfMemory(format!("cannot create the shared memory: {e}")))?;
         let tick_micros = u64::try_from(settings.epoch_tick.as_micros()).unwrap_or(u64::MAX);
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| Exit::Trap(format!("no runtime for the sandbox's threads: {e}")))?;
         let (progress, _) = tokio::sync::watch::channel(Progress::Running);
         Ok(Arc::new(Self {
             module,
@@ -295,6 +315,10 @@ impl ThreadGroup {
             usage,
             budget_micros: limits.cpu_ticks.map(|t| t.saturating_mul(tick_micros)),
             rate: limits.cpu_rate.unwrap_or(CORE_MILLICORES).max(1),
+            weight: limits.cpu_weight.unwrap_or(0),
+            tick: settings.epoch_tick,
+            epoch: settings.epoch,
+            handle,
             max_threads: settings.max_threads.max(1),
             stack_size: settings.max_wasm_stack + (1 << 20),
             started: Instant::now(),
@@ -307,33 +331,33 @@ impl ThreadGroup {
         }))
     }
 
-    /// Instantiates the module for the main thread, here: a sandbox is running once this
-    /// returns, as any other.
+    /// Starts the main thread, which instantiates the module (a sandbox is running once this
+    /// returns, as any other) and runs `_start`. No wasm runs on the caller's thread.
     ///
     /// # Errors
-    /// The environment or the instantiation failed.
-    pub(super) fn instantiate_main(self: &Arc<Self>) -> Result<MainThread, Exit> {
-        let mut store = self.new_store((self.wasi)(true)?);
-        let start = self
-            .instantiate(&mut store)
-            .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
-            .map_err(|e| classify(e, &store.data().limiter))?;
-        Ok(MainThread { store, start })
+    /// The thread could not start, or the environment or the instantiation failed.
+    pub(super) async fn start_main(self: &Arc<Self>) -> Result<RunningGroup, Exit> {
+        let running = RunningGroup {
+            _stop: StopOnDrop(self.clone()),
+        };
+        let (instantiated, result) = tokio::sync::oneshot::channel();
+        self.start(Entry::Main(instantiated))?;
+        match result.await {
+            Ok(Ok(())) => Ok(running),
+            Ok(Err(exit)) => Err(exit),
+            Err(_) => Err(Exit::Trap("the main thread ended before it started".into())),
+        }
     }
 
-    /// Runs the module: `_start` of `main` on a thread of its own, then whatever it spawns,
-    /// until the run ends (see the module's doc). Dropping the future stops every thread.
-    pub(super) async fn run(self: Arc<Self>, main: MainThread) -> Exit {
+    /// Waits until the run started by [`start_main`](Self::start_main) ends (see the module's
+    /// doc). Dropping the future stops every thread.
+    pub(super) async fn run(self: Arc<Self>, running: RunningGroup) -> Exit {
         let mut progress = self.progress.subscribe();
-        let stop_on_drop = StopOnDrop(self.clone());
-        if let Err(exit) = self.start(Entry::Main(main)) {
-            return exit;
-        }
         // The receiver's sender is `self`, alive here: waiting cannot fail.
         let _ = progress.wait_for(|p| *p >= Progress::Decided).await;
         let _ =
             tokio::time::timeout(STOP_GRACE, progress.wait_for(|p| *p == Progress::Ended)).await;
-        drop(stop_on_drop);
+        drop(running);
         self.lock().exit.clone().unwrap_or(Exit::Stopped)
     }
 
@@ -378,11 +402,29 @@ impl ThreadGroup {
     /// The body of one OS thread.
     fn run_thread(self: Arc<Self>, entry: Entry) {
         let ended = match entry {
-            Entry::Main(MainThread { mut store, start }) => {
-                // Instantiated on another thread: its CPU is counted from here.
-                store.data_mut().charged = thread_cpu_time();
-                let result = start.call(&mut store, ());
-                outcome(result.map(|()| Some(Exit::Exited(0))), &store)
+            Entry::Main(instantiated) => {
+                let main = (self.wasi)(true).and_then(|wasi| {
+                    let mut store = self.new_store(wasi);
+                    match self
+                        .instantiate(&mut store)
+                        .and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start"))
+                    {
+                        Ok(start) => Ok((store, start)),
+                        Err(e) => Err(classify(e, &store.data().limiter)),
+                    }
+                });
+                match main {
+                    Ok((mut store, start)) => {
+                        let _ = instantiated.send(Ok(()));
+                        let result = start.call(&mut store, ());
+                        outcome(result.map(|()| Some(Exit::Exited(0))), &store)
+                    }
+                    // Reported by `start_main`, which ends the run.
+                    Err(exit) => {
+                        let _ = instantiated.send(Err(exit));
+                        None
+                    }
+                }
             }
             Entry::Spawned { id, start_arg } => match (self.wasi)(false) {
                 Ok(wasi) => {
@@ -407,16 +449,14 @@ impl ThreadGroup {
             GuestThread {
                 wasi,
                 limiter: Limiter::new(&self.limits),
+                cpu: CpuShare::new(Some(self.weight), None, self.tick, &self.epoch),
                 group: self.clone(),
                 charged: thread_cpu_time(),
             },
         );
         store.limiter(|t| &mut t.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut cx| {
-            cx.data_mut().at_tick()?;
-            Ok(UpdateDeadline::Continue(1))
-        });
+        store.set_epoch_deadline(FRESH_SLICE_TICKS);
+        store.epoch_deadline_callback(|mut cx| cx.data_mut().at_deadline());
         store
     }
 
@@ -495,6 +535,30 @@ impl ThreadGroup {
         }
     }
 
+    /// Fails with [`Stopping`] once the run has ended.
+    fn check_running(&self) -> wasmtime::Result<()> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(wasmtime::Error::new(Stopping));
+        }
+        Ok(())
+    }
+
+    /// Blocks this OS thread until `turn` (a pause, then a slot of the run queue) is done, or
+    /// the run ends.
+    fn wait_turn(
+        &self,
+        turn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> wasmtime::Result<()> {
+        let mut progress = self.progress.subscribe();
+        self.handle.block_on(async move {
+            tokio::select! {
+                () = turn => {}
+                _ = progress.wait_for(|p| *p >= Progress::Decided) => {}
+            }
+        });
+        self.check_running()
+    }
+
     fn lock(&self) -> MutexGuard<'_, GroupState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -530,7 +594,7 @@ fn outcome(result: wasmtime::Result<Option<Exit>>, store: &Store<GuestThread>) -
 }
 
 /// What the runtime's configuration sets for threads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub(super) struct ThreadSettings {
     /// The most threads of one sandbox running at once, its main thread included.
     pub max_threads: u32,
@@ -538,6 +602,8 @@ pub(super) struct ThreadSettings {
     pub max_wasm_stack: usize,
     /// The epoch tick, in which `cpuTime` budgets are counted.
     pub epoch_tick: Duration,
+    /// The host engine's epoch, whose run queue guest threads take turns in.
+    pub epoch: Epoch,
 }
 
 /// Stops a run's threads when its future is dropped (the agent stopped the sandbox).
@@ -553,23 +619,32 @@ impl Drop for StopOnDrop {
 // === impl GuestThread ===
 
 impl GuestThread {
-    /// At each epoch tick: stop if the run has ended, charge the CPU this OS thread used since
-    /// the last tick, and pause to keep the sandbox's rate.
-    fn at_tick(&mut self) -> wasmtime::Result<()> {
-        if self.group.stopping.load(Ordering::Relaxed) {
-            return Err(wasmtime::Error::new(Stopping));
-        }
+    /// At each deadline: stop if the run has ended; charge the CPU this OS thread used since
+    /// the last one and pause to keep the sandbox's rate; then, as any sandbox at the end of
+    /// its slice, wait in the agent's run queue for a CPU slot, weighing the sandbox's request
+    /// shared out between its running threads.
+    fn at_deadline(&mut self) -> wasmtime::Result<UpdateDeadline> {
+        let group = self.group.clone();
+        group.check_running()?;
         let now = thread_cpu_time();
         let used = now.saturating_sub(self.charged);
         self.charged = now;
         let micros = u64::try_from(used.as_micros()).unwrap_or(u64::MAX);
-        if let Some(pause) = self.group.charge(micros)? {
-            std::thread::sleep(pause);
-            if self.group.stopping.load(Ordering::Relaxed) {
-                return Err(wasmtime::Error::new(Stopping));
+        // A pause for the rate is taken in the run queue's turn, so that the slice after it
+        // is queued for and charged as any other (a thread that slept through its deadline
+        // would be taken for one that woke from WASI, and run a fresh slice uncharged).
+        let rate_pause = group.charge(micros)?;
+        let running = u64::from(group.lock().running.max(1));
+        self.cpu.set_weight(group.weight / running);
+        let pause = match self.cpu.at_deadline(group.epoch.now()) {
+            AtDeadline::Continue(ticks) if rate_pause.is_none() => {
+                return Ok(UpdateDeadline::Continue(ticks));
             }
-        }
-        Ok(())
+            AtDeadline::Continue(_) => rate_pause,
+            AtDeadline::Yield { pause, .. } => pause.max(rate_pause),
+        };
+        group.wait_turn(self.cpu.yield_future(pause, group.epoch.clone()))?;
+        Ok(UpdateDeadline::Continue(1))
     }
 }
 

@@ -126,6 +126,7 @@ impl WasmtimeRuntime {
                 max_threads: config.max_threads_per_sandbox,
                 max_wasm_stack: config.max_wasm_stack,
                 epoch_tick: config.epoch_tick,
+                epoch: engines.epoch().clone(),
             },
         };
         Ok(Self {

@@ -226,6 +226,44 @@ async fn a_cpu_limit_caps_the_rate_and_the_cpu_used_is_reported() {
     sup.stop("free", None).await;
 }
 
+/// Two spinners on one CPU slot share it by their requests, 1:3: the one that ends a slice
+/// competes for the slot it gives back, rather than handing it to the other every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_spinners_on_one_slot_share_it_by_request() {
+    let sup = supervisor(flotilla_node_agent::runtime::RuntimeConfig {
+        guest_threads: 1,
+        ..runtime_config()
+    });
+    for (name, millicores) in [("light", 100), ("heavy", 300)] {
+        let mut spinner = spec(name, fixture("spin"));
+        spinner.resources = Some(Resources {
+            cpu_request_millicores: millicores,
+            ..Resources::default()
+        });
+        sup.apply(spinner).await.expect("applied");
+        wait_for(&sup, name, "running", all_in(SandboxPhase::Running)).await;
+    }
+    let used = || {
+        let of = |name| only(&sup.list(Some(name))).cpu_used_ms;
+        (of("light"), of("heavy"))
+    };
+    let before = used();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = used();
+    let (light, heavy) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        heavy >= 400,
+        "the spinners hardly ran: {light} and {heavy} ms"
+    );
+    let ratio = light as f64 / heavy as f64;
+    assert!(
+        (0.2..=0.45).contains(&ratio),
+        "light used {light} ms and heavy {heavy} ms: {ratio:.2} instead of about 1:3"
+    );
+    sup.stop("light", None).await;
+    sup.stop("heavy", None).await;
+}
+
 /// CPU time is counted in the epochs a guest sees, not on the wall clock: with the test
 /// advancing the epoch itself, a spinning guest with a budget of 100 ms (ten ticks of 10 ms)
 /// runs on while no epoch passes, and ends with `CpuLimit` once it has seen its eleventh.

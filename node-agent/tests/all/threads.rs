@@ -269,3 +269,57 @@ async fn threads_are_bounded_in_number_cpu_and_memory() {
     assert_eq!(reason, "OutOfMemory", "{message}");
     assert!(message.contains("above the memory limit"), "{message}");
 }
+
+/// Guest threads take turns in the agent's run queue as any sandbox does: beside an ordinary
+/// spinner requesting 300m, with one CPU slot between them, a sandbox requesting 100m whose two
+/// threads spin gets a third of the spinner's CPU, not cores of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_share_the_cpu_with_other_sandboxes_by_request() {
+    let _serial = SERIAL.lock().await;
+    let sup = supervisor(RuntimeConfig {
+        guest_threads: 1,
+        ..threads_config(16)
+    });
+    let request = |millicores| Resources {
+        cpu_request_millicores: millicores,
+        ..Resources::default()
+    };
+    let spin = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#,
+    )
+    .expect("valid wat");
+    let mut plain = spec("plain", spin);
+    plain.resources = Some(request(300));
+    sup.apply(plain).await.expect("applied");
+    let main = "(drop (call $spawn (i32.const 0))) (drop (call $spawn (i32.const 0))) (call $park)";
+    sup.apply(threaded(
+        "threaded",
+        guest("1 1", main, "(call $spin)"),
+        request(100),
+    ))
+    .await
+    .expect("applied");
+    for name in ["plain", "threaded"] {
+        wait_for(&sup, name, "running", all_in(SandboxPhase::Running)).await;
+    }
+    wait_for_guest_threads(3).await;
+    let used = || {
+        let of = |name| only(&sup.list(Some(name))).cpu_used_ms;
+        (of("plain"), of("threaded"))
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = used();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = used();
+    let (plain, threaded) = (after.0 - before.0, after.1 - before.1);
+    println!("CPU over 3 s: plain {plain} ms, threaded {threaded} ms");
+    assert!(plain >= 500, "the spinner hardly ran: {plain} ms");
+    let ratio = threaded as f64 / plain as f64;
+    assert!(
+        (0.2..=0.5).contains(&ratio),
+        "threaded used {threaded} ms and plain {plain} ms: {ratio:.2} instead of about 1:3"
+    );
+    sup.stop("plain", Some(Duration::from_secs(5))).await;
+    sup.stop("threaded", Some(Duration::from_secs(5))).await;
+    wait_for_guest_threads(0).await;
+}
