@@ -75,7 +75,8 @@ impl BareRun {
 }
 
 /// Runs `count` runs of `wasm` at once on `engine`: when each instantiated its main thread's
-/// instance (from the run's start), and how long all took to end.
+/// instance (from the run's start, before its OS thread is made, as the agent's start is
+/// counted from before it makes one), and how long all took to end.
 pub fn bare(engine: &Engine, wasm: &[u8], count: u32) -> anyhow::Result<Measurement> {
     let module = Module::new(engine, wasm)?;
     let memory_type = module
@@ -106,9 +107,9 @@ pub fn bare(engine: &Engine, wasm: &[u8], count: u32) -> anyhow::Result<Measurem
             samples.clone(),
             memory_type.clone(),
         );
+        let begun = Instant::now();
         mains.push(std::thread::Builder::new().stack_size(2 << 20).spawn(
             move || -> anyhow::Result<()> {
-                let begun = Instant::now();
                 let run = Arc::new(BareRun {
                     memory: SharedMemory::new(module.engine(), memory_type)?,
                     module,

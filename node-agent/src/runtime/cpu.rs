@@ -147,6 +147,17 @@ impl CpuShare {
         }
     }
 
+    /// The CPU used so far, divided by the weight: where the schedule stands in the queue.
+    pub(crate) fn virtual_runtime(&self) -> u64 {
+        self.virtual_runtime
+    }
+
+    /// Moves the schedule to `virtual_runtime` if that is further on: a thread joins where its
+    /// sandbox's other threads got to, not at the queue's virtual time.
+    pub(crate) fn join_at(&mut self, virtual_runtime: u64) {
+        self.virtual_runtime = self.virtual_runtime.max(virtual_runtime);
+    }
+
     /// Weighs the sandbox `weight` millicores from now on (the least weight below it).
     pub(crate) fn set_weight(&mut self, weight: u64) {
         self.weight = weight.max(MIN_WEIGHT_MILLICORES);

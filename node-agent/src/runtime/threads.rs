@@ -8,8 +8,9 @@
 //!   no epoch deadline interrupts it, so a guest thread never runs on the agent's shared guest
 //!   workers: each has an OS thread of its own, created from the sandbox's replica worker and so
 //!   at its nice value. Each thread has its own store and instance over the one shared memory,
-//!   on the threads engine (on-demand allocation: the pool cannot hold shared memories). The
-//!   main thread instantiates the module too: no wasm of the sandbox runs on a guest worker.
+//!   on the threads engine (on-demand allocation: the pool cannot hold shared memories). Only
+//!   the main thread's instance is made on the sandbox's worker, asynchronously as any
+//!   sandbox's (a start function yields at its deadlines); its `_start` runs on its OS thread.
 //! - **Bounded.** At most `--max-threads-per-sandbox` threads run at once (`thread-spawn` fails
 //!   past it, as `pthread_create` does with `EAGAIN`). The shared memory's maximum is cut to the
 //!   memory limit, so growing past it fails as any growth past the limit does. The threads
@@ -38,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Caller, Engine, Extern, ExternType, Instance, Linker, MemoryType, MemoryTypeBuilder, Module,
-    SharedMemory, Store, UpdateDeadline,
+    SharedMemory, Store, TypedFunc, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -74,6 +75,9 @@ pub(super) struct GuestThread {
     group: Arc<ThreadGroup>,
     /// The OS thread's CPU time when it was last charged.
     charged: Duration,
+    /// Whether the store runs on the sandbox's worker (the main thread's instantiation, async)
+    /// rather than on an OS thread of its own.
+    on_worker: bool,
 }
 
 /// Builds the WASI context of a thread; `true` for the main thread, which alone reads stdin.
@@ -96,6 +100,8 @@ pub struct ThreadGroup {
     epoch: Epoch,
     /// The sandboxes' runtime, on which threads wait for their turns.
     handle: tokio::runtime::Handle,
+    /// The furthest virtual runtime any of the threads reached.
+    virtual_runtime: AtomicU64,
     max_threads: u32,
     /// Native stack of each thread: the wasm stack and room for the host's calls.
     stack_size: usize,
@@ -131,8 +137,8 @@ struct Stopping;
 
 /// Which entry point a thread runs.
 enum Entry {
-    /// `_start`, once the instance is made; whether it could be is sent on the channel.
-    Main(tokio::sync::oneshot::Sender<Result<(), Exit>>),
+    /// `_start` of the main thread's instance, made on the sandbox's worker.
+    Main(Store<GuestThread>, TypedFunc<(), ()>),
     Spawned {
         id: i32,
         start_arg: i32,
@@ -317,6 +323,7 @@ impl ThreadGroup {
             rate: limits.cpu_rate.unwrap_or(CORE_MILLICORES).max(1),
             weight: limits.cpu_weight.unwrap_or(0),
             tick: settings.epoch_tick,
+            virtual_runtime: AtomicU64::new(settings.epoch.run_queue().virtual_time()),
             epoch: settings.epoch,
             handle,
             max_threads: settings.max_threads.max(1),
@@ -331,22 +338,35 @@ impl ThreadGroup {
         }))
     }
 
-    /// Starts the main thread, which instantiates the module (a sandbox is running once this
-    /// returns, as any other) and runs `_start`. No wasm runs on the caller's thread.
+    /// Instantiates the module for the main thread, here on the sandbox's worker as any
+    /// sandbox is (a start function yields at its deadlines as theirs do), then starts the
+    /// main thread's OS thread on `_start`: the sandbox is running once this returns.
     ///
     /// # Errors
-    /// The thread could not start, or the environment or the instantiation failed.
+    /// The environment or the instantiation failed, or no OS thread could be made.
     pub(super) async fn start_main(self: &Arc<Self>) -> Result<RunningGroup, Exit> {
         let running = RunningGroup {
             _stop: StopOnDrop(self.clone()),
         };
-        let (instantiated, result) = tokio::sync::oneshot::channel();
-        self.start(Entry::Main(instantiated))?;
-        match result.await {
-            Ok(Ok(())) => Ok(running),
-            Ok(Err(exit)) => Err(exit),
-            Err(_) => Err(Exit::Trap("the main thread ended before it started".into())),
-        }
+        let mut store = self.new_store((self.wasi)(true)?);
+        store.data_mut().on_worker = true;
+        let instance = match self.imports(&mut store) {
+            Ok(imports) => {
+                Box::pin(Instance::new_async(
+                    &mut store,
+                    &self.module.module,
+                    &imports,
+                ))
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let start = instance
+            .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+            .map_err(|e| classify(e, &store.data().limiter))?;
+        store.data_mut().on_worker = false;
+        self.start(Entry::Main(store, start))?;
+        Ok(running)
     }
 
     /// Waits until the run started by [`start_main`](Self::start_main) ends (see the module's
@@ -402,34 +422,28 @@ impl ThreadGroup {
     /// The body of one OS thread.
     fn run_thread(self: Arc<Self>, entry: Entry) {
         let ended = match entry {
-            Entry::Main(instantiated) => {
-                let main = (self.wasi)(true).and_then(|wasi| {
-                    let mut store = self.new_store(wasi);
-                    match self
-                        .instantiate(&mut store)
-                        .and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start"))
-                    {
-                        Ok(start) => Ok((store, start)),
-                        Err(e) => Err(classify(e, &store.data().limiter)),
-                    }
-                });
-                match main {
-                    Ok((mut store, start)) => {
-                        let _ = instantiated.send(Ok(()));
-                        let result = start.call(&mut store, ());
-                        outcome(result.map(|()| Some(Exit::Exited(0))), &store)
-                    }
-                    // Reported by `start_main`, which ends the run.
-                    Err(exit) => {
-                        let _ = instantiated.send(Err(exit));
-                        None
-                    }
-                }
+            Entry::Main(mut store, start) => {
+                // Instantiated on the worker: this OS thread's CPU is counted from here.
+                store.data_mut().charged = thread_cpu_time();
+                let result = start.call(&mut store, ());
+                outcome(result.map(|()| Some(Exit::Exited(0))), &store)
             }
             Entry::Spawned { id, start_arg } => match (self.wasi)(false) {
                 Ok(wasi) => {
                     let mut store = self.new_store(wasi);
-                    let result = self.instantiate(&mut store).and_then(|instance| {
+                    // A spawned thread is no start: it gets no fresh slice, but waits for its
+                    // first turn where its sandbox's threads got to, so that spawning threads
+                    // (and ending them, and spawning again) earns no CPU beyond the share.
+                    let turn = {
+                        let cpu = &mut store.data_mut().cpu;
+                        cpu.join_at(self.virtual_runtime.load(Ordering::Relaxed));
+                        cpu.yield_future(None, self.epoch.clone())
+                    };
+                    let result = self.wait_turn(turn).and_then(|()| {
+                        store.set_epoch_deadline(1);
+                        self.instantiate(&mut store)
+                    });
+                    let result = result.and_then(|instance| {
                         instance
                             .get_typed_func::<(i32, i32), ()>(&mut store, "wasi_thread_start")?
                             .call(&mut store, (id, start_arg))
@@ -452,6 +466,7 @@ impl ThreadGroup {
                 cpu: CpuShare::new(Some(self.weight), None, self.tick, &self.epoch),
                 group: self.clone(),
                 charged: thread_cpu_time(),
+                on_worker: false,
             },
         );
         store.limiter(|t| &mut t.limiter);
@@ -462,6 +477,12 @@ impl ThreadGroup {
 
     /// An instance of the module in `store`: the shared memory, WASI and `thread-spawn`.
     fn instantiate(&self, store: &mut Store<GuestThread>) -> wasmtime::Result<Instance> {
+        let imports = self.imports(store)?;
+        Instance::new(store, &self.module.module, &imports)
+    }
+
+    /// The module's imports in `store`: the shared memory, WASI and `thread-spawn`.
+    fn imports(&self, store: &mut Store<GuestThread>) -> wasmtime::Result<Vec<Extern>> {
         let module = &self.module;
         let mut imports = Vec::new();
         for import in module.module.imports() {
@@ -474,7 +495,7 @@ impl ThreadGroup {
                 None => wasmtime::bail!("unknown import {}::{}", import.module(), import.name()),
             }
         }
-        Instance::new(store, &module.module, &imports)
+        Ok(imports)
     }
 
     /// Counts a thread out; `exit`, when it ends the run, decides it unless another did first.
@@ -636,6 +657,9 @@ impl GuestThread {
         let rate_pause = group.charge(micros)?;
         let running = u64::from(group.lock().running.max(1));
         self.cpu.set_weight(group.weight / running);
+        group
+            .virtual_runtime
+            .fetch_max(self.cpu.virtual_runtime(), Ordering::Relaxed);
         let pause = match self.cpu.at_deadline(group.epoch.now()) {
             AtDeadline::Continue(ticks) if rate_pause.is_none() => {
                 return Ok(UpdateDeadline::Continue(ticks));
@@ -643,7 +667,11 @@ impl GuestThread {
             AtDeadline::Continue(_) => rate_pause,
             AtDeadline::Yield { pause, .. } => pause.max(rate_pause),
         };
-        group.wait_turn(self.cpu.yield_future(pause, group.epoch.clone()))?;
+        let turn = self.cpu.yield_future(pause, group.epoch.clone());
+        if self.on_worker {
+            return Ok(UpdateDeadline::YieldCustom(1, turn));
+        }
+        group.wait_turn(turn)?;
         Ok(UpdateDeadline::Continue(1))
     }
 }
