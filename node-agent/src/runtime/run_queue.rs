@@ -118,26 +118,12 @@ impl RunQueue {
                 state.virtual_time = state.virtual_time.max(virtual_runtime);
                 Ok(self.lease(&mut state))
             } else {
-                let (grant, granted) = oneshot::channel();
-                let seq = state.next_waiter;
-                state.next_waiter += 1;
-                state.waiting.push(Reverse(Waiter {
-                    virtual_runtime,
-                    seq,
-                    grant,
-                }));
-                Err(granted)
+                Err(Self::enqueue(&mut state, virtual_runtime))
             }
         };
         match granted {
             Ok(lease) => lease,
-            // The sender lives in the queue, which lives as long as `self`: it is dropped
-            // unsent only by `serve` failing to send, which does not happen to a waiter
-            // still awaiting. Should it anyway, run without a slot rather than never.
-            Err(granted) => granted.await.unwrap_or(Lease {
-                id: u64::MAX,
-                queue: None,
-            }),
+            Err(granted) => Self::granted(granted).await,
         }
     }
 
@@ -147,14 +133,7 @@ impl RunQueue {
     pub async fn requeue(self: &Arc<Self>, mut held: Lease, virtual_runtime: u64) -> Lease {
         let granted = {
             let mut state = self.lock();
-            let (grant, granted) = oneshot::channel();
-            let seq = state.next_waiter;
-            state.next_waiter += 1;
-            state.waiting.push(Reverse(Waiter {
-                virtual_runtime,
-                seq,
-                grant,
-            }));
+            let granted = Self::enqueue(&mut state, virtual_runtime);
             held.queue = None;
             // Unless it expired meanwhile, and went back then.
             if let Some(index) = state.leased.iter().position(|(id, _)| *id == held.id) {
@@ -164,7 +143,27 @@ impl RunQueue {
             self.serve(&mut state);
             granted
         };
-        // As in `acquire`.
+        Self::granted(granted).await
+    }
+
+    /// Adds a waiter at `virtual_runtime`; its lease comes on the returned channel.
+    fn enqueue(state: &mut State, virtual_runtime: u64) -> oneshot::Receiver<Lease> {
+        let (grant, granted) = oneshot::channel();
+        let seq = state.next_waiter;
+        state.next_waiter += 1;
+        state.waiting.push(Reverse(Waiter {
+            virtual_runtime,
+            seq,
+            grant,
+        }));
+        granted
+    }
+
+    /// The lease a waiter is granted.
+    async fn granted(granted: oneshot::Receiver<Lease>) -> Lease {
+        // The sender lives in the queue, which lives as long as the waiter's caller: it is
+        // dropped unsent only by `serve` failing to send, which does not happen to a waiter
+        // still awaiting. Should it anyway, run without a slot rather than never.
         granted.await.unwrap_or(Lease {
             id: u64::MAX,
             queue: None,

@@ -167,3 +167,12 @@ pub fn costly_module(functions: usize, seed: usize) -> Vec<u8> {
     wat.push_str("(func (export \"_start\")))");
     wat::parse_str(&wat).expect("valid module")
 }
+
+/// Runs `spec` once: its termination's reason, message and exit code.
+pub async fn run_to_end(sup: &Supervisor, spec: WorkloadSpec) -> (String, String, Option<i32>) {
+    let name = spec.name.clone();
+    sup.apply(spec).await.expect("applied");
+    let statuses = wait_for(sup, &name, "the run to end", all_ended()).await;
+    let (reason, message, code) = termination(only(&statuses));
+    (reason.to_string(), message.to_string(), code)
+}

@@ -23,15 +23,6 @@ fn with_memory_limit(mut spec: WorkloadSpec, bytes: u64) -> WorkloadSpec {
     spec
 }
 
-/// Runs `spec` once and returns its termination's reason, message and exit code.
-async fn run(sup: &Supervisor, spec: WorkloadSpec) -> (String, String, Option<i32>) {
-    let name = spec.name.clone();
-    sup.apply(spec).await.expect("applied");
-    let statuses = wait_for(sup, &name, "the run to end", all_ended()).await;
-    let (reason, message, code) = termination(only(&statuses));
-    (reason.to_string(), message.to_string(), code)
-}
-
 /// Applies `spec` and returns the message of its refusal, checking that it is an
 /// `InvalidModule` in the workload's status too.
 async fn refused(sup: &Supervisor, spec: WorkloadSpec) -> String {
@@ -85,12 +76,12 @@ async fn gc_heaps_are_collected_and_bounded_by_the_memory_limit() {
     let sup = supervisor(runtime_config());
     let limit = 16 << 20;
     let keeper = with_memory_limit(spec("keeper", gc_guest(true)), limit);
-    let (reason, message, _) = run(&sup, with_features(keeper, &["gc"])).await;
+    let (reason, message, _) = run_to_end(&sup, with_features(keeper, &["gc"])).await;
     assert_eq!(reason, "OutOfMemory", "{message}");
     assert!(message.contains(&limit.to_string()), "{message}");
 
     let dropper = with_memory_limit(spec("dropper", gc_guest(false)), limit);
-    let (reason, message, code) = run(&sup, with_features(dropper, &["gc"])).await;
+    let (reason, message, code) = run_to_end(&sup, with_features(dropper, &["gc"])).await;
     assert_eq!((reason.as_str(), code), ("Completed", Some(0)), "{message}");
 }
 
@@ -98,7 +89,8 @@ async fn gc_heaps_are_collected_and_bounded_by_the_memory_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_is_refused_where_its_feature_is_not_enabled() {
     let sup = supervisor(runtime_config());
-    let (reason, ..) = run(&sup, with_features(spec("with", gc_guest(false)), &["gc"])).await;
+    let (reason, ..) =
+        run_to_end(&sup, with_features(spec("with", gc_guest(false)), &["gc"])).await;
     assert_eq!(reason, "Completed");
     let message = refused(&sup, spec("without", gc_guest(false))).await;
     assert!(
@@ -149,11 +141,11 @@ fn exceptions_guest(catch: bool) -> Vec<u8> {
 async fn exceptions_are_caught_across_functions_and_uncaught_ones_trap() {
     let sup = supervisor(runtime_config());
     let caught = with_features(spec("caught", exceptions_guest(true)), &["exceptions"]);
-    let (reason, message, code) = run(&sup, caught).await;
+    let (reason, message, code) = run_to_end(&sup, caught).await;
     assert_eq!((reason.as_str(), code), ("Error", Some(42)), "{message}");
 
     let uncaught = with_features(spec("uncaught", exceptions_guest(false)), &["exceptions"]);
-    let (reason, message, code) = run(&sup, uncaught).await;
+    let (reason, message, code) = run_to_end(&sup, uncaught).await;
     assert_eq!((reason.as_str(), code), ("Trap", None), "{message}");
     assert!(message.contains("exception"), "{message}");
 
@@ -194,7 +186,7 @@ async fn wide_arithmetic_and_custom_page_sizes_run_when_enabled() {
         ("pages", small_pages, "custom-page-sizes", 105),
     ] {
         let enabled = with_features(spec(name, module.clone()), &[feature]);
-        let (reason, message, exit) = run(&sup, enabled).await;
+        let (reason, message, exit) = run_to_end(&sup, enabled).await;
         assert_eq!(
             (reason.as_str(), exit),
             ("Error", Some(code)),
@@ -234,7 +226,7 @@ async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
     let mut command = with_features(spec("p3", p3_command()), &["component-model-async"]);
     command.args = vec!["one".into(), "two words".into()];
     command.env = vec![env("GREETING", "ahoy"), env("EXIT_CODE", "7")];
-    let (reason, message, code) = run(&sup, command).await;
+    let (reason, message, code) = run_to_end(&sup, command).await;
     assert_eq!((reason.as_str(), code), ("Error", Some(7)), "{message}");
     assert_eq!(
         logs(&sup, "p3", 0),
@@ -252,7 +244,7 @@ async fn a_wasi_0_3_command_prints_its_args_and_env_and_exits_with_its_code() {
         )),
         sub_path: String::new(),
     }];
-    let (reason, message, code) = run(&sup, ok).await;
+    let (reason, message, code) = run_to_end(&sup, ok).await;
     assert_eq!((reason.as_str(), code), ("Completed", Some(0)), "{message}");
     assert!(
         logs(&sup, "p3-ok", 0).ends_with("greeting.txt: ahoy from a volume\n"),
@@ -291,6 +283,6 @@ async fn a_workload_is_refused_where_the_node_does_not_offer_its_features() {
     let message = refused_as(&bare, gc, "WasmFeatureNotOffered").await;
     assert!(message.contains("its agent offers none"), "{message}");
     // What needs nothing still runs there.
-    let (reason, message, _) = run(&bare, spec("plain", fixture("hello"))).await;
+    let (reason, message, _) = run_to_end(&bare, spec("plain", fixture("hello"))).await;
     assert_eq!(reason, "Completed", "{message}");
 }

@@ -96,15 +96,6 @@ async fn wait_for_guest_threads(n: usize) {
     }
 }
 
-/// Runs `spec` once: its termination's reason, message and exit code.
-async fn run(sup: &Supervisor, spec: WorkloadSpec) -> (String, String, Option<i32>) {
-    let name = spec.name.clone();
-    sup.apply(spec).await.expect("applied");
-    let statuses = wait_for(sup, &name, "the run to end", all_ended()).await;
-    let (reason, message, code) = termination(only(&statuses));
-    (reason.to_string(), message.to_string(), code)
-}
-
 /// The example guest's four threads sum 1..4,000,000 into one shared total; the module is
 /// refused where its workload does not enable threads, and where the node does not offer them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +107,7 @@ async fn a_threads_guest_sums_in_parallel() {
     .expect("examples/guests/threads.wasm");
     let sup = threads_supervisor(16);
     let (reason, message, code) =
-        run(&sup, threaded("sum", module.clone(), Resources::default())).await;
+        run_to_end(&sup, threaded("sum", module.clone(), Resources::default())).await;
     assert_eq!((reason.as_str(), code), ("Completed", Some(0)), "{message}");
     assert_eq!(
         logs(&sup, "sum", 0),
@@ -157,13 +148,15 @@ async fn a_trap_or_an_exit_in_any_thread_ends_every_thread() {
     let sup = threads_supervisor(16);
     let main = "(drop (call $spawn (i32.const 0))) (call $park)";
     let trapping = guest("1 1", main, "unreachable");
-    let (reason, message, _) = run(&sup, threaded("trap", trapping, Resources::default())).await;
+    let (reason, message, _) =
+        run_to_end(&sup, threaded("trap", trapping, Resources::default())).await;
     assert_eq!(reason, "Trap", "{message}");
     assert!(message.contains("unreachable"), "{message}");
     wait_for_guest_threads(0).await;
 
     let exiting = guest("1 1", main, "(call $exit (i32.const 3))");
-    let (reason, message, code) = run(&sup, threaded("exit", exiting, Resources::default())).await;
+    let (reason, message, code) =
+        run_to_end(&sup, threaded("exit", exiting, Resources::default())).await;
     assert_eq!((reason.as_str(), code), ("Error", Some(3)), "{message}");
     wait_for_guest_threads(0).await;
 }
@@ -233,7 +226,8 @@ async fn threads_are_bounded_in_number_cpu_and_memory() {
                   (br $again)))
                 (call $exit (local.get $n))";
     let many = guest("1 1", main, "(call $park)");
-    let (reason, message, code) = run(&sup, threaded("many", many, Resources::default())).await;
+    let (reason, message, code) =
+        run_to_end(&sup, threaded("many", many, Resources::default())).await;
     assert_eq!((reason.as_str(), code), ("Error", Some(3)), "{message}");
     wait_for_guest_threads(0).await;
 
@@ -247,7 +241,7 @@ async fn threads_are_bounded_in_number_cpu_and_memory() {
         ..Resources::default()
     };
     let started = Instant::now();
-    let (reason, message, _) = run(&sup, threaded("spinners", spinners, limited)).await;
+    let (reason, message, _) = run_to_end(&sup, threaded("spinners", spinners, limited)).await;
     let took = started.elapsed();
     assert_eq!(reason, "CpuLimit", "{message}");
     assert!(took >= Duration::from_millis(300), "took {took:?}");
@@ -262,10 +256,10 @@ async fn threads_are_bounded_in_number_cpu_and_memory() {
         memory_limit_bytes: 1 << 20,
         ..Resources::default()
     };
-    let (reason, message, code) = run(&sup, threaded("grow", growing, one_mib)).await;
+    let (reason, message, code) = run_to_end(&sup, threaded("grow", growing, one_mib)).await;
     assert_eq!((reason.as_str(), code), ("Error", Some(1)), "{message}");
     let large = guest("32 64", "", "");
-    let (reason, message, _) = run(&sup, threaded("large", large, one_mib)).await;
+    let (reason, message, _) = run_to_end(&sup, threaded("large", large, one_mib)).await;
     assert_eq!(reason, "OutOfMemory", "{message}");
     assert!(message.contains("above the memory limit"), "{message}");
 }
