@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use flotilla_model::wasm::{self, FeatureSet, WasmFeature};
 use tokio::sync::OnceCell;
 use wasmtime::component::Component;
-use wasmtime::{Engine, ExternType, InstancePre, Linker, Module};
+use wasmtime::{Engine, InstancePre, Linker, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
@@ -293,11 +293,7 @@ impl Inner {
             let module = self.load_or_compile(&self.engine, digest, bytes, |engine, bytes| {
                 Module::new(engine, bytes)
             })?;
-            match module.get_export("_start") {
-                Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {
-                }
-                _ => return Err(SandboxError::MissingStart),
-            }
+            SandboxError::check_start(&module)?;
             let pre = self
                 .linkers
                 .module

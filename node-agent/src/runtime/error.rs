@@ -126,6 +126,21 @@ pub enum SandboxError {
 // === impl SandboxError ===
 
 impl SandboxError {
+    /// Checks that `module` is a command: it exports a callable `_start: func()`.
+    ///
+    /// # Errors
+    /// [`SandboxError::MissingStart`] otherwise.
+    pub(super) fn check_start(module: &wasmtime::Module) -> Result<(), SandboxError> {
+        match module.get_export("_start") {
+            Some(wasmtime::ExternType::Func(ty))
+                if ty.params().len() == 0 && ty.results().len() == 0 =>
+            {
+                Ok(())
+            }
+            _ => Err(SandboxError::MissingStart),
+        }
+    }
+
     /// The machine-readable reason shown in sandbox status.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -209,20 +209,14 @@ impl ThreadedModule {
                  wasm-ld's --export-memory does)",
             );
         }
-        let func = |name| match module.get_export(name) {
-            Some(ExternType::Func(ty)) => Some(ty),
-            _ => None,
-        };
-        match func("_start") {
-            Some(ty) if ty.params().len() == 0 && ty.results().len() == 0 => {}
-            _ => return Err(SandboxError::MissingStart),
-        }
+        SandboxError::check_start(&module)?;
         let spawns = module
             .imports()
             .any(|i| i.module() == "wasi" && i.name() == "thread-spawn");
         if spawns {
-            match func("wasi_thread_start") {
-                Some(ty) if ty.params().len() == 2 && ty.results().len() == 0 => {}
+            match module.get_export("wasi_thread_start") {
+                Some(ExternType::Func(ty)) if ty.params().len() == 2 && ty.results().len() == 0 => {
+                }
                 _ => {
                     return refuse(
                         "imports wasi::thread-spawn but exports no \
@@ -456,7 +450,8 @@ impl ThreadGroup {
         self.thread_ended(ended);
     }
 
-    /// A store for one thread on the threads engine, charging its CPU at every epoch tick.
+    /// A store for one thread on the threads engine, charging its CPU and taking its turns at
+    /// every deadline.
     fn new_store(self: &Arc<Self>, wasi: WasiP1Ctx) -> Store<GuestThread> {
         let mut store = Store::new(
             self.module.module.engine(),
