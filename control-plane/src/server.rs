@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::UserAuth;
 use crate::cluster::Cluster;
@@ -274,7 +273,7 @@ impl ControlPlane {
                         .into_server(),
                 )
                 .add_service(agents.into_server())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop);
+                .serve_with_incoming_shutdown(flotilla_proto::serve::incoming(listener), server_stop);
             // Graceful shutdown waits for every connection to close; watch streams never would,
             // so the grace period bounds it.
             tokio::select! {

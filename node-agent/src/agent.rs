@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminService;
@@ -153,7 +152,7 @@ impl Agent {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(admin),
+                    flotilla_proto::serve::incoming(admin),
                     token.cancelled_owned(),
                 )
                 .await;

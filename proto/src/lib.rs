@@ -22,6 +22,7 @@ pub mod from_model;
 mod limits;
 #[cfg(feature = "model")]
 mod node;
+pub mod serve;
 pub mod tls;
 
 /// The control plane's APIs.
