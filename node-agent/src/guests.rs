@@ -63,7 +63,9 @@ impl GuestRuntime {
                         crate::runtime::nice_current_thread(nice);
                     }
                     if latency {
-                        crate::runtime::latency_slice_current_thread();
+                        crate::runtime::slice_current_thread(crate::runtime::LATENCY_SLICE);
+                    } else {
+                        crate::runtime::batch_current_thread();
                     }
                 })
                 .enable_all()

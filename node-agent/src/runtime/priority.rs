@@ -1,13 +1,17 @@
 //! Thread priorities: which of the agent's threads win the CPU when it is short.
 //!
-//! Two knobs of Linux's fair scheduler, both per thread and needing no privilege:
+//! Three knobs of Linux's fair scheduler, all per thread and needing no privilege:
 //! - the **nice value** sets a thread's share of the CPU against the others: compiles and
 //!   replicas run below the agent's own threads;
 //! - the **slice** (Linux 6.12 and later, EEVDF) sets how soon a thread runs when it wakes: one
 //!   with a shorter slice than the running thread's preempts it at once, where one with the
 //!   default slice (0.75 ms × (1 + log₂ CPUs)) may wait for the running one's to end. Threads
 //!   that serve HTTP requests take [`LATENCY_SLICE`], so a request that arrives while guests
-//!   spin on every CPU runs within microseconds. Older kernels ignore it.
+//!   spin on every CPU runs within microseconds. Older kernels ignore it;
+//! - the **policy** `SCHED_BATCH` marks a thread CPU-bound: same share, but it never preempts
+//!   another thread when it wakes. Replicas' worker threads wake often (a slot handed on by
+//!   the run queue, a task to run) and, woken with credit, took the CPU from a request thread
+//!   until the next scheduler tick.
 
 use std::time::Duration;
 
@@ -31,14 +35,16 @@ pub fn nice_current_thread(nice: i32) {
     let _ = nice;
 }
 
-/// Gives the calling thread [`LATENCY_SLICE`], keeping its policy and nice value. Threads of
-/// a real-time or idle policy are left as they are; so is every thread where the kernel
-/// refuses (a seccomp filter) or has no such call. Failures are logged.
-pub fn latency_slice_current_thread() {
+/// Gives the calling thread `slice`, keeping its policy and nice value. Threads of a
+/// real-time or idle policy are left as they are; so is every thread where the kernel refuses
+/// (a seccomp filter) or has no such call. Failures are logged.
+pub fn slice_current_thread(slice: Duration) {
     #[cfg(target_os = "linux")]
-    if let Err(error) = set_slice(LATENCY_SLICE) {
-        tracing::debug!(%error, "cannot shorten a thread's slice");
+    if let Err(error) = set_slice(slice) {
+        tracing::debug!(%error, ?slice, "cannot set a thread's slice");
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = slice;
 }
 
 /// The calling thread's slice as the kernel reports it: `None` before Linux 6.12, which has
@@ -47,6 +53,31 @@ pub fn latency_slice_current_thread() {
 pub(crate) fn current_thread_slice() -> std::io::Result<Option<Duration>> {
     let attr = thread_attr()?;
     Ok((attr.sched_runtime != 0).then(|| Duration::from_nanos(attr.sched_runtime)))
+}
+
+/// Marks the calling thread CPU-bound (`SCHED_BATCH`), keeping its nice value: its
+/// share of the CPU is unchanged, but it never preempts another thread when it wakes; only the
+/// scheduler tick takes the CPU from others for it. Threads of a real-time or idle policy are
+/// left as they are; failures are logged.
+pub fn batch_current_thread() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = set_batch() {
+        tracing::debug!(%error, "cannot mark a thread CPU-bound");
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_batch() -> std::io::Result<()> {
+    let mut attr = thread_attr()?;
+    let fair = [libc::SCHED_OTHER, libc::SCHED_BATCH].map(|policy| policy as u32);
+    if !fair.contains(&attr.sched_policy) {
+        return Ok(());
+    }
+    attr.sched_policy = libc::SCHED_BATCH as u32;
+    attr.sched_flags = 0;
+    // The default slice (the kernel reports it as if it were set).
+    attr.sched_runtime = 0;
+    set_attr(&attr)
 }
 
 #[cfg(target_os = "linux")]
@@ -58,10 +89,16 @@ fn set_slice(slice: Duration) -> std::io::Result<()> {
     }
     attr.sched_flags = 0;
     attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+    set_attr(&attr)
+}
+
+/// Sets the calling thread's scheduling attributes.
+#[cfg(target_os = "linux")]
+fn set_attr(attr: &libc::sched_attr) -> std::io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: the kernel reads `attr.size` bytes of an initialised sched_attr; pid 0 is the
     // calling thread.
-    let result = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0u32) };
+    let result = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, attr as *const _, 0u32) };
     syscall_result(result)
 }
 
@@ -107,7 +144,7 @@ mod tests {
         std::thread::spawn(|| {
             nice_current_thread(3);
             let before = thread_attr().expect("sched_getattr");
-            latency_slice_current_thread();
+            slice_current_thread(LATENCY_SLICE);
             let after = thread_attr().expect("sched_getattr");
             assert_eq!(after.sched_nice, 3);
             assert_eq!(after.sched_policy, before.sched_policy);
@@ -115,6 +152,19 @@ mod tests {
             if before.sched_runtime != 0 || after.sched_runtime != 0 {
                 assert_eq!(current_thread_slice().expect("slice"), Some(LATENCY_SLICE));
             }
+        })
+        .join()
+        .expect("the thread ran");
+    }
+
+    #[test]
+    fn a_cpu_bound_thread_keeps_its_nice_value_and_is_batch_scheduled() {
+        std::thread::spawn(|| {
+            nice_current_thread(4);
+            batch_current_thread();
+            let after = thread_attr().expect("sched_getattr");
+            assert_eq!(after.sched_nice, 4);
+            assert_eq!(after.sched_policy, libc::SCHED_BATCH as u32);
         })
         .join()
         .expect("the thread ran");
