@@ -28,6 +28,13 @@
 //!   A deadline reached before the slice's end (it waited for a slot or a worker while the
 //!   epoch moved on) extends the slice instead of ending it, so time spent waiting, or
 //!   blocked in WASI, is not charged.
+//! - **Ticks the thread did not run.** Epoch ticks are wall-clock time. A slice ends at a
+//!   boundary only if its OS thread used at least half a tick of CPU in its last tick
+//!   (`CLOCK_THREAD_CPUTIME_ID`, read where the slice resumes or at its first boundary); else
+//!   the kernel ran other threads meanwhile (or the machine stalled) and the slice goes on, that
+//!   tick uncharged, up to [`MAX_SLICE_EXTENSIONS`] times. Before this, an HTTP request
+//!   preempted for a tick or two ended its fresh slice and queued behind a thousand
+//!   spinners: 1.8 s for one request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -86,6 +93,46 @@ pub(crate) enum AtDeadline {
 /// whenever in a tick it began.
 pub const FRESH_SLICE_TICKS: u64 = 2;
 
+/// Ticks by which a slice whose thread ran less than half of each is extended, at most: the
+/// kernel may give the agent's threads a small part of a CPU for long, and a slice must end
+/// within a bound however little its thread runs.
+pub(crate) const MAX_SLICE_EXTENSIONS: u64 = 4;
+
+/// The CPU time the calling OS thread has used.
+#[allow(unsafe_code)]
+pub(crate) fn thread_cpu_time() -> Duration {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid timespec for the call to write; the clock exists on Linux.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) } == 0;
+    if !ok {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(time.tv_sec).unwrap_or(0),
+        u32::try_from(time.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Where a slice's OS thread stood: which thread, and the CPU time it had used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ThreadProgress {
+    thread: std::thread::ThreadId,
+    cpu: Duration,
+}
+
+impl ThreadProgress {
+    /// The calling thread's.
+    pub(crate) fn now() -> Self {
+        Self {
+            thread: std::thread::current().id(),
+            cpu: thread_cpu_time(),
+        }
+    }
+}
+
 /// One run's CPU schedule: its weight and rate cap, its virtual runtime, the slice under way,
 /// and the CPU slot it holds.
 #[derive(Debug)]
@@ -102,11 +149,15 @@ pub(crate) struct CpuShare {
     queue: Arc<RunQueue>,
 }
 
-/// The slice under way: the epoch it ends at, and its length in ticks.
+/// The slice under way: the epoch it ends at, its length in ticks, and where its thread
+/// stood when it was last measured.
 #[derive(Debug)]
 struct Slice {
     end: AtomicU64,
     ticks: AtomicU64,
+    /// Where the slice's thread stood at its start or first boundary (`None` until then),
+    /// and the ticks it has been extended by.
+    measured: Mutex<(Option<ThreadProgress>, u64)>,
 }
 
 impl Slice {
@@ -114,12 +165,51 @@ impl Slice {
         Self {
             end: AtomicU64::new(now + ticks),
             ticks: AtomicU64::new(ticks),
+            measured: Mutex::new((None, 0)),
         }
     }
 
-    fn set(&self, now: u64, ticks: u64) {
+    /// Begins a slice of `ticks` at epoch `now`, its thread at `progress` if known.
+    fn set(&self, now: u64, ticks: u64, progress: Option<ThreadProgress>) {
         self.end.store(now + ticks, Ordering::Relaxed);
         self.ticks.store(ticks, Ordering::Relaxed);
+        *self.lock() = (progress, 0);
+    }
+
+    /// Whether the slice's thread used at least half a tick of CPU since it was measured, as
+    /// of `progress`; if not, the slice goes on for another tick ending at `now + 1`, unless
+    /// it has been extended [`MAX_SLICE_EXTENSIONS`] times. A slice not yet measured on this
+    /// thread (it reached no boundary before, or its task moved while blocked) is measured
+    /// now and goes on.
+    fn ran(&self, now: u64, tick: Duration, progress: impl FnOnce() -> ThreadProgress) -> bool {
+        let mut measured = self.lock();
+        if measured.1 >= MAX_SLICE_EXTENSIONS {
+            return true;
+        }
+        let progress = progress();
+        match &measured.0 {
+            Some(since) if since.thread == progress.thread => {
+                if progress.cpu.saturating_sub(since.cpu) >= tick / 2 {
+                    return true;
+                }
+            }
+            _ => measured.0 = Some(progress),
+        }
+        measured.1 += 1;
+        self.end.store(now + 1, Ordering::Relaxed);
+        false
+    }
+
+    /// Measures the slice's thread now unless it was measured already.
+    fn measure_once(&self, progress: impl FnOnce() -> ThreadProgress) {
+        let mut measured = self.lock();
+        if measured.0.is_none() {
+            measured.0 = Some(progress());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<ThreadProgress>, u64)> {
+        self.measured.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -164,12 +254,18 @@ impl CpuShare {
     }
 
     /// Decides, at a deadline reached at epoch `now`, whether the slice under way goes on or
-    /// ends.
-    pub(crate) fn at_deadline(&mut self, now: u64) -> AtDeadline {
+    /// ends; `progress` measures the calling thread (see [`ThreadProgress::now`]).
+    pub(crate) fn at_deadline(
+        &mut self,
+        now: u64,
+        progress: impl FnOnce() -> ThreadProgress,
+    ) -> AtDeadline {
         let end = self.slice.end.load(Ordering::Relaxed);
         if now < end {
-            // A deadline set before the sandbox waited for a slot or a worker: the slice
-            // began when it resumed.
+            // A fresh slice's first boundary, or a deadline set before the sandbox waited for
+            // a slot or a worker (the slice began when it resumed): from here on the slice's
+            // thread is measured.
+            self.slice.measure_once(progress);
             return AtDeadline::Continue(end - now);
         }
         if now > end {
@@ -182,13 +278,17 @@ impl CpuShare {
             let virtual_time = self.queue.virtual_time();
             self.virtual_runtime = self.virtual_runtime.max(virtual_time);
             if self.virtual_runtime <= virtual_time + virtual_ticks(1, self.weight) {
-                self.slice.set(now, FRESH_SLICE_TICKS);
-                return AtDeadline::Continue(FRESH_SLICE_TICKS);
+                // Its first boundary measures its thread.
+                self.slice.set(now, FRESH_SLICE_TICKS, None);
+                return AtDeadline::Continue(1);
             }
             return AtDeadline::Yield {
                 charge: 0,
                 pause: None,
             };
+        }
+        if !self.slice.ran(now, self.tick, progress) {
+            return AtDeadline::Continue(1);
         }
         let ticks = self.slice.ticks.load(Ordering::Relaxed);
         self.virtual_runtime = self
@@ -242,7 +342,7 @@ impl CpuShare {
             let now = epoch.now();
             queue.running(&lease, now);
             *lease_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(lease);
-            slice.set(now, 1);
+            slice.set(now, 1, Some(ThreadProgress::now()));
         })
     }
 
@@ -262,11 +362,24 @@ mod tests {
         (CpuShare::new(weight, rate, TICK, &epoch), epoch)
     }
 
+    /// The calling thread having used `cpu` of CPU.
+    fn used(cpu: Duration) -> impl FnOnce() -> ThreadProgress {
+        move || ThreadProgress {
+            thread: std::thread::current().id(),
+            cpu,
+        }
+    }
+
+    /// The calling thread at epoch `now`, having run every tick since epoch 0.
+    fn busy(now: u64) -> impl FnOnce() -> ThreadProgress {
+        used(TICK * u32::try_from(now).expect("a small epoch"))
+    }
+
     /// Ends the slice under way at `now`, as a spinning sandbox does, and resumes it with a
     /// slot at once.
     fn spin_through(share: &mut CpuShare, now: u64) -> AtDeadline {
-        let at = share.at_deadline(now);
-        share.slice.set(now, 1);
+        let at = share.at_deadline(now, busy(now));
+        share.slice.set(now, 1, Some(busy(now)()));
         at
     }
 
@@ -274,9 +387,12 @@ mod tests {
     fn a_fresh_slice_runs_two_boundaries_and_is_charged_as_such() {
         // Created at epoch 0, part way through its tick.
         let (mut share, _epoch) = share(None, None);
-        assert!(matches!(share.at_deadline(1), AtDeadline::Continue(1)));
         assert!(matches!(
-            share.at_deadline(2),
+            share.at_deadline(1, busy(1)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(2, busy(2)),
             AtDeadline::Yield {
                 charge: 2,
                 pause: None
@@ -287,16 +403,20 @@ mod tests {
     #[test]
     fn ticks_spent_waiting_for_a_slot_or_a_worker_are_not_charged() {
         let (mut share, _epoch) = share(None, None);
+        share.at_deadline(1, busy(1));
         assert!(matches!(
             spin_through(&mut share, 2),
             AtDeadline::Yield { charge: 2, .. }
         ));
         // It waited for a slot and a worker and resumed at epoch 6; its old deadline (epoch
         // 3) has passed: it runs on, uncharged, until its slice of one tick has run.
-        share.slice.set(6, 1);
-        assert!(matches!(share.at_deadline(6), AtDeadline::Continue(1)));
+        share.slice.set(6, 1, Some(busy(6)()));
         assert!(matches!(
-            share.at_deadline(7),
+            share.at_deadline(6, busy(6)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(7, busy(7)),
             AtDeadline::Yield { charge: 1, .. }
         ));
     }
@@ -307,11 +427,96 @@ mod tests {
         // Its slice was to end at epoch 2; the first deadline it reaches is at epoch 5: it
         // was blocked in WASI (or instantiating).
         assert!(matches!(
-            share.at_deadline(5),
-            AtDeadline::Continue(FRESH_SLICE_TICKS)
+            share.at_deadline(5, busy(5)),
+            AtDeadline::Continue(1)
+        ));
+        // Its fresh slice's first boundary measures its thread; the second ends it.
+        assert!(matches!(
+            share.at_deadline(6, busy(6)),
+            AtDeadline::Continue(1)
         ));
         assert!(matches!(
-            share.at_deadline(7),
+            share.at_deadline(7, busy(7)),
+            AtDeadline::Yield { charge: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_slice_whose_thread_the_kernel_did_not_run_goes_on_uncharged() {
+        let (mut share, _epoch) = share(None, None);
+        // Measured at the fresh slice's first boundary; over the next tick the thread ran a
+        // quarter of it (another thread had the CPU): the slice goes on for a tick.
+        assert!(matches!(
+            share.at_deadline(1, used(Duration::ZERO)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(2, used(TICK / 4)),
+            AtDeadline::Continue(1)
+        ));
+        // By the next boundary it has run half a tick since it was measured: the slice ends,
+        // charged its two ticks, not three.
+        assert!(matches!(
+            share.at_deadline(3, used(TICK / 2)),
+            AtDeadline::Yield { charge: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_fresh_slice_that_reached_no_boundary_before_its_end_is_measured_there() {
+        let (mut share, _epoch) = share(None, None);
+        // It was instantiating, or waiting for a worker, at its first boundary.
+        assert!(matches!(
+            share.at_deadline(2, busy(2)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(3, busy(3)),
+            AtDeadline::Yield { charge: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_slice_whose_thread_never_runs_still_ends_after_a_bound() {
+        let (mut share, _epoch) = share(None, None);
+        assert!(matches!(
+            share.at_deadline(1, used(Duration::ZERO)),
+            AtDeadline::Continue(1)
+        ));
+        let end = 2 + MAX_SLICE_EXTENSIONS;
+        for now in 2..end {
+            assert!(matches!(
+                share.at_deadline(now, used(Duration::ZERO)),
+                AtDeadline::Continue(1)
+            ));
+        }
+        assert!(matches!(
+            share.at_deadline(end, used(Duration::ZERO)),
+            AtDeadline::Yield { charge: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_slice_measured_on_another_thread_is_measured_again() {
+        let (mut share, _epoch) = share(None, None);
+        let other = std::thread::spawn(|| std::thread::current().id())
+            .join()
+            .expect("the thread ran");
+        assert!(matches!(
+            share.at_deadline(1, move || ThreadProgress {
+                thread: other,
+                cpu: TICK * 100,
+            }),
+            AtDeadline::Continue(1)
+        ));
+        // Its task moved to this thread, whose clock says nothing of the slice: measured
+        // here, it goes on until it has run half a tick on this thread.
+        assert!(matches!(
+            share.at_deadline(2, used(Duration::ZERO)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(3, used(TICK / 2)),
             AtDeadline::Yield { charge: 2, .. }
         ));
     }
@@ -321,6 +526,7 @@ mod tests {
         let (mut share, _epoch) = share(Some(100), None);
         // Three slices run back to back while nobody else was served: the queue's virtual
         // time stayed at 0.
+        share.at_deadline(1, busy(1));
         assert!(matches!(
             spin_through(&mut share, 2),
             AtDeadline::Yield { .. }
@@ -334,7 +540,7 @@ mod tests {
         // It wakes from a sleep four ticks ahead of everyone: no fresh slice, and nothing
         // charged for the sleep.
         assert!(matches!(
-            share.at_deadline(10),
+            share.at_deadline(10, busy(10)),
             AtDeadline::Yield {
                 charge: 0,
                 pause: None
@@ -347,7 +553,7 @@ mod tests {
         let pause = |rate| {
             let (mut share, _epoch) = share(None, rate);
             spin_through(&mut share, 2);
-            match share.at_deadline(3) {
+            match share.at_deadline(3, busy(3)) {
                 AtDeadline::Yield { pause, .. } => pause,
                 AtDeadline::Continue(_) => panic!("the slice ran"),
             }
@@ -365,7 +571,11 @@ mod tests {
         // A fresh slice of two ticks pauses twice as long.
         let (mut share, _epoch) = share(None, Some(500));
         assert!(matches!(
-            share.at_deadline(2),
+            share.at_deadline(1, busy(1)),
+            AtDeadline::Continue(1)
+        ));
+        assert!(matches!(
+            share.at_deadline(2, busy(2)),
             AtDeadline::Yield { pause: Some(p), .. } if p == Duration::from_millis(20)
         ));
     }

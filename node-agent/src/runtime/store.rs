@@ -15,7 +15,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::cpu::{AtDeadline, CpuShare, CpuUsage, FRESH_SLICE_TICKS};
+use super::cpu::{AtDeadline, CpuShare, CpuUsage, ThreadProgress};
 use super::egress::EgressPolicy;
 use super::engine::Epoch;
 use super::environment::{Environment, EnvironmentSources};
@@ -148,13 +148,14 @@ impl Stores {
             },
         );
         store.limiter(|s| &mut s.limiter);
-        // The first deadline must be set explicitly or every call would yield on entry.
-        store.set_epoch_deadline(FRESH_SLICE_TICKS);
+        // The first deadline must be set explicitly or every call would yield on entry. It is
+        // the fresh slice's first boundary, where its thread is measured (see `cpu`).
+        store.set_epoch_deadline(1);
         let tick = self.epoch_tick;
         let epoch = self.epoch.clone();
         store.epoch_deadline_callback(move |mut cx| {
             let state = cx.data_mut();
-            match state.cpu.at_deadline(epoch.now()) {
+            match state.cpu.at_deadline(epoch.now(), ThreadProgress::now) {
                 AtDeadline::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
                 AtDeadline::Yield { charge, pause } => {
                     state.usage.charge(charge, tick);

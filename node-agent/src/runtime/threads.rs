@@ -43,7 +43,9 @@ use wasmtime::{
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::cpu::{AtDeadline, CORE_MILLICORES, CpuShare, CpuUsage, FRESH_SLICE_TICKS};
+use super::cpu::{
+    AtDeadline, CORE_MILLICORES, CpuShare, CpuUsage, ThreadProgress, thread_cpu_time,
+};
 use super::engine::Epoch;
 use super::error::SandboxError;
 use super::exit::{Exit, classify};
@@ -465,7 +467,8 @@ impl ThreadGroup {
             },
         );
         store.limiter(|t| &mut t.limiter);
-        store.set_epoch_deadline(FRESH_SLICE_TICKS);
+        // The fresh slice's first boundary, where its thread is measured (see `cpu`).
+        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut cx| cx.data_mut().at_deadline());
         store
     }
@@ -655,7 +658,7 @@ impl GuestThread {
         group
             .virtual_runtime
             .fetch_max(self.cpu.virtual_runtime(), Ordering::Relaxed);
-        let pause = match self.cpu.at_deadline(group.epoch.now()) {
+        let pause = match self.cpu.at_deadline(group.epoch.now(), ThreadProgress::now) {
             AtDeadline::Continue(ticks) if rate_pause.is_none() => {
                 return Ok(UpdateDeadline::Continue(ticks));
             }
@@ -669,22 +672,4 @@ impl GuestThread {
         group.wait_turn(turn)?;
         Ok(UpdateDeadline::Continue(1))
     }
-}
-
-/// The CPU time the calling OS thread has used.
-#[allow(unsafe_code)]
-fn thread_cpu_time() -> Duration {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid timespec for the call to write; the clock exists on Linux.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) } == 0;
-    if !ok {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        u64::try_from(time.tv_sec).unwrap_or(0),
-        u32::try_from(time.tv_nsec).unwrap_or(0),
-    )
 }
