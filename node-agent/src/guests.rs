@@ -11,7 +11,9 @@
 //!   agent's own, an HTTP request, a load generator beside the agent) would wait for the
 //!   kernel to preempt one at equal priority. Measured beside 1,000 spinning replicas, a
 //!   healthy HTTP request's p99 was 5.2 ms with replicas at nice 0, 2.7 ms at nice 5 and at
-//!   nice 10. Between replicas, shares are the agent's run queue's business, not the kernel's.
+//!   nice 10. Their threads are also `SCHED_BATCH`, so that one woken with credit (a slot
+//!   handed on, a task to run) does not take the CPU from a request thread until the next
+//!   tick. Between replicas, shares are the agent's run queue's business, not the kernel's.
 //!   Under Kubernetes the agent is one pod: nice values weigh only against the agent's own
 //!   threads inside its cgroup, so replicas give way to requests and to the agent, not to
 //!   other pods.
