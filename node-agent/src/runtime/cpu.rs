@@ -28,13 +28,14 @@
 //!   A deadline reached before the slice's end (it waited for a slot or a worker while the
 //!   epoch moved on) extends the slice instead of ending it, so time spent waiting, or
 //!   blocked in WASI, is not charged.
-//! - **Ticks the thread did not run.** Epoch ticks are wall-clock time. A slice ends at a
-//!   boundary only if its OS thread used at least half a tick of CPU in its last tick
-//!   (`CLOCK_THREAD_CPUTIME_ID`, read where the slice resumes or at its first boundary); else
-//!   the kernel ran other threads meanwhile (or the machine stalled) and the slice goes on, that
-//!   tick uncharged, up to [`MAX_SLICE_EXTENSIONS`] times. Before this, an HTTP request
-//!   preempted for a tick or two ended its fresh slice and queued behind a thousand
-//!   spinners: 1.8 s for one request.
+//! - **Fresh slices the thread did not run.** Epoch ticks are wall-clock time. A fresh slice
+//!   ends at its second boundary only if its OS thread used at least half a tick of CPU since
+//!   its first (`CLOCK_THREAD_CPUTIME_ID`); else the kernel ran other threads meanwhile (or
+//!   the machine stalled) and the slice goes on, that tick uncharged, up to
+//!   [`MAX_SLICE_EXTENSIONS`] times. Before this, an HTTP request or a start preempted across
+//!   its fresh slice's end queued behind a thousand spinners: 1.8 s for one request. A turn
+//!   after waiting in the queue is not measured: it ends at its boundary, so that new work
+//!   waits for at most a tick per turn of a worker that runs spinners.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -149,67 +150,82 @@ pub(crate) struct CpuShare {
     queue: Arc<RunQueue>,
 }
 
-/// The slice under way: the epoch it ends at, its length in ticks, and where its thread
-/// stood when it was last measured.
+/// The slice under way: the epoch it ends at, its length in ticks, and, for a fresh slice,
+/// how far its thread has been seen to run.
 #[derive(Debug)]
 struct Slice {
     end: AtomicU64,
     ticks: AtomicU64,
-    /// Where the slice's thread stood at its start or first boundary (`None` until then),
-    /// and the ticks it has been extended by.
-    measured: Mutex<(Option<ThreadProgress>, u64)>,
+    measure: Mutex<Measure>,
+}
+
+/// How a fresh slice's thread has been seen to run.
+#[derive(Debug, Default)]
+struct Measure {
+    /// Whether the slice is a fresh one (a start or a wake-up): only those are measured.
+    fresh: bool,
+    /// Where its thread stood at its first boundary, once it reached one.
+    since: Option<ThreadProgress>,
+    /// Ticks it has been extended by.
+    extended: u64,
 }
 
 impl Slice {
     fn new(now: u64, ticks: u64) -> Self {
-        Self {
-            end: AtomicU64::new(now + ticks),
-            ticks: AtomicU64::new(ticks),
-            measured: Mutex::new((None, 0)),
-        }
+        let slice = Self {
+            end: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
+            measure: Mutex::default(),
+        };
+        slice.set(now, ticks, true);
+        slice
     }
 
-    /// Begins a slice of `ticks` at epoch `now`, its thread at `progress` if known.
-    fn set(&self, now: u64, ticks: u64, progress: Option<ThreadProgress>) {
+    /// Begins a slice of `ticks` at epoch `now`: a fresh one (a start or a wake-up), or the
+    /// next turn of a sandbox that waited for it.
+    fn set(&self, now: u64, ticks: u64, fresh: bool) {
         self.end.store(now + ticks, Ordering::Relaxed);
         self.ticks.store(ticks, Ordering::Relaxed);
-        *self.lock() = (progress, 0);
+        *self.lock() = Measure {
+            fresh,
+            ..Measure::default()
+        };
     }
 
-    /// Whether the slice's thread used at least half a tick of CPU since it was measured, as
-    /// of `progress`; if not, the slice goes on for another tick ending at `now + 1`, unless
-    /// it has been extended [`MAX_SLICE_EXTENSIONS`] times. A slice not yet measured on this
-    /// thread (it reached no boundary before, or its task moved while blocked) is measured
-    /// now and goes on.
+    /// Whether the slice has run its course at its end, epoch `now`. A turn has. A fresh slice
+    /// has if its thread used at least half a tick of CPU since its first boundary, as of
+    /// `progress`; if not (the kernel ran other threads meanwhile, the machine stalled, or the
+    /// slice reached no boundary before on this thread), it is measured now if it was not,
+    /// and goes on for another tick, up to [`MAX_SLICE_EXTENSIONS`] times.
     fn ran(&self, now: u64, tick: Duration, progress: impl FnOnce() -> ThreadProgress) -> bool {
-        let mut measured = self.lock();
-        if measured.1 >= MAX_SLICE_EXTENSIONS {
+        let mut measure = self.lock();
+        if !measure.fresh || measure.extended >= MAX_SLICE_EXTENSIONS {
             return true;
         }
         let progress = progress();
-        match &measured.0 {
+        match &measure.since {
             Some(since) if since.thread == progress.thread => {
                 if progress.cpu.saturating_sub(since.cpu) >= tick / 2 {
                     return true;
                 }
             }
-            _ => measured.0 = Some(progress),
+            _ => measure.since = Some(progress),
         }
-        measured.1 += 1;
+        measure.extended += 1;
         self.end.store(now + 1, Ordering::Relaxed);
         false
     }
 
-    /// Measures the slice's thread now unless it was measured already.
+    /// Measures a fresh slice's thread at its first boundary.
     fn measure_once(&self, progress: impl FnOnce() -> ThreadProgress) {
-        let mut measured = self.lock();
-        if measured.0.is_none() {
-            measured.0 = Some(progress());
+        let mut measure = self.lock();
+        if measure.fresh && measure.since.is_none() {
+            measure.since = Some(progress());
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<ThreadProgress>, u64)> {
-        self.measured.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Measure> {
+        self.measure.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -262,9 +278,9 @@ impl CpuShare {
     ) -> AtDeadline {
         let end = self.slice.end.load(Ordering::Relaxed);
         if now < end {
-            // A fresh slice's first boundary, or a deadline set before the sandbox waited for
-            // a slot or a worker (the slice began when it resumed): from here on the slice's
-            // thread is measured.
+            // A fresh slice's first boundary, where its thread is measured, or a deadline set
+            // before the sandbox waited for a slot or a worker (the slice began when it
+            // resumed).
             self.slice.measure_once(progress);
             return AtDeadline::Continue(end - now);
         }
@@ -279,7 +295,7 @@ impl CpuShare {
             self.virtual_runtime = self.virtual_runtime.max(virtual_time);
             if self.virtual_runtime <= virtual_time + virtual_ticks(1, self.weight) {
                 // Its first boundary measures its thread.
-                self.slice.set(now, FRESH_SLICE_TICKS, None);
+                self.slice.set(now, FRESH_SLICE_TICKS, true);
                 return AtDeadline::Continue(1);
             }
             return AtDeadline::Yield {
@@ -342,7 +358,7 @@ impl CpuShare {
             let now = epoch.now();
             queue.running(&lease, now);
             *lease_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(lease);
-            slice.set(now, 1, Some(ThreadProgress::now()));
+            slice.set(now, 1, false);
         })
     }
 
@@ -379,7 +395,7 @@ mod tests {
     /// slot at once.
     fn spin_through(share: &mut CpuShare, now: u64) -> AtDeadline {
         let at = share.at_deadline(now, busy(now));
-        share.slice.set(now, 1, Some(busy(now)()));
+        share.slice.set(now, 1, false);
         at
     }
 
@@ -410,7 +426,7 @@ mod tests {
         ));
         // It waited for a slot and a worker and resumed at epoch 6; its old deadline (epoch
         // 3) has passed: it runs on, uncharged, until its slice of one tick has run.
-        share.slice.set(6, 1, Some(busy(6)()));
+        share.slice.set(6, 1, false);
         assert!(matches!(
             share.at_deadline(6, busy(6)),
             AtDeadline::Continue(1)
@@ -473,6 +489,20 @@ mod tests {
         assert!(matches!(
             share.at_deadline(3, busy(3)),
             AtDeadline::Yield { charge: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_turn_after_waiting_ends_at_its_boundary_however_little_it_ran() {
+        let (mut share, _epoch) = share(None, None);
+        share.at_deadline(1, busy(1));
+        assert!(matches!(
+            spin_through(&mut share, 2),
+            AtDeadline::Yield { charge: 2, .. }
+        ));
+        assert!(matches!(
+            share.at_deadline(3, used(Duration::ZERO)),
+            AtDeadline::Yield { charge: 1, .. }
         ));
     }
 
