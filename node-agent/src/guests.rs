@@ -65,7 +65,7 @@ impl GuestRuntime {
                         crate::runtime::nice_current_thread(nice);
                     }
                     if latency {
-                        crate::runtime::slice_current_thread(crate::runtime::LATENCY_SLICE);
+                        crate::runtime::latency_slice_current_thread();
                     } else {
                         crate::runtime::batch_current_thread();
                     }

@@ -82,7 +82,7 @@ pub use self::prepared::PreparedWorkload;
 #[cfg(all(test, target_os = "linux"))]
 pub(crate) use self::priority::current_thread_slice;
 pub use self::priority::{
-    LATENCY_SLICE, batch_current_thread, nice_current_thread, slice_current_thread,
+    LATENCY_SLICE, batch_current_thread, latency_slice_current_thread, nice_current_thread,
 };
 pub use self::run_queue::{LEASE_TICKS, MIN_WEIGHT_MILLICORES, RunQueue};
 pub use self::sandbox::{Prepared, SandboxInstance, SandboxName, SandboxRuntime};

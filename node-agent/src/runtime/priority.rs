@@ -35,16 +35,16 @@ pub fn nice_current_thread(nice: i32) {
     let _ = nice;
 }
 
-/// Gives the calling thread `slice`, keeping its policy and nice value. Threads of a
-/// real-time or idle policy are left as they are; so is every thread where the kernel refuses
-/// (a seccomp filter) or has no such call. Failures are logged.
-pub fn slice_current_thread(slice: Duration) {
+/// Gives the calling thread [`LATENCY_SLICE`], keeping its policy and nice value. Threads of
+/// a real-time or idle policy are left as they are; so is every thread where the kernel
+/// refuses (a seccomp filter) or has no such call. Failures are logged.
+pub fn latency_slice_current_thread() {
     #[cfg(target_os = "linux")]
-    if let Err(error) = set_slice(slice) {
-        tracing::debug!(%error, ?slice, "cannot set a thread's slice");
+    if let Err(error) = set_fair_attr(|attr| {
+        attr.sched_runtime = u64::try_from(LATENCY_SLICE.as_nanos()).unwrap_or(u64::MAX);
+    }) {
+        tracing::debug!(%error, "cannot shorten a thread's slice");
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = slice;
 }
 
 /// The calling thread's slice as the kernel reports it: `None` before Linux 6.12, which has
@@ -61,44 +61,30 @@ pub(crate) fn current_thread_slice() -> std::io::Result<Option<Duration>> {
 /// left as they are; failures are logged.
 pub fn batch_current_thread() {
     #[cfg(target_os = "linux")]
-    if let Err(error) = set_batch() {
+    if let Err(error) = set_fair_attr(|attr| {
+        attr.sched_policy = libc::SCHED_BATCH as u32;
+        // The default slice (the kernel reports it as if it were set).
+        attr.sched_runtime = 0;
+    }) {
         tracing::debug!(%error, "cannot mark a thread CPU-bound");
     }
 }
 
+/// Changes the calling thread's scheduling attributes with `change`, if its policy is a fair
+/// one (`SCHED_OTHER`, `SCHED_BATCH`); its nice value is kept.
 #[cfg(target_os = "linux")]
-fn set_batch() -> std::io::Result<()> {
-    let mut attr = thread_attr()?;
-    let fair = [libc::SCHED_OTHER, libc::SCHED_BATCH].map(|policy| policy as u32);
-    if !fair.contains(&attr.sched_policy) {
-        return Ok(());
-    }
-    attr.sched_policy = libc::SCHED_BATCH as u32;
-    attr.sched_flags = 0;
-    // The default slice (the kernel reports it as if it were set).
-    attr.sched_runtime = 0;
-    set_attr(&attr)
-}
-
-#[cfg(target_os = "linux")]
-fn set_slice(slice: Duration) -> std::io::Result<()> {
+fn set_fair_attr(change: impl FnOnce(&mut libc::sched_attr)) -> std::io::Result<()> {
     let mut attr = thread_attr()?;
     let fair = [libc::SCHED_OTHER, libc::SCHED_BATCH].map(|policy| policy as u32);
     if !fair.contains(&attr.sched_policy) {
         return Ok(());
     }
     attr.sched_flags = 0;
-    attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    set_attr(&attr)
-}
-
-/// Sets the calling thread's scheduling attributes.
-#[cfg(target_os = "linux")]
-fn set_attr(attr: &libc::sched_attr) -> std::io::Result<()> {
+    change(&mut attr);
     #[allow(unsafe_code)]
     // SAFETY: the kernel reads `attr.size` bytes of an initialised sched_attr; pid 0 is the
     // calling thread.
-    let result = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, attr as *const _, 0u32) };
+    let result = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0u32) };
     syscall_result(result)
 }
 
@@ -144,7 +130,7 @@ mod tests {
         std::thread::spawn(|| {
             nice_current_thread(3);
             let before = thread_attr().expect("sched_getattr");
-            slice_current_thread(LATENCY_SLICE);
+            latency_slice_current_thread();
             let after = thread_attr().expect("sched_getattr");
             assert_eq!(after.sched_nice, 3);
             assert_eq!(after.sched_policy, before.sched_policy);
