@@ -127,9 +127,14 @@ pub(crate) struct ThreadProgress {
 impl ThreadProgress {
     /// The calling thread's.
     pub(crate) fn now() -> Self {
+        Self::of_current_thread(thread_cpu_time())
+    }
+
+    /// The calling thread's, which has used `cpu` (read by the caller for its own use).
+    pub(crate) fn of_current_thread(cpu: Duration) -> Self {
         Self {
             thread: std::thread::current().id(),
-            cpu: thread_cpu_time(),
+            cpu,
         }
     }
 }
@@ -380,10 +385,7 @@ mod tests {
 
     /// The calling thread having used `cpu` of CPU.
     fn used(cpu: Duration) -> impl FnOnce() -> ThreadProgress {
-        move || ThreadProgress {
-            thread: std::thread::current().id(),
-            cpu,
-        }
+        move || ThreadProgress::of_current_thread(cpu)
     }
 
     /// The calling thread at epoch `now`, having run every tick since epoch 0.

@@ -658,7 +658,9 @@ impl GuestThread {
         group
             .virtual_runtime
             .fetch_max(self.cpu.virtual_runtime(), Ordering::Relaxed);
-        let pause = match self.cpu.at_deadline(group.epoch.now(), ThreadProgress::now) {
+        // The CPU clock read above measures the fresh slice too.
+        let progress = || ThreadProgress::of_current_thread(now);
+        let pause = match self.cpu.at_deadline(group.epoch.now(), progress) {
             AtDeadline::Continue(ticks) if rate_pause.is_none() => {
                 return Ok(UpdateDeadline::Continue(ticks));
             }
