@@ -147,14 +147,14 @@ impl ConfigStore {
         self.write(move |table, all| {
             let exists = table
                 .get(id(&key).as_str())
-                .map_err(|e| Error::Write(e.into()))?
+                .map_err(Error::write)?
                 .is_some();
             if create_only && exists {
                 return Err(ConfigError::AlreadyExists(key));
             }
             table
                 .insert(id(&key).as_str(), object.encode_to_vec().as_slice())
-                .map_err(|e| Error::Write(e.into()))?;
+                .map_err(Error::write)?;
             all.insert(key, Arc::new(object));
             Ok(())
         })
@@ -170,7 +170,7 @@ impl ConfigStore {
         self.write(move |table, all| {
             let removed = table
                 .remove(id(&key).as_str())
-                .map_err(|e| Error::Write(e.into()))?
+                .map_err(Error::write)?
                 .is_some();
             match all.remove(&key) {
                 Some(object) if removed => Ok(object),
@@ -195,16 +195,13 @@ impl ConfigStore {
         let cluster = self.cluster.clone();
         tokio::task::spawn_blocking(move || {
             let _order = embedded.order.lock().unwrap_or_else(|e| e.into_inner());
-            let txn = embedded
-                .db
-                .begin_write()
-                .map_err(|e| Error::Write(e.into()))?;
+            let txn = embedded.db.begin_write().map_err(Error::write)?;
             let mut all = (*cluster.config.current()).clone();
             let result = {
-                let mut table = txn.open_table(CONFIG).map_err(|e| Error::Write(e.into()))?;
+                let mut table = txn.open_table(CONFIG).map_err(Error::write)?;
                 change(&mut table, &mut all)?
             };
-            txn.commit().map_err(|e| Error::Write(e.into()))?;
+            txn.commit().map_err(Error::write)?;
             cluster.config.publish(all);
             Ok(result)
         })

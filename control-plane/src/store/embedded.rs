@@ -1,12 +1,19 @@
 //! [`EmbeddedStore`]: workloads in a redb database file, for standalone mode.
 //!
-//! Every write is one redb transaction committed with immediate durability, so a crash or restart
-//! loses nothing that was acknowledged. Writes and the start of a watch are serialised by one
-//! lock held across commit and publish, so watchers see changes in commit order, without gaps.
-//! redb calls block, so they run on tokio's blocking pool.
+//! Every write is committed with immediate durability before it is acknowledged, so a crash or
+//! restart loses nothing that was. Concurrent writes share a group commit: one writer commits
+//! every write queued by then in one transaction and one fsync, then hands over to the next
+//! queued writer. So a burst of writes (a tenant's, or a controller pass's status writes) costs
+//! one fsync, not one each, and a write queued behind it waits for at most one commit in
+//! progress. A change that fails fails alone; a storage failure fails its whole group.
+//!
+//! Commits and the start of a watch are serialised by one lock held across commit and publish,
+//! so watchers see changes in commit order, without gaps. redb calls block, so they run on
+//! tokio's blocking pool.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -34,6 +41,10 @@ struct Inner {
     events: broadcast::Sender<WatchEvent>,
     /// Held across commit and publish, and while a watch takes its snapshot.
     order: Mutex<()>,
+    /// Writes waiting for the next group commit.
+    writes: Mutex<WriteQueue>,
+    /// Group commits so far: one transaction and one fsync each.
+    group_commits: AtomicU64,
 }
 
 impl EmbeddedStore {
@@ -55,6 +66,8 @@ impl EmbeddedStore {
                 db,
                 events,
                 order: Mutex::new(()),
+                writes: Mutex::default(),
+                group_commits: AtomicU64::new(0),
             }),
         })
     }
@@ -98,59 +111,189 @@ impl Inner {
         value.map(|v| decode(&id, v.value())).transpose()
     }
 
-    /// Runs `change` on the current object inside one write transaction, stores what it
-    /// returns with a new resource version, commits, and publishes the event.
+    fn write_queue(&self) -> std::sync::MutexGuard<'_, WriteQueue> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `change` on the current object and stores what it returns (`None` deletes it)
+    /// with a new resource version; returns the stored object, or the deleted one's last
+    /// state, once it is committed and its event published.
+    ///
+    /// The write joins the next group commit: if no writer is committing, this one commits
+    /// every write queued by then; otherwise it waits for the committing writer, which hands
+    /// over to the first writer still queued when it is done.
     fn write(
         &self,
         key: &WorkloadKey,
-        change: impl FnOnce(Option<Workload>) -> Result<Option<Workload>, Error>,
+        change: impl FnOnce(Option<Workload>) -> Result<Option<Workload>, Error> + Send + 'static,
     ) -> Result<Option<Workload>, Error> {
+        let (reply, replies) = mpsc::channel();
+        let lead = {
+            let mut queue = self.write_queue();
+            queue.pending.push(PendingWrite {
+                key: key.clone(),
+                change: Box::new(change),
+                reply,
+            });
+            !std::mem::replace(&mut queue.leading, true)
+        };
+        if lead {
+            self.commit_group();
+        }
+        loop {
+            match replies.recv() {
+                Ok(Reply::Done(outcome)) => return *outcome,
+                Ok(Reply::Lead) => self.commit_group(),
+                Err(_) => return Err(Error::Task("the group commit of this write failed".into())),
+            }
+        }
+    }
+
+    /// Commits every queued write in one transaction, publishes their events in order and
+    /// answers each; then hands over to the next queued writer, even if this one panics.
+    fn commit_group(&self) {
+        let _handover = Handover(self);
+        let group = std::mem::take(&mut self.write_queue().pending);
         let _order = self.lock_order();
-        let txn = self.db.begin_write().map_err(|e| Error::Write(e.into()))?;
-        let id = key.to_string();
-        let (event, result) = {
-            let mut table = txn
-                .open_table(WORKLOADS)
-                .map_err(|e| Error::Write(e.into()))?;
-            let current = table
-                .get(id.as_str())
-                .map_err(|e| Error::Write(e.into()))?
-                .map(|v| decode(&id, v.value()))
-                .transpose()?;
-            match change(current.clone())? {
-                Some(mut next) => {
-                    let mut meta = txn.open_table(META).map_err(|e| Error::Write(e.into()))?;
-                    let version = meta
-                        .get(RESOURCE_VERSION)
-                        .map_err(|e| Error::Write(e.into()))?
-                        .map_or(0, |v| v.value())
-                        + 1;
-                    meta.insert(RESOURCE_VERSION, version)
-                        .map_err(|e| Error::Write(e.into()))?;
-                    next.metadata.resource_version = version.to_string();
-                    let bytes = serde_json::to_vec(&next).map_err(|source| Error::Decode {
-                        key: id.clone(),
-                        source,
-                    })?;
-                    table
-                        .insert(id.as_str(), bytes.as_slice())
-                        .map_err(|e| Error::Write(e.into()))?;
-                    (Some(WatchEvent::Applied(next.clone())), Some(next))
-                }
-                None => {
-                    table
-                        .remove(id.as_str())
-                        .map_err(|e| Error::Write(e.into()))?;
-                    (current.clone().map(WatchEvent::Deleted), current)
+        let (changes, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|write| ((write.key, write.change), write.reply))
+            .unzip();
+        match self.commit(changes) {
+            Ok(outcomes) => {
+                for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                    let outcome = outcome.map(|written| {
+                        if let Some(event) = written.event {
+                            // No watcher is not an error.
+                            let _ = self.events.send(event);
+                        }
+                        written.object
+                    });
+                    // A writer that stopped waiting is not an error either.
+                    let _ = reply.send(Reply::Done(Box::new(outcome)));
                 }
             }
-        };
-        txn.commit().map_err(|e| Error::Write(e.into()))?;
-        if let Some(event) = event {
-            // No watcher is not an error.
-            let _ = self.events.send(event);
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Reply::Done(Box::new(Err(Error::Write(error.clone())))));
+                }
+            }
         }
-        Ok(result)
+    }
+
+    /// One write transaction for `changes`, in order, each seeing the ones before it. A
+    /// change that fails leaves its workload as it was and fails alone; a storage failure
+    /// fails them all, and nothing is written.
+    fn commit(
+        &self,
+        changes: Vec<(WorkloadKey, Change)>,
+    ) -> Result<Vec<Result<Written, Error>>, Arc<redb::Error>> {
+        let storage = |e: redb::Error| Arc::new(e);
+        let txn = self.db.begin_write().map_err(|e| storage(e.into()))?;
+        let mut outcomes = Vec::with_capacity(changes.len());
+        {
+            let mut table = txn.open_table(WORKLOADS).map_err(|e| storage(e.into()))?;
+            let mut meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
+            let last = meta
+                .get(RESOURCE_VERSION)
+                .map_err(|e| storage(e.into()))?
+                .map_or(0, |v| v.value());
+            let mut version = last;
+            for (key, change) in changes {
+                let id = key.to_string();
+                let current = table
+                    .get(id.as_str())
+                    .map_err(|e| storage(e.into()))?
+                    .map(|v| decode(&id, v.value()))
+                    .transpose();
+                let next = current.and_then(|current| Ok((change(current.clone())?, current)));
+                let outcome = match next {
+                    Err(error) => Err(error),
+                    Ok((Some(mut next), _)) => {
+                        next.metadata.resource_version = (version + 1).to_string();
+                        match serde_json::to_vec(&next) {
+                            Err(source) => Err(Error::Decode { key: id, source }),
+                            Ok(bytes) => {
+                                table
+                                    .insert(id.as_str(), bytes.as_slice())
+                                    .map_err(|e| storage(e.into()))?;
+                                version += 1;
+                                Ok(Written {
+                                    event: Some(WatchEvent::Applied(next.clone())),
+                                    object: Some(next),
+                                })
+                            }
+                        }
+                    }
+                    Ok((None, current)) => {
+                        table.remove(id.as_str()).map_err(|e| storage(e.into()))?;
+                        Ok(Written {
+                            event: current.clone().map(WatchEvent::Deleted),
+                            object: current,
+                        })
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            if version != last {
+                meta.insert(RESOURCE_VERSION, version)
+                    .map_err(|e| storage(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| storage(e.into()))?;
+        self.group_commits.fetch_add(1, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+}
+
+/// A change to one workload: from its current state (`None`: there is none) to the state to
+/// store (`None`: delete it).
+type Change = Box<dyn FnOnce(Option<Workload>) -> Result<Option<Workload>, Error> + Send>;
+
+/// A write queued for the next group commit.
+struct PendingWrite {
+    key: WorkloadKey,
+    change: Change,
+    reply: mpsc::Sender<Reply>,
+}
+
+/// What a queued writer hears.
+enum Reply {
+    /// Its write is committed (or failed): the stored object, or the deleted one's last state.
+    Done(Box<Result<Option<Workload>, Error>>),
+    /// The committing writer is done and this one commits the next group.
+    Lead,
+}
+
+/// Writes waiting for a group commit.
+#[derive(Default)]
+struct WriteQueue {
+    pending: Vec<PendingWrite>,
+    /// Whether a writer is committing; it hands over before it stops.
+    leading: bool,
+}
+
+/// One committed write: what its caller gets and what watchers see.
+struct Written {
+    object: Option<Workload>,
+    event: Option<WatchEvent>,
+}
+
+/// Hands the commit over to the first writer still queued (or leaves none committing) when
+/// a group is done, also when committing it panicked.
+struct Handover<'a>(&'a Inner);
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.write_queue();
+        while let Some(next) = queue.pending.first() {
+            if next.reply.send(Reply::Lead).is_ok() {
+                return;
+            }
+            // Its writer is gone; nobody waits for that write.
+            queue.pending.remove(0);
+        }
+        queue.leading = false;
     }
 }
 
@@ -187,7 +330,7 @@ impl WorkloadStore for EmbeddedStore {
         let key = workload.key();
         self.blocking(move |inner| {
             inner
-                .write(&key, |current| {
+                .write(&key.clone(), move |current| {
                     let mut next = workload;
                     next.metadata.namespace = key.namespace.clone();
                     match current {
@@ -220,7 +363,7 @@ impl WorkloadStore for EmbeddedStore {
     async fn delete(&self, key: &WorkloadKey) -> Result<Option<Workload>, Error> {
         let key = key.clone();
         self.blocking(move |inner| {
-            inner.write(&key, |current| match current {
+            inner.write(&key, move |current| match current {
                 Some(mut held) if !held.metadata.finalizers.is_empty() => {
                     if held.metadata.deletion_timestamp.is_empty() {
                         held.metadata.deletion_timestamp =
@@ -243,21 +386,26 @@ impl WorkloadStore for EmbeddedStore {
         let key = key.clone();
         let expected = resource_version.to_string();
         self.blocking(move |inner| {
-            let mut gone = false;
-            let result = inner.write(&key, |current| {
+            let gone = Arc::new(AtomicBool::new(false));
+            let released = gone.clone();
+            let result = inner.write(&key.clone(), move |current| {
                 let mut current = current.ok_or_else(|| Error::NotFound(key.clone()))?;
                 check_version(&key, &expected, &current)?;
                 current.metadata.finalizers = finalizers;
                 if current.metadata.finalizers.is_empty()
                     && !current.metadata.deletion_timestamp.is_empty()
                 {
-                    gone = true;
+                    released.store(true, Ordering::Relaxed);
                     return Ok(None);
                 }
                 Ok(Some(current))
             })?;
             // Once the workload is gone, `write` returns its last state.
-            Ok(if gone { None } else { result })
+            Ok(if gone.load(Ordering::Relaxed) {
+                None
+            } else {
+                result
+            })
         })
         .await
     }
@@ -269,9 +417,10 @@ impl WorkloadStore for EmbeddedStore {
     ) -> Result<Workload, Error> {
         let key = key.clone();
         self.blocking(move |inner| {
+            let missing = key.clone();
             inner
-                .write(&key, |current| {
-                    let mut current = current.ok_or_else(|| Error::NotFound(key.clone()))?;
+                .write(&key, move |current| {
+                    let mut current = current.ok_or(Error::NotFound(missing))?;
                     current.status = Some(status);
                     Ok(Some(current))
                 })?
@@ -293,5 +442,177 @@ impl WorkloadStore for EmbeddedStore {
             ))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::model::Workload;
+
+    fn open() -> (tempfile::TempDir, Arc<Inner>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("flotilla.redb")).expect("open");
+        (dir, store.inner)
+    }
+
+    fn key(name: &str) -> WorkloadKey {
+        WorkloadKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    /// A change that creates `name` (or keeps it as it is).
+    fn create(
+        name: &str,
+    ) -> impl FnOnce(Option<Workload>) -> Result<Option<Workload>, Error> + Send + use<> {
+        let mut spec = crate::model::WorkloadSpec::default();
+        spec.module.sha256 = "11".repeat(32);
+        let workload = Workload::new("default", name, spec);
+        move |current| Ok(Some(current.unwrap_or(workload)))
+    }
+
+    /// Waits until `count` writes are queued behind the committing one.
+    fn wait_for_queued(inner: &Inner, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while inner.write_queue().pending.len() < count {
+            assert!(Instant::now() < deadline, "{count} writes never queued");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn concurrent_writes_share_commits_and_publish_in_order() {
+        let (_dir, inner) = open();
+        let mut events = inner.events.subscribe();
+        let before = inner.group_commits.load(Ordering::Relaxed);
+        let writers = 64;
+        let start = Arc::new(Barrier::new(writers));
+        let handles: Vec<_> = (0..writers)
+            .map(|i| {
+                let (inner, start) = (inner.clone(), start.clone());
+                thread::spawn(move || {
+                    start.wait();
+                    let name = format!("w-{i:02}");
+                    inner.write(&key(&name), create(&name))
+                })
+            })
+            .collect();
+        let mut versions: Vec<u64> = handles
+            .into_iter()
+            .map(|h| {
+                let stored = h.join().expect("writer").expect("write").expect("object");
+                stored.metadata.resource_version.parse().expect("version")
+            })
+            .collect();
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=writers as u64).collect::<Vec<_>>());
+        let commits = inner.group_commits.load(Ordering::Relaxed) - before;
+        assert!(
+            commits < writers as u64,
+            "{writers} concurrent writes took {commits} commits"
+        );
+        let published: Vec<u64> = (0..writers)
+            .map(|_| match events.try_recv().expect("event") {
+                WatchEvent::Applied(w) => w.metadata.resource_version.parse().expect("version"),
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect();
+        assert!(
+            published.is_sorted(),
+            "events out of commit order: {published:?}"
+        );
+        assert_eq!(inner.list().expect("list").len(), writers);
+    }
+
+    #[test]
+    fn a_failing_change_fails_alone_in_its_group() {
+        let (_dir, inner) = open();
+        let before = inner.group_commits.load(Ordering::Relaxed);
+        let gate = Arc::new(Barrier::new(2));
+        let (entered, inside) = mpsc::channel();
+        let leader = {
+            let (inner, gate) = (inner.clone(), gate.clone());
+            thread::spawn(move || {
+                inner.write(&key("first"), move |current| {
+                    let _ = entered.send(());
+                    gate.wait();
+                    create("first")(current)
+                })
+            })
+        };
+        // The leader is inside its change: the next three writes queue as one group.
+        inside.recv().expect("leader entered its change");
+        let queued: Vec<_> = ["a", "refused", "b"]
+            .into_iter()
+            .map(|name| {
+                let inner = inner.clone();
+                thread::spawn(move || {
+                    if name == "refused" {
+                        inner.write(&key(name), |_| Err(Error::NotFound(key("refused"))))
+                    } else {
+                        inner.write(&key(name), create(name))
+                    }
+                })
+            })
+            .collect();
+        wait_for_queued(&inner, 3);
+        gate.wait();
+        assert!(leader.join().expect("leader").is_ok());
+        let outcomes: Vec<_> = queued
+            .into_iter()
+            .map(|h| h.join().expect("writer"))
+            .collect();
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
+        assert!(
+            matches!(outcomes[1], Err(Error::NotFound(_))),
+            "{:?}",
+            outcomes[1]
+        );
+        let names: Vec<String> = inner
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|w| w.metadata.name)
+            .collect();
+        assert_eq!(names, ["a", "b", "first"]);
+        // The leader's group, then the three queued behind it.
+        assert_eq!(inner.group_commits.load(Ordering::Relaxed) - before, 2);
+    }
+
+    #[test]
+    fn a_panicking_change_hands_the_commit_over() {
+        let (_dir, inner) = open();
+        let (entered, inside) = mpsc::channel();
+        let leader = {
+            let (inner, waiter) = (inner.clone(), inner.clone());
+            thread::spawn(move || {
+                inner.write(&key("doomed"), move |_| {
+                    let _ = entered.send(());
+                    wait_for_queued(&waiter, 2);
+                    panic!("a bug in a change")
+                })
+            })
+        };
+        inside.recv().expect("leader entered its change");
+        let queued: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                let inner = inner.clone();
+                thread::spawn(move || inner.write(&key(name), create(name)))
+            })
+            .collect();
+        assert!(leader.join().is_err(), "the change did not panic");
+        for writer in queued {
+            assert!(writer.join().expect("writer").is_ok());
+        }
+        // And the queue is free again.
+        assert!(inner.write(&key("c"), create("c")).is_ok());
+        assert_eq!(inner.list().expect("list").len(), 3);
     }
 }

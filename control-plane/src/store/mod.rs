@@ -47,9 +47,9 @@ pub enum Error {
     /// A read failed.
     #[error("reading the store")]
     Read(#[source] redb::Error),
-    /// A write failed; nothing was changed.
+    /// A write failed; nothing was changed. Shared by every write of the failed group commit.
     #[error("writing the store")]
-    Write(#[source] redb::Error),
+    Write(#[source] std::sync::Arc<redb::Error>),
     /// A stored object could not be decoded.
     #[error("decoding stored workload {key}")]
     Decode {
@@ -84,6 +84,13 @@ pub enum Error {
     /// The store cannot answer yet, e.g. before its first sync with the Kubernetes API.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+}
+
+impl Error {
+    /// A failed write, from any of redb's write errors.
+    pub(crate) fn write(error: impl Into<redb::Error>) -> Self {
+        Self::Write(std::sync::Arc::new(error.into()))
+    }
 }
 
 /// Reads and writes workloads.
