@@ -41,7 +41,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use self::conditions::{
@@ -80,6 +80,10 @@ pub(crate) const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
 pub(crate) const MIN_REQUEUE_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait before a failed pass runs again.
 pub(crate) const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(10);
+
+/// Status writes of one pass in flight at once: enough for a store to commit a burst together,
+/// few enough not to flood a Kubernetes API server.
+const MAX_CONCURRENT_WRITES: usize = 32;
 
 /// How often a workload whose host another namespace holds is looked at again.
 const HOST_CONFLICT_RETRY: Duration = Duration::from_secs(5);
@@ -169,6 +173,19 @@ impl Pass {
     }
 }
 
+/// A workload reconciled in memory, waiting for [`Controller::write_back`].
+struct Reconciled {
+    workload: Workload,
+    /// It lacks the [`FINALIZER`].
+    add_finalizer: bool,
+    /// Its new status, if it changed.
+    status: Option<WorkloadStatus>,
+    /// Deleted, placed nowhere and stopped: its finalizer goes.
+    release: bool,
+    /// When to reconcile it again.
+    action: Action,
+}
+
 /// What a pass did.
 pub struct PassReport {
     /// Statuses written.
@@ -177,6 +194,16 @@ pub struct PassReport {
     pub reconciled: usize,
     /// The first workload's failure, if any; each failing workload is requeued alone.
     pub first_error: Option<Error>,
+}
+
+/// A workload's outcome with a panic (caught by `catch_unwind`) turned into its error.
+fn caught<T>(key: &str, outcome: std::thread::Result<Result<T, Error>>) -> Result<T, Error> {
+    outcome.unwrap_or_else(|panic| {
+        Err(Error::Panicked {
+            workload: key.to_string(),
+            message: panic_message(panic.as_ref()),
+        })
+    })
 }
 
 /// The message a panic was raised with.
@@ -286,6 +313,7 @@ impl<S: WorkloadStore> Controller<S> {
             reconciled: 0,
             first_error: None,
         };
+        let mut to_write = Vec::new();
         for workload in workloads {
             let key = workload.key().to_string();
             if !batch.contains(&key) {
@@ -299,15 +327,33 @@ impl<S: WorkloadStore> Controller<S> {
                 .catch_unwind()
                 .instrument(span)
                 .await;
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
-                Err(panic) => Err(Error::Panicked {
-                    workload: key.clone(),
-                    message: panic_message(panic.as_ref()),
-                }),
-            };
-            match outcome {
-                Ok(action) => self.queue().done(&key, action),
+            match caught(&key, outcome) {
+                Ok(reconciled) => to_write.push((key, reconciled)),
+                Err(error) => {
+                    self.error_policy(&key, &error);
+                    report.first_error.get_or_insert(error);
+                }
+            }
+        }
+        // The pass's writes go out together, so that a store commits them together: many
+        // workloads changing at once cost one commit, not one each, before the next pass.
+        let mut writes = futures::stream::iter(to_write.into_iter().map(|(key, reconciled)| {
+            let span = tracing::debug_span!("write", workload = %key);
+            async move {
+                let outcome = AssertUnwindSafe(self.write_back(reconciled))
+                    .catch_unwind()
+                    .instrument(span)
+                    .await;
+                (key, outcome)
+            }
+        }))
+        .buffered(MAX_CONCURRENT_WRITES);
+        while let Some((key, outcome)) = writes.next().await {
+            match caught(&key, outcome) {
+                Ok((action, wrote)) => {
+                    pass.written += usize::from(wrote);
+                    self.queue().done(&key, action);
+                }
                 Err(error) => {
                     self.error_policy(&key, &error);
                     report.first_error.get_or_insert(error);
@@ -343,17 +389,14 @@ impl<S: WorkloadStore> Controller<S> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reconciles one workload of `pass`: its finalizer, placements, counts and conditions,
-    /// written back when they changed, and its release once it is deleted and stopped.
+    /// Reconciles one workload of `pass`: its placements, counts and conditions, and what
+    /// [`write_back`](Self::write_back) then writes.
     async fn reconcile_workload(
         &self,
         workload: Workload,
         pass: &mut Pass,
-    ) -> Result<Action, Error> {
+    ) -> Result<Reconciled, Error> {
         let terminating = !workload.metadata.deletion_timestamp.is_empty();
-        if !terminating && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-            self.add_finalizer(&workload).await?;
-        }
         let key = workload.key().to_string();
         let in_grace = pass.in_grace;
         let no_reports = BTreeMap::new();
@@ -433,23 +476,51 @@ impl<S: WorkloadStore> Controller<S> {
         pass.desired += wanted;
         pass.placed += status.replicas;
         pass.ready += ready;
-        let mut version = workload.metadata.resource_version.clone();
         let placed_nowhere = status.replicas == 0;
         pass.routes
             .extend(route_of(&workload, &status, &pass.nodes, &pass.index));
-        if workload.status.as_ref() != Some(&status) {
-            let written_back = self.store.patch_status(&workload.key(), status).await?;
-            version = written_back.metadata.resource_version;
-            pass.written += 1;
-        }
         let still_running = pass
             .running
             .get(&key)
             .is_some_and(|generations| generations.values().any(|c| c.running > 0));
-        if terminating && placed_nowhere && !still_running {
+        let status = (workload.status.as_ref() != Some(&status)).then_some(status);
+        Ok(Reconciled {
+            add_finalizer: !terminating
+                && !workload.metadata.finalizers.iter().any(|f| f == FINALIZER),
+            release: terminating && placed_nowhere && !still_running,
+            workload,
+            status,
+            action,
+        })
+    }
+
+    /// Writes what reconciling a workload decided: its finalizer, then its status if it
+    /// changed, then its release; returns its [`Action`] and whether a status was written.
+    async fn write_back(&self, reconciled: Reconciled) -> Result<(Action, bool), Error> {
+        let Reconciled {
+            workload,
+            add_finalizer,
+            status,
+            release,
+            action,
+        } = reconciled;
+        if add_finalizer {
+            self.add_finalizer(&workload).await?;
+        }
+        let mut version = workload.metadata.resource_version.clone();
+        let wrote = status.is_some();
+        if let Some(status) = status {
+            match self.store.patch_status(&workload.key(), status).await {
+                Ok(written_back) => version = written_back.metadata.resource_version,
+                // Deleted since the pass listed it (before it had a finalizer): nothing to do.
+                Err(store::Error::NotFound(_)) => return Ok((Action::AwaitChange, false)),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if release {
             self.release(&workload, &version).await?;
         }
-        Ok(action)
+        Ok((action, wrote))
     }
 
     /// At the end of the startup grace: which nodes with replicas never came back.

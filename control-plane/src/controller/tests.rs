@@ -407,11 +407,14 @@ fn progress_is_a_new_revision_more_of_it_placed_or_available_or_fewer_old_sandbo
     assert!(made_progress(None, &before), "a first status");
 }
 
-/// The embedded store, except that writing the status of workload `poisoned` panics.
+/// The embedded store, except that writing the status of workload `poisoned` panics, and that
+/// workload `vanishing` is deleted just before its status is written, as by a user's delete
+/// racing the pass.
 #[derive(Clone)]
 struct PanickingStore {
     inner: EmbeddedStore,
     poisoned: &'static str,
+    vanishing: &'static str,
 }
 
 impl WorkloadStore for PanickingStore {
@@ -436,6 +439,10 @@ impl WorkloadStore for PanickingStore {
             key.name, self.poisoned,
             "a bug in this workload's reconcile"
         );
+        if key.name == self.vanishing {
+            self.inner.set_finalizers(key, Vec::new(), "").await?;
+            self.inner.delete(key).await?;
+        }
         self.inner.patch_status(key, status).await
     }
     async fn set_finalizers(
@@ -459,6 +466,7 @@ async fn a_workload_whose_reconcile_panics_stops_no_other() {
     let store = PanickingStore {
         inner: h.store.clone(),
         poisoned: "evil",
+        vanishing: "",
     };
     let controller = Controller::new(
         store,
@@ -510,6 +518,7 @@ async fn a_failing_workload_is_retried_alone_with_backoff_while_the_others_settl
     let store = PanickingStore {
         inner: h.store.clone(),
         poisoned: "evil",
+        vanishing: "",
     };
     h.store.apply(workload("evil", 1)).await.expect("apply");
     h.store.apply(workload("web", 2)).await.expect("apply");
@@ -588,5 +597,45 @@ async fn the_store_refuses_durations_past_their_ceiling() {
             .to_string()
             .contains("spec.progressDeadlineSeconds: must be <= 2147483647"),
         "{invalid}"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_deleted_during_a_pass_is_no_error() {
+    let h = harness(&[node("n0", "amd64", 1000)]);
+    let store = PanickingStore {
+        inner: h.store.clone(),
+        poisoned: "",
+        vanishing: "brief",
+    };
+    let controller = Controller::new(
+        store,
+        Scheduler::new(&SchedulerConfig::default()).expect("scheduler"),
+        h.cluster.clone(),
+    );
+    h.store.apply(workload("brief", 1)).await.expect("apply");
+    h.store.apply(workload("web", 2)).await.expect("apply");
+    let written = controller
+        .reconcile_all()
+        .await
+        .expect("a pass without error");
+    assert_eq!(
+        written, 1,
+        "web's status, and nothing for the deleted workload"
+    );
+    assert_eq!(status(&h, "web").await.placements, counts(&[("n0", 2)]));
+    assert!(
+        h.store
+            .get(&WorkloadKey::new("", "brief"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert_eq!(
+        metric(
+            &h.cluster,
+            "flotilla_control_plane_reconcile_errors_total{reason=\"Store\"}"
+        ),
+        0
     );
 }
