@@ -9,6 +9,10 @@
 //! - the agent's heartbeats as the control plane sees them during that compile, sampled every
 //!   50 ms: the oldest heartbeat age, the heartbeats missed (an age of two intervals is one
 //!   missed) and the times the node turned NotReady.
+//! - the same neighbour start latency while another tenant churns workloads: it applies
+//!   `--burst` one-replica workloads (200 by default) at once, waits until they run, deletes them all at once,
+//!   waits until they are gone, and again, as a CI pipeline might. Each of those is several
+//!   store writes and placements in the control plane, which the neighbours share.
 //! - the same neighbour start latency and heartbeats beside `--spinners` guests that spin
 //!   without end (1,000 by default), against the quiet p99.
 //! - healthy HTTP requests (a wasi:http guest, a fresh sandbox per request, each request on a
@@ -28,7 +32,7 @@ use flotilla_proto::agent::v1::ListSandboxesRequest;
 use flotilla_proto::agent::v1::agent_admin_client::AgentAdminClient;
 use flotilla_proto::control::v1::workloads_client::WorkloadsClient;
 use flotilla_proto::control::v1::{
-    ApplyRequest, DeleteRequest, ListNodesRequest, WatchEvent, WatchRequest,
+    ApplyRequest, DeleteRequest, ListNodesRequest, ListRequest, WatchEvent, WatchRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -43,6 +47,11 @@ const NEIGHBOURS: usize = 40;
 const CADENCE: Duration = Duration::from_millis(200);
 /// Functions of the costly module.
 const COSTLY_FUNCTIONS: usize = 100_000;
+
+/// Its applies and deletes in flight at once.
+const BURST_CONCURRENCY: usize = 32;
+/// Neighbours applied while it churns.
+const CHURN_NEIGHBOURS: usize = 20;
 
 /// A guest that spins without end.
 const SPIN_GUEST: &str = include_str!("../../node-agent/tests/fixtures/spin.wat");
@@ -65,8 +74,9 @@ const SPLIT_REPLICAS: u64 = 4;
 const SPLIT_WINDOW: Duration = Duration::from_secs(10);
 
 /// `isolation`: neighbour start latency beside a costly compile and beside `spinners` spinning
-/// guests, and the agent's heartbeats meanwhile.
-pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
+/// guests and beside a tenant churning `burst` workloads at once, and the agent's heartbeats
+/// meanwhile.
+pub async fn isolation(spinners: u64, burst: usize) -> anyhow::Result<()> {
     machine();
     let data = tempfile::tempdir()?;
     let (_control_plane, addr) = Server::spawn(&[
@@ -90,6 +100,33 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         false
     })
     .await?;
+    // Beside a tenant that churns workloads.
+    let (stop_churn, stopped) = tokio::sync::watch::channel(false);
+    let churn = tokio::spawn(churn(client.clone(), idle.clone(), burst, stopped));
+    let mut count = 0;
+    let churning = neighbours(&mut client, &mut watch, &mut ready, &idle, "churn", || {
+        count += 1;
+        count > CHURN_NEIGHBOURS
+    })
+    .await?;
+    let _ = stop_churn.send(true);
+    let (churned, churn_time) = churn.await??;
+    result(
+        "isolation_churned_workloads_per_s",
+        churned as f64 / churn_time.as_secs_f64(),
+        "workloads/s",
+    );
+    result(
+        "isolation_neighbour_start_p99_churning",
+        p99(&churning) * 1e3,
+        "ms",
+    );
+    result(
+        "isolation_neighbour_start_p99_ratio_churning",
+        p99(&churning) / p99(&quiet),
+        "x",
+    );
+
     let http_sha = push_module(&mut client, HTTP_GUEST.to_vec()).await?;
     client
         .apply(ApplyRequest {
@@ -260,6 +297,102 @@ pub async fn isolation(spinners: u64) -> anyhow::Result<()> {
         "%",
     );
     Ok(())
+}
+
+/// Applies `burst` one-replica workloads of `sha` in the namespace `burst` at once, waits
+/// until they all run, deletes them at once, waits until they are gone, and again, until
+/// `stop`; returns the workloads it ran and the time it took.
+async fn churn(
+    mut client: WorkloadsClient<Channel>,
+    sha: String,
+    burst: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(usize, Duration)> {
+    let started = Instant::now();
+    let mut churned = 0;
+    for round in 0.. {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        let applies = (0..burst).map(|i| {
+            let mut client = client.clone();
+            let manifest = format!(
+                "apiVersion: flotilla.dev/v1alpha1\nkind: WasmWorkload\n\
+                 metadata: {{name: burst-{round}-{i:03}, namespace: burst}}\n\
+                 spec: {{module: {{sha256: \"{sha}\"}}, replicas: 1, \
+                 resources: {{requests: {{memory: 64Ki}}, limits: {{memory: 1Mi}}}}}}\n"
+            );
+            async move {
+                client
+                    .apply(ApplyRequest {
+                        manifest: manifest.into_bytes(),
+                    })
+                    .await
+            }
+        });
+        for outcome in all(applies).await {
+            outcome.context("the churning tenant's apply")?;
+        }
+        wait_namespace(&mut client, "burst", |workloads| {
+            workloads.len() == burst
+                && workloads
+                    .iter()
+                    .all(|w| w.status.as_ref().is_some_and(|s| s.ready_replicas == 1))
+        })
+        .await?;
+        let deletes = (0..burst).map(|i| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .delete(DeleteRequest {
+                        namespace: "burst".into(),
+                        name: format!("burst-{round}-{i:03}"),
+                    })
+                    .await
+            }
+        });
+        for outcome in all(deletes).await {
+            outcome.context("the churning tenant's delete")?;
+        }
+        wait_namespace(&mut client, "burst", <[Workload]>::is_empty).await?;
+        churned += burst;
+    }
+    Ok((churned, started.elapsed()))
+}
+
+/// Runs `requests`, [`BURST_CONCURRENCY`] at a time; returns their outcomes.
+async fn all<T>(requests: impl Iterator<Item = impl Future<Output = T>>) -> Vec<T> {
+    let running =
+        futures::StreamExt::buffer_unordered(futures::stream::iter(requests), BURST_CONCURRENCY);
+    futures::StreamExt::collect(running).await
+}
+
+/// Polls `namespace`'s workloads until `done` says so, for at most two minutes.
+async fn wait_namespace(
+    client: &mut WorkloadsClient<Channel>,
+    namespace: &str,
+    done: impl Fn(&[Workload]) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let workloads = client
+            .list(ListRequest {
+                namespace: namespace.into(),
+            })
+            .await?
+            .into_inner()
+            .items
+            .iter()
+            .map(|object| serde_json::from_slice(&object.json))
+            .collect::<Result<Vec<Workload>, _>>()?;
+        if done(&workloads) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{namespace} not as awaited after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Sends `GET /` to the ingress at `addr`, [`HTTP_RATE`] times a second for [`HTTP_DURATION`],

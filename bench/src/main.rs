@@ -163,6 +163,10 @@ enum Scenario {
         /// Guests that spin without end beside the neighbours.
         #[arg(long, default_value_t = 1_000)]
         spinners: u64,
+        /// Workloads another tenant applies at once, and deletes at once, again and again,
+        /// beside the neighbours.
+        #[arg(long, default_value_t = 200)]
+        burst: usize,
     },
     /// Runs one scenario (its name and flags after `--`) and saves its output, headed by the
     /// command, commit, date and machine, as DIR/SCENARIO.txt for `report`.
@@ -270,7 +274,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::E2e { agents, replicas } => tokio_main(cluster::e2e(agents, replicas)),
         Scenario::Http(args) => http::http(args, http::Wasi::P2),
         Scenario::HttpP3(args) => http::http(args, http::Wasi::P3),
-        Scenario::Isolation { spinners } => tokio_main(isolation::isolation(spinners)),
+        Scenario::Isolation { spinners, burst } => {
+            tokio_main(isolation::isolation(spinners, burst))
+        }
         Scenario::Features {
             sandboxes,
             runs,

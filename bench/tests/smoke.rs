@@ -190,7 +190,7 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
         ],
     );
     check(
-        &["isolation", "--spinners", "4"],
+        &["isolation", "--spinners", "4", "--burst", "10"],
         &[],
         &[
             "isolation_costly_module_functions",
@@ -200,6 +200,9 @@ fn every_benchmark_prints_all_its_results_at_a_smoke_size() {
             "isolation_neighbours_during_compile",
             "isolation_neighbour_start_p99_quiet",
             "isolation_neighbour_start_p99_during_compile",
+            "isolation_churned_workloads_per_s",
+            "isolation_neighbour_start_p99_churning",
+            "isolation_neighbour_start_p99_ratio_churning",
             "isolation_neighbour_start_p99_ratio",
             "isolation_heartbeat_interval",
             "isolation_heartbeat_age_max",
