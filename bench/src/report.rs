@@ -297,6 +297,21 @@ const METRICS: &[(&str, &str, &str)] = &[
         "",
     ),
     (
+        "isolation_churned_workloads_per_s",
+        "workloads the churning tenant ran per second",
+        "",
+    ),
+    (
+        "isolation_neighbour_start_p99_churning",
+        "neighbour start p99 beside the churning tenant",
+        "",
+    ),
+    (
+        "isolation_neighbour_start_p99_ratio_churning",
+        "neighbour start p99: beside the churning tenant ÷ quiet",
+        "≤ 2.0×",
+    ),
+    (
         "isolation_costly_module_functions",
         "the costly module's functions",
         "",
