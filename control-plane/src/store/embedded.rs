@@ -188,22 +188,21 @@ impl Inner {
         &self,
         changes: Vec<(WorkloadKey, Change)>,
     ) -> Result<Vec<Result<Written, Error>>, Arc<redb::Error>> {
-        let storage = |e: redb::Error| Arc::new(e);
-        let txn = self.db.begin_write().map_err(|e| storage(e.into()))?;
+        let txn = self.db.begin_write().map_err(storage)?;
         let mut outcomes = Vec::with_capacity(changes.len());
         {
-            let mut table = txn.open_table(WORKLOADS).map_err(|e| storage(e.into()))?;
-            let mut meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
+            let mut table = txn.open_table(WORKLOADS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
             let last = meta
                 .get(RESOURCE_VERSION)
-                .map_err(|e| storage(e.into()))?
+                .map_err(storage)?
                 .map_or(0, |v| v.value());
             let mut version = last;
             for (key, change) in changes {
                 let id = key.to_string();
                 let current = table
                     .get(id.as_str())
-                    .map_err(|e| storage(e.into()))?
+                    .map_err(storage)?
                     .map(|v| decode(&id, v.value()))
                     .transpose();
                 let next = current.and_then(|current| Ok((change(current.clone())?, current)));
@@ -216,7 +215,7 @@ impl Inner {
                             Ok(bytes) => {
                                 table
                                     .insert(id.as_str(), bytes.as_slice())
-                                    .map_err(|e| storage(e.into()))?;
+                                    .map_err(storage)?;
                                 version += 1;
                                 Ok(Written {
                                     event: Some(WatchEvent::Applied(next.clone())),
@@ -226,7 +225,7 @@ impl Inner {
                         }
                     }
                     Ok((None, current)) => {
-                        table.remove(id.as_str()).map_err(|e| storage(e.into()))?;
+                        table.remove(id.as_str()).map_err(storage)?;
                         Ok(Written {
                             event: current.clone().map(WatchEvent::Deleted),
                             object: current,
@@ -236,14 +235,18 @@ impl Inner {
                 outcomes.push(outcome);
             }
             if version != last {
-                meta.insert(RESOURCE_VERSION, version)
-                    .map_err(|e| storage(e.into()))?;
+                meta.insert(RESOURCE_VERSION, version).map_err(storage)?;
             }
         }
-        txn.commit().map_err(|e| storage(e.into()))?;
+        txn.commit().map_err(storage)?;
         self.group_commits.fetch_add(1, Ordering::Relaxed);
         Ok(outcomes)
     }
+}
+
+/// A storage failure, shared by every write of its group.
+fn storage(error: impl Into<redb::Error>) -> Arc<redb::Error> {
+    Arc::new(error.into())
 }
 
 /// A change to one workload: from its current state (`None`: there is none) to the state to
