@@ -7,13 +7,20 @@
 //! one fsync, not one each, and a write queued behind it waits for at most one commit in
 //! progress. A change that fails fails alone; a storage failure fails its whole group.
 //!
+//! Every workload is also kept decoded in memory, as kube-apiserver's watch cache keeps what
+//! etcd holds: reads (the controller lists every workload on every pass) cost a copy, not a
+//! decode of each stored object. The store is the file's only writer, so this copy is exact: it
+//! is read once at open and then changed by each commit, after the commit and before its
+//! events are published.
+//!
 //! Commits and the start of a watch are serialised by one lock held across commit and publish,
 //! so watchers see changes in commit order, without gaps. redb calls block, so they run on
 //! tokio's blocking pool.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -38,6 +45,9 @@ pub struct EmbeddedStore {
 
 struct Inner {
     db: Database,
+    /// Every stored workload by `namespace/name` (the table's key, so in the table's order),
+    /// as of the last commit.
+    objects: RwLock<BTreeMap<String, Workload>>,
     events: broadcast::Sender<WatchEvent>,
     /// Held across commit and publish, and while a watch takes its snapshot.
     order: Mutex<()>,
@@ -60,10 +70,12 @@ impl EmbeddedStore {
             .map_err(|e| Error::Open(e.into()))?;
         txn.open_table(META).map_err(|e| Error::Open(e.into()))?;
         txn.commit().map_err(|e| Error::Open(e.into()))?;
+        let objects = read_all(&db)?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                objects: RwLock::new(objects),
                 events,
                 order: Mutex::new(()),
                 writes: Mutex::default(),
@@ -88,27 +100,13 @@ impl Inner {
         self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn list(&self) -> Result<Vec<Workload>, Error> {
-        let txn = self.db.begin_read().map_err(|e| Error::Read(e.into()))?;
-        let table = txn
-            .open_table(WORKLOADS)
-            .map_err(|e| Error::Read(e.into()))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| Error::Read(e.into()))? {
-            let (key, value) = entry.map_err(|e| Error::Read(e.into()))?;
-            out.push(decode(key.value(), value.value())?);
-        }
-        Ok(out)
+    fn objects(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Workload>> {
+        self.objects.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, key: &WorkloadKey) -> Result<Option<Workload>, Error> {
-        let txn = self.db.begin_read().map_err(|e| Error::Read(e.into()))?;
-        let table = txn
-            .open_table(WORKLOADS)
-            .map_err(|e| Error::Read(e.into()))?;
-        let id = key.to_string();
-        let value = table.get(id.as_str()).map_err(|e| Error::Read(e.into()))?;
-        value.map(|v| decode(&id, v.value())).transpose()
+    /// Every workload, in key order, as of the last commit.
+    fn list(&self) -> Vec<Workload> {
+        self.objects().values().cloned().collect()
     }
 
     fn write_queue(&self) -> std::sync::MutexGuard<'_, WriteQueue> {
@@ -161,6 +159,7 @@ impl Inner {
             .unzip();
         match self.commit(changes) {
             Ok(outcomes) => {
+                self.remember(&outcomes);
                 for (outcome, reply) in outcomes.into_iter().zip(replies) {
                     let outcome = outcome.map(|written| {
                         if let Some(event) = written.event {
@@ -177,6 +176,22 @@ impl Inner {
                 for reply in replies {
                     let _ = reply.send(Reply::Done(Box::new(Err(Error::Write(error.clone())))));
                 }
+            }
+        }
+    }
+
+    /// Brings the in-memory copy up to the commit of `outcomes`, in their order.
+    fn remember(&self, outcomes: &[Result<Written, Error>]) {
+        let mut objects = self.objects.write().unwrap_or_else(|e| e.into_inner());
+        for written in outcomes.iter().flatten() {
+            match &written.event {
+                Some(WatchEvent::Applied(object)) => {
+                    objects.insert(object.key().to_string(), object.clone());
+                }
+                Some(WatchEvent::Deleted(object)) => {
+                    objects.remove(&object.key().to_string());
+                }
+                Some(WatchEvent::Restarted(_)) | None => {}
             }
         }
     }
@@ -198,14 +213,17 @@ impl Inner {
                 .map_err(storage)?
                 .map_or(0, |v| v.value());
             let mut version = last;
+            // Each change starts from the in-memory copy (exact as of the last commit) or from
+            // an earlier change of this group: no stored object is decoded.
+            let committed = self.objects();
+            let mut changed: HashMap<String, Option<Workload>> = HashMap::new();
             for (key, change) in changes {
                 let id = key.to_string();
-                let current = table
-                    .get(id.as_str())
-                    .map_err(storage)?
-                    .map(|v| decode(&id, v.value()))
-                    .transpose();
-                let next = current.and_then(|current| Ok((change(current.clone())?, current)));
+                let current = match changed.get(&id) {
+                    Some(current) => current.clone(),
+                    None => committed.get(&id).cloned(),
+                };
+                let next = change(current.clone()).map(|next| (next, current));
                 let outcome = match next {
                     Err(error) => Err(error),
                     Ok((Some(mut next), _)) => {
@@ -217,6 +235,7 @@ impl Inner {
                                     .insert(id.as_str(), bytes.as_slice())
                                     .map_err(storage)?;
                                 version += 1;
+                                changed.insert(id, Some(next.clone()));
                                 Ok(Written {
                                     event: Some(WatchEvent::Applied(next.clone())),
                                     object: Some(next),
@@ -226,6 +245,7 @@ impl Inner {
                     }
                     Ok((None, current)) => {
                         table.remove(id.as_str()).map_err(storage)?;
+                        changed.insert(id, None);
                         Ok(Written {
                             event: current.clone().map(WatchEvent::Deleted),
                             object: current,
@@ -300,6 +320,22 @@ impl Drop for Handover<'_> {
     }
 }
 
+/// Every workload stored in `db`, decoded.
+fn read_all(db: &Database) -> Result<BTreeMap<String, Workload>, Error> {
+    let txn = db.begin_read().map_err(|e| Error::Read(e.into()))?;
+    let table = txn
+        .open_table(WORKLOADS)
+        .map_err(|e| Error::Read(e.into()))?;
+    let mut objects = BTreeMap::new();
+    for entry in table.iter().map_err(|e| Error::Read(e.into()))? {
+        let (key, value) = entry.map_err(|e| Error::Read(e.into()))?;
+        let key = key.value().to_string();
+        let object = decode(&key, value.value())?;
+        objects.insert(key, object);
+    }
+    Ok(objects)
+}
+
 fn decode(key: &str, bytes: &[u8]) -> Result<Workload, Error> {
     serde_json::from_slice(bytes).map_err(|source| Error::Decode {
         key: key.to_string(),
@@ -320,12 +356,11 @@ fn check_version(key: &WorkloadKey, expected: &str, current: &Workload) -> Resul
 
 impl WorkloadStore for EmbeddedStore {
     async fn get(&self, key: &WorkloadKey) -> Result<Option<Workload>, Error> {
-        let key = key.clone();
-        self.blocking(move |inner| inner.get(&key)).await
+        Ok(self.inner.objects().get(&key.to_string()).cloned())
     }
 
     async fn list(&self) -> Result<Vec<Workload>, Error> {
-        self.blocking(|inner| inner.list()).await
+        Ok(self.inner.list())
     }
 
     async fn apply(&self, workload: Workload) -> Result<Workload, Error> {
@@ -437,11 +472,11 @@ impl WorkloadStore for EmbeddedStore {
         self.blocking(move |inner| {
             let _order = inner.lock_order();
             let events = inner.events.subscribe();
-            let initial = inner.list()?;
+            let initial = inner.list();
             Ok(Watch::new(
                 initial,
                 events,
-                Box::new(move || resync_store.list()),
+                Box::new(move || Ok(resync_store.list())),
             ))
         })
         .await
@@ -456,6 +491,34 @@ mod tests {
 
     use super::*;
     use crate::model::Workload;
+
+    /// Every stored workload, after checking that the in-memory copy is what the file holds.
+    fn stored(inner: &Inner) -> Vec<Workload> {
+        let in_file: Vec<Workload> = read_all(&inner.db).expect("read").into_values().collect();
+        assert_eq!(inner.list(), in_file, "the in-memory copy is the file's");
+        in_file
+    }
+
+    #[test]
+    fn a_stored_workload_that_does_not_decode_is_named_when_the_store_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("flotilla.redb");
+        drop(EmbeddedStore::open(&path).expect("open"));
+        {
+            let db = Database::create(&path).expect("db");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(WORKLOADS)
+                .expect("table")
+                .insert("default/broken", b"{not json".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        match EmbeddedStore::open(&path) {
+            Err(Error::Decode { key, .. }) => assert_eq!(key, "default/broken"),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("opened a store whose workload does not decode"),
+        }
+    }
 
     fn open() -> (tempfile::TempDir, Arc<Inner>) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -530,7 +593,7 @@ mod tests {
             published.is_sorted(),
             "events out of commit order: {published:?}"
         );
-        assert_eq!(inner.list().expect("list").len(), writers);
+        assert_eq!(stored(&inner).len(), writers);
     }
 
     #[test]
@@ -577,9 +640,7 @@ mod tests {
             "{:?}",
             outcomes[1]
         );
-        let names: Vec<String> = inner
-            .list()
-            .expect("list")
+        let names: Vec<String> = stored(&inner)
             .into_iter()
             .map(|w| w.metadata.name)
             .collect();
@@ -616,6 +677,6 @@ mod tests {
         }
         // And the queue is free again.
         assert!(inner.write(&key("c"), create("c")).is_ok());
-        assert_eq!(inner.list().expect("list").len(), 3);
+        assert_eq!(stored(&inner).len(), 3);
     }
 }
