@@ -36,7 +36,7 @@
 //! - After a restart, nodes named in placements but not yet reconnected keep their replicas for
 //!   a startup grace period, so restarting the control plane restarts no sandbox.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -336,7 +336,10 @@ impl<S: WorkloadStore> Controller<S> {
             }
         }
         // The pass's writes go out together, so that a store commits them together: many
-        // workloads changing at once cost one commit, not one each, before the next pass.
+        // workloads changing at once cost one commit, not one each, before the next pass. They
+        // go namespace by namespace in turn, so that a tenant changing hundreds of workloads at
+        // once does not put a neighbour's one write (its placement, its readiness) last.
+        let to_write = interleave_namespaces(to_write, |(_, r)| &r.workload.metadata.namespace);
         let mut writes = futures::stream::iter(to_write.into_iter().map(|(key, reconciled)| {
             let span = tracing::debug_span!("write", workload = %key);
             async move {
@@ -786,6 +789,32 @@ impl<S: WorkloadStore> Controller<S> {
         }
         placements.retain(|_, count| *count > 0);
     }
+}
+
+/// `items` reordered to take one of each namespace in turn (namespaces in order of first
+/// appearance, each one's items in their order), so that the many items of one namespace do not
+/// all go before another namespace's few.
+fn interleave_namespaces<T>(items: Vec<T>, namespace: impl Fn(&T) -> &str) -> Vec<T> {
+    let total = items.len();
+    let mut queues: Vec<VecDeque<T>> = Vec::new();
+    let mut queue_of: HashMap<String, usize> = HashMap::new();
+    for item in items {
+        let i = *queue_of
+            .entry(namespace(&item).to_string())
+            .or_insert_with(|| {
+                queues.push(VecDeque::new());
+                queues.len() - 1
+            });
+        queues[i].push_back(item);
+    }
+    let mut out = Vec::with_capacity(total);
+    while !queues.is_empty() {
+        queues.retain_mut(|queue| {
+            out.extend(queue.pop_front());
+            !queue.is_empty()
+        });
+    }
+    out
 }
 
 /// A digest of what agents run for `spec`: all of it but the replica count, the placement

@@ -639,3 +639,32 @@ async fn a_workload_deleted_during_a_pass_is_no_error() {
         0
     );
 }
+
+#[test]
+fn a_pass_writes_one_workload_of_each_namespace_in_turn() {
+    let keys = [
+        "burst/a",
+        "burst/b",
+        "burst/c",
+        "burst/d",
+        "default/x",
+        "other/y",
+        "other/z",
+    ];
+    let order = interleave_namespaces(keys.to_vec(), |key| {
+        key.split_once('/').map_or("", |(namespace, _)| namespace)
+    });
+    assert_eq!(
+        order,
+        [
+            "burst/a",
+            "default/x",
+            "other/y",
+            "burst/b",
+            "other/z",
+            "burst/c",
+            "burst/d",
+        ]
+    );
+    assert!(interleave_namespaces(Vec::<&str>::new(), |k| k).is_empty());
+}
