@@ -159,7 +159,6 @@ impl Inner {
             .unzip();
         match self.commit(changes) {
             Ok(outcomes) => {
-                self.remember(&outcomes);
                 for (outcome, reply) in outcomes.into_iter().zip(replies) {
                     let outcome = outcome.map(|written| {
                         if let Some(event) = written.event {
@@ -180,22 +179,6 @@ impl Inner {
         }
     }
 
-    /// Brings the in-memory copy up to the commit of `outcomes`, in their order.
-    fn remember(&self, outcomes: &[Result<Written, Error>]) {
-        let mut objects = self.objects.write().unwrap_or_else(|e| e.into_inner());
-        for written in outcomes.iter().flatten() {
-            match &written.event {
-                Some(WatchEvent::Applied(object)) => {
-                    objects.insert(object.key().to_string(), object.clone());
-                }
-                Some(WatchEvent::Deleted(object)) => {
-                    objects.remove(&object.key().to_string());
-                }
-                Some(WatchEvent::Restarted(_)) | None => {}
-            }
-        }
-    }
-
     /// One write transaction for `changes`, in order, each seeing the ones before it. A
     /// change that fails leaves its workload as it was and fails alone; a storage failure
     /// fails them all, and nothing is written.
@@ -205,6 +188,8 @@ impl Inner {
     ) -> Result<Vec<Result<Written, Error>>, Arc<redb::Error>> {
         let txn = self.db.begin_write().map_err(storage)?;
         let mut outcomes = Vec::with_capacity(changes.len());
+        // Each workload's last state in this group, by table key (`None`: deleted).
+        let mut changed: HashMap<String, Option<Workload>> = HashMap::new();
         {
             let mut table = txn.open_table(WORKLOADS).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -216,7 +201,6 @@ impl Inner {
             // Each change starts from the in-memory copy (exact as of the last commit) or from
             // an earlier change of this group: no stored object is decoded.
             let committed = self.objects();
-            let mut changed: HashMap<String, Option<Workload>> = HashMap::new();
             for (key, change) in changes {
                 let id = key.to_string();
                 let current = match changed.get(&id) {
@@ -260,6 +244,14 @@ impl Inner {
         }
         txn.commit().map_err(storage)?;
         self.group_commits.fetch_add(1, Ordering::Relaxed);
+        // The in-memory copy follows the commit, before its events are published.
+        let mut objects = self.objects.write().unwrap_or_else(|e| e.into_inner());
+        for (id, object) in changed {
+            match object {
+                Some(object) => objects.insert(id, object),
+                None => objects.remove(&id),
+            };
+        }
         Ok(outcomes)
     }
 }
