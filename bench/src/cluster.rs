@@ -92,6 +92,8 @@ pub(crate) const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `serve-control-plane`: what `flotilla-control-plane` runs, printing its address.
 pub async fn serve_control_plane(data_dir: &Path) -> anyhow::Result<()> {
     raise_fd_limit();
+    // As the shipped binary does.
+    flotilla_control_plane::disable_transparent_huge_pages();
     let control_plane =
         flotilla_control_plane::ControlPlane::start(flotilla_control_plane::ServerConfig {
             listen: "127.0.0.1:0".parse()?,

@@ -16,6 +16,7 @@
 //! | `grpc` | the user API ([`WorkloadService`]) and the agent protocol ([`AgentService`]) |
 //! | `modules` | the module store ([`ModuleStore`]), URL and OCI fetches |
 //! | [`kubernetes`] | CRDs, leader election and what Kubernetes mode publishes |
+//! | `memory` | how the process uses memory: [`disable_transparent_huge_pages`] |
 //! | `metrics` | the control plane's Prometheus metrics |
 //! | `server` | [`ControlPlane`]: everything on one listener |
 //!
@@ -29,6 +30,7 @@ mod cluster;
 mod controller;
 mod grpc;
 pub mod kubernetes;
+mod memory;
 mod metrics;
 mod modules;
 pub mod scheduler;
@@ -41,6 +43,7 @@ pub use flotilla_proto as proto;
 pub use self::cluster::{Cluster, DesiredIndex};
 pub use self::controller::{Action, Batch, Controller, PassReport};
 pub use self::grpc::{AgentService, WorkloadService};
+pub use self::memory::disable_transparent_huge_pages;
 pub use self::modules::{DeniedAddress, FetchGuard, ModuleError, ModuleStore};
 pub use self::server::{ControlPlane, ServerConfig, StoreBackend};
 pub use self::store::{

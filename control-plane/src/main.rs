@@ -148,6 +148,7 @@ enum StoreKind {
 fn main() -> ExitCode {
     let args = Args::parse();
     flotilla_telemetry::init("flotilla_control_plane");
+    flotilla_control_plane::disable_transparent_huge_pages();
     let Some(data_dir) = args.data_dir.clone().or_else(default_data_dir) else {
         eprintln!("flotilla-control-plane: --data-dir: no default (HOME is unset); set it");
         return ExitCode::from(EX_USAGE);
