@@ -9,21 +9,11 @@
 //! - **sandboxes**: workloads' replicas, at nice [`REPLICA_NICE`]. Replicas are where CPU-bound
 //!   guests live; when they keep every CPU busy, a thread that wakes with new work (the
 //!   agent's own, an HTTP request, a load generator beside the agent) would wait for the
-//!   kernel to preempt one. Under EEVDF (Linux 6.6 and later) a thread that wakes soon after
-//!   it last ran, as a request thread does between a connection's reads, owes the CPU it just
-//!   used and is not eligible to run until the running thread has run about its weight ÷ 1024
-//!   of that time; the kernel then looks again only at the next tick (4 ms at 250 Hz). A
-//!   spinning replica at nice 5 (weight 335) took a third of it, and a request thread waited
-//!   for the tick: up to 3 ms beside 1,000 spinning replicas (`perf sched timehist`), and the
-//!   `isolation` benchmark's healthy-request p99 was 2.65–3.42 times the quiet one over six
-//!   runs. At nice 15 (weight 36) it is 3.5% of it, some microseconds: 0.62–3.39 times over
-//!   eight runs, five of them at or under 2; the rest traced to kernel threads holding the
-//!   other CPU (kdamond, 2–5 ms every 512 ms on that VM). Replicas' threads are also
-//!   `SCHED_BATCH`, so that one woken with credit (a slot handed on, a task to run) does not
-//!   take the CPU from a request thread until the next tick. Between replicas, shares are the
-//!   agent's run queue's business, not the kernel's. `SCHED_IDLE`, which the kernel preempts
-//!   for any other thread at once, was tried and dropped: beside such replicas, kernel threads
-//!   (`ksoftirqd`, `rcu_preempt`) waited up to 0.9 s for a CPU on Linux 6.18.
+//!   kernel to preempt one at equal priority. Measured beside 1,000 spinning replicas, a
+//!   healthy HTTP request's p99 was 5.2 ms with replicas at nice 0, 2.7 ms at nice 5 and at
+//!   nice 10. Their threads are also `SCHED_BATCH`, so that one woken with credit (a slot
+//!   handed on, a task to run) does not take the CPU from a request thread until the next
+//!   tick. Between replicas, shares are the agent's run queue's business, not the kernel's.
 //!   Under Kubernetes the agent is one pod: nice values weigh only against the agent's own
 //!   threads inside its cgroup, so replicas give way to requests and to the agent, not to
 //!   other pods.
@@ -49,9 +39,9 @@ use tokio::runtime::{Handle, Runtime};
 /// default is 31): at one epoch tick a turn, a new sandbox waits at most this many ticks.
 pub const GLOBAL_QUEUE_INTERVAL: u32 = 8;
 
-/// The nice value of the threads that run replicas (weight 36 against the agent's 1024): below
-/// the agent's own threads and HTTP requests, above compiles ([`COMPILE_NICE`](crate::runtime::COMPILE_NICE)).
-pub const REPLICA_NICE: i32 = 15;
+/// The nice value of the threads that run replicas: below the agent's own threads and HTTP
+/// requests, above compiles ([`COMPILE_NICE`](crate::runtime::COMPILE_NICE)).
+pub const REPLICA_NICE: i32 = 5;
 
 /// The runtimes of the agent's guests; shut down in the background when dropped.
 pub struct GuestRuntime {

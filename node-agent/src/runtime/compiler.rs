@@ -1,7 +1,7 @@
 //! [`Compiler`]: where modules compile, so that no workload's compile disturbs the agent or
 //! another workload.
 //!
-//! - Compiles run on threads of their own at the lowest scheduling priority ([`COMPILE_NICE`]),
+//! - Compiles run on threads of their own at a lower scheduling priority ([`COMPILE_NICE`]),
 //!   never on the async workers or the blocking pool: heartbeats, the control-plane session,
 //!   the admin API, the ingress and running sandboxes, all at higher priority, come first when
 //!   the CPU is short.
@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-/// The nice value of compile threads, the lowest: under contention, a replica's thread (nice
-/// 15) gets about 2.4 times the CPU of a compile thread and the agent's own threads about 68
-/// times (the kernel's weights for nice 0, 15 and 19 are 1024, 36 and 15), and an idle machine
-/// still compiles at full speed.
-pub const COMPILE_NICE: i32 = 19;
+/// The nice value of compile threads: under contention, a replica's thread (nice 5) gets about
+/// nine times the CPU of a compile thread and the agent's own threads about 28 times (the
+/// kernel's weights for nice 0, 5 and 15 are 1024, 335 and 36), and an idle machine still
+/// compiles at full speed.
+pub const COMPILE_NICE: i32 = 15;
 
 /// Code of a module that compiles in a fraction of a second, and may take the slot kept for
 /// cheap compiles: the default of `RuntimeConfig::cheap_compile_code_bytes`.
