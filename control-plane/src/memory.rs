@@ -6,11 +6,12 @@
 /// The allocator (mimalloc) asks for huge pages for its arenas and hands freed memory back to
 /// the kernel in small pieces; each fault that brings such memory back zeroes a whole 2 MiB
 /// page. Beside a tenant that applies and deletes 200 workloads at once, that zeroing was a
-/// quarter of the control plane's CPU (`perf record`), and a neighbour's start waited for it:
-/// its p99 was 2.75–2.91× the quiet one with huge pages and 1.47–1.84× with the control
-/// plane's process opted out (`isolation`, two and three runs). The node agent keeps them: its
-/// sandbox starts are faster with them (`startup` p50 8.5 µs, against 12.4–16.5 µs in two runs
-/// with mimalloc built not to ask for them).
+/// quarter of the control plane's CPU (`perf record`), and a neighbour's start waited for it.
+/// With replicas at nice 15, its p99 was 2.75–2.91× the quiet one with huge pages (two
+/// `isolation` runs) and 1.47–1.84× with the control plane's process opted out (three runs);
+/// 1.82× in the one run since, with replicas at nice 5. The node agent keeps them: its sandbox
+/// starts are faster with them (`startup` p50 8.5 µs, against 12.4–16.5 µs in two runs with
+/// mimalloc built not to ask for them).
 pub fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     {
